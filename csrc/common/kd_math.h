@@ -1,0 +1,127 @@
+// Row math shared by the CPU (C++) and CUDA kernels of the logit-distillation loss.
+//
+// For one row of student logits s and teacher logits t over a vocabulary of V, with
+// temperature T, x = s / T and y = t / T:
+//
+//   p_s = softmax(x), p_t = softmax(y), q_s = softmax(s)            (q_s: T = 1, for MLM CE)
+//   kl      = sum_j p_t,j (log p_t,j - log p_s,j) = A / Z_t - lse_t + lse_s,  A = sum_j e^{y_j - m_t} (y_j - x_j)
+//   soft_ce = -sum_j p_t,j log p_s,j             = A'/ Z_t + lse_s,          A' = sum_j e^{y_j - m_t} (-x_j)
+//   ce      = lse(s) - s_label
+//   loss    = w * (alpha_kd * T^2 * kd + alpha_mlm * ce)
+//   dloss/ds_j = w * (alpha_kd * T * (p_s,j - p_t,j) + alpha_mlm * (q_s,j - [j == label]))
+//
+// (soft_ce and kl differ by the teacher entropy, a constant, so their gradients agree.)
+// Every statistic is a running (max, sum of exponentials) pair so that partial rows,
+// computed by different threads or chunks, merge exactly: see KdRowStats::merge.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+
+#if defined(__CUDACC__)
+#define KD_HD __host__ __device__ __forceinline__
+#else
+#define KD_HD inline
+#endif
+
+namespace kdfast {
+
+#if !defined(__CUDACC__)
+using std::exp;
+using std::log;
+#endif
+
+// exp(a - m) that treats an empty partition (m == -inf) as contributing nothing.
+template <typename acc_t>
+KD_HD acc_t kd_scaled_exp(acc_t a, acc_t m) { return m == -INFINITY ? acc_t(0) : exp(a - m); }
+
+// Online soft-max statistics of one (partial) row; acc_t is float, or double for gradcheck.
+template <typename acc_t>
+struct KdRowStats {
+  acc_t m_s, z_s;  // max and sum e^{x - m_s} of the student at temperature T
+  acc_t m_t, z_t;  // max and sum e^{y - m_t} of the teacher at temperature T
+  acc_t acc;       // sum e^{y - m_t} * (y - x)   [kl]   or   * (-x)   [soft_ce]
+  acc_t m_1, z_1;  // max and sum e^{s - m_1} of the student at T = 1 (MLM term)
+
+  KD_HD static KdRowStats empty() { return {-INFINITY, 0, -INFINITY, 0, 0, -INFINITY, 0}; }
+
+  // Add one element (student logit s, teacher logit t); rescale only when a max moves.
+  KD_HD void add(acc_t s, acc_t t, acc_t inv_t, bool soft_ce, bool need_1) {
+    acc_t x = s * inv_t, y = t * inv_t;
+    if (x > m_s) { z_s *= kd_scaled_exp(m_s, x); m_s = x; }
+    z_s += exp(x - m_s);
+    if (y > m_t) { acc_t r = kd_scaled_exp(m_t, y); z_t *= r; acc *= r; m_t = y; }
+    acc_t e = exp(y - m_t);
+    z_t += e;
+    acc += e * (soft_ce ? -x : y - x);
+    if (need_1) {
+      if (s > m_1) { z_1 *= kd_scaled_exp(m_1, s); m_1 = s; }
+      z_1 += exp(s - m_1);
+    }
+  }
+
+  // Merge the statistics of another disjoint part of the same row.
+  KD_HD void merge(const KdRowStats& o) {
+    acc_t ms = m_s > o.m_s ? m_s : o.m_s;
+    z_s = z_s * kd_scaled_exp(m_s, ms) + o.z_s * kd_scaled_exp(o.m_s, ms);
+    m_s = ms;
+    acc_t mt = m_t > o.m_t ? m_t : o.m_t;
+    acc_t ra = kd_scaled_exp(m_t, mt), rb = kd_scaled_exp(o.m_t, mt);
+    z_t = z_t * ra + o.z_t * rb;
+    acc = acc * ra + o.acc * rb;
+    m_t = mt;
+    acc_t m1 = m_1 > o.m_1 ? m_1 : o.m_1;
+    z_1 = z_1 * kd_scaled_exp(m_1, m1) + o.z_1 * kd_scaled_exp(o.m_1, m1);
+    m_1 = m1;
+  }
+};
+
+// Per-row constants for the loss and the gradient, derived from finished statistics.
+// Whether the MLM term needs its own T = 1 soft-max statistics.
+KD_HD bool kd_needs_t1_stats(double temperature, double alpha_mlm) { return alpha_mlm != 0 && temperature != 1; }
+
+template <typename acc_t>
+struct KdRowCoeffs {
+  acc_t inv_t;     // 1 / T
+  acc_t lse_s;     // log-sum-exp of x
+  acc_t lse_t;     // log-sum-exp of y
+  acc_t lse_1;     // log-sum-exp of s (valid when the MLM term is on)
+  acc_t coef_kd;   // w * alpha_kd * T
+  acc_t coef_mlm;  // w * alpha_mlm
+};
+
+template <typename acc_t>
+KD_HD KdRowCoeffs<acc_t> kd_row_coeffs(const KdRowStats<acc_t>& st, acc_t temperature, acc_t weight,
+                                       acc_t alpha_kd, acc_t alpha_mlm) {
+  KdRowCoeffs<acc_t> c;
+  c.inv_t = acc_t(1) / temperature;
+  c.lse_s = st.m_s + log(st.z_s);
+  c.lse_t = st.m_t + log(st.z_t);
+  // At T = 1 the MLM soft-max is the student's own: no separate statistics are kept.
+  c.lse_1 = alpha_mlm == 0 ? acc_t(0) : (temperature == 1 ? c.lse_s : st.m_1 + log(st.z_1));
+  c.coef_kd = weight * alpha_kd * temperature;
+  c.coef_mlm = weight * alpha_mlm;
+  return c;
+}
+
+// Weighted loss of a finished row; label_logit is s_label (ignored when alpha_mlm == 0).
+template <typename acc_t>
+KD_HD acc_t kd_row_loss(const KdRowStats<acc_t>& st, const KdRowCoeffs<acc_t>& c, acc_t temperature, acc_t weight,
+                        acc_t alpha_kd, acc_t alpha_mlm, bool soft_ce, acc_t label_logit) {
+  acc_t kd = st.acc / st.z_t + c.lse_s - (soft_ce ? acc_t(0) : c.lse_t);
+  acc_t loss = alpha_kd * temperature * temperature * kd;
+  if (alpha_mlm != 0) loss += alpha_mlm * (c.lse_1 - label_logit);
+  return weight * loss;
+}
+
+// Gradient of the weighted row loss with respect to one student logit (the -coef_mlm
+// of the label position is added by the caller).
+template <typename acc_t>
+KD_HD acc_t kd_grad_elem(acc_t s, acc_t t, const KdRowCoeffs<acc_t>& c) {
+  acc_t g = c.coef_kd * (exp(s * c.inv_t - c.lse_s) - exp(t * c.inv_t - c.lse_t));
+  if (c.coef_mlm != 0) g += c.coef_mlm * exp(s - c.lse_1);
+  return g;
+}
+
+}  // namespace kdfast

@@ -1,0 +1,206 @@
+// Fused logit-distillation loss and gradient on the CPU: at::vec over each row,
+// at::parallel_for over rows. Math in csrc/common/kd_math.h.
+//
+// A row (30522 fp32 = 120 KiB per input) stays in L2 while it is processed, so it is
+// read from memory once: pass 1 takes both maxima, pass 2 writes e^{x - m} of student and
+// teacher into per-thread scratch while summing, pass 3 writes the gradient from scratch.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <vector>
+
+#include "../common/kd_math.h"
+#include "kd_loss_cpu.h"
+
+namespace kdfast {
+namespace {
+
+struct KdParams {
+  double temperature, alpha_kd, alpha_mlm;
+  bool soft_ce;
+};
+
+template <typename acc_t>
+acc_t row_max(const acc_t* x, int64_t n) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  return at::vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
+}
+
+// One row computed in acc_t (float; double only for fp64 inputs, so gradcheck can run on it).
+// es/et/e1 are scratch rows of length V; g receives the gradient; returns the weighted row loss.
+// g may alias s (in-place mode): s is only read before g is written.
+template <typename acc_t, bool SOFT_CE, bool NEED_1>
+acc_t kd_row(const acc_t* s, const acc_t* t, acc_t* g, int64_t V, int64_t label, acc_t w, const KdParams& p,
+             acc_t* es, acc_t* et, acc_t* e1) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const acc_t T = static_cast<acc_t>(p.temperature), a_kd = static_cast<acc_t>(p.alpha_kd),
+              a_mlm = static_cast<acc_t>(p.alpha_mlm);
+  const acc_t inv_t = acc_t(1) / T;
+  const acc_t max_s = row_max(s, V), max_t = row_max(t, V);
+  KdRowStats<acc_t> st = KdRowStats<acc_t>::empty();
+  st.m_s = max_s * inv_t;
+  st.m_t = max_t * inv_t;
+  st.m_1 = max_s;
+  const acc_t label_logit = a_mlm != 0 ? s[label] : acc_t(0);
+
+  const Vec v_inv(inv_t), v_ms(st.m_s), v_mt(st.m_t), v_m1(st.m_1);
+  Vec v_zs(0), v_zt(0), v_acc(0), v_z1(0);
+  constexpr int64_t kW = Vec::size();
+  int64_t j = 0;
+  for (; j + kW <= V; j += kW) {
+    const Vec sv = Vec::loadu(s + j), tv = Vec::loadu(t + j);
+    const Vec x = sv * v_inv, y = tv * v_inv;
+    const Vec a = (x - v_ms).exp_u20(), b = (y - v_mt).exp_u20();
+    a.store(es + j);
+    b.store(et + j);
+    v_zs += a;
+    v_zt += b;
+    v_acc = at::vec::fmadd(b, SOFT_CE ? Vec(0) - x : y - x, v_acc);
+    if constexpr (NEED_1) {
+      const Vec c = (sv - v_m1).exp_u20();
+      c.store(e1 + j);
+      v_z1 += c;
+    }
+  }
+  auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v); };
+  st.z_s = hsum(v_zs);
+  st.z_t = hsum(v_zt);
+  st.acc = hsum(v_acc);
+  st.z_1 = hsum(v_z1);
+  for (; j < V; ++j) {  // tail, same maxima so no rescaling
+    const acc_t x = s[j] * inv_t, y = t[j] * inv_t;
+    es[j] = std::exp(x - st.m_s);
+    et[j] = std::exp(y - st.m_t);
+    st.z_s += es[j];
+    st.z_t += et[j];
+    st.acc += et[j] * (SOFT_CE ? -x : y - x);
+    if constexpr (NEED_1) {
+      e1[j] = std::exp(s[j] - st.m_1);
+      st.z_1 += e1[j];
+    }
+  }
+
+  const KdRowCoeffs<acc_t> c = kd_row_coeffs(st, T, w, a_kd, a_mlm);
+  const acc_t loss = kd_row_loss(st, c, T, w, a_kd, a_mlm, SOFT_CE, label_logit);
+
+  // p_s = es / z_s; when T == 1 and the MLM term is on, q_s == p_s and folds into the same coefficient.
+  const acc_t cs = (c.coef_kd + (NEED_1 ? acc_t(0) : c.coef_mlm)) / st.z_s;
+  const acc_t ct = c.coef_kd / st.z_t;
+  const acc_t c1 = NEED_1 ? c.coef_mlm / st.z_1 : acc_t(0);
+  const Vec v_cs(cs), v_ct(ct), v_c1(c1);
+  j = 0;
+  for (; j + kW <= V; j += kW) {
+    Vec gv = Vec::loadu(es + j) * v_cs - Vec::loadu(et + j) * v_ct;
+    if constexpr (NEED_1) gv = at::vec::fmadd(Vec::loadu(e1 + j), v_c1, gv);
+    gv.store(g + j);
+  }
+  for (; j < V; ++j) g[j] = es[j] * cs - et[j] * ct + (NEED_1 ? e1[j] * c1 : acc_t(0));
+  if (a_mlm != 0) g[label] -= c.coef_mlm;
+  return loss;
+}
+
+// Accumulation type: float, or double for fp64 inputs (row weights and loss rows use it too).
+template <typename scalar_t>
+using kd_acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename scalar_t>
+void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t* labels,
+             const kd_acc_t<scalar_t>* weights, at::Tensor& grad, kd_acc_t<scalar_t>* loss_rows, const KdParams& p) {
+  const int64_t N = student.size(0), V = student.size(1);
+  const int64_t ss = student.stride(0), ts = teacher.stride(0), gs = grad.stride(0);
+  const scalar_t* s_base = student.const_data_ptr<scalar_t>();
+  const scalar_t* t_base = teacher.const_data_ptr<scalar_t>();
+  scalar_t* g_base = grad.mutable_data_ptr<scalar_t>();
+  const bool need_1 = kd_needs_t1_stats(p.temperature, p.alpha_mlm);
+  // fp32 and fp64 rows are used in place; fp16/bf16 rows are widened to fp32 scratch first.
+  using acc_t = kd_acc_t<scalar_t>;
+  constexpr bool kDirect = std::is_same_v<scalar_t, acc_t>;
+
+  auto row_fn = [&](auto soft_ce_tag, auto need1_tag) {
+    constexpr bool SOFT_CE = decltype(soft_ce_tag)::value, NEED_1 = decltype(need1_tag)::value;
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      // Scratch: e^{x-m} of student and teacher (+ T=1 student), and, for fp16/bf16, the fp32 rows.
+      std::vector<acc_t> scratch(V * (kDirect ? 3 : 6));
+      acc_t *es = scratch.data(), *et = es + V, *e1 = et + V;
+      acc_t *xs = e1 + V, *xt = xs + V, *xg = xt + V;
+      for (int64_t r = begin; r < end; ++r) {
+        const acc_t w = weights[r];
+        scalar_t* g = g_base + r * gs;
+        if (w == 0) {  // masked row: no loss, no gradient
+          std::fill(g, g + V, scalar_t(0));
+          loss_rows[r] = 0;
+          continue;
+        }
+        const scalar_t* s = s_base + r * ss;
+        const scalar_t* t = t_base + r * ts;
+        if constexpr (kDirect) {
+          loss_rows[r] = kd_row<acc_t, SOFT_CE, NEED_1>(s, t, g, V, labels[r], w, p, es, et, e1);
+        } else {
+          at::vec::convert(s, xs, V);
+          at::vec::convert(t, xt, V);
+          loss_rows[r] = kd_row<acc_t, SOFT_CE, NEED_1>(xs, xt, xg, V, labels[r], w, p, es, et, e1);
+          at::vec::convert(xg, g, V);
+        }
+      }
+    });
+  };
+  using T = std::true_type;
+  using F = std::false_type;
+  if (p.soft_ce) {
+    need_1 ? row_fn(T{}, T{}) : row_fn(T{}, F{});
+  } else {
+    need_1 ? row_fn(F{}, T{}) : row_fn(F{}, F{});
+  }
+}
+
+}  // namespace
+
+void check_kd_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
+                   const at::Tensor& row_weight, const at::Tensor& grad, double temperature, double alpha_mlm) {
+  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, "kd_fwd_bwd: student and teacher must be 2-D [rows, vocab]");
+  TORCH_CHECK(student.sizes() == teacher.sizes() && student.sizes() == grad.sizes(),
+              "kd_fwd_bwd: student ", student.sizes(), ", teacher ", teacher.sizes(), " and grad ", grad.sizes(),
+              " must have the same shape");
+  TORCH_CHECK(student.scalar_type() == teacher.scalar_type() && student.scalar_type() == grad.scalar_type(),
+              "kd_fwd_bwd: student, teacher and grad must share a dtype");
+  TORCH_CHECK(student.stride(1) == 1 && teacher.stride(1) == 1 && grad.stride(1) == 1,
+              "kd_fwd_bwd: the vocabulary dimension must be contiguous (stride 1)");
+  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == student.size(0) &&
+                  labels.is_contiguous(),
+              "kd_fwd_bwd: labels must be contiguous int64 [rows]");
+  const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(row_weight.scalar_type() == acc_type && row_weight.dim() == 1 &&
+                  row_weight.size(0) == student.size(0) && row_weight.is_contiguous(),
+              "kd_fwd_bwd: row_weight must be contiguous [rows] of dtype ", acc_type);
+  TORCH_CHECK(temperature > 0, "kd_fwd_bwd: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(student.device() == teacher.device() && student.device() == grad.device() &&
+                  student.device() == labels.device() && student.device() == row_weight.device(),
+              "kd_fwd_bwd: all tensors must be on one device");
+  (void)alpha_mlm;
+}
+
+at::Tensor kd_fwd_bwd_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
+                          const at::Tensor& row_weight, at::Tensor& grad, double temperature, double alpha_kd,
+                          double alpha_mlm, bool soft_ce, int64_t cuda_stream) {
+  (void)cuda_stream;
+  check_kd_args(student, teacher, labels, row_weight, grad, temperature, alpha_mlm);
+  TORCH_CHECK(student.device().is_cpu(), "kd_fwd_bwd_cpu: tensors must be on the CPU");
+  const int64_t V = student.size(1);
+  const int64_t* lab = labels.const_data_ptr<int64_t>();
+  if (alpha_mlm != 0.0) {
+    const at::Tensor bad = (row_weight != 0) & ((labels < 0) | (labels >= V));
+    TORCH_CHECK(!bad.any().item<bool>(), "kd_fwd_bwd: labels of counted rows must lie in [0, ", V, ")");
+  }
+  at::Tensor loss_rows = at::empty({student.size(0)}, row_weight.options());
+  const KdParams p{temperature, alpha_kd, alpha_mlm, soft_ce};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "kd_fwd_bwd_cpu", [&] {
+    using acc_t = kd_acc_t<scalar_t>;
+    kd_rows<scalar_t>(student, teacher, lab, row_weight.const_data_ptr<acc_t>(), grad,
+                      loss_rows.mutable_data_ptr<acc_t>(), p);
+  });
+  return loss_rows;
+}
+
+}  // namespace kdfast

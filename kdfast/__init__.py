@@ -1,0 +1,12 @@
+"""kdfast: compiled-kernel knowledge distillation for BERT-family models.
+
+    import kdfast
+    loss = kdfast.kd_loss(student_logits, teacher_logits, temperature=2.0, labels=labels, alpha_mlm=0.4)
+    kdfast.backends()   # which backends are built and usable here, and why not
+"""
+
+from kdfast.backend import backends
+from kdfast.losses import KDLoss, kd_loss
+
+__version__ = "0.1.0"
+__all__ = ["KDLoss", "backends", "kd_loss", "__version__"]

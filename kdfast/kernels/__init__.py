@@ -1,0 +1,1 @@
+"""Kernels: the eager float64 reference (``reference``) and the Triton kernels (``triton``)."""

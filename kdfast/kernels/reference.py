@@ -1,0 +1,103 @@
+"""Eager PyTorch references.
+
+Two roles:
+- the *oracle* of every test (``kd_loss_reference``): the textbook formula with
+  ``log_softmax``, evaluated in float64 and differentiated by autograd;
+- the ``"torch"`` backend (``kd_fwd_bwd_torch``): the same kernel contract as the compiled
+  backends (loss rows + closed-form gradient), in plain PyTorch, usable on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def kd_loss_reference(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    alpha_kd: float = 1.0,
+    alpha_mlm: float = 0.0,
+    kind: str = "kl",
+    reduction: str = "batchmean",
+) -> Tensor:
+    """Float64 oracle of :func:`kdfast.kd_loss`, written the obvious way.
+
+    For each counted row (label != ignore_index and mask != 0), with p = softmax(t / T) and
+    q = softmax(s / T):
+        kl:      T^2 * sum_j p_j (log p_j - log q_j)
+        soft_ce: T^2 * -sum_j p_j log q_j
+    plus ``alpha_mlm`` * cross-entropy(s, label) at T = 1. ``batchmean``/``mean`` divide the
+    sum by the number of counted rows (0 when there are none), ``sum`` does not divide and
+    ``none`` returns the per-row losses (0 on uncounted rows). Differentiable by autograd.
+    """
+    V = student_logits.shape[-1]
+    s = student_logits.reshape(-1, V).double()
+    t = teacher_logits.reshape(-1, V).double()
+    valid = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    if labels is not None:
+        valid &= labels.reshape(-1) != ignore_index
+    if mask is not None:
+        valid &= mask.reshape(-1).bool()
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_p = F.log_softmax(t / temperature, dim=-1)
+    if kind == "kl":
+        rows = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+    else:
+        rows = -(log_p.exp() * log_q).sum(-1)
+    rows = alpha_kd * temperature**2 * rows
+    if alpha_mlm:
+        safe_labels = torch.where(valid, labels.reshape(-1), 0)
+        rows = rows + alpha_mlm * F.cross_entropy(s, safe_labels, reduction="none")
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(student_logits.shape[:-1])
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp_min(1)
+
+
+def kd_fwd_bwd_torch(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor,
+    row_weight: Tensor,
+    grad: Tensor,
+    temperature: float,
+    alpha_kd: float,
+    alpha_mlm: float,
+    soft_ce: bool,
+) -> Tensor:
+    """The fused-kernel contract in eager PyTorch (the ``"torch"`` backend).
+
+    Inputs are 2-D [N, V]; ``row_weight`` w [N] is 0 on uncounted rows. Returns loss rows
+    w * (alpha_kd T^2 kd + alpha_mlm ce) in float32 (float64 for float64 inputs) and writes
+    d(sum loss rows)/ds = w * (alpha_kd T (p_s - p_t) + alpha_mlm (softmax(s) - onehot)) into ``grad``.
+    """
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s = student.to(acc)
+    t = teacher.to(acc)
+    w = row_weight.to(acc)
+    counted = w != 0
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_p = F.log_softmax(t / temperature, dim=-1)
+    p = log_p.exp()
+    kd = (p * (log_p - log_q)).sum(-1) if not soft_ce else -(p * log_q).sum(-1)
+    g = alpha_kd * temperature * (log_q.exp() - p)
+    rows = alpha_kd * temperature**2 * kd
+    if alpha_mlm:
+        safe = torch.where(counted, labels, 0)
+        log_q1 = F.log_softmax(s, dim=-1)
+        rows = rows - alpha_mlm * log_q1.gather(1, safe[:, None]).squeeze(1)
+        g = g + alpha_mlm * (log_q1.exp() - F.one_hot(safe, s.shape[1]).to(acc))
+    # where(), not multiplication: uncounted rows may hold anything, even NaN.
+    rows = torch.where(counted, w * rows, torch.zeros_like(rows))
+    grad.copy_(torch.where(counted[:, None], w[:, None] * g, torch.zeros_like(g)))
+    return rows

@@ -1,0 +1,199 @@
+"""Fused logit-distillation loss and gradient in Triton: one program per row.
+
+Algorithm (math in csrc/common/kd_math.h and :func:`kdfast.kd_loss`). For a row of student
+logits s and teacher logits t, x = s/T and y = t/T:
+
+1. Statistics. Keep running (max, sum of exponentials) for x, for y and, when the MLM term
+   needs a T=1 soft-max, for s, plus A = sum_j e^{y_j - m_t} (y_j - x_j) (or -x_j for soft
+   cross-entropy), rescaled whenever m_t moves. A row that fits one block (V <= BLOCK_V, e.g.
+   30522 <= 32768) is loaded once and kept in registers; a longer row is folded chunk by chunk.
+2. Loss: kd = A / Z_t + lse_s - lse_t, ce = lse_1 - s_label,
+   loss = w (alpha_kd T^2 kd + alpha_mlm ce).
+3. Gradient, known at once because the teacher is frozen:
+   g_j = w (alpha_kd T (p_s,j - p_t,j) + alpha_mlm (q_j - [j = label])), written in the
+   student's dtype (into the student buffer itself in in-place mode).
+
+So each input row is read once and the gradient written once: 3 N V elements of traffic.
+Loads are widened to fp32 at once (the interpreter's bf16 arithmetic is wrong otherwise).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _row_stats(s, t, valid, inv_t, SOFT_CE: tl.constexpr, NEED_T1: tl.constexpr):
+    """Max / sum-exp statistics of one chunk (masked entries are -inf in s and t)."""
+    x = s * inv_t
+    y = t * inv_t
+    m_s = tl.max(x, axis=0)
+    z_s = tl.sum(tl.exp(x - m_s), axis=0)
+    m_t = tl.max(y, axis=0)
+    e_t = tl.exp(y - m_t)
+    z_t = tl.sum(e_t, axis=0)
+    if SOFT_CE:
+        acc = tl.sum(tl.where(valid, -e_t * x, 0.0), axis=0)
+    else:
+        acc = tl.sum(tl.where(valid, e_t * (y - x), 0.0), axis=0)
+    if NEED_T1:
+        m_1 = tl.max(s, axis=0)
+        z_1 = tl.sum(tl.exp(s - m_1), axis=0)
+    else:
+        m_1 = m_s
+        z_1 = z_s
+    return m_s, z_s, m_t, z_t, acc, m_1, z_1
+
+
+@triton.jit
+def _merge_max_sum(m_a, z_a, m_b, z_b):
+    """Combine two (max, sum e^{. - max}) pairs of disjoint parts of a row."""
+    m = tl.maximum(m_a, m_b)
+    return m, z_a * tl.exp(m_a - m) + z_b * tl.exp(m_b - m)
+
+
+@triton.jit
+def _grad_chunk(s, t, offs, label, inv_t, lse_s, lse_t, lse_1, coef_kd, coef_mlm, HAS_MLM: tl.constexpr):
+    """d loss / d s for one chunk: coef_kd (p_s - p_t) + coef_mlm (q - onehot(label))."""
+    g = coef_kd * (tl.exp(s * inv_t - lse_s) - tl.exp(t * inv_t - lse_t))
+    if HAS_MLM:
+        g += coef_mlm * (tl.exp(s - lse_1) - tl.where(offs == label, 1.0, 0.0))
+    return g
+
+
+@triton.jit
+def kd_fwd_bwd_kernel(
+    s_ptr, s_stride, t_ptr, t_stride, g_ptr, g_stride, labels_ptr, w_ptr, loss_ptr,
+    V, temperature, alpha_kd, alpha_mlm,
+    SOFT_CE: tl.constexpr, HAS_MLM: tl.constexpr, NEED_T1: tl.constexpr, BLOCK_V: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    g_row = g_ptr + row * g_stride
+    w = tl.load(w_ptr + row).to(tl.float32)
+    offs = tl.arange(0, BLOCK_V)
+    if w == 0.0:
+        # Uncounted row: no loss, zero gradient, inputs never read.
+        for start in range(0, V, BLOCK_V):
+            tl.store(g_row + start + offs, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty),
+                     mask=start + offs < V)
+        tl.store(loss_ptr + row, 0.0)
+    else:
+        inv_t = 1.0 / temperature
+        label = tl.load(labels_ptr + row) if HAS_MLM else 0
+        if SINGLE_BLOCK:
+            valid = offs < V
+            s = tl.load(s_row + offs, mask=valid, other=-float("inf")).to(tl.float32)
+            t = tl.load(t_row + offs, mask=valid, other=-float("inf")).to(tl.float32)
+            m_s, z_s, m_t, z_t, acc, m_1, z_1 = _row_stats(s, t, valid, inv_t, SOFT_CE, NEED_T1)
+        else:
+            m_s = -float("inf")
+            z_s = 0.0
+            m_t = -float("inf")
+            z_t = 0.0
+            acc = 0.0
+            m_1 = -float("inf")
+            z_1 = 0.0
+            for start in range(0, V, BLOCK_V):
+                valid = start + offs < V
+                s_c = tl.load(s_row + start + offs, mask=valid, other=-float("inf")).to(tl.float32)
+                t_c = tl.load(t_row + start + offs, mask=valid, other=-float("inf")).to(tl.float32)
+                cm_s, cz_s, cm_t, cz_t, c_acc, cm_1, cz_1 = _row_stats(s_c, t_c, valid, inv_t, SOFT_CE, NEED_T1)
+                m_new = tl.maximum(m_t, cm_t)
+                acc = acc * tl.exp(m_t - m_new) + c_acc * tl.exp(cm_t - m_new)
+                m_s, z_s = _merge_max_sum(m_s, z_s, cm_s, cz_s)
+                m_t, z_t = _merge_max_sum(m_t, z_t, cm_t, cz_t)
+                m_1, z_1 = _merge_max_sum(m_1, z_1, cm_1, cz_1)
+
+        lse_s = m_s + tl.log(z_s)
+        lse_t = m_t + tl.log(z_t)
+        lse_1 = m_1 + tl.log(z_1)  # equals lse_s when T == 1 (NEED_T1 off)
+        kd = acc / z_t + lse_s
+        if not SOFT_CE:
+            kd -= lse_t
+        loss = alpha_kd * temperature * temperature * kd
+        coef_kd = w * alpha_kd * temperature
+        coef_mlm = w * alpha_mlm
+        if HAS_MLM:
+            # read before the gradient (possibly written over the student row) is stored
+            loss += alpha_mlm * (lse_1 - tl.load(s_row + label).to(tl.float32))
+        tl.store(loss_ptr + row, w * loss)
+
+        if SINGLE_BLOCK:
+            g = _grad_chunk(s, t, offs, label, inv_t, lse_s, lse_t, lse_1, coef_kd, coef_mlm, HAS_MLM)
+            tl.store(g_row + offs, g.to(g_ptr.dtype.element_ty), mask=valid)
+        else:
+            for start in range(0, V, BLOCK_V):
+                valid = start + offs < V
+                s_c = tl.load(s_row + start + offs, mask=valid, other=0.0).to(tl.float32)
+                t_c = tl.load(t_row + start + offs, mask=valid, other=0.0).to(tl.float32)
+                g = _grad_chunk(s_c, t_c, start + offs, label, inv_t, lse_s, lse_t, lse_1, coef_kd, coef_mlm,
+                                HAS_MLM)
+                tl.store(g_row + start + offs, g.to(g_ptr.dtype.element_ty), mask=valid)
+
+
+# Largest block kept whole in registers: on the GPU a 16384-wide fp32 row pair is what 32 warps
+# hold without spilling; the interpreter (CPU tensors) is fastest with the whole row in one block.
+MAX_BLOCK_V_GPU = 16384
+MAX_BLOCK_V_INTERPRETER = 32768
+
+
+def _num_warps(block_v: int) -> int:
+    return 32 if block_v >= 16384 else 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
+
+
+def kd_fwd_bwd_triton(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor,
+    row_weight: torch.Tensor,
+    grad: torch.Tensor,
+    temperature: float,
+    alpha_kd: float,
+    alpha_mlm: float,
+    soft_ce: bool,
+    block_v: int | None = None,
+) -> torch.Tensor:
+    """Launch :func:`kd_fwd_bwd_kernel` on 2-D [N, V] inputs (unit column stride).
+
+    Returns the weighted loss rows (float32) and writes the gradient into ``grad``.
+    ``block_v`` overrides the block size (tests use it to exercise the chunked path).
+    """
+    N, V = student.shape
+    loss_rows = torch.empty(N, dtype=torch.float32, device=student.device)
+    if N == 0:
+        return loss_rows
+    cap = MAX_BLOCK_V_GPU if student.is_cuda else MAX_BLOCK_V_INTERPRETER
+    bv = block_v or min(triton.next_power_of_2(V), cap)
+    kd_fwd_bwd_kernel[(N,)](
+        student, student.stride(0), teacher, teacher.stride(0), grad, grad.stride(0), labels, row_weight, loss_rows,
+        V, float(temperature), float(alpha_kd), float(alpha_mlm),
+        SOFT_CE=bool(soft_ce), HAS_MLM=alpha_mlm != 0, NEED_T1=alpha_mlm != 0 and temperature != 1,
+        BLOCK_V=bv, SINGLE_BLOCK=bv >= V, num_warps=_num_warps(bv),
+    )
+    return loss_rows
+
+
+def aot_configs():
+    """Every constexpr combination the launcher can pick, per logit dtype (for kernels.triton.aot)."""
+    for dtype, soft_ce, (has_mlm, need_t1), single in itertools.product(
+        ("fp32", "fp16", "bf16"), (False, True), ((False, False), (True, False), (True, True)), (True, False)
+    ):
+        bv = MAX_BLOCK_V_GPU if single else 4096
+        signature = {
+            "s_ptr": f"*{dtype}", "s_stride": "i64", "t_ptr": f"*{dtype}", "t_stride": "i64",
+            "g_ptr": f"*{dtype}", "g_stride": "i64", "labels_ptr": "*i64", "w_ptr": "*fp32", "loss_ptr": "*fp32",
+            "V": "i32", "temperature": "fp32", "alpha_kd": "fp32", "alpha_mlm": "fp32",
+        }
+        constexprs = {"SOFT_CE": soft_ce, "HAS_MLM": has_mlm, "NEED_T1": need_t1, "BLOCK_V": bv,
+                      "SINGLE_BLOCK": single}
+        yield kd_fwd_bwd_kernel, signature, constexprs, _num_warps(bv)
+
+
+AOT_CONFIGS = aot_configs
