@@ -1,21 +1,23 @@
-"""Test set-up: Triton kernels run on CPU tensors through the interpreter.
+"""Test set-up: without a GPU, Triton kernels run on CPU tensors through the interpreter.
 
 TRITON_INTERPRET must be set before any module that defines a Triton kernel is imported,
-hence here, before kdfast is. On a CUDA machine the GPU tests use the real compiler instead
-(see tests/test_gpu.py, run with TRITON_INTERPRET=0).
+hence here, before kdfast is. On a CUDA machine it defaults to 0 so that tests/test_gpu.py
+runs the real compiled kernels.
 """
 
 import os
 
-if not os.environ.get("KDFAST_GPU_TESTS"):
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "0" if torch.cuda.is_available() else "1"
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import kdfast  # noqa: E402
 
-CPU_BACKENDS = [name for name in ("triton", "cpu", "torch") if kdfast.backends()[name].available]
+CPU_BACKENDS = [name for name in ("triton", "cpu", "torch") if kdfast.backends()[name].available
+                and (name != "triton" or os.environ["TRITON_INTERPRET"] == "1")]
 
 
 @pytest.fixture(autouse=True)
