@@ -17,7 +17,7 @@ CONFIGS = {
     "mobilebert-tiny": lambda: mobilebert_config("mobilebert-tiny", **SMALL),
     "layernorm-gelu-1ffn-wide": lambda: mobilebert_config(
         "mobilebert", **{**SMALL, "intra_bottleneck_size": 48}, normalization_type="layer_norm", hidden_act="gelu",
-        num_feedforward_networks=1, layer_norm_eps=1e-7),
+        num_feedforward_networks=1, layer_norm_eps=0.1),  # large eps: exposes which norms use it
     "no-bottleneck": lambda: mobilebert_config("mobilebert", **SMALL, use_bottleneck=False, num_feedforward_networks=3,
                                                key_query_shared_bottleneck=False),
     "no-trigram": lambda: mobilebert_config("mobilebert", **SMALL, trigram_input=False),
@@ -294,3 +294,24 @@ def test_config_factory_rejects_unknown_name():
     with pytest.raises(ValueError, match="name"):
         mobilebert_config("mobilebert-large")
     assert isinstance(mobilebert_config("mobilebert-tiny"), MobileBertConfig)
+
+
+@pytest.mark.parametrize("name", ["mobilebert", "no-bottleneck"])
+def test_training_mode_dropout_placement_matches_transformers(name, randomize, batch):
+    # same seed, same order of random draws: identical outputs only if every dropout sits where transformers has it
+    cfg = CONFIGS[name]()
+    cfg.hidden_dropout_prob = 0.2
+    cfg.attention_probs_dropout_prob = 0.2
+    hf = randomize(MobileBertModel(cfg), std=0.1)
+    hf.set_attn_implementation("eager")
+    hf.train()
+    mine = KDMobileBert.from_transformers(hf).train()
+    ids, mask, tt = batch(VOCAB)
+    torch.manual_seed(1)
+    ref = hf(ids, attention_mask=mask, token_type_ids=tt).last_hidden_state
+    torch.manual_seed(1)
+    got = mine(ids, attention_mask=mask, token_type_ids=tt, capture="attentions").last_hidden_state
+    torch.manual_seed(2)
+    other = mine(ids, attention_mask=mask, token_type_ids=tt, capture="attentions").last_hidden_state
+    assert not torch.allclose(other, ref)  # dropout is active
+    assert_close(got, ref)
