@@ -38,7 +38,8 @@ def distilbert_from_teacher(bert, layers=DISTILBERT_LAYERS):
 
     ``bert`` is a ``transformers.BertForMaskedLM`` or ``BertModel``; ``layers`` are the 0-based teacher
     layers to keep, in order (default: DistilBERT's ``(0, 2, 4, 7, 9, 11)`` for a 12-layer teacher).
-    Returns a new ``transformers.BertForMaskedLM`` with ``len(layers)`` layers (teacher unchanged) where
+    Returns a new ``transformers.BertForMaskedLM`` with ``len(layers)`` layers (teacher unchanged), on the
+    teacher's device and dtype, where
 
     * embeddings (word, position, LayerNorm) are copies of the teacher's;
     * student layer ``i`` is a copy of teacher layer ``layers[i]`` (identical parameters, so identical
@@ -76,9 +77,10 @@ def distilbert_from_teacher(bert, layers=DISTILBERT_LAYERS):
     if getattr(tcfg, "_attn_implementation", None):
         scfg._attn_implementation = tcfg._attn_implementation
 
-    student = BertForMaskedLM(scfg)
-    dtype = next(bert.parameters()).dtype
-    student.to(dtype)
+    ref = next(bert.parameters())
+    with torch.device(ref.device):  # build where the teacher lives (GPU, CPU or meta for counting)
+        student = BertForMaskedLM(scfg)
+    student.to(ref.dtype)
 
     new_sd = {}
     for key in student.state_dict():
