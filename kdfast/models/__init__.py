@@ -1,0 +1,31 @@
+"""Model builders for distillation: MobileBERT blocks, DistilBERT/TinyBERT students, layer maps, counting."""
+
+from .counting import count
+from .layer_map import uniform_layer_map
+from .mobilebert import (
+    KDMobileBert,
+    KDMobileBertForMaskedLM,
+    KDMobileBertOutput,
+    bias_residual_layernorm,
+    bias_residual_nonorm,
+    mobilebert_config,
+    register_kernel,
+    stacked_ffn,
+)
+from .students import distilbert_from_teacher, tinybert, tinybert_config
+
+__all__ = [
+    "KDMobileBert",
+    "KDMobileBertForMaskedLM",
+    "KDMobileBertOutput",
+    "bias_residual_layernorm",
+    "bias_residual_nonorm",
+    "count",
+    "distilbert_from_teacher",
+    "mobilebert_config",
+    "register_kernel",
+    "stacked_ffn",
+    "tinybert",
+    "tinybert_config",
+    "uniform_layer_map",
+]
