@@ -31,10 +31,15 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--size expects ROWSxVOCAB, e.g. 1024x30522, got {text!r}") from None
 
 
+SUITES = ("kd_loss", "models")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from kdfast.bench import kd_loss as kd_bench
     from kdfast.benchmarking import format_table
 
+    if args.suites is None:
+        args.suites = ["kd_loss"] if args.quick or args.sizes else list(SUITES)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("kdfast bench: --device cuda requested but no CUDA device is available", file=sys.stderr)
@@ -48,8 +53,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtypes = [DTYPES[d] for d in (args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"]))]
     print(f"kdfast bench on {_device_name(device)}; torch {torch.__version__}; "
           f"repeat={args.repeat}; ratios are eager time / impl time and eager peak / impl peak", flush=True)
-    results = kd_bench.run(device, sizes, dtypes, repeat=args.repeat, compile_baseline=not args.no_compile)
-    print(format_table(results))
+    results = []
+    if "kd_loss" in args.suites:
+        results += kd_bench.run(device, sizes, dtypes, repeat=args.repeat, compile_baseline=not args.no_compile)
+        print(format_table(results), flush=True)
+    if "models" in args.suites:
+        from kdfast.bench import models as models_bench
+
+        model_results = models_bench.run(device, repeat=args.repeat)
+        print()
+        print(format_table(model_results, baseline="MobileBERT (transformers)"), flush=True)
+        results += model_results
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": _device_name(device), "torch": torch.__version__,
@@ -76,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     b.add_argument("--json", help="also write the results to this JSON file")
+    b.add_argument("--suites", nargs="+", choices=SUITES, default=None,
+                   help=f"which suites to run (default: all; --quick: kd_loss); choices {SUITES}")
     b.set_defaults(func=cmd_bench)
     k = sub.add_parser("backends", help="which kernel backends are built and usable here")
     k.set_defaults(func=cmd_backends)
