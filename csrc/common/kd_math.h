@@ -50,14 +50,14 @@ struct KdRowStats {
   KD_HD void add(acc_t s, acc_t t, acc_t inv_t, bool soft_ce, bool need_1) {
     acc_t x = s * inv_t, y = t * inv_t;
     if (x > m_s) { z_s *= kd_scaled_exp(m_s, x); m_s = x; }
-    z_s += exp(x - m_s);
+    z_s += kd_scaled_exp(x, m_s);  // (a row may start with -inf logits)
     if (y > m_t) { acc_t r = kd_scaled_exp(m_t, y); z_t *= r; acc *= r; m_t = y; }
-    acc_t e = exp(y - m_t);
+    acc_t e = kd_scaled_exp(y, m_t);
     z_t += e;
     acc += e * (soft_ce ? -x : y - x);
     if (need_1) {
       if (s > m_1) { z_1 *= kd_scaled_exp(m_1, s); m_1 = s; }
-      z_1 += exp(s - m_1);
+      z_1 += kd_scaled_exp(s, m_1);
     }
   }
 
