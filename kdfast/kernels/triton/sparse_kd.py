@@ -8,8 +8,10 @@ and their teacher values v:
    kept in registers; a longer row is folded chunk by chunk and read again for the gradient.
 2. Gather the K student logits at the kept ids; teacher side from the K values only:
    topk: p_t,k = e^{y_k - lse_t}, rest mass p_r = -expm1(lse_K - lse_t); the student's rest
-   sum-exp is Z_R = Z - sum_k e^{x_k - m} (relative error ~ eps / P_r, clamped away from 0);
-   sampled: q_k = the normalised weights summed over equal ids (a K x K comparison).
+   sum-exp is Z_R = Z - sum_k e^{x_k - m} with P_r = Z_R / Z (relative error ~ eps / P_r), and
+   the rows where P_r < 1% redo the two sums in fp64 from identical terms, so that the kept
+   terms cancel exactly (see the kernel); sampled: q_k = the normalised weights summed over
+   equal ids (a K x K comparison).
 3. Loss row, then the gradient of the whole row in the same program: first the dense part
    coef (p_s,j - p_r e^{x_j - lse_R}) (+ MLM) everywhere, a barrier, then the exact values
    coef (p_s,k - p_t,k) (+ MLM) stored at the kept ids (repeated sampled ids store identical
@@ -140,8 +142,27 @@ def sparse_kd_fwd_bwd_kernel(
             if HAS_REST:
                 p_r = _neg_expm1(lse_kept - lse_t)
                 z_kept = tl.sum(tl.where(kvalid, tl.exp(x_k - m_s), 0.0), axis=0)
-                z_r = tl.maximum(z_s - z_kept, z_s * 1e-30)
-                lse_r = m_s + tl.log(z_r)
+                z_r = z_s - z_kept
+                lse_r = m_s + tl.log(tl.maximum(z_r, z_s * 1e-30))
+                if z_r < 0.01 * z_s:
+                    # Under 1% of the student's mass outside the kept ids: Z - Z_kept cancels (relative
+                    # error ~ eps / P_r). Recompute both sums from bitwise-identical terms
+                    # e_j = exp((s_j - c) / T) (fixed shift c; a subtraction then a product, so no FMA
+                    # contraction can make a kept term differ between the sums), accumulated in fp64:
+                    # the kept terms then cancel exactly. Registers only for a single-block row; one
+                    # more read of the row, for these rows only, on the chunked path.
+                    shift = m_s * temperature
+                    c2 = 1.4426950408889634 * inv_t
+                    if SINGLE_BLOCK:
+                        e_all = tl.sum(tl.exp2((s - shift) * c2).to(tl.float64), axis=0)
+                    else:
+                        e_all = tl.full((), 0.0, tl.float64)
+                        for start in range(0, V, BLOCK_V):
+                            s_c = tl.load(s_row + start + offs, mask=start + offs < V,
+                                          other=-float("inf")).to(tl.float32)
+                            e_all += tl.sum(tl.exp2((s_c - shift) * c2).to(tl.float64), axis=0)
+                    e_kept = tl.sum(tl.where(kvalid, tl.exp2((s_k - shift) * c2), 0.0).to(tl.float64), axis=0)
+                    lse_r = shift * inv_t + tl.log(tl.maximum((e_all - e_kept).to(tl.float32), 1e-30))
                 kd += tl.where(p_r > 0, p_r * (tl.log(p_r) - (lse_r - lse_s)), 0.0)
 
         # 3. loss row
