@@ -159,7 +159,8 @@ def sparse_kd_loss(
 
     **topk** (distinct ids; v = raw teacher logits, see the module docstring for the stored
     form). y_k = v_k / T, lse_K = logsumexp_k y_k, lse_t = max(teacher_logsumexp, lse_K)
-    (lse_t = lse_K when ``teacher_logsumexp`` is None or K = V), p_t,k = e^{y_k - lse_t},
+    (lse_t = lse_K when ``teacher_logsumexp`` is None or K = V; the max absorbs fp16 rounding of
+    stored values, which can put lse_K a hair above the true normaliser), p_t,k = e^{y_k - lse_t},
     rest masses p_r = 1 - sum_k p_t,k = -expm1(lse_K - lse_t) and
     P_r = 1 - sum_k p_s,k = e^{lse_R - lse_s} with lse_R = logsumexp of x outside the kept ids:
 
