@@ -6,7 +6,8 @@
 """
 
 from kdfast.backend import backends
-from kdfast.losses import KDLoss, kd_loss
+from kdfast.losses import KDLoss, SparseKDLoss, kd_loss, sparse_kd_loss, sparsify_teacher_logits
 
 __version__ = "0.1.0"
-__all__ = ["KDLoss", "backends", "kd_loss", "__version__"]
+__all__ = ["KDLoss", "SparseKDLoss", "backends", "kd_loss", "sparse_kd_loss", "sparsify_teacher_logits",
+           "__version__"]

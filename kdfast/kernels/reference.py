@@ -101,3 +101,143 @@ def kd_fwd_bwd_torch(
     rows = torch.where(counted, w * rows, torch.zeros_like(rows))
     grad.copy_(torch.where(counted[:, None], w[:, None] * g, torch.zeros_like(g)))
     return rows
+
+
+# --- sparse teacher (top-k with a rest bucket, or sampled ids with counts) ----------------------
+
+def sparse_kd_loss_reference(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_values: Tensor,
+    *,
+    mode: str = "topk",
+    temperature: float = 1.0,
+    teacher_logsumexp: Tensor | None = None,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    alpha_kd: float = 1.0,
+    alpha_mlm: float = 0.0,
+    reduction: str = "batchmean",
+) -> Tensor:
+    """Float64 oracle of :func:`kdfast.sparse_kd_loss`, written the obvious way (dense, autograd).
+
+    topk: the kept teacher logits y_k = v_k / T are normalised by
+    lse_t = max(teacher_logsumexp, logsumexp_k y_k) (just logsumexp_k y_k without
+    teacher_logsumexp or when K == V); the rest bucket holds 1 - sum_k p_t,k for the teacher
+    and the student's soft-max mass outside the kept ids. loss = T^2 KL over K + 1 buckets.
+    sampled: q = the per-row normalised weights scattered (summed) onto the vocabulary;
+    loss = T^2 KL(q || softmax(s / T)).
+    """
+    V = student_logits.shape[-1]
+    K = teacher_ids.shape[-1]
+    T = temperature
+    s = student_logits.reshape(-1, V).double()
+    ids = teacher_ids.reshape(-1, K).long()
+    vals = teacher_values.reshape(-1, K).double()
+    N = s.shape[0]
+    valid = torch.ones(N, dtype=torch.bool, device=s.device)
+    if labels is not None:
+        valid &= labels.reshape(-1) != ignore_index
+    if mask is not None:
+        valid &= mask.reshape(-1).bool()
+    # uncounted rows may hold anything: give them harmless ids and values
+    ids = torch.where(valid[:, None], ids, torch.arange(K, device=s.device))
+    vals = torch.where(valid[:, None], vals, torch.ones_like(vals))
+    log_q = F.log_softmax(s / T, dim=-1)
+    if mode == "topk":
+        y = vals / T
+        lse_kept = torch.logsumexp(y, dim=-1)
+        lse_t = lse_kept
+        if teacher_logsumexp is not None and K < V:
+            lse_t = torch.maximum(teacher_logsumexp.reshape(-1).double(), lse_kept)
+        log_p = y - lse_t[:, None]
+        rows = (log_p.exp() * (log_p - log_q.gather(1, ids))).sum(-1)
+        if K < V:
+            p_rest = -torch.expm1(lse_kept - lse_t)
+            log_q_rest = torch.logsumexp(log_q.scatter(1, ids, float("-inf")), dim=-1)
+            rows = rows + torch.xlogy(p_rest, p_rest) - p_rest * log_q_rest
+    else:
+        w = vals / vals.sum(-1, keepdim=True)
+        q_t = torch.zeros_like(s).scatter_add(1, ids, w)
+        rows = (torch.xlogy(q_t, q_t) - q_t * log_q).sum(-1)
+    rows = alpha_kd * T**2 * rows
+    if alpha_mlm:
+        safe_labels = torch.where(valid, labels.reshape(-1), 0)
+        rows = rows + alpha_mlm * F.cross_entropy(s, safe_labels, reduction="none")
+    rows = torch.where(valid, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(student_logits.shape[:-1])
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    return total / valid.sum().clamp_min(1)
+
+
+def sparse_kd_fwd_bwd_torch(
+    student: Tensor,
+    ids: Tensor,
+    values: Tensor,
+    teacher_lse: Tensor | None,
+    labels: Tensor,
+    row_weight: Tensor,
+    grad: Tensor,
+    temperature: float,
+    alpha_kd: float,
+    alpha_mlm: float,
+    sampled: bool,
+) -> Tensor:
+    """The sparse-teacher kernel contract in eager PyTorch (the ``"torch"`` backend).
+
+    student [N, V]; ids [N, K] int64 in [0, V) on every row (the caller sanitises uncounted
+    rows); values [N, K]; teacher_lse [N] or None; row_weight w [N], 0 on uncounted rows.
+    Returns the loss rows w * (alpha_kd T^2 kd + alpha_mlm ce) in float32 (float64 for float64
+    student) and writes d(sum of loss rows)/ds into ``grad`` (closed form, see
+    :func:`kdfast.sparse_kd_loss`).
+    """
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    T = temperature
+    N, V = student.shape
+    K = ids.shape[1]
+    s = student.to(acc)
+    v = values.to(acc)
+    w = row_weight.to(acc)
+    counted = w != 0
+    x = s / T
+    lse_s = torch.logsumexp(x, dim=-1)
+    p_s = (x - lse_s[:, None]).exp()
+    log_q_k = x.gather(1, ids) - lse_s[:, None]
+    if not sampled:
+        y = v / T
+        lse_kept = torch.logsumexp(y, dim=-1)
+        lse_t = lse_kept
+        if teacher_lse is not None and K < V:
+            lse_t = torch.maximum(teacher_lse.to(acc), lse_kept)
+        log_p = y - lse_t[:, None]
+        p_t = log_p.exp()
+        kd = (p_t * (log_p - log_q_k)).sum(-1)
+        g = p_s
+        if K < V:
+            # rest bucket: teacher mass p_rest, student log-mass lse_rest - lse_s (exact, no cancellation)
+            p_rest = -torch.expm1(lse_kept - lse_t)
+            x_rest = x.scatter(1, ids, float("-inf"))
+            lse_rest = torch.logsumexp(x_rest, dim=-1)
+            kd = kd + torch.xlogy(p_rest, p_rest) - p_rest * (lse_rest - lse_s)
+            g = g - p_rest[:, None] * (x_rest - lse_rest[:, None]).exp()
+        g = g.scatter_add(1, ids, -p_t)
+    else:
+        wn = v / v.sum(-1, keepdim=True)
+        q_t = torch.zeros_like(s).scatter_add(1, ids, wn)
+        # zero-weight entries (repeats in the merged-count form) contribute nothing
+        kd = torch.where(wn > 0, wn * (q_t.gather(1, ids).log() - log_q_k), 0.0).sum(-1)
+        g = p_s - q_t
+    rows = alpha_kd * T**2 * kd
+    g = alpha_kd * T * g
+    if alpha_mlm:
+        safe = torch.where(counted, labels, 0)
+        log_q1 = F.log_softmax(s, dim=-1)
+        rows = rows - alpha_mlm * log_q1.gather(1, safe[:, None]).squeeze(1)
+        g = g + alpha_mlm * (log_q1.exp() - F.one_hot(safe, V).to(acc))
+    rows = torch.where(counted, w * rows, torch.zeros_like(rows))
+    grad.copy_(torch.where(counted[:, None], w[:, None] * g, torch.zeros_like(g)))
+    return rows

@@ -1,0 +1,382 @@
+r"""Logit distillation from a *sparse* teacher (the teacher cache): top-k or sampled token ids.
+
+Public: :func:`sparse_kd_loss`, :class:`SparseKDLoss`, :func:`sparsify_teacher_logits`.
+
+The teacher is kept per row (token) as K token ids and K values; the student keeps its full
+soft-max normaliser over all V logits. Two forms:
+
+``mode="topk"``: the teacher's K largest logits and, optionally, the teacher's full
+log-normaliser. Loss: KL over the K kept ids plus one "rest" bucket holding the teacher's
+remaining mass against the student's mass outside the kept ids.
+
+``mode="sampled"``: ids drawn from the teacher distribution (with replacement) and their
+counts; the loss is the KL from the empirical teacher distribution, whose gradient is an
+unbiased estimate of the full-KL gradient.
+
+Stored form (what :func:`sparsify_teacher_logits` writes and the cache holds)
+------------------------------------------------------------------------------
+- top-k: ``ids`` int32 (every id < 65536 for BERT vocabularies, so they also fit uint16),
+  ``values`` = the teacher's *raw* logits at those ids (T = 1), fp16, and ``logsumexp`` =
+  logsumexp(t / T) over the whole vocabulary, fp32, at the distillation temperature T. The raw
+  logits let the same cache serve any T for the kept ids; only the rest bucket needs the
+  full normaliser, which depends on T (it cannot be rebuilt from the top-k and a T = 1
+  normaliser), so the cache stores it for the temperature the recipe uses (write it for each
+  T you need; it is one float per token). Without ``teacher_logsumexp`` the rest bucket is
+  empty: the teacher is renormalised over its top-k (p_rest = 0).
+- sampled: ``ids`` int32 sorted per row, ``values`` fp16 counts: each distinct id's count sits at
+  its first occurrence, repeats carry 0 (any non-negative weights with duplicates are
+  accepted; they are summed per id and normalised per row).
+
+The fused kernel writes the gradient with respect to all V student logits in the same pass
+as the loss (the teacher is frozen); backward only scales it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kdfast import backend as _backend
+from kdfast.kernels.reference import sparse_kd_fwd_bwd_torch
+from kdfast.losses._checks import (
+    check_choice,
+    check_positive,
+    check_row_tensor,
+    check_tensor,
+)
+
+MODES = ("topk", "sampled")
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.uint16, torch.uint32)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- torch.library registration of the Triton kernel ----------------------------------------
+
+@torch.library.custom_op("kdfast::sparse_kd_fwd_bwd_triton", mutates_args=("grad",))
+def _sparse_kd_fwd_bwd_triton(student: Tensor, ids: Tensor, values: Tensor, teacher_lse: Tensor, labels: Tensor,
+                              row_weight: Tensor, grad: Tensor, temperature: float, alpha_kd: float,
+                              alpha_mlm: float, sampled: bool, has_lse: bool) -> Tensor:
+    from kdfast.kernels.triton.sparse_kd import sparse_kd_fwd_bwd_triton
+
+    return sparse_kd_fwd_bwd_triton(student, ids, values, teacher_lse if has_lse else None, labels, row_weight,
+                                    grad, temperature, alpha_kd, alpha_mlm, sampled)
+
+
+@_sparse_kd_fwd_bwd_triton.register_fake
+def _(student, ids, values, teacher_lse, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, sampled,
+      has_lse):
+    return student.new_empty(student.shape[0], dtype=torch.float32)
+
+
+def _sparse_kd_fwd_bwd(backend: str, student: Tensor, ids: Tensor, values: Tensor, teacher_lse: Tensor | None,
+                       labels: Tensor, row_weight: Tensor, grad: Tensor, temperature: float, alpha_kd: float,
+                       alpha_mlm: float, sampled: bool) -> Tensor:
+    if backend == "torch":
+        return sparse_kd_fwd_bwd_torch(student, ids, values, teacher_lse, labels, row_weight, grad, temperature,
+                                       alpha_kd, alpha_mlm, sampled)
+    has_lse = teacher_lse is not None
+    lse = teacher_lse if has_lse else row_weight  # any float tensor: not read
+    return _sparse_kd_fwd_bwd_triton(student, ids, values, lse, labels, row_weight, grad, temperature, alpha_kd,
+                                     alpha_mlm, sampled, has_lse)
+
+
+class _SparseKDFunction(torch.autograd.Function):
+    """Loss rows (or their sum); the gradient is produced by the forward kernel."""
+
+    @staticmethod
+    def forward(ctx, student, ids, values, teacher_lse, labels, row_weight, temperature, alpha_kd, alpha_mlm,
+                sampled, backend, reduce):
+        grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+        loss_rows = _sparse_kd_fwd_bwd(backend, student, ids, values, teacher_lse, labels, row_weight, grad,
+                                       temperature, alpha_kd, alpha_mlm, sampled)
+        ctx.save_for_backward(grad)
+        return loss_rows.sum() if reduce else loss_rows
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        if grad_out.dim() == 0:
+            if not torch.compiler.is_compiling() and grad_out.item() == 1.0:
+                g = grad
+            else:
+                g = grad * grad_out.to(grad.dtype)
+        else:
+            g = grad * grad_out[:, None].to(grad.dtype)
+        return (g,) + (None,) * 11
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    """No compiled C++ kernel exists for this loss yet: auto = Triton on CUDA, else torch."""
+    if backend == "auto":
+        if device.type == "cuda" and _backend.backends()["triton"].available:
+            return "triton"
+        return "torch"
+    if backend in ("cpu", "cuda"):
+        raise ValueError(f"backend={backend!r}: sparse_kd_loss has no compiled C++ kernel yet; "
+                         "use 'triton', 'torch' or 'auto'")
+    return _backend.resolve(backend, device)
+
+
+def _check_ids(name: str, ids: object, lead: torch.Size, device: torch.device) -> Tensor:
+    if not isinstance(ids, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
+    if ids.dtype not in _INT_DTYPES:
+        raise ValueError(f"{name} must be an integer tensor (int32, int64, uint16, ...), got {ids.dtype}")
+    if ids.device != device:
+        raise ValueError(f"{name} is on {ids.device} but student_logits is on {device}")
+    if ids.dim() != len(lead) + 1 or ids.shape[:-1] != lead:
+        raise ValueError(f"{name} has shape {tuple(ids.shape)}, expected the logits' leading shape "
+                         f"{tuple(lead)} plus [K]")
+    return ids
+
+
+# --- public API -------------------------------------------------------------------------------
+
+def sparse_kd_loss(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_values: Tensor,
+    *,
+    mode: str = "topk",
+    temperature: float = 1.0,
+    teacher_logsumexp: Tensor | None = None,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    alpha_kd: float = 1.0,
+    alpha_mlm: float = 0.0,
+    reduction: str = "batchmean",
+    backend: str = "auto",
+) -> Tensor:
+    r"""Logit distillation from a sparse teacher (top-k or sampled ids), fused with MLM.
+
+    Per counted row (``labels != ignore_index`` and ``mask != 0``) with student logits s [V],
+    x = s / T, lse_s = logsumexp(x), p_s,j = e^{x_j - lse_s}, kept ids k_1..k_K, values v_k:
+
+    **topk** (distinct ids; v = raw teacher logits, see the module docstring for the stored
+    form). y_k = v_k / T, lse_K = logsumexp_k y_k, lse_t = max(teacher_logsumexp, lse_K)
+    (lse_t = lse_K when ``teacher_logsumexp`` is None or K = V; the max absorbs fp16 rounding of
+    stored values, which can put lse_K a hair above the true normaliser), p_t,k = e^{y_k - lse_t},
+    rest masses p_r = 1 - sum_k p_t,k = -expm1(lse_K - lse_t) and
+    P_r = 1 - sum_k p_s,k = e^{lse_R - lse_s} with lse_R = logsumexp of x outside the kept ids:
+
+        kd = sum_k p_t,k (log p_t,k - log p_s,k) + p_r (log p_r - log P_r)      (0 log 0 = 0)
+
+    Gradient, with d log p_s,k / dx_j = [j = k] - p_s,j and
+    d log P_r / dx_j = p_s,j ([j not kept] / P_r - 1), and sum_k p_t,k + p_r = 1:
+
+        d kd / dx_j = p_s,j - p_t,j                      for j kept
+        d kd / dx_j = p_s,j (1 - p_r / P_r)
+                    = p_s,j - p_r e^{x_j - lse_R}          for j not kept
+
+    (so p_r = 0 gives p_s,j there, and K = V gives the full KL of :func:`kdfast.kd_loss`).
+
+    **sampled** (ids drawn from p_t = softmax(t / T) with replacement, values = counts or
+    non-negative weights c_k; duplicates allowed): q_j = sum_{k: id_k = j} c_k / sum_k c_k,
+
+        kd = sum_j q_j (log q_j - log p_s,j)      d kd / dx_j = p_s,j - q_j
+
+    E[q_j] = p_t,j for counts of n draws, so the gradient T (p_s - q) is an unbiased estimate
+    of the full-KL gradient T (p_s - p_t). The loss is the KL from the empirical distribution q:
+    it differs from KL(p_t || p_s) by H(p_t) - H(q), which does not depend on the student (its
+    expectation is KL(p_t || p_s) + H(p_t) - E[H(q)] >= KL(p_t || p_s)); log it as an
+    estimate, not the exact KL.
+
+    Both modes: loss_r = alpha_kd T^2 kd + alpha_mlm (logsumexp(s) - s[label_r]) and
+    d loss_r / ds_j = alpha_kd T (d kd / dx_j) + alpha_mlm (softmax(s)_j - [j = label_r]).
+
+    Args:
+        student_logits: [..., V] float (fp32 / fp16 / bf16 / fp64); accumulation in fp32
+            (fp64 for fp64 input).
+        teacher_ids: [..., K] integer (int32 / int64 / uint16 ...) ids in [0, V), 1 <= K <= V.
+            Distinct per row in topk mode.
+        teacher_values: [..., K] float, any float dtype (fp16 from the cache is fine). topk:
+            raw teacher logits; sampled: counts / non-negative weights, positive row sum.
+        mode: ``"topk"`` or ``"sampled"``.
+        temperature: T > 0.
+        teacher_logsumexp: [...] (topk only): logsumexp(t / T) of the full teacher row at this T.
+        labels, mask, ignore_index, alpha_kd, alpha_mlm, reduction: as in :func:`kdfast.kd_loss`
+            (``batchmean``/``mean`` divide by the number of counted rows; no counted row gives 0).
+        backend: ``auto`` (Triton on CUDA tensors, torch otherwise), ``triton`` or ``torch``.
+
+    Returns:
+        The loss, float32 (float64 for float64 student logits); gradient flows to
+        ``student_logits`` only, in its dtype.
+
+    Raises:
+        ValueError naming the argument: shape / dtype / device mismatch of ids or values, ids
+        out of [0, V), K > V, repeated ids in topk mode, temperature <= 0, NaN or Inf in
+        ``teacher_values`` / ``teacher_logsumexp``, negative or all-zero sampled counts, unknown
+        mode / reduction / backend.
+    """
+    student_logits = check_tensor("student_logits", student_logits, min_dim=1)
+    check_choice("mode", mode, MODES)
+    temperature = check_positive("temperature", temperature)
+    check_choice("reduction", reduction, REDUCTIONS)
+    V = student_logits.shape[-1]
+    if V == 0 or student_logits.numel() == 0:
+        raise ValueError(f"student_logits is empty (shape {tuple(student_logits.shape)})")
+    lead = student_logits.shape[:-1]
+    device = student_logits.device
+    teacher_ids = _check_ids("teacher_ids", teacher_ids, lead, device)
+    K = teacher_ids.shape[-1]
+    if K == 0:
+        raise ValueError("teacher_ids has K = 0 kept ids per row; need 1 <= K <= V")
+    if K > V:
+        raise ValueError(f"teacher_ids keeps K = {K} ids per row but the vocabulary has only V = {V}")
+    teacher_values = check_tensor("teacher_values", teacher_values, min_dim=1)
+    if teacher_values.shape != teacher_ids.shape:
+        raise ValueError(f"teacher_values has shape {tuple(teacher_values.shape)} but teacher_ids has "
+                         f"{tuple(teacher_ids.shape)}: they must match")
+    if teacher_values.device != device:
+        raise ValueError(f"teacher_values is on {teacher_values.device} but student_logits is on {device}")
+    if teacher_logsumexp is not None:
+        if mode != "topk":
+            raise ValueError("teacher_logsumexp is only used with mode='topk'")
+        teacher_logsumexp = check_row_tensor("teacher_logsumexp", teacher_logsumexp, lead, device)
+        check_tensor("teacher_logsumexp", teacher_logsumexp, min_dim=0)
+    labels = check_row_tensor("labels", labels, lead, device)
+    mask = check_row_tensor("mask", mask, lead, device)
+    if labels is not None and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if alpha_mlm != 0 and labels is None:
+        raise ValueError("labels are required when alpha_mlm != 0")
+    name = _resolve(backend, device)
+    compiling = torch.compiler.is_compiling()
+
+    student2d = student_logits.reshape(-1, V)
+    if student2d.stride(-1) != 1:
+        student2d = student2d.contiguous()
+    N = student2d.shape[0]
+    ids2d = teacher_ids.reshape(N, K).to(torch.int64)
+    vals2d = teacher_values.reshape(N, K)
+    if vals2d.stride(-1) != 1:
+        vals2d = vals2d.contiguous()
+    lse1d = teacher_logsumexp.reshape(N).to(torch.float32 if student2d.dtype != torch.float64 else torch.float64) \
+        if teacher_logsumexp is not None else None
+    if labels is not None:
+        labels_flat = labels.reshape(-1).to(torch.int64)
+        counted = labels_flat != ignore_index
+        if not compiling and bool((counted & ((labels_flat < 0) | (labels_flat >= V))).any()):
+            bad = labels_flat[counted & ((labels_flat < 0) | (labels_flat >= V))][0].item()
+            raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; found {bad}")
+    else:
+        labels_flat = torch.zeros(N, dtype=torch.int64, device=device)
+        counted = torch.ones(N, dtype=torch.bool, device=device)
+    if mask is not None:
+        counted = counted & mask.reshape(-1).bool()
+
+    if not compiling:
+        _check_counted_rows(ids2d[counted], vals2d[counted], None if lse1d is None else lse1d[counted], V, mode)
+    # Uncounted rows (padding) may hold anything: give them in-range ids so that no backend
+    # gathers out of bounds (the Triton kernel does not even read them).
+    ids2d = torch.where(counted[:, None], ids2d, torch.arange(K, device=device)).contiguous()
+
+    row_weight = counted.to(_acc_dtype(student2d.dtype))
+    if reduction in ("batchmean", "mean"):
+        row_weight = row_weight / row_weight.sum().clamp_min(1)
+    loss = _SparseKDFunction.apply(student2d, ids2d, vals2d, lse1d, labels_flat.contiguous(), row_weight,
+                                   temperature, float(alpha_kd), float(alpha_mlm), mode == "sampled", name,
+                                   reduction != "none")
+    return loss if reduction != "none" else loss.reshape(lead)
+
+
+def _check_counted_rows(ids: Tensor, vals: Tensor, lse: Tensor | None, V: int, mode: str) -> None:
+    """Value checks on the counted rows only (N x K work, never N x V)."""
+    if ids.numel() == 0:
+        return
+    out = (ids < 0) | (ids >= V)
+    if bool(out.any()):
+        raise ValueError(f"teacher_ids must lie in [0, {V}); found {ids[out][0].item()}")
+    if not bool(torch.isfinite(vals).all()):
+        raise ValueError("teacher_values contains NaN or Inf in counted rows")
+    if lse is not None and not bool(torch.isfinite(lse).all()):
+        raise ValueError("teacher_logsumexp contains NaN or Inf in counted rows")
+    if mode == "topk":
+        if ids.shape[1] > 1:
+            srt = ids.sort(dim=1).values
+            if bool((srt[:, 1:] == srt[:, :-1]).any()):
+                raise ValueError("teacher_ids must be distinct within a row in mode='topk' (repeats are only "
+                                 "meaningful in mode='sampled')")
+    else:
+        if bool((vals < 0).any()):
+            raise ValueError("teacher_values (sampled counts / weights) must be >= 0")
+        if bool((vals.to(torch.float32).sum(1) <= 0).any()):
+            raise ValueError("teacher_values (sampled counts / weights) must have a positive sum in every "
+                             "counted row")
+
+
+class SparseKDLoss(nn.Module):
+    """Module form of :func:`sparse_kd_loss` with its keyword arguments fixed at construction.
+
+    ``forward(student_logits, teacher_ids, teacher_values, teacher_logsumexp=None, labels=None,
+    mask=None)`` returns the loss.
+    """
+
+    def __init__(self, temperature: float = 1.0, *, mode: str = "topk", alpha_kd: float = 1.0,
+                 alpha_mlm: float = 0.0, reduction: str = "batchmean", ignore_index: int = -100,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.mode = check_choice("mode", mode, MODES)
+        self.alpha_kd, self.alpha_mlm = float(alpha_kd), float(alpha_mlm)
+        self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.ignore_index, self.backend = ignore_index, backend
+
+    def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_values: Tensor,
+                teacher_logsumexp: Tensor | None = None, labels: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
+        return sparse_kd_loss(student_logits, teacher_ids, teacher_values, mode=self.mode,
+                              temperature=self.temperature, teacher_logsumexp=teacher_logsumexp, labels=labels,
+                              mask=mask, ignore_index=self.ignore_index, alpha_kd=self.alpha_kd,
+                              alpha_mlm=self.alpha_mlm, reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, mode={self.mode!r}, alpha_kd={self.alpha_kd}, "
+                f"alpha_mlm={self.alpha_mlm}, reduction={self.reduction!r}, backend={self.backend!r}")
+
+
+def sparsify_teacher_logits(
+    teacher_logits: Tensor,
+    k: int,
+    mode: str = "topk",
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, ...]:
+    r"""Sparsify teacher logits [..., V] into the stored form used by :func:`sparse_kd_loss`.
+
+    ``mode="topk"`` returns ``(ids, values, logsumexp)``: the k largest logits per row
+    (sorted, descending), ``ids`` int32 [..., k], ``values`` the raw logits t_id in fp16
+    [..., k], ``logsumexp`` = logsumexp_j(t_j / T) over the whole row in fp32 [...], at the
+    distillation temperature T (the rest bucket's teacher mass is 1 - sum_k e^{t_k/T - lse}).
+
+    ``mode="sampled"`` returns ``(ids, counts)``: k draws with replacement from
+    p_t = softmax(t / T) (``generator`` for reproducibility), ``ids`` int32 [..., k] sorted per row,
+    ``counts`` fp16 [..., k] with each distinct id's count at its first occurrence and 0 at its
+    repeats (so sum_k counts = k, and q_j = counts of j / k is an unbiased estimate of p_t,j).
+
+    Ids are below 65536 for vocabularies that size, so they can be stored as uint16.
+    """
+    teacher_logits = check_tensor("teacher_logits", teacher_logits, min_dim=1)
+    check_choice("mode", mode, MODES)
+    temperature = check_positive("temperature", temperature)
+    V = teacher_logits.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
+        raise ValueError(f"k must be an integer in [1, V={V}], got {k!r}")
+    lead = teacher_logits.shape[:-1]
+    if mode == "topk":
+        values, ids = torch.topk(teacher_logits, k, dim=-1)
+        lse = torch.logsumexp(teacher_logits.to(torch.float32) / temperature, dim=-1)
+        return ids.to(torch.int32), values.to(torch.float16), lse
+    probs = torch.softmax(teacher_logits.reshape(-1, V).to(torch.float32) / temperature, dim=-1)
+    draws = torch.multinomial(probs, k, replacement=True, generator=generator).sort(dim=-1).values
+    first = torch.ones_like(draws, dtype=torch.bool)
+    first[:, 1:] = draws[:, 1:] != draws[:, :-1]
+    group = first.long().cumsum(dim=-1) - 1            # index of each draw's run of equal ids
+    run_len = torch.zeros_like(draws).scatter_add_(1, group, torch.ones_like(draws))
+    counts = torch.where(first, run_len.gather(1, group), 0)
+    return draws.to(torch.int32).reshape(*lead, k), counts.to(torch.float16).reshape(*lead, k)
