@@ -1,6 +1,7 @@
 """The ``kdfast`` command.
 
     kdfast bench [--quick] [--device cpu|cuda] ...   time and memory tables against eager PyTorch
+    kdfast cache build|verify|info ...                 teacher activation cache
     kdfast backends                                   which kernel backends are usable here
 """
 
@@ -79,6 +80,46 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    from kdfast.cache import CacheError, TeacherCache, build_cache
+
+    try:
+        if args.cache_command == "build":
+            layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+            m = build_cache(args.teacher, args.data, args.out, layers=layers, logits=args.logits, hidden=args.hidden,
+                            qk=args.qk, max_length=args.max_length, batch_size=args.batch_size,
+                            rows_per_shard=args.rows_per_shard, temperature=args.temperature, seed=args.seed,
+                            text_column=args.text_column, progress=not args.no_progress)
+            print(f"cache {args.out}: {m.rows} rows, {m.tokens} tokens, {len(m.shards)} shards, complete")
+            return 0
+        cache = TeacherCache(args.cache, allow_incomplete=True)
+        if args.cache_command == "verify":
+            problems = cache.verify()
+            for p in problems:
+                print(f"PROBLEM {p}")
+            print(f"{args.cache}: {'OK' if not problems else f'{len(problems)} problem(s)'} "
+                  f"({cache.manifest.rows} rows in {len(cache.manifest.shards)} shards)")
+            return 0 if not problems else 1
+        info = cache.info()
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            t = info["teacher"]
+            print(f"cache      {args.cache} ({'complete' if info['complete'] else 'INCOMPLETE'})")
+            print(f"teacher    {t['path']} ({t['model_type']}, {t['num_hidden_layers']} layers, "
+                  f"sha256 {t['weights_sha256'][:12]}...)")
+            print(f"rows       {info['rows']} in {info['shards']} shards; {info['tokens']} tokens; "
+                  f"{info['bytes'] / 2**20:.1f} MiB")
+            print("bytes per token:")
+            for name, b in info["bytes_per_token"].items():
+                print(f"  {name:<18} {b:10.2f}")
+            print(f"  {'total':<18} {info['bytes_per_token_total']:10.2f}")
+        return 0
+    except (CacheError, ValueError, FileNotFoundError) as e:
+        print(f"kdfast cache {args.cache_command}: error: {e}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kdfast", description="Compiled-kernel knowledge distillation for BERT models")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -93,6 +134,30 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--suites", nargs="+", choices=SUITES, default=None,
                    help=f"which suites to run (default: all; --quick: kd_loss); choices {SUITES}")
     b.set_defaults(func=cmd_bench)
+    c = sub.add_parser("cache", help="build, verify or describe a teacher activation cache")
+    csub = c.add_subparsers(dest="cache_command", required=True)
+    cb = csub.add_parser("build", help="run the teacher once over local text and store its activations")
+    cb.add_argument("--teacher", required=True, help="local model directory (save_pretrained layout)")
+    cb.add_argument("--data", required=True, nargs="+", help="local text files (.txt lines, .json/.jsonl/.csv)")
+    cb.add_argument("--out", required=True, help="cache directory (resumed if it holds a partial cache)")
+    cb.add_argument("--layers", help="comma-separated hidden-state indices (0 = embeddings); default all")
+    cb.add_argument("--logits", default="topk:8", help="topk:K | sampled:K | none (default topk:8)")
+    cb.add_argument("--hidden", default="fp16", choices=["fp16", "bf16", "int8", "none"])
+    cb.add_argument("--qk", action="store_true", help="also store each layer's query and key projections")
+    cb.add_argument("--max-length", type=int, default=128)
+    cb.add_argument("--batch-size", type=int, default=16)
+    cb.add_argument("--rows-per-shard", type=int, default=256)
+    cb.add_argument("--temperature", type=float, default=1.0, help="temperature of the stored top-k lse / sampling")
+    cb.add_argument("--seed", type=int, default=0)
+    cb.add_argument("--text-column", default="text")
+    cb.add_argument("--no-progress", action="store_true")
+    for name, helptext in (("verify", "check every hash, shape and stray file"),
+                           ("info", "rows, tokens, bytes per token by field, teacher")):
+        cp = csub.add_parser(name, help=helptext)
+        cp.add_argument("cache")
+        if name == "info":
+            cp.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_cache)
     k = sub.add_parser("backends", help="which kernel backends are built and usable here")
     k.set_defaults(func=cmd_backends)
     return ap

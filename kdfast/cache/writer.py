@@ -1,0 +1,253 @@
+"""Writing a teacher cache: ``build_cache`` runs the teacher over local text once and stores what
+distillation needs (format: :mod:`kdfast.cache.format`); an interrupted build resumes after the
+last complete shard and ends identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+
+from kdfast.cache.format import (
+    MANIFEST,
+    CacheError,
+    Manifest,
+    ShardInfo,
+    atomic_write_bytes,
+    shard_name,
+    teacher_weights_sha256,
+    tokenizer_sha256,
+)
+from kdfast.data import files_sha256, load_texts, mask_tokens
+
+HIDDEN_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+def write_shard(cache_dir: Path, index: int, tensors: dict[str, torch.Tensor]) -> ShardInfo:
+    """Write one shard atomically (temporary name, fsync, rename, fsync the directory)."""
+    data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})
+    name = shard_name(index)
+    atomic_write_bytes(cache_dir / name, data)
+    rows = int(tensors["input_ids"].shape[0])
+    tokens = int(tensors["attention_mask"].sum())
+    return ShardInfo(file=name, rows=rows, tokens=tokens, sha256=hashlib.sha256(data).hexdigest())
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per token) symmetric int8: q = round(x / s), s = max|x| / 127 over the last dim."""
+    scale = x.float().abs().amax(-1).clamp_min(1e-12) / 127.0
+    q = torch.round(x.float() / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * scale.float()[..., None]).to(dtype)
+
+
+def parse_logits_option(text: str) -> tuple[str, int]:
+    """``topk:K`` | ``sampled:K`` | ``none`` -> (mode, k)."""
+    if text == "none":
+        return "none", 0
+    try:
+        mode, k = text.split(":")
+        k = int(k)
+    except ValueError:
+        raise ValueError(f"logits must be 'topk:K', 'sampled:K' or 'none', got {text!r}") from None
+    if mode not in ("topk", "sampled") or k < 1:
+        raise ValueError(f"logits must be 'topk:K', 'sampled:K' or 'none' with K >= 1, got {text!r}")
+    return mode, k
+
+
+def _clean_orphans(cache_dir: Path, manifest: Manifest) -> list[str]:
+    """Delete files an interrupted run left behind: temporaries and shards the manifest does not list."""
+    listed = {s.file for s in manifest.shards}
+    removed = []
+    for p in cache_dir.iterdir():
+        if p.name == MANIFEST or p.name in listed:
+            continue
+        if p.name.startswith(".") or p.name.startswith("shard-"):
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+def build_cache(
+    teacher_dir: str,
+    data_files: list[str],
+    out_dir: str,
+    *,
+    layers: list[int] | None = None,
+    logits: str = "topk:8",
+    hidden: str = "fp16",
+    qk: bool = False,
+    max_length: int = 128,
+    batch_size: int = 16,
+    rows_per_shard: int = 256,
+    temperature: float = 1.0,
+    mlm_probability: float = 0.15,
+    seed: int = 0,
+    text_column: str = "text",
+    progress: bool = True,
+) -> Manifest:
+    """Run the teacher in ``teacher_dir`` (a local ``save_pretrained`` directory) over the texts of
+    ``data_files`` and write a cache to ``out_dir``; resume a partial cache built with the same settings.
+
+    ``layers``: hidden-state indices to keep (0 = embeddings; default all); ``logits``: ``topk:K``,
+    ``sampled:K`` (at ``temperature``) or ``none``; with logits, inputs are MLM-masked (BERT's
+    80/10/10 at ``mlm_probability``, seeded per batch) and logits kept at masked positions only;
+    ``hidden``: ``fp16`` | ``bf16`` | ``int8`` | ``none``; ``qk``: also keep each layer's query and key
+    projections. ``rows_per_shard`` must be a multiple of ``batch_size`` so that a resumed run
+    feeds the teacher exactly the batches an uninterrupted one does.
+    """
+    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+    from kdfast.losses.sparse_kd import sparsify_teacher_logits
+
+    mode, k = parse_logits_option(logits)
+    if hidden not in (*HIDDEN_DTYPES, "none"):
+        raise ValueError(f"hidden must be one of {[*HIDDEN_DTYPES, 'none']}, got {hidden!r}")
+    if batch_size < 1 or rows_per_shard < 1 or rows_per_shard % batch_size:
+        raise ValueError(f"rows_per_shard ({rows_per_shard}) must be a positive multiple of batch_size ({batch_size})")
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if not (temperature > 0):
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    teacher_path = Path(teacher_dir)
+    if not (teacher_path / "config.json").is_file():
+        raise ValueError(f"teacher {teacher_dir} is not a local model directory (no config.json)")
+
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(teacher_path, local_files_only=True)
+    n_layers = config.num_hidden_layers
+    layers = list(range(n_layers + 1)) if layers is None else sorted(set(layers))
+    if any(not 0 <= l <= n_layers for l in layers):
+        raise ValueError(f"layers must lie in [0, {n_layers}] (0 = embeddings), got {layers}")
+    settings = {
+        "teacher": {"path": str(teacher_path.resolve()), "weights_sha256": teacher_weights_sha256(teacher_path),
+                    "model_type": config.model_type, "num_hidden_layers": n_layers,
+                    "hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
+                    "vocab_size": config.vocab_size},
+        "tokenizer_sha256": tokenizer_sha256(teacher_path),
+        "data": {"files": [str(Path(f).resolve()) for f in data_files], "sha256": files_sha256(data_files),
+                 "text_column": text_column},
+        "max_length": max_length, "batch_size": batch_size, "rows_per_shard": rows_per_shard,
+        "logits": {"mode": mode, "k": k, "temperature": temperature},
+        "mlm": {"probability": mlm_probability, "seed": seed} if mode != "none" else None,
+        "hidden": {"layers": layers, "dtype": hidden} if hidden != "none" else None,
+        "qk": {"layers": list(range(1, n_layers + 1))} if qk else None,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists():
+        manifest = Manifest.load(out)
+        if manifest.settings != settings:
+            diff = sorted(key for key in set(settings) | set(manifest.settings)
+                          if settings.get(key) != manifest.settings.get(key))
+            raise CacheError(f"{out_dir} holds a cache built with other settings (differing: {', '.join(diff)}); "
+                             "use another output directory")
+        _clean_orphans(out, manifest)
+        if manifest.complete:
+            return manifest
+    else:
+        manifest = Manifest(settings=settings)
+        _clean_orphans(out, manifest)
+        manifest.save(out)
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_path, local_files_only=True)
+    texts = load_texts(data_files, text_column)
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+    total = input_ids.shape[0]
+
+    model_cls = AutoModelForMaskedLM if mode != "none" else AutoModel
+    try:
+        teacher = model_cls.from_pretrained(teacher_path, local_files_only=True).eval()
+    except ValueError as e:
+        raise ValueError(f"teacher {teacher_dir}: cannot load it as {model_cls.__name__} ({e}); "
+                         "a teacher without an MLM head needs logits='none'") from None
+    base = teacher.base_model
+    captured: dict[str, torch.Tensor] = {}
+    hooks = []
+    if qk:
+        for i, layer in enumerate(base.encoder.layer, start=1):
+            attn = layer.attention.self
+            hooks.append(attn.query.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"q_{i}", o)))
+            hooks.append(attn.key.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"k_{i}", o)))
+    special = [i for i in tokenizer.all_special_ids]
+    ids_dtype = torch.int32
+
+    start_row = manifest.rows
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=start_row, unit="ex", desc="teacher cache", dynamic_ncols=True)
+    t0, written, tokens_done = time.perf_counter(), 0, 0
+    try:
+        with torch.no_grad():
+            for shard_start in range(start_row, total, rows_per_shard):
+                shard_rows = range(shard_start, min(shard_start + rows_per_shard, total))
+                parts: dict[str, list[torch.Tensor]] = {}
+                for b0 in range(shard_rows.start, shard_rows.stop, batch_size):
+                    ids = input_ids[b0:b0 + batch_size]
+                    am = attention_mask[b0:b0 + batch_size]
+                    batch: dict[str, torch.Tensor] = {}
+                    if mode != "none":
+                        gen = torch.Generator().manual_seed(seed * 1_000_003 + b0)  # per batch: resumable
+                        ids, labels = mask_tokens(ids, am, special_ids=special, mask_id=tokenizer.mask_token_id,
+                                                  vocab_size=config.vocab_size, probability=mlm_probability,
+                                                  generator=gen)
+                        batch["labels"] = labels.to(ids_dtype)
+                    captured.clear()
+                    out_t = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True)
+                    batch["input_ids"] = ids.to(ids_dtype)
+                    batch["attention_mask"] = am.to(torch.uint8)
+                    if mode != "none":
+                        sel = labels != -100
+                        rows_logits = out_t.logits[sel]  # [M, V], row-major over the batch
+                        batch["masked_per_row"] = sel.sum(-1)
+                        if mode == "topk":
+                            tid, tval, tlse = sparsify_teacher_logits(rows_logits, k, "topk", temperature)
+                            batch.update(topk_ids=tid, topk_values=tval, topk_lse=tlse)
+                        else:
+                            g = torch.Generator().manual_seed(seed * 1_000_003 + b0 + 1)
+                            sid, scount = sparsify_teacher_logits(rows_logits, k, "sampled", temperature, generator=g)
+                            batch.update(sampled_ids=sid, sampled_counts=scount)
+                    if hidden != "none":
+                        for l in layers:
+                            h = out_t.hidden_states[l]
+                            if hidden == "int8":
+                                q, s = quantize_int8(h)
+                                batch[f"hidden_{l}"], batch[f"hidden_{l}_scale"] = q, s
+                            else:
+                                batch[f"hidden_{l}"] = h.to(HIDDEN_DTYPES[hidden])
+                    for name, v in captured.items():
+                        batch[name] = v.to(torch.float16)
+                    for name, v in batch.items():
+                        parts.setdefault(name, []).append(v)
+                    tokens_done += int(am.sum())
+                tensors = {name: torch.cat(v) for name, v in parts.items()}
+                if "masked_per_row" in tensors:
+                    counts = tensors.pop("masked_per_row")
+                    tensors["logit_offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+                info = write_shard(out, len(manifest.shards), tensors)
+                manifest.shards.append(info)
+                manifest.save(out)  # only now does the shard exist for readers and resumes
+                written += (out / info.file).stat().st_size
+                if bar is not None:
+                    dt = time.perf_counter() - t0
+                    bar.update(len(shard_rows))
+                    bar.set_postfix(tok_s=f"{tokens_done / dt:.0f}", MB=f"{written / 2**20:.1f}")
+    finally:
+        for h in hooks:
+            h.remove()
+        if bar is not None:
+            bar.close()
+    manifest.complete = True
+    manifest.save(out)
+    return manifest
