@@ -32,7 +32,7 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--size expects ROWSxVOCAB, e.g. 1024x30522, got {text!r}") from None
 
 
-SUITES = ("kd_loss", "models")
+SUITES = ("kd_loss", "models", "cache")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -65,6 +65,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(format_table(model_results, baseline="MobileBERT (transformers)"), flush=True)
         results += model_results
+    if "cache" in args.suites:
+        from kdfast.bench import cache as cache_bench
+
+        cache_results = cache_bench.run(device)
+        print()
+        print(format_table(cache_results, baseline="live teacher"), flush=True)
+        results += cache_results
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": _device_name(device), "torch": torch.__version__,
