@@ -1,6 +1,7 @@
 """The ``kdfast`` command.
 
     kdfast bench [--quick] [--device cpu|cuda] ...   time and memory tables against eager PyTorch
+    kdfast demo                                       short distillation on embedded defaults (README's main job)
     kdfast cache build|verify|info ...                 teacher activation cache
     kdfast backends                                   which kernel backends are usable here
 """
@@ -127,6 +128,17 @@ def cmd_cache(args: argparse.Namespace) -> int:
         return 2
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kdfast.train.demo import format_report, run_demo
+
+    report = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
+                      seed=args.seed, progress=not args.no_progress, resume=args.resume)
+    print()
+    print(format_report(report))
+    print(f"wrote {args.out}/report.json, {args.out}/loss.png, {args.out}/metrics.jsonl, {args.out}/student/")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kdfast", description="Compiled-kernel knowledge distillation for BERT models")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -165,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "info":
             cp.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_cache)
+    d = sub.add_parser("demo", help="distil the embedded MiniLM teacher into 3 layers on Python's own docs")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=150)
+    d.add_argument("--batch-size", type=int, default=16)
+    d.add_argument("--max-length", type=int, default=128)
+    d.add_argument("--lr", type=float, default=1e-4)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=cmd_demo)
     k = sub.add_parser("backends", help="which kernel backends are built and usable here")
     k.set_defaults(func=cmd_backends)
     return ap

@@ -248,9 +248,13 @@ class CacheDataset(IterableDataset):
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[dict]:
+        return self.iter_from(0)
+
+    def iter_from(self, start_batch: int) -> Iterator[dict]:
+        """Batches from number ``start_batch`` on (resuming mid-epoch reads nothing before it)."""
         rows = self._my_rows()
         handles: dict[int, object] = {}
-        for b in range(0, len(rows), self.batch_size):
+        for b in range(start_batch * self.batch_size, len(rows), self.batch_size):
             chunk = rows[b:b + self.batch_size]
             if self.drop_last and len(chunk) < self.batch_size:
                 break

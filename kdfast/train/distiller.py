@@ -1,0 +1,254 @@
+"""The one training loop of every recipe.
+
+``Distiller(student, step_loss, data, config)`` runs AdamW (or LAMB-free plain AdamW: LAMB is not
+in torch), linear warm-up then linear decay, gradient clipping and accumulation, bf16 autocast on
+GPU, metrics as JSON lines, a progress bar with the loss terms and tokens/s, and atomic
+checkpoints (student + extra trainable modules, optimizer, scheduler, RNG states, data
+position). ``train(resume=True)`` continues from the newest complete checkpoint so that an
+interrupted-and-resumed run equals an uninterrupted one (exactly, in fp32 on CPU).
+
+Distributed: under ``torchrun`` wrap the student in DDP before passing it (see
+``kdfast.train.distributed``); the data source gives each rank its slice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from kdfast.cache.format import atomic_write_bytes, fsync_dir
+
+StepLoss = Callable[[dict], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping settings (paper defaults live in the recipes)."""
+
+    steps: int = 100
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of steps (< 1) or a step count (>= 1)
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 0  # 0: only at the end
+    bf16: bool | None = None  # None: on when the student is on a GPU
+    out_dir: str = "runs/kdfast"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: (step+1)/warmup during warm-up, then linear decay to 0 at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+class Distiller:
+    """Train ``student`` (plus ``extra`` trainable modules, e.g. projections) on ``step_loss``.
+
+    ``step_loss(batch) -> (loss, {term: value})`` runs the student (and the live teacher, or reads
+    the cached targets from the batch) and returns the weighted total. ``data`` has
+    ``num_batches()`` and ``batches(epoch, start)`` (see :mod:`kdfast.train.data`).
+    """
+
+    def __init__(self, student: nn.Module, step_loss: StepLoss, data, config: TrainConfig,
+                 extra: nn.Module | None = None, trainable: list[nn.Parameter] | None = None) -> None:
+        self.student, self.step_loss, self.data, self.cfg = student, step_loss, data, config
+        self.extra = extra if extra is not None else nn.ModuleDict()
+        params = trainable if trainable is not None else [
+            p for p in list(student.parameters()) + list(self.extra.parameters()) if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: no parameter requires a gradient")
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        warm = int(config.warmup * config.steps) if config.warmup < 1 else int(config.warmup)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: linear_warmup_decay(s, config.steps, max(1, warm)))
+        self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
+        self.out = Path(config.out_dir)
+        device = next(student.parameters()).device
+        self.bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
+        self.device = device
+        self.history: list[dict] = []
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+
+    def _ckpt_dir(self, step: int) -> Path:
+        return self.out / "checkpoints" / f"step-{step:07d}"
+
+    def save_checkpoint(self) -> Path:
+        """Write everything a resume needs into a temporary directory, fsync, rename, then point
+        ``checkpoints/latest`` at it (atomically): a checkpoint cut short is never picked up."""
+        final = self._ckpt_dir(self.step)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        model = self.student.module if hasattr(self.student, "module") else self.student
+        tensors = {f"student.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in self.extra.state_dict().items()})
+        save_file(_untie(tensors), str(tmp / "weights.safetensors"))
+        state = {
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "config": asdict(self.cfg),
+        }
+        torch.save(state, tmp / "trainer.pt")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(final.parent)
+        atomic_write_bytes(final.parent / "latest", final.name.encode())
+        return final
+
+    def load_checkpoint(self, path: Path | None = None) -> bool:
+        """Restore the newest complete checkpoint (or ``path``); False when there is none."""
+        root = self.out / "checkpoints"
+        if path is None:
+            if not (root / "latest").is_file():
+                return False
+            path = root / (root / "latest").read_text().strip()
+        if not (path / "weights.safetensors").is_file() or not (path / "trainer.pt").is_file():
+            raise ValueError(f"checkpoint {path} is incomplete (weights.safetensors or trainer.pt missing)")
+        tensors = load_file(str(path / "weights.safetensors"))
+        model = self.student.module if hasattr(self.student, "module") else self.student
+        model.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")}, strict=False)
+        missing = set(model.state_dict()) - {k[8:] for k in tensors if k.startswith("student.")}
+        tied = {k for k in missing if _is_tied(model, k)}
+        if missing - tied:
+            raise ValueError(f"checkpoint {path} lacks student tensors: {sorted(missing - tied)[:5]}")
+        if len(self.extra.state_dict()):
+            self.extra.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
+        state = torch.load(path / "trainer.pt", weights_only=True)
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(_as_python_rng(state["python_rng"]))
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return True
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    def _next_batch(self):
+        while True:
+            if not hasattr(self, "_it") or self._it is None:
+                self._it = iter(self.data.batches(self.epoch, self.batch_in_epoch))
+            try:
+                batch = next(self._it)
+                self.batch_in_epoch += 1
+                return batch
+            except StopIteration:
+                self._it = None
+                self.epoch += 1
+                self.batch_in_epoch = 0
+
+    def train(self, resume: bool = False, on_log: Callable[[dict], None] | None = None) -> list[dict]:
+        """Run until ``config.steps`` optimizer steps; returns the logged records."""
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not (resume and self.load_checkpoint()):
+            torch.manual_seed(cfg.seed)
+            random.seed(cfg.seed)
+        self._it = None
+        metrics = open(self.out / "metrics.jsonl", "a")
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="distil", dynamic_ncols=True)
+        self.student.train()
+        t_last, tokens = time.perf_counter(), 0
+        try:
+            while self.step < cfg.steps:
+                terms_sum: dict[str, float] = {}
+                self.opt.zero_grad(set_to_none=True)
+                for _ in range(cfg.grad_accum):
+                    batch = self._next_batch()
+                    batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                    tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                        loss, terms = self.step_loss(batch)
+                    (loss / cfg.grad_accum).backward()
+                    for k, v in {"loss": float(loss), **terms}.items():
+                        terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / cfg.grad_accum
+                params = [p for g in self.opt.param_groups for p in g["params"]]
+                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
+                self.opt.step()
+                self.sched.step()
+                self.step += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    dt = time.perf_counter() - t_last
+                    rec = {"step": self.step, **{k: round(v, 6) for k, v in terms_sum.items()},
+                           "lr": self.sched.get_last_lr()[0], "tokens_per_s": round(tokens / max(dt, 1e-9), 1)}
+                    if gnorm is not None:
+                        rec["grad_norm"] = round(float(gnorm), 4)
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    self.history.append(rec)
+                    if on_log:
+                        on_log(rec)
+                    t_last, tokens = time.perf_counter(), 0
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in terms_sum.items()})
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            metrics.close()
+            if bar is not None:
+                bar.close()
+        self.save_checkpoint()
+        return self.history
+
+
+def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses shared storage: store tied weights once (the model re-ties them on load)."""
+    seen: dict[tuple, str] = {}
+    out = {}
+    for k, v in tensors.items():
+        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else (k,)
+        if key in seen:
+            continue
+        seen[key] = k
+        out[k] = v
+    return out
+
+
+def _is_tied(model: nn.Module, name: str) -> bool:
+    return any(name.endswith(s) for s in ("decoder.weight", "decoder.bias", "predictions.bias"))
+
+
+def _as_python_rng(state):
+    """torch.load(weights_only) turns the tuple of random.getstate() into lists."""
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
