@@ -6,7 +6,8 @@
 """
 
 from kdfast.backend import backends
-from kdfast.losses import KDLoss, kd_loss
+from kdfast.losses import KDLoss, attention_kl_loss, attention_mse_loss, flash_attention_transfer, kd_loss
 
 __version__ = "0.1.0"
-__all__ = ["KDLoss", "backends", "kd_loss", "__version__"]
+__all__ = ["KDLoss", "attention_kl_loss", "attention_mse_loss", "backends", "flash_attention_transfer", "kd_loss",
+           "__version__"]

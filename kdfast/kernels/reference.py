@@ -101,3 +101,66 @@ def kd_fwd_bwd_torch(
     rows = torch.where(counted, w * rows, torch.zeros_like(rows))
     grad.copy_(torch.where(counted[:, None], w[:, None] * g, torch.zeros_like(g)))
     return rows
+
+
+# --- attention transfer -------------------------------------------------------------------------
+
+def attention_mse_reference(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None,
+                            threshold: float = -1e2) -> Tensor:
+    """Float64 oracle of :func:`kdfast.attention_mse_loss` (TinyBERT attention loss).
+
+    Element (b, h, i, j) of the [B, H, L, L] score maps is counted unless
+    ``student <= threshold`` or ``teacher <= threshold`` (an additive mask was applied there),
+    or ``mask[b, i] == 0`` or ``mask[b, j] == 0`` (padding as query or as key). Uncounted
+    elements are set to 0 in both maps. Returns sum (s - t)^2 / (number of counted elements),
+    0 when nothing is counted. Differentiable by autograd.
+    """
+    s = student_scores.double()
+    t = teacher_scores.double()
+    counted = (s > threshold) & (t > threshold)
+    if mask is not None:
+        m = mask.bool()
+        counted = counted & m[:, None, :, None] & m[:, None, None, :]
+    s = torch.where(counted, s, torch.zeros_like(s))
+    t = torch.where(counted, t, torch.zeros_like(t))
+    return ((s - t) ** 2).sum() / counted.sum().clamp_min(1)
+
+
+def attention_kl_reference(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Float64 oracle of :func:`kdfast.attention_kl_loss` (MiniLM / MobileBERT attention transfer).
+
+    For each query row (b, h, i) with ``mask[b, i] != 0`` (every row when ``mask`` is None):
+    A_t = softmax_j(teacher), A_s = softmax_j(student) over the keys j with ``mask[b, j] != 0``,
+    row loss = sum_j A_t,j (log A_t,j - log A_s,j). Returns the mean over counted rows (0 when
+    there are none). Differentiable by autograd.
+    """
+    s = student_scores.double()
+    t = teacher_scores.double()
+    B, H, L, _ = s.shape
+    if mask is not None:
+        m = mask.bool()
+        keys = m[:, None, None, :].expand_as(s)
+        rows = m[:, None, :].expand(B, H, L)
+    else:
+        keys = torch.ones_like(s, dtype=torch.bool)
+        rows = torch.ones(B, H, L, dtype=torch.bool, device=s.device)
+    # rows with no key at all (a fully padded sequence) are not counted: keep them finite
+    live = rows & keys.any(-1)
+    neg_inf = torch.full_like(s, -float("inf"))
+    log_ps = F.log_softmax(torch.where(keys, s, neg_inf), dim=-1)
+    log_pt = F.log_softmax(torch.where(keys, t, neg_inf), dim=-1)
+    terms = torch.where(keys & live[..., None], log_pt.exp() * (log_pt - log_ps), torch.zeros_like(s))
+    kl_rows = terms.sum(-1)
+    return kl_rows.sum() / live.sum().clamp_min(1)
+
+
+def attention_scores_reference(q: Tensor, k: Tensor, scale: float, key_mask: Tensor | None = None) -> Tensor:
+    """Materialised float64 scores ``scale * q @ k^T`` plus the additive key mask (``finfo.min``
+    at ``key_mask == 0``, as transformers' eager attention): what :func:`kdfast.flash_attention_transfer`
+    computes without ever storing."""
+    scores = scale * (q.double() @ k.double().transpose(-1, -2))
+    if key_mask is not None:
+        add = torch.zeros(key_mask.shape, dtype=scores.dtype, device=scores.device)
+        add = add.masked_fill(~key_mask.bool(), torch.finfo(torch.float64).min)
+        scores = scores + add[:, None, None, :]
+    return scores
