@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from kdfast import backend as _backend
-from kdfast.losses._checks import check_choice, check_same_dtype_device, check_tensor
+from kdfast.kernels.reference import attention_transfer_fwd_bwd_torch
+from kdfast.losses._checks import check_choice, check_positive, check_same_dtype_device, check_tensor
 
 LOSSES = ("kl", "mse")
 
@@ -159,5 +160,149 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
     return kd_loss(s, t, temperature=1.0, mask=rows, kind="kl", reduction="batchmean", backend=backend)
 
 
-def flash_attention_transfer(*args, **kwargs):  # placeholder, replaced below in the next step
-    raise NotImplementedError
+
+# --- flash form: from Q and K ----------------------------------------------------------------
+
+@torch.library.custom_op("kdfast::attention_transfer_triton", mutates_args=())
+def _attention_transfer_triton(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_valid: Tensor,
+                               row_weight: Tensor, scale_s: float, scale_t: float, mse: bool,
+                               need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    from kdfast.kernels.triton.attention_transfer import attention_transfer_fwd_bwd_triton
+
+    return attention_transfer_fwd_bwd_triton(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse,
+                                             need_grad)
+
+
+@_attention_transfer_triton.register_fake
+def _(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse, need_grad):
+    B, H, L, _ = q_s.shape
+    rows = q_s.new_empty(B, H, L, dtype=torch.float32)
+    if not need_grad:
+        return rows, q_s.new_empty(0), k_s.new_empty(0)
+    return rows, torch.empty_like(q_s, memory_format=torch.contiguous_format), \
+        torch.empty_like(k_s, memory_format=torch.contiguous_format)
+
+
+class _FlashAttentionTransferFunction(torch.autograd.Function):
+    """Loss from Q, K of both models; dq_s, dk_s are produced by the forward kernels (teacher frozen)."""
+
+    @staticmethod
+    def forward(ctx, q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse, backend):
+        need_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+        if backend == "triton":
+            rows, dq, dk = _attention_transfer_triton(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t,
+                                                      mse, need_grad)
+        else:
+            rows, dq, dk = attention_transfer_fwd_bwd_torch(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s,
+                                                            scale_t, mse, need_grad)
+        ctx.save_for_backward(dq, dk)
+        return rows.to(_acc_dtype(q_s.dtype)).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        dq, dk = ctx.saved_tensors
+        # loss.backward() passes exactly 1: the stored gradients are the answer.
+        if torch.compiler.is_compiling() or grad_out.item() != 1.0:
+            dq, dk = dq * grad_out.to(dq.dtype), dk * grad_out.to(dk.dtype)
+        gq = dq if ctx.needs_input_grad[0] else None
+        gk = dk if ctx.needs_input_grad[1] else None
+        return gq, gk, None, None, None, None, None, None, None, None
+
+
+def _check_qk(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor) -> None:
+    for name, x in (("q_s", q_s), ("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
+        check_tensor(name, x, min_dim=4)
+        if x.dim() != 4:
+            raise ValueError(f"{name} must be [B, H, L, dh], got shape {tuple(x.shape)}")
+        if x.numel() == 0:
+            raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
+    if k_s.shape != q_s.shape:
+        raise ValueError(f"k_s shape mismatch: k_s {tuple(k_s.shape)} vs q_s {tuple(q_s.shape)}")
+    if q_t.shape[1] != q_s.shape[1] and q_t.shape[0] == q_s.shape[0] and q_t.shape[2] == q_s.shape[2]:
+        raise ValueError(f"q_t head count mismatch: the teacher has {q_t.shape[1]} heads, the student "
+                         f"{q_s.shape[1]}; they must be equal (re-split both into the same number of relation "
+                         f"heads first, see kdfast.losses.attention)")
+    if q_t.shape[:3] != q_s.shape[:3]:
+        raise ValueError(f"q_t shape mismatch: q_t {tuple(q_t.shape)} vs q_s {tuple(q_s.shape)} "
+                         f"(B, H and L must agree; only dh may differ)")
+    if k_t.shape != q_t.shape:
+        raise ValueError(f"k_t shape mismatch: k_t {tuple(k_t.shape)} vs q_t {tuple(q_t.shape)}")
+    for name, x in (("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
+        check_same_dtype_device("q_s", q_s, name, x)
+
+
+def _flash_backend(backend: str, device: torch.device) -> str:
+    if backend in ("cpu", "cuda"):
+        raise ValueError(f"backend={backend!r} has no flash_attention_transfer kernel; use 'triton', 'torch' or "
+                         f"'auto'")
+    name = _backend.resolve(backend, device, has_cuda_kernel=False)
+    return "torch" if name in ("cpu", "cuda") else name
+
+
+def flash_attention_transfer(
+    q_s: Tensor,
+    k_s: Tensor,
+    q_t: Tensor,
+    k_t: Tensor,
+    key_mask: Tensor | None = None,
+    *,
+    loss: str = "kl",
+    scale_s: float | None = None,
+    scale_t: float | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    r"""Attention transfer from queries and keys, without ever storing an L x L map.
+
+    Scores s = scale_s q_s k_s^T (student) and t = scale_t q_t k_t^T (teacher), per batch b and
+    head h; a token mask ``key_mask`` [B, L] removes padded tokens as keys *and* as query rows
+    (see the module docstring). With K_b the valid keys and n_b = |K_b|:
+
+        kl  (default; MiniLM, MobileBERT AT):
+            loss = 1 / (H sum_b n_b) sum_{b,h, i in K_b} sum_{j in K_b} A_t,ij (log A_t,ij - log A_s,ij),
+            A = softmax over j in K_b;  d loss / d s_ij = (A_s,ij - A_t,ij) / (H sum_b n_b)
+        mse (TinyBERT):
+            loss = 1 / (H sum_b n_b^2) sum_{b,h, i,j in K_b} (s_ij - t_ij)^2;
+            d loss / d s_ij = 2 (s_ij - t_ij) / (H sum_b n_b^2)
+
+    and dq_s = scale_s dS k_s, dk_s = scale_s dS^T q_s. This equals :func:`attention_kl_loss`
+    / :func:`attention_mse_loss` of the materialised scores plus the additive mask, with
+    ``mask=key_mask`` (for ``mse``: as long as no unmasked score is <= -1e2, the threshold that
+    the materialised form uses to spot an additive mask; here the mask is explicit).
+
+    Memory: O(B H L) for the Triton kernels (two log-sum-exps per row), O(B H L C) for the
+    ``torch`` backend, which works on C query rows at a time (C B H L <= 2^19, C >= 16).
+
+    Args:
+        q_s, k_s: student queries and keys [B, H, L, ds]; gradients flow to these two.
+        q_t, k_t: teacher queries and keys [B, H, L, dt] (dt may differ from ds; H may not);
+            no gradient. All four share dtype and device.
+        key_mask: optional [B, L] token mask (nonzero = real token).
+        loss: ``"kl"`` or ``"mse"``.
+        scale_s, scale_t: score scales, default 1/sqrt(dh) of each model. Pass 1.0 for queries
+            that are already pre-scaled (e.g. ``kdfast.models`` ``capture=("qk",)`` output).
+        backend: ``auto`` (Triton on CUDA tensors when it works, else torch), ``triton`` or
+            ``torch``; ``cpu`` / ``cuda`` have no kernel for this loss and raise.
+
+    Returns:
+        Scalar loss, float32 (float64 for float64 input). 0 (and zero gradients) when every
+        token is masked.
+
+    Raises:
+        ValueError naming the argument: rank / shape / head count / dtype / device mismatch,
+        key_mask shape or device, unknown loss or backend, scale <= 0.
+    """
+    _check_qk(q_s, k_s, q_t, k_t)
+    check_choice("loss", loss, LOSSES)
+    B, H, L, ds = q_s.shape
+    dt = q_t.shape[-1]
+    scale_s = 1.0 / math.sqrt(ds) if scale_s is None else check_positive("scale_s", scale_s)
+    scale_t = 1.0 / math.sqrt(dt) if scale_t is None else check_positive("scale_t", scale_t)
+    m = _check_token_mask("key_mask", key_mask, B, L, q_s.device)
+    name = _flash_backend(backend, q_s.device)
+    key_valid = torch.ones(B, L, dtype=torch.bool, device=q_s.device) if m is None else m
+    acc = _acc_dtype(q_s.dtype)
+    n = key_valid.sum(1).to(acc)
+    count = H * (n * n).sum() if loss == "mse" else H * n.sum()
+    row_weight = key_valid.to(acc) / count.clamp_min(1)
+    return _FlashAttentionTransferFunction.apply(q_s, k_s, q_t.detach(), k_t.detach(), key_valid, row_weight,
+                                                 scale_s, scale_t, loss == "mse", name)
