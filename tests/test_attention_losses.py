@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import kdfast
 from kdfast.kernels.reference import attention_kl_reference, attention_mse_reference, attention_scores_reference
@@ -142,3 +146,231 @@ def test_map_losses_bad_arguments(fn):
         fn(s, s, torch.ones(2, 4))
     with pytest.raises(ValueError, match="mask is on meta"):
         fn(s, s, torch.ones(2, 5, device="meta"))
+
+
+# --- flash form from Q and K -------------------------------------------------------------------
+
+FLASH_BACKENDS = [b for b in ("triton", "torch") if b in CPU_BACKENDS]
+REFS = {"kl": attention_kl_reference, "mse": attention_mse_reference}
+
+
+def make_qk(B, H, L, ds, dt, dtype=torch.float32):
+    """Student / teacher queries and keys; the student's scores correlate with the teacher's."""
+    q_t = torch.randn(B, H, L, dt, dtype=torch.float64)
+    k_t = torch.randn(B, H, L, dt, dtype=torch.float64)
+    proj = torch.randn(dt, ds, dtype=torch.float64) / dt**0.5
+    q_s = q_t @ proj + 0.5 * torch.randn(B, H, L, ds, dtype=torch.float64)
+    k_s = k_t @ proj + 0.5 * torch.randn(B, H, L, ds, dtype=torch.float64)
+    return tuple(x.to(dtype) for x in (q_s, k_s, q_t, k_t))
+
+
+def flash_reference(q_s, k_s, q_t, k_t, key_mask, loss, scale_s=None, scale_t=None, grad_scale=1.0):
+    """The materialised float64 path: scores + additive mask, then the map loss; autograd grads."""
+    scale_s = scale_s or q_s.shape[-1] ** -0.5
+    scale_t = scale_t or q_t.shape[-1] ** -0.5
+    q = q_s.detach().double().requires_grad_()
+    k = k_s.detach().double().requires_grad_()
+    s = attention_scores_reference(q, k, scale_s, key_mask)
+    t = attention_scores_reference(q_t, k_t, scale_t, key_mask)
+    value = REFS[loss](s, t, key_mask)
+    (value * grad_scale).backward()
+    return value.detach(), q.grad, k.grad
+
+
+def run_flash(q_s, k_s, q_t, k_t, key_mask, grad_scale=1.0, **kw):
+    q = q_s.detach().clone().requires_grad_()
+    k = k_s.detach().clone().requires_grad_()
+    value = kdfast.flash_attention_transfer(q, k, q_t, k_t, key_mask, **kw)
+    (value * grad_scale).backward()
+    return value.detach(), q.grad, k.grad
+
+
+def check_flash(got, ref, dtype):
+    for what, a, e in zip(("loss", "dq_s", "dk_s"), got, ref):
+        assert a.dtype == (dtype if what != "loss" else (torch.float64 if dtype == torch.float64 else torch.float32))
+        assert_close(a, e, dtype, what)
+
+
+FLASH_CASES = [("torch", torch.float64, 37, (16, 24)), ("torch", torch.float32, 130, (26, 64))]
+if "triton" in FLASH_BACKENDS:
+    FLASH_CASES += [("triton", torch.float32, 37, (16, 24)), ("triton", torch.float32, 130, (26, 64))]
+
+
+@pytest.mark.parametrize("backend,dtype,L,dims", FLASH_CASES)
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_flash_equals_materialised(backend, dtype, L, dims, loss, padded):
+    """Odd L, differing head dims, padding: same loss and gradients as the [B,H,L,L] path."""
+    B, H = 3, 2
+    q_s, k_s, q_t, k_t = make_qk(B, H, L, *dims, dtype)
+    mask = make_mask(B, L, full_row=True) if padded else None
+    got = run_flash(q_s, k_s, q_t, k_t, mask, loss=loss, backend=backend)
+    ref = flash_reference(q_s, k_s, q_t, k_t, mask, loss)
+    check_flash(got, ref, dtype)
+
+
+def test_triton_several_tiles_and_online_rescaling():
+    """Small tiles: the key loop, the running-max rescaling and the dK query loop all iterate."""
+    if "triton" not in FLASH_BACKENDS:
+        pytest.skip("triton backend not available here")
+    from kdfast.kernels.triton.attention_transfer import attention_transfer_fwd_bwd_triton
+
+    B, H, L = 2, 2, 70
+    q_s, k_s, q_t, k_t = make_qk(B, H, L, 16, 32)
+    q_t = q_t * 3  # peaked teacher rows: the running max moves between tiles
+    mask = make_mask(B, L)
+    for loss in ("kl", "mse"):
+        ref_loss, ref_dq, ref_dk = flash_reference(q_s, k_s, q_t, k_t, mask, loss)
+        n = mask.sum(1).double()
+        count = H * ((n * n).sum() if loss == "mse" else n.sum())
+        rows, dq, dk = attention_transfer_fwd_bwd_triton(q_s, k_s, q_t, k_t, mask, mask.double() / count,
+                                                         16**-0.5, 32**-0.5, loss == "mse", True, block=32)
+        check_flash((rows.sum(), dq, dk), (ref_loss, ref_dq, ref_dk), torch.float32)
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_flash_scales_upstream_gradient_and_no_grad(backend):
+    B, H, L = 2, 3, 19
+    q_s, k_s, q_t, k_t = make_qk(B, H, L, 16, 16)
+    mask = make_mask(B, L)
+    for loss in ("kl", "mse"):
+        # explicit scales, as for kdfast.models' pre-scaled queries
+        kw = dict(loss=loss, scale_s=0.3, scale_t=1.0, backend=backend)
+        got = run_flash(q_s, k_s, q_t, k_t, mask, grad_scale=-2.5, **kw)
+        ref = flash_reference(q_s, k_s, q_t, k_t, mask, loss, scale_s=0.3, scale_t=1.0, grad_scale=-2.5)
+        check_flash(got, ref, torch.float32)
+        with torch.no_grad():
+            plain = kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, mask, **kw)
+        assert_close(plain, ref[0], torch.float32, "no_grad loss")
+    # pre-scaled queries with scale 1 == raw queries with the default 1/sqrt(dh)
+    a = kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, mask, backend=backend)
+    b = kdfast.flash_attention_transfer(q_s * 16**-0.5, k_s, q_t * 16**-0.5, k_t, mask, scale_s=1.0, scale_t=1.0,
+                                        backend=backend)
+    assert_close(a, b, torch.float32, "pre-scaled")
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_flash_padding_is_never_read_and_all_masked_is_zero(backend):
+    B, H, L = 3, 2, 21
+    q_s, k_s, q_t, k_t = make_qk(B, H, L, 16, 16)
+    mask = make_mask(B, L, full_row=True)
+    ref = flash_reference(q_s, k_s, q_t, k_t, mask, "kl")
+    pad = ~mask[:, None, :, None]
+    dirty = [x.masked_fill(pad, float("nan")) for x in (q_s, k_s, q_t, k_t)]
+    got = run_flash(*dirty, mask, loss="kl", backend=backend)
+    assert_close(got[0], ref[0], torch.float32, "loss")
+    assert_close(torch.where(pad, 0.0, got[1]), ref[1], torch.float32, "dq_s")
+    assert_close(torch.where(pad, 0.0, got[2]), ref[2], torch.float32, "dk_s")
+    assert torch.equal(got[1][pad.expand_as(got[1])], torch.zeros(int(pad.expand_as(got[1]).sum())))
+    for loss in ("kl", "mse"):
+        value, dq, dk = run_flash(q_s, k_s, q_t, k_t, torch.zeros(B, L), loss=loss, backend=backend)
+        assert value.item() == 0.0 and not dq.any() and not dk.any()
+
+
+def test_flash_gradcheck_torch_backend():
+    q_s, k_s, q_t, k_t = make_qk(2, 2, 7, 4, 6, torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
+    for loss in ("kl", "mse"):
+        assert torch.autograd.gradcheck(
+            lambda q, k: kdfast.flash_attention_transfer(q, k, q_t, k_t, mask, loss=loss, backend="torch"),
+            (q_s.requires_grad_(), k_s.requires_grad_()),
+        )
+
+
+def test_flash_bad_arguments():
+    q_s, k_s, q_t, k_t = make_qk(2, 2, 5, 4, 8)
+    f = kdfast.flash_attention_transfer
+    cases = [
+        ((q_s[0], k_s, q_t, k_t), {}, r"q_s must be \[B, H, L, dh\]|q_s must have at least 4"),
+        ((q_s, k_s[..., :3], q_t, k_t), {}, "k_s shape mismatch"),
+        ((q_s, k_s, q_t.repeat(1, 2, 1, 1), k_t.repeat(1, 2, 1, 1)), {}, "q_t head count mismatch"),
+        ((q_s, k_s, q_t[:, :, :4], k_t[:, :, :4]), {}, "q_t shape mismatch"),
+        ((q_s, k_s, q_t, k_t[..., :3]), {}, "k_t shape mismatch"),
+        ((q_s, k_s, q_t.double(), k_t.double()), {}, "q_t has dtype"),
+        ((q_s, k_s, q_t, k_t.to("meta")), {}, "k_t is on meta"),
+        ((q_s, k_s.long(), q_t, k_t), {}, "k_s must be float"),
+        ((q_s, k_s, q_t.tolist(), k_t), {}, "q_t must be a torch.Tensor"),
+        ((q_s[:, :, :0], k_s[:, :, :0], q_t[:, :, :0], k_t[:, :, :0]), {}, "q_s is empty"),
+        ((q_s, k_s, q_t, k_t, torch.ones(2, 4)), {}, "key_mask has shape"),
+        ((q_s, k_s, q_t, k_t, torch.ones(2, 5, device="meta")), {}, "key_mask is on meta"),
+        ((q_s, k_s, q_t, k_t), dict(loss="cosine"), "loss must be one of"),
+        ((q_s, k_s, q_t, k_t), dict(scale_s=0.0), "scale_s"),
+        ((q_s, k_s, q_t, k_t), dict(scale_t=float("nan")), "scale_t"),
+        ((q_s, k_s, q_t, k_t), dict(backend="cpu"), "backend='cpu' has no flash_attention_transfer kernel"),
+        ((q_s, k_s, q_t, k_t), dict(backend="metal"), "backend must be one of"),
+    ]
+    for args, kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            f(*args, **kw)
+
+
+# --- memory: never O(L^2) ----------------------------------------------------------------------
+
+class PeakAllocations(TorchDispatchMode):
+    """Bytes of tensor storage allocated by the ops run under it and still alive: current, peak
+    and largest single allocation. Views and in-place / out= ops allocate nothing; a storage is
+    freed when the last tensor object created for it here is garbage (PyTorch keeps a tensor's
+    Python object alive while C++ holds the tensor, e.g. saved for backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}
+        self.current = self.peak = self.largest = 0
+
+    def _release(self, key):
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.current -= entry[0]
+                del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func._schema.is_mutable:
+            return out
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if key in self.live:
+                    self.live[key][1] += 1
+                else:
+                    self.live[key] = [nbytes, 1]
+                    self.current += nbytes
+                    self.peak = max(self.peak, self.current)
+                    self.largest = max(self.largest, nbytes)
+                weakref.finalize(t, self._release, key)
+        return out
+
+
+def _peak_of(fn):
+    with PeakAllocations() as tracker:
+        value = fn()
+        value.backward()
+        del value
+    return tracker
+
+
+def test_flash_memory_does_not_grow_with_L_squared():
+    """torch backend on CPU, forward + backward at L = 1024 and 2048. One fp32 [B,H,L,L] map at
+    L = 2048 is 32 MiB: kdfast must stay under half of it (its chunks are 128 query rows) while
+    the materialised eager path allocates many maps; doubling L must not quadruple kdfast's peak."""
+    B, H, dh = 1, 2, 16
+    peaks = {}
+    for L in (1024, 2048):
+        q_s, k_s, q_t, k_t = (torch.randn(B, H, L, dh) for _ in range(4))
+        q_s.requires_grad_()
+        k_s.requires_grad_()
+        mask = torch.ones(B, L, dtype=torch.bool)
+        mask[0, -5:] = False
+        peaks[L] = _peak_of(lambda: kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, mask, backend="torch"))
+    map_bytes = B * H * 2048 * 2048 * 4
+    eager = _peak_of(lambda: kdfast.attention_kl_loss((q_s @ k_s.transpose(-1, -2)) * dh**-0.5,
+                                                      (q_t @ k_t.transpose(-1, -2)) * dh**-0.5, mask,
+                                                      backend="torch"))
+    limit = map_bytes // 2
+    assert eager.peak > 4 * map_bytes and eager.largest >= map_bytes      # the tracker sees L x L maps
+    assert peaks[2048].peak < limit, f"peak {peaks[2048].peak / 2**20:.1f} MiB"
+    assert peaks[2048].largest <= map_bytes // 16
+    assert peaks[2048].peak < 1.5 * peaks[1024].peak                     # L^2 growth would be 4x
