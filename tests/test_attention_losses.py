@@ -177,10 +177,10 @@ def flash_reference(q_s, k_s, q_t, k_t, key_mask, loss, scale_s=None, scale_t=No
     return value.detach(), q.grad, k.grad
 
 
-def run_flash(q_s, k_s, q_t, k_t, key_mask, grad_scale=1.0, **kw):
+def run_flash(q_s, k_s, q_t, k_t, key_mask, grad_scale=1.0, _fn=None, **kw):
     q = q_s.detach().clone().requires_grad_()
     k = k_s.detach().clone().requires_grad_()
-    value = kdfast.flash_attention_transfer(q, k, q_t, k_t, key_mask, **kw)
+    value = _fn(q, k) if _fn is not None else kdfast.flash_attention_transfer(q, k, q_t, k_t, key_mask, **kw)
     (value * grad_scale).backward()
     return value.detach(), q.grad, k.grad
 
@@ -374,3 +374,38 @@ def test_flash_memory_does_not_grow_with_L_squared():
     assert peaks[2048].peak < limit, f"peak {peaks[2048].peak / 2**20:.1f} MiB"
     assert peaks[2048].largest <= map_bytes // 16
     assert peaks[2048].peak < 1.5 * peaks[1024].peak                     # L^2 growth would be 4x
+
+
+# --- torch.compile and GPU ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_flash_torch_compile_fullgraph(backend):
+    """The Triton path is a custom op with a fake implementation: no graph break, same numbers."""
+    q_s, k_s, q_t, k_t = make_qk(2, 2, 19, 16, 16)
+    mask = make_mask(2, 19)
+
+    def step(q, k):
+        return 2.0 * kdfast.flash_attention_transfer(q, k, q_t, k_t, mask, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):  # the second call reuses the compiled graph
+        got = run_flash(q_s, k_s, None, None, None, _fn=compiled)
+        ref = run_flash(q_s, k_s, None, None, None, _fn=step)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+def test_flash_gpu_matches_reference(dtype, loss):
+    B, H, L = 4, 4, 333
+    q_s, k_s, q_t, k_t = make_qk(B, H, L, 32, 64, dtype)
+    mask = make_mask(B, L, full_row=True)
+    ref = flash_reference(q_s, k_s, q_t, k_t, mask, loss)
+    for backend in ("triton", "torch"):
+        got = run_flash(*(x.cuda() for x in (q_s, k_s, q_t, k_t)), mask.cuda(), loss=loss, backend=backend)
+        tol = {torch.float32: (1e-4, 1e-6), torch.float16: (1e-2, 1e-4), torch.bfloat16: (3e-2, 1e-3)}[dtype]
+        for what, a, e in zip(("loss", "dq_s", "dk_s"), got, ref):
+            torch.testing.assert_close(a.cpu().double(), e, rtol=tol[0], atol=tol[1] * float(e.abs().max()) + 1e-12,
+                                       msg=lambda m: f"{backend} {what}: {m}")
