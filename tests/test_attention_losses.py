@@ -267,6 +267,18 @@ def test_flash_padding_is_never_read_and_all_masked_is_zero(backend):
         assert value.item() == 0.0 and not dq.any() and not dk.any()
 
 
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_flash_non_contiguous_head_views(backend):
+    """Q / K as models produce them: [B, L, H*dh] projections viewed as [B, H, L, dh]."""
+    B, H, L, ds, dt = 2, 3, 23, 16, 32
+    heads = [torch.randn(B, L, H * d).view(B, L, H, d).transpose(1, 2) for d in (ds, ds, dt, dt)]
+    assert not heads[0].is_contiguous()
+    mask = make_mask(B, L)
+    for loss in ("kl", "mse"):
+        got = run_flash(*heads, mask, loss=loss, backend=backend)
+        check_flash(got, flash_reference(*heads, mask, loss), torch.float32)
+
+
 def test_flash_gradcheck_torch_backend():
     q_s, k_s, q_t, k_t = make_qk(2, 2, 7, 4, 6, torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
@@ -374,6 +386,20 @@ def test_flash_memory_does_not_grow_with_L_squared():
     assert peaks[2048].peak < limit, f"peak {peaks[2048].peak / 2**20:.1f} MiB"
     assert peaks[2048].largest <= map_bytes // 16
     assert peaks[2048].peak < 1.5 * peaks[1024].peak                     # L^2 growth would be 4x
+
+
+def test_flash_triton_allocates_only_per_row_buffers():
+    """The Triton launcher allocates loss rows, two lse rows and dq, dk: O(B H L (1 + dh))."""
+    if "triton" not in FLASH_BACKENDS:
+        pytest.skip("triton backend not available here")
+    B, H, L, dh = 1, 2, 384, 16
+    q_s, k_s, q_t, k_t = (torch.randn(B, H, L, dh) for _ in range(4))
+    q_s.requires_grad_()
+    k_s.requires_grad_()
+    tracker = _peak_of(lambda: kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, backend="triton"))
+    map_bytes = B * H * L * L * 4
+    assert tracker.largest <= B * H * L * dh * 4
+    assert tracker.peak < map_bytes / 8, f"peak {tracker.peak} bytes vs one map {map_bytes}"
 
 
 # --- torch.compile and GPU ---------------------------------------------------------------------
