@@ -42,32 +42,37 @@ def make_scores(B, H, L, dtype, mask=None):
     return s.to(dtype).clamp_min(torch.finfo(dtype).min), t.to(dtype).clamp_min(torch.finfo(dtype).min)
 
 
-def ref_loss_and_grad(fn, s, t, *args):
+def ref_loss_and_grad(fn, s, t, *args, grad_scale=1.0):
     sd = s.detach().double().requires_grad_()
     loss = fn(sd, t.double(), *args)
-    loss.backward()
+    (loss * grad_scale).backward()
     return loss.detach(), sd.grad
 
 
-def run(fn, s, t, *args, **kw):
+def run(fn, s, t, *args, grad_scale=1.0, **kw):
     x = s.detach().clone().requires_grad_()
     loss = fn(x, t, *args, **kw)
-    loss.backward()
+    (loss * grad_scale).backward()
     return loss.detach(), x.grad
 
 
 # --- materialised maps -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+MSE_CASES = [("torch", torch.float32), ("torch", torch.float64)]
+if "triton" in CPU_BACKENDS:
+    MSE_CASES.append(("triton", torch.float32))
+
+
+@pytest.mark.parametrize("backend,dtype", MSE_CASES)
 @pytest.mark.parametrize("L", [37, 130])
 @pytest.mark.parametrize("masking", ["none", "mask", "additive", "both"])
-def test_attention_mse_matches_reference(dtype, L, masking):
+def test_attention_mse_matches_reference(backend, dtype, L, masking):
     B, H = 3, 2
-    mask = make_mask(B, L)
+    mask = make_mask(B, L, full_row=True)
     s, t = make_scores(B, H, L, dtype, mask if masking in ("additive", "both") else None)
     m = mask if masking in ("mask", "both") else None
-    loss, grad = run(kdfast.attention_mse_loss, s, t, m)
-    ref_loss, ref_grad = ref_loss_and_grad(attention_mse_reference, s, t, m)
+    loss, grad = run(kdfast.attention_mse_loss, s, t, m, backend=backend, grad_scale=-1.5)
+    ref_loss, ref_grad = ref_loss_and_grad(attention_mse_reference, s, t, m, grad_scale=-1.5)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert grad.dtype == dtype
     assert_close(loss, ref_loss, dtype, "loss")
@@ -146,6 +151,13 @@ def test_map_losses_bad_arguments(fn):
         fn(s, s, torch.ones(2, 4))
     with pytest.raises(ValueError, match="mask is on meta"):
         fn(s, s, torch.ones(2, 5, device="meta"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fn(s, s, backend="metal")
+    if fn is kdfast.attention_mse_loss:
+        with pytest.raises(ValueError, match="backend='cpu' has no attention_mse_loss kernel"):
+            fn(s, s, backend="cpu")
+        with pytest.raises(ValueError, match="threshold must be a number"):
+            fn(s, s, threshold="low")
 
 
 # --- flash form from Q and K -------------------------------------------------------------------
@@ -417,6 +429,22 @@ def test_flash_torch_compile_fullgraph(backend):
     for _ in range(2):  # the second call reuses the compiled graph
         got = run_flash(q_s, k_s, None, None, None, _fn=compiled)
         ref = run_flash(q_s, k_s, None, None, None, _fn=step)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_attention_mse_torch_compile_fullgraph(backend):
+    mask = make_mask(2, 21)
+    s, t = make_scores(2, 2, 21, torch.float32, mask)
+
+    def step(x):
+        return 3.0 * kdfast.attention_mse_loss(x, t, mask, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):
+        got = run(lambda x, _t: compiled(x), s, t)
+        ref = run(lambda x, _t: step(x), s, t)
         for a, b in zip(got, ref):
             torch.testing.assert_close(a, b)
 

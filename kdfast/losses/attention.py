@@ -66,8 +66,64 @@ def _check_token_mask(name: str, mask: Tensor | None, B: int, L: int, device: to
 
 # --- from materialised score maps -------------------------------------------------------------
 
+@torch.library.custom_op("kdfast::score_mse_fwd_triton", mutates_args=())
+def _score_mse_fwd_op(s: Tensor, t: Tensor, mask: Tensor, threshold: float, has_mask: bool) -> tuple[Tensor, Tensor]:
+    from kdfast.kernels.triton.score_mse import score_mse_fwd_triton
+
+    return score_mse_fwd_triton(s, t, mask, threshold, has_mask)
+
+
+@_score_mse_fwd_op.register_fake
+def _(s, t, mask, threshold, has_mask):
+    n = s.shape[0] * s.shape[1] * s.shape[2]
+    return s.new_empty(n, dtype=torch.float32), s.new_empty(n, dtype=torch.int32)
+
+
+@torch.library.custom_op("kdfast::score_mse_bwd_triton", mutates_args=())
+def _score_mse_bwd_op(s: Tensor, t: Tensor, mask: Tensor, coef: Tensor, threshold: float, has_mask: bool) -> Tensor:
+    from kdfast.kernels.triton.score_mse import score_mse_bwd_triton
+
+    return score_mse_bwd_triton(s, t, mask, coef, threshold, has_mask)
+
+
+@_score_mse_bwd_op.register_fake
+def _(s, t, mask, coef, threshold, has_mask):
+    return torch.empty_like(s, memory_format=torch.contiguous_format)
+
+
+class _ScoreMSEFunction(torch.autograd.Function):
+    """Triton score MSE: forward reads the maps once for (sum, count); backward recomputes the gradient."""
+
+    @staticmethod
+    def forward(ctx, s, t, mask, threshold, has_mask):
+        sums, counts = _score_mse_fwd_op(s, t, mask, threshold, has_mask)
+        n = counts.sum().clamp_min(1)  # int64: B H L^2 may exceed fp32's exact integers
+        ctx.save_for_backward(s, t, mask, n)
+        ctx.threshold, ctx.has_mask = threshold, has_mask
+        acc = _acc_dtype(s.dtype)
+        return sums.to(acc).sum() / n.to(acc)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        s, t, mask, n = ctx.saved_tensors
+        coef = (grad_out.to(torch.float64) / n.to(torch.float64)).to(torch.float32).reshape(1)
+        return _score_mse_bwd_op(s, t, mask, coef, ctx.threshold, ctx.has_mask), None, None, None, None
+
+
+def _no_compiled_kernel(backend: str, what: str) -> None:
+    if backend in ("cpu", "cuda"):
+        raise ValueError(f"backend={backend!r} has no {what} kernel; use 'triton', 'torch' or 'auto'")
+
+
+def _triton_or_torch(backend: str, device: torch.device, what: str) -> str:
+    """``auto`` -> Triton on CUDA tensors when it works, else torch; ``cpu``/``cuda`` raise."""
+    _no_compiled_kernel(backend, what)
+    name = _backend.resolve(backend, device, has_cuda_kernel=False)
+    return "torch" if name in ("cpu", "cuda") else name
+
+
 def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None, *,
-                       threshold: float = -1e2) -> Tensor:
+                       threshold: float = -1e2, backend: str = "auto") -> Tensor:
     r"""TinyBERT attention loss: MSE between pre-softmax attention scores, per head.
 
     With s, t the [B, H, L, L] student / teacher scores (after the additive mask, if any), an
@@ -91,17 +147,31 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
             float32 (float64 for float64 input).
         mask: optional [B, L] token mask (nonzero = keep).
         threshold: scores at or below it count as masked.
+        backend: ``auto`` (Triton on CUDA tensors when it works, else torch), ``triton`` (two
+            row kernels: forward keeps nothing but per-row sums and counts, backward recomputes
+            the gradient) or ``torch`` (eager, differentiated by autograd); ``cpu`` / ``cuda``
+            have no kernel for this loss and raise.
 
     Returns:
         Scalar loss, float32 (float64 for float64 input). Gradient flows to ``student_scores``
         only (the teacher is treated as frozen): 2 (s - t) / n on counted elements, 0 elsewhere.
 
     Raises:
-        ValueError naming the argument: shape / head count / dtype / device mismatch, mask shape.
+        ValueError naming the argument: shape / head count / dtype / device mismatch, mask shape,
+        backend.
     """
     _check_maps(student_scores, teacher_scores)
     B, H, L, _ = student_scores.shape
     m = _check_token_mask("mask", mask, B, L, student_scores.device)
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold must be a number, got {threshold!r}") from None
+    if _triton_or_torch(backend, student_scores.device, "attention_mse_loss") == "triton":
+        dev = student_scores.device
+        mask_i8 = m.to(torch.int8).contiguous() if m is not None else torch.zeros(1, dtype=torch.int8, device=dev)
+        return _ScoreMSEFunction.apply(student_scores.contiguous(), teacher_scores.detach().contiguous(), mask_i8,
+                                       threshold, m is not None)
     acc = _acc_dtype(student_scores.dtype)
     s = student_scores.to(acc)
     t = teacher_scores.detach().to(acc)
@@ -231,14 +301,6 @@ def _check_qk(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor) -> None:
         check_same_dtype_device("q_s", q_s, name, x)
 
 
-def _flash_backend(backend: str, device: torch.device) -> str:
-    if backend in ("cpu", "cuda"):
-        raise ValueError(f"backend={backend!r} has no flash_attention_transfer kernel; use 'triton', 'torch' or "
-                         f"'auto'")
-    name = _backend.resolve(backend, device, has_cuda_kernel=False)
-    return "torch" if name in ("cpu", "cuda") else name
-
-
 def flash_attention_transfer(
     q_s: Tensor,
     k_s: Tensor,
@@ -298,7 +360,7 @@ def flash_attention_transfer(
     scale_s = 1.0 / math.sqrt(ds) if scale_s is None else check_positive("scale_s", scale_s)
     scale_t = 1.0 / math.sqrt(dt) if scale_t is None else check_positive("scale_t", scale_t)
     m = _check_token_mask("key_mask", key_mask, B, L, q_s.device)
-    name = _flash_backend(backend, q_s.device)
+    name = _triton_or_torch(backend, q_s.device, "flash_attention_transfer")
     key_valid = torch.ones(B, L, dtype=torch.bool, device=q_s.device) if m is None else m
     acc = _acc_dtype(q_s.dtype)
     n = key_valid.sum(1).to(acc)
