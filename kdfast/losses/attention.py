@@ -4,6 +4,11 @@ Public: :func:`attention_mse_loss`, :func:`attention_kl_loss` (from materialised
 score maps) and :func:`flash_attention_transfer` (the same two losses from Q and K, without
 ever storing an L x L map).
 
+Backends: ``triton`` kernels for all three (the KL on maps reuses the fused logit-KD kernel,
+which also has ``cpu`` / ``cuda`` C++ versions), and eager ``torch`` (chunked over query rows
+for the flash form). ``auto`` picks Triton on CUDA tensors, the C++ CPU kernel for the map KL
+on CPU tensors, and torch otherwise.
+
 Masks. ``mask`` / ``key_mask`` is a [B, L] token mask (nonzero = real token, 0 = padding). A
 padded token is excluded both as a key (a column of the map) and as a query (a row): padded
 query rows attend to real keys in BERT, but their attention is never used for anything, so
@@ -110,14 +115,10 @@ class _ScoreMSEFunction(torch.autograd.Function):
         return _score_mse_bwd_op(s, t, mask, coef, ctx.threshold, ctx.has_mask), None, None, None, None
 
 
-def _no_compiled_kernel(backend: str, what: str) -> None:
+def _triton_or_torch(backend: str, device: torch.device, what: str) -> str:
+    """``auto`` -> Triton on CUDA tensors when it works, else torch; ``cpu``/``cuda`` (no C++ kernel) raise."""
     if backend in ("cpu", "cuda"):
         raise ValueError(f"backend={backend!r} has no {what} kernel; use 'triton', 'torch' or 'auto'")
-
-
-def _triton_or_torch(backend: str, device: torch.device, what: str) -> str:
-    """``auto`` -> Triton on CUDA tensors when it works, else torch; ``cpu``/``cuda`` raise."""
-    _no_compiled_kernel(backend, what)
     name = _backend.resolve(backend, device, has_cuda_kernel=False)
     return "torch" if name in ("cpu", "cuda") else name
 
