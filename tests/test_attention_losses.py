@@ -294,6 +294,25 @@ def test_flash_non_contiguous_head_views(backend):
         check_flash(got, flash_reference(*heads, mask, loss), torch.float32)
 
 
+def test_flash_skips_gradients_when_none_needed(monkeypatch):
+    import kdfast.losses.attention as attention
+
+    seen = []
+    real = attention.attention_transfer_fwd_bwd_torch
+
+    def spy(*args):
+        seen.append(args[-1])  # need_grad
+        return real(*args)
+
+    monkeypatch.setattr(attention, "attention_transfer_fwd_bwd_torch", spy)
+    q_s, k_s, q_t, k_t = make_qk(1, 2, 9, 8, 8)
+    with torch.no_grad():
+        kdfast.flash_attention_transfer(q_s.requires_grad_(), k_s, q_t, k_t, backend="torch")
+    kdfast.flash_attention_transfer(q_s.detach(), k_s, q_t, k_t, backend="torch")
+    kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, backend="torch").backward()
+    assert seen == [False, False, True] and q_s.grad is not None
+
+
 def test_flash_gradcheck_torch_backend():
     q_s, k_s, q_t, k_t = make_qk(2, 2, 7, 4, 6, torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])

@@ -258,8 +258,9 @@ class _FlashAttentionTransferFunction(torch.autograd.Function):
     """Loss from Q, K of both models; dq_s, dk_s are produced by the forward kernels (teacher frozen)."""
 
     @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse, backend):
-        need_grad = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
+    def forward(ctx, q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse, backend, grad_enabled):
+        # grad mode is always off inside forward: the caller says whether it was on
+        need_grad = grad_enabled and bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         if backend == "triton":
             rows, dq, dk = _attention_transfer_triton(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t,
                                                       mse, need_grad)
@@ -277,7 +278,7 @@ class _FlashAttentionTransferFunction(torch.autograd.Function):
             dq, dk = dq * grad_out.to(dq.dtype), dk * grad_out.to(dk.dtype)
         gq = dq if ctx.needs_input_grad[0] else None
         gk = dk if ctx.needs_input_grad[1] else None
-        return gq, gk, None, None, None, None, None, None, None, None
+        return gq, gk, None, None, None, None, None, None, None, None, None
 
 
 def _check_qk(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor) -> None:
@@ -368,4 +369,4 @@ def flash_attention_transfer(
     count = H * (n * n).sum() if loss == "mse" else H * n.sum()
     row_weight = key_valid.to(acc) / count.clamp_min(1)
     return _FlashAttentionTransferFunction.apply(q_s, k_s, q_t.detach(), k_t.detach(), key_valid, row_weight,
-                                                 scale_s, scale_t, loss == "mse", name)
+                                                 scale_s, scale_t, loss == "mse", name, torch.is_grad_enabled())
