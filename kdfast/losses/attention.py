@@ -231,7 +231,6 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
     return kd_loss(s, t, temperature=1.0, mask=rows, kind="kl", reduction="batchmean", backend=backend)
 
 
-
 # --- flash form: from Q and K ----------------------------------------------------------------
 
 @torch.library.custom_op("kdfast::attention_transfer_triton", mutates_args=())
