@@ -6,8 +6,18 @@
 """
 
 from kdfast.backend import backends
-from kdfast.losses import KDLoss, SparseKDLoss, kd_loss, sparse_kd_loss, sparsify_teacher_logits
+from kdfast.losses import (
+    KDLoss,
+    SparseKDLoss,
+    attention_kl_loss,
+    attention_mse_loss,
+    flash_attention_transfer,
+    kd_loss,
+    sparse_kd_loss,
+    sparsify_teacher_logits,
+)
 
 __version__ = "0.1.0"
-__all__ = ["KDLoss", "SparseKDLoss", "backends", "kd_loss", "sparse_kd_loss", "sparsify_teacher_logits",
+__all__ = ["KDLoss", "SparseKDLoss", "attention_kl_loss", "attention_mse_loss", "backends", "flash_attention_transfer",
+           "kd_loss", "sparse_kd_loss", "sparsify_teacher_logits",
            "__version__"]

@@ -241,3 +241,133 @@ def sparse_kd_fwd_bwd_torch(
     rows = torch.where(counted, w * rows, torch.zeros_like(rows))
     grad.copy_(torch.where(counted[:, None], w[:, None] * g, torch.zeros_like(g)))
     return rows
+
+
+# --- attention transfer -------------------------------------------------------------------------
+
+def attention_mse_reference(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None,
+                            threshold: float = -1e2) -> Tensor:
+    """Float64 oracle of :func:`kdfast.attention_mse_loss` (TinyBERT attention loss).
+
+    Element (b, h, i, j) of the [B, H, L, L] score maps is counted unless
+    ``student <= threshold`` or ``teacher <= threshold`` (an additive mask was applied there),
+    or ``mask[b, i] == 0`` or ``mask[b, j] == 0`` (padding as query or as key). Uncounted
+    elements are set to 0 in both maps. Returns sum (s - t)^2 / (number of counted elements),
+    0 when nothing is counted. Differentiable by autograd.
+    """
+    s = student_scores.double()
+    t = teacher_scores.double()
+    counted = (s > threshold) & (t > threshold)
+    if mask is not None:
+        m = mask.bool()
+        counted = counted & m[:, None, :, None] & m[:, None, None, :]
+    s = torch.where(counted, s, torch.zeros_like(s))
+    t = torch.where(counted, t, torch.zeros_like(t))
+    return ((s - t) ** 2).sum() / counted.sum().clamp_min(1)
+
+
+def attention_kl_reference(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Float64 oracle of :func:`kdfast.attention_kl_loss` (MiniLM / MobileBERT attention transfer).
+
+    For each query row (b, h, i) with ``mask[b, i] != 0`` (every row when ``mask`` is None):
+    A_t = softmax_j(teacher), A_s = softmax_j(student) over the keys j with ``mask[b, j] != 0``,
+    row loss = sum_j A_t,j (log A_t,j - log A_s,j). Returns the mean over counted rows (0 when
+    there are none). Differentiable by autograd.
+    """
+    s = student_scores.double()
+    t = teacher_scores.double()
+    B, H, L, _ = s.shape
+    if mask is not None:
+        m = mask.bool()
+        keys = m[:, None, None, :].expand_as(s)
+        rows = m[:, None, :].expand(B, H, L)
+    else:
+        keys = torch.ones_like(s, dtype=torch.bool)
+        rows = torch.ones(B, H, L, dtype=torch.bool, device=s.device)
+    # rows with no key at all (a fully padded sequence) are not counted: keep them finite
+    live = rows & keys.any(-1)
+    neg_inf = torch.full_like(s, -float("inf"))
+    log_ps = F.log_softmax(torch.where(keys, s, neg_inf), dim=-1)
+    log_pt = F.log_softmax(torch.where(keys, t, neg_inf), dim=-1)
+    terms = torch.where(keys & live[..., None], log_pt.exp() * (log_pt - log_ps), torch.zeros_like(s))
+    kl_rows = terms.sum(-1)
+    return kl_rows.sum() / live.sum().clamp_min(1)
+
+
+def attention_scores_reference(q: Tensor, k: Tensor, scale: float, key_mask: Tensor | None = None) -> Tensor:
+    """Materialised float64 scores ``scale * q @ k^T`` plus the additive key mask (``finfo.min``
+    at ``key_mask == 0``, as transformers' eager attention): what :func:`kdfast.flash_attention_transfer`
+    computes without ever storing."""
+    scores = scale * (q.double() @ k.double().transpose(-1, -2))
+    if key_mask is not None:
+        add = torch.zeros(key_mask.shape, dtype=scores.dtype, device=scores.device)
+        add = add.masked_fill(~key_mask.bool(), torch.finfo(torch.float64).min)
+        scores = scores + add[:, None, None, :]
+    return scores
+
+
+def attention_transfer_fwd_bwd_torch(
+    q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_valid: Tensor, row_weight: Tensor,
+    scale_s: float, scale_t: float, mse: bool, need_grad: bool, chunk_elems: int = 1 << 19,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The flash attention-transfer contract in eager PyTorch, in chunks of query rows.
+
+    Inputs: q_s, k_s [B, H, L, ds], q_t, k_t [B, H, L, dt], ``key_valid`` [B, L] bool,
+    ``row_weight`` [B, L] (w_i: 0 on uncounted query rows). Scores s = scale_s q_s k_s^T and
+    t = scale_t q_t k_t^T are formed for ``C`` query rows at a time, C * B * H * L <=
+    ``chunk_elems`` (at least 16 rows), so memory is O(B H L C), never O(B H L^2).
+
+    Returns ``(loss_rows [B, H, L], dq_s, dk_s)``: loss rows w_i * row_loss_i in float32
+    (float64 for float64 input) and, when ``need_grad``, the gradients of their sum (empty
+    tensors otherwise). Row losses and dS = d(sum)/d s_ij on valid keys j:
+        kl:  sum_j A_t,ij (log A_t,ij - log A_s,ij),   dS = w_i (A_s,ij - A_t,ij)
+        mse: sum_j (s_ij - t_ij)^2,                      dS = 2 w_i (s_ij - t_ij)
+    then dq_s = scale_s dS k_s and dk_s = scale_s dS^T q_s.
+    """
+    acc = torch.float64 if q_s.dtype == torch.float64 else torch.float32
+    B, H, L, _ = q_s.shape
+    kv = key_valid[:, None, None, :]                           # [B, 1, 1, L]
+    w = row_weight.to(acc)[:, None, :].expand(B, H, L)         # [B, H, L]
+    counted = w != 0
+    zero = torch.zeros((), dtype=acc, device=q_s.device)
+    # Padding rows of Q / K may hold anything (even NaN): zero them once, O(B H L d).
+    ks = torch.where(key_valid[:, None, :, None], k_s.to(acc), zero)
+    kt = torch.where(key_valid[:, None, :, None], k_t.to(acc), zero)
+    qs = torch.where(counted[..., None], q_s.to(acc), zero)
+    qt = torch.where(counted[..., None], q_t.to(acc), zero)
+    loss_rows = torch.zeros(B, H, L, dtype=acc, device=q_s.device)
+    dq = torch.zeros_like(qs) if need_grad else qs.new_empty(0)
+    dk = torch.zeros_like(ks) if need_grad else ks.new_empty(0)
+    chunk = max(16, chunk_elems // max(1, B * H * L))
+    for i0 in range(0, L, chunk):
+        i1 = min(L, i0 + chunk)
+        s = (qs[:, :, i0:i1] @ ks.transpose(-1, -2)) * scale_s          # [B, H, C, L]
+        t = (qt[:, :, i0:i1] @ kt.transpose(-1, -2)) * scale_t
+        wc = w[:, :, i0:i1, None]
+        valid = counted[:, :, i0:i1, None] & kv
+        if mse:
+            diff = torch.where(valid, s - t, zero)
+            del s, t
+            loss_rows[:, :, i0:i1] = (diff * diff).sum(-1)
+            ds = diff.mul_(2 * wc) if need_grad else None
+        else:
+            neg_inf = torch.full((), -float("inf"), dtype=acc, device=q_s.device)
+            log_ps = torch.where(kv, s, neg_inf).log_softmax(-1)
+            del s
+            log_pt = torch.where(kv, t, neg_inf).log_softmax(-1)
+            del t
+            p_t = log_pt.exp()
+            # p_t (log p_t - log p_s), written into log_pt's buffer; 0 at masked keys (0 * NaN otherwise)
+            terms = torch.where(valid, log_pt.sub_(log_ps).mul_(p_t), zero)
+            loss_rows[:, :, i0:i1] = terms.sum(-1)
+            del terms, log_pt
+            ds = torch.where(valid, log_ps.exp_().sub_(p_t).mul_(wc), zero) if need_grad else None
+            del log_ps, p_t
+        if need_grad:
+            dq[:, :, i0:i1] = (ds @ ks) * scale_s
+            dk.add_(ds.transpose(-1, -2) @ qs[:, :, i0:i1], alpha=scale_s)
+        del ds
+    loss_rows = torch.where(counted, w * loss_rows, zero)
+    if need_grad:
+        dq, dk = dq.to(q_s.dtype), dk.to(k_s.dtype)
+    return loss_rows, dq, dk

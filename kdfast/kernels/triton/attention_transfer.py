@@ -1,0 +1,284 @@
+"""Flash attention transfer in Triton: KL(A_t || A_s) or score MSE from Q and K, never L x L.
+
+Per (batch, head) with student scores s = scale_s q_s k_s^T, teacher scores t = scale_t q_t k_t^T
+(the two head dims may differ), valid keys j (``key_valid``) and row weights w_i (0 on
+uncounted query rows, 1/count otherwise, see :func:`kdfast.flash_attention_transfer`):
+
+    kl:  row_i = sum_j A_t,ij (log A_t,ij - log A_s,ij)    dS_ij = w_i (A_s,ij - A_t,ij)
+    mse: row_i = sum_j (s_ij - t_ij)^2                     dS_ij = 2 w_i (s_ij - t_ij)
+    dq_s = scale_s dS k_s,   dk_s = scale_s dS^T q_s
+
+Three kernels, each tiling the L x L plane in BLOCK_M x BLOCK_N tiles held in registers:
+
+1. ``_at_fwd_kernel``, one program per (query tile, b*h), looping over key tiles. KL: the
+   online soft-max of both maps: running max m and sum Z for s and for t, plus
+   acc = sum_j e^{t_j - m_t} (t_j - s_j), rescaled by e^{m_t,old - m_t,new} whenever m_t moves,
+   so that at the end row_i = acc / Z_t - lse_t + lse_s. It stores w_i row_i and, for the
+   gradient kernels, lse_s and lse_t per row: O(B H L) memory. MSE: acc = sum_j (s - t)^2.
+2. ``_at_dq_kernel``, one program per (query tile, b*h), looping over key tiles: recomputes s
+   and t, forms dS with the stored lse's (A = e^{s - lse}) and accumulates dq += dS k_s in
+   registers.
+3. ``_at_dk_kernel``, one program per (key tile, b*h), looping over query tiles: recomputes
+   the transposed tiles s^T, t^T and accumulates dk += dS^T q_s.
+
+dk is a sum over *all* query rows. It gets its own kernel (as FlashAttention-2's backward does)
+instead of atomics from kernel 2: each program owns its dk tile, so there are no fp32 atomic
+adds to contend on (L / BLOCK_M of them per element) and the result is deterministic, bit for
+bit, run to run. The price is recomputing the two score tiles once more (4 small GEMMs per tile
+instead of 2), which is cheap next to the memory traffic an L x L map would cost.
+
+Masked keys and uncounted query rows are loaded as zeros (their Q / K rows may hold anything,
+even NaN) and dropped with ``where`` (never multiplied by 0). Loads are widened to fp32 at once
+(the interpreter's bf16 arithmetic is wrong otherwise); fp32 inputs use IEEE fp32 dot products,
+fp16 / bf16 inputs TF32 ones (exact for their 10 / 7-bit mantissas), accumulation is fp32.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_rows(ptr, offs, rows_on, offs_d, D):
+    """[len(offs), BLOCK_D] rows of a contiguous [L, D] matrix, zeros where rows_on is false."""
+    return tl.load(ptr + offs[:, None] * D + offs_d[None, :], mask=rows_on[:, None] & (offs_d[None, :] < D),
+                   other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _at_fwd_kernel(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, kv_ptr, w_ptr, lse_s_ptr, lse_t_ptr, loss_ptr,
+    L, H, DS, DT, scale_s, scale_t,
+    IS_MSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    row_in = offs_m < L
+    w = tl.load(w_ptr + b * L + offs_m, mask=row_in, other=0.0).to(tl.float32)
+    row_on = w != 0.0
+    qs = _load_rows(qs_ptr + bh * L * DS, offs_m, row_on, offs_ds, DS)
+    qt = _load_rows(qt_ptr + bh * L * DT, offs_m, row_on, offs_dt, DT)
+    m_s = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    m_t = tl.full([BLOCK_M], -float("inf"), tl.float32)
+    z_s = tl.zeros([BLOCK_M], tl.float32)
+    z_t = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        cols = start_n + offs_n
+        col_on = tl.load(kv_ptr + b * L + cols, mask=cols < L, other=0) != 0
+        ks = _load_rows(ks_ptr + bh * L * DS, cols, col_on, offs_ds, DS)
+        kt = _load_rows(kt_ptr + bh * L * DT, cols, col_on, offs_dt, DT)
+        s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION) * scale_s
+        t = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_t
+        if IS_MSE:
+            d = tl.where(col_on[None, :], s - t, 0.0)
+            acc += tl.sum(d * d, axis=1)
+        else:
+            diff = t - s  # finite: masked keys were loaded as zeros (-inf - -inf would be NaN)
+            s = tl.where(col_on[None, :], s, -float("inf"))
+            t = tl.where(col_on[None, :], t, -float("inf"))
+            m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
+            m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
+            # a row with no valid key so far keeps max -inf: shift by 0 instead (e^{-inf - -inf} is NaN)
+            ref_s = tl.where(m_s_new == -float("inf"), 0.0, m_s_new)
+            ref_t = tl.where(m_t_new == -float("inf"), 0.0, m_t_new)
+            z_s = z_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(s - ref_s[:, None]), axis=1)
+            alpha_t = tl.exp(m_t - ref_t)
+            e_t = tl.exp(t - ref_t[:, None])
+            z_t = z_t * alpha_t + tl.sum(e_t, axis=1)
+            acc = acc * alpha_t + tl.sum(tl.where(col_on[None, :], e_t * diff, 0.0), axis=1)
+            m_s = m_s_new
+            m_t = m_t_new
+    if IS_MSE:
+        row = acc
+    else:
+        lse_s = m_s + tl.log(z_s)
+        lse_t = m_t + tl.log(z_t)
+        row = acc / z_t - lse_t + lse_s
+        tl.store(lse_s_ptr + bh * L + offs_m, lse_s, mask=row_in)
+        tl.store(lse_t_ptr + bh * L + offs_m, lse_t, mask=row_in)
+    tl.store(loss_ptr + bh * L + offs_m, tl.where(row_on, w * row, 0.0), mask=row_in)
+
+
+@triton.jit
+def _at_dq_kernel(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, kv_ptr, w_ptr, lse_s_ptr, lse_t_ptr, dq_ptr,
+    L, H, DS, DT, scale_s, scale_t,
+    IS_MSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    row_in = offs_m < L
+    w = tl.load(w_ptr + b * L + offs_m, mask=row_in, other=0.0).to(tl.float32)
+    row_on = w != 0.0
+    qs = _load_rows(qs_ptr + bh * L * DS, offs_m, row_on, offs_ds, DS)
+    qt = _load_rows(qt_ptr + bh * L * DT, offs_m, row_on, offs_dt, DT)
+    if not IS_MSE:
+        lse_s = tl.load(lse_s_ptr + bh * L + offs_m, mask=row_on, other=0.0)
+        lse_t = tl.load(lse_t_ptr + bh * L + offs_m, mask=row_on, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        cols = start_n + offs_n
+        col_on = tl.load(kv_ptr + b * L + cols, mask=cols < L, other=0) != 0
+        ks = _load_rows(ks_ptr + bh * L * DS, cols, col_on, offs_ds, DS)
+        kt = _load_rows(kt_ptr + bh * L * DT, cols, col_on, offs_dt, DT)
+        s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION) * scale_s
+        t = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_t
+        if IS_MSE:
+            g = 2.0 * (s - t)
+        else:
+            g = tl.exp(s - lse_s[:, None]) - tl.exp(t - lse_t[:, None])
+        ds = tl.where(row_on[:, None] & col_on[None, :], w[:, None] * g, 0.0)
+        dq += tl.dot(ds, ks, input_precision=PRECISION)
+    dq = dq * scale_s
+    tl.store(dq_ptr + bh * L * DS + offs_m[:, None] * DS + offs_ds[None, :], dq.to(dq_ptr.dtype.element_ty),
+             mask=row_in[:, None] & (offs_ds[None, :] < DS))
+
+
+@triton.jit
+def _at_dk_kernel(
+    qs_ptr, ks_ptr, qt_ptr, kt_ptr, kv_ptr, w_ptr, lse_s_ptr, lse_t_ptr, dk_ptr,
+    L, H, DS, DT, scale_s, scale_t,
+    IS_MSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr,
+    BLOCK_DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_ds = tl.arange(0, BLOCK_DS)
+    offs_dt = tl.arange(0, BLOCK_DT)
+    col_in = offs_n < L
+    col_on = tl.load(kv_ptr + b * L + offs_n, mask=col_in, other=0) != 0
+    ks = _load_rows(ks_ptr + bh * L * DS, offs_n, col_on, offs_ds, DS)
+    kt = _load_rows(kt_ptr + bh * L * DT, offs_n, col_on, offs_dt, DT)
+    dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
+    for start_m in range(0, L, BLOCK_M):
+        rows = start_m + offs_m
+        w = tl.load(w_ptr + b * L + rows, mask=rows < L, other=0.0).to(tl.float32)
+        row_on = w != 0.0
+        qs = _load_rows(qs_ptr + bh * L * DS, rows, row_on, offs_ds, DS)
+        qt = _load_rows(qt_ptr + bh * L * DT, rows, row_on, offs_dt, DT)
+        # transposed tiles [BLOCK_N keys, BLOCK_M queries]
+        s = tl.dot(ks, tl.trans(qs), input_precision=PRECISION) * scale_s
+        t = tl.dot(kt, tl.trans(qt), input_precision=PRECISION) * scale_t
+        if IS_MSE:
+            g = 2.0 * (s - t)
+        else:
+            lse_s = tl.load(lse_s_ptr + bh * L + rows, mask=row_on, other=0.0)
+            lse_t = tl.load(lse_t_ptr + bh * L + rows, mask=row_on, other=0.0)
+            g = tl.exp(s - lse_s[None, :]) - tl.exp(t - lse_t[None, :])
+        ds = tl.where(col_on[:, None] & row_on[None, :], w[None, :] * g, 0.0)
+        dk += tl.dot(ds, qs, input_precision=PRECISION)
+    dk = dk * scale_s
+    tl.store(dk_ptr + bh * L * DS + offs_n[:, None] * DS + offs_ds[None, :], dk.to(dk_ptr.dtype.element_ty),
+             mask=col_in[:, None] & (offs_ds[None, :] < DS))
+
+
+# GPU tiles: 64 x 64 fp32 score tiles (two of them live) fit the register file with 4 warps for
+# head dims up to 64, 8 warps above. The interpreter (CPU tensors) is fastest with big tiles.
+BLOCK_GPU = 64
+BLOCK_INTERPRETER = 128
+TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _num_warps(block_ds: int, block_dt: int) -> int:
+    return 8 if max(block_ds, block_dt) >= 128 else 4
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def attention_transfer_fwd_bwd_triton(
+    q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, key_valid: torch.Tensor,
+    row_weight: torch.Tensor, scale_s: float, scale_t: float, mse: bool, need_grad: bool,
+    block: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the three kernels on [B, H, L, d] inputs (made contiguous here).
+
+    ``key_valid`` [B, L] bool, ``row_weight`` [B, L] (0 = uncounted query row). Returns
+    ``(loss_rows [B, H, L] float32, dq_s, dk_s)`` as :func:`kdfast.kernels.reference.
+    attention_transfer_fwd_bwd_torch` does (empty gradients when ``need_grad`` is false).
+    ``block`` overrides BLOCK_M = BLOCK_N (tests use it to exercise several tiles).
+    """
+    B, H, L, DS = q_s.shape
+    DT = q_t.shape[-1]
+    q_s, k_s, q_t, k_t = (x.contiguous() for x in (q_s, k_s, q_t, k_t))
+    kv = key_valid.to(torch.int8).contiguous()
+    w = row_weight.to(torch.float32).contiguous()
+    dev = q_s.device
+    loss_rows = torch.empty(B, H, L, dtype=torch.float32, device=dev)
+    lse_s = torch.empty(B, H, L, dtype=torch.float32, device=dev)
+    lse_t = torch.empty(B, H, L, dtype=torch.float32, device=dev)
+    bm = block or (BLOCK_GPU if q_s.is_cuda else BLOCK_INTERPRETER)
+    bds, bdt = _block_d(DS), _block_d(DT)
+    meta = dict(IS_MSE=bool(mse), BLOCK_M=bm, BLOCK_N=bm, BLOCK_DS=bds, BLOCK_DT=bdt,
+                PRECISION=_precision(q_s.dtype), num_warps=_num_warps(bds, bdt))
+    grid = (triton.cdiv(L, bm), B * H)
+    args = (q_s, k_s, q_t, k_t, kv, w, lse_s, lse_t)
+    sizes = (L, H, DS, DT, float(scale_s), float(scale_t))
+    _at_fwd_kernel[grid](*args, loss_rows, *sizes, **meta)
+    if not need_grad:
+        return loss_rows, q_s.new_empty(0), k_s.new_empty(0)
+    dq = torch.empty_like(q_s)
+    dk = torch.empty_like(k_s)
+    _at_dq_kernel[grid](*args, dq, *sizes, **meta)
+    _at_dk_kernel[grid](*args, dk, *sizes, **meta)
+    return loss_rows, dq, dk
+
+
+# Compiled ahead of time (CI, no GPU): a representative set, not the whole product (each
+# configuration costs about a second per arch). Every kernel x dtype x loss at the usual
+# distillation pair, student dh 32 (MobileBERT, TinyBERT) under a BERT-base teacher (dh 64);
+# then the extremes of the head-dim range in bf16, and the largest tiles (dh 128) in fp32, which
+# use the most registers and shared memory.
+def _aot_points():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        yield dtype, (32, 64)
+    for dims in ((16, 16), (64, 64), (128, 128)):
+        yield torch.bfloat16, dims
+    yield torch.float32, (128, 128)
+
+
+def aot_configs():
+    """(kernel, signature, constexprs, num_warps) for kernels.triton.aot: each point above x 3 kernels x 2 losses."""
+    for (dtype, (ds, dt)), fn, mse in itertools.product(
+        _aot_points(), (_at_fwd_kernel, _at_dq_kernel, _at_dk_kernel), (False, True),
+    ):
+        bds, bdt = _block_d(ds), _block_d(dt)
+        tdt = TL_DTYPES[dtype]
+        last = "loss_ptr" if fn is _at_fwd_kernel else ("dq_ptr" if fn is _at_dq_kernel else "dk_ptr")
+        signature = {
+            "qs_ptr": f"*{tdt}", "ks_ptr": f"*{tdt}", "qt_ptr": f"*{tdt}", "kt_ptr": f"*{tdt}", "kv_ptr": "*i8",
+            "w_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
+            last: "*fp32" if fn is _at_fwd_kernel else f"*{tdt}",
+            "L": "i32", "H": "i32", "DS": "i32", "DT": "i32", "scale_s": "fp32", "scale_t": "fp32",
+        }
+        constexprs = {"IS_MSE": mse, "BLOCK_M": BLOCK_GPU, "BLOCK_N": BLOCK_GPU, "BLOCK_DS": bds, "BLOCK_DT": bdt,
+                      "PRECISION": _precision(dtype)}
+        yield fn, signature, constexprs, _num_warps(bds, bdt)
+
+
+AOT_CONFIGS = aot_configs

@@ -1,0 +1,487 @@
+"""Attention transfer losses against the float64 references in kdfast.kernels.reference."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import kdfast
+from kdfast.kernels.reference import attention_kl_reference, attention_mse_reference, attention_scores_reference
+from tests.conftest import CPU_BACKENDS
+
+TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3), torch.float64: (1e-10, 1e-12)}
+
+
+def assert_close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    atol = atol * max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def make_mask(B, L, *, full_row=False):
+    """A [B, L] padding mask: random lengths (>= 1), optionally one fully padded sequence."""
+    lengths = torch.randint(1, L + 1, (B,))
+    lengths[0] = L
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    if full_row and B > 2:
+        mask[-1] = False
+    return mask
+
+
+def make_scores(B, H, L, dtype, mask=None):
+    """Correlated student / teacher scores; the additive mask (finfo.min) applied to both."""
+    t = torch.randn(B, H, L, L, dtype=torch.float64) * 3
+    s = 0.6 * t + torch.randn(B, H, L, L, dtype=torch.float64) * 2
+    if mask is not None:
+        add = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, torch.finfo(dtype).min)[:, None, None, :]
+        s, t = s + add, t + add
+    return s.to(dtype).clamp_min(torch.finfo(dtype).min), t.to(dtype).clamp_min(torch.finfo(dtype).min)
+
+
+def ref_loss_and_grad(fn, s, t, *args, grad_scale=1.0):
+    sd = s.detach().double().requires_grad_()
+    loss = fn(sd, t.double(), *args)
+    (loss * grad_scale).backward()
+    return loss.detach(), sd.grad
+
+
+def run(fn, s, t, *args, grad_scale=1.0, **kw):
+    x = s.detach().clone().requires_grad_()
+    loss = fn(x, t, *args, **kw)
+    (loss * grad_scale).backward()
+    return loss.detach(), x.grad
+
+
+# --- materialised maps -------------------------------------------------------------------------
+
+# the interpreter is slow (one program per score row): Triton on the extreme maskings only,
+# and at L = 130 (780 rows) with the full masking only
+MSE_CASES = [(b, d, m, L) for b, d in (("torch", torch.float32), ("torch", torch.float64), ("triton", torch.float32))
+             for m in ("none", "mask", "additive", "both") for L in (37, 130)
+             if b == "torch" or ("triton" in CPU_BACKENDS and (m, L) in (("none", 37), ("both", 37), ("both", 130)))]
+
+
+@pytest.mark.parametrize("backend,dtype,masking,L", MSE_CASES)
+def test_attention_mse_matches_reference(backend, dtype, L, masking):
+    B, H = 3, 2
+    mask = make_mask(B, L, full_row=True)
+    s, t = make_scores(B, H, L, dtype, mask if masking in ("additive", "both") else None)
+    m = mask if masking in ("mask", "both") else None
+    loss, grad = run(kdfast.attention_mse_loss, s, t, m, backend=backend, grad_scale=-1.5)
+    ref_loss, ref_grad = ref_loss_and_grad(attention_mse_reference, s, t, m, grad_scale=-1.5)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(grad, ref_grad, dtype, "grad")
+
+
+def test_attention_mse_definition_by_hand():
+    """Additive mask and token mask give the same loss; the mean is over counted elements only."""
+    B, H, L = 2, 3, 9
+    mask = make_mask(B, L)
+    s, t = make_scores(B, H, L, torch.float64)
+    cnt = mask[:, None, :, None] & mask[:, None, None, :]
+    expected = ((s - t)[cnt.expand_as(s)] ** 2).mean()
+    torch.testing.assert_close(kdfast.attention_mse_loss(s, t, mask), expected)
+    # additive masking only removes the padded keys; the mask also removes padded query rows
+    sa, ta = make_scores(B, H, L, torch.float64, mask)
+    sa.copy_(torch.where(sa > -1e2, s, sa))
+    ta.copy_(torch.where(ta > -1e2, t, ta))
+    keys = mask[:, None, None, :].expand_as(s)
+    torch.testing.assert_close(kdfast.attention_mse_loss(sa, ta), ((s - t)[keys] ** 2).mean())
+    torch.testing.assert_close(kdfast.attention_mse_loss(sa, ta, mask), expected)
+
+
+# the interpreter is slow: Triton on the two extreme maskings only
+KL_CASES = [(b, m) for b in CPU_BACKENDS for m in ("none", "mask", "additive", "both")
+            if b != "triton" or m in ("none", "both")]
+
+
+@pytest.mark.parametrize("backend,masking", KL_CASES)
+@pytest.mark.parametrize("L", [37, 130])
+def test_attention_kl_matches_reference(backend, L, masking):
+    B, H = 3, 2
+    mask = make_mask(B, L, full_row=True)
+    s, t = make_scores(B, H, L, torch.float32, mask if masking in ("additive", "both") else None)
+    m = mask if masking in ("mask", "both") else None
+    loss, grad = run(kdfast.attention_kl_loss, s, t, m, backend=backend)
+    ref_loss, ref_grad = ref_loss_and_grad(attention_kl_reference, s, t, m)
+    # with "additive" only, the fully padded sequence's rows are finfo.min everywhere: uniform in
+    # both maps, KL 0, still counted (no token mask), in the reference too
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "grad")
+
+
+def test_attention_kl_float64_and_equals_kl_div():
+    B, H, L = 2, 2, 13
+    s, t = make_scores(B, H, L, torch.float64)
+    loss, grad = run(kdfast.attention_kl_loss, s, t, backend="torch")
+    expected = torch.nn.functional.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True,
+                                          reduction="sum") / (B * H * L)
+    torch.testing.assert_close(loss, expected)
+    _, ref_grad = ref_loss_and_grad(attention_kl_reference, s, t)
+    assert_close(grad, ref_grad, torch.float64, "grad")
+
+
+@pytest.mark.parametrize("fn", [kdfast.attention_mse_loss, kdfast.attention_kl_loss])
+def test_map_losses_bad_arguments(fn):
+    s = torch.randn(2, 3, 5, 5)
+    with pytest.raises(ValueError, match="student_scores must be a torch.Tensor"):
+        fn(s.tolist(), s)
+    with pytest.raises(ValueError, match=r"student_scores must be \[B, H, L, L\]"):
+        fn(torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4))
+    with pytest.raises(ValueError, match="student_scores must have at least 4"):
+        fn(torch.randn(3, 5, 5), torch.randn(3, 5, 5))
+    with pytest.raises(ValueError, match="teacher_scores head count mismatch"):
+        fn(s, torch.randn(2, 6, 5, 5))
+    with pytest.raises(ValueError, match="teacher_scores shape mismatch"):
+        fn(s, torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match="teacher_scores has dtype"):
+        fn(s, s.double())
+    with pytest.raises(ValueError, match="teacher_scores is on meta"):
+        fn(s, s.to("meta"))
+    with pytest.raises(ValueError, match="student_scores must be float"):
+        fn(s.long(), s.long())
+    with pytest.raises(ValueError, match="mask has shape"):
+        fn(s, s, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="mask is on meta"):
+        fn(s, s, torch.ones(2, 5, device="meta"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fn(s, s, backend="metal")
+    if fn is kdfast.attention_mse_loss:
+        with pytest.raises(ValueError, match="backend='cpu' has no attention_mse_loss kernel"):
+            fn(s, s, backend="cpu")
+        with pytest.raises(ValueError, match="threshold must be a number"):
+            fn(s, s, threshold="low")
+
+
+# --- flash form from Q and K -------------------------------------------------------------------
+
+FLASH_BACKENDS = [b for b in ("triton", "torch") if b in CPU_BACKENDS]
+REFS = {"kl": attention_kl_reference, "mse": attention_mse_reference}
+
+
+def make_qk(B, H, L, ds, dt, dtype=torch.float32):
+    """Student / teacher queries and keys; the student's scores correlate with the teacher's."""
+    q_t = torch.randn(B, H, L, dt, dtype=torch.float64)
+    k_t = torch.randn(B, H, L, dt, dtype=torch.float64)
+    proj = torch.randn(dt, ds, dtype=torch.float64) / dt**0.5
+    q_s = q_t @ proj + 0.5 * torch.randn(B, H, L, ds, dtype=torch.float64)
+    k_s = k_t @ proj + 0.5 * torch.randn(B, H, L, ds, dtype=torch.float64)
+    return tuple(x.to(dtype) for x in (q_s, k_s, q_t, k_t))
+
+
+def flash_reference(q_s, k_s, q_t, k_t, key_mask, loss, scale_s=None, scale_t=None, grad_scale=1.0):
+    """The materialised float64 path: scores + additive mask, then the map loss; autograd grads."""
+    scale_s = scale_s or q_s.shape[-1] ** -0.5
+    scale_t = scale_t or q_t.shape[-1] ** -0.5
+    q = q_s.detach().double().requires_grad_()
+    k = k_s.detach().double().requires_grad_()
+    s = attention_scores_reference(q, k, scale_s, key_mask)
+    t = attention_scores_reference(q_t, k_t, scale_t, key_mask)
+    value = REFS[loss](s, t, key_mask)
+    (value * grad_scale).backward()
+    return value.detach(), q.grad, k.grad
+
+
+def run_flash(q_s, k_s, q_t, k_t, key_mask, grad_scale=1.0, _fn=None, **kw):
+    q = q_s.detach().clone().requires_grad_()
+    k = k_s.detach().clone().requires_grad_()
+    value = _fn(q, k) if _fn is not None else kdfast.flash_attention_transfer(q, k, q_t, k_t, key_mask, **kw)
+    (value * grad_scale).backward()
+    return value.detach(), q.grad, k.grad
+
+
+def check_flash(got, ref, dtype):
+    for what, a, e in zip(("loss", "dq_s", "dk_s"), got, ref):
+        assert a.dtype == (dtype if what != "loss" else (torch.float64 if dtype == torch.float64 else torch.float32))
+        assert_close(a, e, dtype, what)
+
+
+# fp16 inputs: loads widened to fp32, gradients rounded to fp16 (bf16 is tested on GPU only)
+FLASH_CASES = [("torch", torch.float64, 37, (16, 24)), ("torch", torch.float32, 130, (26, 64)),
+               ("torch", torch.float16, 37, (64, 32))]
+if "triton" in FLASH_BACKENDS:
+    FLASH_CASES += [("triton", torch.float32, 37, (16, 24)), ("triton", torch.float32, 130, (26, 64)),
+                    ("triton", torch.float16, 37, (64, 32))]
+
+
+@pytest.mark.parametrize("backend,dtype,L,dims", FLASH_CASES)
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_flash_equals_materialised(backend, dtype, L, dims, loss, padded):
+    """Odd L, differing head dims, padding: same loss and gradients as the [B,H,L,L] path."""
+    B, H = (3, 2) if backend == "torch" or L < 100 else (3, 1)  # interpreter time
+    q_s, k_s, q_t, k_t = make_qk(B, H, L, *dims, dtype)
+    mask = make_mask(B, L, full_row=True) if padded else None
+    got = run_flash(q_s, k_s, q_t, k_t, mask, loss=loss, backend=backend)
+    ref = flash_reference(q_s, k_s, q_t, k_t, mask, loss)
+    check_flash(got, ref, dtype)
+
+
+def test_triton_several_tiles_and_online_rescaling():
+    """Small tiles: the key loop, the running-max rescaling and the dK query loop all iterate."""
+    if "triton" not in FLASH_BACKENDS:
+        pytest.skip("triton backend not available here")
+    from kdfast.kernels.triton.attention_transfer import attention_transfer_fwd_bwd_triton
+
+    B, H, L = 2, 2, 70
+    q_s, k_s, q_t, k_t = make_qk(B, H, L, 16, 32)
+    q_t = q_t * 3  # peaked teacher rows: the running max moves between tiles
+    mask = make_mask(B, L)
+    for loss in ("kl", "mse"):
+        ref_loss, ref_dq, ref_dk = flash_reference(q_s, k_s, q_t, k_t, mask, loss)
+        n = mask.sum(1).double()
+        count = H * ((n * n).sum() if loss == "mse" else n.sum())
+        rows, dq, dk = attention_transfer_fwd_bwd_triton(q_s, k_s, q_t, k_t, mask, mask.double() / count,
+                                                         16**-0.5, 32**-0.5, loss == "mse", True, block=32)
+        check_flash((rows.sum(), dq, dk), (ref_loss, ref_dq, ref_dk), torch.float32)
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_flash_scales_upstream_gradient_and_no_grad(backend):
+    B, H, L = 2, 3, 19
+    q_s, k_s, q_t, k_t = make_qk(B, H, L, 16, 16)
+    mask = make_mask(B, L)
+    for loss in ("kl", "mse"):
+        # explicit scales, as for kdfast.models' pre-scaled queries
+        kw = dict(loss=loss, scale_s=0.3, scale_t=1.0, backend=backend)
+        got = run_flash(q_s, k_s, q_t, k_t, mask, grad_scale=-2.5, **kw)
+        ref = flash_reference(q_s, k_s, q_t, k_t, mask, loss, scale_s=0.3, scale_t=1.0, grad_scale=-2.5)
+        check_flash(got, ref, torch.float32)
+        with torch.no_grad():
+            plain = kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, mask, **kw)
+        assert_close(plain, ref[0], torch.float32, "no_grad loss")
+    # pre-scaled queries with scale 1 == raw queries with the default 1/sqrt(dh)
+    a = kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, mask, backend=backend)
+    b = kdfast.flash_attention_transfer(q_s * 16**-0.5, k_s, q_t * 16**-0.5, k_t, mask, scale_s=1.0, scale_t=1.0,
+                                        backend=backend)
+    assert_close(a, b, torch.float32, "pre-scaled")
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_flash_padding_is_never_read_and_all_masked_is_zero(backend):
+    B, H, L = 3, 2, 21
+    q_s, k_s, q_t, k_t = make_qk(B, H, L, 16, 16)
+    mask = make_mask(B, L, full_row=True)
+    ref = flash_reference(q_s, k_s, q_t, k_t, mask, "kl")
+    pad = ~mask[:, None, :, None]
+    dirty = [x.masked_fill(pad, float("nan")) for x in (q_s, k_s, q_t, k_t)]
+    got = run_flash(*dirty, mask, loss="kl", backend=backend)
+    assert_close(got[0], ref[0], torch.float32, "loss")
+    assert_close(torch.where(pad, 0.0, got[1]), ref[1], torch.float32, "dq_s")
+    assert_close(torch.where(pad, 0.0, got[2]), ref[2], torch.float32, "dk_s")
+    assert torch.equal(got[1][pad.expand_as(got[1])], torch.zeros(int(pad.expand_as(got[1]).sum())))
+    for loss in ("kl", "mse"):
+        value, dq, dk = run_flash(q_s, k_s, q_t, k_t, torch.zeros(B, L), loss=loss, backend=backend)
+        assert value.item() == 0.0 and not dq.any() and not dk.any()
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_flash_non_contiguous_head_views(backend):
+    """Q / K as models produce them: [B, L, H*dh] projections viewed as [B, H, L, dh]."""
+    B, H, L, ds, dt = 2, 3, 23, 16, 32
+    heads = [torch.randn(B, L, H * d).view(B, L, H, d).transpose(1, 2) for d in (ds, ds, dt, dt)]
+    assert not heads[0].is_contiguous()
+    mask = make_mask(B, L)
+    for loss in ("kl", "mse"):
+        got = run_flash(*heads, mask, loss=loss, backend=backend)
+        check_flash(got, flash_reference(*heads, mask, loss), torch.float32)
+
+
+def test_flash_skips_gradients_when_none_needed(monkeypatch):
+    import kdfast.losses.attention as attention
+
+    seen = []
+    real = attention.attention_transfer_fwd_bwd_torch
+
+    def spy(*args):
+        seen.append(args[-1])  # need_grad
+        return real(*args)
+
+    monkeypatch.setattr(attention, "attention_transfer_fwd_bwd_torch", spy)
+    q_s, k_s, q_t, k_t = make_qk(1, 2, 9, 8, 8)
+    with torch.no_grad():
+        kdfast.flash_attention_transfer(q_s.requires_grad_(), k_s, q_t, k_t, backend="torch")
+    kdfast.flash_attention_transfer(q_s.detach(), k_s, q_t, k_t, backend="torch")
+    kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, backend="torch").backward()
+    assert seen == [False, False, True] and q_s.grad is not None
+
+
+def test_flash_gradcheck_torch_backend():
+    q_s, k_s, q_t, k_t = make_qk(2, 2, 7, 4, 6, torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
+    for loss in ("kl", "mse"):
+        assert torch.autograd.gradcheck(
+            lambda q, k: kdfast.flash_attention_transfer(q, k, q_t, k_t, mask, loss=loss, backend="torch"),
+            (q_s.requires_grad_(), k_s.requires_grad_()), fast_mode=True,
+        )
+
+
+def test_flash_bad_arguments():
+    q_s, k_s, q_t, k_t = make_qk(2, 2, 5, 4, 8)
+    f = kdfast.flash_attention_transfer
+    cases = [
+        ((q_s[0], k_s, q_t, k_t), {}, r"q_s must be \[B, H, L, dh\]|q_s must have at least 4"),
+        ((q_s, k_s[..., :3], q_t, k_t), {}, "k_s shape mismatch"),
+        ((q_s, k_s, q_t.repeat(1, 2, 1, 1), k_t.repeat(1, 2, 1, 1)), {}, "q_t head count mismatch"),
+        ((q_s, k_s, q_t[:, :, :4], k_t[:, :, :4]), {}, "q_t shape mismatch"),
+        ((q_s, k_s, q_t, k_t[..., :3]), {}, "k_t shape mismatch"),
+        ((q_s, k_s, q_t.double(), k_t.double()), {}, "q_t has dtype"),
+        ((q_s, k_s, q_t, k_t.to("meta")), {}, "k_t is on meta"),
+        ((q_s, k_s.long(), q_t, k_t), {}, "k_s must be float"),
+        ((q_s, k_s, q_t.tolist(), k_t), {}, "q_t must be a torch.Tensor"),
+        ((q_s[:, :, :0], k_s[:, :, :0], q_t[:, :, :0], k_t[:, :, :0]), {}, "q_s is empty"),
+        ((q_s, k_s, q_t, k_t, torch.ones(2, 4)), {}, "key_mask has shape"),
+        ((q_s, k_s, q_t, k_t, torch.ones(2, 5, device="meta")), {}, "key_mask is on meta"),
+        ((q_s, k_s, q_t, k_t), dict(loss="cosine"), "loss must be one of"),
+        ((q_s, k_s, q_t, k_t), dict(scale_s=0.0), "scale_s"),
+        ((q_s, k_s, q_t, k_t), dict(scale_t=float("nan")), "scale_t"),
+        ((q_s, k_s, q_t, k_t), dict(backend="cpu"), "backend='cpu' has no flash_attention_transfer kernel"),
+        ((q_s, k_s, q_t, k_t), dict(backend="metal"), "backend must be one of"),
+    ]
+    for args, kw, match in cases:
+        with pytest.raises(ValueError, match=match):
+            f(*args, **kw)
+
+
+# --- memory: never O(L^2) ----------------------------------------------------------------------
+
+class PeakAllocations(TorchDispatchMode):
+    """Bytes of tensor storage allocated by the ops run under it and still alive: current, peak
+    and largest single allocation. Views and in-place / out= ops allocate nothing; a storage is
+    freed when the last tensor object created for it here is garbage (PyTorch keeps a tensor's
+    Python object alive while C++ holds the tensor, e.g. saved for backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live: dict[int, list[int]] = {}
+        self.current = self.peak = self.largest = 0
+
+    def _release(self, key):
+        entry = self.live.get(key)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self.current -= entry[0]
+                del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.is_view or func._schema.is_mutable:
+            return out
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key, nbytes = storage.data_ptr(), storage.nbytes()
+                if key in self.live:
+                    self.live[key][1] += 1
+                else:
+                    self.live[key] = [nbytes, 1]
+                    self.current += nbytes
+                    self.peak = max(self.peak, self.current)
+                    self.largest = max(self.largest, nbytes)
+                weakref.finalize(t, self._release, key)
+        return out
+
+
+def _peak_of(fn):
+    with PeakAllocations() as tracker:
+        value = fn()
+        value.backward()
+        del value
+    return tracker
+
+
+def test_flash_memory_does_not_grow_with_L_squared():
+    """torch backend on CPU, forward + backward at L = 1024 and 2048. One fp32 [B,H,L,L] map at
+    L = 2048 is 32 MiB: kdfast must stay under half of it (its chunks are 128 query rows) while
+    the materialised eager path allocates many maps; doubling L must not quadruple kdfast's peak."""
+    B, H, dh = 1, 2, 16
+    peaks = {}
+    for L in (1024, 2048):
+        q_s, k_s, q_t, k_t = (torch.randn(B, H, L, dh) for _ in range(4))
+        q_s.requires_grad_()
+        k_s.requires_grad_()
+        mask = torch.ones(B, L, dtype=torch.bool)
+        mask[0, -5:] = False
+        peaks[L] = _peak_of(lambda: kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, mask, backend="torch"))
+    map_bytes = B * H * 2048 * 2048 * 4
+    eager = _peak_of(lambda: kdfast.attention_kl_loss((q_s @ k_s.transpose(-1, -2)) * dh**-0.5,
+                                                      (q_t @ k_t.transpose(-1, -2)) * dh**-0.5, mask,
+                                                      backend="torch"))
+    limit = map_bytes // 2
+    assert eager.peak > 4 * map_bytes and eager.largest >= map_bytes      # the tracker sees L x L maps
+    assert peaks[2048].peak < limit, f"peak {peaks[2048].peak / 2**20:.1f} MiB"
+    assert peaks[2048].largest <= map_bytes // 16
+    assert peaks[2048].peak < 1.5 * peaks[1024].peak                     # L^2 growth would be 4x
+
+
+def test_flash_triton_allocates_only_per_row_buffers():
+    """The Triton launcher allocates loss rows, two lse rows and dq, dk: O(B H L (1 + dh))."""
+    if "triton" not in FLASH_BACKENDS:
+        pytest.skip("triton backend not available here")
+    B, H, L, dh = 1, 2, 384, 16
+    q_s, k_s, q_t, k_t = (torch.randn(B, H, L, dh) for _ in range(4))
+    q_s.requires_grad_()
+    k_s.requires_grad_()
+    tracker = _peak_of(lambda: kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, backend="triton"))
+    map_bytes = B * H * L * L * 4
+    assert tracker.largest <= B * H * L * dh * 4
+    assert tracker.peak < map_bytes / 8, f"peak {tracker.peak} bytes vs one map {map_bytes}"
+
+
+# --- torch.compile and GPU ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_flash_torch_compile_fullgraph(backend):
+    """The Triton path is a custom op with a fake implementation: no graph break, same numbers."""
+    q_s, k_s, q_t, k_t = make_qk(2, 2, 19, 16, 16)
+    mask = make_mask(2, 19)
+
+    def step(q, k):
+        return 2.0 * kdfast.flash_attention_transfer(q, k, q_t, k_t, mask, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):  # the second call reuses the compiled graph
+        got = run_flash(q_s, k_s, None, None, None, _fn=compiled)
+        ref = run_flash(q_s, k_s, None, None, None, _fn=step)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+def test_attention_mse_torch_compile_fullgraph(backend):
+    mask = make_mask(2, 21)
+    s, t = make_scores(2, 2, 21, torch.float32, mask)
+
+    def step(x):
+        return 3.0 * kdfast.attention_mse_loss(x, t, mask, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):
+        got = run(lambda x, _t: compiled(x), s, t)
+        ref = run(lambda x, _t: step(x), s, t)
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none here)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+def test_flash_gpu_matches_reference(dtype, loss):
+    B, H, L = 4, 4, 333
+    q_s, k_s, q_t, k_t = make_qk(B, H, L, 32, 64, dtype)
+    mask = make_mask(B, L, full_row=True)
+    ref = flash_reference(q_s, k_s, q_t, k_t, mask, loss)
+    for backend in ("triton", "torch"):
+        got = run_flash(*(x.cuda() for x in (q_s, k_s, q_t, k_t)), mask.cuda(), loss=loss, backend=backend)
+        tol = {torch.float32: (1e-4, 1e-6), torch.float16: (1e-2, 1e-4), torch.bfloat16: (3e-2, 1e-3)}[dtype]
+        for what, a, e in zip(("loss", "dq_s", "dk_s"), got, ref):
+            torch.testing.assert_close(a.cpu().double(), e, rtol=tol[0], atol=tol[1] * float(e.abs().max()) + 1e-12,
+                                       msg=lambda m: f"{backend} {what}: {m}")
