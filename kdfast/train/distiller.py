@@ -84,9 +84,9 @@ class Distiller:
         no_decay = [p for p in params if p.dim() < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                       {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
-        warm = int(config.warmup * config.steps) if config.warmup < 1 else int(config.warmup)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: linear_warmup_decay(s, config.steps, max(1, warm)))
+        warm = max(1, int(config.warmup * config.steps) if config.warmup < 1 else int(config.warmup))
+        total = config.steps  # fixed at construction: the schedule of a resumed run is the original one
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: linear_warmup_decay(s, total, warm))
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.out = Path(config.out_dir)
         device = next(student.parameters()).device
@@ -199,7 +199,7 @@ class Distiller:
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                         loss, terms = self.step_loss(batch)
                     (loss / cfg.grad_accum).backward()
-                    for k, v in {"loss": float(loss), **terms}.items():
+                    for k, v in {"loss": loss.detach().item(), **terms}.items():
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / cfg.grad_accum
                 params = [p for g in self.opt.param_groups for p in g["params"]]
                 gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
