@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from kdfast.cache.format import atomic_write_bytes, fsync_dir
+from kdfast.train.distributed import barrier, mean_across_ranks, rank_and_world
 
 StepLoss = Callable[[dict], tuple[torch.Tensor, dict[str, float]]]
 
@@ -93,6 +94,7 @@ class Distiller:
         self.bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
         self.device = device
         self.history: list[dict] = []
+        self.rank, self.world_size = rank_and_world()
 
     # ---- checkpoints ----------------------------------------------------------------------------
 
@@ -101,8 +103,12 @@ class Distiller:
 
     def save_checkpoint(self) -> Path:
         """Write everything a resume needs into a temporary directory, fsync, rename, then point
-        ``checkpoints/latest`` at it (atomically): a checkpoint cut short is never picked up."""
+        ``checkpoints/latest`` at it (atomically): a checkpoint cut short is never picked up.
+        Under torchrun rank 0 writes (the ranks hold identical replicas) and the others wait."""
         final = self._ckpt_dir(self.step)
+        if self.rank != 0:
+            barrier()
+            return final
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -127,6 +133,7 @@ class Distiller:
         os.replace(tmp, final)
         fsync_dir(final.parent)
         atomic_write_bytes(final.parent / "latest", final.name.encode())
+        barrier()
         return final
 
     def load_checkpoint(self, path: Path | None = None) -> bool:
@@ -180,9 +187,9 @@ class Distiller:
             torch.manual_seed(cfg.seed)
             random.seed(cfg.seed)
         self._it = None
-        metrics = open(self.out / "metrics.jsonl", "a")
+        metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = None
-        if cfg.progress:
+        if cfg.progress and self.rank == 0:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="distil", dynamic_ncols=True)
@@ -208,12 +215,16 @@ class Distiller:
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.perf_counter() - t_last
+                    if self.world_size > 1:  # log the global loss: the mean over ranks
+                        terms_sum = {k: mean_across_ranks(v) for k, v in terms_sum.items()}
+                        tokens = int(mean_across_ranks(tokens) * self.world_size)
                     rec = {"step": self.step, **{k: round(v, 6) for k, v in terms_sum.items()},
                            "lr": self.sched.get_last_lr()[0], "tokens_per_s": round(tokens / max(dt, 1e-9), 1)}
                     if gnorm is not None:
                         rec["grad_norm"] = round(float(gnorm), 4)
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
+                    if metrics is not None:
+                        metrics.write(json.dumps(rec) + "\n")
+                        metrics.flush()
                     self.history.append(rec)
                     if on_log:
                         on_log(rec)
@@ -224,7 +235,8 @@ class Distiller:
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
         finally:
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
             if bar is not None:
                 bar.close()
         self.save_checkpoint()
