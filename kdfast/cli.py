@@ -33,7 +33,7 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--size expects ROWSxVOCAB, e.g. 1024x30522, got {text!r}") from None
 
 
-SUITES = ("kd_loss", "models", "cache")
+SUITES = ("kd_loss", "attention", "models", "cache")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -59,6 +59,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "kd_loss" in args.suites:
         results += kd_bench.run(device, sizes, dtypes, repeat=args.repeat, compile_baseline=not args.no_compile)
         print(format_table(results), flush=True)
+    if "attention" in args.suites:
+        from kdfast.bench import attention as attention_bench
+
+        att = attention_bench.run(device)
+        print()
+        print(format_table(att), flush=True)
+        results += att
     if "models" in args.suites:
         from kdfast.bench import models as models_bench
 

@@ -90,13 +90,14 @@ class TeacherCache:
                     x = dequantize_int8(x, take(n + "_scale"), torch.float16)
                 batch[n] = x
         if "logit_offsets" in names:
-            off = f.get_tensor("logit_offsets")
-            pieces = [torch.arange(int(off[r]), int(off[r + 1])) for r in rows.tolist()]
+            off = f.get_slice("logit_offsets")[lo:hi + 1]  # the sparse rows of rows lo..hi-1 are contiguous
+            base = int(off[0])
+            pieces = [torch.arange(int(off[r - lo]) - base, int(off[r - lo + 1]) - base) for r in rows.tolist()]
             idx = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
             for n in SPARSE:
                 if n in names:
-                    full = f.get_tensor(n)
-                    batch[n] = full[idx].long() if n.endswith("_ids") else full[idx]
+                    part = f.get_slice(n)[base:int(off[-1])][idx]
+                    batch[n] = part.long() if n.endswith("_ids") else part
         return batch
 
     def verify(self) -> list[str]:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdfast.cache import TeacherCache, build_cache
+from kdfast.cache import TeacherCache, build_cache, teacher_weights_sha256, tokenizer_sha256
 from kdfast.defaults import minilm_teacher_dir, pydoc_paragraphs, write_corpus
 from kdfast.train.data import CachedBatches
 from kdfast.train.distiller import Distiller, TrainConfig
@@ -112,7 +112,9 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
                 layers=sorted(set(layer_map.values())), max_length=max_length, batch_size=batch_size,
                 rows_per_shard=8 * batch_size, progress=progress)
     cache_s = time.perf_counter() - t0
-    cache = TeacherCache(str(out / "cache"))
+    # refuse a cache left in --out by another teacher or tokenizer
+    cache = TeacherCache(str(out / "cache"), expect_teacher_sha256=teacher_weights_sha256(teacher_dir),
+                         expect_tokenizer_sha256=tokenizer_sha256(teacher_dir))
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir, local_files_only=True)
     teacher = AutoModel.from_pretrained(teacher_dir, local_files_only=True).eval()
