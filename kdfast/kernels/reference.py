@@ -14,6 +14,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def reduce_rows(rows: Tensor, counted: Tensor, reduction: str, lead_shape: torch.Size) -> Tensor:
+    """Per-row losses -> the requested reduction; uncounted rows are 0 (even if they hold NaN).
+
+    ``none``: rows shaped ``lead_shape``; ``sum``: their sum; ``batchmean``/``mean``: the sum over
+    the number of counted rows (0 when there is none).
+    """
+    rows = torch.where(counted, rows, torch.zeros_like(rows))
+    if reduction == "none":
+        return rows.reshape(lead_shape)
+    total = rows.sum()
+    return total if reduction == "sum" else total / counted.sum().clamp_min(1)
+
+
 def kd_loss_reference(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -55,13 +68,7 @@ def kd_loss_reference(
     if alpha_mlm:
         safe_labels = torch.where(valid, labels.reshape(-1), 0)
         rows = rows + alpha_mlm * F.cross_entropy(s, safe_labels, reduction="none")
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows.reshape(student_logits.shape[:-1])
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / valid.sum().clamp_min(1)
+    return reduce_rows(rows, valid, reduction, student_logits.shape[:-1])
 
 
 def kd_fwd_bwd_torch(
@@ -165,13 +172,7 @@ def sparse_kd_loss_reference(
     if alpha_mlm:
         safe_labels = torch.where(valid, labels.reshape(-1), 0)
         rows = rows + alpha_mlm * F.cross_entropy(s, safe_labels, reduction="none")
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows.reshape(student_logits.shape[:-1])
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    return total / valid.sum().clamp_min(1)
+    return reduce_rows(rows, valid, reduction, student_logits.shape[:-1])
 
 
 def sparse_kd_fwd_bwd_torch(

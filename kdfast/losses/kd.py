@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from kdfast import backend as _backend
 from kdfast.kernels.reference import kd_fwd_bwd_torch
+from kdfast.losses._autograd import scale_stored_grad
 from kdfast.losses._checks import (
     check_choice,
     check_positive,
@@ -85,14 +86,7 @@ class _KDLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        if grad_out.dim() == 0:
-            # loss.backward() passes exactly 1: the stored gradient is the answer, no pass over N x V.
-            if not torch.compiler.is_compiling() and grad_out.item() == 1.0:
-                g = grad
-            else:
-                g = grad * grad_out.to(grad.dtype)
-        else:
-            g = grad * grad_out[:, None].to(grad.dtype)
+        g = scale_stored_grad(grad, grad_out)
         return g, None, None, None, None, None, None, None, None, None, None
 
 
