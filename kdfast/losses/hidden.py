@@ -107,22 +107,22 @@ def _mse_epilogue_torch(y: Tensor, t: Tensor, w: Tensor) -> Tensor:
 
 
 def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tensor | None, w: Tensor,
-                       backend: str, need_grad: bool, chunk_rows: int
+                       backend: str, need: tuple[bool, bool, bool], chunk_rows: int
                        ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Chunked fused projection + MSE: returns (loss, dh_s, dW_p, db_p).
 
     ``hs`` [N, d_s], ``ht`` [N, d_t] contiguous; ``w`` [N] row weights in the accumulation
-    dtype. Gradients are None when not ``need_grad`` (or the argument is None); dh_s has
-    ``hs``'s dtype, dW_p / db_p the parameters' dtypes.
+    dtype; ``need`` says which of (dh_s, dW_p, db_p) to compute (the others come back None, as
+    do those of absent parameters). dh_s has ``hs``'s dtype, dW_p / db_p the parameters' dtypes.
     """
     acc = w.dtype
     N = hs.shape[0]
     W = weight.to(acc) if weight is not None else None
     b = bias.to(acc) if bias is not None else None
     loss = torch.zeros((), dtype=acc, device=hs.device)
-    dh = torch.empty_like(hs) if need_grad else None
-    dW = torch.zeros_like(W) if need_grad and W is not None else None
-    db = torch.zeros_like(b) if need_grad and b is not None else None
+    dh = torch.empty_like(hs) if need[0] else None
+    dW = torch.zeros_like(W) if need[1] and W is not None else None
+    db = torch.zeros_like(b) if need[2] and b is not None else None
     for i0 in range(0, N, chunk_rows):
         i1 = min(N, i0 + chunk_rows)
         x = hs[i0:i1].to(acc)
@@ -137,12 +137,13 @@ def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tens
         else:
             rows = _mse_epilogue_torch(y, ht[i0:i1].to(acc), w[i0:i1])
         loss = loss + rows.to(acc).sum()
-        if need_grad:  # y now holds dY
+        # y now holds dY
+        if dh is not None:
             dh[i0:i1] = y if W is None else y @ W
-            if dW is not None:
-                dW.addmm_(y.T, x)
-            if db is not None:
-                db.add_(y.sum(0))
+        if dW is not None:
+            dW.addmm_(y.T, x)
+        if db is not None:
+            db.add_(y.sum(0))
         del y, x
     if dW is not None:
         dW = dW.to(weight.dtype)
@@ -156,9 +157,8 @@ class _HiddenMSEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hs, ht, weight, bias, w, backend, chunk_rows, grad_enabled):
-        need = ctx.needs_input_grad
-        need_grad = grad_enabled and bool(need[0] or need[2] or need[3])
-        loss, dh, dW, db = hidden_mse_fwd_bwd(hs, ht, weight, bias, w, backend, need_grad, chunk_rows)
+        need = tuple(grad_enabled and bool(ctx.needs_input_grad[i]) for i in (0, 2, 3))
+        loss, dh, dW, db = hidden_mse_fwd_bwd(hs, ht, weight, bias, w, backend, need, chunk_rows)
         ctx.has = (dh is not None, dW is not None, db is not None)
         ctx.save_for_backward(*(g for g in (dh, dW, db) if g is not None))
         return loss
@@ -208,7 +208,8 @@ def hidden_mse_loss(
         proj_bias: optional [d_t] bias (only with ``proj_weight``).
         mask: optional token mask with the states' leading shape (nonzero = counted).
         backend: ``auto`` (Triton epilogue on CUDA tensors when it works, else torch),
-            ``triton`` or ``torch``; ``cpu`` / ``cuda`` raise.
+            ``triton`` or ``torch``; ``cpu`` / ``cuda`` raise. float64 input always runs the
+            torch epilogue (the Triton one computes in fp32).
 
     Returns:
         Scalar loss, float32 (float64 for float64 input).
@@ -241,6 +242,8 @@ def hidden_mse_loss(
     acc = _acc_dtype(student_hidden.dtype)
     w = _token_weights(mask, student_hidden.shape[:-1], dev, acc, per_token=d_t)
     name = _triton_or_torch(backend, dev, "hidden_mse_loss")
+    if acc == torch.float64:
+        name = "torch"  # the Triton epilogue works in fp32; float64 stays exact in torch
     chunk_rows = max(16, CHUNK_ELEMS // d_t)
     return _HiddenMSEFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), proj_weight, proj_bias,
                                     w, name, chunk_rows, torch.is_grad_enabled())
@@ -347,7 +350,8 @@ def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | N
         student_hidden, teacher_hidden: [..., d], same shape, dtype and device (equal widths).
         mask: optional token mask with the states' leading shape.
         eps: lower bound of the norms.
-        backend: ``auto`` / ``triton`` / ``torch`` (``cpu`` / ``cuda`` raise).
+        backend: ``auto`` / ``triton`` / ``torch`` (``cpu`` / ``cuda`` raise). float64 input and
+            rows wider than 8192 run the torch version.
 
     Returns:
         Scalar loss, float32 (float64 for float64 input); gradient to ``student_hidden`` only.

@@ -1,0 +1,306 @@
+"""Hidden-state transfer losses against the float64 references in kdfast.kernels.reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+import kdfast
+import kdfast.losses.hidden as hidden_mod
+from kdfast.kernels.reference import cosine_reference, feature_map_reference, hidden_mse_reference
+from tests.conftest import CPU_BACKENDS
+
+TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3), torch.float64: (1e-10, 1e-12)}
+HIDDEN_BACKENDS = [b for b in ("triton", "torch") if b in CPU_BACKENDS]
+
+
+def assert_close(actual, expected, dtype, what):
+    rtol, atol = TOL[dtype]
+    atol = atol * max(1.0, float(expected.abs().max()))
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+def make_mask(B, L, *, full_row=False):
+    """A [B, L] padding mask: random lengths (>= 1), optionally one fully padded sequence."""
+    lengths = torch.randint(1, L + 1, (B,))
+    lengths[0] = L
+    mask = torch.arange(L)[None, :] < lengths[:, None]
+    if full_row and B > 2:
+        mask[-1] = False
+    return mask
+
+
+def make_states(B, L, ds, dt, dtype):
+    """Teacher states and a student whose projection is correlated with them."""
+    hs = torch.randn(B, L, ds, dtype=torch.float64)
+    W = torch.randn(dt, ds, dtype=torch.float64) / ds**0.5
+    b = 0.1 * torch.randn(dt, dtype=torch.float64)
+    ht = hs @ W.T + b + 0.5 * torch.randn(B, L, dt, dtype=torch.float64)
+    W = W + 0.2 * torch.randn_like(W) / ds**0.5
+    return hs.to(dtype), ht.to(dtype), W.to(dtype), b.to(dtype)
+
+
+def run_grads(fn, tensors, *args, grad_scale=1.0, **kw):
+    """Loss and the gradients of every tensor in ``tensors`` (None entries passed through)."""
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in tensors]
+    loss = fn(*leaves, *args, **kw)
+    (loss * grad_scale).backward()
+    return loss.detach(), [x.grad if x is not None else None for x in leaves]
+
+
+def ref_grads(fn, tensors, *args, grad_scale=1.0):
+    return run_grads(fn, [x.double() if x is not None else None for x in tensors], *args, grad_scale=grad_scale)
+
+
+# --- TinyBERT hidden MSE -------------------------------------------------------------------------
+
+HIDDEN_CASES = [(b, d, L, m, p) for b in HIDDEN_BACKENDS for d in (torch.float32, torch.float16, torch.float64)
+                for L in (37, 130) for m in (False, True) for p in ("proj", "bias", "none")
+                if not (b == "triton" and d == torch.float64) and (d == torch.float32 or (L, m) == (37, True))]
+
+
+@pytest.mark.parametrize("backend,dtype,L,masked,proj", HIDDEN_CASES)
+def test_hidden_mse_matches_reference(backend, dtype, L, masked, proj, monkeypatch):
+    monkeypatch.setattr(hidden_mod, "CHUNK_ELEMS", 64 * 40)  # several chunks, a ragged last one
+    B, ds, dt = 3, 24, 40
+    if proj == "none":
+        ds = dt
+    hs, ht, W, b = make_states(B, L, ds, dt, dtype)
+    W = W if proj != "none" else None
+    b = b if proj == "bias" else None
+    mask = make_mask(B, L, full_row=True) if masked else None
+
+    def fn(x, w, bias):
+        return kdfast.hidden_mse_loss(x, ht, w, bias, mask, backend=backend)
+
+    def ref(x, w, bias):
+        return hidden_mse_reference(x, ht, w, bias, mask)
+
+    loss, grads = run_grads(fn, [hs, W, b], grad_scale=-1.5)
+    ref_loss, ref_g = ref_grads(ref, [hs, W, b], grad_scale=-1.5)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(loss, ref_loss, dtype, "loss")
+    for name, g, r, x in zip(("d student_hidden", "d proj_weight", "d proj_bias"), grads, ref_g, (hs, W, b)):
+        if x is None:
+            continue
+        assert g.dtype == x.dtype, name
+        assert_close(g, r, dtype, name)
+
+
+def test_hidden_mse_definition_and_module():
+    B, L, ds, dt = 2, 9, 6, 10
+    mod = kdfast.HiddenMSELoss(ds, dt, backend="torch").double()
+    assert isinstance(mod.proj, torch.nn.Linear)
+    hs, ht, _, _ = make_states(B, L, ds, dt, torch.float64)
+    mask = make_mask(B, L)
+    y = mod.proj(hs)
+    expected = torch.nn.functional.mse_loss(y[mask], ht[mask])
+    torch.testing.assert_close(mod(hs, ht, mask), expected)
+    same = kdfast.HiddenMSELoss(dt, dt)
+    assert same.proj is None
+    torch.testing.assert_close(same(ht.float(), 2 * ht.float()), (ht.float() ** 2).mean())
+    assert kdfast.HiddenMSELoss(dt, dt, project=True).proj is not None
+    # nothing counted: 0, no NaN
+    zero = kdfast.hidden_mse_loss(hs, ht, mod.proj.weight, mod.proj.bias, torch.zeros(B, L), backend="torch")
+    assert zero.item() == 0.0
+
+
+def test_hidden_mse_gradcheck():
+    B, L, ds, dt = 2, 5, 3, 4
+    hs, ht, W, b = make_states(B, L, ds, dt, torch.float64)
+    mask = make_mask(B, L)
+    for backend in HIDDEN_BACKENDS:
+        fn = lambda x, w, bias: kdfast.hidden_mse_loss(x, ht, w, bias, mask, backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (hs.requires_grad_(), W.requires_grad_(), b.requires_grad_()),
+                                        fast_mode=True)
+
+
+class _AllocationLog(TorchDispatchMode):
+    """Records the shape of every tensor that an op allocates (views of its inputs are not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {x.untyped_storage().data_ptr() for x in tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)}
+        self.shapes += [tuple(x.shape) for x in tree_leaves(out)
+                        if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("backend", HIDDEN_BACKENDS)
+def test_hidden_mse_never_materialises_projection(backend, monkeypatch):
+    """With chunks of 64 rows no op ever produces an [N, d_t]-sized tensor, and backward keeps
+    only the gradients (dh_s, dW_p, db_p), none of them Y."""
+    monkeypatch.setattr(hidden_mod, "CHUNK_ELEMS", 64 * 40)
+    B, L, ds, dt = 3, 130, 24, 40
+    N = B * L
+    hs, ht, W, b = make_states(B, L, ds, dt, torch.float32)
+    x, w, bias = (t.clone().requires_grad_() for t in (hs, W, b))
+    log = _AllocationLog()
+    with log:
+        loss = kdfast.hidden_mse_loss(x, ht, w, bias, make_mask(B, L), backend=backend)
+        loss.backward()
+    biggest = max(torch.Size(s).numel() for s in log.shapes)
+    assert biggest < N * dt, f"an op produced {biggest} elements (N * d_t = {N * dt})"
+    assert max(torch.Size(s).numel() for s in log.shapes if len(s) == 2 and s[-1] == dt) <= 64 * dt
+    # the saved tensors of the graph: the three gradients, no [N, d_t] buffer
+    loss = kdfast.hidden_mse_loss(x, ht, w, bias, backend=backend)
+    saved = [tuple(t.shape) for t in loss.grad_fn.saved_tensors]
+    assert sorted(saved) == sorted([(N, ds), (dt, ds), (dt,)])
+
+
+def test_hidden_mse_no_grad_and_frozen_projection():
+    hs, ht, W, b = make_states(2, 7, 4, 6, torch.float32)
+    with torch.no_grad():
+        v = kdfast.hidden_mse_loss(hs, ht, W, b, backend="torch")
+    torch.testing.assert_close(v.double(), hidden_mse_reference(hs, ht, W, b), rtol=1e-5, atol=1e-6)
+    x = hs.clone().requires_grad_()
+    loss = kdfast.hidden_mse_loss(x, ht, W, b, backend="torch")   # projection frozen
+    assert [tuple(t.shape) for t in loss.grad_fn.saved_tensors] == [tuple(hs.reshape(-1, 4).shape)]
+    loss.backward()
+    assert x.grad is not None
+    # frozen states, trained projection (e.g. a detached input): dW_p and db_p only
+    w, bias = W.clone().requires_grad_(), b.clone().requires_grad_()
+    loss = kdfast.hidden_mse_loss(hs, ht, w, bias, backend="torch")
+    assert sorted(tuple(t.shape) for t in loss.grad_fn.saved_tensors) == [(6,), (6, 4)]
+    loss.backward()
+    wd, bd = W.double().requires_grad_(), b.double().requires_grad_()
+    hidden_mse_reference(hs, ht, wd, bd).backward()
+    torch.testing.assert_close(w.grad.double(), wd.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bias.grad.double(), bd.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_mse_bad_arguments():
+    hs, ht, W, b = make_states(2, 5, 3, 4, torch.float32)
+    f = kdfast.hidden_mse_loss
+    with pytest.raises(ValueError, match="student_hidden must be a torch.Tensor"):
+        f(hs.tolist(), ht, W)
+    with pytest.raises(ValueError, match="teacher_hidden shape mismatch"):
+        f(hs, ht[:, :4], W)
+    with pytest.raises(ValueError, match="proj_weight is required"):
+        f(hs, ht)
+    with pytest.raises(ValueError, match="proj_weight has shape"):
+        f(hs, ht, W.T)
+    with pytest.raises(ValueError, match="proj_bias has shape"):
+        f(hs, ht, W, b[:3])
+    with pytest.raises(ValueError, match="proj_bias needs proj_weight"):
+        f(ht, ht, None, b)
+    with pytest.raises(ValueError, match="teacher_hidden has dtype"):
+        f(hs, ht.double(), W)
+    with pytest.raises(ValueError, match="teacher_hidden is on meta"):
+        f(hs, ht.to("meta"), W)
+    with pytest.raises(ValueError, match="proj_weight is on meta"):
+        f(hs, ht, W.to("meta"))
+    with pytest.raises(ValueError, match="student_hidden must be float"):
+        f(hs.long(), ht.long(), W)
+    with pytest.raises(ValueError, match="proj_weight must be float"):
+        f(hs, ht, W.long())
+    with pytest.raises(ValueError, match="mask has shape"):
+        f(hs, ht, W, b, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="mask is on meta"):
+        f(hs, ht, W, b, torch.ones(2, 5, device="meta"))
+    with pytest.raises(ValueError, match="backend='cpu' has no hidden_mse_loss kernel"):
+        f(hs, ht, W, backend="cpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        f(hs, ht, W, backend="metal")
+    with pytest.raises(ValueError, match="project=False needs d_s == d_t"):
+        kdfast.HiddenMSELoss(3, 4, project=False)
+    with pytest.raises(ValueError, match="d_s must be a positive int"):
+        kdfast.HiddenMSELoss(0, 4)
+
+
+# --- DistilBERT cosine ---------------------------------------------------------------------------
+
+COS_CASES = [(b, d, L, m) for b in HIDDEN_BACKENDS for d in (torch.float32, torch.float16, torch.float64)
+             for L in (37, 130) for m in (False, True)
+             if d == torch.float32 or (L, m) == (37, True)]
+
+
+@pytest.mark.parametrize("backend,dtype,L,masked", COS_CASES)
+def test_cosine_matches_reference(backend, dtype, L, masked):
+    B, d = 3, 40
+    hs, ht, _, _ = make_states(B, L, d, d, dtype)
+    mask = make_mask(B, L, full_row=True) if masked else None
+    loss, (g,) = run_grads(lambda x: kdfast.cosine_loss(x, ht, mask, backend=backend), [hs], grad_scale=2.5)
+    ref_loss, (rg,) = ref_grads(lambda x: cosine_reference(x, ht, mask), [hs], grad_scale=2.5)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert g.dtype == dtype
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(g, rg, dtype, "grad")
+
+
+def test_cosine_definition_gradcheck_and_padding():
+    B, L, d = 2, 7, 5
+    hs, ht, _, _ = make_states(B, L, d, d, torch.float64)
+    mask = make_mask(B, L)
+    target = torch.ones(int(mask.sum()), dtype=torch.float64)
+    expected = torch.nn.functional.cosine_embedding_loss(hs[mask], ht[mask], target)
+    torch.testing.assert_close(kdfast.cosine_loss(hs, ht, mask), expected)
+    for backend in HIDDEN_BACKENDS:
+        fn = lambda x: kdfast.cosine_loss(x, ht, mask, backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (hs.clone().requires_grad_(),), fast_mode=True)
+    # padded rows may hold anything, even NaN, and get zero gradient
+    hs_nan = hs.float().masked_fill(~mask[..., None], float("nan"))
+    for backend in HIDDEN_BACKENDS:
+        loss, (g,) = run_grads(lambda x: kdfast.cosine_loss(x, ht.float(), mask, backend=backend), [hs_nan])
+        assert torch.isfinite(loss) and torch.isfinite(g).all() and (g[~mask] == 0).all()
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cosine_bad_arguments():
+    hs, ht, _, _ = make_states(2, 5, 4, 4, torch.float32)
+    with pytest.raises(ValueError, match="teacher_hidden width mismatch"):
+        kdfast.cosine_loss(hs, torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match="teacher_hidden shape mismatch"):
+        kdfast.cosine_loss(hs, ht[:1])
+    with pytest.raises(ValueError, match="teacher_hidden has dtype"):
+        kdfast.cosine_loss(hs, ht.half())
+    with pytest.raises(ValueError, match="mask has shape"):
+        kdfast.cosine_loss(hs, ht, torch.ones(5, 2))
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        kdfast.cosine_loss(hs, ht, eps=0)
+    with pytest.raises(ValueError, match="backend='cuda' has no cosine_loss kernel"):
+        kdfast.cosine_loss(hs, ht, backend="cuda")
+
+
+# --- MobileBERT feature maps ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("L,masked", [(37, True), (130, False)])
+def test_feature_map_matches_reference(dtype, L, masked):
+    B, d = 3, 40
+    hs, ht, _, _ = make_states(B, L, d, d, dtype)
+    mask = make_mask(B, L, full_row=True) if masked else None
+    loss, (g,) = run_grads(lambda x: kdfast.feature_map_loss(x, ht, mask), [hs], grad_scale=0.5)
+    ref_loss, (rg,) = ref_grads(lambda x: feature_map_reference(x, ht, mask), [hs], grad_scale=0.5)
+    assert g.dtype == dtype
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(g, rg, dtype, "grad")
+
+
+def test_feature_map_definition_and_gradcheck():
+    B, L, d = 2, 6, 8
+    hs, ht, _, _ = make_states(B, L, d, d, torch.float64)
+    mask = make_mask(B, L)
+    ln = torch.nn.functional.layer_norm
+    # beta = 0: the MSE of the parameter-free layer-normalised maps
+    expected = torch.nn.functional.mse_loss(ln(hs, (d,))[mask], ln(ht, (d,))[mask])
+    torch.testing.assert_close(kdfast.feature_map_loss(hs, ht, mask, beta_mean=0, beta_var=0), expected)
+    stats = ((hs.mean(-1) - ht.mean(-1))[mask] ** 2).mean() + \
+        (hs.var(-1, unbiased=False) - ht.var(-1, unbiased=False))[mask].abs().mean()
+    torch.testing.assert_close(kdfast.feature_map_loss(hs, ht, mask), expected + stats)
+    fn = lambda x: kdfast.feature_map_loss(x, ht, mask)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (hs.clone().requires_grad_(),), fast_mode=True)
+    with pytest.raises(ValueError, match="teacher_hidden width mismatch"):
+        kdfast.feature_map_loss(hs, ht[..., :4])
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        kdfast.feature_map_loss(hs, ht, eps=-1)
+    with pytest.raises(ValueError, match="beta_var must be >= 0"):
+        kdfast.feature_map_loss(hs, ht, beta_var=-1)
+    with pytest.raises(ValueError, match="backend='triton' has no feature_map_loss kernel"):
+        kdfast.feature_map_loss(hs, ht, backend="triton")
