@@ -304,3 +304,103 @@ def test_feature_map_definition_and_gradcheck():
         kdfast.feature_map_loss(hs, ht, beta_var=-1)
     with pytest.raises(ValueError, match="backend='triton' has no feature_map_loss kernel"):
         kdfast.feature_map_loss(hs, ht, backend="triton")
+
+
+# --- DistillationLoss ----------------------------------------------------------------------------
+
+def _tiny_berts():
+    from transformers import BertConfig, BertForMaskedLM
+
+    common = dict(vocab_size=50, num_attention_heads=2, max_position_embeddings=64, attn_implementation="eager")
+    teacher = BertForMaskedLM(BertConfig(hidden_size=40, num_hidden_layers=4, intermediate_size=64, **common)).eval()
+    student = BertForMaskedLM(BertConfig(hidden_size=24, num_hidden_layers=2, intermediate_size=48, **common))
+    ids = torch.randint(0, 50, (3, 37))
+    mask = torch.ones(3, 37, dtype=torch.long)
+    mask[1, 20:] = 0
+    mask[2, 5:] = 0
+    with torch.no_grad():
+        t_out = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    s_out = student(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    return s_out, t_out, mask
+
+
+@pytest.mark.parametrize("attention", ["mse", "kl"])
+def test_distillation_loss_equals_sum_of_terms(attention):
+    s_out, t_out, mask = _tiny_berts()
+    weights = {"hidden": 1.0, "attention": 2.0, "logits": 0.5}
+    dl = kdfast.DistillationLoss((4, 2), weights, temperature=2.0, student_hidden_size=24, teacher_hidden_size=40,
+                                 attention=attention)
+    assert dl.layer_map == {0: 0, 1: 2, 2: 4} and sorted(dl.projections.keys()) == ["0", "1", "2"]
+    total, terms = dl(s_out, t_out, mask)
+    # the same terms, one call each
+    hidden = sum(kdfast.hidden_mse_loss(s_out.hidden_states[m], t_out.hidden_states[g],
+                                        dl.projections[str(m)].weight, dl.projections[str(m)].bias, mask)
+                 for m, g in dl.layer_map.items())
+    if attention == "mse":
+        att = sum(kdfast.attention_mse_loss(s_out.attentions[m - 1], t_out.attentions[g - 1], mask)
+                  for m, g in ((1, 2), (2, 4)))
+    else:
+        att = sum(kdfast.attention_kl_loss(s_out.attentions[m - 1].log(), t_out.attentions[g - 1].log(), mask)
+                  for m, g in ((1, 2), (2, 4)))
+    logits = kdfast.kd_loss(s_out.logits, t_out.logits, temperature=2.0, mask=mask)
+    expected = {"hidden": hidden, "attention": att, "logits": logits}
+    assert terms.keys() == expected.keys()
+    for k, v in expected.items():
+        assert not terms[k].requires_grad
+        torch.testing.assert_close(terms[k], v.detach(), rtol=1e-5, atol=1e-7, msg=k)
+    torch.testing.assert_close(total, sum(weights[k] * v for k, v in expected.items()), rtol=1e-5, atol=1e-7)
+    total.backward()
+    for name, p in dl.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_distillation_loss_dicts_qk_cosine_feature_maps():
+    """Dict outputs with q / k: flash transfer per layer; cosine and feature maps over all mapped layers."""
+    B, H, L, d, dh = 2, 2, 13, 16, 8
+    mask = make_mask(B, L)
+    t = {"hidden_states": [torch.randn(B, L, d) for _ in range(5)], "q": [torch.randn(B, H, L, dh) for _ in range(4)],
+         "k": [torch.randn(B, H, L, dh) for _ in range(4)]}
+    s = {"hidden_states": [torch.randn(B, L, d, requires_grad=True) for _ in range(3)],
+         "queries": [torch.randn(B, H, L, dh) for _ in range(2)], "keys": [torch.randn(B, H, L, dh) for _ in range(2)]}
+    weights = {"cosine": 1.0, "feature_map": 0.5, "attention": 3.0, "hidden": 2.0}
+    dl = kdfast.DistillationLoss({0: 0, 1: 2, 2: 4}, weights, attention="kl")
+    assert len(dl.projections) == 0
+    total, terms = dl(s, t, mask)
+    pairs = [(0, 0), (1, 2), (2, 4)]
+    hs, ht = s["hidden_states"], t["hidden_states"]
+    expected = {
+        "cosine": sum(kdfast.cosine_loss(hs[m], ht[g], mask) for m, g in pairs),
+        "feature_map": sum(kdfast.feature_map_loss(hs[m], ht[g], mask) for m, g in pairs),
+        "hidden": sum(kdfast.hidden_mse_loss(hs[m], ht[g], mask=mask) for m, g in pairs),
+        "attention": sum(kdfast.flash_attention_transfer(s["queries"][m - 1], s["keys"][m - 1], t["q"][g - 1],
+                                                         t["k"][g - 1], mask, loss="kl", scale_s=1.0, scale_t=1.0)
+                         for m, g in pairs[1:]),
+    }
+    for k, v in expected.items():
+        torch.testing.assert_close(terms[k], v.detach(), rtol=1e-5, atol=1e-6, msg=k)
+    torch.testing.assert_close(total, sum(weights[k] * v for k, v in expected.items()), rtol=1e-5, atol=1e-6)
+    total.backward()
+    assert all(h.grad is not None for h in hs)
+
+
+def test_distillation_loss_bad_arguments():
+    s_out, t_out, mask = _tiny_berts()
+    with pytest.raises(ValueError, match="weights has an unknown term"):
+        kdfast.DistillationLoss((4, 2), {"hiden": 1.0})
+    with pytest.raises(ValueError, match=r"weights\['logits'\] must be >= 0"):
+        kdfast.DistillationLoss((4, 2), {"logits": -1.0})
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        kdfast.DistillationLoss((4, 2), {"logits": 1.0}, temperature=0)
+    with pytest.raises(ValueError, match="n_teacher .* divisible"):
+        kdfast.DistillationLoss((4, 3), {"logits": 1.0})
+    with pytest.raises(ValueError, match="layer_map must be"):
+        kdfast.DistillationLoss([1, 2], {"logits": 1.0})
+    with pytest.raises(ValueError, match="attention must be one of"):
+        kdfast.DistillationLoss((4, 2), {"attention": 1.0}, attention="l2")
+    with pytest.raises(ValueError, match="student_hidden_size / teacher_hidden_size must be given"):
+        kdfast.DistillationLoss((4, 2), {"hidden": 1.0})(s_out, t_out, mask)
+    with pytest.raises(ValueError, match="layer_map refers to hidden_states\\[8\\]"):
+        kdfast.DistillationLoss({1: 8}, {"hidden": 1.0}, student_hidden_size=24, teacher_hidden_size=40)(
+            s_out, t_out, mask)
+    with pytest.raises(ValueError, match="has no 'hidden_states'"):
+        kdfast.DistillationLoss((4, 2), {"cosine": 1.0})({"logits": s_out.logits}, t_out, mask)
