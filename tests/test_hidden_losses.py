@@ -404,3 +404,26 @@ def test_distillation_loss_bad_arguments():
             s_out, t_out, mask)
     with pytest.raises(ValueError, match="has no 'hidden_states'"):
         kdfast.DistillationLoss((4, 2), {"cosine": 1.0})({"logits": s_out.logits}, t_out, mask)
+
+
+# --- torch.compile -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", HIDDEN_BACKENDS[:1])  # the custom ops (compiling is slow on CPU)
+def test_hidden_losses_torch_compile_fullgraph(backend):
+    """The Triton epilogue / cosine kernels are custom ops with fake implementations: no graph break."""
+    B, L, ds, dt = 2, 19, 8, 12
+    hs, ht, W, b = make_states(B, L, ds, dt, torch.float32)
+    h2 = torch.randn(B, L, dt)
+    mask = make_mask(B, L)
+
+    def step(x, w, bias, y):
+        return (2.0 * kdfast.hidden_mse_loss(x, ht, w, bias, mask, backend=backend)
+                + kdfast.cosine_loss(y, ht, mask, backend=backend))
+
+    compiled = torch.compile(step, fullgraph=True)
+    for _ in range(2):  # the second call reuses the compiled graph
+        got = run_grads(compiled, [hs, W, b, h2])
+        ref = run_grads(step, [hs, W, b, h2])
+        torch.testing.assert_close(got[0], ref[0])
+        for g, r in zip(got[1], ref[1]):
+            torch.testing.assert_close(g, r)
