@@ -97,23 +97,26 @@ def _(y, t, w):
     return y.new_empty(y.shape[0], dtype=torch.float32)
 
 
-def _mse_epilogue_torch(y: Tensor, t: Tensor, w: Tensor) -> Tensor:
-    """The epilogue contract in eager torch: ``y`` becomes dY in place; returns the row losses."""
-    on = (w != 0)[:, None]
-    diff = torch.where(on, y.sub_(t), torch.zeros((), dtype=y.dtype, device=y.device))
-    rows = (diff * diff).sum(-1) * w
-    y.copy_(diff.mul_(2 * w[:, None]))
+def _mse_epilogue_torch(y: Tensor, t: Tensor, w: Tensor, masked: bool) -> Tensor:
+    """The epilogue contract in eager torch: ``y`` becomes dY in place; returns the row losses.
+
+    ``masked``: some rows may have w = 0; they are zeroed first (padding may hold anything)."""
+    y.sub_(t)
+    if masked:
+        y.masked_fill_((w == 0)[:, None], 0.0)
+    rows = torch.linalg.vector_norm(y, dim=-1).square_() * w
+    y.mul_(2 * w[:, None])
     return rows
 
 
 def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tensor | None, w: Tensor,
-                       backend: str, need: tuple[bool, bool, bool], chunk_rows: int
+                       backend: str, need: tuple[bool, bool, bool], chunk_rows: int, masked: bool = True
                        ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Chunked fused projection + MSE: returns (loss, dh_s, dW_p, db_p).
 
     ``hs`` [N, d_s], ``ht`` [N, d_t] contiguous; ``w`` [N] row weights in the accumulation
-    dtype; ``need`` says which of (dh_s, dW_p, db_p) to compute (the others come back None, as
-    do those of absent parameters). dh_s has ``hs``'s dtype, dW_p / db_p the parameters' dtypes.
+    dtype (``masked``: some may be 0); ``need`` says which of (dh_s, dW_p, db_p) to compute
+    (the others come back None, as do those of absent parameters). dh_s has ``hs``'s dtype, dW_p / db_p the parameters' dtypes.
     """
     acc = w.dtype
     N = hs.shape[0]
@@ -135,11 +138,14 @@ def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tens
         if backend == "triton":
             rows = _mse_epilogue_op(y, ht[i0:i1], w[i0:i1])
         else:
-            rows = _mse_epilogue_torch(y, ht[i0:i1].to(acc), w[i0:i1])
+            rows = _mse_epilogue_torch(y, ht[i0:i1].to(acc), w[i0:i1], masked)
         loss = loss + rows.to(acc).sum()
         # y now holds dY
         if dh is not None:
-            dh[i0:i1] = y if W is None else y @ W
+            if W is not None and dh.dtype == acc:
+                torch.mm(y, W, out=dh[i0:i1])  # rows of a contiguous tensor: a contiguous view
+            else:
+                dh[i0:i1] = y if W is None else y @ W
         if dW is not None:
             dW.addmm_(y.T, x)
         if db is not None:
@@ -156,9 +162,9 @@ class _HiddenMSEFunction(torch.autograd.Function):
     """Forward runs the fused chunks and keeps only the gradients (never Y); backward scales them."""
 
     @staticmethod
-    def forward(ctx, hs, ht, weight, bias, w, backend, chunk_rows, grad_enabled):
+    def forward(ctx, hs, ht, weight, bias, w, backend, chunk_rows, grad_enabled, masked):
         need = tuple(grad_enabled and bool(ctx.needs_input_grad[i]) for i in (0, 2, 3))
-        loss, dh, dW, db = hidden_mse_fwd_bwd(hs, ht, weight, bias, w, backend, need, chunk_rows)
+        loss, dh, dW, db = hidden_mse_fwd_bwd(hs, ht, weight, bias, w, backend, need, chunk_rows, masked)
         ctx.has = (dh is not None, dW is not None, db is not None)
         ctx.save_for_backward(*(g for g in (dh, dW, db) if g is not None))
         return loss
@@ -172,7 +178,7 @@ class _HiddenMSEFunction(torch.autograd.Function):
         dh, dW, db = grads
         need = ctx.needs_input_grad
         return (dh if need[0] else None, None, dW if need[2] else None, db if need[3] else None,
-                None, None, None, None)
+                None, None, None, None, None)
 
 
 def hidden_mse_loss(
@@ -246,7 +252,7 @@ def hidden_mse_loss(
         name = "torch"  # the Triton epilogue works in fp32; float64 stays exact in torch
     chunk_rows = max(16, CHUNK_ELEMS // d_t)
     return _HiddenMSEFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), proj_weight, proj_bias,
-                                    w, name, chunk_rows, torch.is_grad_enabled())
+                                    w, name, chunk_rows, torch.is_grad_enabled(), mask is not None)
 
 
 class HiddenMSELoss(nn.Module):
