@@ -107,6 +107,22 @@ def test_hidden_mse_definition_and_module():
     assert zero.item() == 0.0
 
 
+@pytest.mark.parametrize("backend", HIDDEN_BACKENDS)
+def test_hidden_mse_padding_may_hold_nan(backend):
+    B, L, ds, dt = 3, 11, 6, 10
+    hs, ht, W, b = make_states(B, L, ds, dt, torch.float32)
+    mask = make_mask(B, L, full_row=True)
+    pad = ~mask[..., None]
+    args = [hs.masked_fill(pad, float("nan")), W, b]
+    loss, grads = run_grads(lambda x, w, bias: kdfast.hidden_mse_loss(x, ht.masked_fill(pad, float("inf")), w, bias,
+                                                                       mask, backend=backend), args)
+    ref_loss, ref_g = ref_grads(lambda x, w, bias: hidden_mse_reference(x, ht, w, bias, mask), [hs, W, b])
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    for g, r in zip(grads, ref_g):
+        assert_close(g, r, torch.float32, "grad")
+    assert (grads[0][~mask] == 0).all()
+
+
 def test_hidden_mse_gradcheck():
     B, L, ds, dt = 2, 5, 3, 4
     hs, ht, W, b = make_states(B, L, ds, dt, torch.float64)

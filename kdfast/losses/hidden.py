@@ -129,6 +129,8 @@ def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tens
     for i0 in range(0, N, chunk_rows):
         i1 = min(N, i0 + chunk_rows)
         x = hs[i0:i1].to(acc)
+        if masked:  # padded rows may hold anything: keep them out of Y and of dW_p = dY^T h_s
+            x = x.masked_fill((w[i0:i1] == 0)[:, None], 0.0)
         if W is None:
             y = x.clone()
         elif b is None:
