@@ -116,7 +116,8 @@ def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tens
 
     ``hs`` [N, d_s], ``ht`` [N, d_t] contiguous; ``w`` [N] row weights in the accumulation
     dtype (``masked``: some may be 0); ``need`` says which of (dh_s, dW_p, db_p) to compute
-    (the others come back None, as do those of absent parameters). dh_s has ``hs``'s dtype, dW_p / db_p the parameters' dtypes.
+    (the others come back None, as do those of absent parameters). dh_s has ``hs``'s dtype,
+    dW_p / db_p the parameters' dtypes.
     """
     acc = w.dtype
     N = hs.shape[0]
