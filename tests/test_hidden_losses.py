@@ -443,3 +443,30 @@ def test_hidden_losses_torch_compile_fullgraph(backend):
         torch.testing.assert_close(got[0], ref[0])
         for g, r in zip(got[1], ref[1]):
             torch.testing.assert_close(g, r)
+
+
+def test_distillation_loss_mobilebert_progressive_transfer():
+    """kdfast.models MobileBERT outputs (pre-scaled queries): the flash form from q / k equals the
+    KL on the captured score maps, and feature maps equal the per-layer losses summed."""
+    from kdfast.models import KDMobileBert, mobilebert_config
+
+    common = dict(vocab_size=100, hidden_size=64, embedding_size=32, num_attention_heads=4, max_position_embeddings=64)
+    teacher = KDMobileBert(mobilebert_config("ib-bert", num_hidden_layers=4, intra_bottleneck_size=128,
+                                             intermediate_size=128, **common)).eval()
+    student = KDMobileBert(mobilebert_config("mobilebert", num_hidden_layers=2, intra_bottleneck_size=32,
+                                             intermediate_size=64, true_hidden_size=32, **common))
+    ids = torch.randint(0, 100, (2, 21))
+    mask = torch.ones(2, 21, dtype=torch.long)
+    mask[1, 13:] = 0
+    with torch.no_grad():
+        t_out = teacher(ids, mask, capture=("hidden", "qk", "scores"))
+    s_out = student(ids, mask, capture=("hidden", "qk", "scores"))
+    weights = {"feature_map": 1.0, "attention": 1.0}
+    _, from_qk = kdfast.DistillationLoss((4, 2), weights, attention="kl")(s_out, t_out, mask)
+    _, from_maps = kdfast.DistillationLoss((4, 2), weights, attention="kl", attention_source="scores")(
+        s_out, t_out, mask)
+    torch.testing.assert_close(from_qk["attention"], from_maps["attention"], rtol=1e-4, atol=1e-7)
+    expected = sum(kdfast.attention_kl_loss(s_out.scores[m], t_out.scores[g], mask) for m, g in ((0, 1), (1, 3)))
+    torch.testing.assert_close(from_maps["attention"], expected.detach())
+    fm = sum(kdfast.feature_map_loss(s_out.hidden_states[m], t_out.hidden_states[2 * m], mask) for m in range(3))
+    torch.testing.assert_close(from_qk["feature_map"], fm.detach(), rtol=1e-5, atol=1e-6)
