@@ -123,6 +123,24 @@ def test_hidden_mse_padding_may_hold_nan(backend):
     assert (grads[0][~mask] == 0).all()
 
 
+def test_hidden_mse_under_autocast_and_mixed_dtypes():
+    """bf16 autocast does not push the projection GEMMs to bf16; fp32 weights with bf16 states work."""
+    hs, ht, W, b = make_states(2, 9, 6, 10, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = run_grads(lambda x, w, bias: kdfast.hidden_mse_loss(x, ht, w, bias, backend="torch"), [hs, W, b])
+    ref_loss, ref_g = ref_grads(lambda x, w, bias: hidden_mse_reference(x, ht, w, bias), [hs, W, b])
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    for g, r in zip(grads, ref_g):
+        assert_close(g, r, torch.float32, "grad")
+    hb, tb = hs.bfloat16(), ht.bfloat16()
+    loss, grads = run_grads(lambda x, w, bias: kdfast.hidden_mse_loss(x, tb, w, bias, backend="torch"), [hb, W, b])
+    ref_loss, ref_g = ref_grads(lambda x, w, bias: hidden_mse_reference(x, tb, w, bias), [hb, W, b])
+    assert grads[0].dtype == torch.bfloat16 and grads[1].dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[1].double(), ref_g[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0].double(), ref_g[0], rtol=1e-2, atol=1e-3)
+
+
 def test_hidden_mse_gradcheck():
     B, L, ds, dt = 2, 5, 3, 4
     hs, ht, W, b = make_states(B, L, ds, dt, torch.float64)
@@ -470,3 +488,20 @@ def test_distillation_loss_mobilebert_progressive_transfer():
     torch.testing.assert_close(from_maps["attention"], expected.detach())
     fm = sum(kdfast.feature_map_loss(s_out.hidden_states[m], t_out.hidden_states[2 * m], mask) for m in range(3))
     torch.testing.assert_close(from_qk["feature_map"], fm.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_distillation_loss_casts_teacher_to_student_dtype():
+    B, L = 2, 9
+    mask = make_mask(B, L)
+    s = {"hidden_states": [torch.randn(B, L, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(2)],
+         "logits": torch.randn(B, L, 11, dtype=torch.bfloat16, requires_grad=True)}
+    t = {"hidden_states": [torch.randn(B, L, 12) for _ in range(3)], "logits": torch.randn(B, L, 11)}
+    dl = kdfast.DistillationLoss({0: 0, 1: 2}, {"hidden": 1.0, "logits": 1.0}, student_hidden_size=8,
+                                 teacher_hidden_size=12)
+    total, terms = dl(s, t, mask)
+    hidden = sum(kdfast.hidden_mse_loss(s["hidden_states"][m], t["hidden_states"][g].bfloat16(),
+                                        dl.projections[str(m)].weight, dl.projections[str(m)].bias, mask)
+                 for m, g in ((0, 0), (1, 2)))
+    torch.testing.assert_close(terms["hidden"], hidden.detach())
+    total.backward()
+    assert s["logits"].grad.dtype == torch.bfloat16 and torch.isfinite(s["hidden_states"][1].grad.float()).all()

@@ -75,7 +75,9 @@ class DistillationLoss(nn.Module):
 
         total = sum_term weights[term] * term
 
-    ``attention_mask`` [B, L] (nonzero = real token) masks every term. Terms whose weight is 0 or
+    ``attention_mask`` [B, L] (nonzero = real token) masks every term. Teacher tensors are
+    detached and cast to the student's dtype (e.g. an fp32 or fp16 teacher against a student run
+    under bf16 autocast); the functional losses themselves insist on equal dtypes. Terms whose weight is 0 or
     missing are not computed. Cosine and feature-map terms run as a single call over all mapped
     layers stacked (each layer has the same counted tokens, so the sum over layers is the number
     of layers times the stacked mean); hidden MSE (one projection per layer) and attention run one
@@ -148,12 +150,16 @@ class DistillationLoss(nn.Module):
         return seq[index]
 
     def _pairs(self, s_seq: tuple, t_seq: tuple, name: str, offset: int = 0) -> list[tuple[int, Tensor, Tensor]]:
+        """(m, student tensor, teacher tensor detached and in the student's dtype) per mapped pair."""
         out = []
         for m, g in self.layer_map.items():
             if m - offset < 0 or g - offset < 0:
                 continue
-            out.append((m, self._pick(s_seq, m - offset, "student_outputs", name),
-                        self._pick(t_seq, g - offset, "teacher_outputs", name)))
+            s = self._pick(s_seq, m - offset, "student_outputs", name)
+            t = self._pick(t_seq, g - offset, "teacher_outputs", name)
+            if isinstance(s, Tensor) and isinstance(t, Tensor):
+                t = t.detach().to(s.dtype)
+            out.append((m, s, t))
         return out
 
     def _attention_source(self, student_outputs, teacher_outputs) -> str:
@@ -231,7 +237,7 @@ class DistillationLoss(nn.Module):
             if s_logits is None or t_logits is None:
                 raise ValueError("student_outputs / teacher_outputs have no 'logits' for the logits term")
             row_mask = mask if mask is not None and tuple(mask.shape) == tuple(s_logits.shape[:-1]) else None
-            terms["logits"] = kd_loss(s_logits, t_logits.detach(), temperature=self.temperature, mask=row_mask,
+            terms["logits"] = kd_loss(s_logits, t_logits.detach().to(s_logits.dtype), temperature=self.temperature, mask=row_mask,
                                       backend=self.backend)
         total = None
         for term, value in terms.items():

@@ -167,7 +167,9 @@ class _HiddenMSEFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ht, weight, bias, w, backend, chunk_rows, grad_enabled, masked):
         need = tuple(grad_enabled and bool(ctx.needs_input_grad[i]) for i in (0, 2, 3))
-        loss, dh, dW, db = hidden_mse_fwd_bwd(hs, ht, weight, bias, w, backend, need, chunk_rows, masked)
+        # the GEMMs accumulate in fp32 whatever autocast region the loss is called from
+        with torch.autocast(hs.device.type, enabled=False):
+            loss, dh, dW, db = hidden_mse_fwd_bwd(hs, ht, weight, bias, w, backend, need, chunk_rows, masked)
         ctx.has = (dh is not None, dW is not None, db is not None)
         ctx.save_for_backward(*(g for g in (dh, dW, db) if g is not None))
         return loss
@@ -213,7 +215,9 @@ def hidden_mse_loss(
         student_hidden: [..., d_s] float tensor; gradient flows to it.
         teacher_hidden: [..., d_t], same leading shape, dtype and device; no gradient.
         proj_weight: optional [d_t, d_s] projection (``nn.Linear(d_s, d_t).weight``); required
-            when d_s != d_t. Same device, any float dtype (its gradient comes back in it).
+            when d_s != d_t. Same device, any float dtype (its gradient comes back in it), e.g.
+            fp32 master weights with bf16 states; the GEMMs run in fp32 (float64 for float64
+            states) even inside an autocast region.
         proj_bias: optional [d_t] bias (only with ``proj_weight``).
         mask: optional token mask with the states' leading shape (nonzero = counted).
         backend: ``auto`` (Triton epilogue on CUDA tensors when it works, else torch),
