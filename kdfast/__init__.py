@@ -7,17 +7,23 @@
 
 from kdfast.backend import backends
 from kdfast.losses import (
+    DistillationLoss,
+    HiddenMSELoss,
     KDLoss,
     SparseKDLoss,
     attention_kl_loss,
     attention_mse_loss,
+    cosine_loss,
+    feature_map_loss,
     flash_attention_transfer,
+    hidden_mse_loss,
     kd_loss,
     sparse_kd_loss,
     sparsify_teacher_logits,
 )
 
 __version__ = "0.1.0"
-__all__ = ["KDLoss", "SparseKDLoss", "attention_kl_loss", "attention_mse_loss", "backends", "flash_attention_transfer",
+__all__ = ["DistillationLoss", "HiddenMSELoss", "KDLoss", "SparseKDLoss", "attention_kl_loss", "attention_mse_loss", "backends", "cosine_loss", "feature_map_loss",
+           "flash_attention_transfer", "hidden_mse_loss",
            "kd_loss", "sparse_kd_loss", "sparsify_teacher_logits",
            "__version__"]

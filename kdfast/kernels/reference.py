@@ -372,3 +372,64 @@ def attention_transfer_fwd_bwd_torch(
     if need_grad:
         dq, dk = dq.to(q_s.dtype), dk.to(k_s.dtype)
     return loss_rows, dq, dk
+
+
+# --- hidden-state transfer ------------------------------------------------------------------------
+
+def _token_weights(lead_shape: torch.Size, mask: Tensor | None, device: torch.device) -> Tensor:
+    """Float64 [N] indicator of the counted tokens (every token when ``mask`` is None)."""
+    if mask is None:
+        return torch.ones(lead_shape, dtype=torch.float64, device=device).reshape(-1)
+    return (mask.reshape(-1) != 0).to(torch.float64)
+
+
+def hidden_mse_reference(student_hidden: Tensor, teacher_hidden: Tensor, proj_weight: Tensor | None = None,
+                         proj_bias: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    """Float64 oracle of :func:`kdfast.hidden_mse_loss` (TinyBERT hidden / embedding loss).
+
+    Y = h_s W^T + b (Y = h_s without a projection); returns sum over counted tokens and the d_t
+    features of (Y - h_t)^2, divided by (number of counted tokens) * d_t; 0 when none is counted.
+    Differentiable by autograd in the student states, the weight and the bias.
+    """
+    hs = student_hidden.double().reshape(-1, student_hidden.shape[-1])
+    ht = teacher_hidden.double().reshape(-1, teacher_hidden.shape[-1])
+    y = hs if proj_weight is None else hs @ proj_weight.double().T
+    if proj_bias is not None:
+        y = y + proj_bias.double()
+    w = _token_weights(student_hidden.shape[:-1], mask, hs.device)
+    diff = torch.where(w[:, None] != 0, y - ht, torch.zeros((), dtype=torch.float64, device=hs.device))
+    return (diff * diff).sum() / (w.sum() * ht.shape[-1]).clamp_min(1)
+
+
+def cosine_reference(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None,
+                     eps: float = 1e-8) -> Tensor:
+    """Float64 oracle of :func:`kdfast.cosine_loss` (DistilBERT L_cos): the mean over counted tokens
+    of 1 - s.t / (max(|s|, eps) max(|t|, eps)); 0 when none is counted. Differentiable by autograd."""
+    s = student_hidden.double().reshape(-1, student_hidden.shape[-1])
+    t = teacher_hidden.double().reshape(-1, teacher_hidden.shape[-1])
+    cos = (s * t).sum(-1) / (s.norm(dim=-1).clamp_min(eps) * t.norm(dim=-1).clamp_min(eps))
+    w = _token_weights(student_hidden.shape[:-1], mask, s.device)
+    return torch.where(w != 0, 1 - cos, torch.zeros_like(cos)).sum() / w.sum().clamp_min(1)
+
+
+def feature_map_reference(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None,
+                          eps: float = 1e-5, beta_mean: float = 1.0, beta_var: float = 1.0) -> Tensor:
+    """Float64 oracle of :func:`kdfast.feature_map_loss` (MobileBERT feature-map transfer).
+
+    Per token, mu and var (biased) over the hidden dimension, n = (h - mu) / sqrt(var + eps);
+    returns, with means over the counted tokens (and over d for the first term),
+        mean (n_s - n_t)^2 + beta_mean mean (mu_s - mu_t)^2 + beta_var mean |var_s - var_t|.
+    Differentiable by autograd.
+    """
+    s = student_hidden.double().reshape(-1, student_hidden.shape[-1])
+    t = teacher_hidden.double().reshape(-1, teacher_hidden.shape[-1])
+    w = _token_weights(student_hidden.shape[:-1], mask, s.device)
+    n = w.sum().clamp_min(1)
+    mu_s, mu_t = s.mean(-1), t.mean(-1)
+    var_s, var_t = s.var(-1, unbiased=False), t.var(-1, unbiased=False)
+    ns = (s - mu_s[:, None]) / (var_s[:, None] + eps).sqrt()
+    nt = (t - mu_t[:, None]) / (var_t[:, None] + eps).sqrt()
+    fm = (w[:, None] * (ns - nt) ** 2).sum() / (n * s.shape[-1])
+    mean_term = (w * (mu_s - mu_t) ** 2).sum() / n
+    var_term = (w * (var_s - var_t).abs()).sum() / n
+    return fm + beta_mean * mean_term + beta_var * var_term

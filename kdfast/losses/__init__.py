@@ -1,8 +1,11 @@
 """Fused distillation losses, one module per family."""
 
 from kdfast.losses.attention import attention_kl_loss, attention_mse_loss, flash_attention_transfer
+from kdfast.losses.distillation import DistillationLoss
+from kdfast.losses.hidden import HiddenMSELoss, cosine_loss, feature_map_loss, hidden_mse_loss
 from kdfast.losses.kd import KDLoss, kd_loss
 from kdfast.losses.sparse_kd import SparseKDLoss, sparse_kd_loss, sparsify_teacher_logits
 
-__all__ = ["KDLoss", "SparseKDLoss", "attention_kl_loss", "attention_mse_loss", "flash_attention_transfer", "kd_loss",
-           "sparse_kd_loss", "sparsify_teacher_logits"]
+__all__ = ["DistillationLoss", "HiddenMSELoss", "KDLoss", "SparseKDLoss", "attention_kl_loss", "attention_mse_loss", "cosine_loss",
+           "feature_map_loss", "flash_attention_transfer", "hidden_mse_loss", "kd_loss", "sparse_kd_loss",
+           "sparsify_teacher_logits"]

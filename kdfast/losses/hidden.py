@@ -1,0 +1,460 @@
+"""Hidden-state transfer: TinyBERT projected MSE, DistilBERT cosine, MobileBERT feature maps.
+
+Public: :func:`hidden_mse_loss` / :class:`HiddenMSELoss`, :func:`cosine_loss`,
+:func:`feature_map_loss`.
+
+Hidden states are [..., d] (e.g. [B, L, d]); the optional ``mask`` has their leading shape
+(nonzero = real token, 0 = padding) and removes padded tokens from both the sum and the count.
+
+Fusion. :func:`hidden_mse_loss` never keeps the projected states Y = h_s W_p^T + b_p: its forward
+walks over chunks of rows, computes the chunk of Y with the library GEMM (fp32 accumulation),
+turns it in place into the loss rows and dY = 2 (Y - h_t) / n (Triton epilogue kernel, or
+eager torch), and immediately folds dY into the gradients dh_s = dY W_p, dW_p += dY^T h_s,
+db_p += sum dY (fp32 accumulators). Only one chunk of Y ever exists; backward just scales the
+stored gradients by the upstream gradient. :func:`cosine_loss` likewise computes the loss and
+its gradient in one pass over the rows (Triton row kernel, or eager torch).
+
+Backends: ``auto`` (Triton on CUDA tensors when it works, else torch), ``triton``, ``torch``;
+``cpu`` / ``cuda`` have no kernel for these losses and raise. :func:`feature_map_loss` is
+eager torch only (differentiated by autograd).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kdfast import backend as _backend
+from kdfast.losses._checks import check_same_dtype_device, check_tensor
+
+# Rows per chunk of the fused projection: C = max(16, CHUNK_ELEMS // d_t), so a chunk of Y holds
+# about CHUNK_ELEMS fp32 values (4 MiB). Module-level so that tests can shrink it.
+CHUNK_ELEMS = 1 << 20
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _triton_or_torch(backend: str, device: torch.device, what: str) -> str:
+    if backend in ("cpu", "cuda"):
+        raise ValueError(f"backend={backend!r} has no {what} kernel; use 'triton', 'torch' or 'auto'")
+    name = _backend.resolve(backend, device, has_cuda_kernel=False)
+    return "torch" if name in ("cpu", "cuda") else name
+
+
+def _check_states(student_hidden: Tensor, teacher_hidden: Tensor, same_width: bool) -> None:
+    check_tensor("student_hidden", student_hidden, min_dim=1)
+    check_tensor("teacher_hidden", teacher_hidden, min_dim=1)
+    if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+        raise ValueError(f"teacher_hidden shape mismatch: teacher_hidden {tuple(teacher_hidden.shape)} vs "
+                         f"student_hidden {tuple(student_hidden.shape)} (all but the last dimension must agree)")
+    if same_width and teacher_hidden.shape[-1] != student_hidden.shape[-1]:
+        raise ValueError(f"teacher_hidden width mismatch: teacher_hidden has width {teacher_hidden.shape[-1]}, "
+                         f"student_hidden {student_hidden.shape[-1]}; this loss needs equal widths")
+    check_same_dtype_device("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
+    if student_hidden.numel() == 0 or teacher_hidden.numel() == 0:
+        raise ValueError(f"student_hidden is empty (shape {tuple(student_hidden.shape)})")
+
+
+def _token_weights(mask: Tensor | None, lead: torch.Size, device: torch.device, acc: torch.dtype,
+                   per_token: int = 1) -> Tensor:
+    """[N] row weights: 1 / (counted tokens * per_token) on counted rows, 0 elsewhere."""
+    if mask is None:
+        n = 1
+        for size in lead:
+            n *= size
+        return torch.full((n,), 1.0 / (n * per_token), dtype=acc, device=device)
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != lead:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the hidden states' leading shape "
+                         f"{tuple(lead)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the hidden states are on {device}")
+    if mask.is_complex():
+        raise ValueError(f"mask must be a bool, integer or float tensor, got {mask.dtype}")
+    on = (mask.reshape(-1) != 0).to(acc)
+    return on / (on.sum() * per_token).clamp_min(1)
+
+
+def _rows(x: Tensor) -> Tensor:
+    """[..., d] -> a contiguous [N, d] view (copied only when needed)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+# --- TinyBERT hidden MSE through a projection ----------------------------------------------------
+
+@torch.library.custom_op("kdfast::hidden_mse_epilogue_triton", mutates_args=("y",))
+def _mse_epilogue_op(y: Tensor, t: Tensor, w: Tensor) -> Tensor:
+    from kdfast.kernels.triton.hidden import mse_epilogue_triton
+
+    return mse_epilogue_triton(y, t, w)
+
+
+@_mse_epilogue_op.register_fake
+def _(y, t, w):
+    return y.new_empty(y.shape[0], dtype=torch.float32)
+
+
+def _mse_epilogue_torch(y: Tensor, t: Tensor, w: Tensor, masked: bool) -> Tensor:
+    """The epilogue contract in eager torch: ``y`` becomes dY in place; returns the row losses.
+
+    ``masked``: some rows may have w = 0; they are zeroed first (padding may hold anything)."""
+    y.sub_(t)
+    if masked:
+        y.masked_fill_((w == 0)[:, None], 0.0)
+    rows = torch.linalg.vector_norm(y, dim=-1).square_() * w
+    y.mul_(2 * w[:, None])
+    return rows
+
+
+def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tensor | None, w: Tensor,
+                       backend: str, need: tuple[bool, bool, bool], chunk_rows: int, masked: bool = True
+                       ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Chunked fused projection + MSE: returns (loss, dh_s, dW_p, db_p).
+
+    ``hs`` [N, d_s], ``ht`` [N, d_t] contiguous; ``w`` [N] row weights in the accumulation
+    dtype (``masked``: some may be 0); ``need`` says which of (dh_s, dW_p, db_p) to compute
+    (the others come back None, as do those of absent parameters). dh_s has ``hs``'s dtype,
+    dW_p / db_p the parameters' dtypes.
+    """
+    acc = w.dtype
+    N = hs.shape[0]
+    W = weight.to(acc) if weight is not None else None
+    b = bias.to(acc) if bias is not None else None
+    loss = torch.zeros((), dtype=acc, device=hs.device)
+    dh = torch.empty_like(hs) if need[0] else None
+    dW = torch.zeros_like(W) if need[1] and W is not None else None
+    db = torch.zeros_like(b) if need[2] and b is not None else None
+    for i0 in range(0, N, chunk_rows):
+        i1 = min(N, i0 + chunk_rows)
+        x = hs[i0:i1].to(acc)
+        if masked:  # padded rows may hold anything: keep them out of Y and of dW_p = dY^T h_s
+            x = x.masked_fill((w[i0:i1] == 0)[:, None], 0.0)
+        if W is None:
+            y = x.clone()
+        elif b is None:
+            y = x @ W.T
+        else:
+            y = torch.addmm(b, x, W.T)
+        if backend == "triton":
+            rows = _mse_epilogue_op(y, ht[i0:i1], w[i0:i1])
+        else:
+            rows = _mse_epilogue_torch(y, ht[i0:i1].to(acc), w[i0:i1], masked)
+        loss = loss + rows.to(acc).sum()
+        # y now holds dY
+        if dh is not None:
+            if W is not None and dh.dtype == acc:
+                torch.mm(y, W, out=dh[i0:i1])  # rows of a contiguous tensor: a contiguous view
+            else:
+                dh[i0:i1] = y if W is None else y @ W
+        if dW is not None:
+            dW.addmm_(y.T, x)
+        if db is not None:
+            db.add_(y.sum(0))
+        del y, x
+    if dW is not None:
+        dW = dW.to(weight.dtype)
+    if db is not None:
+        db = db.to(bias.dtype)
+    return loss, dh, dW, db
+
+
+class _HiddenMSEFunction(torch.autograd.Function):
+    """Forward runs the fused chunks and keeps only the gradients (never Y); backward scales them."""
+
+    @staticmethod
+    def forward(ctx, hs, ht, weight, bias, w, backend, chunk_rows, grad_enabled, masked):
+        need = tuple(grad_enabled and bool(ctx.needs_input_grad[i]) for i in (0, 2, 3))
+        # the GEMMs accumulate in fp32 whatever autocast region the loss is called from
+        with torch.autocast(hs.device.type, enabled=False):
+            loss, dh, dW, db = hidden_mse_fwd_bwd(hs, ht, weight, bias, w, backend, need, chunk_rows, masked)
+        ctx.has = (dh is not None, dW is not None, db is not None)
+        ctx.save_for_backward(*(g for g in (dh, dW, db) if g is not None))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        grads = [next(saved) if h else None for h in ctx.has]
+        if torch.compiler.is_compiling() or grad_out.item() != 1.0:
+            grads = [g * grad_out.to(g.dtype) if g is not None else None for g in grads]
+        dh, dW, db = grads
+        need = ctx.needs_input_grad
+        return (dh if need[0] else None, None, dW if need[2] else None, db if need[3] else None,
+                None, None, None, None, None)
+
+
+def hidden_mse_loss(
+    student_hidden: Tensor,
+    teacher_hidden: Tensor,
+    proj_weight: Tensor | None = None,
+    proj_bias: Tensor | None = None,
+    mask: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    r"""TinyBERT hidden-state (and embedding) loss: MSE through a learned projection.
+
+    With h_s [..., d_s], h_t [..., d_t], W_p [d_t, d_s], b_p [d_t] and the counted tokens
+    C = {r : mask_r != 0} (every token when ``mask`` is None), n = |C| d_t:
+
+        Y_r  = h_s,r W_p^T + b_p              (Y = h_s when ``proj_weight`` is None: d_s = d_t)
+        loss = (1 / n) sum_{r in C} sum_j (Y_rj - h_t,rj)^2                (0 when C is empty)
+
+    Gradients (teacher frozen), with dY = 2 (Y - h_t) / n on counted rows, 0 elsewhere:
+    dh_s = dY W_p, dW_p = dY^T h_s, db_p = sum_r dY_r (accumulated in fp32).
+
+    Fused: Y is computed chunk by chunk (rows) with the library GEMM, an epilogue (Triton row
+    kernel or eager torch) turns each chunk into its loss rows and dY in place, and dY is at once
+    folded into the three gradients. Only one chunk of Y (about 2^20 fp32 values) ever exists;
+    nothing of size [N, d_t] is stored for backward.
+
+    Args:
+        student_hidden: [..., d_s] float tensor; gradient flows to it.
+        teacher_hidden: [..., d_t], same leading shape, dtype and device; no gradient.
+        proj_weight: optional [d_t, d_s] projection (``nn.Linear(d_s, d_t).weight``); required
+            when d_s != d_t. Same device, any float dtype (its gradient comes back in it), e.g.
+            fp32 master weights with bf16 states; the GEMMs run in fp32 (float64 for float64
+            states) even inside an autocast region.
+        proj_bias: optional [d_t] bias (only with ``proj_weight``).
+        mask: optional token mask with the states' leading shape (nonzero = counted).
+        backend: ``auto`` (Triton epilogue on CUDA tensors when it works, else torch),
+            ``triton`` or ``torch``; ``cpu`` / ``cuda`` raise. float64 input always runs the
+            torch epilogue (the Triton one computes in fp32).
+
+    Returns:
+        Scalar loss, float32 (float64 for float64 input).
+
+    Raises:
+        ValueError naming the argument: shapes, width mismatch without a projection, dtype,
+        device, mask shape, backend.
+    """
+    _check_states(student_hidden, teacher_hidden, same_width=False)
+    d_s, d_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    dev = student_hidden.device
+    if proj_weight is None:
+        if proj_bias is not None:
+            raise ValueError("proj_bias needs proj_weight (a bias without a projection is not supported)")
+        if d_s != d_t:
+            raise ValueError(f"proj_weight is required: student_hidden has width {d_s} but teacher_hidden {d_t} "
+                             f"(pass a [{d_t}, {d_s}] projection, e.g. HiddenMSELoss({d_s}, {d_t}))")
+    else:
+        check_tensor("proj_weight", proj_weight, min_dim=2)
+        if tuple(proj_weight.shape) != (d_t, d_s):
+            raise ValueError(f"proj_weight has shape {tuple(proj_weight.shape)}, expected [d_t, d_s] = {(d_t, d_s)}")
+        if proj_weight.device != dev:
+            raise ValueError(f"proj_weight is on {proj_weight.device} but student_hidden is on {dev}")
+        if proj_bias is not None:
+            check_tensor("proj_bias", proj_bias, min_dim=1)
+            if tuple(proj_bias.shape) != (d_t,):
+                raise ValueError(f"proj_bias has shape {tuple(proj_bias.shape)}, expected [d_t] = ({d_t},)")
+            if proj_bias.device != dev:
+                raise ValueError(f"proj_bias is on {proj_bias.device} but student_hidden is on {dev}")
+    acc = _acc_dtype(student_hidden.dtype)
+    w = _token_weights(mask, student_hidden.shape[:-1], dev, acc, per_token=d_t)
+    name = _triton_or_torch(backend, dev, "hidden_mse_loss")
+    if acc == torch.float64:
+        name = "torch"  # the Triton epilogue works in fp32; float64 stays exact in torch
+    chunk_rows = max(16, CHUNK_ELEMS // d_t)
+    return _HiddenMSEFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), proj_weight, proj_bias,
+                                    w, name, chunk_rows, torch.is_grad_enabled(), mask is not None)
+
+
+class HiddenMSELoss(nn.Module):
+    """:func:`hidden_mse_loss` with its own projection ``nn.Linear(d_s, d_t)`` (standard init).
+
+    With ``d_s == d_t`` and ``project=False`` no projection is created (plain MSE).
+    ``forward(student_hidden, teacher_hidden, mask=None)`` returns the loss.
+    """
+
+    def __init__(self, d_s: int, d_t: int, *, bias: bool = True, project: bool | None = None,
+                 backend: str = "auto", device=None, dtype=None) -> None:
+        super().__init__()
+        for name, v in (("d_s", d_s), ("d_t", d_t)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if project is None:
+            project = d_s != d_t
+        if not project and d_s != d_t:
+            raise ValueError(f"project=False needs d_s == d_t, got d_s={d_s}, d_t={d_t}")
+        self.d_s, self.d_t, self.backend = d_s, d_t, backend
+        self.proj = nn.Linear(d_s, d_t, bias=bias, device=device, dtype=dtype) if project else None
+
+    def forward(self, student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None) -> Tensor:
+        weight = self.proj.weight if self.proj is not None else None
+        bias = self.proj.bias if self.proj is not None else None
+        return hidden_mse_loss(student_hidden, teacher_hidden, weight, bias, mask, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"d_s={self.d_s}, d_t={self.d_t}, backend={self.backend!r}"
+
+
+# --- DistilBERT cosine loss ----------------------------------------------------------------------
+
+@torch.library.custom_op("kdfast::cosine_loss_triton", mutates_args=())
+def _cosine_op(s: Tensor, t: Tensor, w: Tensor, eps: float, need_grad: bool) -> tuple[Tensor, Tensor]:
+    from kdfast.kernels.triton.hidden import cosine_triton
+
+    return cosine_triton(s, t, w, eps, need_grad)
+
+
+@_cosine_op.register_fake
+def _(s, t, w, eps, need_grad):
+    rows = s.new_empty(s.shape[0], dtype=torch.float32)
+    return rows, (torch.empty_like(s) if need_grad else s.new_empty(0))
+
+
+def cosine_fwd_bwd_torch(s: Tensor, t: Tensor, w: Tensor, eps: float, need_grad: bool) -> tuple[Tensor, Tensor]:
+    """The cosine row contract in eager torch: (row losses w (1 - cos), d/ds or an empty tensor)."""
+    acc = w.dtype
+    on = w != 0
+    zero = torch.zeros((), dtype=acc, device=s.device)
+    sa = torch.where(on[:, None], s.to(acc), zero)
+    ta = torch.where(on[:, None], t.to(acc), zero)
+    norm_s = sa.norm(dim=-1)
+    ns = norm_s.clamp_min(eps)
+    nt = ta.norm(dim=-1).clamp_min(eps)
+    cos = (sa * ta).sum(-1) / (ns * nt)
+    rows = torch.where(on, w * (1 - cos), zero)
+    if not need_grad:
+        return rows, s.new_empty(0)
+    radial = torch.where(norm_s > eps, cos / (ns * ns), zero)
+    g = -w[:, None] * (ta / (ns * nt)[:, None] - radial[:, None] * sa)
+    return rows, g.to(s.dtype)
+
+
+class _CosineFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, w, eps, backend, grad_enabled):
+        need_grad = grad_enabled and bool(ctx.needs_input_grad[0])
+        if backend == "triton":
+            rows, g = _cosine_op(s, t, w, eps, need_grad)
+        else:
+            rows, g = cosine_fwd_bwd_torch(s, t, w, eps, need_grad)
+        ctx.save_for_backward(g)
+        return rows.to(w.dtype).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (g,) = ctx.saved_tensors
+        if torch.compiler.is_compiling() or grad_out.item() != 1.0:
+            g = g * grad_out.to(g.dtype)
+        return g if ctx.needs_input_grad[0] else None, None, None, None, None, None
+
+
+def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None, *,
+                eps: float = 1e-8, backend: str = "auto") -> Tensor:
+    r"""DistilBERT cosine loss: mean over counted tokens of 1 - cos(h_s, h_t).
+
+    With C the counted tokens (``mask != 0``; all when ``mask`` is None):
+
+        cos_r = h_s,r . h_t,r / (max(|h_s,r|, eps) max(|h_t,r|, eps))
+        loss  = (1 / |C|) sum_{r in C} (1 - cos_r)                       (0 when C is empty)
+        d loss / d h_s,r = -(1 / |C|) (h_t,r / (|h_s,r| |h_t,r|) - cos_r h_s,r / |h_s,r|^2)
+
+    (the second term drops where |h_s,r| <= eps). Equals DistilBERT's
+    ``CosineEmbeddingLoss(target=1)`` on the selected tokens. Fused: one pass over the rows
+    computes the loss and the gradient (Triton row kernel for widths up to 8192, or eager torch);
+    backward only scales the stored gradient.
+
+    Args:
+        student_hidden, teacher_hidden: [..., d], same shape, dtype and device (equal widths).
+        mask: optional token mask with the states' leading shape.
+        eps: lower bound of the norms.
+        backend: ``auto`` / ``triton`` / ``torch`` (``cpu`` / ``cuda`` raise). float64 input and
+            rows wider than 8192 run the torch version.
+
+    Returns:
+        Scalar loss, float32 (float64 for float64 input); gradient to ``student_hidden`` only.
+
+    Raises:
+        ValueError naming the argument: shapes, width mismatch, dtype, device, mask shape, backend.
+    """
+    _check_states(student_hidden, teacher_hidden, same_width=True)
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"eps must be a number, got {eps!r}") from None
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    dev = student_hidden.device
+    acc = _acc_dtype(student_hidden.dtype)
+    w = _token_weights(mask, student_hidden.shape[:-1], dev, acc)
+    name = _triton_or_torch(backend, dev, "cosine_loss")
+    if name == "triton":
+        from kdfast.kernels.triton.hidden import MAX_COSINE_WIDTH
+
+        if student_hidden.shape[-1] > MAX_COSINE_WIDTH or acc == torch.float64:
+            name = "torch"  # a row must fit the kernel's registers; float64 stays exact in torch
+    return _CosineFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), w, eps, name,
+                                 torch.is_grad_enabled())
+
+
+# --- MobileBERT feature-map transfer -------------------------------------------------------------
+
+def feature_map_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None, *,
+                     eps: float = 1e-5, beta_mean: float = 1.0, beta_var: float = 1.0,
+                     backend: str = "auto") -> Tensor:
+    r"""MobileBERT feature-map transfer (FMT) between layer outputs of equal width.
+
+    The MobileBERT paper (Sun et al., 2020, sec. 3.5) defines FMT as the MSE between the
+    teacher's and the student's feature maps, and reports that splitting it into a normalised
+    feature-map discrepancy plus a feature-map statistics discrepancy stabilises training.
+    This computes exactly that split. Per token r, over the d hidden units:
+
+        mu_r = mean_j h_rj,  var_r = mean_j (h_rj - mu_r)^2  (biased),
+        n_rj = (h_rj - mu_r) / sqrt(var_r + eps)             (parameter-free layer norm)
+
+    and with C the counted tokens (``mask != 0``):
+
+        loss = 1/(|C| d) sum_{r in C, j} (n^s_rj - n^t_rj)^2              (normalised maps)
+             + beta_mean / |C| sum_{r in C} (mu^s_r - mu^t_r)^2           (means)
+             + beta_var  / |C| sum_{r in C} |var^s_r - var^t_r|           (variances)
+
+    ``beta_mean = beta_var = 0`` leaves the pure MSE of the layer-normalised maps. Eager torch,
+    differentiated by autograd (gradient to ``student_hidden`` only); computed in fp32 (fp64
+    for fp64 input). Padded rows are zeroed before use, so they may hold anything finite.
+
+    Args:
+        student_hidden, teacher_hidden: [..., d], same shape, dtype and device.
+        mask: optional token mask with the states' leading shape.
+        eps: layer-norm epsilon (> 0).
+        beta_mean, beta_var: weights of the statistics terms (>= 0).
+        backend: ``auto`` or ``torch`` (no kernel for this loss; others raise).
+
+    Raises:
+        ValueError naming the argument: shapes, width mismatch, dtype, device, mask shape, eps,
+        beta_mean / beta_var, backend.
+    """
+    _check_states(student_hidden, teacher_hidden, same_width=True)
+    if backend not in ("auto", "torch"):
+        _backend.resolve(backend, student_hidden.device)  # unknown names raise the usual message
+        raise ValueError(f"backend={backend!r} has no feature_map_loss kernel; use 'torch' or 'auto'")
+    for name, v, positive in (("eps", eps, True), ("beta_mean", beta_mean, False), ("beta_var", beta_var, False)):
+        try:
+            fv = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {v!r}") from None
+        if not (fv > 0 if positive else fv >= 0) or fv != fv:
+            raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {v!r}")
+    dev = student_hidden.device
+    acc = _acc_dtype(student_hidden.dtype)
+    d = student_hidden.shape[-1]
+    w = _token_weights(mask, student_hidden.shape[:-1], dev, acc)   # 1 / |C| on counted rows
+    on = (w != 0)[:, None]
+    zero = torch.zeros((), dtype=acc, device=dev)
+    s = torch.where(on, student_hidden.reshape(-1, d).to(acc), zero)
+    t = torch.where(on, teacher_hidden.detach().reshape(-1, d).to(acc), zero)
+    var_s, mu_s = torch.var_mean(s, dim=-1, correction=0)
+    var_t, mu_t = torch.var_mean(t, dim=-1, correction=0)
+    ns = (s - mu_s[:, None]) * torch.rsqrt(var_s[:, None] + eps)
+    nt = (t - mu_t[:, None]) * torch.rsqrt(var_t[:, None] + eps)
+    fm = (((ns - nt) ** 2).sum(-1) * w).sum() / d
+    loss = fm
+    if beta_mean:
+        loss = loss + float(beta_mean) * (((mu_s - mu_t) ** 2) * w).sum()
+    if beta_var:
+        loss = loss + float(beta_var) * ((var_s - var_t).abs() * w).sum()
+    return loss
