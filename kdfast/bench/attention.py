@@ -1,6 +1,11 @@
-"""Attention transfer, forward + backward, at BERT-base shapes: the materialised eager loss (what
-people write: scores = q k^T / sqrt(dh) + mask, log_softmax, KL or MSE) against kdfast's loss on
-materialised maps and kdfast's flash transfer from Q and K (no L x L map)."""
+"""Layer transfer, forward + backward, at BERT-base shapes.
+
+- attention: the materialised eager loss (what people write: scores = q k^T / sqrt(dh) + mask,
+  log_softmax, KL) against kdfast's KL on materialised maps and its flash transfer from Q and K
+  (no L x L map);
+- hidden states: TinyBERT's MSE through a learned projection (student 312 -> teacher 768), eager
+  ``F.mse_loss(F.linear(h_s, W, b), h_t)`` against kdfast's fused ``hidden_mse_loss``.
+"""
 
 from __future__ import annotations
 
@@ -62,4 +67,27 @@ def run(device: torch.device, *, lengths=(128, 512), B: int = 32, H: int = 12, d
         ]
         results += measure_all(entries, device, repeat=repeat, warmup=1)
         del q_s, k_s, q_t, k_t
+    results += run_hidden(device, tokens=B * 128, repeat=repeat)
     return results
+
+
+def run_hidden(device: torch.device, *, tokens: int = 4096, d_s: int = 312, d_t: int = 768,
+               repeat: int = 3) -> list[Result]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    h_s = torch.randn(tokens, d_s, generator=g).to(device)
+    h_t = torch.randn(tokens, d_t, generator=g).to(device)
+    w = (torch.randn(d_t, d_s, generator=g) / d_s**0.5).to(device)
+    b = torch.zeros(d_t, device=device)
+    case = f"hidden MSE N={tokens} {d_s}->{d_t}"
+
+    def step(fn):
+        def go():
+            hs, ww, bb = (x.detach().requires_grad_() for x in (h_s, w, b))
+            fn(hs, ww, bb).backward()
+            return hs.grad, ww.grad, bb.grad
+        return go
+
+    return measure_all([
+        Entry(SUITE, case, "eager", step(lambda hs, ww, bb: F.mse_loss(F.linear(hs, ww, bb), h_t))),
+        Entry(SUITE, case, "kdfast fused", step(lambda hs, ww, bb: kdfast.hidden_mse_loss(hs, h_t, ww, bb))),
+    ], device, repeat=repeat, warmup=1)
