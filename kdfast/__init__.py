@@ -7,17 +7,20 @@
 
 from kdfast.backend import backends
 from kdfast.losses import (
+    FusedLinearKDLoss,
     KDLoss,
     SparseKDLoss,
     attention_kl_loss,
     attention_mse_loss,
     flash_attention_transfer,
+    fused_linear_kd_loss,
     kd_loss,
     sparse_kd_loss,
     sparsify_teacher_logits,
 )
 
 __version__ = "0.1.0"
-__all__ = ["KDLoss", "SparseKDLoss", "attention_kl_loss", "attention_mse_loss", "backends", "flash_attention_transfer",
+__all__ = ["FusedLinearKDLoss", "KDLoss", "SparseKDLoss", "attention_kl_loss", "attention_mse_loss", "backends",
+           "flash_attention_transfer", "fused_linear_kd_loss",
            "kd_loss", "sparse_kd_loss", "sparsify_teacher_logits",
            "__version__"]
