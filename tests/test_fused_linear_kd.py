@@ -183,6 +183,16 @@ def test_module_form_and_frozen_weight():
     assert h.grad is not None and w_s.grad is None
 
 
+def test_no_grad_gives_the_same_loss():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, _ = make_inputs(torch.float32)
+    h = h_s.clone().requires_grad_()
+    kw = dict(student_bias=b_s, teacher_bias=b_t, labels=labels, temperature=2.0, backend="torch")
+    with torch.no_grad():
+        loss = kdfast.fused_linear_kd_loss(h, w_s, h_t, w_t, **kw)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, kdfast.fused_linear_kd_loss(h, w_s, h_t, w_t, **kw).detach())
+
+
 def test_default_chunk_size_rule():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert default_chunk_size(30, 30522, cpu) == 30                 # fits: one chunk

@@ -91,9 +91,10 @@ class _FusedLinearKDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, sparse, labels, row_weight, temperature, alpha_kd, alpha_mlm,
-                soft_ce, backend, chunk):
-        # ``sparse`` is (ids, values, lse or None, sampled) or None.
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+                soft_ce, backend, chunk, want_grad):
+        # ``sparse`` is (ids, values, lse or None, sampled) or None. ``want_grad``: grad mode was on at the
+        # call (inside forward it is always off); under no_grad only the loss is computed.
+        need_h, need_w, need_b = (want_grad and ctx.needs_input_grad[i] for i in range(3))
         acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
         n, d_s = h_s.shape
         V = w_s.shape[0]
@@ -156,7 +157,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         one = not torch.compiler.is_compiling() and grad_out.item() == 1.0
         if not one:
             grads = [None if g is None else g * grad_out.to(g.dtype) for g in grads]
-        return (grads[0], grads[1], grads[2]) + (None,) * 12
+        return (grads[0], grads[1], grads[2]) + (None,) * 13
 
 
 # --- argument checks ------------------------------------------------------------------------------
@@ -384,7 +385,7 @@ def fused_linear_kd_loss(
     C = chunk_size or default_chunk_size(n, V, device, buffers=2 if sparse is None else 1)
     return _FusedLinearKDFunction.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, sparse, lab, row_weight,
                                         temperature, float(alpha_kd), float(alpha_mlm), kind == "soft_ce", name,
-                                        int(C))
+                                        int(C), torch.is_grad_enabled())
 
 
 class FusedLinearKDLoss(nn.Module):
