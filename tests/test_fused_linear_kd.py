@@ -245,3 +245,13 @@ def test_validation_errors_name_the_argument():
         f(h_s, w_s, teacher_sparse=(lead_ids, vals.reshape(*LEAD, 4), lse.reshape(LEAD)), kind="soft_ce")
     with pytest.raises(ValueError, match="backend"):
         f(h_s, w_s, h_t, w_t, backend="nope")
+
+
+def test_bench_suite_runs_on_a_small_shape():
+    from kdfast.bench import fused_linear_kd as bench
+    from kdfast.benchmarking import format_table
+
+    res = bench.run(torch.device("cpu"), (2, 16), student_hiddens=(32,), repeat=1, warmup=0, vocab=300)
+    assert {r.impl.split(" liger")[0] for r in res} >= {"eager", "eager gathered"}
+    assert all(r.ms is not None and not r.note for r in res), [r.note for r in res]
+    assert "eager gathered" in format_table(res)

@@ -59,19 +59,19 @@ def _step(loss_fn, h_s, w_s, b_s):
 
 
 def entries(device: torch.device, tokens: tuple[int, int], d_s: int, temperature: float = 2.0,
-            mask_frac: float = 0.15, seed: int = 0) -> list[Entry]:
+            mask_frac: float = 0.15, seed: int = 0, vocab: int = VOCAB) -> list[Entry]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     B, L = tokens
     n = B * L
     h_s = torch.randn(B, L, d_s, generator=g).to(device)
-    w_s = (torch.randn(VOCAB, d_s, generator=g) * 0.05).to(device)
-    b_s = (torch.randn(VOCAB, generator=g) * 0.1).to(device)
+    w_s = (torch.randn(vocab, d_s, generator=g) * 0.05).to(device)
+    b_s = (torch.randn(vocab, generator=g) * 0.1).to(device)
     h_t = torch.randn(B, L, TEACHER_HIDDEN, generator=g).to(device)
-    w_t = (torch.randn(VOCAB, TEACHER_HIDDEN, generator=g) * 0.05).to(device)
-    b_t = (torch.randn(VOCAB, generator=g) * 0.1).to(device)
+    w_t = (torch.randn(vocab, TEACHER_HIDDEN, generator=g) * 0.05).to(device)
+    b_t = (torch.randn(vocab, generator=g) * 0.1).to(device)
     labels = torch.full((n,), -100, dtype=torch.int64)
     masked = torch.randperm(n, generator=g)[: round(mask_frac * n)]
-    labels[masked] = torch.randint(0, VOCAB, (masked.numel(),), generator=g)
+    labels[masked] = torch.randint(0, vocab, (masked.numel(),), generator=g)
     labels = labels.reshape(B, L).to(device)
     rows = masked.numel()
     T = temperature
@@ -86,7 +86,7 @@ def entries(device: torch.device, tokens: tuple[int, int], d_s: int, temperature
     ours = [b for b in ("triton", "cuda") if device.type == "cuda" and status[b].available]
     ours += ["cpu"] if device.type == "cpu" and status["cpu"].available else []
     ours = ours or ["torch"]
-    liger = liger_chunk_size(rows, VOCAB, d_s)
+    liger = liger_chunk_size(rows, vocab, d_s)
     for be in ours:
         out.append(Entry(SUITE, case, f"kdfast-{be}", _step(
             lambda h, w, b, be=be: kdfast.fused_linear_kd_loss(h, w, h_t, w_t, student_bias=b, teacher_bias=b_t,
@@ -101,7 +101,7 @@ def entries(device: torch.device, tokens: tuple[int, int], d_s: int, temperature
 
 
 def run(device: torch.device, tokens: tuple[int, int] | None = None, *, student_hiddens=STUDENT_HIDDENS,
-        repeat: int = 3, warmup: int = 1) -> list[Result]:
+        repeat: int = 3, warmup: int = 1, vocab: int = VOCAB) -> list[Result]:
     """Time and peak memory per student width. ``tokens`` = (batch, length); default 32 x 128 on a
     GPU and 8 x 128 on a CPU (eager's full-vocabulary GEMMs over 4096 tokens take ~10 s a step on
     a 2-core CPU)."""
@@ -109,7 +109,7 @@ def run(device: torch.device, tokens: tuple[int, int] | None = None, *, student_
         tokens = (32, 128) if device.type == "cuda" else (8, 128)
     results: list[Result] = []
     for d_s in student_hiddens:
-        ents = entries(device, tokens, d_s)
+        ents = entries(device, tokens, d_s, vocab=vocab)
         results += measure_all(ents, device, repeat=repeat, warmup=warmup)
         del ents
     return results
