@@ -224,6 +224,10 @@ def test_validation_errors_name_the_argument():
         f(h_s, w_s, h_t[:2], w_t)
     with pytest.raises(ValueError, match="student_weight has dtype"):
         f(h_s, w_s.double(), h_t, w_t)
+    with pytest.raises(ValueError, match="student_weight is on meta"):
+        f(h_s, w_s.to("meta"), h_t, w_t)
+    with pytest.raises(ValueError, match="teacher_hidden is on meta"):
+        f(h_s, w_s, h_t.to("meta"), w_t.to("meta"))
     with pytest.raises(ValueError, match="temperature"):
         f(h_s, w_s, h_t, w_t, temperature=0.0)
     with pytest.raises(ValueError, match="teacher_weight is required"):
