@@ -8,6 +8,7 @@
 from kdfast.backend import backends
 from kdfast.losses import (
     DistillationLoss,
+    FusedLinearKDLoss,
     HiddenMSELoss,
     KDLoss,
     SparseKDLoss,
@@ -16,6 +17,7 @@ from kdfast.losses import (
     cosine_loss,
     feature_map_loss,
     flash_attention_transfer,
+    fused_linear_kd_loss,
     hidden_mse_loss,
     kd_loss,
     sparse_kd_loss,
@@ -23,7 +25,8 @@ from kdfast.losses import (
 )
 
 __version__ = "0.1.0"
-__all__ = ["DistillationLoss", "HiddenMSELoss", "KDLoss", "SparseKDLoss", "attention_kl_loss", "attention_mse_loss", "backends", "cosine_loss", "feature_map_loss",
-           "flash_attention_transfer", "hidden_mse_loss",
-           "kd_loss", "sparse_kd_loss", "sparsify_teacher_logits",
-           "__version__"]
+__all__ = [
+    "DistillationLoss", "FusedLinearKDLoss", "HiddenMSELoss", "KDLoss", "SparseKDLoss", "attention_kl_loss",
+    "attention_mse_loss", "backends", "cosine_loss", "feature_map_loss", "flash_attention_transfer",
+    "fused_linear_kd_loss", "hidden_mse_loss", "kd_loss", "sparse_kd_loss", "sparsify_teacher_logits", "__version__",
+]

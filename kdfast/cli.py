@@ -25,6 +25,14 @@ def _device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def _parse_tokens(text: str) -> tuple[int, int]:
+    try:
+        b, n = text.lower().split("x")
+        return int(b), int(n)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tokens expects BATCHxLENGTH, e.g. 32x128, got {text!r}") from None
+
+
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         n, v = text.lower().split("x")
@@ -33,7 +41,7 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--size expects ROWSxVOCAB, e.g. 1024x30522, got {text!r}") from None
 
 
-SUITES = ("kd_loss", "attention", "models", "cache")
+SUITES = ("kd_loss", "attention", "fused_linear_kd", "models", "cache")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -80,6 +88,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(format_table(cache_results, baseline="live teacher"), flush=True)
         results += cache_results
+    if "fused_linear_kd" in args.suites:
+        from kdfast.bench import fused_linear_kd as flkd_bench
+
+        flkd_results = flkd_bench.run(device, args.tokens, repeat=args.repeat)
+        print()
+        print(format_table(flkd_results), flush=True)
+        results += flkd_results
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": _device_name(device), "torch": torch.__version__,
@@ -156,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default fp32 (CPU), bf16 (GPU)")
     b.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    b.add_argument("--tokens", type=_parse_tokens, default=None,
+                   help="fused_linear_kd suite: BATCHxLENGTH tokens (default 32x128 on a GPU, 8x128 on a CPU)")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.add_argument("--suites", nargs="+", choices=SUITES, default=None,
                    help=f"which suites to run (default: all; --quick: kd_loss); choices {SUITES}")

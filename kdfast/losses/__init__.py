@@ -2,10 +2,13 @@
 
 from kdfast.losses.attention import attention_kl_loss, attention_mse_loss, flash_attention_transfer
 from kdfast.losses.distillation import DistillationLoss
+from kdfast.losses.fused_linear_kd import FusedLinearKDLoss, fused_linear_kd_loss
 from kdfast.losses.hidden import HiddenMSELoss, cosine_loss, feature_map_loss, hidden_mse_loss
 from kdfast.losses.kd import KDLoss, kd_loss
 from kdfast.losses.sparse_kd import SparseKDLoss, sparse_kd_loss, sparsify_teacher_logits
 
-__all__ = ["DistillationLoss", "HiddenMSELoss", "KDLoss", "SparseKDLoss", "attention_kl_loss", "attention_mse_loss", "cosine_loss",
-           "feature_map_loss", "flash_attention_transfer", "hidden_mse_loss", "kd_loss", "sparse_kd_loss",
-           "sparsify_teacher_logits"]
+__all__ = [
+    "DistillationLoss", "FusedLinearKDLoss", "HiddenMSELoss", "KDLoss", "SparseKDLoss", "attention_kl_loss",
+    "attention_mse_loss", "cosine_loss", "feature_map_loss", "flash_attention_transfer", "fused_linear_kd_loss",
+    "hidden_mse_loss", "kd_loss", "sparse_kd_loss", "sparsify_teacher_logits",
+]

@@ -1,0 +1,421 @@
+r"""Fused linear KD: distil through the LM head without ever building tokens x vocabulary.
+
+Public: :func:`fused_linear_kd_loss`, :class:`FusedLinearKDLoss`, :func:`default_chunk_size`.
+
+The student's logits are s = h_s W_s^T + b_s (BERT's decoder has a bias; the prediction-head
+transform dense -> GELU -> LayerNorm stays outside, it is [N, d] and cheap). The teacher's
+logits come either from its own hidden states and head (t = h_t W_t^T + b_t, the hidden sizes
+may differ) or from sparse cached logits (:func:`kdfast.sparsify_teacher_logits`).
+
+Rows (tokens) are processed in chunks of C rows. For each chunk, all inside the forward:
+
+1. ``logits_s = h_s[chunk] W_s^T + b_s`` into a preallocated [C, V] buffer (one GEMM, fp32
+   accumulate; fp64 for fp64 inputs), ``logits_t`` likewise into a second buffer (or nothing for a
+   sparse teacher);
+2. the fused KD kernel of :mod:`kdfast.losses.kd` (or :mod:`kdfast.losses.sparse_kd`) writes
+   d loss / d logits_s *in place* over the ``logits_s`` buffer, and returns the loss rows;
+3. ``grad_h[chunk] = grad_logits W_s``, ``grad_W += grad_logits^T h_s[chunk]``,
+   ``grad_b += grad_logits.sum(0)``.
+
+The teacher is frozen, so these are the final gradients up to the upstream scalar: backward only
+multiplies them by ``grad_output`` (and skips even that when it is exactly 1). Peak memory beyond
+the inputs is 2 C V (logits buffers) + V d_s (grad_W, which a trained head needs anyway) +
+N d_s; the N x V logits never exist.
+
+Only rows that count are projected: with ``restrict_to_masked`` and ``labels``, the rows with
+``labels != ignore_index`` are gathered first (about 15% of the tokens under BERT's masking), so
+the GEMMs shrink by the same factor against "full logits, then select the masked rows".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from kdfast import backend as _backend
+from kdfast.losses import sparse_kd as _sparse
+from kdfast.losses._checks import check_choice, check_positive, check_row_tensor, check_tensor
+from kdfast.losses.kd import KINDS, _kd_fwd_bwd
+
+SPARSE_MODES = ("topk", "sampled")
+
+# Chunk-size policy (see default_chunk_size).
+GPU_LOGITS_BUDGET = 256 << 20
+CPU_LOGITS_BUDGET = 64 << 20
+GPU_ROW_ALIGN = 128
+CPU_ROW_ALIGN = 64
+
+
+def default_chunk_size(n_rows: int, vocab: int, device: torch.device, *, buffers: int = 2,
+                       bytes_per_elem: int = 4) -> int:
+    r"""Rows per chunk: as many as a memory budget for the logits buffers allows, in GEMM-sized multiples.
+
+    The rule. A chunk needs ``buffers`` (2: student, teacher; 1 for a sparse teacher) logits
+    buffers of C x V fp32. Pick the largest C with ``buffers * C * V * 4 <= budget``, rounded down
+    to a multiple of the GEMM tile (128 rows on a GPU, 64 on a CPU), then spread the rows evenly
+    over the resulting number of chunks (rounded up to the tile again) so that the last chunk is
+    not a sliver, and never larger than the row count. Budgets: 256 MiB on a GPU (at V = 30522:
+    C = 1024 with a dense teacher, 2048 with a sparse one), 64 MiB on a CPU (C = 256: the
+    GEMM's throughput on a CPU is flat from about 128 rows on, and a smaller buffer is more of
+    it in cache when the KD kernel and the two gradient GEMMs read it back).
+
+    Why not Liger's ``cdiv(V, H)`` chunks. Liger-Kernel splits the rows into about V / H chunks
+    (the idea: keep the chunk's logits about as large as the hidden states). At BERT's
+    V = 30522, H = 768 that is 40 chunks: for the 32 x 128 x 15% = 614 masked rows of a BERT
+    batch, 16-row chunks, and ~100 rows even for all 4096 tokens. GEMMs with M = 16..100 run far
+    below peak (a tensor-core tile is 128 rows, and each chunk re-reads the whole V x H head three
+    times: logits, grad_h, grad_W), and the fixed per-chunk cost (kernel launches, a pass over W)
+    is paid 40 times. The memory it saves is irrelevant at BERT scale: a budgeted 1024-row chunk
+    is 2 x 125 MB of logits, already far less than the V x H fp32 weight gradient plus what
+    eager's 4096 x 30522 logits need (0.5 GB per copy). A fixed budget gives the fewest chunks
+    whose memory one can afford, independent of H.
+    """
+    if n_rows <= 0:
+        return 1
+    on_gpu = device.type == "cuda"
+    budget = GPU_LOGITS_BUDGET if on_gpu else CPU_LOGITS_BUDGET
+    align = GPU_ROW_ALIGN if on_gpu else CPU_ROW_ALIGN
+    cap = budget // max(1, buffers * vocab * bytes_per_elem)
+    cap = max(align, cap // align * align)
+    if n_rows <= cap:
+        return n_rows
+    chunks = math.ceil(n_rows / cap)
+    even = math.ceil(math.ceil(n_rows / chunks) / align) * align
+    return min(cap, even)
+
+
+class _FusedLinearKDFunction(torch.autograd.Function):
+    """Loss (a scalar) from hidden rows and the LM head; gradients computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, sparse, labels, row_weight, temperature, alpha_kd, alpha_mlm,
+                soft_ce, backend, chunk, want_grad):
+        # ``sparse`` is (ids, values, lse or None, sampled) or None. ``want_grad``: grad mode was on at the
+        # call (inside forward it is always off); under no_grad only the loss is computed.
+        need_h, need_w, need_b = (want_grad and ctx.needs_input_grad[i] for i in range(3))
+        acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+        n, d_s = h_s.shape
+        V = w_s.shape[0]
+        dev = h_s.device
+        w_s_c = w_s.to(acc)
+        b_s_c = None if b_s is None else b_s.to(acc)
+        if sparse is None:
+            w_t_c = w_t.to(acc)
+            b_t_c = None if b_t is None else b_t.to(acc)
+        C = max(1, min(chunk, n))
+        buf_s = torch.empty(C, V, dtype=acc, device=dev)
+        buf_t = torch.empty(C, V, dtype=acc, device=dev) if sparse is None else None
+        grad_h = torch.empty(n, d_s, dtype=acc, device=dev) if need_h else None
+        grad_w = torch.zeros(V, d_s, dtype=acc, device=dev) if need_w else None
+        grad_b = torch.zeros(V, dtype=acc, device=dev) if need_b else None
+        total = torch.zeros((), dtype=acc, device=dev)
+        for start in range(0, n, C):
+            end = min(n, start + C)
+            m = end - start
+            hc = h_s[start:end].to(acc)
+            ls = buf_s[:m]
+            if b_s_c is None:
+                torch.mm(hc, w_s_c.t(), out=ls)
+            else:
+                torch.addmm(b_s_c, hc, w_s_c.t(), out=ls)
+            if sparse is None:
+                lt = buf_t[:m]
+                htc = h_t[start:end].to(acc)
+                if b_t_c is None:
+                    torch.mm(htc, w_t_c.t(), out=lt)
+                else:
+                    torch.addmm(b_t_c, htc, w_t_c.t(), out=lt)
+                rows = _kd_fwd_bwd(backend, ls, lt, labels[start:end], row_weight[start:end], ls, temperature,
+                                   alpha_kd, alpha_mlm, soft_ce)
+            else:
+                ids, vals, lse, sampled = sparse
+                rows = _sparse._sparse_kd_fwd_bwd(backend, ls, ids[start:end], vals[start:end],
+                                                  None if lse is None else lse[start:end], labels[start:end],
+                                                  row_weight[start:end], ls, temperature, alpha_kd, alpha_mlm,
+                                                  sampled)
+            total += rows.sum().to(acc)
+            g = ls  # now the gradient wrt this chunk's student logits
+            if need_h:
+                torch.mm(g, w_s_c, out=grad_h[start:end])
+            if need_w:
+                grad_w.addmm_(g.t(), hc)
+            if need_b:
+                grad_b += g.sum(0)
+        del buf_s, buf_t
+        ctx.save_for_backward(
+            grad_h.to(h_s.dtype) if need_h else None,
+            grad_w.to(w_s.dtype) if need_w else None,
+            grad_b.to(b_s.dtype) if need_b else None,
+        )
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = list(ctx.saved_tensors)
+        one = not torch.compiler.is_compiling() and grad_out.item() == 1.0
+        if not one:
+            grads = [None if g is None else g * grad_out.to(g.dtype) for g in grads]
+        return (grads[0], grads[1], grads[2]) + (None,) * 13
+
+
+# --- argument checks ------------------------------------------------------------------------------
+
+def _check_linear(prefix: str, hidden, weight, bias, device=None) -> tuple[Tensor, Tensor, Tensor | None]:
+    hn, wn, bn = f"{prefix}_hidden", f"{prefix}_weight", f"{prefix}_bias"
+    hidden = check_tensor(hn, hidden, min_dim=2)
+    weight = check_tensor(wn, weight, min_dim=2)
+    if weight.dim() != 2:
+        raise ValueError(f"{wn} must be 2-D [V, hidden], got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{wn} has width {weight.shape[1]} but {hn} has hidden size {hidden.shape[-1]} "
+                         f"({wn} must be [V, {hidden.shape[-1]}])")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"{wn} is empty (shape {tuple(weight.shape)})")
+    if bias is not None:
+        bias = check_tensor(bn, bias, min_dim=1)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{bn} has shape {tuple(bias.shape)}, expected [{weight.shape[0]}] (the vocabulary)")
+    for name, x in ((wn, weight), (bn, bias)):
+        if x is None:
+            continue
+        if x.device != hidden.device:
+            raise ValueError(f"{name} is on {x.device} but {hn} is on {hidden.device}")
+        if x.dtype != hidden.dtype:
+            raise ValueError(f"{name} has dtype {x.dtype} but {hn} has dtype {hidden.dtype}")
+    if device is not None and hidden.device != device:
+        raise ValueError(f"{hn} is on {hidden.device} but student_hidden is on {device}")
+    return hidden, weight, bias
+
+
+def _unpack_sparse(teacher_sparse, sparse_mode, lead, V, device):
+    if not isinstance(teacher_sparse, (tuple, list)) or len(teacher_sparse) not in (2, 3):
+        raise ValueError("teacher_sparse must be a tuple (ids, values[, logsumexp]) as stored by "
+                         f"kdfast.sparsify_teacher_logits, got {type(teacher_sparse).__name__}"
+                         + (f" of length {len(teacher_sparse)}" if isinstance(teacher_sparse, (tuple, list)) else ""))
+    if sparse_mode is None:
+        # sparsify_teacher_logits stores topk as (ids, values, logsumexp) and sampled as (ids, counts)
+        sparse_mode = "topk" if len(teacher_sparse) == 3 else "sampled"
+    check_choice("sparse_mode", sparse_mode, SPARSE_MODES)
+    ids, vals = teacher_sparse[0], teacher_sparse[1]
+    lse = teacher_sparse[2] if len(teacher_sparse) == 3 else None
+    if lse is not None and sparse_mode != "topk":
+        raise ValueError("teacher_sparse has a logsumexp (3 entries), which only sparse_mode='topk' uses")
+    ids = _sparse._check_ids("teacher_sparse ids", ids, lead, device)
+    K = ids.shape[-1]
+    if K == 0 or K > V:
+        raise ValueError(f"teacher_sparse ids keep K = {K} ids per row; need 1 <= K <= V = {V} "
+                         "(the student_weight vocabulary)")
+    vals = check_tensor("teacher_sparse values", vals, min_dim=1)
+    if vals.shape != ids.shape:
+        raise ValueError(f"teacher_sparse values have shape {tuple(vals.shape)} but ids have {tuple(ids.shape)}")
+    if vals.device != device:
+        raise ValueError(f"teacher_sparse values are on {vals.device} but student_hidden is on {device}")
+    if lse is not None:
+        lse = check_row_tensor("teacher_sparse logsumexp", lse, lead, device)
+        check_tensor("teacher_sparse logsumexp", lse, min_dim=0)
+    return ids, vals, lse, sparse_mode
+
+
+# --- public API ----------------------------------------------------------------------------------
+
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
+    *,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    teacher_sparse: tuple[Tensor, ...] | None = None,
+    sparse_mode: str | None = None,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    alpha_kd: float = 1.0,
+    alpha_mlm: float = 0.0,
+    restrict_to_masked: bool = True,
+    chunk_size: int | None = None,
+    kind: str = "kl",
+    backend: str = "auto",
+) -> Tensor:
+    r"""Logit distillation (+ MLM) from hidden states through the LM head, chunked, never N x V.
+
+    Equals ``kdfast.kd_loss(h_s W_s^T + b_s, h_t W_t^T + b_t, labels=labels, mask=mask, ...)``
+    with ``reduction="batchmean"`` (or :func:`kdfast.sparse_kd_loss` against ``teacher_sparse``),
+    without materialising either logits tensor; see the module docstring for the algorithm.
+
+    Which rows count (are projected at all):
+    - ``restrict_to_masked=True`` (default; DistilBERT's ``restrict_ce_to_mask``): rows with
+      ``labels != ignore_index`` (and ``mask != 0``); without ``labels``, every row with
+      ``mask != 0``. Both the KD and the MLM term are averaged over these rows, as in
+      :func:`kdfast.kd_loss`.
+    - ``restrict_to_masked=False``: KD over every row with ``mask != 0`` whatever its label
+      (DistilBERT's default, over the attention mask). The MLM term needs the labelled subset,
+      a different row set, so ``alpha_mlm`` must be 0 there (compute MLM separately).
+    With no counted row the loss is 0 (and the gradients 0), never NaN.
+
+    Args:
+        student_hidden: [..., d_s] output of the head transform (dense -> GELU -> LayerNorm).
+            float32 / float16 / bfloat16 / float64; the GEMMs accumulate in fp32 (fp64 for fp64)
+            and the logits chunks are fp32.
+        student_weight: [V, d_s] decoder weight (tied to the word embeddings in BERT), same dtype
+            and device as ``student_hidden``. ``student_bias``: [V] or None.
+        teacher_hidden, teacher_weight, teacher_bias: the teacher's side, [..., d_t], [V, d_t],
+            [V]; same leading shape and V as the student's; its own dtype. Treated as frozen
+            (no gradient flows to it).
+        teacher_sparse: instead of the teacher's head, its cached sparse logits:
+            ``(ids, values, logsumexp)`` (top-k, with the rest bucket), ``(ids, counts)``
+            (sampled) as :func:`kdfast.sparsify_teacher_logits` returns them, shapes [..., K]
+            and [...]. ``sparse_mode`` ("topk" / "sampled") overrides the inference from the
+            tuple's length (e.g. ``sparse_mode="topk"`` with ``(ids, values)``: no rest bucket).
+        labels: [...] int MLM targets; ``ignore_index`` marks rows without one.
+        mask: [...] attention mask; rows where it is 0 never count.
+        temperature, alpha_kd, alpha_mlm, kind: as in :func:`kdfast.kd_loss` (``kind="soft_ce"``
+            only with a dense teacher).
+        chunk_size: rows per chunk; default :func:`default_chunk_size` (a memory budget for the
+            two C x V fp32 buffers, in multiples of 64/128 rows).
+        backend: the KD kernel's backend (``auto`` / ``triton`` / ``cuda`` / ``cpu`` / ``torch``);
+            with a sparse teacher as :func:`kdfast.sparse_kd_loss` (no C++ kernel: ``auto`` on CPU
+            is ``torch``). The GEMMs are always torch's.
+
+    Returns:
+        The scalar loss, float32 (float64 for float64 inputs). Gradients flow to
+        ``student_hidden``, ``student_weight`` and ``student_bias``.
+
+    Raises:
+        ValueError naming the argument: shapes, hidden widths, vocabulary mismatch between
+        ``student_weight`` and ``teacher_weight``, sparse ids out of [0, V), dtype / device
+        mismatches, temperature <= 0, neither or both of ``teacher_hidden`` and
+        ``teacher_sparse``, unknown kind / backend / sparse_mode, bad chunk_size.
+    """
+    student_hidden, student_weight, student_bias = _check_linear("student", student_hidden, student_weight,
+                                                                 student_bias)
+    device = student_hidden.device
+    lead = student_hidden.shape[:-1]
+    V = student_weight.shape[0]
+    temperature = check_positive("temperature", temperature)
+    check_choice("kind", kind, KINDS)
+    if teacher_hidden is None and teacher_sparse is None:
+        raise ValueError("give the teacher: teacher_hidden (with teacher_weight) or teacher_sparse; neither was given")
+    if teacher_hidden is not None and teacher_sparse is not None:
+        raise ValueError("give teacher_hidden (with teacher_weight) or teacher_sparse, not both")
+    if math.prod(lead) == 0:
+        raise ValueError(f"student_hidden is an empty batch (shape {tuple(student_hidden.shape)})")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+    sparse = None
+    if teacher_sparse is None:
+        if teacher_weight is None:
+            raise ValueError("teacher_weight is required with teacher_hidden")
+        teacher_hidden, teacher_weight, teacher_bias = _check_linear("teacher", teacher_hidden, teacher_weight,
+                                                                     teacher_bias, device)
+        if teacher_hidden.shape[:-1] != lead:
+            raise ValueError(f"teacher_hidden has leading shape {tuple(teacher_hidden.shape[:-1])} but "
+                             f"student_hidden has {tuple(lead)}: one row per token on both sides")
+        if teacher_weight.shape[0] != V:
+            raise ValueError(f"vocabulary mismatch: teacher_weight has V = {teacher_weight.shape[0]} rows but "
+                             f"student_weight has V = {V}")
+        name = _backend.resolve(backend, device)
+    else:
+        if teacher_weight is not None or teacher_bias is not None:
+            raise ValueError("teacher_weight / teacher_bias go with teacher_hidden, not with teacher_sparse")
+        if kind != "kl":
+            raise ValueError("kind='soft_ce' needs a dense teacher (teacher_hidden); the sparse teacher is KL")
+        ids, vals, lse, sparse_mode = _unpack_sparse(teacher_sparse, sparse_mode, lead, V, device)
+        name = _sparse._resolve(backend, device)
+
+    labels = check_row_tensor("labels", labels, lead, device)
+    mask = check_row_tensor("mask", mask, lead, device)
+    if labels is not None and (labels.dtype.is_floating_point or labels.dtype == torch.bool):
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if alpha_mlm != 0 and labels is None:
+        raise ValueError("labels are required when alpha_mlm != 0")
+    if alpha_mlm != 0 and not restrict_to_masked:
+        raise ValueError("alpha_mlm != 0 needs restrict_to_masked=True (KD and MLM over the same labelled rows); "
+                         "with restrict_to_masked=False compute the MLM term separately")
+
+    # Which rows count, and gather them (the only N-sized work besides the gathers of h).
+    N = math.prod(lead)
+    counted = torch.ones(N, dtype=torch.bool, device=device)
+    labels_flat = None
+    if labels is not None:
+        labels_flat = labels.reshape(N).to(torch.int64)
+        if restrict_to_masked:
+            counted &= labels_flat != ignore_index
+    if mask is not None:
+        counted &= mask.reshape(N).bool()
+    idx = counted.nonzero().squeeze(1)
+    n = idx.numel()
+    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    if n == 0:
+        # Nothing counts: a zero that still depends on the inputs, so backward gives zero gradients.
+        z = student_hidden.sum() * 0 + student_weight.sum() * 0
+        if student_bias is not None:
+            z = z + student_bias.sum() * 0
+        return z.to(acc)
+    if labels_flat is not None:
+        lab = labels_flat.index_select(0, idx)
+        if alpha_mlm != 0 and not torch.compiler.is_compiling() and bool(((lab < 0) | (lab >= V)).any()):
+            bad = lab[(lab < 0) | (lab >= V)][0].item()
+            raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; found {bad}")
+        lab = lab.clamp(0, V - 1).contiguous()
+    else:
+        lab = torch.zeros(n, dtype=torch.int64, device=device)
+    h_s = student_hidden.reshape(N, -1).index_select(0, idx)
+    row_weight = torch.full((n,), 1.0 / n, dtype=acc, device=device)
+    if teacher_sparse is None:
+        h_t = teacher_hidden.detach().reshape(N, -1).index_select(0, idx)
+        w_t, b_t = teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
+    else:
+        K = ids.shape[-1]
+        ids_g = ids.reshape(N, K).to(torch.int64).index_select(0, idx).contiguous()
+        vals_g = vals.detach().reshape(N, K).index_select(0, idx).contiguous()
+        lse_g = None
+        if lse is not None:
+            lse_g = lse.detach().reshape(N).index_select(0, idx).to(acc).contiguous()
+        if not torch.compiler.is_compiling():
+            _sparse._check_counted_rows(ids_g, vals_g, lse_g, V, sparse_mode)
+        sparse = (ids_g, vals_g, lse_g, sparse_mode == "sampled")
+        h_t = w_t = b_t = None
+    C = chunk_size or default_chunk_size(n, V, device, buffers=2 if sparse is None else 1)
+    return _FusedLinearKDFunction.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, sparse, lab, row_weight,
+                                        temperature, float(alpha_kd), float(alpha_mlm), kind == "soft_ce", name,
+                                        int(C), torch.is_grad_enabled())
+
+
+class FusedLinearKDLoss(nn.Module):
+    """Module form of :func:`fused_linear_kd_loss` with its keyword arguments fixed at construction.
+
+    ``forward(student_hidden, student_weight, teacher_hidden=None, teacher_weight=None, *,
+    student_bias=None, teacher_bias=None, teacher_sparse=None, labels=None, mask=None)``.
+    """
+
+    def __init__(self, temperature: float = 1.0, *, alpha_kd: float = 1.0, alpha_mlm: float = 0.0,
+                 kind: str = "kl", ignore_index: int = -100, restrict_to_masked: bool = True,
+                 chunk_size: int | None = None, sparse_mode: str | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.alpha_kd, self.alpha_mlm = float(alpha_kd), float(alpha_mlm)
+        self.kind = check_choice("kind", kind, KINDS)
+        self.ignore_index, self.restrict_to_masked = ignore_index, restrict_to_masked
+        self.chunk_size, self.sparse_mode, self.backend = chunk_size, sparse_mode, backend
+
+    def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None = None,
+                teacher_weight: Tensor | None = None, *, student_bias: Tensor | None = None,
+                teacher_bias: Tensor | None = None, teacher_sparse: tuple[Tensor, ...] | None = None,
+                labels: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        return fused_linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
+            teacher_bias=teacher_bias, teacher_sparse=teacher_sparse, sparse_mode=self.sparse_mode, labels=labels,
+            mask=mask, ignore_index=self.ignore_index, temperature=self.temperature, alpha_kd=self.alpha_kd,
+            alpha_mlm=self.alpha_mlm, restrict_to_masked=self.restrict_to_masked, chunk_size=self.chunk_size,
+            kind=self.kind, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, alpha_kd={self.alpha_kd}, alpha_mlm={self.alpha_mlm}, "
+                f"kind={self.kind!r}, restrict_to_masked={self.restrict_to_masked}, backend={self.backend!r}")

@@ -1,0 +1,261 @@
+"""kdfast.fused_linear_kd_loss against float64 references with materialised logits (autograd)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kdfast
+from kdfast.kernels.reference import kd_loss_reference, sparse_kd_loss_reference
+from kdfast.losses.fused_linear_kd import default_chunk_size
+from tests.conftest import CPU_BACKENDS
+
+# fp16 hidden/weights only on cpu/torch (the interpreter's half arithmetic is not what a GPU does)
+DTYPES = {"triton": [torch.float32], "cpu": [torch.float32, torch.float16], "torch": [torch.float32, torch.float16]}
+TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3)}
+SPARSE_BACKENDS = [b for b in CPU_BACKENDS if b in ("triton", "torch")]
+
+V = 97
+D_S, D_T = 24, 40
+LEAD = (3, 7)  # 21 tokens
+
+
+def make_inputs(dtype, *, bias=True, lead=LEAD, d_s=D_S, d_t=D_T, vocab=V, mask_frac=0.4):
+    """Student/teacher hidden states and heads (teacher fp32), labels with ignored rows, a mask."""
+    n = 1
+    for x in lead:
+        n *= x
+    h_s = torch.randn(*lead, d_s, dtype=torch.float64).to(dtype)
+    w_s = (torch.randn(vocab, d_s, dtype=torch.float64) * d_s**-0.5 * 3).to(dtype)
+    b_s = (torch.randn(vocab, dtype=torch.float64) * 0.5).to(dtype) if bias else None
+    h_t = torch.randn(*lead, d_t)
+    w_t = torch.randn(vocab, d_t) * d_t**-0.5 * 3
+    b_t = torch.randn(vocab) * 0.5 if bias else None
+    labels = torch.randint(0, vocab, (n,))
+    labels[torch.randperm(n)[: int(n * mask_frac)]] = -100
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[torch.randperm(n)[: n // 7]] = False
+    return h_s, w_s, b_s, h_t, w_t, b_t, labels.reshape(lead), mask.reshape(lead)
+
+
+def leaves(*xs):
+    return [None if x is None else x.detach().clone().requires_grad_() for x in xs]
+
+
+def dense_logits(h, w, b):
+    out = h.double() @ w.double().t()
+    return out if b is None else out + b.double()
+
+
+def run_ours(h_s, w_s, b_s, grad_scale=1.0, **kw):
+    h, w, b = leaves(h_s, w_s, b_s)
+    loss = kdfast.fused_linear_kd_loss(h, w, student_bias=b, **kw)
+    (loss * grad_scale).backward()
+    return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+def run_reference(h_s, w_s, b_s, ref_fn, grad_scale=1.0):
+    h, w, b = leaves(h_s.double(), w_s.double(), None if b_s is None else b_s.double())
+    loss = ref_fn(dense_logits(h, w, b))
+    (loss * grad_scale).backward()
+    return loss.detach(), h.grad, w.grad, None if b is None else b.grad
+
+
+def assert_all_close(ours, ref, dtype):
+    rtol, atol = TOL[dtype]
+    for what, a, e in zip(("loss", "grad h_s", "grad W_s", "grad b_s"), ours, ref):
+        if e is None:
+            assert a is None, what
+            continue
+        assert a is not None, what
+        if what != "loss":
+            assert a.dtype == dtype, what
+        tol = atol * max(1.0, float(e.abs().max()))
+        torch.testing.assert_close(a.double(), e, rtol=rtol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+DENSE_CASES = [(b, dt, bias) for b in CPU_BACKENDS for dt in DTYPES[b] for bias in (True, False)]
+DENSE_IDS = [f"{b}-{str(dt).replace('torch.', '')}-{'bias' if bias else 'nobias'}" for b, dt, bias in DENSE_CASES]
+
+
+@pytest.mark.parametrize("backend,dtype,bias", DENSE_CASES, ids=DENSE_IDS)
+def test_dense_teacher_matches_reference(backend, dtype, bias):
+    """KD + MLM on labelled, unmasked rows, differing hidden sizes, chunks not dividing the rows."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(dtype, bias=bias)
+    kw = dict(temperature=2.0, alpha_kd=0.7, alpha_mlm=0.4)
+    ours = run_ours(h_s, w_s, b_s, 1.7, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels,
+                    mask=mask, chunk_size=4, backend=backend, **kw)
+    t = dense_logits(h_t, w_t, b_t)
+    ref = run_reference(h_s, w_s, b_s, lambda s: kd_loss_reference(s, t, labels=labels, mask=mask, **kw), 1.7)
+    assert_all_close(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("chunk", [1, 5, 64, None])
+def test_chunk_size_does_not_change_the_result(backend, chunk):
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, _ = make_inputs(torch.float32)
+    kw = dict(teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels, temperature=1.5)
+    ours = run_ours(h_s, w_s, b_s, chunk_size=chunk, backend=backend, **kw)
+    t = dense_logits(h_t, w_t, b_t)
+    ref = run_reference(h_s, w_s, b_s, lambda s: kd_loss_reference(s, t, labels=labels, temperature=1.5))
+    assert_all_close(ours, ref, torch.float32)
+
+
+def test_all_rows_and_soft_ce_without_labels():
+    """No labels: every row counts; soft_ce has the KL's gradient."""
+    h_s, w_s, b_s, h_t, w_t, b_t, _, _ = make_inputs(torch.float32, lead=(13,))
+    t = dense_logits(h_t, w_t, b_t)
+    for kind in ("kl", "soft_ce"):
+        ours = run_ours(h_s, w_s, b_s, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, temperature=3.0,
+                        kind=kind, chunk_size=6, backend="torch")
+        ref = run_reference(h_s, w_s, b_s, lambda s: kd_loss_reference(s, t, temperature=3.0, kind=kind))
+        assert_all_close(ours, ref, torch.float32)
+
+
+def test_restrict_to_masked_false_uses_every_unmasked_row():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32)
+    ours = run_ours(h_s, w_s, b_s, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels,
+                    mask=mask, restrict_to_masked=False, temperature=2.0, chunk_size=8)
+    t = dense_logits(h_t, w_t, b_t)
+    ref = run_reference(h_s, w_s, b_s, lambda s: kd_loss_reference(s, t, mask=mask.reshape(-1), temperature=2.0))
+    assert_all_close(ours, ref, torch.float32)
+    with pytest.raises(ValueError, match="restrict_to_masked"):
+        kdfast.fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels=labels, alpha_mlm=1.0, restrict_to_masked=False)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_all_rows_masked_gives_zero_not_nan(backend):
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, _ = make_inputs(torch.float32)
+    labels = torch.full_like(labels, -100)
+    loss, gh, gw, gb = run_ours(h_s, w_s, b_s, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t,
+                                labels=labels, backend=backend)
+    assert loss.item() == 0.0
+    for g in (gh, gw, gb):
+        assert g is not None and bool((g == 0).all())
+
+
+SPARSE_CASES = [(b, m) for b in SPARSE_BACKENDS for m in ("topk_lse", "topk", "sampled")]
+
+
+@pytest.mark.parametrize("backend,form", SPARSE_CASES)
+def test_sparse_teacher_matches_reference(backend, form):
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32)
+    T = 2.0
+    t = dense_logits(h_t, w_t, b_t).float()
+    if form == "sampled":
+        ids, vals = kdfast.sparsify_teacher_logits(t, 16, mode="sampled", temperature=T)
+        teacher_sparse, mode, lse = (ids, vals), "sampled", None
+    else:
+        ids, vals, lse = kdfast.sparsify_teacher_logits(t, 8, mode="topk", temperature=T)
+        if form == "topk":
+            lse = None
+        teacher_sparse = (ids, vals, lse) if lse is not None else (ids, vals)
+        mode = "topk"
+    kw = dict(temperature=T, alpha_mlm=0.3)
+    ours = run_ours(h_s, w_s, b_s, 1.3, teacher_sparse=teacher_sparse,
+                    sparse_mode="topk" if form == "topk" else None, labels=labels, mask=mask, chunk_size=5,
+                    backend=backend, **kw)
+    ref = run_reference(h_s, w_s, b_s, lambda s: sparse_kd_loss_reference(
+        s, ids, vals, mode=mode, teacher_logsumexp=lse, labels=labels.reshape(-1), mask=mask.reshape(-1), **kw), 1.3)
+    assert_all_close(ours, ref, torch.float32)
+
+
+def test_sparse_teacher_fp16_hidden_torch():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, _ = make_inputs(torch.float16)
+    t = dense_logits(h_t, w_t, b_t).float()
+    ids, vals, lse = kdfast.sparsify_teacher_logits(t, 8, temperature=1.0)
+    ours = run_ours(h_s, w_s, b_s, teacher_sparse=(ids.reshape(*LEAD, 8), vals.reshape(*LEAD, 8), lse.reshape(LEAD)),
+                    labels=labels, chunk_size=3, backend="torch")
+    ref = run_reference(h_s, w_s, b_s, lambda s: sparse_kd_loss_reference(
+        s, ids, vals, teacher_logsumexp=lse, labels=labels.reshape(-1)))
+    assert_all_close(ours, ref, torch.float16)
+
+
+def test_module_form_and_frozen_weight():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, _ = make_inputs(torch.float32)
+    mod = kdfast.FusedLinearKDLoss(2.0, alpha_mlm=0.5, chunk_size=7, backend="torch")
+    h = h_s.clone().requires_grad_()
+    loss = mod(h, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, labels=labels)  # weight frozen: no grad_W
+    loss.backward()
+    ref = kdfast.fused_linear_kd_loss(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, labels=labels,
+                                      temperature=2.0, alpha_mlm=0.5, backend="torch")
+    torch.testing.assert_close(loss.detach(), ref)
+    assert h.grad is not None and w_s.grad is None
+
+
+def test_no_grad_gives_the_same_loss():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, _ = make_inputs(torch.float32)
+    h = h_s.clone().requires_grad_()
+    kw = dict(student_bias=b_s, teacher_bias=b_t, labels=labels, temperature=2.0, backend="torch")
+    with torch.no_grad():
+        loss = kdfast.fused_linear_kd_loss(h, w_s, h_t, w_t, **kw)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, kdfast.fused_linear_kd_loss(h, w_s, h_t, w_t, **kw).detach())
+
+
+def test_default_chunk_size_rule():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert default_chunk_size(30, 30522, cpu) == 30                 # fits: one chunk
+    c = default_chunk_size(614, 30522, cpu)                          # BERT batch's masked rows on a CPU
+    assert c % 64 == 0 and 2 * c * 30522 * 4 <= 64 << 20 and c >= 128
+    g = default_chunk_size(4096, 30522, gpu)
+    assert g % 128 == 0 and 2 * g * 30522 * 4 <= 256 << 20 and g == 1024
+    assert default_chunk_size(4096, 30522, gpu, buffers=1) == 2048   # sparse teacher: one buffer
+    assert default_chunk_size(1100, 30522, gpu) == 640               # 2 even chunks, not 1024 + 76
+
+
+def test_validation_errors_name_the_argument():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, _ = make_inputs(torch.float32)
+    f = kdfast.fused_linear_kd_loss
+    with pytest.raises(ValueError, match="neither"):
+        f(h_s, w_s)
+    ids, vals, lse = kdfast.sparsify_teacher_logits(dense_logits(h_t, w_t, b_t).float(), 4)
+    with pytest.raises(ValueError, match="not both"):
+        f(h_s, w_s, h_t, w_t, teacher_sparse=(ids, vals, lse))
+    with pytest.raises(ValueError, match="student_weight has width"):
+        f(h_s, w_t, h_t, w_t)
+    with pytest.raises(ValueError, match="teacher_weight has width"):
+        f(h_s, w_s, h_t, w_s)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        f(h_s, w_s, h_t, w_t[:-1])
+    with pytest.raises(ValueError, match="student_bias"):
+        f(h_s, w_s, h_t, w_t, student_bias=b_s[:-1])
+    with pytest.raises(ValueError, match="teacher_hidden has leading shape"):
+        f(h_s, w_s, h_t[:2], w_t)
+    with pytest.raises(ValueError, match="student_weight has dtype"):
+        f(h_s, w_s.double(), h_t, w_t)
+    with pytest.raises(ValueError, match="student_weight is on meta"):
+        f(h_s, w_s.to("meta"), h_t, w_t)
+    with pytest.raises(ValueError, match="teacher_hidden is on meta"):
+        f(h_s, w_s, h_t.to("meta"), w_t.to("meta"))
+    with pytest.raises(ValueError, match="temperature"):
+        f(h_s, w_s, h_t, w_t, temperature=0.0)
+    with pytest.raises(ValueError, match="teacher_weight is required"):
+        f(h_s, w_s, h_t)
+    with pytest.raises(ValueError, match="labels"):
+        f(h_s, w_s, h_t, w_t, alpha_mlm=1.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        f(h_s, w_s, h_t, w_t, chunk_size=0)
+    lead_ids = ids.reshape(*LEAD, 4)
+    bad = lead_ids.clone()
+    bad[0, 0, 0] = V + 3
+    with pytest.raises(ValueError, match="teacher_ids must lie"):
+        f(h_s, w_s, teacher_sparse=(bad, vals.reshape(*LEAD, 4), lse.reshape(LEAD)))
+    with pytest.raises(ValueError, match="teacher_sparse ids has shape"):
+        f(h_s, w_s, teacher_sparse=(ids.reshape(21, 4), vals.reshape(21, 4), lse))
+    with pytest.raises(ValueError, match="sparse_mode"):
+        f(h_s, w_s, teacher_sparse=(lead_ids, vals.reshape(*LEAD, 4)), sparse_mode="nope")
+    with pytest.raises(ValueError, match="soft_ce"):
+        f(h_s, w_s, teacher_sparse=(lead_ids, vals.reshape(*LEAD, 4), lse.reshape(LEAD)), kind="soft_ce")
+    with pytest.raises(ValueError, match="backend"):
+        f(h_s, w_s, h_t, w_t, backend="nope")
+
+
+def test_bench_suite_runs_on_a_small_shape():
+    from kdfast.bench import fused_linear_kd as bench
+    from kdfast.benchmarking import format_table
+
+    res = bench.run(torch.device("cpu"), (2, 16), student_hiddens=(32,), repeat=1, warmup=0, vocab=300)
+    assert {r.impl.split(" liger")[0] for r in res} >= {"eager", "eager gathered"}
+    assert all(r.ms is not None and not r.note for r in res), [r.note for r in res]
+    assert "eager gathered" in format_table(res)
