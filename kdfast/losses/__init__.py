@@ -1,6 +1,12 @@
 """Fused distillation losses, one module per family."""
 
-from kdfast.losses.attention import attention_kl_loss, attention_mse_loss, flash_attention_transfer
+from kdfast.losses.attention import (
+    attention_kl_loss,
+    attention_mse_loss,
+    flash_attention_transfer,
+    minilm_relation_loss,
+    split_relation_heads,
+)
 from kdfast.losses.distillation import DistillationLoss
 from kdfast.losses.fused_linear_kd import FusedLinearKDLoss, fused_linear_kd_loss
 from kdfast.losses.hidden import HiddenMSELoss, cosine_loss, feature_map_loss, hidden_mse_loss
@@ -10,5 +16,5 @@ from kdfast.losses.sparse_kd import SparseKDLoss, sparse_kd_loss, sparsify_teach
 __all__ = [
     "DistillationLoss", "FusedLinearKDLoss", "HiddenMSELoss", "KDLoss", "SparseKDLoss", "attention_kl_loss",
     "attention_mse_loss", "cosine_loss", "feature_map_loss", "flash_attention_transfer", "fused_linear_kd_loss",
-    "hidden_mse_loss", "kd_loss", "sparse_kd_loss", "sparsify_teacher_logits",
+    "hidden_mse_loss", "kd_loss", "minilm_relation_loss", "split_relation_heads", "sparse_kd_loss", "sparsify_teacher_logits",
 ]

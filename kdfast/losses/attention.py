@@ -369,3 +369,59 @@ def flash_attention_transfer(
     row_weight = key_valid.to(acc) / count.clamp_min(1)
     return _FlashAttentionTransferFunction.apply(q_s, k_s, q_t.detach(), k_t.detach(), key_valid, row_weight,
                                                  scale_s, scale_t, loss == "mse", name, torch.is_grad_enabled())
+
+
+def split_relation_heads(x: Tensor, relation_heads: int, name: str = "x") -> Tensor:
+    """[B, L, d] (heads concatenated, as a BERT projection returns them) or [B, H, L, dh] ->
+    [B, R, L, d / R]: the common head split MiniLMv2 uses so that teacher and student with
+    different head counts and widths can be compared head to head."""
+    check_tensor(name, x, min_dim=3)
+    if x.dim() == 4:  # [B, H, L, dh] -> [B, L, H * dh]
+        x = x.transpose(1, 2).reshape(x.shape[0], x.shape[2], -1)
+    if x.dim() != 3:
+        raise ValueError(f"{name} must be [B, L, d] or [B, H, L, dh], got shape {tuple(x.shape)}")
+    B, L, d = x.shape
+    if relation_heads < 1 or d % relation_heads:
+        raise ValueError(f"relation_heads={relation_heads} must divide the width of {name} ({d})")
+    return x.reshape(B, L, relation_heads, d // relation_heads).transpose(1, 2)
+
+
+def minilm_relation_loss(
+    student: dict[str, Tensor] | tuple[Tensor, ...],
+    teacher: dict[str, Tensor] | tuple[Tensor, ...],
+    relation_heads: int,
+    key_mask: Tensor | None = None,
+    *,
+    relations: tuple[str, ...] = ("qq", "kk", "vv"),
+    backend: str = "auto",
+) -> Tensor:
+    r"""MiniLMv2's self-attention relation transfer, without any L x L map.
+
+    For each relation ``xx`` in ``relations`` (x in q, k, v), with the student's and teacher's
+    projections X split into R = ``relation_heads`` heads of width d / R (``split_relation_heads``):
+
+        R_xx = softmax(X_r X_r^T / sqrt(d / R))        per relation head r and query row
+        loss = sum_xx  mean over (b, r, real query rows) of KL(R_xx^teacher || R_xx^student)
+
+    Each term is :func:`flash_attention_transfer` with the same tensor as query and key, so memory
+    stays O(B R L) and teacher and student may differ in head count and width (R must divide
+    both widths). ``student`` / ``teacher``: dicts with keys "q", "k", "v" (or tuples in that
+    order) of [B, L, d] or [B, H, L, dh]. Gradients flow to the student's tensors.
+    """
+    names = ("q", "k", "v")
+    s = dict(zip(names, student)) if isinstance(student, (tuple, list)) else dict(student)
+    t = dict(zip(names, teacher)) if isinstance(teacher, (tuple, list)) else dict(teacher)
+    if not relations:
+        raise ValueError("relations must name at least one of 'qq', 'kk', 'vv'")
+    total = None
+    for rel in relations:
+        if rel not in ("qq", "kk", "vv"):
+            raise ValueError(f"relations must be among ('qq', 'kk', 'vv'), got {rel!r}")
+        x = rel[0]
+        if x not in s or x not in t:
+            raise ValueError(f"relation {rel!r} needs {x!r} in both student and teacher")
+        xs = split_relation_heads(s[x], relation_heads, f"student {x}")
+        xt = split_relation_heads(t[x], relation_heads, f"teacher {x}")
+        term = flash_attention_transfer(xs, xs, xt, xt, key_mask=key_mask, loss="kl", backend=backend)
+        total = term if total is None else total + term
+    return total
