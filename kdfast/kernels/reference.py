@@ -316,7 +316,7 @@ def attention_transfer_fwd_bwd_torch(
     Inputs: q_s, k_s [B, H, L, ds], q_t, k_t [B, H, L, dt], ``key_valid`` [B, L] bool,
     ``row_weight`` [B, L] (w_i: 0 on uncounted query rows). Scores s = scale_s q_s k_s^T and
     t = scale_t q_t k_t^T are formed for ``C`` query rows at a time, C * B * H * L <=
-    ``chunk_elems`` (at least 16 rows), so memory is O(B H L C), never O(B H L^2).
+    ``chunk_elems`` (at least 4 rows), so memory is O(B H L C), never O(B H L^2).
 
     Returns ``(loss_rows [B, H, L], dq_s, dk_s)``: loss rows w_i * row_loss_i in float32
     (float64 for float64 input) and, when ``need_grad``, the gradients of their sum (empty
@@ -331,18 +331,24 @@ def attention_transfer_fwd_bwd_torch(
     w = row_weight.to(acc)[:, None, :].expand(B, H, L)         # [B, H, L]
     counted = w != 0
     zero = torch.zeros((), dtype=acc, device=q_s.device)
-    # Padding rows of Q / K may hold anything (even NaN): zero them once, O(B H L d).
-    ks = torch.where(key_valid[:, None, :, None], k_s.to(acc), zero)
-    kt = torch.where(key_valid[:, None, :, None], k_t.to(acc), zero)
-    qs = torch.where(counted[..., None], q_s.to(acc), zero)
-    qt = torch.where(counted[..., None], q_t.to(acc), zero)
+    # Padding rows of Q / K may hold anything, even NaN. The teacher's only reach scores that are
+    # masked out below; the student's also enter the gradient GEMMs (0 * NaN = NaN), so padded
+    # student keys are zeroed -- with a copy only when they are not finite (always under compile),
+    # and padded student queries chunk by chunk.
+    kt, qt = k_t.to(acc), q_t.to(acc)
+    ks = k_s.to(acc)
+    key_pad = ~key_valid[:, None, :, None]
+    # (indexing the padded rows reads only them; masked_select would expand the mask to K's size)
+    if torch.compiler.is_compiling() or not bool(torch.isfinite(k_s.transpose(1, 2)[~key_valid]).all()):
+        ks = torch.where(key_pad, zero, ks)
     loss_rows = torch.zeros(B, H, L, dtype=acc, device=q_s.device)
-    dq = torch.zeros_like(qs) if need_grad else qs.new_empty(0)
-    dk = torch.zeros_like(ks) if need_grad else ks.new_empty(0)
-    chunk = max(16, chunk_elems // max(1, B * H * L))
+    dq = torch.zeros(q_s.shape, dtype=acc, device=q_s.device) if need_grad else q_s.new_empty(0)
+    dk = torch.zeros(k_s.shape, dtype=acc, device=k_s.device) if need_grad else k_s.new_empty(0)
+    chunk = max(4, chunk_elems // max(1, B * H * L))
     for i0 in range(0, L, chunk):
         i1 = min(L, i0 + chunk)
-        s = (qs[:, :, i0:i1] @ ks.transpose(-1, -2)) * scale_s          # [B, H, C, L]
+        qs = torch.where(counted[:, :, i0:i1, None], q_s[:, :, i0:i1].to(acc), zero)  # [B, H, C, ds]
+        s = (qs @ ks.transpose(-1, -2)) * scale_s                     # [B, H, C, L]
         t = (qt[:, :, i0:i1] @ kt.transpose(-1, -2)) * scale_t
         wc = w[:, :, i0:i1, None]
         valid = counted[:, :, i0:i1, None] & kv
@@ -366,7 +372,9 @@ def attention_transfer_fwd_bwd_torch(
             del log_ps, p_t
         if need_grad:
             dq[:, :, i0:i1] = (ds @ ks) * scale_s
-            dk.add_(ds.transpose(-1, -2) @ qs[:, :, i0:i1], alpha=scale_s)
+            # accumulate in place: a temporary [B, H, L, d] per chunk would cost as much as dk itself
+            dk.view(B * H, L, -1).baddbmm_(ds.reshape(B * H, i1 - i0, L).transpose(1, 2),
+                                           qs.reshape(B * H, i1 - i0, -1), alpha=scale_s)
         del ds
     loss_rows = torch.where(counted, w * loss_rows, zero)
     if need_grad:
