@@ -15,7 +15,7 @@ import sys
 import time
 
 # Every kernel module with AOT_CONFIGS; later kernel families add themselves here.
-KERNEL_MODULES = ("kdfast.kernels.triton.kd_loss",)
+KERNEL_MODULES = ("kdfast.kernels.triton.kd_loss", "kdfast.kernels.triton.nonorm")
 
 
 def compile_all(archs: list[int], verbose: bool = False) -> int:
