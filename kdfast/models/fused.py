@@ -32,6 +32,7 @@ from kdfast.models import mobilebert as _mb
 
 __all__ = [
     "disable_fused_kernels",
+    "fused_attention_inputs",
     "enable_fused_kernels",
     "fused_bias_residual_nonorm",
     "fused_stacked_ffn",
@@ -255,10 +256,95 @@ def fused_stacked_ffn(x: Tensor, ffns: Sequence[_mb.FFNParams], activation: Call
     return out.view(x.shape)
 
 
+# --- attention inputs: grouped GEMMs over the block input ------------------------------------------
+
+class _AttentionInputs(torch.autograd.Function):
+    """MobileBERT's ``key_query_shared_bottleneck`` block inputs from ``hidden`` [N, H] as two GEMMs:
+
+    ``Y1 = hidden [W_bi; W_ba; W_v]^T + [b_bi; b_ba; b_v]``, ``A = NoNorm(Y1[:, :2t])`` (both bottlenecks at
+    once), ``Y2 = A[:, t:] [W_q; W_k]^T + [b_q; b_k]``; outputs ``layer_input = A[:, :t]``, ``q, k = Y2``
+    halves, ``v = Y1[:, 2t:]``. Backward: two GEMMs per group (instead of two per projection) and no
+    gradient additions for ``hidden`` or the shared bottleneck."""
+
+    @staticmethod
+    def forward(ctx, hidden, backend, w_bi, b_bi, g_bi, be_bi, w_ba, b_ba, g_ba, be_ba, w_v, b_v, w_q, b_q, w_k,
+                b_k):
+        ops = _ops(backend)
+        t = w_bi.shape[0]
+        w1 = torch.cat([w_bi, w_ba, w_v])
+        y1 = torch.addmm(torch.cat([b_bi, b_ba, b_v]), hidden, w1.t())
+        gamma = torch.cat([g_bi, g_ba])
+        a = ops.nonorm_fwd(y1[:, :2 * t], None, None, gamma, torch.cat([be_bi, be_ba]))
+        w2 = torch.cat([w_q, w_k])
+        y2 = torch.addmm(torch.cat([b_q, b_k]), a[:, t:], w2.t())
+        ctx.save_for_backward(hidden, y1, a, w1, w2, gamma)
+        ctx.backend, ctx.t, ctx.tq = backend, t, w_q.shape[0]
+        return a[:, :t], y2[:, :ctx.tq], y2[:, ctx.tq:], y1[:, 2 * t:]
+
+    @staticmethod
+    def backward(ctx, d_li, d_q, d_k, d_v):
+        hidden, y1, a, w1, w2, gamma = ctx.saved_tensors
+        t, tq = ctx.t, ctx.tq
+        n = hidden.shape[0]
+        zeros = lambda w: hidden.new_zeros(n, w)  # noqa: E731  (an output that got no gradient)
+        d_y2 = torch.cat([zeros(tq) if d_q is None else d_q, zeros(tq) if d_k is None else d_k], dim=1)
+        d_w2 = torch.mm(d_y2.t(), a[:, t:])
+        d_b2 = d_y2.sum(0)
+        d_a = torch.cat([zeros(t) if d_li is None else d_li, torch.mm(d_y2, w2)], dim=1)
+        d_s, d_bs, d_gamma, d_beta = _ops(ctx.backend).nonorm_bwd(d_a, y1[:, :2 * t], None, None, gamma)
+        d_v = zeros(y1.shape[1] - 2 * t) if d_v is None else d_v
+        d_y1 = torch.cat([d_s, d_v], dim=1)
+        d_w1 = torch.mm(d_y1.t(), hidden)
+        d_hidden = torch.mm(d_y1, w1)
+        d_bv = d_v.sum(0)
+        return (d_hidden, None,
+                d_w1[:t], d_bs[:t], d_gamma[:t], d_beta[:t],
+                d_w1[t:2 * t], d_bs[t:], d_gamma[t:], d_beta[t:],
+                d_w1[2 * t:], d_bv,
+                d_w2[:tq], d_b2[:tq], d_w2[tq:], d_b2[tq:])
+
+
+def fused_attention_inputs(layer: nn.Module, hidden: Tensor, *, backend: str = "auto"):
+    r"""A MobileBERT block's attention inputs ``(layer_input, q, k, v)`` (see
+    :func:`kdfast.models.mobilebert.attention_inputs`) with the GEMMs that share an input grouped:
+
+        ``[bi | ba | v] = hidden [W_bi; W_ba; W_v]^T + [b_bi; b_ba; b_v]``,
+        ``layer_input = NoNorm(bi)``, ``qk_in = NoNorm(ba)`` (one fused pass for both),
+        ``[q | k] = qk_in [W_q; W_k]^T + [b_q; b_k]``.
+
+    Applies to the ``key_query_shared_bottleneck`` NoNorm configuration (MobileBERT's default); other
+    configurations run the eager function. Outputs are column slices of the grouped GEMM outputs.
+
+    Raises:
+        ValueError naming the argument: ``hidden`` not ``[B, L, hidden_size]`` of the layer's dtype and device.
+    """
+    if not isinstance(hidden, Tensor) or hidden.dim() != 3 or not hidden.is_floating_point():
+        raise ValueError(f"hidden must be a floating-point [B, L, hidden_size] tensor, got "
+                         f"{getattr(hidden, 'shape', type(hidden).__name__)}")
+    if not (layer.use_bottleneck and layer.key_query_shared_bottleneck and not layer.use_bottleneck_attention
+            and layer.normalization_type == "no_norm"):
+        return _mb.attention_inputs(layer, hidden)
+    sa = layer.attention.self
+    w_v = sa.value.weight
+    if hidden.shape[-1] != w_v.shape[1] or hidden.dtype != w_v.dtype or hidden.device != w_v.device:
+        raise ValueError(f"hidden must be [B, L, {w_v.shape[1]}] of dtype {w_v.dtype} on {w_v.device}, got "
+                         f"{tuple(hidden.shape)} of dtype {hidden.dtype} on {hidden.device}")
+    name = _resolve(backend, hidden)
+    bi, ba = layer.bottleneck.input, layer.bottleneck.attention
+    b, l, h = hidden.shape
+    outs = _AttentionInputs.apply(
+        hidden.reshape(b * l, h).contiguous(), name,
+        bi.dense.weight, bi.dense.bias, bi.LayerNorm.weight, bi.LayerNorm.bias,
+        ba.dense.weight, ba.dense.bias, ba.LayerNorm.weight, ba.LayerNorm.bias,
+        w_v, sa.value.bias, sa.query.weight, sa.query.bias, sa.key.weight, sa.key.bias)
+    return tuple(o.view(b, l, o.shape[1]) for o in outs)
+
+
 # --- switching ----------------------------------------------------------------------------------
 
 def enable_fused_kernels(backend: str = "auto") -> None:
-    """Route MobileBERT's ``bias_residual_nonorm`` and ``stacked_ffn`` to the fused kernels of ``backend``
+    """Route MobileBERT's ``attention_inputs``, ``bias_residual_nonorm`` and ``stacked_ffn`` to the fused
+    kernels of ``backend``
     (``auto`` picks per tensor at call time). Raises ValueError for an unknown backend."""
     if backend not in _backend.BACKENDS:
         raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
@@ -269,11 +355,16 @@ def enable_fused_kernels(backend: str = "auto") -> None:
     def ffn(x, ffns, activation, normalization_type, dropout_last=0.0, training=False):
         return fused_stacked_ffn(x, ffns, activation, normalization_type, dropout_last, training, backend=backend)
 
+    def inputs(layer, hidden):
+        return fused_attention_inputs(layer, hidden, backend=backend)
+
+    _mb.register_kernel("attention_inputs", inputs)
     _mb.register_kernel("bias_residual_nonorm", nonorm)
     _mb.register_kernel("stacked_ffn", ffn)
 
 
 def disable_fused_kernels() -> None:
-    """Restore the eager ``bias_residual_nonorm`` and ``stacked_ffn``."""
+    """Restore the eager ``attention_inputs``, ``bias_residual_nonorm`` and ``stacked_ffn``."""
+    _mb.register_kernel("attention_inputs", None)
     _mb.register_kernel("bias_residual_nonorm", None)
     _mb.register_kernel("stacked_ffn", None)
