@@ -188,3 +188,27 @@ def test_enable_rejects_unknown_backend_and_disable_restores():
     disable_fused_kernels()
     assert mb.get_kernel("bias_residual_nonorm") is mb.bias_residual_nonorm
     assert mb.get_kernel("stacked_ffn") is mb.stacked_ffn
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_inputs_match_eager_projections(backend, randomize):
+    cfg = mobilebert_config("mobilebert", **SMALL)
+    layer = randomize(KDMobileBert(cfg)).encoder.layer[0]
+    from kdfast.models.fused import fused_attention_inputs
+
+    hidden = torch.randn(2, 5, cfg.hidden_size, requires_grad=True)
+    hidden_ref = hidden.detach().clone().requires_grad_()
+    got = fused_attention_inputs(layer, hidden, backend=backend)
+    ref = mb.attention_inputs(layer, hidden_ref)
+    ws = [torch.randn_like(r) for r in ref]
+    params = [p for p in layer.parameters()]
+    g_got = torch.autograd.grad(sum((a * w).sum() for a, w in zip(got, ws)), [hidden, *params], allow_unused=True)
+    g_ref = torch.autograd.grad(sum((a * w).sum() for a, w in zip(ref, ws)), [hidden_ref, *params], allow_unused=True)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_got, g_ref):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()))
+    with pytest.raises(ValueError, match="hidden"):
+        fused_attention_inputs(layer, torch.randn(2, 5, cfg.hidden_size + 1))
