@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include "cpu/kd_loss_cpu.h"
+#include "cpu/nonorm_cpu.h"
 
 #ifdef KDFAST_WITH_CUDA
 #include "cuda/launchers.h"
@@ -44,9 +45,20 @@ TORCH_LIBRARY(kdfast, m) {
   m.def(
       "kd_fwd_bwd(Tensor student, Tensor teacher, Tensor labels, Tensor row_weight, Tensor(a!) grad, "
       "float temperature, float alpha_kd, float alpha_mlm, bool soft_ce, int cuda_stream=0) -> Tensor");
+  // MobileBERT epilogue: y = (x + bias + residual) * gamma + beta on [rows, width], and its one-pass backward
+  // returning (dx = dresidual, dbias, dgamma, dbeta).
+  m.def("nonorm_fwd(Tensor x, Tensor? bias, Tensor? residual, Tensor gamma, Tensor beta) -> Tensor");
+  m.def("nonorm_bwd(Tensor dy, Tensor x, Tensor? bias, Tensor? residual, Tensor gamma) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ReLU backward in place (dh *= h > 0) fused with the column sum that is the preceding bias's gradient.
+  m.def("relu_bwd_colsum(Tensor(a!) dh, Tensor h) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("kd_fwd_bwd", &kdfast::kd_fwd_bwd_cpu); }
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("kd_fwd_bwd", &kdfast::kd_fwd_bwd_cpu);
+  m.impl("nonorm_fwd", &kdfast::nonorm_fwd_cpu);
+  m.impl("nonorm_bwd", &kdfast::nonorm_bwd_cpu);
+  m.impl("relu_bwd_colsum", &kdfast::relu_bwd_colsum_cpu);
+}
 
 #ifdef KDFAST_WITH_CUDA
 TORCH_LIBRARY_IMPL(kdfast, CUDA, m) { m.impl("kd_fwd_bwd", &kdfast::kd_fwd_bwd_cuda); }

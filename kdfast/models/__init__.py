@@ -12,6 +12,7 @@ from .mobilebert import (
     register_kernel,
     stacked_ffn,
 )
+from .fused import disable_fused_kernels, enable_fused_kernels
 from .students import distilbert_from_teacher, tinybert, tinybert_config
 
 __all__ = [
@@ -21,7 +22,9 @@ __all__ = [
     "bias_residual_layernorm",
     "bias_residual_nonorm",
     "count",
+    "disable_fused_kernels",
     "distilbert_from_teacher",
+    "enable_fused_kernels",
     "mobilebert_config",
     "register_kernel",
     "stacked_ffn",

@@ -48,6 +48,7 @@ __all__ = [
     "CAPTURE_KINDS",
     "FFNParams",
     "additive_mask",
+    "attention_inputs",
     "KDMobileBert",
     "KDMobileBertForMaskedLM",
     "KDMobileBertOutput",
@@ -122,7 +123,33 @@ def stacked_ffn(x, ffns: Sequence[FFNParams], activation: Callable, normalizatio
     return x
 
 
+def attention_inputs(layer, hidden):
+    """The block's attention inputs from its input ``hidden`` ``[B, L, hidden_size]``:
+    ``(layer_input, q, k, v)``, with ``layer_input`` the residual of the attention output (the input
+    bottleneck ``NoNorm(hidden W_bi^T + b_bi)`` when ``use_bottleneck``, else ``hidden``) and ``q, k, v``
+    ``[B, L, H*dh]`` the query/key/value projections (``q = q_in W_q^T + b_q`` etc., with ``q_in = k_in``
+    the attention bottleneck ``NoNorm(hidden W_ba^T + b_ba)`` under ``key_query_shared_bottleneck``).
+
+    Every GEMM here reads ``hidden`` (or one bottleneck of it); a fused kernel can group them into fewer,
+    larger GEMMs via ``register_kernel("attention_inputs", fn)``.
+    """
+    if layer.use_bottleneck:
+        layer_input = layer.bottleneck.input(hidden)
+        if layer.use_bottleneck_attention:
+            q_in = k_in = v_in = layer_input
+        elif layer.key_query_shared_bottleneck:
+            q_in = k_in = layer.bottleneck.attention(hidden)
+            v_in = hidden
+        else:
+            q_in = k_in = v_in = hidden
+    else:
+        q_in = k_in = v_in = layer_input = hidden
+    sa = layer.attention.self
+    return layer_input, sa.query(q_in), sa.key(k_in), sa.value(v_in)
+
+
 _DEFAULT_KERNELS = {
+    "attention_inputs": attention_inputs,
     "bias_residual_nonorm": bias_residual_nonorm,
     "bias_residual_layernorm": bias_residual_layernorm,
     "stacked_ffn": stacked_ffn,
@@ -131,8 +158,8 @@ _KERNELS = dict(_DEFAULT_KERNELS)
 
 
 def register_kernel(name: str, fn: Callable | None) -> Callable:
-    """Replace the implementation of ``name`` (one of ``bias_residual_nonorm``, ``bias_residual_layernorm``,
-    ``stacked_ffn``) with ``fn`` (same signature); ``fn=None`` restores the eager default. Returns the
+    """Replace the implementation of ``name`` (one of ``attention_inputs``, ``bias_residual_nonorm``,
+    ``bias_residual_layernorm``, ``stacked_ffn``) with ``fn`` (same signature); ``fn=None`` restores the eager default. Returns the
     previous implementation so callers can restore it."""
     if name not in _DEFAULT_KERNELS:
         raise ValueError(f"name must be one of {sorted(_DEFAULT_KERNELS)}, got {name!r}")
@@ -300,9 +327,11 @@ class SelfAttention(nn.Module):
         """Returns ``(context [B, L, H*dh], captured: dict)``; ``captured`` may hold ``scores``
         (pre-softmax, scaled, additive mask applied), ``attentions`` (probabilities), ``q`` (pre-scaled by
         ``1/sqrt(dh)`` so ``softmax(q k^T + mask)`` reproduces the attention) and ``k``."""
-        q = self._heads(self.query(q_in))
-        k = self._heads(self.key(k_in))
-        v = self._heads(self.value(v_in))
+        return self.attend(self.query(q_in), self.key(k_in), self.value(v_in), mask, want_maps, want_qk)
+
+    def attend(self, q, k, v, mask, want_maps: bool, want_qk: bool):
+        """Attention from projected ``q, k, v`` ``[B, L, H*dh]``; returns what :meth:`forward` returns."""
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)
         p = self.dropout_p if self.training else 0.0
         captured = {}
         if want_maps:
@@ -415,18 +444,8 @@ class MobileBertLayer(nn.Module):
         return out
 
     def forward(self, hidden, mask=None, want_maps=False, want_qk=False):
-        if self.use_bottleneck:
-            layer_input = self.bottleneck.input(hidden)
-            if self.use_bottleneck_attention:
-                q_in = k_in = v_in = layer_input
-            elif self.key_query_shared_bottleneck:
-                q_in = k_in = self.bottleneck.attention(hidden)
-                v_in = hidden
-            else:
-                q_in = k_in = v_in = hidden
-        else:
-            q_in = k_in = v_in = layer_input = hidden
-        ctx, captured = self.attention.self(q_in, k_in, v_in, mask, want_maps, want_qk)
+        layer_input, q, k, v = get_kernel("attention_inputs")(self, hidden)
+        ctx, captured = self.attention.self.attend(q, k, v, mask, want_maps, want_qk)
         x = self.attention.output(ctx, layer_input)
         x = get_kernel("stacked_ffn")(
             x, self.ffn_params(), self.act, self.normalization_type,

@@ -17,7 +17,7 @@ import time
 # Every kernel module with AOT_CONFIGS; later kernel families add themselves here.
 KERNEL_MODULES = ("kdfast.kernels.triton.kd_loss", "kdfast.kernels.triton.sparse_kd",
                   "kdfast.kernels.triton.attention_transfer", "kdfast.kernels.triton.score_mse",
-                  "kdfast.kernels.triton.hidden")
+                  "kdfast.kernels.triton.hidden", "kdfast.kernels.triton.nonorm")
 
 
 def compile_all(archs: list[int], verbose: bool = False) -> int:
