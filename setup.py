@@ -78,8 +78,10 @@ def compile_cuda_objects(nvcc: str, build_dir: Path) -> list[str]:
 def make_extension() -> CppExtension:
     flags, cap_name = cpu_flags(cpu_capability())
     sources = [str(p.relative_to(ROOT)) for p in [CSRC / "bindings.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]]
-    cxx = ["-O3", "-std=c++17", *flags, f'-DKDFAST_CPU_CAPABILITY_NAME="{cap_name}"']
-    extra_objects, libraries, library_dirs, link_args = [], [], [], []
+    # -fopenmp: at::parallel_for is inline OpenMP code; without the flag it silently runs on one
+    # thread. The extension then needs libgomp.so.1, which resolves to the copy torch has loaded.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", *flags, f'-DKDFAST_CPU_CAPABILITY_NAME="{cap_name}"']
+    extra_objects, libraries, library_dirs, link_args = [], [], [], ["-fopenmp"]
     nvcc = find_nvcc()
     if nvcc:
         cuda_home = Path(nvcc).resolve().parent.parent
@@ -90,7 +92,7 @@ def make_extension() -> CppExtension:
         library_dirs = [str(lib_dir)]
         libraries = ["cudart_static", "dl", "rt", "pthread"]
         # the static runtime keeps the extension importable where no CUDA library is installed
-        link_args = ["-Wl,--exclude-libs,libcudart_static.a"]
+        link_args += ["-Wl,--exclude-libs,libcudart_static.a"]
     else:
         print("kdfast: nvcc not found (or KDFAST_NO_CUDA=1): building without the CUDA kernels", flush=True)
     return CppExtension(
