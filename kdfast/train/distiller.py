@@ -261,6 +261,6 @@ def _is_tied(model: nn.Module, name: str) -> bool:
 
 
 def _as_python_rng(state):
-    """torch.load(weights_only) turns the tuple of random.getstate() into lists."""
+    """Loading with weights_only=True turns the tuple of random.getstate() into lists."""
     version, internal, gauss = state
     return version, tuple(internal), gauss
