@@ -27,6 +27,15 @@ import triton.language as tl
 
 
 @triton.jit
+def zero_row(g_row, V, BLOCK_V: tl.constexpr):
+    """Write zeros over a row of V gradient entries (an uncounted row), BLOCK_V at a time."""
+    offs = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        tl.store(g_row + start + offs, tl.zeros([BLOCK_V], tl.float32).to(g_row.dtype.element_ty),
+                 mask=start + offs < V)
+
+
+@triton.jit
 def _row_stats(s, t, valid, inv_t, SOFT_CE: tl.constexpr, NEED_T1: tl.constexpr):
     """Max / sum-exp statistics of one chunk (masked entries are -inf in s and t)."""
     x = s * inv_t
@@ -80,9 +89,7 @@ def kd_fwd_bwd_kernel(
     offs = tl.arange(0, BLOCK_V)
     if w == 0.0:
         # Uncounted row: no loss, zero gradient, inputs never read.
-        for start in range(0, V, BLOCK_V):
-            tl.store(g_row + start + offs, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty),
-                     mask=start + offs < V)
+        zero_row(g_row, V, BLOCK_V)
         tl.store(loss_ptr + row, 0.0)
     else:
         inv_t = 1.0 / temperature

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kdfast.kernels.triton.kd_loss import zero_row
+
 
 @triton.jit
 def _neg_expm1(d):
@@ -70,9 +72,7 @@ def sparse_kd_fwd_bwd_kernel(
     offs = tl.arange(0, BLOCK_V)
     if w == 0.0:
         # Uncounted row: no loss, zero gradient, inputs never read.
-        for start in range(0, V, BLOCK_V):
-            tl.store(g_row + start + offs, tl.zeros([BLOCK_V], tl.float32).to(g_ptr.dtype.element_ty),
-                     mask=start + offs < V)
+        zero_row(g_row, V, BLOCK_V)
         tl.store(loss_ptr + row, 0.0)
     else:
         inv_t = 1.0 / temperature
