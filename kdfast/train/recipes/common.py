@@ -184,7 +184,7 @@ def prepare_cache(cfg, tdir: Path, train: list[str], held_out: list[str], *, log
     from kdfast.defaults import write_corpus
 
     root = Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else Path(cfg.out_dir) / "teacher-cache"
-    data_dir = Path(cfg.out_dir) / "data"
+    data_dir = root / "texts"  # beside the cache: another run with the same cache_dir and texts reuses it
     data_dir.mkdir(parents=True, exist_ok=True)
     caches = []
     for name, texts in (("train", train), ("held_out", held_out)):
@@ -320,6 +320,6 @@ def format_report(report: dict) -> str:
         terms = ", ".join(f"{k} {first[k]:.4g} -> {last.get(k, math.nan):.4g}" for k in first if k not in skip)
         rate = f"{st['tokens_per_s']:.0f}" if st["tokens_per_s"] else "-"
         lines.append(f"{st['name']:<22} {st['steps']:>6} {loss:<22} {rate:>10} {ev:>18}  {terms}")
-    lines.append(f"total {report['timing_s']['total']} s (teacher cache {report['timing_s'].get('cache', 0)} s); "
+    lines.append(f"total {report['timing_s']['total']} s (teacher set-up and cache {report['timing_s'].get('cache', 0)} s); "
                  f"report: {report['out_dir']}/report.json")
     return "\n".join(lines)
