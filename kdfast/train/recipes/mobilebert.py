@@ -14,7 +14,9 @@ trains layer l on
 (:func:`kdfast.feature_map_loss`; attention KL from queries and keys, no L x L map). The layers
 below l are frozen (``pkt.lower_lr_scale = 0``, the paper's PKT) or trained at
 ``lower_lr_scale`` x lr (the softer variant), through optimizer param groups; the embeddings are
-trained with layer 1, then count as a lower layer. The layers above l are not run.
+trained with layer 1, then count as a lower layer. The layers above l are not run. (From a
+cache built with logits, i.e. with ``pretrain.steps`` > 0, stage 1 sees the cache's masked
+inputs; live, it sees the plain text.)
 
 Stage 2, pre-training distillation: every parameter, on masked text (15%, 80/10/10),
 
