@@ -112,6 +112,7 @@ setup(
     version="0.1.0",
     description="Compiled-kernel knowledge distillation for BERT-family models",
     packages=find_packages(include=["kdfast", "kdfast.*"]),
+    package_data={"kdfast.train.recipes": ["configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -3,6 +3,7 @@
     kdfast bench [--quick] [--device cpu|cuda] ...   time and memory tables against eager PyTorch
     kdfast demo                                       short distillation on embedded defaults (README's main job)
     kdfast cache build|verify|info ...                 teacher activation cache
+    kdfast distill --recipe distilbert|tinybert|mobilebert [--config FILE.yaml] [--set key=value ...]
     kdfast backends                                   which kernel backends are usable here
 """
 
@@ -161,6 +162,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    import yaml
+
+    from kdfast.train.recipes import config_to_dict, recipe_config, run_recipe
+    from kdfast.train.recipes.common import format_report
+
+    flags = {"teacher.dir": args.teacher, "data.files": args.data, "out_dir": args.out, "steps": args.steps,
+             "progress": False if args.no_progress else None}
+    try:
+        cfg = recipe_config(args.recipe, args.config, args.set or (), {k: v for k, v in flags.items() if v is not None})
+        print(f"# kdfast distill --recipe {args.recipe}: resolved configuration")
+        print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), flush=True)
+        if args.print_config:
+            return 0
+        report = run_recipe(args.recipe, cfg, resume=args.resume)
+    except (ValueError, FileNotFoundError) as e:  # CacheError is a ValueError
+        print(f"kdfast distill: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    print()
+    print(format_report(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kdfast", description="Compiled-kernel knowledge distillation for BERT models")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -211,6 +235,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
+    r = sub.add_parser("distill", help="run a distillation recipe (distilbert, tinybert, mobilebert)",
+                       description="Run a distillation recipe. Settings: the recipe's paper defaults < --config "
+                                   "YAML < --set key=value < the explicit flags below. Example configurations: "
+                                   "kdfast/train/recipes/configs/*.yaml.")
+    r.add_argument("--recipe", required=True, choices=["distilbert", "tinybert", "mobilebert"])
+    r.add_argument("--config", help="YAML file of settings (see --print-config for every key)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one setting, dotted key, YAML value (e.g. train.lr=1e-4, teacher.source=cache); "
+                        "repeatable")
+    r.add_argument("--teacher", help="local teacher directory (teacher.dir; default: the embedded all-MiniLM-L6-v2)")
+    r.add_argument("--data", nargs="+", help="local text files (data.files; default: Python's documentation prose)")
+    r.add_argument("--out", help="output directory (out_dir)")
+    r.add_argument("--steps", type=int, help="steps of every stage (distilbert/tinybert: steps; mobilebert: "
+                                             "pkt.steps_per_layer and pretrain.steps)")
+    r.add_argument("--resume", action="store_true", help="continue from the newest checkpoints in the output directory")
+    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    r.set_defaults(func=cmd_distill)
     k = sub.add_parser("backends", help="which kernel backends are built and usable here")
     k.set_defaults(func=cmd_backends)
     return ap

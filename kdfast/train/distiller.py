@@ -48,12 +48,15 @@ class TrainConfig:
     bf16: bool | None = None  # None: on when the student is on a GPU
     out_dir: str = "runs/kdfast"
     progress: bool = True
+    eval_every: int = 0  # run the Distiller's eval_fn every this many steps (0: never)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.grad_accum < 1:
             raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
@@ -71,20 +74,29 @@ class Distiller:
     ``step_loss(batch) -> (loss, {term: value})`` runs the student (and the live teacher, or reads
     the cached targets from the batch) and returns the weighted total. ``data`` has
     ``num_batches()`` and ``batches(epoch, start)`` (see :mod:`kdfast.train.data`).
+
+    ``trainable``: the parameters to optimise (default: every parameter of ``student`` and
+    ``extra`` that requires a gradient), or param groups ``{"params": [...], "lr_scale": s}``
+    trained at ``s * config.lr`` (e.g. MobileBERT's lower layers during progressive transfer).
+
+    ``eval_fn(student) -> {name: number}``: with ``config.eval_every > 0`` it runs every
+    ``eval_every`` steps (and after the last) in eval mode under ``no_grad``, with the RNG
+    states forked so that training continues exactly as without it; each result is written to
+    ``metrics.jsonl`` as ``{"step": s, "eval/<name>": value}`` and kept in ``eval_history``.
     """
 
     def __init__(self, student: nn.Module, step_loss: StepLoss, data, config: TrainConfig,
-                 extra: nn.Module | None = None, trainable: list[nn.Parameter] | None = None) -> None:
+                 extra: nn.Module | None = None, trainable: list | None = None,
+                 eval_fn: Callable[[nn.Module], dict] | None = None) -> None:
         self.student, self.step_loss, self.data, self.cfg = student, step_loss, data, config
         self.extra = extra if extra is not None else nn.ModuleDict()
+        self.eval_fn = eval_fn
+        self.eval_history: list[dict] = []
         params = trainable if trainable is not None else [
             p for p in list(student.parameters()) + list(self.extra.parameters()) if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: no parameter requires a gradient")
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                      {"params": no_decay, "weight_decay": 0.0}], lr=config.lr)
+        self.opt = torch.optim.AdamW(_decay_groups(params, config.weight_decay, config.lr), lr=config.lr)
         warm = max(1, int(config.warmup * config.steps) if config.warmup < 1 else int(config.warmup))
         total = config.steps  # fixed at construction: the schedule of a resumed run is the original one
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: linear_warmup_decay(s, total, warm))
@@ -232,6 +244,9 @@ class Distiller:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in terms_sum.items()})
+                if cfg.eval_every and self.eval_fn is not None and (
+                        self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    self._evaluate(metrics)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self.save_checkpoint()
         finally:
@@ -241,6 +256,51 @@ class Distiller:
                 bar.close()
         self.save_checkpoint()
         return self.history
+
+
+    def _evaluate(self, metrics) -> None:
+        """Run ``eval_fn`` on rank 0 without disturbing training: RNG states forked, mode restored."""
+        if self.rank != 0:
+            return
+        model = self.student.module if hasattr(self.student, "module") else self.student
+        py_state = random.getstate()
+        devices = [torch.cuda.current_device()] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            try:
+                result = self.eval_fn(model)
+            finally:
+                model.train()
+                random.setstate(py_state)
+        rec = {"step": self.step, **{f"eval/{k}": round(float(v), 6) for k, v in result.items()}}
+        if metrics is not None:
+            metrics.write(json.dumps(rec) + "\n")
+            metrics.flush()
+        self.eval_history.append(rec)
+
+
+def _decay_groups(params: list, weight_decay: float, lr: float) -> list[dict]:
+    """Optimizer param groups: matrices decayed, vectors (biases, norms) not; each input group
+    ``{"params": [...], "lr_scale": s}`` (or a bare parameter) keeps its learning rate s * lr."""
+    groups = []
+    entries = [p for p in params if isinstance(p, dict)]
+    bare = [p for p in params if not isinstance(p, dict)]
+    if bare:
+        entries.append({"params": bare})
+    for entry in entries:
+        unknown = set(entry) - {"params", "lr_scale"}
+        if unknown:
+            raise ValueError(f"trainable param groups take 'params' and 'lr_scale', got {sorted(unknown)}")
+        scale = float(entry.get("lr_scale", 1.0))
+        if not scale > 0:
+            raise ValueError(f"trainable lr_scale must be > 0 (leave frozen parameters out), got {scale}")
+        ps = list(entry["params"])
+        for wd, sel in ((weight_decay, [p for p in ps if p.dim() >= 2]), (0.0, [p for p in ps if p.dim() < 2])):
+            if sel:
+                groups.append({"params": sel, "weight_decay": wd, "lr": lr * scale})
+    if not groups:
+        raise ValueError("nothing to train: the trainable groups hold no parameter")
+    return groups
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

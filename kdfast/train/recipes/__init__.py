@@ -1,0 +1,46 @@
+"""The three distillation recipes (``kdfast distill --recipe NAME``), each a settings dataclass
+with the papers' defaults and a ``run(cfg) -> report``:
+
+- ``distilbert``: :mod:`kdfast.train.recipes.distilbert`
+- ``tinybert``: :mod:`kdfast.train.recipes.tinybert`
+- ``mobilebert``: :mod:`kdfast.train.recipes.mobilebert`
+
+Example configurations: ``kdfast/train/recipes/configs/*.yaml``.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from pathlib import Path
+
+from kdfast.train.recipes.config import config_to_dict, load_config
+
+RECIPES = ("distilbert", "tinybert", "mobilebert")
+_CLASSES = {"distilbert": "DistilBertRecipe", "tinybert": "TinyBertRecipe", "mobilebert": "MobileBertRecipe"}
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+def _module(name: str):
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {name!r}")
+    return import_module(f"kdfast.train.recipes.{name}")
+
+
+def recipe_config(name: str, config: str | None = None, sets: list[str] | tuple = (),
+                  overrides: dict | None = None):
+    """The settings of recipe ``name``: defaults < YAML ``config`` < ``sets`` (``key=value``) <
+    ``overrides`` ({dotted key: value}); ``overrides["steps"]`` sets every stage's step count."""
+    mod = _module(name)
+    overrides = dict(overrides or {})
+    if "steps" in overrides:
+        steps = overrides.pop("steps")
+        overrides.update({key: steps for key in mod.STEP_KEYS})
+    return load_config(getattr(mod, _CLASSES[name]), config, sets, overrides)
+
+
+def run_recipe(name: str, cfg, *, resume: bool = False) -> dict:
+    """Run recipe ``name`` with settings ``cfg`` (from :func:`recipe_config`); returns its report."""
+    return _module(name).run(cfg, resume=resume)
+
+
+__all__ = ["CONFIG_DIR", "RECIPES", "config_to_dict", "recipe_config", "run_recipe"]

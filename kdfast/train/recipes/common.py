@@ -1,0 +1,325 @@
+"""What the three recipes share: teacher and corpus loading, the MLM-head check, teacher outputs
+live or from the cache in one shape, held-out evaluation, one Distiller run per stage, the report.
+
+Teacher and student outputs are passed to :class:`kdfast.DistillationLoss` as dicts with
+``hidden_states`` (index 0 = embeddings), ``q`` / ``k`` ([B, H, L, dh] per layer, queries
+pre-scaled by 1/sqrt(dh), as ``kdfast.models`` captures them) and ``logits``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings
+
+
+def teacher_dir(settings: TeacherSettings) -> Path:
+    """The teacher's local directory (default: the embedded all-MiniLM-L6-v2); ValueError if it is not one."""
+    from kdfast.defaults import minilm_teacher_dir
+
+    path = Path(settings.dir) if settings.dir else minilm_teacher_dir()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"teacher.dir {path} is not a local model directory (no config.json)")
+    return path
+
+
+def load_corpus(data: DataSettings) -> tuple[list[str], list[str]]:
+    """(training texts, held-out texts): every ``held_out_every``-th text is held out."""
+    from kdfast.data import load_texts
+    from kdfast.defaults import pydoc_paragraphs
+
+    texts = load_texts(data.files, data.text_column) if data.files else pydoc_paragraphs()
+    texts = [t.replace("\n", " ") for t in texts[:data.max_texts]]
+    if data.held_out_every:
+        held_out = texts[::data.held_out_every]
+        train = [t for i, t in enumerate(texts) if i % data.held_out_every]
+    else:
+        held_out, train = [], texts
+    if not train:
+        raise ValueError("data: no training text left")
+    return train, held_out
+
+
+def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "") -> nn.Module:
+    """The teacher, frozen and in eval mode: ``AutoModelForMaskedLM`` when ``mlm_head`` (refusing
+    a checkpoint whose ``cls.predictions`` weights are missing, e.g. a sentence encoder, rather
+    than training against a randomly initialised head), else ``AutoModel``. ``needed_by`` names
+    the settings to set to 0 in that error."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    if mlm_head:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the missing head is reported below, in one line
+        try:
+            model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        missing = sorted(k for k in info["missing_keys"] if ".predictions." in f".{k}"
+                         and not k.endswith("decoder.weight"))  # the decoder is tied to the embeddings
+        if missing:
+            raise ValueError(f"teacher {path} has no MLM head (its checkpoint lacks {', '.join(missing[:3])}"
+                             f"{', ...' if len(missing) > 3 else ''}): the logit / MLM terms would train against "
+                             f"random weights; set {needed_by} to 0 or use a teacher with an MLM head")
+    else:
+        model = AutoModel.from_pretrained(path, local_files_only=True)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def teacher_params(path: Path) -> int:
+    from transformers import AutoConfig
+
+    from kdfast.models import count
+
+    return int(count(AutoConfig.from_pretrained(path, local_files_only=True))["params"])
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Padded to ``max_length`` exactly as :func:`kdfast.cache.build_cache` does (live and cached runs see the same rows)."""
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+class Masker:
+    """MLM masking of live batches (the cache stores its own masked inputs), optionally with
+    DistilBERT's frequency smoothing over the training corpus (``kdfast.data.token_mask_weights``)."""
+
+    def __init__(self, settings: MaskingSettings, tokenizer, vocab_size: int, train_ids: torch.Tensor,
+                 train_mask: torch.Tensor) -> None:
+        from kdfast.data import count_tokens, token_mask_weights
+
+        self.settings, self.vocab_size = settings, vocab_size
+        self.special = list(tokenizer.all_special_ids)
+        self.mask_id = tokenizer.mask_token_id
+        if self.mask_id is None:
+            raise ValueError("the teacher's tokenizer has no [MASK] token: MLM masking is impossible")
+        self.weights = None
+        if settings.smoothing > 0:
+            counts = count_tokens(train_ids, train_mask, vocab_size)
+            self.weights = token_mask_weights(counts, settings.smoothing, self.special)
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from kdfast.data import mask_tokens
+
+        out, labels = mask_tokens(ids.cpu(), mask.cpu(), special_ids=self.special, mask_id=self.mask_id,
+                                  vocab_size=self.vocab_size, probability=self.settings.probability,
+                                  token_weights=self.weights)
+        return out.to(ids.device), labels.to(ids.device)
+
+
+@contextmanager
+def capture_qk(model: nn.Module):
+    """Collect each BERT self-attention layer's queries and keys as [B, H, L, dh] (queries
+    pre-scaled by 1/sqrt(dh)) while ``model`` runs inside the block; yields the dict
+    ``{"q": [...], "k": [...]}``, filled per forward (cleared by the caller). The tensors stay
+    in the autograd graph, so a student trains through them."""
+    base = getattr(model, "base_model", model)
+    out: dict[str, list] = {"q": [], "k": []}
+    hooks = []
+    for layer in base.encoder.layer:
+        attn = layer.attention.self
+        heads = attn.num_attention_heads
+        for name, lin, scale in (("q", attn.query, attn.attention_head_size ** -0.5), ("k", attn.key, 1.0)):
+            def hook(mod, args, y, name=name, heads=heads, scale=scale):
+                b, l, d = y.shape
+                t = y.view(b, l, heads, d // heads).transpose(1, 2)
+                out[name].append(t * scale if scale != 1.0 else t)
+            hooks.append(lin.register_forward_hook(hook))
+    try:
+        yield out
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def bert_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
+                 qk: bool = False) -> dict:
+    """A ``transformers`` BERT's hidden states (and logits when it has a head, q/k when ``qk``) as a dict."""
+    if qk:
+        with capture_qk(model) as cap:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        res = {"q": tuple(cap["q"]), "k": tuple(cap["k"])}
+    else:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        res = {}
+    res["hidden_states"] = out.hidden_states
+    if getattr(out, "logits", None) is not None:
+        res["logits"] = out.logits
+    return res
+
+
+def cached_teacher_outputs(batch: dict, n_layers: int, n_heads: int, dtype: torch.dtype) -> dict:
+    """Teacher outputs from a cache batch: ``hidden_states`` (None where not cached), q / k split
+    into heads with the queries pre-scaled, and the sparse top-k logits of the masked tokens."""
+    hidden = [batch.get(f"hidden_{l}") for l in range(n_layers + 1)]
+    out = {"hidden_states": [h.to(dtype) if h is not None else None for h in hidden]}
+    if "q_1" in batch:
+        q, k = [], []
+        for l in range(1, n_layers + 1):
+            b, length, d = batch[f"q_{l}"].shape
+            dh = d // n_heads
+            q.append(batch[f"q_{l}"].to(dtype).view(b, length, n_heads, dh).transpose(1, 2) * dh ** -0.5)
+            k.append(batch[f"k_{l}"].to(dtype).view(b, length, n_heads, dh).transpose(1, 2))
+        out["q"], out["k"] = tuple(q), tuple(k)
+    return out
+
+
+def prepare_cache(cfg, tdir: Path, train: list[str], held_out: list[str], *, logits: str, temperature: float,
+                  layers: list[int], qk: bool) -> tuple:
+    """Build (or reopen, or resume) the teacher caches of the training and held-out texts under
+    ``teacher.cache_dir`` (default ``<out_dir>/teacher-cache``); returns (train cache, held-out
+    cache or None). A cache left there by another teacher, tokenizer or setting is refused."""
+    from kdfast.cache import TeacherCache, build_cache, teacher_weights_sha256, tokenizer_sha256
+    from kdfast.defaults import write_corpus
+
+    root = Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else Path(cfg.out_dir) / "teacher-cache"
+    data_dir = root / "texts"  # beside the cache: another run with the same cache_dir and texts reuses it
+    data_dir.mkdir(parents=True, exist_ok=True)
+    caches = []
+    for name, texts in (("train", train), ("held_out", held_out)):
+        if not texts:
+            caches.append(None)
+            continue
+        corpus = write_corpus(data_dir / f"{name}.txt", texts)
+        bs = min(16, len(texts))
+        build_cache(str(tdir), [str(corpus)], str(root / name), logits=logits, hidden="fp16" if layers else "none",
+                    layers=layers or None, qk=qk, max_length=cfg.data.max_length, batch_size=bs,
+                    rows_per_shard=bs * 16, temperature=temperature,
+                    mlm_probability=getattr(getattr(cfg, "mlm", None), "probability", 0.15), seed=cfg.train.seed,
+                    progress=cfg.progress)
+        caches.append(TeacherCache(str(root / name), expect_teacher_sha256=teacher_weights_sha256(tdir),
+                                   expect_tokenizer_sha256=tokenizer_sha256(tdir)))
+    return caches[0], caches[1]
+
+
+def data_sources(cfg, tokenizer, train: list[str], held_out: list[str], caches: tuple | None):
+    """(training batch source for the Distiller, a function giving a fresh iterator of held-out
+    batches or None), from the caches when given, else from the tokenised texts."""
+    from kdfast.cache import CacheDataset
+    from kdfast.train.data import CachedBatches, TokenBatches
+
+    bs = cfg.train.batch_size
+    if caches is not None:
+        train_cache, held_cache = caches
+        if len(train_cache) < bs:
+            raise ValueError(f"train.batch_size {bs} exceeds the {len(train_cache)} training texts")
+        source = CachedBatches(train_cache, bs, seed=cfg.train.seed)
+        held = (lambda: iter(CacheDataset(held_cache, min(bs, len(held_cache)), drop_last=False))) \
+            if held_cache is not None else None
+        return source, held
+    ids, am = tokenize(tokenizer, train, cfg.data.max_length)
+    if ids.shape[0] < bs:
+        raise ValueError(f"train.batch_size {bs} exceeds the {ids.shape[0]} training texts")
+    source = TokenBatches(ids, am, bs, seed=cfg.train.seed, rank=0, world_size=1)
+    held = None
+    if held_out:
+        hids, ham = tokenize(tokenizer, held_out, cfg.data.max_length)
+        held_src = TokenBatches(hids, ham, min(bs, hids.shape[0]), shuffle=False, drop_last=False, rank=0,
+                                world_size=1)
+        held = lambda: held_src.batches(0)  # noqa: E731
+    return source, held
+
+
+def held_out_eval(step_loss: Callable, batches: Callable[[], Iterator[dict]] | None, device: torch.device,
+                  seed: int) -> Callable | None:
+    """``eval_fn`` for the Distiller: the step loss and its terms averaged over the held-out
+    batches, with the masking RNG reseeded so that every evaluation masks the same tokens."""
+    if batches is None:
+        return None
+
+    def eval_fn(student):
+        torch.manual_seed(seed)
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in batches():
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss, terms = step_loss(batch)
+            for k, v in {"loss": float(loss), **terms}.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n += 1
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    return eval_fn
+
+
+def train_config(settings: TrainSettings, steps: int, out_dir: Path, progress: bool, *, lr: float | None = None,
+                 preferred_optimizer: str | None = None):
+    """:class:`kdfast.train.TrainConfig` of one stage; ``optimizer`` is passed through where the
+    Distiller offers a choice (else only AdamW, the Distiller's own, is accepted)."""
+    from kdfast.train.distiller import TrainConfig
+
+    kwargs = dict(steps=steps, lr=lr if lr is not None else settings.lr, weight_decay=settings.weight_decay,
+                  warmup=settings.warmup, max_grad_norm=settings.max_grad_norm, grad_accum=settings.grad_accum,
+                  seed=settings.seed, log_every=min(settings.log_every, steps),
+                  checkpoint_every=settings.checkpoint_every, eval_every=settings.eval_every, out_dir=str(out_dir),
+                  progress=progress)
+    optimizer = settings.optimizer
+    if "optimizer" in {f.name for f in dataclasses.fields(TrainConfig)}:
+        if optimizer is not None or preferred_optimizer is not None:
+            kwargs["optimizer"] = optimizer if optimizer is not None else preferred_optimizer
+    elif optimizer not in (None, "adamw"):
+        raise ValueError(f"train.optimizer {optimizer!r} is not offered by this Distiller (AdamW only); "
+                         "set train.optimizer to adamw or null")
+    return TrainConfig(**kwargs)
+
+
+def run_stage(name: str, student: nn.Module, step_loss: Callable, source, held, cfg_train, *, extra=None,
+              trainable=None, resume: bool = False, device: torch.device | None = None, seed: int = 0) -> dict:
+    """One Distiller run; returns its report entry (loss first/last per term, tokens/s, last eval)."""
+    from kdfast.train.distiller import Distiller
+
+    device = device or next(student.parameters()).device
+    eval_fn = held_out_eval(step_loss, held, device, seed)
+    distiller = Distiller(student, step_loss, source, cfg_train, extra=extra, trainable=trainable, eval_fn=eval_fn)
+    t0 = time.perf_counter()
+    history = distiller.train(resume=resume)
+    seconds = time.perf_counter() - t0
+    rates = [h["tokens_per_s"] for h in history if h.get("tokens_per_s")]
+    return {"name": name, "steps": cfg_train.steps, "out_dir": cfg_train.out_dir,
+            "first": history[0] if history else None, "last": history[-1] if history else None,
+            "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None, "seconds": round(seconds, 2),
+            "eval": distiller.eval_history[-1] if distiller.eval_history else None,
+            "eval_first": distiller.eval_history[0] if distiller.eval_history else None}
+
+
+def terms_of(loss_terms: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in loss_terms.items()}
+
+
+def write_report(out_dir: Path, report: dict) -> Path:
+    path = Path(out_dir) / "report.json"
+    path.write_text(json.dumps(report, indent=2, default=str))
+    return path
+
+
+def format_report(report: dict) -> str:
+    """The results table the CLI prints: loss first/last per term, tokens/s and held-out loss per stage."""
+    t, s = report["teacher"], report["student"]
+    lines = [f"recipe {report['recipe']}: teacher {t['dir']} ({t['source']}), {t['params'] / 1e6:.2f}M params; "
+             f"student {s['params'] / 1e6:.2f}M params ({t['params'] / s['params']:.2f}x smaller), saved to {s['dir']}"]
+    header = f"{'stage':<22} {'steps':>6} {'loss first -> last':<22} {'tokens/s':>10} {'eval loss':>18}  terms first -> last"
+    lines += [header, "-" * len(header)]
+    for st in report["stages"]:
+        first, last = st["first"] or {}, st["last"] or {}
+        loss = f"{first.get('loss', math.nan):.4f} -> {last.get('loss', math.nan):.4f}"
+        ev = ""
+        if st["eval"]:
+            ev = f"{st['eval_first'].get('eval/loss', math.nan):.4f} -> {st['eval'].get('eval/loss', math.nan):.4f}"
+        skip = {"step", "loss", "lr", "tokens_per_s", "grad_norm"}
+        terms = ", ".join(f"{k} {first[k]:.4g} -> {last.get(k, math.nan):.4g}" for k in first if k not in skip)
+        rate = f"{st['tokens_per_s']:.0f}" if st["tokens_per_s"] else "-"
+        lines.append(f"{st['name']:<22} {st['steps']:>6} {loss:<22} {rate:>10} {ev:>18}  {terms}")
+    lines.append(f"total {report['timing_s']['total']} s (teacher set-up and cache {report['timing_s'].get('cache', 0)} s); "
+                 f"report: {report['out_dir']}/report.json")
+    return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""MobileBERT (Sun et al., 2020): progressive knowledge transfer, then pre-training distillation.
+
+The student (:class:`kdfast.models.KDMobileBertForMaskedLM`) has the teacher's depth and an
+inter-block width equal to the teacher's hidden size, so that its feature maps (layer outputs)
+compare with the teacher's one to one; inside each block it is narrow (``intra_bottleneck_size``,
+by default a quarter of the width as in the paper's 512 -> 128, rounded down to a multiple of the
+head count, which defaults to the teacher's).
+
+Stage 1, progressive knowledge transfer: for l = 1..L one stage of ``pkt.steps_per_layer`` steps
+trains layer l on
+
+    L_l = alpha_feature_map * FMT(h_s^l, h_t^l) + alpha_attention * KL(A_t^l || A_s^l)
+
+(:func:`kdfast.feature_map_loss`; attention KL from queries and keys, no L x L map). The layers
+below l are frozen (``pkt.lower_lr_scale = 0``, the paper's PKT) or trained at
+``lower_lr_scale`` x lr (the softer variant), through optimizer param groups; the embeddings are
+trained with layer 1, then count as a lower layer. The layers above l are not run. (From a
+cache built with logits, i.e. with ``pretrain.steps`` > 0, stage 1 sees the cache's masked
+inputs; live, it sees the plain text.)
+
+Stage 2, pre-training distillation: every parameter, on masked text (15%, 80/10/10),
+
+    L = alpha_kd * KL(p_t || p_s) + alpha_mlm * CE(s, labels)    (T = 1, 0.5 / 0.5)
+
+over the masked tokens, i.e. the student's MLM predictions against 0.5 teacher + 0.5 one-hot
+(:func:`kdfast.kd_loss`, or :func:`kdfast.sparse_kd_loss` on the cached top-k). This needs a
+teacher with an MLM head; set ``pretrain.steps`` to 0 for one without.
+
+Defaults: the losses, the freezing scheme, 0.5 / 0.5 at T = 1 and the LAMB optimizer (used where
+the Distiller offers it) follow the paper; the step counts, batch size and lr are sized for the
+embedded corpus (the paper used 4096-sequence batches).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from kdfast.train.recipes import common
+from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings, config_to_dict
+
+NAME = "mobilebert"
+STEP_KEYS = ("pkt.steps_per_layer", "pretrain.steps")
+
+
+@dataclass
+class MobileBertStudent:
+    """Student shape; None: derived from the teacher (width = the teacher's hidden size, depth and
+    heads = the teacher's, intra-bottleneck = width / 4 rounded down to a multiple of the heads,
+    FFN = 4 x intra-bottleneck, embedding = min(128, width))."""
+
+    intra_bottleneck_size: int | None = None
+    num_attention_heads: int | None = None
+    num_hidden_layers: int | None = None
+    intermediate_size: int | None = None
+    embedding_size: int | None = None
+    num_feedforward_networks: int = 4
+
+    def validate(self) -> None:
+        for name in ("intra_bottleneck_size", "num_attention_heads", "num_hidden_layers", "intermediate_size",
+                     "embedding_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if self.num_feedforward_networks < 1:
+            raise ValueError(f"num_feedforward_networks must be >= 1, got {self.num_feedforward_networks}")
+
+
+@dataclass
+class PKTSettings:
+    """Progressive knowledge transfer (stage 1)."""
+
+    steps_per_layer: int = 40
+    lower_lr_scale: float = 0.0  # 0: layers below the current one frozen (the paper's PKT)
+    alpha_feature_map: float = 1.0
+    alpha_attention: float = 1.0
+    lr: float | None = None  # None: train.lr
+
+    def validate(self) -> None:
+        if self.steps_per_layer < 0:
+            raise ValueError(f"steps_per_layer must be >= 0, got {self.steps_per_layer}")
+        if self.lower_lr_scale < 0:
+            raise ValueError(f"lower_lr_scale must be >= 0 (0 = frozen), got {self.lower_lr_scale}")
+        if self.alpha_feature_map < 0 or self.alpha_attention < 0 or not (self.alpha_feature_map or self.alpha_attention):
+            raise ValueError("alpha_feature_map and alpha_attention must be >= 0, not both 0")
+
+
+@dataclass
+class PretrainSettings:
+    """Pre-training distillation (stage 2)."""
+
+    steps: int = 100
+    alpha_kd: float = 0.5
+    alpha_mlm: float = 0.5
+    temperature: float = 1.0
+    lr: float | None = None  # None: train.lr
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.alpha_kd < 0 or self.alpha_mlm < 0 or not (self.alpha_kd or self.alpha_mlm):
+            raise ValueError("alpha_kd and alpha_mlm must be >= 0, not both 0")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
+class MobileBertRecipe:
+    """Settings of the ``mobilebert`` recipe (see the module docstring)."""
+
+    out_dir: str = "runs/mobilebert"
+    progress: bool = True
+    student: MobileBertStudent = field(default_factory=MobileBertStudent)
+    pkt: PKTSettings = field(default_factory=PKTSettings)
+    pretrain: PretrainSettings = field(default_factory=PretrainSettings)
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    mlm: MaskingSettings = field(default_factory=lambda: MaskingSettings(probability=0.15, smoothing=0.0))
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(
+        batch_size=16, lr=1e-3, weight_decay=0.01, warmup=0.1, max_grad_norm=1.0))
+
+    def validate(self) -> None:
+        if not (self.pkt.steps_per_layer or self.pretrain.steps):
+            raise ValueError("pkt.steps_per_layer and pretrain.steps are both 0: nothing to train")
+
+
+def student_config(settings: MobileBertStudent, teacher_config):
+    """``transformers.MobileBertConfig`` of the student (see :class:`MobileBertStudent`)."""
+    from kdfast.models import mobilebert_config
+
+    width = teacher_config.hidden_size
+    heads = settings.num_attention_heads or teacher_config.num_attention_heads
+    layers = settings.num_hidden_layers or teacher_config.num_hidden_layers
+    if layers != teacher_config.num_hidden_layers:
+        raise ValueError(f"student.num_hidden_layers ({layers}) must equal the teacher's "
+                         f"({teacher_config.num_hidden_layers}): progressive transfer maps layer l to layer l")
+    intra = settings.intra_bottleneck_size or max(heads, (width // 4) // heads * heads)
+    if intra % heads:
+        raise ValueError(f"student.intra_bottleneck_size {intra} must be divisible by student.num_attention_heads "
+                         f"{heads}")
+    emb = settings.embedding_size or min(128, width)
+    if emb > width:
+        raise ValueError(f"student.embedding_size {emb} must be <= the width {width} (the teacher's hidden size)")
+    return mobilebert_config("mobilebert", vocab_size=teacher_config.vocab_size, hidden_size=width,
+                             intra_bottleneck_size=intra, num_attention_heads=heads, num_hidden_layers=layers,
+                             intermediate_size=settings.intermediate_size or 4 * intra, embedding_size=emb,
+                             num_feedforward_networks=settings.num_feedforward_networks,
+                             max_position_embeddings=teacher_config.max_position_embeddings,
+                             type_vocab_size=teacher_config.type_vocab_size,
+                             pad_token_id=getattr(teacher_config, "pad_token_id", 0))
+
+
+def forward_to_layer(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, upto: int) -> dict:
+    """Run a ``KDMobileBert`` through layer ``upto`` only (1-based); hidden states and q / k of those layers."""
+    from kdfast.models.mobilebert import additive_mask
+
+    x = encoder.embeddings(input_ids)
+    mask = additive_mask(attention_mask, x.dtype)
+    hidden, q, k = [x], [], []
+    for layer in encoder.encoder.layer[:upto]:
+        x, captured = layer(x, mask, False, True)
+        hidden.append(x)
+        q.append(captured["q"])
+        k.append(captured["k"])
+    return {"hidden_states": tuple(hidden), "q": tuple(q), "k": tuple(k)}
+
+
+def pkt_groups(model, layer: int, lower_lr_scale: float) -> list[dict]:
+    """Trainable param groups of stage ``layer`` (1-based): that layer (plus the embeddings at
+    layer 1) at the full lr; the embeddings and layers below at ``lower_lr_scale`` x lr, or frozen
+    (left out, ``requires_grad`` off) when it is 0. Everything else is frozen."""
+    enc = model.mobilebert
+    model.requires_grad_(False)
+    current = list(enc.encoder.layer[layer - 1].parameters())
+    lower = [p for l in enc.encoder.layer[:layer - 1] for p in l.parameters()]
+    (current if layer == 1 else lower).extend(enc.embeddings.parameters())
+    groups = [{"params": current}]
+    if lower and lower_lr_scale > 0:
+        groups.append({"params": lower, "lr_scale": lower_lr_scale})
+    for g in groups:
+        for p in g["params"]:
+            p.requires_grad_(True)
+    return groups
+
+
+def run(cfg: MobileBertRecipe, *, resume: bool = False) -> dict:
+    """Progressive knowledge transfer, then pre-training distillation; returns the report."""
+    import kdfast
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kdfast.models import KDMobileBertForMaskedLM, count
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out_dir)
+    tdir = common.teacher_dir(cfg.teacher)
+    train, held_out = common.load_corpus(cfg.data)
+    tconf = AutoConfig.from_pretrained(tdir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tdir, local_files_only=True)
+    scfg = student_config(cfg.student, tconf)
+    torch.manual_seed(cfg.train.seed)
+    student = KDMobileBertForMaskedLM(scfg)
+    n = tconf.num_hidden_layers
+    pkt, pre = cfg.pkt, cfg.pretrain
+    cached = cfg.teacher.source == "cache"
+    need_head = pre.steps > 0
+    out.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    caches, teacher = None, None
+    if cached:
+        if need_head:  # refuse a headless teacher before its random head is cached
+            common.load_teacher(tdir, mlm_head=True, needed_by="pretrain.steps")
+        caches = common.prepare_cache(cfg, tdir, train, held_out,
+                                      logits=f"topk:{cfg.teacher.topk}" if need_head else "none",
+                                      temperature=pre.temperature, layers=list(range(n + 1)) if pkt.steps_per_layer else [],
+                                      qk=bool(pkt.steps_per_layer and pkt.alpha_attention))
+    else:
+        teacher = common.load_teacher(tdir, mlm_head=need_head, needed_by="pretrain.steps")
+    cache_s = time.perf_counter() - t0
+    source, held = common.data_sources(cfg, tokenizer, train, held_out, caches)
+    masker = None
+    if not cached and need_head:
+        ids, am = common.tokenize(tokenizer, train, cfg.data.max_length)
+        masker = common.Masker(cfg.mlm, tokenizer, tconf.vocab_size, ids, am)
+
+    def teacher_outputs(batch, ids, am, dtype, qk):
+        if cached:
+            return common.cached_teacher_outputs(batch, n, tconf.num_attention_heads, dtype)
+        with torch.no_grad():
+            return common.bert_outputs(teacher, ids, am, qk=qk)
+
+    stages = []
+    for layer in range(1, n + 1) if pkt.steps_per_layer else ():
+        loss_fn = kdfast.DistillationLoss({layer: layer}, {"feature_map": pkt.alpha_feature_map,
+                                                           "attention": pkt.alpha_attention},
+                                          attention="kl", attention_source="qk")
+
+        def step_loss(batch, layer=layer, loss_fn=loss_fn):
+            ids, am = batch["input_ids"], batch["attention_mask"]
+            s_out = forward_to_layer(student.mobilebert, ids, am, layer)
+            t_out = teacher_outputs(batch, ids, am, s_out["hidden_states"][0].dtype, bool(pkt.alpha_attention))
+            total, terms = loss_fn(s_out, t_out, am)
+            return total, common.terms_of(terms)
+
+        groups = pkt_groups(student, layer, pkt.lower_lr_scale)
+        tc = common.train_config(cfg.train, pkt.steps_per_layer, out / f"pkt-layer{layer:02d}", cfg.progress,
+                                 lr=pkt.lr, preferred_optimizer="lamb")
+        stages.append(common.run_stage(f"pkt layer {layer}", student, step_loss, source, held, tc, trainable=groups,
+                                       resume=resume, seed=cfg.train.seed))
+    student.requires_grad_(True)
+
+    if pre.steps:
+        def step_loss(batch):
+            am = batch["attention_mask"]
+            if "labels" in batch:
+                ids, labels = batch["input_ids"], batch["labels"]
+            else:
+                ids, labels = masker(batch["input_ids"], am)
+            s = student(input_ids=ids, attention_mask=am)
+            if cached:
+                rows = labels != -100
+                total = kdfast.sparse_kd_loss(s.logits[rows], batch["topk_ids"], batch["topk_values"],
+                                              teacher_logsumexp=batch["topk_lse"], labels=labels[rows],
+                                              temperature=pre.temperature, alpha_kd=pre.alpha_kd,
+                                              alpha_mlm=pre.alpha_mlm)
+            else:
+                t = teacher_outputs(batch, ids, am, s.logits.dtype, False)
+                total = kdfast.kd_loss(s.logits, t["logits"].to(s.logits.dtype), labels=labels,
+                                       temperature=pre.temperature, alpha_kd=pre.alpha_kd, alpha_mlm=pre.alpha_mlm)
+            with torch.no_grad():  # the hard-label part alone, for the log
+                mlm = F.cross_entropy(s.logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
+            return total, {"mlm": float(mlm)}
+
+        tc = common.train_config(cfg.train, pre.steps, out / "pretrain", cfg.progress, lr=pre.lr,
+                                 preferred_optimizer="lamb")
+        stages.append(common.run_stage("pretrain distill", student, step_loss, source, held, tc, resume=resume,
+                                       seed=cfg.train.seed))
+
+    student_dir = out / "student"
+    student.to_transformers().save_pretrained(student_dir)
+    tokenizer.save_pretrained(student_dir)
+    report = {
+        "recipe": NAME, "out_dir": str(out), "config": config_to_dict(cfg),
+        "teacher": {"dir": str(tdir), "source": cfg.teacher.source, "params": common.teacher_params(tdir),
+                    "layers": n},
+        "student": {"dir": str(student_dir), "params": int(count(student)["params"]), "layers": n,
+                    "hidden_size": scfg.hidden_size, "intra_bottleneck_size": scfg.intra_bottleneck_size,
+                    "num_attention_heads": scfg.num_attention_heads},
+        "stages": stages,
+        "timing_s": {"cache": round(cache_s, 2), "total": round(time.perf_counter() - t_start, 2)},
+    }
+    common.write_report(out, report)
+    return report

@@ -1,0 +1,201 @@
+"""TinyBERT (Jiao et al., 2020): general distillation, then (optionally) task distillation.
+
+General distillation, on plain (unmasked) text with the uniform layer map g(m) = m N / M
+(:func:`kdfast.models.uniform_layer_map`, embeddings 0 -> 0):
+
+    L = alpha_hidden * sum_{m=0..M} MSE(h_s^m W_m, h_t^g(m)) + alpha_attention * sum_{m=1..M} MSE(S_s^m, S_t^g(m))
+
+with learned projections W_m (d_s -> d_t, owned by :class:`kdfast.DistillationLoss` and trained
+with the student) and S the pre-softmax attention scores, computed from queries and keys
+(:func:`kdfast.flash_attention_transfer`, no L x L map). The general student is saved with
+``save_pretrained``; with a ``task`` section, ``kdfast.train.task.task_distill`` then runs task
+distillation (intermediate layers, then the prediction layer's soft cross-entropy against a
+fine-tuned teacher) starting from it.
+
+Defaults: the loss (weights 1, uniform map, projections, score MSE) and the TinyBERT-4 shape
+(d = 312, d_i = 1200, 12 heads) follow the paper; M defaults to the largest divisor of the
+teacher's layer count not above the preset's (4 for a 12-layer teacher, 3 for the 6-layer
+MiniLM); lr, steps and batch size are sized for the embedded corpus (the paper's general
+distillation used 256 x 128-token batches for 3 epochs of a large corpus).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kdfast.train.recipes import common
+from kdfast.train.recipes.config import DataSettings, TeacherSettings, TrainSettings, config_to_dict
+
+NAME = "tinybert"
+STEP_KEYS = ("steps",)
+
+
+@dataclass
+class TinyBertStudent:
+    """``kdfast.models.tinybert(preset, ...)`` with these overrides (None: the preset's; vocabulary,
+    positions and token types always the teacher's; ``num_hidden_layers`` None: the largest
+    divisor of the teacher's layer count not above the preset's)."""
+
+    preset: str = "tinybert-4"
+    num_hidden_layers: int | None = None
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    num_attention_heads: int | None = None
+
+    def validate(self) -> None:
+        from kdfast.models.students import TINYBERT_PRESETS
+
+        if self.preset not in TINYBERT_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(TINYBERT_PRESETS)}, got {self.preset!r}")
+        for name in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+
+
+@dataclass
+class TaskSettings:
+    """Task distillation after the general stage: ``name`` (None: skip), the fine-tuned teacher's
+    directory, the task's local data directory and further ``options`` for ``task_distill``."""
+
+    name: str | None = None
+    teacher_dir: str | None = None
+    data_dir: str | None = None
+    options: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.name is not None and (not self.teacher_dir or not self.data_dir):
+            raise ValueError(f"teacher_dir and data_dir are required for task {self.name!r}")
+
+
+@dataclass
+class TinyBertRecipe:
+    """Settings of the ``tinybert`` recipe (see the module docstring)."""
+
+    out_dir: str = "runs/tinybert"
+    progress: bool = True
+    steps: int = 200
+    alpha_hidden: float = 1.0
+    alpha_attention: float = 1.0
+    student: TinyBertStudent = field(default_factory=TinyBertStudent)
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    train: TrainSettings = field(default_factory=lambda: TrainSettings(
+        batch_size=16, lr=1e-4, weight_decay=0.01, warmup=0.1, max_grad_norm=1.0))
+    task: TaskSettings = field(default_factory=TaskSettings)
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        for name in ("alpha_hidden", "alpha_attention"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.alpha_hidden or self.alpha_attention):
+            raise ValueError("alpha_hidden and alpha_attention are both 0: nothing to train")
+
+
+def student_layers(n_teacher: int, preset_layers: int) -> int:
+    """The largest divisor of ``n_teacher`` that is <= ``preset_layers`` (a uniform map needs one)."""
+    return max(d for d in range(1, min(n_teacher, preset_layers) + 1) if n_teacher % d == 0)
+
+
+def build_student(settings: TinyBertStudent, teacher_config):
+    from kdfast.models import tinybert
+    from kdfast.models.students import TINYBERT_PRESETS
+
+    preset = TINYBERT_PRESETS[settings.preset]
+    overrides = {k: getattr(settings, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads")
+                 if getattr(settings, k) is not None}
+    overrides["num_hidden_layers"] = settings.num_hidden_layers or student_layers(
+        teacher_config.num_hidden_layers, preset["num_hidden_layers"])
+    heads = overrides.get("num_attention_heads", preset["num_attention_heads"])
+    width = overrides.get("hidden_size", preset["hidden_size"])
+    if width % heads:
+        raise ValueError(f"student.hidden_size {width} must be divisible by student.num_attention_heads {heads}")
+    return tinybert(settings.preset, vocab_size=teacher_config.vocab_size,
+                    max_position_embeddings=teacher_config.max_position_embeddings,
+                    type_vocab_size=teacher_config.type_vocab_size,
+                    pad_token_id=getattr(teacher_config, "pad_token_id", 0), **overrides)
+
+
+def run(cfg: TinyBertRecipe, *, resume: bool = False) -> dict:
+    """General distillation (and task distillation with a ``task`` section); returns the report."""
+    import kdfast
+    from transformers import AutoConfig, AutoTokenizer
+
+    from kdfast.models import count, uniform_layer_map
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out_dir)
+    tdir = common.teacher_dir(cfg.teacher)
+    train, held_out = common.load_corpus(cfg.data)
+    tconf = AutoConfig.from_pretrained(tdir, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(tdir, local_files_only=True)
+    student = build_student(cfg.student, tconf)
+    n_t, n_s = tconf.num_hidden_layers, student.config.num_hidden_layers
+    try:
+        layer_map = uniform_layer_map(n_t, n_s)
+    except ValueError as e:
+        raise ValueError(f"student.num_hidden_layers: {e}") from None
+    if cfg.alpha_attention and student.config.num_attention_heads != tconf.num_attention_heads:
+        raise ValueError(f"student.num_attention_heads ({student.config.num_attention_heads}) must equal the "
+                         f"teacher's ({tconf.num_attention_heads}) for the attention term")
+    weights = {"hidden": cfg.alpha_hidden, "attention": cfg.alpha_attention}
+    loss_fn = kdfast.DistillationLoss(layer_map, weights, student_hidden_size=student.config.hidden_size,
+                                      teacher_hidden_size=tconf.hidden_size, attention="mse",
+                                      attention_source="qk")
+    out.mkdir(parents=True, exist_ok=True)
+    cached = cfg.teacher.source == "cache"
+    want_qk = bool(cfg.alpha_attention)
+    t0 = time.perf_counter()
+    caches, teacher = None, None
+    if cached:
+        caches = common.prepare_cache(cfg, tdir, train, held_out, logits="none", temperature=1.0,
+                                      layers=sorted(set(layer_map.values())) if cfg.alpha_hidden else [], qk=want_qk)
+    else:
+        teacher = common.load_teacher(tdir, mlm_head=False)
+    cache_s = time.perf_counter() - t0
+    source, held = common.data_sources(cfg, tokenizer, train, held_out, caches)
+
+    def step_loss(batch):
+        ids, am = batch["input_ids"], batch["attention_mask"]
+        s_out = common.bert_outputs(student, ids, am, qk=want_qk)
+        if cached:
+            t_out = common.cached_teacher_outputs(batch, n_t, tconf.num_attention_heads, s_out["hidden_states"][0].dtype)
+        else:
+            with torch.no_grad():
+                t_out = common.bert_outputs(teacher, ids, am, qk=want_qk)
+        total, terms = loss_fn(s_out, t_out, am)
+        return total, common.terms_of(terms)
+
+    tc = common.train_config(cfg.train, cfg.steps, out / "general", cfg.progress)
+    stages = [common.run_stage("general", student, step_loss, source, held, tc, extra=loss_fn, resume=resume,
+                               seed=cfg.train.seed)]
+    student_dir = out / "student"
+    student.save_pretrained(student_dir)
+    tokenizer.save_pretrained(student_dir)
+    report = {
+        "recipe": NAME, "out_dir": str(out), "config": config_to_dict(cfg),
+        "teacher": {"dir": str(tdir), "source": cfg.teacher.source, "params": common.teacher_params(tdir),
+                    "layers": n_t},
+        "student": {"dir": str(student_dir), "params": int(count(student)["params"]), "layers": n_s,
+                    "hidden_size": student.config.hidden_size},
+        "layer_map": layer_map, "stages": stages,
+        "timing_s": {"cache": round(cache_s, 2)},
+    }
+    if cfg.task.name is not None:
+        try:
+            from kdfast.train.task import task_distill
+        except ImportError as e:
+            raise ValueError(f"task: task distillation needs kdfast.train.task.task_distill, which this build "
+                             f"lacks ({e}); remove the task section to run general distillation only") from None
+        task_out = out / "task"
+        report["task"] = task_distill(cfg.task.teacher_dir, str(student_dir), cfg.task.name, cfg.task.data_dir,
+                                      str(task_out), **cfg.task.options)
+    report["timing_s"]["total"] = round(time.perf_counter() - t_start, 2)
+    common.write_report(out, report)
+    return report
