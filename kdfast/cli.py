@@ -42,7 +42,7 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--size expects ROWSxVOCAB, e.g. 1024x30522, got {text!r}") from None
 
 
-SUITES = ("kd_loss", "attention", "fused_linear_kd", "models", "cache")
+SUITES = ("kd_loss", "attention", "fused_linear_kd", "models", "cache", "optim")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -96,6 +96,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(format_table(flkd_results), flush=True)
         results += flkd_results
+    if "optim" in args.suites:
+        from kdfast.bench import optim as optim_bench
+
+        optim_results = optim_bench.run(device, repeat=args.repeat)
+        print()
+        print(format_table(optim_results), flush=True)
+        results += optim_results
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": _device_name(device), "torch": torch.__version__,

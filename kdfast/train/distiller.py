@@ -1,11 +1,12 @@
 """The one training loop of every recipe.
 
-``Distiller(student, step_loss, data, config)`` runs AdamW (or LAMB-free plain AdamW: LAMB is not
-in torch), linear warm-up then linear decay, gradient clipping and accumulation, bf16 autocast on
-GPU, metrics as JSON lines, a progress bar with the loss terms and tokens/s, and atomic
-checkpoints (student + extra trainable modules, optimizer, scheduler, RNG states, data
-position). ``train(resume=True)`` continues from the newest complete checkpoint so that an
-interrupted-and-resumed run equals an uninterrupted one (exactly, in fp32 on CPU).
+``Distiller(student, step_loss, data, config)`` runs AdamW or LAMB (``config.optimizer``; LAMB,
+MobileBERT's optimizer, is :class:`kdfast.train.optim.Lamb`: torch has none), linear warm-up then
+linear decay, gradient clipping and accumulation, bf16 autocast on GPU, metrics as JSON lines, a
+progress bar with the loss terms and tokens/s, and atomic checkpoints (student + extra trainable
+modules, optimizer, scheduler, RNG states, data position). ``train(resume=True)`` continues from
+the newest complete checkpoint so that an interrupted-and-resumed run equals an uninterrupted one
+(exactly, in fp32 on CPU).
 
 Distributed: under ``torchrun`` wrap the student in DDP before passing it (see
 ``kdfast.train.distributed``); the data source gives each rank its slice.
@@ -28,8 +29,12 @@ from torch import nn
 
 from kdfast.cache.format import atomic_write_bytes, fsync_dir
 from kdfast.train.distributed import barrier, mean_across_ranks, rank_and_world
+from kdfast.train.optim import Lamb
 
 StepLoss = Callable[[dict], tuple[torch.Tensor, dict[str, float]]]
+
+#: ``TrainConfig.optimizer`` -> class; both take param groups with their own ``weight_decay``.
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "lamb": Lamb}
 
 
 @dataclass
@@ -49,6 +54,7 @@ class TrainConfig:
     out_dir: str = "runs/kdfast"
     progress: bool = True
     eval_every: int = 0  # run the Distiller's eval_fn every this many steps (0: never)
+    optimizer: str = "adamw"  # "adamw" | "lamb"
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -59,6 +65,8 @@ class TrainConfig:
             raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
 
 
 def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
@@ -96,7 +104,7 @@ class Distiller:
             p for p in list(student.parameters()) + list(self.extra.parameters()) if p.requires_grad]
         if not params:
             raise ValueError("nothing to train: no parameter requires a gradient")
-        self.opt = torch.optim.AdamW(_decay_groups(params, config.weight_decay, config.lr), lr=config.lr)
+        self.opt = OPTIMIZERS[config.optimizer](_decay_groups(params, config.weight_decay, config.lr), lr=config.lr)
         warm = max(1, int(config.warmup * config.steps) if config.warmup < 1 else int(config.warmup))
         total = config.steps  # fixed at construction: the schedule of a resumed run is the original one
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: linear_warmup_decay(s, total, warm))
