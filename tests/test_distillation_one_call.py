@@ -1,5 +1,6 @@
 """One call per loss family: hidden MSE over n layers with stacked projections, and DistillationLoss
-(hidden + attention over all mapped layers at once) against sums of per-layer float64 references."""
+(hidden + attention per layer, or over all mapped layers at once with ``stack_layers``) against
+sums of per-layer float64 references."""
 
 from __future__ import annotations
 
@@ -114,12 +115,14 @@ def reference_terms(dl, s, t, mask, attention):
     return {"hidden": hidden, "attention": att}, leaves, proj
 
 
+@pytest.mark.parametrize("stack_layers", [True, False])
 @pytest.mark.parametrize("attention", ["kl", "mse"])
 @pytest.mark.parametrize("heads", [(2, 4), (4, 2), (2, 2)])
-def test_distillation_loss_one_call_equals_per_layer_references(attention, heads, monkeypatch):
+def test_distillation_loss_equals_per_layer_references(attention, heads, stack_layers, monkeypatch):
     """Hidden (projected 24 -> 40) and flash attention (teacher and student head counts differing
-    both ways): each family is one call, and totals and gradients (student hidden states, Q, K and
-    the projections) equal the sums of per-layer float64 references."""
+    both ways): one call per family with ``stack_layers``, one per layer without; either way totals
+    and gradients (student hidden states, Q, K and the projections) equal the sums of per-layer
+    float64 references."""
     H_s, H_t = heads
     s, t, mask = make_outputs(B=3, L=19, d_s=24, d_t=40, H_s=H_s, H_t=H_t, dh_s=8, dh_t=12)
     calls = {"hidden": 0, "attention": 0}
@@ -133,9 +136,9 @@ def test_distillation_loss_one_call_equals_per_layer_references(attention, heads
         monkeypatch.setattr(mod, fn, counted)
     weights = {"hidden": 1.5, "attention": 2.0}
     dl = kdfast.DistillationLoss(LAYER_MAP, weights, student_hidden_size=24, teacher_hidden_size=40,
-                                 attention=attention, attention_source="qk", backend="torch")
+                                 attention=attention, attention_source="qk", stack_layers=stack_layers, backend="torch")
     total, terms = dl(s, t, mask)
-    assert calls == {"hidden": 1, "attention": 1}
+    assert calls == ({"hidden": 1, "attention": 1} if stack_layers else {"hidden": 3, "attention": 2})
     total.backward()
     ref, leaves, proj = reference_terms(dl, s, t, mask, attention)
     ref_total = sum(weights[k] * v for k, v in ref.items())
@@ -153,7 +156,8 @@ def test_distillation_loss_one_call_equals_per_layer_references(attention, heads
 
 @pytest.mark.parametrize("attention,source", [("kl", "scores"), ("mse", "scores"), ("mse", "attentions"),
                                               ("kl", "attentions")])
-def test_distillation_loss_map_sources_equal_per_layer_sum(attention, source):
+@pytest.mark.parametrize("stack_layers", [True, False])
+def test_distillation_loss_map_sources_equal_per_layer_sum(attention, source, stack_layers):
     """Materialised maps: concatenated in one call (kl; mse on probabilities), or per layer (mse on
     scores); either way the per-layer sum, with a teacher of twice the student's heads."""
     s, t, mask = make_outputs(B=2, L=13, d_s=16, d_t=16, H_s=2, H_t=4, dh_s=8, dh_t=8)
@@ -163,7 +167,8 @@ def test_distillation_loss_map_sources_equal_per_layer_sum(attention, source):
     else:  # a genuine score <= -1e2 in one layer only: the per-layer element counts differ
         t["scores"][1] = t["scores"][1].clone()
         t["scores"][1][0, :, 0, 0] = -500.0
-    dl = kdfast.DistillationLoss(LAYER_MAP, {"attention": 1.0}, attention=attention, attention_source=source)
+    dl = kdfast.DistillationLoss(LAYER_MAP, {"attention": 1.0}, attention=attention, attention_source=source,
+                                 stack_layers=stack_layers)
     _, terms = dl(s, t, mask)
     maps_s, maps_t = s[source], t[source]
     if source == "attentions" and attention == "kl":
@@ -177,15 +182,16 @@ def test_distillation_loss_map_sources_equal_per_layer_sum(attention, source):
 
 
 def test_distillation_loss_unprojected_hidden_and_mixed_projections():
-    """Equal widths without projections: the stacked mean times the layer count; projections with
-    and without bias mixed (not stackable): one call per layer, the same sum."""
+    """stack_layers with equal widths and no projection: the stacked mean times the layer count;
+    with projections with and without bias mixed (not stackable): one call per layer, the same sum."""
     s, t, mask = make_outputs(B=2, L=11, d_s=16, d_t=16, H_s=2, H_t=2, dh_s=8, dh_t=8)
-    dl = kdfast.DistillationLoss(LAYER_MAP, {"hidden": 1.0})
+    dl = kdfast.DistillationLoss(LAYER_MAP, {"hidden": 1.0}, stack_layers=True)
     _, terms = dl(s, t, mask)
     ref = sum(hidden_mse_reference(s["hidden_states"][m], t["hidden_states"][g], mask=mask)
               for m, g in LAYER_MAP.items())
     assert_close(terms["hidden"], ref, torch.float32, "unprojected")
-    dl = kdfast.DistillationLoss(LAYER_MAP, {"hidden": 1.0}, student_hidden_size=16, teacher_hidden_size=24)
+    dl = kdfast.DistillationLoss(LAYER_MAP, {"hidden": 1.0}, student_hidden_size=16, teacher_hidden_size=24,
+                                 stack_layers=True)
     dl.projections["1"] = torch.nn.Linear(16, 24, bias=False)
     t["hidden_states"] = [torch.randn(2, 11, 24) for _ in range(N_T + 1)]
     _, terms = dl(s, t, mask)

@@ -95,16 +95,19 @@ class DistillationLoss(nn.Module):
     ``attention_mask`` [B, L] (nonzero = real token) masks every term. Teacher tensors are
     detached and cast to the student's dtype (e.g. an fp32 or fp16 teacher against a student run
     under bf16 autocast); the functional losses themselves insist on equal dtypes. Terms whose weight is 0 or
-    missing are not computed. Each family runs as a single call over all mapped layers when
-    their shapes agree: cosine, feature maps and unprojected hidden MSE on the layers stacked
-    (each layer counts the same tokens, so the sum over layers is the number of layers times
-    the stacked mean); projected hidden MSE through :func:`kdfast.hidden_mse_loss` with the
-    projection weights stacked [n_layers, d_t, d_s] (one batched GEMM per chunk); attention on
-    the layers concatenated along the batch with the mask repeated (every layer has the same
-    normaliser). Two cases stay per layer: layers of different shapes, and the TinyBERT MSE on
-    score maps (``attention="mse"``, ``attention_source="scores"``), whose count of elements
-    above its -1e2 threshold may differ between layers. Teacher and student head counts may
-    differ when one divides the other (:func:`kdfast.losses.map_teacher_heads`).
+    missing are not computed. Cosine and feature-map terms run as a single call over all mapped
+    layers stacked (each layer has the same counted tokens, so the sum over layers is the number
+    of layers times the stacked mean). Hidden MSE and attention run one call per layer by
+    default; ``stack_layers=True`` makes them one call each when the layers' shapes agree:
+    projected hidden MSE through :func:`kdfast.hidden_mse_loss` with the projection weights
+    stacked [n_layers, d_t, d_s] (one batched GEMM per chunk), attention on the layers
+    concatenated along the batch with the mask repeated (every layer has the same normaliser, so
+    the sum is n_layers times the concatenated loss). That launches fewer kernels but copies
+    every layer's inputs; on the 2-core CPU it measured slower (README, "One call per family"),
+    hence off by default. The TinyBERT MSE on score maps (``attention="mse"``,
+    ``attention_source="scores"``) always runs per layer: its count of elements above the -1e2
+    threshold may differ between layers. Teacher and student head counts may differ when one
+    divides the other (:func:`kdfast.losses.map_teacher_heads`).
 
     ``forward(student_outputs, teacher_outputs, attention_mask=None)`` takes the outputs as
     ``transformers`` returns them (``output_hidden_states=True`` / ``output_attentions=True``), or
@@ -122,7 +125,7 @@ class DistillationLoss(nn.Module):
     def __init__(self, layer_map, weights: Mapping[str, float], temperature: float = 1.0, *,
                  student_hidden_size: int | None = None, teacher_hidden_size: int | None = None,
                  attention: str = "mse", attention_source: str = "auto", qk_prescaled: bool = True,
-                 projection_bias: bool = True, backend: str = "auto") -> None:
+                 projection_bias: bool = True, stack_layers: bool = False, backend: str = "auto") -> None:
         super().__init__()
         self.layer_map = _layer_map(layer_map)
         if not isinstance(weights, Mapping):
@@ -145,6 +148,7 @@ class DistillationLoss(nn.Module):
         self.attention = check_choice("attention", attention, ATTENTION_LOSSES)
         self.attention_source = check_choice("attention_source", attention_source, ATTENTION_SOURCES)
         self.qk_prescaled = bool(qk_prescaled)
+        self.stack_layers = bool(stack_layers)
         self.backend = backend
         self.projections = nn.ModuleDict()
         if "hidden" in self.weights and student_hidden_size is not None and teacher_hidden_size is not None:
@@ -195,8 +199,9 @@ class DistillationLoss(nn.Module):
                          f"attention_source={self.attention_source!r} (need q and k, scores or attentions)")
 
     def _hidden_mse(self, pairs: list[tuple[int, Tensor, Tensor]], mask: Tensor | None) -> Tensor:
-        """Sum over the mapped layers of the projected hidden MSE, in one fused call when the layers
-        have equal shapes (one batched GEMM per chunk for all projections), else one per layer."""
+        """Sum over the mapped layers of the projected hidden MSE: one call per layer, or with
+        ``stack_layers`` one fused call when the layers have equal shapes (one batched GEMM per
+        chunk for all projections)."""
         from kdfast.losses.hidden import hidden_mse_loss
 
         projs = [self.projections[str(m)] if str(m) in self.projections else None for m, _, _ in pairs]
@@ -204,7 +209,8 @@ class DistillationLoss(nn.Module):
             if proj is None and hs.shape[-1] != ht.shape[-1]:
                 raise ValueError(f"student_hidden_size / teacher_hidden_size must be given: hidden widths "
                                  f"differ ({hs.shape[-1]} vs {ht.shape[-1]}) and there is no projection")
-        uniform = len({(tuple(hs.shape), tuple(ht.shape), hs.dtype) for _, hs, ht in pairs}) == 1
+        shapes = {(tuple(hs.shape), tuple(ht.shape), hs.dtype) for _, hs, ht in pairs}
+        uniform = self.stack_layers and len(shapes) == 1
         if uniform and all(p is None for p in projs):
             # no projection: every layer counts the same tokens, so the sum is n x the stacked mean
             n = len(pairs)
@@ -224,8 +230,9 @@ class DistillationLoss(nn.Module):
         return total
 
     def _attention(self, student_outputs, teacher_outputs, mask: Tensor | None) -> Tensor:
-        """Sum over the mapped layers of the attention term. Layers of equal shapes are concatenated
-        along the batch (the mask repeated) and computed in one call: each layer is normalised by the
+        """Sum over the mapped layers of the attention term: one call per layer, or with
+        ``stack_layers`` layers of equal shapes concatenated along the batch (the mask repeated)
+        and computed in one call: each layer is normalised by the
         same count (its real query rows, or H sum_b n_b^2 keys for the flash MSE), so the sum over
         layers is n x the concatenated loss. The TinyBERT MSE on score maps is the exception: it
         counts the elements above its threshold, which may differ between layers, so it runs per layer."""
@@ -260,7 +267,7 @@ class DistillationLoss(nn.Module):
             raise ValueError("layer_map has no pair with a student index >= 1: no attention layer to transfer")
         per_layer_counts = src == "scores" and self.attention == "mse"
         uniform = len({tuple((tuple(x.shape), x.dtype) for x in layer) for layer in layers}) == 1
-        if len(layers) > 1 and uniform and not per_layer_counts:
+        if self.stack_layers and len(layers) > 1 and uniform and not per_layer_counts:
             n = len(layers)
             return n * term(*(_cat(xs) for xs in zip(*layers)), _repeat_mask(mask, n))
         total = None
