@@ -103,7 +103,8 @@ class DistillationLoss(nn.Module):
     stacked [n_layers, d_t, d_s] (one batched GEMM per chunk), attention on the layers
     concatenated along the batch with the mask repeated (every layer has the same normaliser, so
     the sum is n_layers times the concatenated loss). That launches fewer kernels but copies
-    every layer's inputs; on the 2-core CPU it measured slower (README, "One call per family"),
+    every layer's inputs; on the 2-core CPU it measured slower (README, "Head counts and one
+    call per family"),
     hence off by default. The TinyBERT MSE on score maps (``attention="mse"``,
     ``attention_source="scores"``) always runs per layer: its count of elements above the -1e2
     threshold may differ between layers. Teacher and student head counts may differ when one
@@ -232,10 +233,10 @@ class DistillationLoss(nn.Module):
     def _attention(self, student_outputs, teacher_outputs, mask: Tensor | None) -> Tensor:
         """Sum over the mapped layers of the attention term: one call per layer, or with
         ``stack_layers`` layers of equal shapes concatenated along the batch (the mask repeated)
-        and computed in one call: each layer is normalised by the
-        same count (its real query rows, or H sum_b n_b^2 keys for the flash MSE), so the sum over
-        layers is n x the concatenated loss. The TinyBERT MSE on score maps is the exception: it
-        counts the elements above its threshold, which may differ between layers, so it runs per layer."""
+        in one call. Every layer has the same normaliser (H times its real query rows for KL, H sum_b
+        n_b^2 for the flash MSE), so the sum over layers is n x the concatenated loss. The TinyBERT
+        MSE on score maps is the exception: it counts the elements above its threshold, which may
+        differ between layers, so it runs per layer."""
         from kdfast.losses.attention import attention_kl_loss, attention_mse_loss, flash_attention_transfer
 
         src = self._attention_source(student_outputs, teacher_outputs)

@@ -151,8 +151,8 @@ def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tens
         loss = loss + rows.to(acc).sum()
         # y now holds dY
         if dh is not None:
-            if W is not None and dh.dtype == acc:
-                torch.bmm(y, W, out=dh[:, i0:i1]) if n == 1 else dh[:, i0:i1].copy_(torch.bmm(y, W))
+            if W is not None and dh.dtype == acc and n == 1:
+                torch.bmm(y, W, out=dh[:, i0:i1])  # rows of a contiguous tensor: a contiguous view
             else:
                 dh[:, i0:i1] = y if W is None else torch.bmm(y, W)
         if dW is not None:
