@@ -103,8 +103,8 @@ class DistillationLoss(nn.Module):
     stacked [n_layers, d_t, d_s] (one batched GEMM per chunk), attention on the layers
     concatenated along the batch with the mask repeated (every layer has the same normaliser, so
     the sum is n_layers times the concatenated loss). That launches fewer kernels but copies
-    every layer's inputs; on the 2-core CPU it measured slower (README, "Head counts and one
-    call per family"),
+    every layer's inputs; on the 2-core CPU it measured slower (README, "Use"; the numbers in
+    benchmarks/results/cpu-2core-x86_64-distillation-one-call.txt),
     hence off by default. The TinyBERT MSE on score maps (``attention="mse"``,
     ``attention_source="scores"``) always runs per layer: its count of elements above the -1e2
     threshold may differ between layers. Teacher and student head counts may differ when one
