@@ -138,7 +138,7 @@ def test_map_losses_bad_arguments(fn):
     with pytest.raises(ValueError, match="student_scores must have at least 4"):
         fn(torch.randn(3, 5, 5), torch.randn(3, 5, 5))
     with pytest.raises(ValueError, match="teacher_scores head count mismatch"):
-        fn(s, torch.randn(2, 6, 5, 5))
+        fn(s, torch.randn(2, 5, 5, 5))  # 3 vs 5 heads: neither divides the other
     with pytest.raises(ValueError, match="teacher_scores shape mismatch"):
         fn(s, torch.randn(2, 3, 6, 6))
     with pytest.raises(ValueError, match="teacher_scores has dtype"):
@@ -329,7 +329,7 @@ def test_flash_bad_arguments():
     cases = [
         ((q_s[0], k_s, q_t, k_t), {}, r"q_s must be \[B, H, L, dh\]|q_s must have at least 4"),
         ((q_s, k_s[..., :3], q_t, k_t), {}, "k_s shape mismatch"),
-        ((q_s, k_s, q_t.repeat(1, 2, 1, 1), k_t.repeat(1, 2, 1, 1)), {}, "q_t head count mismatch"),
+        ((q_s, k_s, q_t[:, :1].repeat(1, 3, 1, 1), k_t[:, :1].repeat(1, 3, 1, 1)), {}, "q_t head count mismatch"),
         ((q_s, k_s, q_t[:, :, :4], k_t[:, :, :4]), {}, "q_t shape mismatch"),
         ((q_s, k_s, q_t, k_t[..., :3]), {}, "k_t shape mismatch"),
         ((q_s, k_s, q_t.double(), k_t.double()), {}, "q_t has dtype"),

@@ -181,7 +181,7 @@ def test_hidden_mse_never_materialises_projection(backend, monkeypatch):
         loss.backward()
     biggest = max(torch.Size(s).numel() for s in log.shapes)
     assert biggest < N * dt, f"an op produced {biggest} elements (N * d_t = {N * dt})"
-    assert max(torch.Size(s).numel() for s in log.shapes if len(s) == 2 and s[-1] == dt) <= 64 * dt
+    assert max(torch.Size(s).numel() for s in log.shapes if len(s) >= 2 and s[-1] == dt) <= 64 * dt  # chunks
     # the saved tensors of the graph: the three gradients, no [N, d_t] buffer
     loss = kdfast.hidden_mse_loss(x, ht, w, bias, backend=backend)
     saved = [tuple(t.shape) for t in loss.grad_fn.saved_tensors]

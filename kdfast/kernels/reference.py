@@ -295,6 +295,24 @@ def attention_kl_reference(student_scores: Tensor, teacher_scores: Tensor, mask:
     return kl_rows.sum() / live.sum().clamp_min(1)
 
 
+def teacher_heads_reference(teacher_scores: Tensor, student_heads: int) -> Tensor:
+    """Float64 oracle of the head mapping of the attention losses, head by head.
+
+    [B, H_t, L, L] scores -> [B, H_s, L, L]: with H_t = g H_s, student head h gets the mean of
+    teacher heads h g .. h g + g - 1; with H_s = g H_t, teacher head h // g.
+    """
+    t = teacher_scores.double()
+    H_t = t.shape[1]
+    heads = []
+    for h in range(student_heads):
+        if H_t >= student_heads:
+            g = H_t // student_heads
+            heads.append(sum(t[:, h * g + j] for j in range(g)) / g)
+        else:
+            heads.append(t[:, h // (student_heads // H_t)])
+    return torch.stack(heads, dim=1)
+
+
 def attention_scores_reference(q: Tensor, k: Tensor, scale: float, key_mask: Tensor | None = None) -> Tensor:
     """Materialised float64 scores ``scale * q @ k^T`` plus the additive key mask (``finfo.min``
     at ``key_mask == 0``, as transformers' eager attention): what :func:`kdfast.flash_attention_transfer`

@@ -4,6 +4,7 @@ from kdfast.losses.attention import (
     attention_kl_loss,
     attention_mse_loss,
     flash_attention_transfer,
+    map_teacher_heads,
     minilm_relation_loss,
     split_relation_heads,
 )
@@ -16,5 +17,5 @@ from kdfast.losses.sparse_kd import SparseKDLoss, sparse_kd_loss, sparsify_teach
 __all__ = [
     "DistillationLoss", "FusedLinearKDLoss", "HiddenMSELoss", "KDLoss", "SparseKDLoss", "attention_kl_loss",
     "attention_mse_loss", "cosine_loss", "feature_map_loss", "flash_attention_transfer", "fused_linear_kd_loss",
-    "hidden_mse_loss", "kd_loss", "minilm_relation_loss", "split_relation_heads", "sparse_kd_loss", "sparsify_teacher_logits",
+    "hidden_mse_loss", "kd_loss", "map_teacher_heads", "minilm_relation_loss", "split_relation_heads", "sparse_kd_loss", "sparsify_teacher_logits",
 ]

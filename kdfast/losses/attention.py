@@ -14,11 +14,22 @@ padded token is excluded both as a key (a column of the map) and as a query (a r
 query rows attend to real keys in BERT, but their attention is never used for anything, so
 distilling it only adds noise.
 
-Head counts. Teacher and student must have the same number of heads H (a ValueError naming the
-teacher argument otherwise). Mapping H_t heads onto H_s != H_t is a modelling choice (MiniLM-v2
-re-splits the concatenated Q and K into a common number of "relation heads"): do it on Q / K
-before calling, e.g. ``q.transpose(1, 2).reshape(B, L, R, -1).transpose(1, 2)`` for R relation
-heads on both models, which keeps :func:`flash_attention_transfer` O(L) in memory.
+Head counts. Teacher and student may have different head counts H_t and H_s when one divides
+the other (:func:`map_teacher_heads`, used by all three losses):
+
+- H_t = g H_s: student head h learns from the teacher's group G_h = {h g, ..., h g + g - 1},
+  merged by **averaging the group's pre-softmax scores**: t_h = (1/g) sum_{j in G_h} t_j. From Q
+  and K this is exact without any L x L map: it is one head whose query and key are the group's
+  heads concatenated along dh, with scale scale_t / g. For the KL losses the target is therefore
+  softmax(mean of the group's scores), a normalised geometric mean of the group's distributions,
+  not the mean of their probabilities: averaging probabilities would need every teacher head's
+  log-sum-exp per row (an L x L pass per teacher head), and the score average keeps the flash
+  form exact at O(L) memory.
+- H_s = g H_t: teacher head j is the target of the g student heads j g, ..., j g + g - 1.
+- Otherwise there is no head-to-head mapping and a ValueError names the teacher argument; compare
+  *relation heads* instead (:func:`minilm_relation_loss`, MiniLMv2: both models' Q / K / V
+  re-split into a common number R of heads, e.g.
+  ``q.transpose(1, 2).reshape(B, L, R, -1).transpose(1, 2)``), which also stays O(L) in memory.
 """
 
 from __future__ import annotations
@@ -44,14 +55,59 @@ def _check_maps(student_scores: Tensor, teacher_scores: Tensor) -> None:
     check_tensor("teacher_scores", teacher_scores, min_dim=4)
     if student_scores.dim() != 4 or student_scores.shape[-1] != student_scores.shape[-2]:
         raise ValueError(f"student_scores must be [B, H, L, L], got shape {tuple(student_scores.shape)}")
-    if teacher_scores.shape != student_scores.shape:
-        what = "head count" if (teacher_scores.dim() == 4 and teacher_scores.shape[0] == student_scores.shape[0]
-                                and teacher_scores.shape[2:] == student_scores.shape[2:]) else "shape"
-        raise ValueError(f"teacher_scores {what} mismatch: teacher_scores {tuple(teacher_scores.shape)} vs "
-                         f"student_scores {tuple(student_scores.shape)} (the heads must correspond one to one)")
+    if teacher_scores.dim() != 4 or teacher_scores.shape[0] != student_scores.shape[0] \
+            or teacher_scores.shape[2:] != student_scores.shape[2:]:
+        raise ValueError(f"teacher_scores shape mismatch: teacher_scores {tuple(teacher_scores.shape)} vs "
+                         f"student_scores {tuple(student_scores.shape)} (B and L must agree; H may differ, "
+                         f"see map_teacher_heads)")
     check_same_dtype_device("student_scores", student_scores, "teacher_scores", teacher_scores)
     if student_scores.numel() == 0:
         raise ValueError(f"student_scores is empty (shape {tuple(student_scores.shape)})")
+
+
+def map_teacher_heads(teacher: Tensor, student_heads: int, *, kind: str = "scores",
+                      name: str = "teacher_scores") -> tuple[Tensor, int]:
+    r"""Teacher heads -> the student's head count, as the attention losses pair them.
+
+    With H_t = ``teacher.shape[1]`` and H_s = ``student_heads``:
+
+    - H_t = H_s: ``teacher`` unchanged, g = 1.
+    - H_t = g H_s (groups of g teacher heads, G_h = {h g, ..., h g + g - 1}):
+        ``kind="scores"`` ([B, H_t, L, L] pre-softmax maps): t'_h = (1/g) sum_{j in G_h} t_j;
+        ``kind="qk"`` ([B, H_t, L, d] queries or keys): x'_h = concat_{j in G_h} x_j along d,
+        [B, H_s, L, g d], so that q'_h k'_h^T = sum_{j in G_h} q_j k_j^T: the caller divides
+        the teacher's score scale by the returned g to get the group's mean score.
+    - H_s = g H_t: t'_h = t_{floor(h / g)} (each teacher head taught to g student heads), g = 1;
+      a view when H_t = 1, else a copy.
+
+    Returns ``(mapped teacher, g)``. Score averages of additively masked maps (``finfo.min``)
+    are clamped to ``finfo.min`` instead of overflowing to -inf.
+
+    Raises:
+        ValueError naming ``name`` and both head counts when neither divides the other (use
+        :func:`minilm_relation_loss`: relation heads compare models of any head counts).
+    """
+    check_choice("kind", kind, ("scores", "qk"))
+    if isinstance(student_heads, bool) or not isinstance(student_heads, int) or student_heads < 1:
+        raise ValueError(f"student_heads must be a positive int, got {student_heads!r}")
+    B, H_t = teacher.shape[:2]
+    rest = tuple(teacher.shape[2:])
+    if H_t == student_heads:
+        return teacher, 1
+    if H_t % student_heads == 0:
+        g = H_t // student_heads
+        grouped = teacher.unflatten(1, (student_heads, g))           # [B, H_s, g, L, *]
+        if kind == "qk":  # [B, H_s, g, L, d] -> [B, H_s, L, g d]: a view when heads are concatenated in memory
+            return grouped.transpose(2, 3).reshape(B, student_heads, rest[0], g * rest[1]), g
+        mean = grouped.sum(2, dtype=_acc_dtype(teacher.dtype)) / g
+        return mean.clamp_min(torch.finfo(teacher.dtype).min).to(teacher.dtype), 1
+    if student_heads % H_t == 0:
+        g = student_heads // H_t
+        return teacher.unsqueeze(2).expand(B, H_t, g, *rest).reshape(B, student_heads, *rest), 1
+    raise ValueError(f"{name} head count mismatch: the teacher has {H_t} heads and the student {student_heads}; "
+                     f"neither divides the other, so no head of one model maps onto a group of the other. "
+                     f"Compare relation heads instead (kdfast.minilm_relation_loss re-splits both models' "
+                     f"Q / K / V into a common number of heads).")
 
 
 def _check_token_mask(name: str, mask: Tensor | None, B: int, L: int, device: torch.device) -> Tensor | None:
@@ -138,14 +194,16 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
 
         loss = sum_{counted} (s_bhij - t_bhij)^2 / (number of counted elements)
 
-    (0 with no counted element). TinyBERT's own code divides by all B*H*L*L elements; this
+    (0 with no counted element). A teacher with a different head count is first mapped onto the
+    student's H heads (:func:`map_teacher_heads`: groups of teacher maps averaged, or teacher
+    maps repeated). TinyBERT's own code divides by all B*H*L*L elements; this
     divides by the counted ones only, so the loss does not depend on the amount of padding. It
     also excludes an element where only one of the two maps is <= ``threshold`` (TinyBERT would
     compare 0 with the other score); with a shared additive mask both are the same.
 
     Args:
-        student_scores, teacher_scores: [B, H, L, L], same shape, dtype and device. Computed in
-            float32 (float64 for float64 input).
+        student_scores, teacher_scores: [B, H, L, L] and [B, H_t, L, L] (H_t a multiple or a
+            divisor of H), same dtype and device. Computed in float32 (float64 for float64 input).
         mask: optional [B, L] token mask (nonzero = keep).
         threshold: scores at or below it count as masked.
         backend: ``auto`` (Triton on CUDA tensors when it works, else torch), ``triton`` (two
@@ -158,12 +216,13 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
         only (the teacher is treated as frozen): 2 (s - t) / n on counted elements, 0 elsewhere.
 
     Raises:
-        ValueError naming the argument: shape / head count / dtype / device mismatch, mask shape,
-        backend.
+        ValueError naming the argument: shape / dtype / device mismatch, head counts of which
+        neither divides the other, mask shape, backend.
     """
     _check_maps(student_scores, teacher_scores)
     B, H, L, _ = student_scores.shape
     m = _check_token_mask("mask", mask, B, L, student_scores.device)
+    teacher_scores, _ = map_teacher_heads(teacher_scores.detach(), H, name="teacher_scores")
     try:
         threshold = float(threshold)
     except (TypeError, ValueError):
@@ -194,7 +253,10 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
         kl_bhi = sum_{j in K_b} A_t,j (log A_t,j - log A_s,j)
         loss = sum_{counted rows} kl_bhi / (number of counted rows)       (0 with none)
 
-    gradient d loss / d s_bhij = (A_s,j - A_t,j) / (number of counted rows). Scores that already
+    gradient d loss / d s_bhij = (A_s,j - A_t,j) / (number of counted rows). A teacher with
+    H_t = g H heads gives t_bh = the mean of the scores of its heads h g, ..., h g + g - 1 (so A_t
+    is softmax of the mean score); with H = g H_t, teacher head j serves student heads j g, ...,
+    j g + g - 1 (:func:`map_teacher_heads`). Scores that already
     hold an additive mask (``finfo.min`` or -1e4 at padded keys) give those keys probability 0,
     so ``mask`` is then only needed to drop the padded query rows.
 
@@ -202,7 +264,8 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
     ``triton``, ``cpu`` and ``torch`` backends all work (:mod:`kdfast.backend`).
 
     Args:
-        student_scores, teacher_scores: [B, H, L, L] pre-softmax scores, same shape, dtype and device.
+        student_scores, teacher_scores: [B, H, L, L] and [B, H_t, L, L] pre-softmax scores (H_t a
+            multiple or a divisor of H), same dtype and device.
         mask: optional [B, L] token mask (nonzero = keep).
         backend: ``auto`` / ``triton`` / ``cuda`` / ``cpu`` / ``torch``.
 
@@ -210,15 +273,16 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
         Scalar loss, float32 (float64 for float64 input); gradient to ``student_scores`` only.
 
     Raises:
-        ValueError naming the argument: shape / head count / dtype / device mismatch, mask shape,
-        backend; NaN or Inf in the teacher's counted rows.
+        ValueError naming the argument: shape / dtype / device mismatch, head counts of which
+        neither divides the other, mask shape, backend; NaN or Inf in the teacher's counted rows.
     """
     from kdfast.losses.kd import kd_loss
 
     _check_maps(student_scores, teacher_scores)
     B, H, L, _ = student_scores.shape
     m = _check_token_mask("mask", mask, B, L, student_scores.device)
-    s, t = student_scores, teacher_scores.detach()
+    s = student_scores
+    t, _ = map_teacher_heads(teacher_scores.detach(), H, name="teacher_scores")
     rows = None
     if m is not None:
         # Masked keys get the most negative finite value in both maps: probability exactly 0 and
@@ -289,13 +353,9 @@ def _check_qk(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor) -> None:
             raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if k_s.shape != q_s.shape:
         raise ValueError(f"k_s shape mismatch: k_s {tuple(k_s.shape)} vs q_s {tuple(q_s.shape)}")
-    if q_t.shape[1] != q_s.shape[1] and q_t.shape[0] == q_s.shape[0] and q_t.shape[2] == q_s.shape[2]:
-        raise ValueError(f"q_t head count mismatch: the teacher has {q_t.shape[1]} heads, the student "
-                         f"{q_s.shape[1]}; they must be equal (re-split both into the same number of relation "
-                         f"heads first, see kdfast.losses.attention)")
-    if q_t.shape[:3] != q_s.shape[:3]:
+    if q_t.dim() != 4 or q_t.shape[0] != q_s.shape[0] or q_t.shape[2] != q_s.shape[2]:
         raise ValueError(f"q_t shape mismatch: q_t {tuple(q_t.shape)} vs q_s {tuple(q_s.shape)} "
-                         f"(B, H and L must agree; only dh may differ)")
+                         f"(B and L must agree; H and dh may differ, see map_teacher_heads)")
     if k_t.shape != q_t.shape:
         raise ValueError(f"k_t shape mismatch: k_t {tuple(k_t.shape)} vs q_t {tuple(q_t.shape)}")
     for name, x in (("k_s", k_s), ("q_t", q_t), ("k_t", k_t)):
@@ -317,7 +377,11 @@ def flash_attention_transfer(
     r"""Attention transfer from queries and keys, without ever storing an L x L map.
 
     Scores s = scale_s q_s k_s^T (student) and t = scale_t q_t k_t^T (teacher), per batch b and
-    head h; a token mask ``key_mask`` [B, L] removes padded tokens as keys *and* as query rows
+    head h. When the teacher has H_t = g H student heads, student head h is paired with the mean
+    score of the teacher heads G_h = {h g, ..., h g + g - 1}, t_h = (scale_t / g) sum_{j in G_h}
+    q_t,j k_t,j^T, computed as one head of width g dt (:func:`map_teacher_heads`; for ``kl`` this
+    is softmax of the mean score, not the mean of the probabilities, see the module docstring);
+    when H = g H_t, teacher head j is the target of student heads j g, ..., j g + g - 1. A token mask ``key_mask`` [B, L] removes padded tokens as keys *and* as query rows
     (see the module docstring). With K_b the valid keys and n_b = |K_b|:
 
         kl  (default; MiniLM, MobileBERT AT):
@@ -337,8 +401,8 @@ def flash_attention_transfer(
 
     Args:
         q_s, k_s: student queries and keys [B, H, L, ds]; gradients flow to these two.
-        q_t, k_t: teacher queries and keys [B, H, L, dt] (dt may differ from ds; H may not);
-            no gradient. All four share dtype and device.
+        q_t, k_t: teacher queries and keys [B, H_t, L, dt] (dt may differ from ds; H_t must be a
+            multiple or a divisor of H); no gradient. All four share dtype and device.
         key_mask: optional [B, L] token mask (nonzero = real token).
         loss: ``"kl"`` or ``"mse"``.
         scale_s, scale_t: score scales, default 1/sqrt(dh) of each model. Pass 1.0 for queries
@@ -351,8 +415,9 @@ def flash_attention_transfer(
         token is masked.
 
     Raises:
-        ValueError naming the argument: rank / shape / head count / dtype / device mismatch,
-        key_mask shape or device, unknown loss or backend, scale <= 0.
+        ValueError naming the argument: rank / shape / dtype / device mismatch, head counts of
+        which neither divides the other, key_mask shape or device, unknown loss or backend,
+        scale <= 0.
     """
     _check_qk(q_s, k_s, q_t, k_t)
     check_choice("loss", loss, LOSSES)
@@ -360,6 +425,9 @@ def flash_attention_transfer(
     dt = q_t.shape[-1]
     scale_s = 1.0 / math.sqrt(ds) if scale_s is None else check_positive("scale_s", scale_s)
     scale_t = 1.0 / math.sqrt(dt) if scale_t is None else check_positive("scale_t", scale_t)
+    q_t, group = map_teacher_heads(q_t.detach(), H, kind="qk", name="q_t")
+    k_t, _ = map_teacher_heads(k_t.detach(), H, kind="qk", name="k_t")
+    scale_t /= group  # concatenated group heads sum the group's scores; 1/g makes it their mean
     m = _check_token_mask("key_mask", key_mask, B, L, q_s.device)
     name = _triton_or_torch(backend, q_s.device, "flash_attention_transfer")
     key_valid = torch.ones(B, L, dtype=torch.bool, device=q_s.device) if m is None else m
@@ -367,7 +435,7 @@ def flash_attention_transfer(
     n = key_valid.sum(1).to(acc)
     count = H * (n * n).sum() if loss == "mse" else H * n.sum()
     row_weight = key_valid.to(acc) / count.clamp_min(1)
-    return _FlashAttentionTransferFunction.apply(q_s, k_s, q_t.detach(), k_t.detach(), key_valid, row_weight,
+    return _FlashAttentionTransferFunction.apply(q_s, k_s, q_t, k_t, key_valid, row_weight,
                                                  scale_s, scale_t, loss == "mse", name, torch.is_grad_enabled())
 
 

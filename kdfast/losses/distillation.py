@@ -46,6 +46,23 @@ def _layer_map(layer_map) -> dict[int, int]:
     return dict(sorted(out.items()))
 
 
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """Layers stacked along a new leading dimension (a view for a single layer)."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _cat(tensors: tuple[Tensor, ...]) -> Tensor:
+    """Layers concatenated along the batch dimension (the tensor itself for a single layer)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
+
+
+def _repeat_mask(mask: Tensor | None, n: int, *, stack: bool = False) -> Tensor | None:
+    """The token mask of n stacked ([n, B, L], a view) or batch-concatenated ([n B, L]) layers."""
+    if mask is None:
+        return None
+    return mask.expand(n, *mask.shape) if stack else mask.repeat(n, *([1] * (mask.dim() - 1)))
+
+
 class DistillationLoss(nn.Module):
     r"""Weighted sum of the distillation terms over all mapped layers, in one call.
 
@@ -80,8 +97,18 @@ class DistillationLoss(nn.Module):
     under bf16 autocast); the functional losses themselves insist on equal dtypes. Terms whose weight is 0 or
     missing are not computed. Cosine and feature-map terms run as a single call over all mapped
     layers stacked (each layer has the same counted tokens, so the sum over layers is the number
-    of layers times the stacked mean); hidden MSE (one projection per layer) and attention run one
-    call per layer.
+    of layers times the stacked mean). Hidden MSE and attention run one call per layer by
+    default; ``stack_layers=True`` makes them one call each when the layers' shapes agree:
+    projected hidden MSE through :func:`kdfast.hidden_mse_loss` with the projection weights
+    stacked [n_layers, d_t, d_s] (one batched GEMM per chunk), attention on the layers
+    concatenated along the batch with the mask repeated (every layer has the same normaliser, so
+    the sum is n_layers times the concatenated loss). That launches fewer kernels but copies
+    every layer's inputs; on the 2-core CPU it measured slower (README, "Use"; the numbers in
+    benchmarks/results/cpu-2core-x86_64-distillation-one-call.txt),
+    hence off by default. The TinyBERT MSE on score maps (``attention="mse"``,
+    ``attention_source="scores"``) always runs per layer: its count of elements above the -1e2
+    threshold may differ between layers. Teacher and student head counts may differ when one
+    divides the other (:func:`kdfast.losses.map_teacher_heads`).
 
     ``forward(student_outputs, teacher_outputs, attention_mask=None)`` takes the outputs as
     ``transformers`` returns them (``output_hidden_states=True`` / ``output_attentions=True``), or
@@ -99,7 +126,7 @@ class DistillationLoss(nn.Module):
     def __init__(self, layer_map, weights: Mapping[str, float], temperature: float = 1.0, *,
                  student_hidden_size: int | None = None, teacher_hidden_size: int | None = None,
                  attention: str = "mse", attention_source: str = "auto", qk_prescaled: bool = True,
-                 projection_bias: bool = True, backend: str = "auto") -> None:
+                 projection_bias: bool = True, stack_layers: bool = False, backend: str = "auto") -> None:
         super().__init__()
         self.layer_map = _layer_map(layer_map)
         if not isinstance(weights, Mapping):
@@ -122,6 +149,7 @@ class DistillationLoss(nn.Module):
         self.attention = check_choice("attention", attention, ATTENTION_LOSSES)
         self.attention_source = check_choice("attention_source", attention_source, ATTENTION_SOURCES)
         self.qk_prescaled = bool(qk_prescaled)
+        self.stack_layers = bool(stack_layers)
         self.backend = backend
         self.projections = nn.ModuleDict()
         if "hidden" in self.weights and student_hidden_size is not None and teacher_hidden_size is not None:
@@ -171,12 +199,89 @@ class DistillationLoss(nn.Module):
         raise ValueError(f"student_outputs / teacher_outputs lack the attention inputs for "
                          f"attention_source={self.attention_source!r} (need q and k, scores or attentions)")
 
+    def _hidden_mse(self, pairs: list[tuple[int, Tensor, Tensor]], mask: Tensor | None) -> Tensor:
+        """Sum over the mapped layers of the projected hidden MSE: one call per layer, or with
+        ``stack_layers`` one fused call when the layers have equal shapes (one batched GEMM per
+        chunk for all projections)."""
+        from kdfast.losses.hidden import hidden_mse_loss
+
+        projs = [self.projections[str(m)] if str(m) in self.projections else None for m, _, _ in pairs]
+        for (_, hs, ht), proj in zip(pairs, projs):
+            if proj is None and hs.shape[-1] != ht.shape[-1]:
+                raise ValueError(f"student_hidden_size / teacher_hidden_size must be given: hidden widths "
+                                 f"differ ({hs.shape[-1]} vs {ht.shape[-1]}) and there is no projection")
+        shapes = {(tuple(hs.shape), tuple(ht.shape), hs.dtype) for _, hs, ht in pairs}
+        uniform = self.stack_layers and len(shapes) == 1
+        if uniform and all(p is None for p in projs):
+            # no projection: every layer counts the same tokens, so the sum is n x the stacked mean
+            n = len(pairs)
+            return n * hidden_mse_loss(_stack([p[1] for p in pairs]), _stack([p[2] for p in pairs]),
+                                       mask=_repeat_mask(mask, n, stack=True), backend=self.backend)
+        if uniform and all(p is not None for p in projs) and len({p.weight.dtype for p in projs}) == 1 \
+                and len({p.bias is None for p in projs}) == 1:
+            weight = _stack([p.weight for p in projs])  # differentiable: each Linear gets its slice
+            bias = _stack([p.bias for p in projs]) if projs[0].bias is not None else None
+            return hidden_mse_loss(_stack([p[1] for p in pairs]), _stack([p[2] for p in pairs]), weight, bias, mask,
+                                   backend=self.backend)
+        total = None
+        for (_, hs, ht), proj in zip(pairs, projs):
+            value = hidden_mse_loss(hs, ht, proj.weight if proj is not None else None,
+                                    proj.bias if proj is not None else None, mask, backend=self.backend)
+            total = value if total is None else total + value
+        return total
+
+    def _attention(self, student_outputs, teacher_outputs, mask: Tensor | None) -> Tensor:
+        """Sum over the mapped layers of the attention term: one call per layer, or with
+        ``stack_layers`` layers of equal shapes concatenated along the batch (the mask repeated)
+        in one call. Every layer has the same normaliser (H times its real query rows for KL, H sum_b
+        n_b^2 for the flash MSE), so the sum over layers is n x the concatenated loss. The TinyBERT
+        MSE on score maps is the exception: it counts the elements above its threshold, which may
+        differ between layers, so it runs per layer."""
+        from kdfast.losses.attention import attention_kl_loss, attention_mse_loss, flash_attention_transfer
+
+        src = self._attention_source(student_outputs, teacher_outputs)
+        if src == "qk":
+            qs = self._pairs(self._tuple(student_outputs, "q", "student_outputs"),
+                             self._tuple(teacher_outputs, "q", "teacher_outputs"), "q", offset=1)
+            ks = self._pairs(self._tuple(student_outputs, "k", "student_outputs"),
+                             self._tuple(teacher_outputs, "k", "teacher_outputs"), "k", offset=1)
+            scale = 1.0 if self.qk_prescaled else None
+            layers = [(q_s, k_s, q_t, k_t) for (_, q_s, q_t), (_, k_s, k_t) in zip(qs, ks)]
+
+            def term(q_s, k_s, q_t, k_t, m):
+                return flash_attention_transfer(q_s, k_s, q_t, k_t, m, loss=self.attention, scale_s=scale,
+                                                scale_t=scale, backend=self.backend)
+        else:
+            layers = [(a_s, a_t) for _, a_s, a_t in
+                      self._pairs(self._tuple(student_outputs, src, "student_outputs"),
+                                  self._tuple(teacher_outputs, src, "teacher_outputs"), src, offset=1)]
+
+            def term(a_s, a_t, m):
+                if self.attention == "mse":
+                    return attention_mse_loss(a_s, a_t, m, backend=self.backend)
+                if src == "attentions":  # probabilities -> log-probabilities as scores
+                    fill = torch.finfo(a_s.dtype).min
+                    a_s = torch.where(a_s > 0, a_s.clamp_min(torch.finfo(a_s.dtype).tiny).log(), fill)
+                    a_t = torch.where(a_t > 0, a_t.clamp_min(torch.finfo(a_t.dtype).tiny).log(), fill)
+                return attention_kl_loss(a_s, a_t, m, backend=self.backend)
+        if not layers:
+            raise ValueError("layer_map has no pair with a student index >= 1: no attention layer to transfer")
+        per_layer_counts = src == "scores" and self.attention == "mse"
+        uniform = len({tuple((tuple(x.shape), x.dtype) for x in layer) for layer in layers}) == 1
+        if self.stack_layers and len(layers) > 1 and uniform and not per_layer_counts:
+            n = len(layers)
+            return n * term(*(_cat(xs) for xs in zip(*layers)), _repeat_mask(mask, n))
+        total = None
+        for layer in layers:
+            value = term(*layer, mask)
+            total = value if total is None else total + value
+        return total
+
     # --- forward -----------------------------------------------------------------------------
 
     def forward(self, student_outputs, teacher_outputs,
                 attention_mask: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        from kdfast.losses.attention import attention_kl_loss, attention_mse_loss, flash_attention_transfer
-        from kdfast.losses.hidden import cosine_loss, feature_map_loss, hidden_mse_loss
+        from kdfast.losses.hidden import cosine_loss, feature_map_loss
         from kdfast.losses.kd import kd_loss
 
         terms: dict[str, Tensor] = {}
@@ -185,52 +290,15 @@ class DistillationLoss(nn.Module):
             pairs = self._pairs(self._tuple(student_outputs, "hidden_states", "student_outputs"),
                                 self._tuple(teacher_outputs, "hidden_states", "teacher_outputs"), "hidden_states")
             if "hidden" in self.weights:
-                total = None
-                for m, hs, ht in pairs:
-                    proj = self.projections[str(m)] if str(m) in self.projections else None
-                    if proj is None and hs.shape[-1] != ht.shape[-1]:
-                        raise ValueError(f"student_hidden_size / teacher_hidden_size must be given: hidden widths "
-                                         f"differ ({hs.shape[-1]} vs {ht.shape[-1]}) and there is no projection")
-                    value = hidden_mse_loss(hs, ht, proj.weight if proj is not None else None,
-                                            proj.bias if proj is not None else None, mask, backend=self.backend)
-                    total = value if total is None else total + value
-                terms["hidden"] = total
+                terms["hidden"] = self._hidden_mse(pairs, mask)
             for term, fn in (("cosine", cosine_loss), ("feature_map", feature_map_loss)):
                 if term in self.weights:
                     kw = {"backend": self.backend} if term == "cosine" else {}
-                    hs = torch.stack([p[1] for p in pairs])
-                    ht = torch.stack([p[2].detach() for p in pairs])
-                    stacked_mask = mask.expand(len(pairs), *mask.shape) if mask is not None else None
-                    terms[term] = len(pairs) * fn(hs, ht, stacked_mask, **kw)
+                    hs = _stack([p[1] for p in pairs])
+                    ht = _stack([p[2] for p in pairs])
+                    terms[term] = len(pairs) * fn(hs, ht, _repeat_mask(mask, len(pairs), stack=True), **kw)
         if "attention" in self.weights:
-            src = self._attention_source(student_outputs, teacher_outputs)
-            total = None
-            if src == "qk":
-                qs = self._pairs(self._tuple(student_outputs, "q", "student_outputs"),
-                                 self._tuple(teacher_outputs, "q", "teacher_outputs"), "q", offset=1)
-                ks = self._pairs(self._tuple(student_outputs, "k", "student_outputs"),
-                                 self._tuple(teacher_outputs, "k", "teacher_outputs"), "k", offset=1)
-                scale = 1.0 if self.qk_prescaled else None
-                for (_, q_s, q_t), (_, k_s, k_t) in zip(qs, ks):
-                    value = flash_attention_transfer(q_s, k_s, q_t, k_t, mask, loss=self.attention, scale_s=scale,
-                                                     scale_t=scale, backend=self.backend)
-                    total = value if total is None else total + value
-            else:
-                maps = self._pairs(self._tuple(student_outputs, src, "student_outputs"),
-                                   self._tuple(teacher_outputs, src, "teacher_outputs"), src, offset=1)
-                for _, a_s, a_t in maps:
-                    if self.attention == "mse":
-                        value = attention_mse_loss(a_s, a_t, mask, backend=self.backend)
-                    else:
-                        if src == "attentions":  # probabilities -> log-probabilities as scores
-                            fill = torch.finfo(a_s.dtype).min
-                            a_s = torch.where(a_s > 0, a_s.clamp_min(torch.finfo(a_s.dtype).tiny).log(), fill)
-                            a_t = torch.where(a_t > 0, a_t.clamp_min(torch.finfo(a_t.dtype).tiny).log(), fill)
-                        value = attention_kl_loss(a_s, a_t, mask, backend=self.backend)
-                    total = value if total is None else total + value
-            if total is None:
-                raise ValueError("layer_map has no pair with a student index >= 1: no attention layer to transfer")
-            terms["attention"] = total
+            terms["attention"] = self._attention(student_outputs, teacher_outputs, mask)
         if "logits" in self.weights:
             s_logits = _field(student_outputs, "logits")
             t_logits = _field(teacher_outputs, "logits")

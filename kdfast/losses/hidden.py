@@ -112,64 +112,77 @@ def _mse_epilogue_torch(y: Tensor, t: Tensor, w: Tensor, masked: bool) -> Tensor
 def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tensor | None, w: Tensor,
                        backend: str, need: tuple[bool, bool, bool], chunk_rows: int, masked: bool = True
                        ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Chunked fused projection + MSE: returns (loss, dh_s, dW_p, db_p).
+    """Chunked fused projection + MSE over n layers at once: returns (loss, dh_s, dW_p, db_p).
 
-    ``hs`` [N, d_s], ``ht`` [N, d_t] contiguous; ``w`` [N] row weights in the accumulation
-    dtype (``masked``: some may be 0); ``need`` says which of (dh_s, dW_p, db_p) to compute
-    (the others come back None, as do those of absent parameters). dh_s has ``hs``'s dtype,
-    dW_p / db_p the parameters' dtypes.
+    ``hs`` [n, N, d_s], ``ht`` [n, N, d_t] contiguous: N rows of each of n layers, layer l
+    projected by ``weight[l]`` [d_t, d_s] (+ ``bias[l]`` [d_t]); ``w`` [n, N] row weights in
+    the accumulation dtype (``masked``: some may be 0). The loss is sum_l sum_r w_lr |Y_lr -
+    h_t,lr|^2. ``need`` says which of (dh_s, dW_p, db_p) to compute (the others come back
+    None, as do those of absent parameters). Each chunk takes ``chunk_rows`` rows of every
+    layer: one batched GEMM for all layers, one epilogue over the n * chunk_rows rows. dh_s has
+    ``hs``'s dtype, dW_p / db_p the parameters' dtypes.
     """
     acc = w.dtype
-    N = hs.shape[0]
+    n, N, d_t = hs.shape[0], hs.shape[1], ht.shape[-1]
     W = weight.to(acc) if weight is not None else None
-    b = bias.to(acc) if bias is not None else None
+    b = bias.to(acc)[:, None, :] if bias is not None else None
     loss = torch.zeros((), dtype=acc, device=hs.device)
     dh = torch.empty_like(hs) if need[0] else None
     dW = torch.zeros_like(W) if need[1] and W is not None else None
     db = torch.zeros_like(b) if need[2] and b is not None else None
     for i0 in range(0, N, chunk_rows):
         i1 = min(N, i0 + chunk_rows)
-        x = hs[i0:i1].to(acc)
+        x = hs[:, i0:i1].to(acc)                                       # [n, C, d_s]
+        w_rows = w[:, i0:i1].reshape(-1)
         if masked:  # padded rows may hold anything: keep them out of Y and of dW_p = dY^T h_s
-            x = x.masked_fill((w[i0:i1] == 0)[:, None], 0.0)
+            x = x.masked_fill((w[:, i0:i1] == 0)[..., None], 0.0)
         if W is None:
-            y = x.clone()
+            y = x.clone(memory_format=torch.contiguous_format)
         elif b is None:
-            y = x @ W.T
+            y = torch.bmm(x, W.transpose(1, 2))
         else:
-            y = torch.addmm(b, x, W.T)
+            y = torch.baddbmm(b, x, W.transpose(1, 2))
+        t_rows = ht[:, i0:i1].reshape(-1, d_t)                         # a view when n == 1
+        y_rows = y.view(-1, d_t)
         if backend == "triton":
-            rows = _mse_epilogue_op(y, ht[i0:i1], w[i0:i1])
+            rows = _mse_epilogue_op(y_rows, t_rows, w_rows)
         else:
-            rows = _mse_epilogue_torch(y, ht[i0:i1].to(acc), w[i0:i1], masked)
+            rows = _mse_epilogue_torch(y_rows, t_rows.to(acc), w_rows, masked)
         loss = loss + rows.to(acc).sum()
         # y now holds dY
         if dh is not None:
-            if W is not None and dh.dtype == acc:
-                torch.mm(y, W, out=dh[i0:i1])  # rows of a contiguous tensor: a contiguous view
+            if W is not None and dh.dtype == acc and n == 1:
+                torch.bmm(y, W, out=dh[:, i0:i1])  # rows of a contiguous tensor: a contiguous view
             else:
-                dh[i0:i1] = y if W is None else y @ W
+                dh[:, i0:i1] = y if W is None else torch.bmm(y, W)
         if dW is not None:
-            dW.addmm_(y.T, x)
+            dW.baddbmm_(y.transpose(1, 2), x)
         if db is not None:
-            db.add_(y.sum(0))
+            db.add_(y.sum(1, keepdim=True))
         del y, x
     if dW is not None:
         dW = dW.to(weight.dtype)
     if db is not None:
-        db = db.to(bias.dtype)
+        db = db.to(bias.dtype).squeeze(1)
     return loss, dh, dW, db
 
 
 class _HiddenMSEFunction(torch.autograd.Function):
-    """Forward runs the fused chunks and keeps only the gradients (never Y); backward scales them."""
+    """Forward runs the fused chunks and keeps only the gradients (never Y); backward scales them.
+
+    Inputs are one layer (``hs`` [N, d_s], ``weight`` [d_t, d_s]) or n layers (``hs`` [n, N, d_s],
+    ``weight`` [n, d_t, d_s], ``w`` [n, N]); the gradients come back in the inputs' shapes."""
 
     @staticmethod
     def forward(ctx, hs, ht, weight, bias, w, backend, chunk_rows, grad_enabled, masked):
         need = tuple(grad_enabled and bool(ctx.needs_input_grad[i]) for i in (0, 2, 3))
+        layered = hs.dim() == 3
+        as_layers = (lambda x: x) if layered else (lambda x: x.unsqueeze(0) if x is not None else None)
         # the GEMMs accumulate in fp32 whatever autocast region the loss is called from
         with torch.autocast(hs.device.type, enabled=False):
-            loss, dh, dW, db = hidden_mse_fwd_bwd(hs, ht, weight, bias, w, backend, need, chunk_rows, masked)
+            loss, dh, dW, db = hidden_mse_fwd_bwd(as_layers(hs), as_layers(ht), as_layers(weight), as_layers(bias),
+                                                  as_layers(w), backend, need, chunk_rows, masked)
+        dh, dW, db = (g.view(x.shape) if g is not None else None for g, x in ((dh, hs), (dW, weight), (db, bias)))
         ctx.has = (dh is not None, dW is not None, db is not None)
         ctx.save_for_backward(*(g for g in (dh, dW, db) if g is not None))
         return loss
@@ -206,6 +219,12 @@ def hidden_mse_loss(
     Gradients (teacher frozen), with dY = 2 (Y - h_t) / n on counted rows, 0 elsewhere:
     dh_s = dY W_p, dW_p = dY^T h_s, db_p = sum_r dY_r (accumulated in fp32).
 
+    Several layers in one call: with ``proj_weight`` [n_layers, d_t, d_s] (and ``proj_bias``
+    [n_layers, d_t]) the states are [n_layers, ..., d_s] / [n_layers, ..., d_t], layer l is
+    projected by its own W_p[l], b_p[l], ``mask`` has the leading shape of one layer (shared by
+    all), and the result is the sum of the per-layer losses above, sum_l loss_l (TinyBERT sums
+    its layer terms); each chunk runs one batched GEMM for all layers.
+
     Fused: Y is computed chunk by chunk (rows) with the library GEMM, an epilogue (Triton row
     kernel or eager torch) turns each chunk into its loss rows and dY in place, and dY is at once
     folded into the three gradients. Only one chunk of Y (about 2^20 fp32 values) ever exists;
@@ -214,12 +233,14 @@ def hidden_mse_loss(
     Args:
         student_hidden: [..., d_s] float tensor; gradient flows to it.
         teacher_hidden: [..., d_t], same leading shape, dtype and device; no gradient.
-        proj_weight: optional [d_t, d_s] projection (``nn.Linear(d_s, d_t).weight``); required
+        proj_weight: optional [d_t, d_s] projection (``nn.Linear(d_s, d_t).weight``), or
+            [n_layers, d_t, d_s] (the states then carry a leading layer dimension); required
             when d_s != d_t. Same device, any float dtype (its gradient comes back in it), e.g.
             fp32 master weights with bf16 states; the GEMMs run in fp32 (float64 for float64
             states) even inside an autocast region.
-        proj_bias: optional [d_t] bias (only with ``proj_weight``).
-        mask: optional token mask with the states' leading shape (nonzero = counted).
+        proj_bias: optional [d_t] (or [n_layers, d_t]) bias (only with ``proj_weight``).
+        mask: optional token mask with the states' leading shape, without the layer dimension
+            (nonzero = counted).
         backend: ``auto`` (Triton epilogue on CUDA tensors when it works, else torch),
             ``triton`` or ``torch``; ``cpu`` / ``cuda`` raise. float64 input always runs the
             torch epilogue (the Triton one computes in fp32).
@@ -234,6 +255,8 @@ def hidden_mse_loss(
     _check_states(student_hidden, teacher_hidden, same_width=False)
     d_s, d_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
     dev = student_hidden.device
+    layered = isinstance(proj_weight, Tensor) and proj_weight.dim() == 3
+    n_layers = proj_weight.shape[0] if layered else None
     if proj_weight is None:
         if proj_bias is not None:
             raise ValueError("proj_bias needs proj_weight (a bias without a projection is not supported)")
@@ -242,21 +265,33 @@ def hidden_mse_loss(
                              f"(pass a [{d_t}, {d_s}] projection, e.g. HiddenMSELoss({d_s}, {d_t}))")
     else:
         check_tensor("proj_weight", proj_weight, min_dim=2)
-        if tuple(proj_weight.shape) != (d_t, d_s):
-            raise ValueError(f"proj_weight has shape {tuple(proj_weight.shape)}, expected [d_t, d_s] = {(d_t, d_s)}")
+        expected = (n_layers, d_t, d_s) if layered else (d_t, d_s)
+        if tuple(proj_weight.shape) != expected:
+            raise ValueError(f"proj_weight has shape {tuple(proj_weight.shape)}, expected [d_t, d_s] = {(d_t, d_s)} "
+                             f"or [n_layers, d_t, d_s]")
         if proj_weight.device != dev:
             raise ValueError(f"proj_weight is on {proj_weight.device} but student_hidden is on {dev}")
         if proj_bias is not None:
             check_tensor("proj_bias", proj_bias, min_dim=1)
-            if tuple(proj_bias.shape) != (d_t,):
-                raise ValueError(f"proj_bias has shape {tuple(proj_bias.shape)}, expected [d_t] = ({d_t},)")
+            if tuple(proj_bias.shape) != expected[:-1]:
+                raise ValueError(f"proj_bias has shape {tuple(proj_bias.shape)}, expected {list(expected[:-1])}")
             if proj_bias.device != dev:
                 raise ValueError(f"proj_bias is on {proj_bias.device} but student_hidden is on {dev}")
+    if layered and (student_hidden.dim() < 2 or student_hidden.shape[0] != n_layers):
+        raise ValueError(f"student_hidden has shape {tuple(student_hidden.shape)}: with proj_weight "
+                         f"[n_layers={n_layers}, d_t, d_s] it must be [n_layers, ..., d_s]")
     acc = _acc_dtype(student_hidden.dtype)
-    w = _token_weights(mask, student_hidden.shape[:-1], dev, acc, per_token=d_t)
+    lead = student_hidden.shape[1:-1] if layered else student_hidden.shape[:-1]
+    w = _token_weights(mask, lead, dev, acc, per_token=d_t)
     name = _triton_or_torch(backend, dev, "hidden_mse_loss")
     if acc == torch.float64:
         name = "torch"  # the Triton epilogue works in fp32; float64 stays exact in torch
+    if layered:  # every layer counts the same tokens, normalised on its own
+        chunk_rows = max(16, CHUNK_ELEMS // (n_layers * d_t))
+        return _HiddenMSEFunction.apply(student_hidden.reshape(n_layers, -1, d_s).contiguous(),
+                                        teacher_hidden.detach().reshape(n_layers, -1, d_t).contiguous(),
+                                        proj_weight, proj_bias, w.expand(n_layers, -1), name, chunk_rows,
+                                        torch.is_grad_enabled(), mask is not None)
     chunk_rows = max(16, CHUNK_ELEMS // d_t)
     return _HiddenMSEFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), proj_weight, proj_bias,
                                     w, name, chunk_rows, torch.is_grad_enabled(), mask is not None)
