@@ -48,8 +48,9 @@ def run_cli(tiny, recipe, out, *extra):
 SMALL = {"distilbert": (),
          "tinybert": ("--set", "student.hidden_size=16", "--set", "student.intermediate_size=32",
                       "--set", "student.num_attention_heads=4", "--set", "student.num_hidden_layers=2"),
+         # 2 student heads against the teacher's 4: attention KL on the mean scores of head pairs
          "mobilebert": ("--set", "student.embedding_size=16", "--set", "student.intermediate_size=16",
-                        "--set", "student.num_feedforward_networks=2")}
+                        "--set", "student.num_feedforward_networks=2", "--set", "student.num_attention_heads=2")}
 
 
 @pytest.mark.parametrize("source", ["live", "cache"])
@@ -263,3 +264,17 @@ def test_cached_teacher_outputs_equal_the_live_teacher(tiny, tmp_path):
     mask = batch["attention_mask"][:, None, None, :].bool()
     probs = torch.softmax((live["q"][1] @ live["k"][1].transpose(-1, -2)).masked_fill(~mask, float("-inf")), -1)
     torch.testing.assert_close(probs, att[1], atol=1e-5, rtol=1e-4)
+
+
+def test_mobilebert_student_heads_default_to_the_papers_four_and_must_divide_the_teachers():
+    from transformers import BertConfig
+
+    from kdfast.train.recipes.mobilebert import MobileBertStudent, student_config
+
+    minilm = BertConfig(hidden_size=384, num_attention_heads=12, num_hidden_layers=6, intermediate_size=1536)
+    cfg = student_config(MobileBertStudent(), minilm)
+    assert (cfg.num_attention_heads, cfg.intra_bottleneck_size, cfg.hidden_size) == (4, 96, 384)
+    odd = BertConfig(hidden_size=60, num_attention_heads=6, num_hidden_layers=2, intermediate_size=120)
+    assert student_config(MobileBertStudent(), odd).num_attention_heads == 6
+    with pytest.raises(ValueError, match="num_attention_heads 5"):
+        student_config(MobileBertStudent(num_attention_heads=5, intra_bottleneck_size=10), minilm)

@@ -4,7 +4,9 @@ The student (:class:`kdfast.models.KDMobileBertForMaskedLM`) has the teacher's d
 inter-block width equal to the teacher's hidden size, so that its feature maps (layer outputs)
 compare with the teacher's one to one; inside each block it is narrow (``intra_bottleneck_size``,
 by default a quarter of the width as in the paper's 512 -> 128, rounded down to a multiple of the
-head count, which defaults to the teacher's).
+head count). The head count defaults to the paper's 4 when the teacher's is a multiple of 4 (the
+attention KL then maps each student head to the mean scores of its group of teacher heads, see
+:func:`kdfast.flash_attention_transfer`), else to the teacher's.
 
 Stage 1, progressive knowledge transfer: for l = 1..L one stage of ``pkt.steps_per_layer`` steps
 trains layer l on
@@ -50,7 +52,7 @@ STEP_KEYS = ("pkt.steps_per_layer", "pretrain.steps")
 @dataclass
 class MobileBertStudent:
     """Student shape; None: derived from the teacher (width = the teacher's hidden size, depth and
-    heads = the teacher's, intra-bottleneck = width / 4 rounded down to a multiple of the heads,
+    heads = 4 (the paper's) when the teacher's head count is a multiple of 4, else the teacher's, intra-bottleneck = width / 4 rounded down to a multiple of the heads,
     FFN = 4 x intra-bottleneck, embedding = min(128, width))."""
 
     intra_bottleneck_size: int | None = None
@@ -133,7 +135,11 @@ def student_config(settings: MobileBertStudent, teacher_config):
     from kdfast.models import mobilebert_config
 
     width = teacher_config.hidden_size
-    heads = settings.num_attention_heads or teacher_config.num_attention_heads
+    t_heads = teacher_config.num_attention_heads
+    heads = settings.num_attention_heads or (4 if t_heads % 4 == 0 else t_heads)
+    if t_heads % heads and heads % t_heads:
+        raise ValueError(f"student.num_attention_heads {heads} and the teacher's {t_heads} must divide one another "
+                         f"(the attention transfer maps groups of heads)")
     layers = settings.num_hidden_layers or teacher_config.num_hidden_layers
     if layers != teacher_config.num_hidden_layers:
         raise ValueError(f"student.num_hidden_layers ({layers}) must equal the teacher's "
