@@ -14,7 +14,9 @@ mismatched), QNLI, RTE, WNLI accuracy; MRPC and QQP F1 and accuracy; STS-B Pears
 from __future__ import annotations
 
 import csv
+import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,11 +181,32 @@ def _load_table(task: GlueTask, path: Path):
             kwargs["quoting"] = csv.QUOTE_NONE
     elif not _has_rows(path, 0):
         raise ValueError(f"{path} holds no examples")
+    with _quiet_datasets():
+        try:
+            return datasets.load_dataset(_BUILDERS[ext], data_files=str(path), split="train", **kwargs)
+        except Exception as e:  # pandas / pyarrow / json each have their own parse errors, wrapped by datasets
+            root = e
+            while root.__cause__ is not None or root.__context__ is not None:
+                root = root.__cause__ or root.__context__
+            raise ValueError(f"{path} is malformed for {task.name}: {type(root).__name__}: "
+                             f"{(str(root).splitlines() or [''])[0][:300]}") from None
+
+
+@contextmanager
+def _quiet_datasets():
+    """No progress bars or parse-error log lines from ``datasets``: a failure surfaces as one ValueError."""
+    import datasets
+
+    logger = logging.getLogger("datasets")
+    level, bars_off = logger.level, datasets.is_progress_bar_enabled() is False
+    logger.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
     try:
-        return datasets.load_dataset(_BUILDERS[ext], data_files=str(path), split="train", **kwargs)
-    except Exception as e:  # pandas / pyarrow / datasets each have their own parse errors
-        raise ValueError(f"{path} is malformed for {task.name}: {type(e).__name__}: {str(e).splitlines()[0][:300]}") \
-            from None
+        yield
+    finally:
+        logger.setLevel(level)
+        if not bars_off:
+            datasets.enable_progress_bars()
 
 
 def _pick_column(names: tuple[str, ...], columns: list[str], what: str, path: Path) -> str:
