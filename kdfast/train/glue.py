@@ -142,7 +142,7 @@ class TaskExamples:
 
 
 def _read_header(path: Path, delimiter: str) -> list[str]:
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # MRPC's source files start with a BOM
         line = f.readline().rstrip("\r\n")
     return next(csv.reader([line], delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else
                            csv.QUOTE_MINIMAL), [])

@@ -182,7 +182,7 @@ def test_hf_column_layouts_csv_and_jsonl(tmp_path):
 
 def test_original_mrpc_qnli_and_headerless_cola(tmp_path):
     mrpc = tmp_path / "mrpc.tsv"
-    mrpc.write_text("Quality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t12\t13\tHe said \"yes.\tHe agreed\n"
+    mrpc.write_text("\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n1\t12\t13\tHe said \"yes.\tHe agreed\n"
                     "0\t14\t15\tA cat\tA dog\n")
     ex = load_split(get_task("mrpc"), mrpc)
     assert ex.texts == (['He said "yes.', "A cat"], ["He agreed", "A dog"]) and ex.labels == [1, 0]
