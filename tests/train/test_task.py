@@ -102,6 +102,28 @@ def test_stsb_regression_finetunes_and_distills_with_one_output(files, tmp_path)
     assert hist[-1]["loss"] < hist[0]["loss"]  # MSE between the two regression outputs
 
 
+def test_task_distill_resumed_after_step_a_equals_an_uninterrupted_run(sst2_teacher, files, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    opts = dict(intermediate_epochs=2, prediction_epochs=2, intermediate_lr=3e-3, prediction_lr=3e-3,
+                max_train_examples=32, **FAST)
+    args = (sst2_teacher["model_dir"], str(files["student"]), "sst2", str(files["sst2"]))
+    full = task_distill(*args, str(tmp_path / "full"), **opts)
+    task_distill(*args, str(tmp_path / "cut"), **opts)
+    # as if killed between the two steps: step A's checkpoints survive, nothing of step B
+    shutil.rmtree(tmp_path / "cut" / "prediction")
+    shutil.rmtree(tmp_path / "cut" / "student")
+    log_a = tmp_path / "cut" / "intermediate" / "metrics.jsonl"
+    records_a = log_a.read_text()
+    resumed = task_distill(*args, str(tmp_path / "cut"), resume=True, **opts)
+    assert log_a.read_text() == records_a  # step A was restored from its checkpoint, not run again
+    a, b = (load_file(str(tmp_path / run / "student" / "model.safetensors")) for run in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["metrics"] == full["metrics"]
+
+
 def test_task_errors(files, sst2_teacher, tmp_path):
     with pytest.raises(ValueError, match="task must be one of"):
         finetune_and_eval(str(files["bert"]), "squad", str(files["sst2"]), str(tmp_path))
