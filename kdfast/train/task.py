@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdfast.losses._checks import check_positive
 from kdfast.train.data import TokenBatches
 from kdfast.train.distiller import Distiller, TrainConfig
 from kdfast.train.glue import GlueTask, TaskExamples, compute_metrics, find_split_files, get_task, load_split
@@ -161,9 +162,9 @@ def _batches(encoded: dict[str, Tensor], batch_size: int, seed: int) -> TokenBat
                         extra=extra)
 
 
-def _check_positive(name: str, value, kind=int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or not value > 0:
-        raise ValueError(f"{name} must be a positive {kind.__name__}, got {value!r}")
+def _check_count(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
 def _train_stage(model: nn.Module, step_loss, data: TokenBatches, epochs: int, lr: float, out_dir: Path, *,
@@ -218,8 +219,8 @@ def finetune_and_eval(model_dir: str, task: str, data_dir: str, out_dir: str, *,
     spec = get_task(task)
     _check_model_dir("model_dir", model_dir)
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("max_length", max_length)):
-        _check_positive(name, value)
-    _check_positive("lr", lr, float)
+        _check_count(name, value)
+    check_positive("lr", lr)
     train, devs = load_task_data(spec, data_dir, max_train_examples)
     tokenizer = _load_tokenizer(model_dir)
     torch.manual_seed(seed)  # the fresh head's initialisation
@@ -333,16 +334,14 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
     spec = get_task(task)
     _check_model_dir("teacher_dir", teacher_dir)
     _check_model_dir("student_dir", student_dir)
-    for name, value in (("intermediate_epochs", intermediate_epochs), ("prediction_epochs", prediction_epochs),
-                        ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0 or (name == "batch_size" and value < 1):
-            raise ValueError(f"{name} must be a {'positive' if name == 'batch_size' else 'non-negative'} int, "
-                             f"got {value!r}")
+    _check_count("intermediate_epochs", intermediate_epochs, 0)
+    _check_count("prediction_epochs", prediction_epochs, 0)
+    _check_count("batch_size", batch_size)
     for name, value in (("intermediate_lr", intermediate_lr), ("prediction_lr", prediction_lr),
                         ("temperature", temperature)):
-        _check_positive(name, value, float)
+        check_positive(name, value)
     max_length = spec.default_max_length if max_length is None else max_length
-    _check_positive("max_length", max_length)
+    _check_count("max_length", max_length)
     train, devs = load_task_data(spec, data_dir, max_train_examples)
     tokenizer = _load_tokenizer(student_dir, teacher_dir)
     teacher = _load_teacher(teacher_dir, spec)

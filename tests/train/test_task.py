@@ -131,12 +131,18 @@ def test_task_errors(files, sst2_teacher, tmp_path):
         finetune_and_eval(str(tmp_path), "sst2", str(files["sst2"]), str(tmp_path))
     with pytest.raises(ValueError, match="data_dir .* is not a directory"):
         finetune_and_eval(str(files["bert"]), "sst2", str(tmp_path / "none"), str(tmp_path))
-    with pytest.raises(ValueError, match="epochs must be a positive int"):
+    with pytest.raises(ValueError, match="epochs must be an int >= 1"):
         finetune_and_eval(str(files["bert"]), "sst2", str(files["sst2"]), str(tmp_path), epochs=0)
     with pytest.raises(ValueError, match="max_train_examples"):
         finetune_and_eval(str(files["bert"]), "sst2", str(files["sst2"]), str(tmp_path), max_train_examples=0)
     with pytest.raises(ValueError, match="teacher_dir .* has 2 outputs but mnli needs 3"):
         task_distill(sst2_teacher["model_dir"], str(files["student"]), "mnli", str(files["mnli"]), str(tmp_path))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        task_distill(sst2_teacher["model_dir"], str(files["student"]), "sst2", str(files["sst2"]), str(tmp_path),
+                     temperature=0.0)
+    with pytest.raises(ValueError, match="prediction_epochs must be an int >= 0"):
+        task_distill(sst2_teacher["model_dir"], str(files["student"]), "sst2", str(files["sst2"]), str(tmp_path),
+                     prediction_epochs=-1)
     with pytest.raises(ValueError, match="attention_weight > 0 needs equal head counts"):
         other = save_tiny_bert(tmp_path / "two_heads", hidden=16, layers=1, heads=2)
         task_distill(sst2_teacher["model_dir"], str(other), "sst2", str(files["sst2"]), str(tmp_path / "x"),
