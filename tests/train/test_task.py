@@ -91,7 +91,8 @@ def test_stsb_regression_finetunes_and_distills_with_one_output(files, tmp_path)
         for i in range(n):
             s1 = " ".join(words[int(j)] for j in torch.randint(0, 8, (4,), generator=g))
             s2 = " ".join(words[int(j)] for j in torch.randint(0, 8, (4,), generator=g))
-            rows.append(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{s1}\t{s2}\t{float(torch.rand((), generator=g) * 5):.3f}")
+            score = float(torch.rand((), generator=g) * 5)
+            rows.append(f"{i}\tmain\tx\t2012\t{i}\tnone\tnone\t{s1}\t{s2}\t{score:.3f}")
         (d / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     t = finetune_and_eval(str(files["bert"]), "stsb", str(d), str(tmp_path / "t"), epochs=2, lr=1e-3, **FAST)
     assert set(t["metrics"]["dev"]) == {"pearson", "spearman"} and t["majority"] is None
