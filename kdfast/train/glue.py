@@ -141,17 +141,23 @@ class TaskExamples:
         return TaskExamples(tuple(t[:n] for t in self.texts), self.labels[:n])
 
 
+def _lines(path: Path, encoding: str = "utf-8"):
+    try:
+        with open(path, newline="", encoding=encoding) as f:
+            yield from f
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
 def _read_header(path: Path, delimiter: str) -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig") as f:  # MRPC's source files start with a BOM
-        line = f.readline().rstrip("\r\n")
+    line = next(_lines(path, "utf-8-sig"), "").rstrip("\r\n")  # utf-8-sig: MRPC's source files start with a BOM
     return next(csv.reader([line], delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else
                            csv.QUOTE_MINIMAL), [])
 
 
 def _has_rows(path: Path, skip: int) -> bool:
     """Whether the file has a non-blank line after its first ``skip`` lines (a header)."""
-    with open(path, encoding="utf-8") as f:
-        return any(line.strip() for i, line in enumerate(f) if i >= skip)
+    return any(line.strip() for i, line in enumerate(_lines(path)) if i >= skip)
 
 
 def _load_table(task: GlueTask, path: Path):

@@ -236,6 +236,9 @@ def test_file_errors_name_the_problem(tmp_path):
     bad.write_text("sentence\tlabel\ngood\t1\nfine\t1\textra\n")
     with pytest.raises(ValueError, match="malformed"):
         load_split(sst2, bad)
+    bad.write_bytes(b"sentence\tlabel\ncaf\xe9\t1\n")  # Latin-1, not UTF-8
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        load_split(sst2, bad)
     js = tmp_path / "bad.jsonl"
     js.write_text('{"sentence": "good", "label": 1}\n{"sentence": \n')
     with pytest.raises(ValueError, match="malformed"):
