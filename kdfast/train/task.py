@@ -293,7 +293,9 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
     ``teacher_dir``: a sequence classifier fine-tuned on ``task`` (e.g. by :func:`finetune_and_eval`);
     ``student_dir``: a general-distilled BERT (base, MLM or classifier checkpoint; it gets a fresh
     classification head). Teacher and student must share the tokenizer (the student's is used,
-    else the teacher's) and, for the attention term, the head count.
+    else the teacher's); for the attention term one head count must divide the other (a student
+    head is taught the mean score of its group of teacher heads, or several student heads one
+    teacher head: :func:`kdfast.losses.map_teacher_heads`).
 
     Step A, intermediate layers (``intermediate_epochs``, ``intermediate_lr``), over the layer map
     (default TinyBERT's uniform map m -> m * N/M with the embeddings 0 -> 0) with
@@ -361,9 +363,10 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
     weights = {"hidden": hidden_weight, "attention": attention_weight}
     stage_a, criterion = None, None
     if intermediate_epochs:
-        if attention_weight and student.config.num_attention_heads != teacher.config.num_attention_heads:
-            raise ValueError(f"attention_weight > 0 needs equal head counts: student_dir has "
-                             f"{student.config.num_attention_heads}, teacher_dir {teacher.config.num_attention_heads}")
+        heads_s, heads_t = student.config.num_attention_heads, teacher.config.num_attention_heads
+        if attention_weight and max(heads_s, heads_t) % min(heads_s, heads_t):  # caught before any training
+            raise ValueError(f"attention_weight > 0 needs head counts where one divides the other: student_dir "
+                             f"has {heads_s}, teacher_dir {heads_t} (or set attention_weight=0)")
         criterion = kdfast.DistillationLoss(
             layer_map if layer_map is not None
             else (teacher.config.num_hidden_layers, student.config.num_hidden_layers),

@@ -144,10 +144,22 @@ def test_task_errors(files, sst2_teacher, tmp_path):
     with pytest.raises(ValueError, match="prediction_epochs must be an int >= 0"):
         task_distill(sst2_teacher["model_dir"], str(files["student"]), "sst2", str(files["sst2"]), str(tmp_path),
                      prediction_epochs=-1)
-    with pytest.raises(ValueError, match="attention_weight > 0 needs equal head counts"):
-        other = save_tiny_bert(tmp_path / "two_heads", hidden=16, layers=1, heads=2)
-        task_distill(sst2_teacher["model_dir"], str(other), "sst2", str(files["sst2"]), str(tmp_path / "x"),
+    three_heads = save_tiny_bert(tmp_path / "three_heads", hidden=24, layers=1, heads=3)
+    with pytest.raises(ValueError, match="needs head counts where one divides the other: student_dir has 3, "
+                                         "teacher_dir 4"):
+        task_distill(sst2_teacher["model_dir"], str(three_heads), "sst2", str(files["sst2"]), str(tmp_path / "x"),
                      intermediate_epochs=1, prediction_epochs=0, **FAST)
+
+
+def test_task_distill_maps_teacher_heads_onto_fewer_student_heads(sst2_teacher, files, tmp_path):
+    two_heads = save_tiny_bert(tmp_path / "two_heads", hidden=16, layers=1, heads=2)
+    r = task_distill(sst2_teacher["model_dir"], str(two_heads), "sst2", str(files["sst2"]), str(tmp_path / "run"),
+                     intermediate_epochs=2, prediction_epochs=0, intermediate_lr=3e-3, **FAST)
+    hist = r["train"]["intermediate"]["history"]
+    assert len(hist) == 20 and r["train"]["prediction"] is None
+    assert all(0 < h["attention"] < float("inf") for h in hist)
+    first, last = (sum(h["loss"] for h in part) / 5 for part in (hist[:5], hist[-5:]))
+    assert last < first
 
 
 def test_token_batches_carry_extra_fields():
