@@ -239,3 +239,25 @@ def test_cli_eval_help(capsys):
                  "--max-train-examples", "--seed", "--teacher"):
         assert flag in text
 
+
+
+def test_tinybert_recipe_hands_its_student_to_task_distillation(files, sst2_teacher, tmp_path, capsys):
+    """General distillation (`kdfast distill --recipe tinybert`) then, from its `task` section, this
+    module's task_distill on the general student: the two halves of TinyBERT joined."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join((files["sst2"] / "train.tsv").read_text().splitlines()[1:41]).replace("\t", " ") + "\n")
+    options = "{intermediate_epochs: 1, prediction_epochs: 1, batch_size: 16, max_train_examples: 32, progress: false}"
+    rc = main(["distill", "--recipe", "tinybert", "--teacher", str(files["bert"]), "--data", str(corpus),
+               "--out", str(tmp_path / "tb"), "--steps", "2", "--no-progress",
+               "--set", "student.hidden_size=16", "--set", "student.intermediate_size=32",
+               "--set", "student.num_attention_heads=4", "--set", "student.num_hidden_layers=1",
+               "--set", "train.batch_size=8", "--set", "data.max_length=16",
+               "--set", "task.name=sst2", "--set", f"task.teacher_dir={sst2_teacher['model_dir']}",
+               "--set", f"task.data_dir={files['sst2']}", "--set", f"task.options={options}"])
+    capsys.readouterr()
+    assert rc == 0
+    report = json.loads((tmp_path / "tb" / "report.json").read_text())
+    task = report["task"]
+    assert task["task"] == "sst2" and set(task["metrics"]["dev"]) == {"accuracy"}
+    assert task["train"]["intermediate"]["steps"] == 2 and task["train"]["prediction"]["steps"] == 2
+    assert task["config"]["student_dir"] == report["student"]["dir"]
