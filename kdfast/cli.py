@@ -192,6 +192,60 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _format_eval_table(report: dict) -> str:
+    """One row per (dev split, metric): the model, and the teacher / majority-class baseline when known."""
+    teacher, majority = report.get("teacher_metrics"), report.get("majority")
+    head = f"{'split':<16} {'metric':<14} {'model':>8}"
+    head += f" {'teacher':>8}" if teacher else ""
+    head += f" {'majority':>9}" if majority else ""
+    lines = [head, "-" * len(head)]
+    for split, metrics in report["metrics"].items():
+        for name, value in metrics.items():
+            row = f"{split:<16} {name:<14} {value:>8.4f}"
+            row += f" {teacher[split][name]:>8.4f}" if teacher else ""
+            row += f" {majority[split][name]:>9.4f}" if majority else ""
+            lines.append(row)
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kdfast.train.glue import get_task
+
+    try:
+        task = get_task(args.task)
+        for flag, path in (("--model", args.model), ("--data-dir", args.data_dir), ("--teacher", args.teacher)):
+            if path is not None and not Path(path).is_dir():
+                raise ValueError(f"{flag} {path!r} is not a directory")
+        out = args.out or f"runs/eval-{task.name}"
+        common = {k: v for k, v in (("batch_size", args.batch_size), ("max_length", args.max_length),
+                                     ("seed", args.seed), ("max_train_examples", args.max_train_examples))
+                  if v is not None}
+        common["progress"] = not args.no_progress
+        if args.teacher is None:
+            from kdfast.train.task import finetune_and_eval
+
+            opts = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
+            report = finetune_and_eval(args.model, task.name, args.data_dir, out, **common, **opts)
+        else:
+            from kdfast.train.task import task_distill
+
+            opts = {k: v for k, v in (("prediction_epochs", args.epochs), ("prediction_lr", args.lr),
+                                      ("intermediate_epochs", args.intermediate_epochs),
+                                      ("intermediate_lr", args.intermediate_lr), ("temperature", args.temperature))
+                    if v is not None}
+            report = task_distill(args.teacher, args.model, task.name, args.data_dir, out, **common, **opts)
+    except ValueError as e:
+        print(f"kdfast eval: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    what = "task distillation" if args.teacher else "fine-tuning"
+    print(f"{task.name}: {what} on {report['train']['examples']} examples; model saved to {report['model_dir']}")
+    print(_format_eval_table(report))
+    print(f"wrote {Path(out) / 'metrics.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kdfast", description="Compiled-kernel knowledge distillation for BERT models")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -260,6 +314,30 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     r.set_defaults(func=cmd_distill)
+    e = sub.add_parser("eval", help="fine-tune and evaluate on a local GLUE task (task distillation with --teacher)",
+                       description="Fine-tune --model on a GLUE task from local files (train + dev by their GLUE "
+                                   "names: train.tsv, dev.tsv or dev_matched.tsv + dev_mismatched.tsv; .csv, "
+                                   ".json, .jsonl too) and print the task's GLUE metric on dev. With --teacher "
+                                   "(a model fine-tuned on the task), run TinyBERT task distillation into --model "
+                                   "instead. Tasks: cola sst2 mrpc qqp stsb mnli qnli rte wnli.")
+    e.add_argument("--task", required=True, help="cola | sst2 | mrpc | qqp | stsb | mnli | qnli | rte | wnli")
+    e.add_argument("--model", required=True, help="local model directory (save_pretrained layout, with tokenizer)")
+    e.add_argument("--data-dir", required=True, help="directory holding the task's train and dev files")
+    e.add_argument("--out", help="output directory (default runs/eval-TASK)")
+    e.add_argument("--teacher", help="fine-tuned teacher directory: run task distillation into --model")
+    e.add_argument("--epochs", type=int, help="training epochs (with --teacher: prediction-layer epochs); "
+                                              "default 3")
+    e.add_argument("--lr", type=float, help="learning rate (with --teacher: prediction-layer); default 2e-5 / 3e-5")
+    e.add_argument("--intermediate-epochs", type=int, help="with --teacher: intermediate-layer epochs (default 20)")
+    e.add_argument("--intermediate-lr", type=float, help="with --teacher: intermediate-layer lr (default 5e-5)")
+    e.add_argument("--temperature", type=float, help="with --teacher: prediction-layer temperature (default 1)")
+    e.add_argument("--batch-size", type=int, help="default 32")
+    e.add_argument("--max-length", type=int, help="tokens per example (default 128; with --teacher 64 for "
+                                                  "single sentences, 128 for pairs)")
+    e.add_argument("--max-train-examples", type=int, help="use only the first N training examples")
+    e.add_argument("--seed", type=int, help="default 0")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=cmd_eval)
     k = sub.add_parser("backends", help="which kernel backends are built and usable here")
     k.set_defaults(func=cmd_backends)
     return ap

@@ -16,11 +16,14 @@ class TokenBatches:
     Under ``torchrun`` each of ``world_size`` ranks takes its ``batch_size`` rows of every global
     batch of ``world_size * batch_size`` rows, so N ranks see exactly what one process with an
     N times larger batch sees.
+
+    ``extra`` holds further per-example tensors ([E, ...], e.g. ``token_type_ids`` and ``labels``
+    of a classification task), batched with the same rows under their own keys.
     """
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, batch_size: int, *, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = True, rank: int | None = None,
-                 world_size: int | None = None) -> None:
+                 world_size: int | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
         from kdfast.train.distributed import rank_and_world
 
         if rank is None or world_size is None:
@@ -34,7 +37,14 @@ class TokenBatches:
         if batch_size < 1 or batch_size * world_size > input_ids.shape[0]:
             raise ValueError(f"batch_size must be in [1, {input_ids.shape[0] // world_size}] "
                              f"({input_ids.shape[0]} examples, {world_size} ranks), got {batch_size}")
-        self.input_ids, self.attention_mask = input_ids, attention_mask
+        extra = dict(extra or {})
+        for name, t in extra.items():
+            if name in ("input_ids", "attention_mask"):
+                raise ValueError(f"extra must not redefine {name!r}")
+            if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != input_ids.shape[0]:
+                raise ValueError(f"extra[{name!r}] must be a tensor with {input_ids.shape[0]} rows (one per "
+                                 f"example), got {tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        self.input_ids, self.attention_mask, self.extra = input_ids, attention_mask, extra
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
 
     def num_batches(self) -> int:
@@ -48,7 +58,8 @@ class TokenBatches:
         g = self.batch_size * self.world_size
         for b in range(start, self.num_batches()):
             idx = order[b * g:(b + 1) * g][self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-            yield {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx]}
+            yield {"input_ids": self.input_ids[idx], "attention_mask": self.attention_mask[idx],
+                   **{name: t[idx] for name, t in self.extra.items()}}
 
 
 class CachedBatches:
