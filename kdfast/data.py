@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv",
-             ".parquet": "parquet"}
+# file extension -> the ``datasets`` builder that reads it (shared with kdfast.train.glue)
+DATASET_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv",
+                    ".tsv": "csv", ".parquet": "parquet"}
 
 
 def load_texts(files: list[str], text_column: str = "text") -> list[str]:
@@ -24,11 +25,11 @@ def load_texts(files: list[str], text_column: str = "text") -> list[str]:
         if not p.is_file():
             raise ValueError(f"data file {p} does not exist")
     exts = {p.suffix.lower() for p in paths}
-    if len(exts) != 1 or next(iter(exts)) not in _BUILDERS:
-        raise ValueError(f"data files must share one extension among {sorted(_BUILDERS)}, got {sorted(exts)}")
+    if len(exts) != 1 or next(iter(exts)) not in DATASET_BUILDERS:
+        raise ValueError(f"data files must share one extension among {sorted(DATASET_BUILDERS)}, got {sorted(exts)}")
     ext = next(iter(exts))
     kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
-    ds = datasets.load_dataset(_BUILDERS[ext], data_files=[str(p) for p in paths], split="train", **kwargs)
+    ds = datasets.load_dataset(DATASET_BUILDERS[ext], data_files=[str(p) for p in paths], split="train", **kwargs)
     if text_column not in ds.column_names:
         raise ValueError(f"text_column {text_column!r} not in the data's columns {ds.column_names}")
     return [t for t in ds[text_column] if isinstance(t, str) and t.strip()]

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kdfast.data import _BUILDERS
+from kdfast.data import DATASET_BUILDERS
 
 __all__ = ["GLUE_TASKS", "GlueTask", "TaskExamples", "accuracy", "binary_f1", "compute_metrics", "find_split_files",
            "get_task", "load_split", "matthews_corrcoef", "pearson_corrcoef", "spearman_corrcoef"]
@@ -168,7 +168,7 @@ def _load_table(task: GlueTask, path: Path):
 
     ext = path.suffix.lower()
     kwargs: dict = {}
-    if _BUILDERS[ext] == "csv":
+    if DATASET_BUILDERS[ext] == "csv":
         delimiter = "\t" if ext == ".tsv" else ","
         header = _read_header(path, delimiter)
         known = {c for group in task.text_columns for c in group} | set(task.label_columns)
@@ -189,7 +189,7 @@ def _load_table(task: GlueTask, path: Path):
         raise ValueError(f"{path} holds no examples")
     with _quiet_datasets():
         try:
-            return datasets.load_dataset(_BUILDERS[ext], data_files=str(path), split="train", **kwargs)
+            return datasets.load_dataset(DATASET_BUILDERS[ext], data_files=str(path), split="train", **kwargs)
         except Exception as e:  # pandas / pyarrow / json each have their own parse errors, wrapped by datasets
             root = e
             while root.__cause__ is not None or root.__context__ is not None:
