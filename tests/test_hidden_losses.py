@@ -16,7 +16,8 @@ TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16:
        torch.float64: (1e-10, 1e-12)}
 HIDDEN_BACKENDS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]
 # bf16 runs on the C++ kernels only (the Triton interpreter gets bf16 arithmetic wrong)
-DTYPES = {"triton": (torch.float32, torch.float16), "cpu": (torch.float32, torch.float16, torch.float64, torch.bfloat16),
+DTYPES = {"triton": (torch.float32, torch.float16),
+          "cpu": (torch.float32, torch.float16, torch.float64, torch.bfloat16),
           "torch": (torch.float32, torch.float16, torch.float64)}
 
 

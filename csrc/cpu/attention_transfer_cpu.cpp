@@ -189,10 +189,6 @@ void run_kernel(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
   }
 }
 
-bool is_float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 void check_args(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
                 const at::Tensor& key_valid, const at::Tensor& row_weight, double scale_s, double scale_t) {
   constexpr const char* op = "attention_transfer_fwd_bwd";
@@ -204,8 +200,8 @@ void check_args(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
     TORCH_CHECK_VALUE(x->scalar_type() == q_s.scalar_type(), op, ": ", name, " has dtype ", x->scalar_type(),
                       " but q_s has dtype ", q_s.scalar_type());
   }
-  TORCH_CHECK_VALUE(is_float_dtype(q_s.scalar_type()), op, ": q_s must be float32, float16, bfloat16 or float64, got ",
-                    q_s.scalar_type());
+  TORCH_CHECK_VALUE(is_kernel_float_dtype(q_s.scalar_type()), op,
+                    ": q_s must be float32, float16, bfloat16 or float64, got ", q_s.scalar_type());
   TORCH_CHECK_VALUE(q_s.numel() > 0 && q_t.numel() > 0, op, ": q_s is empty (shape ", q_s.sizes(), ")");
   TORCH_CHECK_VALUE(k_s.sizes() == q_s.sizes(), op, ": k_s has shape ", k_s.sizes(), " but q_s has shape ",
                     q_s.sizes());

@@ -17,14 +17,10 @@
 namespace kdfast {
 namespace {
 
-bool is_float_dtype(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 // 2-D [rows, d] CPU float tensor with unit column stride.
 void check_rows_2d(const char* op, const char* name, const at::Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": ", name, " must be 2-D [rows, d], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(is_float_dtype(x.scalar_type()), op, ": ", name,
+  TORCH_CHECK_VALUE(is_kernel_float_dtype(x.scalar_type()), op, ": ", name,
                     " must be float32, float16, bfloat16 or float64, got ", x.scalar_type());
   TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", x.device());
   TORCH_CHECK_VALUE(x.size(1) <= 1 || x.stride(1) == 1, op, ": ", name, " must have unit column stride");
@@ -139,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor> cosine_fwd_bwd_cpu(const at::Tensor& s, const
         // g = a s + b t: the radial term a vanishes where |s| was clamped to eps
         const acc_t a = norm_s > eps_a ? wr * cos / (ns * ns) : acc_t(0);
         const acc_t b = -wr / (ns * nt);
+        // (the cast only ever applies when scalar_t is acc_t: fp32 / fp64 rows are written in place)
         acc_t* g = kWiden ? g_buf : reinterpret_cast<acc_t*>(gp + r * D);
         const Vec va(a), vb(b);
         j = 0;

@@ -4,6 +4,7 @@
 // row that is both the hidden-MSE epilogue and the attention MSE.
 #pragma once
 
+#include <ATen/ATen.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
@@ -123,6 +124,11 @@ acc_t mse_row(acc_t* y, const acc_t* t, int64_t n, acc_t w) {
     y[j] = 2 * w * d;
   }
   return w * acc;
+}
+
+// The input dtypes the CPU kernels dispatch over (fp32 / fp64 / fp16 / bf16).
+inline bool is_kernel_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
 // Row x (any float type) as acc_t: x itself when the types agree, else widened into scratch.

@@ -137,7 +137,8 @@ def report(results: list[Result]) -> str:
              for r in results if r.impl.endswith(" cpu")]
     if torch_impls and pairs:
         text += "\n\nC++ kernel (backend='cpu') against the torch backend, same case and process:\n"
-        text += f"{'case':<28} {'impl':<22} {'torch ms':>9} {'cpu ms':>9} {'speed-up':>9} {'torch MB':>9} {'cpu MB':>9}\n"
+        text += (f"{'case':<28} {'impl':<22} {'torch ms':>9} {'cpu ms':>9} {'speed-up':>9} {'torch MB':>9} "
+                 f"{'cpu MB':>9}\n")
         for cpu, ref in pairs:
             if ref is None or not cpu.ms or not ref.ms:
                 continue
