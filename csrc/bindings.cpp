@@ -4,6 +4,8 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "cpu/attention_transfer_cpu.h"
+#include "cpu/hidden_cpu.h"
 #include "cpu/kd_loss_cpu.h"
 #include "cpu/nonorm_cpu.h"
 
@@ -51,6 +53,15 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("nonorm_bwd(Tensor dy, Tensor x, Tensor? bias, Tensor? residual, Tensor gamma) -> (Tensor, Tensor, Tensor, Tensor)");
   // ReLU backward in place (dh *= h > 0) fused with the column sum that is the preceding bias's gradient.
   m.def("relu_bwd_colsum(Tensor(a!) dh, Tensor h) -> Tensor");
+  // Flash attention transfer from Q and K (KL or score MSE): loss rows [B, H, L] and, when need_grad,
+  // the gradients of their sum with respect to q_s and k_s; never an L x L map.
+  m.def(
+      "attention_transfer_fwd_bwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor key_valid, "
+      "Tensor row_weight, float scale_s, float scale_t, bool mse, bool need_grad) -> (Tensor, Tensor, Tensor)");
+  // Hidden-MSE epilogue: loss rows w ||y - t||^2, and y overwritten by dY = 2 w (y - t).
+  m.def("hidden_mse_epilogue(Tensor(a!) y, Tensor t, Tensor w) -> Tensor");
+  // Cosine loss rows w (1 - cos(s, t)) and d/ds (empty unless need_grad).
+  m.def("cosine_fwd_bwd(Tensor s, Tensor t, Tensor w, float eps, bool need_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
@@ -58,6 +69,9 @@ TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("nonorm_fwd", &kdfast::nonorm_fwd_cpu);
   m.impl("nonorm_bwd", &kdfast::nonorm_bwd_cpu);
   m.impl("relu_bwd_colsum", &kdfast::relu_bwd_colsum_cpu);
+  m.impl("attention_transfer_fwd_bwd", &kdfast::attention_transfer_fwd_bwd_cpu);
+  m.impl("hidden_mse_epilogue", &kdfast::hidden_mse_epilogue_cpu);
+  m.impl("cosine_fwd_bwd", &kdfast::cosine_fwd_bwd_cpu);
 }
 
 #ifdef KDFAST_WITH_CUDA

@@ -112,3 +112,18 @@ def resolve(backend: str, device: torch.device, *, has_cuda_kernel: bool = True)
     if backend == "triton" and device.type not in ("cpu", "cuda"):
         raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
     return backend
+
+
+def resolve_for_loss(backend: str, device: torch.device, what: str, compiled: tuple[str, ...]) -> str:
+    """:func:`resolve` for a loss whose compiled C++ kernels exist only for the backends in
+    ``compiled`` (a subset of ``("cpu", "cuda")``).
+
+    ``auto`` falls back to torch where the compiled kernel it would pick does not exist; an
+    explicit ``"cpu"`` / ``"cuda"`` without a kernel raises ValueError naming ``what``.
+    """
+    for name in ("cpu", "cuda"):
+        if backend == name and name not in compiled:
+            usable = ", ".join(repr(b) for b in ("triton", *compiled, "torch"))
+            raise ValueError(f"backend={backend!r} has no {what} kernel; use {usable} or 'auto'")
+    name = resolve(backend, device, has_cuda_kernel="cuda" in compiled)
+    return "torch" if name in ("cpu", "cuda") and name not in compiled else name

@@ -73,7 +73,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         att = attention_bench.run(device)
         print()
-        print(format_table(att), flush=True)
+        print(attention_bench.report(att), flush=True)
         results += att
     if "models" in args.suites:
         from kdfast.bench import models as models_bench

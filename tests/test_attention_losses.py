@@ -13,7 +13,8 @@ import kdfast
 from kdfast.kernels.reference import attention_kl_reference, attention_mse_reference, attention_scores_reference
 from tests.conftest import CPU_BACKENDS
 
-TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3), torch.float64: (1e-10, 1e-12)}
+TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (8e-3, 4e-3),
+       torch.float64: (1e-10, 1e-12)}
 
 
 def assert_close(actual, expected, dtype, what):
@@ -162,7 +163,8 @@ def test_map_losses_bad_arguments(fn):
 
 # --- flash form from Q and K -------------------------------------------------------------------
 
-FLASH_BACKENDS = [b for b in ("triton", "torch") if b in CPU_BACKENDS]
+FLASH_BACKENDS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]
+MAP_BACKENDS = [b for b in ("triton", "torch") if b in CPU_BACKENDS]  # attention_mse_loss has no C++ kernel
 REFS = {"kl": attention_kl_reference, "mse": attention_mse_reference}
 
 
@@ -203,9 +205,14 @@ def check_flash(got, ref, dtype):
         assert_close(a, e, dtype, what)
 
 
-# fp16 inputs: loads widened to fp32, gradients rounded to fp16 (bf16 is tested on GPU only)
+# fp16 inputs: loads widened to fp32, gradients rounded to fp16 (bf16 is tested on GPU only for
+# Triton, whose interpreter gets bf16 wrong; the C++ kernel widens bf16 itself, so it is tested here)
 FLASH_CASES = [("torch", torch.float64, 37, (16, 24)), ("torch", torch.float32, 130, (26, 64)),
                ("torch", torch.float16, 37, (64, 32))]
+if "cpu" in FLASH_BACKENDS:
+    FLASH_CASES += [("cpu", torch.float64, 37, (16, 24)), ("cpu", torch.float32, 130, (26, 64)),
+                    ("cpu", torch.float16, 37, (64, 32)), ("cpu", torch.bfloat16, 37, (16, 24)),
+                    ("cpu", torch.bfloat16, 130, (64, 32))]
 if "triton" in FLASH_BACKENDS:
     FLASH_CASES += [("triton", torch.float32, 37, (16, 24)), ("triton", torch.float32, 130, (26, 64)),
                     ("triton", torch.float16, 37, (64, 32))]
@@ -216,7 +223,7 @@ if "triton" in FLASH_BACKENDS:
 @pytest.mark.parametrize("padded", [False, True])
 def test_flash_equals_materialised(backend, dtype, L, dims, loss, padded):
     """Odd L, differing head dims, padding: same loss and gradients as the [B,H,L,L] path."""
-    B, H = (3, 2) if backend == "torch" or L < 100 else (3, 1)  # interpreter time
+    B, H = (3, 2) if backend != "triton" or L < 100 else (3, 1)  # interpreter time
     q_s, k_s, q_t, k_t = make_qk(B, H, L, *dims, dtype)
     mask = make_mask(B, L, full_row=True) if padded else None
     got = run_flash(q_s, k_s, q_t, k_t, mask, loss=loss, backend=backend)
@@ -313,14 +320,64 @@ def test_flash_skips_gradients_when_none_needed(monkeypatch):
     assert seen == [False, False, True] and q_s.grad is not None
 
 
-def test_flash_gradcheck_torch_backend():
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "torch") if b in FLASH_BACKENDS])
+def test_flash_gradcheck(backend):
     q_s, k_s, q_t, k_t = make_qk(2, 2, 7, 4, 6, torch.float64)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0, 0]])
     for loss in ("kl", "mse"):
         assert torch.autograd.gradcheck(
-            lambda q, k: kdfast.flash_attention_transfer(q, k, q_t, k_t, mask, loss=loss, backend="torch"),
+            lambda q, k: kdfast.flash_attention_transfer(q, k, q_t, k_t, mask, loss=loss, backend=backend),
             (q_s.requires_grad_(), k_s.requires_grad_()), fast_mode=True,
         )
+
+
+@pytest.mark.skipif("cpu" not in FLASH_BACKENDS, reason="kdfast._C is not built")
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_flash_cpu_any_split_of_query_blocks(threads):
+    """The C++ kernel splits (b, h, query block) items into one range per thread; a range may end,
+    start or lie inside a (b, h), whose dK then comes from per-range partial sums. L = 700 also
+    shrinks the query block below 64 rows (score strip <= 2^15 elements)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for B, H, L in ((1, 1, 300), (3, 2, 130), (1, 2, 700)):
+            q_s, k_s, q_t, k_t = make_qk(B, H, L, 8, 12)
+            mask = make_mask(B, L)
+            for loss in ("kl", "mse"):
+                got = run_flash(q_s, k_s, q_t, k_t, mask, loss=loss, backend="cpu")
+                check_flash(got, flash_reference(q_s, k_s, q_t, k_t, mask, loss), torch.float32)
+                again = run_flash(q_s, k_s, q_t, k_t, mask, loss=loss, backend="cpu")
+                assert all(torch.equal(a, b) for a, b in zip(got, again)), "not deterministic"
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.skipif("cpu" not in FLASH_BACKENDS, reason="kdfast._C is not built")
+def test_flash_cpu_bad_arguments_name_the_argument():
+    q_s, k_s, q_t, k_t = make_qk(2, 2, 5, 4, 8)
+    with pytest.raises(ValueError, match="k_s shape mismatch"):
+        kdfast.flash_attention_transfer(q_s, k_s[..., :3], q_t, k_t, backend="cpu")
+    with pytest.raises(ValueError, match="key_mask has shape"):
+        kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, torch.ones(2, 4), backend="cpu")
+    # the op itself checks too (ValueError from C++), for callers that bypass the Python checks
+    op = torch.ops.kdfast.attention_transfer_fwd_bwd
+    kv = torch.ones(2, 5, dtype=torch.bool)
+    w = torch.rand(2, 5)
+    cases = [
+        ((q_s, k_s[:, :, :4], q_t, k_t, kv, w), "k_s has shape"),
+        ((q_s, k_s, q_t[:, :1], k_t[:, :1], kv, w), "q_t has shape"),
+        ((q_s, k_s, q_t, k_t.double(), kv, w), "k_t has dtype"),
+        ((q_s[0], k_s, q_t, k_t, kv, w), r"q_s must be \[B, H, L, d\]"),
+        ((q_s, k_s, q_t, k_t, kv.float(), w), "key_valid must be a bool"),
+        ((q_s, k_s, q_t, k_t, kv, w.double()), "row_weight must be a Float"),
+        ((q_s, k_s, q_t, k_t, kv, w[:, :4]), "row_weight must be"),
+        ((q_s.long(), k_s.long(), q_t.long(), k_t.long(), kv, w), "q_s must be float32"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            op(*args, 0.5, 0.5, False, True)
+    with pytest.raises(ValueError, match="scale_s must be > 0"):
+        op(q_s, k_s, q_t, k_t, kv, w, 0.0, 0.5, False, True)
 
 
 def test_flash_bad_arguments():
@@ -342,7 +399,7 @@ def test_flash_bad_arguments():
         ((q_s, k_s, q_t, k_t), dict(loss="cosine"), "loss must be one of"),
         ((q_s, k_s, q_t, k_t), dict(scale_s=0.0), "scale_s"),
         ((q_s, k_s, q_t, k_t), dict(scale_t=float("nan")), "scale_t"),
-        ((q_s, k_s, q_t, k_t), dict(backend="cpu"), "backend='cpu' has no flash_attention_transfer kernel"),
+        ((q_s, k_s, q_t, k_t), dict(backend="cuda"), "backend='cuda' has no flash_attention_transfer kernel"),
         ((q_s, k_s, q_t, k_t), dict(backend="metal"), "backend must be one of"),
     ]
     for args, kw, match in cases:
@@ -422,15 +479,15 @@ def test_flash_memory_does_not_grow_with_L_squared():
     assert peaks[2048].peak < 1.5 * peaks[1024].peak                     # L^2 growth would be 4x
 
 
-def test_flash_triton_allocates_only_per_row_buffers():
-    """The Triton launcher allocates loss rows, two lse rows and dq, dk: O(B H L (1 + dh))."""
-    if "triton" not in FLASH_BACKENDS:
-        pytest.skip("triton backend not available here")
+@pytest.mark.parametrize("backend", [b for b in ("triton", "cpu") if b in FLASH_BACKENDS])
+def test_flash_kernels_allocate_only_per_row_buffers(backend):
+    """The Triton launcher allocates loss rows, two lse rows and dq, dk: O(B H L (1 + dh)); the C++
+    kernel loss rows, dq and dk (its per-thread score strips live outside torch's allocator)."""
     B, H, L, dh = 1, 2, 384, 16
     q_s, k_s, q_t, k_t = (torch.randn(B, H, L, dh) for _ in range(4))
     q_s.requires_grad_()
     k_s.requires_grad_()
-    tracker = _peak_of(lambda: kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, backend="triton"))
+    tracker = _peak_of(lambda: kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, backend=backend))
     map_bytes = B * H * L * L * 4
     assert tracker.largest <= B * H * L * dh * 4
     assert tracker.peak < map_bytes / 8, f"peak {tracker.peak} bytes vs one map {map_bytes}"
@@ -455,7 +512,7 @@ def test_flash_torch_compile_fullgraph(backend):
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("backend", FLASH_BACKENDS)
+@pytest.mark.parametrize("backend", MAP_BACKENDS)
 def test_attention_mse_torch_compile_fullgraph(backend):
     mask = make_mask(2, 21)
     s, t = make_scores(2, 2, 21, torch.float32, mask)

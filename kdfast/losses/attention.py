@@ -5,9 +5,9 @@ score maps) and :func:`flash_attention_transfer` (the same two losses from Q and
 ever storing an L x L map).
 
 Backends: ``triton`` kernels for all three (the KL on maps reuses the fused logit-KD kernel,
-which also has ``cpu`` / ``cuda`` C++ versions), and eager ``torch`` (chunked over query rows
-for the flash form). ``auto`` picks Triton on CUDA tensors, the C++ CPU kernel for the map KL
-on CPU tensors, and torch otherwise.
+which also has ``cpu`` / ``cuda`` C++ versions), a ``cpu`` C++ kernel for the flash form, and
+eager ``torch`` (chunked over query rows for the flash form). ``auto`` picks Triton on CUDA
+tensors, the C++ CPU kernels (map KL, flash form) on CPU tensors, and torch otherwise.
 
 Masks. ``mask`` / ``key_mask`` is a [B, L] token mask (nonzero = real token, 0 = padding). A
 padded token is excluded both as a key (a column of the map) and as a query (a row): padded
@@ -173,10 +173,7 @@ class _ScoreMSEFunction(torch.autograd.Function):
 
 def _triton_or_torch(backend: str, device: torch.device, what: str) -> str:
     """``auto`` -> Triton on CUDA tensors when it works, else torch; ``cpu``/``cuda`` (no C++ kernel) raise."""
-    if backend in ("cpu", "cuda"):
-        raise ValueError(f"backend={backend!r} has no {what} kernel; use 'triton', 'torch' or 'auto'")
-    name = _backend.resolve(backend, device, has_cuda_kernel=False)
-    return "torch" if name in ("cpu", "cuda") else name
+    return _backend.resolve_for_loss(backend, device, what, compiled=())
 
 
 def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None, *,
@@ -317,6 +314,16 @@ def _(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse, need_gra
         torch.empty_like(k_s, memory_format=torch.contiguous_format)
 
 
+if _backend._extension()[0] is not None:
+
+    @torch.library.register_fake("kdfast::attention_transfer_fwd_bwd")
+    def _attention_transfer_cpu_fake(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse, need_grad):
+        rows = q_s.new_empty(q_s.shape[:3], dtype=row_weight.dtype)
+        if not need_grad:
+            return rows, q_s.new_empty(0), k_s.new_empty(0)
+        return rows, q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)
+
+
 class _FlashAttentionTransferFunction(torch.autograd.Function):
     """Loss from Q, K of both models; dq_s, dk_s are produced by the forward kernels (teacher frozen)."""
 
@@ -327,6 +334,9 @@ class _FlashAttentionTransferFunction(torch.autograd.Function):
         if backend == "triton":
             rows, dq, dk = _attention_transfer_triton(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t,
                                                       mse, need_grad)
+        elif backend == "cpu":
+            rows, dq, dk = torch.ops.kdfast.attention_transfer_fwd_bwd(q_s, k_s, q_t, k_t, key_valid, row_weight,
+                                                                       scale_s, scale_t, mse, need_grad)
         else:
             rows, dq, dk = attention_transfer_fwd_bwd_torch(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s,
                                                             scale_t, mse, need_grad)
@@ -396,7 +406,8 @@ def flash_attention_transfer(
     ``mask=key_mask`` (for ``mse``: as long as no unmasked score is <= -1e2, the threshold that
     the materialised form uses to spot an additive mask; here the mask is explicit).
 
-    Memory: O(B H L) for the Triton kernels (two log-sum-exps per row), O(B H L C) for the
+    Memory: O(B H L) for the Triton kernels (two log-sum-exps per row) and the ``cpu`` C++
+    kernel (plus one strip of at most 2^15 scores per model and thread), O(B H L C) for the
     ``torch`` backend, which works on C query rows at a time (C B H L <= 2^19, C >= 16).
 
     Args:
@@ -407,8 +418,9 @@ def flash_attention_transfer(
         loss: ``"kl"`` or ``"mse"``.
         scale_s, scale_t: score scales, default 1/sqrt(dh) of each model. Pass 1.0 for queries
             that are already pre-scaled (e.g. ``kdfast.models`` ``capture=("qk",)`` output).
-        backend: ``auto`` (Triton on CUDA tensors when it works, else torch), ``triton`` or
-            ``torch``; ``cpu`` / ``cuda`` have no kernel for this loss and raise.
+        backend: ``auto`` (Triton on CUDA tensors when it works, the C++ kernel on CPU tensors
+            when ``kdfast._C`` is built, else torch), ``triton``, ``cpu`` or ``torch``; ``cuda``
+            has no kernel for this loss and raises.
 
     Returns:
         Scalar loss, float32 (float64 for float64 input). 0 (and zero gradients) when every
@@ -429,7 +441,7 @@ def flash_attention_transfer(
     k_t, _ = map_teacher_heads(k_t.detach(), H, kind="qk", name="k_t")
     scale_t /= group  # concatenated group heads sum the group's scores; 1/g makes it their mean
     m = _check_token_mask("key_mask", key_mask, B, L, q_s.device)
-    name = _triton_or_torch(backend, q_s.device, "flash_attention_transfer")
+    name = _backend.resolve_for_loss(backend, q_s.device, "flash_attention_transfer", compiled=("cpu",))
     key_valid = torch.ones(B, L, dtype=torch.bool, device=q_s.device) if m is None else m
     acc = _acc_dtype(q_s.dtype)
     n = key_valid.sum(1).to(acc)

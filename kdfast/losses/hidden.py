@@ -8,15 +8,16 @@ Hidden states are [..., d] (e.g. [B, L, d]); the optional ``mask`` has their lea
 
 Fusion. :func:`hidden_mse_loss` never keeps the projected states Y = h_s W_p^T + b_p: its forward
 walks over chunks of rows, computes the chunk of Y with the library GEMM (fp32 accumulation),
-turns it in place into the loss rows and dY = 2 (Y - h_t) / n (Triton epilogue kernel, or
-eager torch), and immediately folds dY into the gradients dh_s = dY W_p, dW_p += dY^T h_s,
+turns it in place into the loss rows and dY = 2 (Y - h_t) / n (Triton or C++ epilogue
+kernel, or eager torch), and immediately folds dY into the gradients dh_s = dY W_p, dW_p += dY^T h_s,
 db_p += sum dY (fp32 accumulators). Only one chunk of Y ever exists; backward just scales the
 stored gradients by the upstream gradient. :func:`cosine_loss` likewise computes the loss and
-its gradient in one pass over the rows (Triton row kernel, or eager torch).
+its gradient in one pass over the rows (Triton or C++ row kernel, or eager torch).
 
-Backends: ``auto`` (Triton on CUDA tensors when it works, else torch), ``triton``, ``torch``;
-``cpu`` / ``cuda`` have no kernel for these losses and raise. :func:`feature_map_loss` is
-eager torch only (differentiated by autograd).
+Backends: ``auto`` (Triton on CUDA tensors when it works, the C++ CPU kernels on CPU tensors
+when ``kdfast._C`` is built, else torch), ``triton``, ``cpu``, ``torch``; ``cuda`` has no
+kernel for these losses and raises. :func:`feature_map_loss` is eager torch only
+(differentiated by autograd).
 """
 
 from __future__ import annotations
@@ -34,13 +35,6 @@ CHUNK_ELEMS = 1 << 20
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _triton_or_torch(backend: str, device: torch.device, what: str) -> str:
-    if backend in ("cpu", "cuda"):
-        raise ValueError(f"backend={backend!r} has no {what} kernel; use 'triton', 'torch' or 'auto'")
-    name = _backend.resolve(backend, device, has_cuda_kernel=False)
-    return "torch" if name in ("cpu", "cuda") else name
 
 
 def _check_states(student_hidden: Tensor, teacher_hidden: Tensor, same_width: bool) -> None:
@@ -97,6 +91,18 @@ def _(y, t, w):
     return y.new_empty(y.shape[0], dtype=torch.float32)
 
 
+if _backend._extension()[0] is not None:
+    # shapes of the C++ ops (torch.ops.kdfast.*) for torch.compile / meta tensors
+
+    @torch.library.register_fake("kdfast::hidden_mse_epilogue")
+    def _hidden_mse_epilogue_fake(y, t, w):
+        return y.new_empty(y.shape[0], dtype=w.dtype)
+
+    @torch.library.register_fake("kdfast::cosine_fwd_bwd")
+    def _cosine_fwd_bwd_fake(s, t, w, eps, need_grad):
+        return s.new_empty(s.shape[0], dtype=w.dtype), (s.new_empty(s.shape) if need_grad else s.new_empty(0))
+
+
 def _mse_epilogue_torch(y: Tensor, t: Tensor, w: Tensor, masked: bool) -> Tensor:
     """The epilogue contract in eager torch: ``y`` becomes dY in place; returns the row losses.
 
@@ -146,6 +152,8 @@ def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tens
         y_rows = y.view(-1, d_t)
         if backend == "triton":
             rows = _mse_epilogue_op(y_rows, t_rows, w_rows)
+        elif backend == "cpu":
+            rows = torch.ops.kdfast.hidden_mse_epilogue(y_rows, t_rows, w_rows)
         else:
             rows = _mse_epilogue_torch(y_rows, t_rows.to(acc), w_rows, masked)
         loss = loss + rows.to(acc).sum()
@@ -225,8 +233,8 @@ def hidden_mse_loss(
     all), and the result is the sum of the per-layer losses above, sum_l loss_l (TinyBERT sums
     its layer terms); each chunk runs one batched GEMM for all layers.
 
-    Fused: Y is computed chunk by chunk (rows) with the library GEMM, an epilogue (Triton row
-    kernel or eager torch) turns each chunk into its loss rows and dY in place, and dY is at once
+    Fused: Y is computed chunk by chunk (rows) with the library GEMM, an epilogue (Triton or C++
+    row kernel, or eager torch) turns each chunk into its loss rows and dY in place, and dY is at once
     folded into the three gradients. Only one chunk of Y (about 2^20 fp32 values) ever exists;
     nothing of size [N, d_t] is stored for backward.
 
@@ -241,9 +249,10 @@ def hidden_mse_loss(
         proj_bias: optional [d_t] (or [n_layers, d_t]) bias (only with ``proj_weight``).
         mask: optional token mask with the states' leading shape, without the layer dimension
             (nonzero = counted).
-        backend: ``auto`` (Triton epilogue on CUDA tensors when it works, else torch),
-            ``triton`` or ``torch``; ``cpu`` / ``cuda`` raise. float64 input always runs the
-            torch epilogue (the Triton one computes in fp32).
+        backend: ``auto`` (Triton epilogue on CUDA tensors when it works, the C++ epilogue on
+            CPU tensors when ``kdfast._C`` is built, else torch), ``triton``, ``cpu`` or
+            ``torch``; ``cuda`` raises. float64 input with ``triton`` runs the torch epilogue
+            (the Triton one computes in fp32); the C++ one computes in float64.
 
     Returns:
         Scalar loss, float32 (float64 for float64 input).
@@ -283,8 +292,8 @@ def hidden_mse_loss(
     acc = _acc_dtype(student_hidden.dtype)
     lead = student_hidden.shape[1:-1] if layered else student_hidden.shape[:-1]
     w = _token_weights(mask, lead, dev, acc, per_token=d_t)
-    name = _triton_or_torch(backend, dev, "hidden_mse_loss")
-    if acc == torch.float64:
+    name = _backend.resolve_for_loss(backend, dev, "hidden_mse_loss", compiled=("cpu",))
+    if acc == torch.float64 and name == "triton":
         name = "torch"  # the Triton epilogue works in fp32; float64 stays exact in torch
     if layered:  # every layer counts the same tokens, normalised on its own
         chunk_rows = max(16, CHUNK_ELEMS // (n_layers * d_t))
@@ -366,6 +375,8 @@ class _CosineFunction(torch.autograd.Function):
         need_grad = grad_enabled and bool(ctx.needs_input_grad[0])
         if backend == "triton":
             rows, g = _cosine_op(s, t, w, eps, need_grad)
+        elif backend == "cpu":
+            rows, g = torch.ops.kdfast.cosine_fwd_bwd(s, t, w, eps, need_grad)
         else:
             rows, g = cosine_fwd_bwd_torch(s, t, w, eps, need_grad)
         ctx.save_for_backward(g)
@@ -391,15 +402,15 @@ def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | N
 
     (the second term drops where |h_s,r| <= eps). Equals DistilBERT's
     ``CosineEmbeddingLoss(target=1)`` on the selected tokens. Fused: one pass over the rows
-    computes the loss and the gradient (Triton row kernel for widths up to 8192, or eager torch);
-    backward only scales the stored gradient.
+    computes the loss and the gradient (Triton row kernel for widths up to 8192, C++ row kernel
+    on CPU tensors, or eager torch); backward only scales the stored gradient.
 
     Args:
         student_hidden, teacher_hidden: [..., d], same shape, dtype and device (equal widths).
         mask: optional token mask with the states' leading shape.
         eps: lower bound of the norms.
-        backend: ``auto`` / ``triton`` / ``torch`` (``cpu`` / ``cuda`` raise). float64 input and
-            rows wider than 8192 run the torch version.
+        backend: ``auto`` / ``triton`` / ``cpu`` / ``torch`` (``cuda`` raises). With ``triton``,
+            float64 input and rows wider than 8192 run the torch version.
 
     Returns:
         Scalar loss, float32 (float64 for float64 input); gradient to ``student_hidden`` only.
@@ -417,7 +428,7 @@ def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | N
     dev = student_hidden.device
     acc = _acc_dtype(student_hidden.dtype)
     w = _token_weights(mask, student_hidden.shape[:-1], dev, acc)
-    name = _triton_or_torch(backend, dev, "cosine_loss")
+    name = _backend.resolve_for_loss(backend, dev, "cosine_loss", compiled=("cpu",))
     if name == "triton":
         from kdfast.kernels.triton.hidden import MAX_COSINE_WIDTH
 

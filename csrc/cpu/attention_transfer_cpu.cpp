@@ -1,0 +1,250 @@
+// Flash attention transfer on the CPU (math in attention_transfer_cpu.h).
+//
+// Work items are (b, h, query block of BM rows), split into one contiguous range per thread.
+// For an item, the counted query rows (w_i != 0) and, once per (b, h), the valid keys are
+// gathered into packed fp32 (fp64) buffers, so padding is never read and never multiplied
+// (0 * NaN) and masked keys cost nothing. Then, holding one BM x n_keys strip of each model's
+// scores per thread (BM shrinks as L grows: the strip stays within kStripElems, never L x L):
+//   1. S = scale_s Qs Ks^T, T = scale_t Qt Kt^T                      (two library GEMMs)
+//   2. per row, two passes over the strip in cache: the row maxima, then the exponentials,
+//      sums, loss and dS written over S (the logit-KD row of rows_cpu.h at T = 1, or the
+//      squared-error row for mse)
+//   3. dQ = scale_s dS Ks (written out), dK += scale_s dS^T Qs (packed accumulator).
+// Keeping the strip instead of re-forming it (the Triton kernel recomputes its register tiles
+// for the gradient pass) saves two of the six GEMMs.
+//
+// dK of one (b, h) is a sum over all its query blocks. A thread whose range holds every block
+// of a (b, h) owns its dK and writes it directly; the (at most two) partially covered (b, h) at
+// the ends of a range leave their packed partial sums in per-range slots, added in range order
+// after the parallel loop: no races, and the same bits on every run with the same thread count.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <map>
+#include <vector>
+
+#include "attention_transfer_cpu.h"
+#include "rows_cpu.h"
+
+namespace kdfast {
+namespace {
+
+// Elements of one score strip (BM x L) per model and thread: 128 KiB in fp32, L2-resident.
+constexpr int64_t kStripElems = 1 << 15;
+constexpr int64_t kMaxBlockRows = 64;
+
+// c[m, n] = alpha a[m, k] b[k, n] + beta c[m, n] on strided views of scratch buffers (the
+// library GEMM; beta = 0 never reads c).
+template <typename acc_t>
+void gemm(int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a, at::IntArrayRef a_strides, const acc_t* b,
+          at::IntArrayRef b_strides, acc_t beta, acc_t* c, int64_t ldc) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor ta = at::from_blob(const_cast<acc_t*>(a), {m, k}, a_strides, opts);
+  at::Tensor tb = at::from_blob(const_cast<acc_t*>(b), {k, n}, b_strides, opts);
+  at::Tensor tc = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  at::addmm_out(tc, tc, ta, tb, beta, alpha);
+}
+
+// Row (b, h, l, :) of a [B, H, L, d] tensor with unit last stride.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* p;
+  int64_t sb, sh, sl;
+  explicit Rows(const at::Tensor& x)
+      : p(x.const_data_ptr<scalar_t>()), sb(x.stride(0)), sh(x.stride(1)), sl(x.stride(2)) {}
+  const scalar_t* at(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
+};
+
+template <typename acc_t>
+struct PartialDk {
+  int64_t bh = -1;
+  std::vector<acc_t> dk;  // packed [n_keys of b, ds]
+};
+
+template <typename scalar_t>
+void run_kernel(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+                const bool* key_valid, const kd_acc_t<scalar_t>* row_weight, double scale_s, double scale_t,
+                bool mse, bool need_grad, at::Tensor& loss_rows, at::Tensor& dq, at::Tensor& dk) {
+  using acc_t = kd_acc_t<scalar_t>;
+  const int64_t B = q_s.size(0), H = q_s.size(1), L = q_s.size(2), DS = q_s.size(3), DT = q_t.size(3);
+  const Rows<scalar_t> qs_rows(q_s), ks_rows(k_s), qt_rows(q_t), kt_rows(k_t);
+  acc_t* loss_p = loss_rows.mutable_data_ptr<acc_t>();
+  scalar_t* dq_p = need_grad ? dq.mutable_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dk_p = need_grad ? dk.mutable_data_ptr<scalar_t>() : nullptr;
+  const acc_t sc_s = static_cast<acc_t>(scale_s), sc_t = static_cast<acc_t>(scale_t);
+  const KdParams kl_params{1.0, 1.0, 0.0, false};
+
+  const int64_t BM = std::clamp<int64_t>(kStripElems / L, 1, kMaxBlockRows);
+  const int64_t nqb = (L + BM - 1) / BM;
+  const int64_t items = B * H * nqb;
+  const int64_t n_ranges = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
+  std::vector<std::array<PartialDk<acc_t>, 2>> partials(n_ranges);
+
+  // valid key positions of batch b
+  auto valid_keys = [&](int64_t b, std::vector<int64_t>& idx) {
+    idx.clear();
+    for (int64_t j = 0; j < L; ++j)
+      if (key_valid[b * L + j]) idx.push_back(j);
+  };
+  // write packed dK rows (acc) of (b, h) to dk at the valid key positions
+  auto store_dk = [&](int64_t bh, const std::vector<int64_t>& idx, const acc_t* packed) {
+    scalar_t* base = dk_p + bh * L * DS;
+    for (size_t j = 0; j < idx.size(); ++j) {
+      at::vec::convert(packed + j * DS, base + idx[j] * DS, DS);
+    }
+  };
+
+  at::parallel_for(0, n_ranges, 1, [&](int64_t r_begin, int64_t r_end) {
+    std::vector<int64_t> key_idx, q_idx(BM);
+    key_idx.reserve(L);
+    std::vector<acc_t> ks(L * DS), kt(L * DT), qs(BM * DS), qt(BM * DT), s(BM * L), t(BM * L), es(L), et(L);
+    std::vector<acc_t> dq_blk(need_grad ? BM * DS : 0), dk_acc(need_grad ? L * DS : 0);
+    for (int64_t range = r_begin; range < r_end; ++range) {
+      const int64_t i_begin = range * items / n_ranges, i_end = (range + 1) * items / n_ranges;
+      int64_t cur_bh = -1, seg_first_qb = 0, last_qb = 0, n_keys = 0;
+      int n_partial = 0;
+      // end of the (b, h) segment [seg_first_qb, last_qb]: write dK or park it in a slot
+      auto finish_segment = [&]() {
+        if (cur_bh < 0 || !need_grad || n_keys == 0) return;
+        if (seg_first_qb == 0 && last_qb == nqb - 1) {
+          store_dk(cur_bh, key_idx, dk_acc.data());
+        } else {
+          auto& slot = partials[range][n_partial++];
+          slot.bh = cur_bh;
+          slot.dk.assign(dk_acc.begin(), dk_acc.begin() + n_keys * DS);
+        }
+      };
+      for (int64_t item = i_begin; item < i_end; ++item) {
+        const int64_t bh = item / nqb, qb = item % nqb, b = bh / H, h = bh % H;
+        if (bh != cur_bh) {
+          finish_segment();
+          cur_bh = bh;
+          seg_first_qb = qb;
+          valid_keys(b, key_idx);
+          n_keys = static_cast<int64_t>(key_idx.size());
+          for (int64_t j = 0; j < n_keys; ++j) {
+            const int64_t l = key_idx[j];
+            at::vec::convert(ks_rows.at(b, h, l), ks.data() + j * DS, DS);
+            at::vec::convert(kt_rows.at(b, h, l), kt.data() + j * DT, DT);
+          }
+          if (need_grad) std::fill(dk_acc.begin(), dk_acc.begin() + n_keys * DS, acc_t(0));
+        }
+        last_qb = qb;
+        if (n_keys == 0) continue;  // no valid key: every row of b is 0 (loss_rows and dq start at 0)
+        // counted query rows of the block, packed
+        int64_t M = 0;
+        for (int64_t l = qb * BM; l < std::min(L, (qb + 1) * BM); ++l) {
+          if (row_weight[b * L + l] == 0) continue;
+          at::vec::convert(qs_rows.at(b, h, l), qs.data() + M * DS, DS);
+          at::vec::convert(qt_rows.at(b, h, l), qt.data() + M * DT, DT);
+          q_idx[M++] = l;
+        }
+        if (M == 0) continue;
+        const int64_t n = n_keys;
+        // S = scale_s Qs Ks^T, T = scale_t Qt Kt^T  (Ks^T: the packed keys read column-wise)
+        gemm<acc_t>(M, n, DS, sc_s, qs.data(), {DS, 1}, ks.data(), {1, DS}, acc_t(0), s.data(), n);
+        gemm<acc_t>(M, n, DT, sc_t, qt.data(), {DT, 1}, kt.data(), {1, DT}, acc_t(0), t.data(), n);
+        for (int64_t m = 0; m < M; ++m) {
+          const acc_t w = row_weight[b * L + q_idx[m]];
+          acc_t* srow = s.data() + m * n;
+          const acc_t* trow = t.data() + m * n;
+          // dS is written over the student's scores (both row functions allow it)
+          const acc_t loss = mse ? mse_row<acc_t>(srow, trow, n, w)
+                                 : kd_row<acc_t, false, false>(srow, trow, srow, n, 0, w, kl_params, es.data(),
+                                                               et.data(), nullptr);
+          loss_p[bh * L + q_idx[m]] = loss;
+        }
+        if (!need_grad) continue;
+        // dQ = scale_s dS Ks;  dK += scale_s dS^T Qs
+        gemm<acc_t>(M, DS, n, sc_s, s.data(), {n, 1}, ks.data(), {DS, 1}, acc_t(0), dq_blk.data(), DS);
+        gemm<acc_t>(n, DS, M, sc_s, s.data(), {1, n}, qs.data(), {DS, 1}, acc_t(1), dk_acc.data(), DS);
+        for (int64_t m = 0; m < M; ++m) at::vec::convert(dq_blk.data() + m * DS, dq_p + (bh * L + q_idx[m]) * DS, DS);
+      }
+      finish_segment();
+    }
+  });
+
+  if (!need_grad) return;
+  // partially covered (b, h): add the parked sums in range order, then write them
+  std::map<int64_t, std::vector<acc_t>> sums;
+  for (auto& slots : partials) {
+    for (auto& slot : slots) {
+      if (slot.bh < 0) continue;
+      auto& acc = sums[slot.bh];
+      if (acc.empty()) {
+        acc = std::move(slot.dk);
+      } else {
+        for (size_t i = 0; i < acc.size(); ++i) acc[i] += slot.dk[i];
+      }
+    }
+  }
+  std::vector<int64_t> key_idx;
+  for (auto& [bh, acc] : sums) {
+    valid_keys(bh / H, key_idx);
+    store_dk(bh, key_idx, acc.data());
+  }
+}
+
+void check_args(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+                const at::Tensor& key_valid, const at::Tensor& row_weight, double scale_s, double scale_t) {
+  constexpr const char* op = "attention_transfer_fwd_bwd";
+  const std::pair<const char*, const at::Tensor*> inputs[] = {{"q_s", &q_s}, {"k_s", &k_s}, {"q_t", &q_t},
+                                                              {"k_t", &k_t}};
+  for (const auto& [name, x] : inputs) {
+    TORCH_CHECK_VALUE(x->dim() == 4, op, ": ", name, " must be [B, H, L, d], got shape ", x->sizes());
+    TORCH_CHECK_VALUE(x->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", x->device());
+    TORCH_CHECK_VALUE(x->scalar_type() == q_s.scalar_type(), op, ": ", name, " has dtype ", x->scalar_type(),
+                      " but q_s has dtype ", q_s.scalar_type());
+  }
+  TORCH_CHECK_VALUE(is_kernel_float_dtype(q_s.scalar_type()), op,
+                    ": q_s must be float32, float16, bfloat16 or float64, got ", q_s.scalar_type());
+  TORCH_CHECK_VALUE(q_s.numel() > 0 && q_t.numel() > 0, op, ": q_s is empty (shape ", q_s.sizes(), ")");
+  TORCH_CHECK_VALUE(k_s.sizes() == q_s.sizes(), op, ": k_s has shape ", k_s.sizes(), " but q_s has shape ",
+                    q_s.sizes());
+  TORCH_CHECK_VALUE(k_t.sizes() == q_t.sizes(), op, ": k_t has shape ", k_t.sizes(), " but q_t has shape ",
+                    q_t.sizes());
+  TORCH_CHECK_VALUE(q_t.sizes().slice(0, 3) == q_s.sizes().slice(0, 3), op, ": q_t has shape ", q_t.sizes(),
+                    " but q_s has shape ", q_s.sizes(), " (B, H and L must agree)");
+  const int64_t B = q_s.size(0), L = q_s.size(2);
+  TORCH_CHECK_VALUE(key_valid.scalar_type() == at::kBool && key_valid.dim() == 2 && key_valid.size(0) == B &&
+                        key_valid.size(1) == L && key_valid.device().is_cpu(),
+                    op, ": key_valid must be a bool CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
+                    key_valid.scalar_type(), " ", key_valid.sizes());
+  const auto acc_type = q_s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(row_weight.scalar_type() == acc_type && row_weight.dim() == 2 && row_weight.size(0) == B &&
+                        row_weight.size(1) == L && row_weight.device().is_cpu(),
+                    op, ": row_weight must be a ", acc_type, " CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
+                    row_weight.scalar_type(), " ", row_weight.sizes());
+  TORCH_CHECK_VALUE(scale_s > 0 && std::isfinite(scale_s), op, ": scale_s must be > 0 and finite, got ", scale_s);
+  TORCH_CHECK_VALUE(scale_t > 0 && std::isfinite(scale_t), op, ": scale_t must be > 0 and finite, got ", scale_t);
+}
+
+at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(3) == 1 ? x : x.contiguous(); }
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_fwd_bwd_cpu(
+    const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
+    const at::Tensor& key_valid, const at::Tensor& row_weight, double scale_s, double scale_t, bool mse,
+    bool need_grad) {
+  check_args(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t);
+  // the GEMMs below run on scratch views: keep autograd out of them
+  at::AutoDispatchBelowADInplaceOrView guard;
+  const at::Tensor qs = unit_last_stride(q_s), ks = unit_last_stride(k_s);
+  const at::Tensor qt = unit_last_stride(q_t), kt = unit_last_stride(k_t);
+  const at::Tensor kv = key_valid.contiguous(), rw = row_weight.contiguous();
+  at::Tensor loss_rows = at::zeros({q_s.size(0), q_s.size(1), q_s.size(2)}, rw.options());
+  at::Tensor dq = need_grad ? at::zeros(q_s.sizes(), q_s.options()) : at::empty({0}, q_s.options());
+  at::Tensor dk = need_grad ? at::zeros(k_s.sizes(), k_s.options()) : at::empty({0}, k_s.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_s.scalar_type(), "attention_transfer_fwd_bwd_cpu", [&] {
+    run_kernel<scalar_t>(qs, ks, qt, kt, kv.const_data_ptr<bool>(), rw.const_data_ptr<kd_acc_t<scalar_t>>(), scale_s,
+                         scale_t, mse, need_grad, loss_rows, dq, dk);
+  });
+  return {loss_rows, dq, dk};
+}
+
+}  // namespace kdfast
