@@ -11,6 +11,7 @@ reports ratios. Peak memory:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import statistics
@@ -29,21 +30,30 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-_MALLOC_CONFIGURED = False
-
-
-def _configure_malloc() -> None:
-    global _MALLOC_CONFIGURED
-    if _MALLOC_CONFIGURED:
-        return
+def _set_malloc_thresholds(mmap_bytes: int, trim_bytes: int) -> None:
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)  # fixed threshold: no dynamic growth that would keep freed blocks
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 20)
+        libc.mallopt(M_MMAP_THRESHOLD, mmap_bytes)
+        libc.mallopt(M_TRIM_THRESHOLD, trim_bytes)
     except OSError:
         pass
-    _MALLOC_CONFIGURED = True
+
+
+@contextlib.contextmanager
+def _unmapping_malloc():
+    """glibc set to unmap freed blocks (fixed 1 MiB thresholds) for a memory measurement.
+
+    On exit the thresholds go to where glibc's dynamic threshold settles in a long-running
+    process (mmap 32 MiB, trim 64 MiB): a fixed 1 MiB threshold would make every later timing
+    page-fault its large temporaries afresh, which slows the eager baselines most and would
+    inflate kdfast's ratios in suites that time after measuring memory.
+    """
+    _set_malloc_thresholds(1 << 20, 1 << 20)
+    try:
+        yield
+    finally:
+        _set_malloc_thresholds(32 << 20, 64 << 20)
 
 
 def _release_free_heap() -> None:
@@ -79,15 +89,15 @@ def peak_memory_bytes(fn: Callable[[], object], device: torch.device) -> int | N
         return peak
     if not cpu_peak_memory_supported():
         return None
-    _configure_malloc()
-    _release_free_heap()
-    base = _status_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set
-    out = fn()
-    peak = _status_kib("VmHWM") - base
-    del out
-    gc.collect()
+    with _unmapping_malloc():
+        _release_free_heap()
+        base = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident set
+        out = fn()
+        peak = _status_kib("VmHWM") - base
+        del out
+        gc.collect()
     return max(peak, 0) * 1024
 
 
@@ -142,8 +152,8 @@ def measure_all(entries: list[Entry], device: torch.device, *, repeat: int = 5, 
                 copy_bw_gbs: float | None = None) -> list[Result]:
     """Time every entry, then measure every entry's peak memory.
 
-    Timings come first, under the allocator's default settings (what users run with); the CPU
-    memory phase then switches glibc to unmap freed blocks, which would otherwise change timings.
+    Timings come first, under the allocator's default settings (what users run with); each CPU
+    memory measurement switches glibc to unmap freed blocks and back (see ``_unmapping_malloc``).
     A failing implementation is reported in its row instead of aborting the run.
     """
     results = []
@@ -157,8 +167,6 @@ def measure_all(entries: list[Entry], device: torch.device, *, repeat: int = 5, 
         except Exception as ex:  # e.g. torch.compile without a working compiler
             r.note = f"failed: {type(ex).__name__}: {str(ex)[:80]}"
         results.append(r)
-    if device.type == "cpu":
-        _configure_malloc()
     for e, r in zip(entries, results):
         if r.ms is not None:
             try:
