@@ -215,6 +215,7 @@ class Distiller:
             bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="distil", dynamic_ncols=True)
         self.student.train()
         t_last, tokens = time.perf_counter(), 0
+        tok_rate = None  # tokens/s of the last logging window, shown on the progress bar
         try:
             while self.step < cfg.steps:
                 terms_sum: dict[str, float] = {}
@@ -248,10 +249,14 @@ class Distiller:
                     self.history.append(rec)
                     if on_log:
                         on_log(rec)
+                    tok_rate = rec["tokens_per_s"]
                     t_last, tokens = time.perf_counter(), 0
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({k: f"{v:.4g}" for k, v in terms_sum.items()})
+                    postfix = {k: f"{v:.4g}" for k, v in terms_sum.items()}
+                    if tok_rate is not None:
+                        postfix["tok/s"] = f"{tok_rate:.0f}"
+                    bar.set_postfix(postfix)
                 if cfg.eval_every and self.eval_fn is not None and (
                         self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     self._evaluate(metrics)
