@@ -14,6 +14,10 @@ import os
 import sys
 import time
 
+# Largest shared memory one block may opt into, bytes (CUDA programming guide, compute capabilities
+# table): triton.compile reports what a kernel needs but only a launch would fail on it.
+MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
 # Every kernel module with AOT_CONFIGS; later kernel families add themselves here.
 KERNEL_MODULES = ("kdfast.kernels.triton.kd_loss", "kdfast.kernels.triton.sparse_kd",
                   "kdfast.kernels.triton.attention_transfer", "kdfast.kernels.triton.score_mse",
@@ -39,6 +43,10 @@ def compile_all(archs: list[int], verbose: bool = False) -> int:
                 compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
                 if not compiled.asm.get("cubin"):
                     raise RuntimeError(f"{fn.__name__} {constexprs} sm_{arch}: no cubin produced")
+                shared, limit = compiled.metadata.shared, MAX_SHARED_BYTES.get(arch)
+                if limit is not None and shared > limit:
+                    raise RuntimeError(f"{fn.__name__} {constexprs} num_warps={num_warps} sm_{arch}: needs {shared} "
+                                       f"bytes of shared memory, the limit is {limit}: the launch would fail")
                 count += 1
                 if verbose:
                     print(f"sm_{arch} {fn.__name__} {signature.get('s_ptr', '')} {constexprs} "
