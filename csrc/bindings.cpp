@@ -8,6 +8,7 @@
 #include "cpu/hidden_cpu.h"
 #include "cpu/kd_loss_cpu.h"
 #include "cpu/nonorm_cpu.h"
+#include "cpu/score_mse_cpu.h"
 
 #ifdef KDFAST_WITH_CUDA
 #include "cuda/launchers.h"
@@ -62,6 +63,10 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("hidden_mse_epilogue(Tensor(a!) y, Tensor t, Tensor w) -> Tensor");
   // Cosine loss rows w (1 - cos(s, t)) and d/ds (empty unless need_grad).
   m.def("cosine_fwd_bwd(Tensor s, Tensor t, Tensor w, float eps, bool need_grad) -> (Tensor, Tensor)");
+  // TinyBERT score MSE on [B, H, L, L] maps, the Triton row kernels' contract: per-row sums of counted
+  // squared differences and counts; then the gradient 2 coef (s - t) on counted elements, recomputed.
+  m.def("score_mse_fwd(Tensor s, Tensor t, Tensor mask, float threshold, bool has_mask) -> (Tensor, Tensor)");
+  m.def("score_mse_bwd(Tensor s, Tensor t, Tensor mask, Tensor coef, float threshold, bool has_mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
@@ -72,6 +77,8 @@ TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("attention_transfer_fwd_bwd", &kdfast::attention_transfer_fwd_bwd_cpu);
   m.impl("hidden_mse_epilogue", &kdfast::hidden_mse_epilogue_cpu);
   m.impl("cosine_fwd_bwd", &kdfast::cosine_fwd_bwd_cpu);
+  m.impl("score_mse_fwd", &kdfast::score_mse_fwd_cpu);
+  m.impl("score_mse_bwd", &kdfast::score_mse_bwd_cpu);
 }
 
 #ifdef KDFAST_WITH_CUDA

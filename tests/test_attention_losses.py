@@ -33,12 +33,13 @@ def make_mask(B, L, *, full_row=False):
     return mask
 
 
-def make_scores(B, H, L, dtype, mask=None):
-    """Correlated student / teacher scores; the additive mask (finfo.min) applied to both."""
+def make_scores(B, H, L, dtype, mask=None, fill=None):
+    """Correlated student / teacher scores; the additive mask (``fill``, default finfo.min) applied to both."""
     t = torch.randn(B, H, L, L, dtype=torch.float64) * 3
     s = 0.6 * t + torch.randn(B, H, L, L, dtype=torch.float64) * 2
     if mask is not None:
-        add = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, torch.finfo(dtype).min)[:, None, None, :]
+        fill = torch.finfo(dtype).min if fill is None else fill
+        add = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, fill)[:, None, None, :]
         s, t = s + add, t + add
     return s.to(dtype).clamp_min(torch.finfo(dtype).min), t.to(dtype).clamp_min(torch.finfo(dtype).min)
 
@@ -59,19 +60,25 @@ def run(fn, s, t, *args, grad_scale=1.0, **kw):
 
 # --- materialised maps -------------------------------------------------------------------------
 
+# maskings: token mask only, additive only (finfo.min, or BERT's -1e4), both
+MASKINGS = ("none", "mask", "additive", "additive-1e4", "both", "both-1e4")
 # the interpreter is slow (one program per score row): Triton on the extreme maskings only,
-# and at L = 130 (780 rows) with the full masking only
-MSE_CASES = [(b, d, m, L) for b, d in (("torch", torch.float32), ("torch", torch.float64), ("triton", torch.float32))
-             for m in ("none", "mask", "additive", "both") for L in (37, 130)
-             if b == "torch" or ("triton" in CPU_BACKENDS and (m, L) in (("none", 37), ("both", 37), ("both", 130)))]
+# and at L = 130 (780 rows) with the full masking only; the C++ kernel on every dtype it takes
+MSE_CASES = [(b, d, m, L) for b, d in (("torch", torch.float32), ("torch", torch.float64), ("triton", torch.float32),
+                                       ("cpu", torch.float32), ("cpu", torch.float64), ("cpu", torch.float16),
+                                       ("cpu", torch.bfloat16))
+             for m in MASKINGS for L in (37, 130)
+             if b == "torch" or (b == "cpu" and "cpu" in CPU_BACKENDS)
+             or ("triton" in CPU_BACKENDS and (m, L) in (("none", 37), ("both", 37), ("both", 130)))]
 
 
 @pytest.mark.parametrize("backend,dtype,masking,L", MSE_CASES)
 def test_attention_mse_matches_reference(backend, dtype, L, masking):
     B, H = 3, 2
     mask = make_mask(B, L, full_row=True)
-    s, t = make_scores(B, H, L, dtype, mask if masking in ("additive", "both") else None)
-    m = mask if masking in ("mask", "both") else None
+    fill = -1e4 if masking.endswith("-1e4") else None
+    s, t = make_scores(B, H, L, dtype, mask if masking.startswith(("additive", "both")) else None, fill)
+    m = mask if masking.startswith(("mask", "both")) else None
     loss, grad = run(kdfast.attention_mse_loss, s, t, m, backend=backend, grad_scale=-1.5)
     ref_loss, ref_grad = ref_loss_and_grad(attention_mse_reference, s, t, m, grad_scale=-1.5)
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
@@ -96,6 +103,82 @@ def test_attention_mse_definition_by_hand():
     torch.testing.assert_close(kdfast.attention_mse_loss(sa, ta), ((s - t)[keys] ** 2).mean())
     torch.testing.assert_close(kdfast.attention_mse_loss(sa, ta, mask), expected)
 
+
+
+MSE_KERNELS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]
+
+
+@pytest.mark.parametrize("backend", MSE_KERNELS)
+def test_attention_mse_padding_never_counted_and_all_masked_is_zero(backend):
+    """NaN in padded rows and columns changes nothing; with every token masked: loss 0, grad 0."""
+    B, H, L = 2, 2, 23
+    mask = make_mask(B, L, full_row=False)
+    s, t = make_scores(B, H, L, torch.float32)
+    pad = ~(mask[:, None, :, None] & mask[:, None, None, :])
+    dirty_s, dirty_t = s.masked_fill(pad, float("nan")), t.masked_fill(pad, float("nan"))
+    loss, grad = run(kdfast.attention_mse_loss, dirty_s, dirty_t, mask, backend=backend)
+    ref_loss, ref_grad = ref_loss_and_grad(attention_mse_reference, s, t, mask)
+    assert_close(loss, ref_loss, torch.float32, "loss")
+    assert_close(grad, ref_grad, torch.float32, "grad")
+    loss, grad = run(kdfast.attention_mse_loss, dirty_s, dirty_t, torch.zeros(B, L), backend=backend)
+    assert loss.item() == 0 and torch.count_nonzero(grad) == 0
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "torch") if b in CPU_BACKENDS])
+def test_attention_mse_gradcheck(backend):
+    B, H, L = 2, 2, 7
+    mask = make_mask(B, L)
+    s, t = make_scores(B, H, L, torch.float64, mask)
+    torch.autograd.gradcheck(lambda x: kdfast.attention_mse_loss(x, t, mask, backend=backend),
+                             (s.clone().requires_grad_(),))
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="kdfast._C is not built")
+@pytest.mark.parametrize("threads", [1, 3])
+def test_attention_mse_cpu_same_bits_for_any_thread_count(threads):
+    """Each row is one task's work: the row sums, and so the loss and gradient, do not depend on the split."""
+    B, H, L = 3, 2, 130
+    mask = make_mask(B, L)
+    s, t = make_scores(B, H, L, torch.float32, mask)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = run(kdfast.attention_mse_loss, s, t, mask, backend="cpu")
+        torch.set_num_threads(threads)
+        got = run(kdfast.attention_mse_loss, s, t, mask, backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="kdfast._C is not built")
+def test_score_mse_cpu_ops_bad_arguments():
+    """The C++ ops check their own inputs (they are public as torch.ops.kdfast.*): ValueError."""
+    fwd, bwd = torch.ops.kdfast.score_mse_fwd, torch.ops.kdfast.score_mse_bwd
+    s = torch.randn(2, 3, 5, 5)
+    m = torch.ones(2, 5, dtype=torch.int8)
+    coef = torch.ones(1)
+    cases = [
+        (fwd, (s[0], s[0], m, -1e2, True), r"s must be \[B, H, L, L\]"),
+        (fwd, (s[..., :4], s[..., :4], m, -1e2, True), r"s must be \[B, H, L, L\]"),
+        (fwd, (s, s[:, :2], m, -1e2, True), "t has shape"),
+        (fwd, (s, s.double(), m, -1e2, True), "t has dtype"),
+        (fwd, (s.long(), s.long(), m, -1e2, True), "s must be float32"),
+        (fwd, (s, s, m.bool(), -1e2, True), "mask must be an int8"),
+        (fwd, (s, s, m[:, :4], -1e2, True), r"mask must have shape \[B, L\]"),
+        (bwd, (s, s, m, coef, -1e2, True), None),
+        (bwd, (s, s, m[:1], coef, -1e2, True), r"mask must have shape \[B, L\]"),
+        (bwd, (s, s, m, torch.ones(2), -1e2, True), "coef must be a one-element"),
+        (bwd, (s, s, m, torch.ones(1, dtype=torch.int64), -1e2, True), "coef must be a one-element"),
+    ]
+    for op, args, match in cases:
+        if match is None:
+            op(*args)
+            continue
+        with pytest.raises(ValueError, match=match):
+            op(*args)
+    fwd(s, s, torch.zeros(1, dtype=torch.int8), -1e2, False)  # without a mask, any int8 placeholder
 
 # the interpreter is slow: Triton on the two extreme maskings only
 KL_CASES = [(b, m) for b in CPU_BACKENDS for m in ("none", "mask", "additive", "both")
@@ -155,8 +238,8 @@ def test_map_losses_bad_arguments(fn):
     with pytest.raises(ValueError, match="backend must be one of"):
         fn(s, s, backend="metal")
     if fn is kdfast.attention_mse_loss:
-        with pytest.raises(ValueError, match="backend='cpu' has no attention_mse_loss kernel"):
-            fn(s, s, backend="cpu")
+        with pytest.raises(ValueError, match="backend='cuda' has no attention_mse_loss kernel"):
+            fn(s, s, backend="cuda")
         with pytest.raises(ValueError, match="threshold must be a number"):
             fn(s, s, threshold="low")
 
@@ -164,7 +247,7 @@ def test_map_losses_bad_arguments(fn):
 # --- flash form from Q and K -------------------------------------------------------------------
 
 FLASH_BACKENDS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]
-MAP_BACKENDS = [b for b in ("triton", "torch") if b in CPU_BACKENDS]  # attention_mse_loss has no C++ kernel
+MAP_BACKENDS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]  # attention_mse_loss backends
 REFS = {"kl": attention_kl_reference, "mse": attention_mse_reference}
 
 
@@ -492,6 +575,21 @@ def test_flash_kernels_allocate_only_per_row_buffers(backend):
     assert tracker.largest <= B * H * L * dh * 4
     assert tracker.peak < map_bytes / 8, f"peak {tracker.peak} bytes vs one map {map_bytes}"
 
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="kdfast._C is not built")
+def test_attention_mse_cpu_allocates_only_the_gradient_map():
+    """Forward + backward of the C++ map MSE: per-row sums and counts and the gradient (one map,
+    it is the answer); the eager torch backend allocates several [B, H, L, L] temporaries."""
+    B, H, L = 2, 2, 256
+    mask = make_mask(B, L)
+    s, t = make_scores(B, H, L, torch.float32, mask)
+    s.requires_grad_()
+    map_bytes = B * H * L * L * 4
+    kernel = _peak_of(lambda: kdfast.attention_mse_loss(s, t, mask, backend="cpu"))
+    eager = _peak_of(lambda: kdfast.attention_mse_loss(s, t, mask, backend="torch"))
+    assert kernel.peak < 1.1 * map_bytes, f"peak {kernel.peak} bytes vs one map {map_bytes}"
+    assert eager.peak > 2 * map_bytes
 
 # --- torch.compile and GPU ---------------------------------------------------------------------
 

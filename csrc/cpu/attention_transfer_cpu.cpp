@@ -49,16 +49,6 @@ void gemm(int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a, at::IntA
   at::addmm_out(tc, tc, ta, tb, beta, alpha);
 }
 
-// Row (b, h, l, :) of a [B, H, L, d] tensor with unit last stride.
-template <typename scalar_t>
-struct Rows {
-  const scalar_t* p;
-  int64_t sb, sh, sl;
-  explicit Rows(const at::Tensor& x)
-      : p(x.const_data_ptr<scalar_t>()), sb(x.stride(0)), sh(x.stride(1)), sl(x.stride(2)) {}
-  const scalar_t* at(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
-};
-
 template <typename acc_t>
 struct PartialDk {
   int64_t bh = -1;

@@ -33,8 +33,6 @@ void check_weights(const char* op, const at::Tensor& w, int64_t rows, at::Scalar
   TORCH_CHECK_VALUE(w.device().is_cpu() && w.is_contiguous(), op, ": w must be a contiguous CPU tensor");
 }
 
-int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
-
 }  // namespace
 
 at::Tensor hidden_mse_epilogue_cpu(at::Tensor& y, const at::Tensor& t, const at::Tensor& w) {

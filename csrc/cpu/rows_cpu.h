@@ -1,13 +1,15 @@
 // Vectorised row functions shared by the CPU kernels (at::vec inside one row; the callers
 // parallelise over rows): the logit-distillation row of kd_loss_cpu.cpp, which the flash
 // attention transfer also runs on each row of a score strip, and the weighted squared-error
-// row that is both the hidden-MSE epilogue and the attention MSE.
+// row that is both the hidden-MSE epilogue and the attention MSE; plus the row bookkeeping
+// (task grain, strided [B, H, L, d] rows, dtype widening) that every kernel shares.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <type_traits>
 
@@ -125,6 +127,21 @@ acc_t mse_row(acc_t* y, const acc_t* t, int64_t n, acc_t w) {
   }
   return w * acc;
 }
+
+// Rows per at::parallel_for task for rows of n elements: about 16K elements a task, so short rows
+// are not handed out one by one (scheduling would cost more than the row).
+inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+// Row (b, h, l, :) of a [B, H, L, d] tensor with unit last stride: head views of a wider tensor
+// are read in place instead of being copied to contiguous memory first.
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* p;
+  int64_t sb, sh, sl;
+  explicit Rows(const at::Tensor& x)
+      : p(x.const_data_ptr<scalar_t>()), sb(x.stride(0)), sh(x.stride(1)), sl(x.stride(2)) {}
+  const scalar_t* at(int64_t b, int64_t h, int64_t l) const { return p + b * sb + h * sh + l * sl; }
+};
 
 // The input dtypes the CPU kernels dispatch over (fp32 / fp64 / fp16 / bf16).
 inline bool is_kernel_float_dtype(at::ScalarType t) {

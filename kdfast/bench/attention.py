@@ -8,7 +8,10 @@
 - hidden states: TinyBERT's MSE through a learned projection (student 312 -> teacher 768), eager
   ``F.mse_loss(F.linear(h_s, W, b), h_t)`` against kdfast's fused ``hidden_mse_loss``, and
   DistilBERT's cosine loss (768 wide) against eager ``F.cosine_embedding_loss``, each with the
-  torch and (on CPU) the C++ epilogue / row kernel.
+  torch and (on CPU) the C++ epilogue / row kernel;
+- map MSE: TinyBERT's score MSE on given [B, H, L, L] maps (the maps are the inputs, so only the
+  loss is timed), eager against ``attention_mse_loss`` on each backend (on CPU: the torch backend,
+  which also materialises L x L temporaries, and the C++ row kernels).
 
 :func:`report` prints the table against eager and, for the CPU backends, the C++ kernels
 against the torch backend of the same case.
@@ -44,9 +47,13 @@ def eager_kl(q_s, k_s, q_t, k_t, key_mask):
 
 def eager_mse(q_s, k_s, q_t, k_t, key_mask):
     """TinyBERT score MSE over the (real query, real key) pairs of every head."""
-    s = eager_scores(q_s, k_s, key_mask)
     with torch.no_grad():
         t = eager_scores(q_t, k_t, key_mask)
+    return eager_map_mse(eager_scores(q_s, k_s, key_mask), t, key_mask)
+
+
+def eager_map_mse(s, t, key_mask):
+    """The same on given score maps."""
     counted = key_mask[:, None, :, None] & key_mask[:, None, None, :]      # [B, 1, L, L]
     diff = torch.where(counted, s - t, 0.0)
     return (diff * diff).sum() / (counted.sum() * s.shape[1])
@@ -61,12 +68,13 @@ def _inputs(B, H, L, dh_s, dh_t, device):
     return q_s, k_s, q_t, k_t, key_mask
 
 
-def run(device: torch.device, *, lengths=(128, 512), B: int = 32, H: int = 12, dh: int = 64,
+def run(device: torch.device, *, lengths=(128, 512), map_lengths=(128,), B: int = 32, H: int = 12, dh: int = 64,
         repeat: int = 3) -> list[Result]:
     # One measure_all call: every timing runs before the first memory measurement, which switches
     # glibc to unmapping freed blocks for good (that makes later timings of allocation-heavy
     # implementations, such as the torch backend's per-chunk temporaries, pay page faults).
     entries = [e for L in lengths for e in _attention_entries(device, B, H, L, dh)]
+    entries += [e for L in map_lengths for e in _map_mse_entries(device, B, H, L, dh)]
     entries += _hidden_entries(device, tokens=B * 128)
     return measure_all(entries, device, repeat=repeat, warmup=1)
 
@@ -105,6 +113,15 @@ def _attention_entries(device: torch.device, B: int, H: int, L: int, dh: int) ->
                 lambda qs, ks, b=name, lo=loss: kdfast.flash_attention_transfer(qs, ks, q_t, k_t, key_mask=key_mask,
                                                                                loss=lo, backend=b), q_s, k_s)))
     return entries
+
+
+def _map_mse_entries(device: torch.device, B: int, H: int, L: int, dh: int) -> list[Entry]:
+    q_s, k_s, q_t, k_t, key_mask = _inputs(B, H, L, dh, dh, device)
+    s, t = eager_scores(q_s, k_s, key_mask), eager_scores(q_t, k_t, key_mask)
+    case = f"map MSE B={B} H={H} L={L}"
+    entries = [Entry(SUITE, case, "eager", _grad_step(lambda x: eager_map_mse(x, t, key_mask), s))]
+    return entries + [Entry(SUITE, case, _label("kdfast maps", name), _grad_step(
+        lambda x, b=name: kdfast.attention_mse_loss(x, t, key_mask, backend=b), s)) for name in _backends(device)]
 
 
 def _hidden_entries(device: torch.device, *, tokens: int = 4096, d_s: int = 312, d_t: int = 768) -> list[Entry]:

@@ -5,9 +5,10 @@ score maps) and :func:`flash_attention_transfer` (the same two losses from Q and
 ever storing an L x L map).
 
 Backends: ``triton`` kernels for all three (the KL on maps reuses the fused logit-KD kernel,
-which also has ``cpu`` / ``cuda`` C++ versions), a ``cpu`` C++ kernel for the flash form, and
-eager ``torch`` (chunked over query rows for the flash form). ``auto`` picks Triton on CUDA
-tensors, the C++ CPU kernels (map KL, flash form) on CPU tensors, and torch otherwise.
+which also has ``cpu`` / ``cuda`` C++ versions), ``cpu`` C++ kernels for all three (the map MSE
+has the Triton kernels' row contract), and eager ``torch`` (chunked over query rows for the
+flash form). ``auto`` picks Triton on CUDA tensors, the C++ CPU kernels on CPU tensors when
+``kdfast._C`` is built, and torch otherwise.
 
 Masks. ``mask`` / ``key_mask`` is a [B, L] token mask (nonzero = real token, 0 = padding). A
 padded token is excluded both as a key (a column of the map) and as a query (a row): padded
@@ -152,28 +153,47 @@ def _(s, t, mask, coef, threshold, has_mask):
     return torch.empty_like(s, memory_format=torch.contiguous_format)
 
 
+if _backend._extension()[0] is not None:
+
+    @torch.library.register_fake("kdfast::score_mse_fwd")
+    def _score_mse_cpu_fwd_fake(s, t, mask, threshold, has_mask):
+        n = s.shape[0] * s.shape[1] * s.shape[2]
+        return s.new_empty(n, dtype=_acc_dtype(s.dtype)), s.new_empty(n, dtype=torch.int32)
+
+    @torch.library.register_fake("kdfast::score_mse_bwd")
+    def _score_mse_cpu_bwd_fake(s, t, mask, coef, threshold, has_mask):
+        return torch.empty_like(s, memory_format=torch.contiguous_format)
+
+
+def _score_mse_ops(backend: str):
+    """(forward, backward) row ops of ``backend`` ("triton" or "cpu"): one contract, two implementations."""
+    if backend == "cpu":
+        return torch.ops.kdfast.score_mse_fwd, torch.ops.kdfast.score_mse_bwd
+    return _score_mse_fwd_op, _score_mse_bwd_op
+
+
 class _ScoreMSEFunction(torch.autograd.Function):
-    """Triton score MSE: forward reads the maps once for (sum, count); backward recomputes the gradient."""
+    """Score MSE row kernels (Triton or C++): forward reads the maps once for (sum, count) per row;
+    backward reads them again and recomputes the gradient."""
 
     @staticmethod
-    def forward(ctx, s, t, mask, threshold, has_mask):
-        sums, counts = _score_mse_fwd_op(s, t, mask, threshold, has_mask)
+    def forward(ctx, s, t, mask, threshold, has_mask, backend):
+        sums, counts = _score_mse_ops(backend)[0](s, t, mask, threshold, has_mask)
         n = counts.sum().clamp_min(1)  # int64: B H L^2 may exceed fp32's exact integers
         ctx.save_for_backward(s, t, mask, n)
-        ctx.threshold, ctx.has_mask = threshold, has_mask
+        ctx.threshold, ctx.has_mask, ctx.backend = threshold, has_mask, backend
         acc = _acc_dtype(s.dtype)
         return sums.to(acc).sum() / n.to(acc)
 
     @staticmethod
     def backward(ctx, grad_out):
         s, t, mask, n = ctx.saved_tensors
-        coef = (grad_out.to(torch.float64) / n.to(torch.float64)).to(torch.float32).reshape(1)
-        return _score_mse_bwd_op(s, t, mask, coef, ctx.threshold, ctx.has_mask), None, None, None, None
-
-
-def _triton_or_torch(backend: str, device: torch.device, what: str) -> str:
-    """``auto`` -> Triton on CUDA tensors when it works, else torch; ``cpu``/``cuda`` (no C++ kernel) raise."""
-    return _backend.resolve_for_loss(backend, device, what, compiled=())
+        # The Triton kernels read an fp32 coef; the C++ kernel takes the accumulation dtype, so
+        # fp64 maps get an fp64 gradient scale (gradcheck, fp64 tolerances).
+        coef_dtype = _acc_dtype(s.dtype) if ctx.backend == "cpu" else torch.float32
+        coef = (grad_out.to(torch.float64) / n.to(torch.float64)).to(coef_dtype).reshape(1)
+        grad = _score_mse_ops(ctx.backend)[1](s, t, mask, coef, ctx.threshold, ctx.has_mask)
+        return grad, None, None, None, None, None
 
 
 def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None, *,
@@ -203,10 +223,12 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
             divisor of H), same dtype and device. Computed in float32 (float64 for float64 input).
         mask: optional [B, L] token mask (nonzero = keep).
         threshold: scores at or below it count as masked.
-        backend: ``auto`` (Triton on CUDA tensors when it works, else torch), ``triton`` (two
-            row kernels: forward keeps nothing but per-row sums and counts, backward recomputes
-            the gradient) or ``torch`` (eager, differentiated by autograd); ``cpu`` / ``cuda``
-            have no kernel for this loss and raise.
+        backend: ``auto`` (Triton on CUDA tensors when it works, the C++ kernel on CPU tensors
+            when ``kdfast._C`` is built, else torch), ``triton`` (two row kernels: forward keeps
+            nothing but per-row sums and counts, backward recomputes the gradient), ``cpu`` (the
+            same two row kernels in C++: at::vec within a row, at::parallel_for over rows; fp16 /
+            bf16 widened to fp32) or ``torch`` (eager, differentiated by autograd, several
+            [B, H, L, L] temporaries); ``cuda`` has no kernel for this loss and raises.
 
     Returns:
         Scalar loss, float32 (float64 for float64 input). Gradient flows to ``student_scores``
@@ -224,11 +246,12 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
         threshold = float(threshold)
     except (TypeError, ValueError):
         raise ValueError(f"threshold must be a number, got {threshold!r}") from None
-    if _triton_or_torch(backend, student_scores.device, "attention_mse_loss") == "triton":
+    name = _backend.resolve_for_loss(backend, student_scores.device, "attention_mse_loss", compiled=("cpu",))
+    if name in ("triton", "cpu"):
         dev = student_scores.device
         mask_i8 = m.to(torch.int8).contiguous() if m is not None else torch.zeros(1, dtype=torch.int8, device=dev)
         return _ScoreMSEFunction.apply(student_scores.contiguous(), teacher_scores.detach().contiguous(), mask_i8,
-                                       threshold, m is not None)
+                                       threshold, m is not None, name)
     acc = _acc_dtype(student_scores.dtype)
     s = student_scores.to(acc)
     t = teacher_scores.detach().to(acc)
