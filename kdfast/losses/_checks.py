@@ -52,3 +52,33 @@ def check_row_tensor(name: str, x: Tensor | None, lead_shape: torch.Size, device
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but the logits are on {device}")
     return x
+
+
+# Data-dependent checks (labels in range, finite teacher rows) read a value back to the host.
+# On a GPU that is a synchronisation in every call, so there they are opt-in; the kernels treat
+# a value that such a check would refuse without reading outside their rows.
+_VALUE_CHECKS: bool | None = None
+
+
+def set_value_checks(enabled: bool | None) -> None:
+    """Turn the data-dependent checks on (True) or off (False) for every device, or back to the
+    default (None): on for CPU tensors, on for CUDA tensors only when KDFAST_VALUE_CHECKS=1."""
+    global _VALUE_CHECKS
+    if enabled is not None and not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be True, False or None, got {enabled!r}")
+    _VALUE_CHECKS = enabled
+
+
+def value_checks_enabled(x: Tensor) -> bool:
+    """Whether the host-synchronising value checks run for a call on ``x``'s device: never while
+    torch.compile traces; otherwise as set by `set_value_checks`, by default always on the CPU and
+    on CUDA only with the environment variable KDFAST_VALUE_CHECKS=1."""
+    if torch.compiler.is_compiling():
+        return False
+    if _VALUE_CHECKS is not None:
+        return _VALUE_CHECKS
+    if x.device.type == "cpu":
+        return True
+    import os
+
+    return os.environ.get("KDFAST_VALUE_CHECKS") == "1"
