@@ -70,9 +70,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _layers(model: nn.Module) -> tuple[list[_Layer], bool]:
+def _layers(model: nn.Module, argument: str = "model") -> tuple[list[_Layer], bool]:
     """The layers of a supported model, and whether it is a kdfast MobileBERT (captured through
-    its ``attend`` method, because its fused kernels may skip the query / key modules)."""
+    its ``attend`` method, because its fused kernels may skip the query / key modules). An
+    unsupported class raises ValueError naming ``argument``."""
     from kdfast.models.mobilebert import KDMobileBert, KDMobileBertForMaskedLM
 
     if isinstance(model, (KDMobileBert, KDMobileBertForMaskedLM)):
@@ -106,7 +107,8 @@ def _layers(model: nn.Module) -> tuple[list[_Layer], bool]:
             sa = blk.attention
             layers.append(_Layer(blk, sa, sa.q_lin, sa.k_lin, sa.n_heads, sa.attention_head_size, sa.scaling))
         return layers, False
-    raise ValueError(f"model: kdfast.capture does not support {type(model).__name__}; it supports {SUPPORTED_MODELS}")
+    raise ValueError(f"{argument}: kdfast.capture does not support {type(model).__name__}; "
+                     f"it supports {SUPPORTED_MODELS}")
 
 
 def _additive(mask: object, dtype: torch.dtype, where: str) -> Tensor | None:
