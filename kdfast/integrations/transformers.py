@@ -60,6 +60,11 @@ def load_projections(distillation_loss: DistillationLoss, directory: str | os.Pa
     distillation_loss.load_state_dict(tensors)
 
 
+def _tensors(outputs: Any) -> list[Tensor]:
+    values = outputs.values() if hasattr(outputs, "values") else outputs if isinstance(outputs, tuple) else ()
+    return [v for v in values if isinstance(v, Tensor)]
+
+
 class _ZeroLossGradients(TrainerCallback):
     """The Trainer zeroes only the model's gradients after a step; the loss's are zeroed here."""
 
@@ -101,6 +106,12 @@ class DistillationTrainer(Trainer):
     mean that the Trainer divides by the accumulation steps. Each training log adds
     ``kd_<term>``, the unweighted terms averaged over the micro-batches since the last log (and
     ``student_loss`` when weighted), so every ``report_to`` integration receives them.
+
+    Under DDP (``torchrun``) the projections' gradients are averaged over the processes after each
+    backward (they live outside the DDP module), and student outputs the loss does not use (an
+    MLM head when no logit term is set) join it with weight 0, so that DDP's reducer gets a
+    (zero) gradient for every parameter; with weight decay those parameters then decay, which
+    they do not in one process (where their gradient is None).
 
     Args:
         model, args, ...: as ``transformers.Trainer`` (``compute_loss_func`` is not accepted: the
@@ -205,6 +216,11 @@ class DistillationTrainer(Trainer):
                 raise ValueError("student_loss_weight: the student returned no loss (does the batch have labels?)")
             loss = loss + self.student_loss_weight * own
             terms["student_loss"] = own.detach()
+        if self.accelerator.num_processes > 1 and model.training:
+            # DDP's reducer waits for a gradient of every parameter that reaches the outputs
+            # (e.g. an MLM head the loss does not use): tie them in with weight 0
+            unused = [t for t in _tensors(out_s) if t.requires_grad]
+            loss = loss + sum(t.sum() for t in unused) * 0.0
         if model.training:
             for name, value in terms.items():
                 key = name if name == "student_loss" else f"kd_{name}"
