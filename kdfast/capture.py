@@ -32,6 +32,9 @@ Conventions (the same for every supported model):
 
 Each forward pass inside the block replaces what the previous one captured (the first layer
 starting marks a new pass); the captured tensors stay readable after the block.
+
+``kdfast.capture`` is the function (the package attribute shadows this module's name): take
+other names with ``from kdfast.capture import Captured``, not ``import kdfast.capture as m``.
 """
 
 from __future__ import annotations

@@ -229,6 +229,22 @@ def test_the_students_own_loss_joins_with_its_weight_and_is_logged(tmp_path):
     assert log["loss"] == pytest.approx(float(kd + 0.25 * out_s.loss), rel=1e-4)
 
 
+def test_bf16_autocast_step_logs_the_float32_terms_to_bf16_rounding(tmp_path):
+    teacher, student = teacher_and_student()
+    criterion = criterion_for(teacher, student)
+    ids, mask = token_data()
+    with torch.no_grad():
+        _, terms = hand_loss(teacher, student, criterion, ids, mask)
+    trainer = DistillationTrainer(model=student, teacher=teacher, distillation_loss=criterion,
+                                  train_dataset=dataset(ids, mask), args=arguments(tmp_path, bf16=True))
+    trainer.train()
+    log = next(e for e in trainer.state.log_history if "kd_hidden" in e)
+    for term in ("hidden", "attention"):
+        assert log[f"kd_{term}"] == pytest.approx(float(terms[term]), rel=1e-2)  # measured 1e-4 .. 1.2e-3
+        assert log[f"kd_{term}"] != float(terms[term])  # it did run in bf16
+    assert all(p.dtype == torch.float32 for p in [*student.parameters(), *criterion.parameters()])
+
+
 @pytest.mark.parametrize("script", ["plain_loop.py", "trainer.py"])
 def test_examples_run_and_the_student_learns(script, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(EXAMPLES))
