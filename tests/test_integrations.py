@@ -229,6 +229,22 @@ def test_the_students_own_loss_joins_with_its_weight_and_is_logged(tmp_path):
     assert log["loss"] == pytest.approx(float(kd + 0.25 * out_s.loss), rel=1e-4)
 
 
+def test_attention_from_captured_scores_equals_attention_from_captured_qk(tmp_path):
+    """attention_source='scores' makes the trainer capture [B, H, L, L] maps instead of Q/K: the
+    logged KL equals the flash KL from Q/K computed by hand on the same batch."""
+    teacher, student = teacher_and_student()
+    by_qk = kdfast.DistillationLoss((4, 2), {"attention": 1.0}, attention="kl", qk_prescaled=False)
+    by_scores = kdfast.DistillationLoss((4, 2), {"attention": 1.0}, attention="kl", attention_source="scores")
+    ids, mask = token_data()
+    with torch.no_grad():
+        _, terms = hand_loss(teacher, student, by_qk, ids, mask)
+    trainer = DistillationTrainer(model=student, teacher=teacher, distillation_loss=by_scores,
+                                  train_dataset=dataset(ids, mask), args=arguments(tmp_path))
+    trainer.train()
+    log = next(e for e in trainer.state.log_history if "kd_attention" in e)
+    assert log["kd_attention"] == pytest.approx(float(terms["attention"]), rel=1e-5)
+
+
 def test_bf16_autocast_step_logs_the_float32_terms_to_bf16_rounding(tmp_path):
     teacher, student = teacher_and_student()
     criterion = criterion_for(teacher, student)
