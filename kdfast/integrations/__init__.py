@@ -1,0 +1,1 @@
+"""Integrations of kdfast with other libraries: :mod:`kdfast.integrations.transformers`."""
