@@ -64,6 +64,16 @@ def _ids(params):
     return [str(p).replace("torch.", "") for p in params]
 
 
+@pytest.mark.skipif(not ON_GPU, reason="the CUDA C++ kernels run on a GPU only")
+def test_cuda_kernels_are_built_where_nvcc_exists():
+    """A GPU run without the CUDA C++ backend would silently test less: say why it is missing."""
+    import shutil
+
+    if shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"):
+        pytest.skip("no nvcc on this machine: kdfast._C cannot hold the CUDA kernels")
+    assert _STATUS["cuda"].available, _STATUS["cuda"].reason
+
+
 # --- logit KD ---------------------------------------------------------------------------------------
 
 LOGIT_CASES = ([(V, kind, T) for V in (30522, 1000, 7) for kind in ("kl", "soft_ce") for T in (1.0, 2.0)]
