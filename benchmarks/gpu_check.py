@@ -40,6 +40,7 @@ import os
 import platform
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -47,14 +48,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # (step, limit in seconds on a GPU, limit in the dry run). The GPU limits add up to the budget.
-STEPS = [("environment", 20, 60), ("wheels", 30, 30), ("build", 130, 30), ("backends", 20, 60),
-         ("tests", 110, 150), ("bench-kd_loss", 45, 60), ("bench-attention", 45, 60), ("bench-hidden", 30, 60),
+STEPS = [("environment", 15, 60), ("wheels", 20, 30), ("build", 130, 30), ("backends", 20, 60),
+         ("tests", 110, 150), ("bench-kd_loss", 50, 60), ("bench-attention", 50, 60), ("bench-hidden", 35, 60),
          ("bench-fused_linear_kd", 50, 60)]
 BENCH_SUITES = ("kd_loss", "attention", "hidden", "fused_linear_kd")
 # The bars' shapes on a GPU; tiny ones for the dry run (same code paths, bars read off them too).
 SHAPES = {
     False: {"kd": (16384, 30522, "bfloat16"), "attention": (32, 12, 512, 64), "map_L": 128,
-            "hidden": (4096, 312, 768), "flkd": ((32, 128), 30522, ("bfloat16", "float32"), (768, 312))},
+            "hidden": (4096, 312, 768), "flkd": ((32, 128), 30522, ("bfloat16", "float32"), (768,))},
     True: {"kd": (64, 500, "float32"), "attention": (2, 2, 24, 8), "map_L": 16,
            "hidden": (64, 24, 40), "flkd": ((2, 16), 300, ("float32",), (32,))},
 }
@@ -99,34 +100,61 @@ def _bench_groups(suite: str, device, dry: bool):
         raise ValueError(f"unknown suite {suite!r}; one of {BENCH_SUITES}")
 
 
-def bench_worker(suite: str, dry: bool, jsonl: Path) -> int:
-    """Measure one suite, printing each group's table and appending its rows to ``jsonl``."""
+def _slow_last(entries):
+    """Compiled baselines and peers last: their first call compiles (tens of seconds on a GPU), so if
+    the step's time runs out it is their rows that are missing, not kdfast's or eager's."""
+    return sorted(entries, key=lambda e: e.impl == "torch.compile" or e.impl.startswith(("liger", "textbrewer")))
+
+
+def bench_worker(suite: str, dry: bool, jsonl: Path, seconds: float) -> int:
+    """Measure one suite entry by entry, appending each row to ``jsonl`` as soon as it is measured and
+    printing each group's table; entries that would start with under 3 s of ``seconds`` left are
+    recorded as skipped."""
     from dataclasses import asdict
 
     import torch
 
-    from kdfast.benchmarking import copy_bandwidth_gbs, format_table, measure_all
+    from kdfast.benchmarking import Result, copy_bandwidth_gbs, format_table, measure_all
 
+    deadline = time.monotonic() + seconds
     device = torch.device("cpu" if dry else "cuda")
     copy_bw = copy_bandwidth_gbs(device) if device.type == "cuda" else None
     repeat, warmup = (1, 0) if dry else (5, 2)
-    if copy_bw:
-        print(f"device copy bandwidth (read + write): {copy_bw:.0f} GB/s", flush=True)
     with open(jsonl, "a") as out:
-        if copy_bw and suite == "kd_loss":
-            out.write(json.dumps({"suite": suite, "case": "device", "impl": "copy bandwidth", "ms": None,
-                                  "peak_bytes": None, "note": f"{copy_bw:.0f} GB/s",
-                                  "extra": {"GB/s": f"{copy_bw:.0f}"}}) + "\n")
-        for title, entries, notes in _bench_groups(suite, device, dry):
-            results = measure_all(entries, device, repeat=repeat, warmup=warmup, copy_bw_gbs=copy_bw) + notes
-            print(f"\n{title} ({suite}):\n{format_table(results)}", flush=True)
-            for r in results:
-                out.write(json.dumps(asdict(r)) + "\n")
+        def emit(r):
+            out.write(json.dumps(asdict(r)) + "\n")
             out.flush()
+
+        if copy_bw and suite == "kd_loss":
+            emit(Result(suite, "device", "copy bandwidth", None, None, note=f"{copy_bw:.0f} GB/s"))
+        for title, entries, notes in _bench_groups(suite, device, dry):
+            results = []
+            for e in _slow_last(entries):
+                if deadline - time.monotonic() < 3:
+                    r = Result(e.suite, e.case, e.impl, None, None, note="skipped: the step's time ran out")
+                else:
+                    (r,) = measure_all([e], device, repeat=repeat, warmup=warmup, copy_bw_gbs=copy_bw)
+                emit(r)
+                results.append(r)
+            for r in notes:
+                emit(r)
+            print(f"\n{title} ({suite}):\n{format_table(results + notes)}", flush=True)
             del entries
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return 0
+
+
+def render_tables(rows: list[dict]) -> str:
+    """The tables of every measured row, grouped by suite (rendered from the rows, so that a step cut
+    short still shows what it measured)."""
+    from kdfast.benchmarking import Result, format_table
+
+    text = []
+    for suite in dict.fromkeys(r["suite"] for r in rows):
+        res = [Result(**r) for r in rows if r["suite"] == suite]
+        text.append(format_table(res, baseline="eager"))
+    return "\n\n".join(text)
 
 
 # --- the bars -------------------------------------------------------------------------------------
@@ -239,17 +267,23 @@ class Run:
             self.say("skipped: out of time")
         else:
             self.say("$ " + " ".join(shlex.quote(a) for a in argv))
-            try:
-                p = subprocess.run(argv, cwd=ROOT, env=env or self.env, stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, timeout=rec["limit_s"], text=True, errors="replace")
-                output, rc = p.stdout, p.returncode
-                rec["status"] = "ok" if rc == 0 else "failed"
-                rec["returncode"] = rc
-            except subprocess.TimeoutExpired as e:
-                out = e.stdout
-                output = out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
-                rec["status"] = "timed out"
-            self.log.write(output)
+            start = self.log.tell()
+            # The child writes straight into the log (nothing is lost if this process is killed) and gets
+            # its own process group, so that a timeout also ends its children (pytest-xdist workers).
+            with subprocess.Popen(argv, cwd=ROOT, env=env or self.env, stdout=self.log, stderr=subprocess.STDOUT,
+                                  start_new_session=True) as proc:
+                try:
+                    rc = proc.wait(timeout=rec["limit_s"])
+                    rec["status"] = "ok" if rc == 0 else "failed"
+                    rec["returncode"] = rc
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    rec["status"] = "timed out"
+            self.log.seek(0, os.SEEK_END)
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                output = f.read().decode(errors="replace")
             if tee is not None:
                 with open(tee, "a") as f:
                     f.write(output)
@@ -274,9 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds for the whole run (default 480: done within 8 minutes)")
     ap.add_argument("--bench-worker", choices=BENCH_SUITES, help=argparse.SUPPRESS)
     ap.add_argument("--jsonl", help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, default=60.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.bench_worker:
-        return bench_worker(args.bench_worker, args.dry_run, Path(args.jsonl))
+        return bench_worker(args.bench_worker, args.dry_run, Path(args.jsonl), args.seconds)
 
     t_start = time.monotonic()
     dry = args.dry_run
@@ -351,9 +386,11 @@ def main(argv: list[str] | None = None) -> int:
     run.step("tests", limits["tests"], pytest_args, tee=tests_txt, env=test_env)
 
     for suite in BENCH_SUITES:
-        run.step(f"bench-{suite}", limits[f"bench-{suite}"],
-                 [sys.executable, str(Path(__file__).resolve()), "--bench-worker", suite, "--jsonl", str(bench_jsonl)]
-                 + (["--dry-run"] if dry else []), tee=bench_txt)
+        name = f"bench-{suite}"
+        seconds = min(limits[name], run.deadline - time.monotonic()) - 2  # the worker stops starting rows first
+        run.step(name, limits[name], [sys.executable, str(Path(__file__).resolve()), "--bench-worker", suite,
+                                      "--jsonl", str(bench_jsonl), "--seconds", f"{seconds:.0f}"]
+                 + (["--dry-run"] if dry else []))
 
     rows = [json.loads(line) for line in bench_jsonl.read_text().splitlines()] if bench_jsonl.exists() else []
     bench_jsonl.unlink(missing_ok=True)
@@ -361,8 +398,10 @@ def main(argv: list[str] | None = None) -> int:
                                      indent=1))
     bars = evaluate_bars(rows, SHAPES[dry])
     run.say("\n=== bars " + "=" * 56 + "\n" + format_bars(bars))
-    with open(bench_txt, "a") as f:
-        f.write("\n\nbars (issue 11):\n" + format_bars(bars) + "\n")
+    sys.path.insert(0, str(ROOT))
+    bench_txt.write_text(f"kdfast gpu-check on {gpu_name or 'the CPU (dry run: tiny shapes, not a measurement)'}; "
+                         "ratios against eager in the same process\n\n" + render_tables(rows)
+                         + "\n\nbars (issue 11):\n" + format_bars(bars) + "\n")
     failed = [s["step"] for s in run.steps
               if s["status"] in ("failed", "timed out") or s.get("reason", "").startswith("out of time")]
     summary = {"device": gpu_name or "cpu (dry run)", "dry_run": dry, "budget_s": args.budget,

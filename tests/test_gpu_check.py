@@ -78,7 +78,8 @@ def test_dry_run_measured_every_suite_and_read_the_bars(dry_run):
     assert {b["bar"].split(":")[0] for b in measured} >= {"logit KD N=64 V=500 float32", "hidden MSE N=64 24->40"}
     assert len(measured) == len(summary["bars"]) - 3
     table = (out / "bench-cpu-dry-run.txt").read_text()
-    assert "stale table" not in table and "bars (issue 11)" in table and "attention from Q/K" in table
+    assert "stale table" not in table and "bars (issue 11)" in table and "KL B=2 H=2 L=24" in table
+    assert "attention from Q/K (attention):" in (out / "gpu-check-cpu-dry-run.log").read_text()  # the workers' tables
 
 
 def test_without_a_gpu_the_real_run_refuses_in_one_line(tmp_path):
