@@ -410,6 +410,9 @@ def test_distillation_step_on_the_device(tiny_mlm_teacher, tmp_path, source):
         build_cache(str(tdir), [str(tiny_mlm_teacher / "corpus.txt")], str(cache_dir), layers=[2], logits="topk:8",
                     hidden="fp16", max_length=16, batch_size=8, progress=False)
         data = CachedBatches(TeacherCache(str(cache_dir)), 4, seed=0)
+        first = next(iter(data.batches(0)))
+        # read ahead into pinned memory on a GPU: the Distiller's non_blocking copies are then asynchronous
+        assert all(t.is_pinned() == ON_GPU for t in first.values())
     else:
         enc = tok((tiny_mlm_teacher / "corpus.txt").read_text().split("\n")[:24], padding="max_length",
                   truncation=True, max_length=16, return_tensors="pt")
