@@ -110,15 +110,17 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 @functools.lru_cache(maxsize=None)
 def _fp32_out_gemm_available(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` operands on ``device``
-    (fp16 / bf16 on CUDA in torch >= 2.8; not on CPU). Probed once per (device, dtype) on 2 x 2."""
+    into a given fp32 ``out`` (fp16 / bf16 on CUDA in recent torch; not on CPU). Probed once per
+    (device, dtype) on 2 x 2 matrices."""
     if dtype not in _LOW_PRECISION or device.type != "cuda":
         return False
     a = torch.ones(2, 2, dtype=dtype, device=device)
+    out = torch.empty(2, 2, dtype=torch.float32, device=device)
     try:
-        out = torch.mm(a, a, out_dtype=torch.float32)
+        _mm_fp32_out(a, a, out)  # the exact call the loss makes (the out= overload)
     except (RuntimeError, TypeError, NotImplementedError):
         return False
-    return out.dtype == torch.float32
+    return True
 
 
 def low_precision_gemm_path(device: torch.device, dtype: torch.dtype) -> bool:
