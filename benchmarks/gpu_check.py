@@ -100,16 +100,22 @@ def _bench_groups(suite: str, device, dry: bool):
         raise ValueError(f"unknown suite {suite!r}; one of {BENCH_SUITES}")
 
 
+def _slow(entry) -> bool:
+    """Compiled baselines and peers: their first call compiles (tens of seconds on a GPU)."""
+    return entry.impl == "torch.compile" or entry.impl.startswith(("liger", "textbrewer"))
+
+
 def _slow_last(entries):
-    """Compiled baselines and peers last: their first call compiles (tens of seconds on a GPU), so if
-    the step's time runs out it is their rows that are missing, not kdfast's or eager's."""
-    return sorted(entries, key=lambda e: e.impl == "torch.compile" or e.impl.startswith(("liger", "textbrewer")))
+    """Slow rows last, so that if the step's time runs out it is theirs that are missing, not kdfast's
+    or eager's."""
+    return sorted(entries, key=_slow)
 
 
 def bench_worker(suite: str, dry: bool, jsonl: Path, seconds: float) -> int:
     """Measure one suite entry by entry, appending each row to ``jsonl`` as soon as it is measured and
-    printing each group's table; entries that would start with under 3 s of ``seconds`` left are
-    recorded as skipped."""
+    printing each group's table. An entry is recorded as skipped instead of started when less of
+    ``seconds`` is left than it may need (3 s; 25 s for a compiling one on a GPU), so that the step
+    ends on its own rather than being killed."""
     from dataclasses import asdict
 
     import torch
@@ -130,7 +136,7 @@ def bench_worker(suite: str, dry: bool, jsonl: Path, seconds: float) -> int:
         for title, entries, notes in _bench_groups(suite, device, dry):
             results = []
             for e in _slow_last(entries):
-                if deadline - time.monotonic() < 3:
+                if deadline - time.monotonic() < (25 if _slow(e) and not dry else 3):
                     r = Result(e.suite, e.case, e.impl, None, None, note="skipped: the step's time ran out")
                 else:
                     (r,) = measure_all([e], device, repeat=repeat, warmup=warmup, copy_bw_gbs=copy_bw)

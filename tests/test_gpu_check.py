@@ -103,3 +103,13 @@ def test_a_spent_budget_skips_the_steps_and_fails(tmp_path):
 def test_device_slug():
     assert gpu_check.device_slug("NVIDIA H200") == "nvidia-h200"
     assert gpu_check.device_slug("NVIDIA A100-SXM4-80GB") == "nvidia-a100-sxm4-80gb"
+
+
+def test_bench_worker_out_of_time_records_skipped_rows(tmp_path):
+    """A worker whose time is spent starts no measurement but still says which rows it skipped."""
+    jsonl = tmp_path / "rows.jsonl"
+    p = _run("--bench-worker", "hidden", "--dry-run", "--jsonl", str(jsonl), "--seconds", "0", timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert {r["impl"] for r in rows} >= {"eager", "kdfast fused cpu"}
+    assert all(r["ms"] is None and r["note"].startswith("skipped") for r in rows)
