@@ -374,3 +374,15 @@ def test_every_row_counts_without_a_gather():
     ref = run_reference(h_s, w_s, b_s, lambda s: kd_loss_reference(s, t.reshape(-1, V), temperature=1.5), 0.6)
     assert ours[1].shape == h_s.shape
     assert_all_close(ours, ref, torch.float32)
+
+
+def test_ambient_autocast_changes_nothing():
+    """Inside the Distiller's autocast the GEMMs keep their own precision (fp32 logits)."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32)
+    kw = dict(teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels, mask=mask, temperature=2.0,
+              chunk_size=4)
+    ref = run_ours(h_s, w_s, b_s, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run_ours(h_s, w_s, b_s, **kw)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e)

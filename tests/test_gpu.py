@@ -202,6 +202,20 @@ def test_fused_linear_kd_sparse_teacher(dtype):
         _close(a, e, dtype, what)
 
 
+def test_fused_linear_kd_under_autocast_keeps_fp32_logits():
+    """The Distiller runs steps under bf16 autocast on a GPU: the fused loss's fp32 GEMMs must not be
+    rounded to bf16 there (a bf16 logit GEMM would miss the fp32 tolerance by orders of magnitude)."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask, V = _flkd_inputs(F32, (5, 67) if ON_GPU else (3, 7))
+    args = _dev(h_s, w_s, h_t, w_t)
+    kw = dict(student_bias=b_s.to(DEV), teacher_bias=b_t.to(DEV), labels=labels.to(DEV), mask=mask.to(DEV),
+              temperature=2.0)
+    ref = kdfast.fused_linear_kd_loss(*args, **kw)
+    with torch.autocast(DEV.type, dtype=BF16):
+        got = kdfast.fused_linear_kd_loss(*args, **kw)
+    assert got.dtype == F32
+    _close(got, ref, F32, "loss under autocast", tol={F32: (1e-6, 1e-7)})
+
+
 @pytest.mark.skipif(not ON_GPU, reason="host synchronisation is a CUDA notion")
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=_ids([F32, BF16]))
 def test_fused_linear_kd_step_does_not_synchronise(dtype):

@@ -45,6 +45,7 @@ bounds) and a non-finite teacher gives a non-finite loss.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -136,6 +137,13 @@ def _mm_fp32_out(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
     return torch.mm(a, b, out_dtype=torch.float32, out=out)
 
 
+def _without_autocast(device: torch.device):
+    """A context in which autocast is off for ``device`` (a no-op on devices autocast does not know)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def _logits_into(out: Tensor, h: Tensor, w: Tensor, b: Tensor | None, low_precision: bool) -> None:
     """out = h w^T + b in out's dtype; ``low_precision``: h, w are fp16 / bf16, b already fp32."""
     if low_precision:
@@ -178,43 +186,47 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         w_part = torch.empty(V, d_s, dtype=acc, device=dev) if need_w and lowp_s and C < n else None
         grad_b = torch.zeros(V, dtype=acc, device=dev) if need_b else None
         total = torch.zeros((), dtype=acc, device=dev)
-        for start in range(0, n, C):
-            end = min(n, start + C)
-            m = end - start
-            hc = h_s[start:end] if lowp_s else h_s[start:end].to(acc)
-            ls = buf_s[:m]
-            _logits_into(ls, hc, w_s_c, b_s_c, lowp_s)
-            if sparse is None:
-                lt = buf_t[:m]
-                htc = h_t[start:end] if lowp_t else h_t[start:end].to(acc)
-                _logits_into(lt, htc, w_t_c, b_t_c, lowp_t)
-                rows = _kd_fwd_bwd(backend, ls, lt, labels[start:end], row_weight[start:end], ls, temperature,
-                                   alpha_kd, alpha_mlm, soft_ce)
-            else:
-                ids, vals, lse, sampled = sparse
-                rows = _sparse._sparse_kd_fwd_bwd(backend, ls, ids[start:end], vals[start:end],
-                                                  None if lse is None else lse[start:end], labels[start:end],
-                                                  row_weight[start:end], ls, temperature, alpha_kd, alpha_mlm,
-                                                  sampled)
-            total += rows.sum().to(acc)
-            g = ls  # now the gradient wrt this chunk's student logits
-            if need_b:
-                grad_b += g.sum(0)
-            if buf_g is not None:
-                g_lp = buf_g[:m]
-                g_lp.copy_(g)
-                if need_h:  # 16-bit output straight from the GEMM's fp32 accumulator
-                    torch.mm(g_lp, w_s_c, out=grad_h[start:end])
+        # The GEMMs set their precision themselves (out= buffers, which autocast passes through); with
+        # autocast off here, an out-of-place op added later cannot be rounded to 16 bits by the
+        # Distiller's bf16 autocast either.
+        with _without_autocast(dev):
+            for start in range(0, n, C):
+                end = min(n, start + C)
+                m = end - start
+                hc = h_s[start:end] if lowp_s else h_s[start:end].to(acc)
+                ls = buf_s[:m]
+                _logits_into(ls, hc, w_s_c, b_s_c, lowp_s)
+                if sparse is None:
+                    lt = buf_t[:m]
+                    htc = h_t[start:end] if lowp_t else h_t[start:end].to(acc)
+                    _logits_into(lt, htc, w_t_c, b_t_c, lowp_t)
+                    rows = _kd_fwd_bwd(backend, ls, lt, labels[start:end], row_weight[start:end], ls, temperature,
+                                       alpha_kd, alpha_mlm, soft_ce)
+                else:
+                    ids, vals, lse, sampled = sparse
+                    rows = _sparse._sparse_kd_fwd_bwd(backend, ls, ids[start:end], vals[start:end],
+                                                      None if lse is None else lse[start:end], labels[start:end],
+                                                      row_weight[start:end], ls, temperature, alpha_kd, alpha_mlm,
+                                                      sampled)
+                total += rows.sum().to(acc)
+                g = ls  # now the gradient wrt this chunk's student logits
+                if need_b:
+                    grad_b += g.sum(0)
+                if buf_g is not None:
+                    g_lp = buf_g[:m]
+                    g_lp.copy_(g)
+                    if need_h:  # 16-bit output straight from the GEMM's fp32 accumulator
+                        torch.mm(g_lp, w_s_c, out=grad_h[start:end])
+                    if need_w:
+                        if w_part is None:  # one chunk: the GEMM writes the fp32 sum itself
+                            _mm_fp32_out(g_lp.t(), hc, grad_w)
+                        else:
+                            grad_w += _mm_fp32_out(g_lp.t(), hc, w_part)
+                    continue
+                if need_h:
+                    torch.mm(g, w_s_c, out=grad_h[start:end])
                 if need_w:
-                    if w_part is None:  # one chunk: the GEMM writes the fp32 sum itself
-                        _mm_fp32_out(g_lp.t(), hc, grad_w)
-                    else:
-                        grad_w += _mm_fp32_out(g_lp.t(), hc, w_part)
-                continue
-            if need_h:
-                torch.mm(g, w_s_c, out=grad_h[start:end])
-            if need_w:
-                grad_w.addmm_(g.t(), hc)
+                    grad_w.addmm_(g.t(), hc)
         del buf_s, buf_t, buf_g, w_part
         ctx.save_for_backward(
             grad_h.to(h_s.dtype) if need_h else None,
