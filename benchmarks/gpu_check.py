@@ -325,9 +325,16 @@ def main(argv: list[str] | None = None) -> int:
     if not out.is_absolute():
         out = Path.cwd() / out
     out.mkdir(parents=True, exist_ok=True)
-    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0) "
-                            "if torch.cuda.is_available() else '')"], capture_output=True, text=True)
-    gpu_name = probe.stdout.strip()
+    probe = subprocess.run([sys.executable, "-c", "import json, platform, torch; print(json.dumps({'gpu': "
+                            "torch.cuda.get_device_name(0) if torch.cuda.is_available() else '', 'python': "
+                            "platform.python_version(), 'torch': torch.__version__, 'cuda': torch.version.cuda}))"],
+                           capture_output=True, text=True)
+    try:
+        versions = json.loads(probe.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        print(f"gpu-check: {sys.executable} cannot import torch: {probe.stderr.strip()[-300:]}", file=sys.stderr)
+        return 2
+    gpu_name = versions.pop("gpu")
     if not dry and not gpu_name:
         print("gpu-check: no CUDA device answers here (torch.cuda.is_available() is False); "
               "run `make gpu-check DRY_RUN=1` for the CPU rehearsal", file=sys.stderr)
@@ -410,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
                          + "\n\nbars (issue 11):\n" + format_bars(bars) + "\n")
     failed = [s["step"] for s in run.steps
               if s["status"] in ("failed", "timed out") or s.get("reason", "").startswith("out of time")]
-    summary = {"device": gpu_name or "cpu (dry run)", "dry_run": dry, "budget_s": args.budget,
+    summary = {"device": gpu_name or "cpu (dry run)", "dry_run": dry, "versions": versions, "budget_s": args.budget,
                "seconds": round(time.monotonic() - t_start, 1), "steps": run.steps, "failed_steps": failed,
                "bars": bars, "files": [p.name for p in (run.log_path, tests_txt, bench_txt, bench_json, summary_json)]}
     summary_json.write_text(json.dumps(summary, indent=1))
