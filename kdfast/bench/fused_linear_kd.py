@@ -75,7 +75,7 @@ def _liger_peers(T: float):
         return [], f"liger-kernel not importable ({type(e).__name__}: {str(e)[:60]})"
     jsd = LigerFusedLinearJSD(jsd_beta=0.0, temperature=T)
     chunked = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=T)
-    return [("liger fused-linear JSD(beta=0)", lambda hs, ws, bs, ht, wt, bt, lab: jsd(hs, ws, ht, wt)),
+    return [("liger fused-linear JSD(beta=0)", lambda hs, ws, bs, ht, wt, bt, lab: jsd(hs, ws, ht, wt, lab)),
             ("liger chunked JSD loss(beta=0)",
              lambda hs, ws, bs, ht, wt, bt, lab: chunked(hs, ws, ht, wt, lab, bs, bt))], ""
 
