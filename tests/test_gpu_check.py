@@ -113,3 +113,22 @@ def test_bench_worker_out_of_time_records_skipped_rows(tmp_path):
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert {r["impl"] for r in rows} >= {"eager", "kdfast fused cpu"}
     assert all(r["ms"] is None and r["note"].startswith("skipped") for r in rows)
+
+
+def test_step_failure_and_timeout_are_recorded_and_the_run_goes_on(tmp_path):
+    """A failing step keeps its output and exit status; a step past its limit is killed with its
+    children (here a grandchild that would outlive it) and the run carries on."""
+    import time
+
+    run = gpu_check.Run(tmp_path, "unit", budget_s=60, dry=True)
+    failed = run.step("fails", 30, ["bash", "-c", "echo boom-$((40 + 2)); exit 3"])
+    t0 = time.monotonic()
+    late = run.step("hangs", 1, ["bash", "-c", "sleep 30 & echo started; wait"])
+    assert time.monotonic() - t0 < 10
+    ok = run.step("after", 30, ["bash", "-c", "echo still-running"])
+    run.log.close()
+    assert (failed["status"], failed["returncode"]) == ("failed", 3)
+    assert late["status"] == "timed out" and ok["status"] == "ok"
+    log = (tmp_path / "gpu-check-unit.log").read_text()
+    assert "boom-42" in log and "started" in log and "still-running" in log
+    assert log.index("=== fails") < log.index("boom-42") < log.index("=== hangs") < log.index("still-running")
