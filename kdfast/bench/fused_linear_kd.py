@@ -11,7 +11,15 @@ V = 30522, temperature 2. One step = student head forward + teacher head forward
 - ``kdfast-<backend>``: :func:`kdfast.fused_linear_kd_loss` with its default chunk size;
 - ``kdfast-<backend> liger-chunks``: the same with Liger-Kernel's chunk heuristic
   (``next_power_of_2(cdiv(rows, cdiv(V, H)))`` rows per chunk), to show what the budgeted
-  chunk size buys.
+  chunk size buys;
+- ``torch.compile`` (with ``compile_baseline``): the eager step compiled;
+- with ``peers`` on a GPU where Liger-Kernel imports: ``liger fused-linear JSD(beta=0)``
+  (``LigerFusedLinearJSD``, forward KL, no bias) and ``liger chunked JSD loss(beta=0)``
+  (``liger_kernel.chunked_loss.LigerFusedLinearJSDLoss``, soft loss only, with the biases), both on
+  the masked rows gathered first (their best case), at the same temperature.
+
+``dtype`` sets the hidden states' and both heads' dtype (bf16 on a GPU: the case the fused loss's
+fp32-output GEMMs are for).
 """
 
 from __future__ import annotations
@@ -58,30 +66,58 @@ def _step(loss_fn, h_s, w_s, b_s):
     return step
 
 
+def _liger_peers(T: float):
+    """(name, fn(h_s, w_s, b_s, h_t, w_t, b_t, labels) on gathered rows) of Liger-Kernel, or the reason why none."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        from liger_kernel.transformers import LigerFusedLinearJSD
+    except Exception as e:  # not installed, or not importable with this torch / triton
+        return [], f"liger-kernel not importable ({type(e).__name__}: {str(e)[:60]})"
+    jsd = LigerFusedLinearJSD(jsd_beta=0.0, temperature=T)
+    chunked = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=0.0, temperature=T)
+    return [("liger fused-linear JSD(beta=0)", lambda hs, ws, bs, ht, wt, bt, lab: jsd(hs, ws, ht, wt, lab)),
+            ("liger chunked JSD loss(beta=0)",
+             lambda hs, ws, bs, ht, wt, bt, lab: chunked(hs, ws, ht, wt, lab, bs, bt))], ""
+
+
 def entries(device: torch.device, tokens: tuple[int, int], d_s: int, temperature: float = 2.0,
-            mask_frac: float = 0.15, seed: int = 0, vocab: int = VOCAB) -> list[Entry]:
+            mask_frac: float = 0.15, seed: int = 0, vocab: int = VOCAB, dtype: torch.dtype = torch.float32,
+            compile_baseline: bool = False, peers: bool = False) -> list[Entry]:
     g = torch.Generator(device="cpu").manual_seed(seed)
     B, L = tokens
     n = B * L
-    h_s = torch.randn(B, L, d_s, generator=g).to(device)
-    w_s = (torch.randn(vocab, d_s, generator=g) * 0.05).to(device)
-    b_s = (torch.randn(vocab, generator=g) * 0.1).to(device)
-    h_t = torch.randn(B, L, TEACHER_HIDDEN, generator=g).to(device)
-    w_t = (torch.randn(vocab, TEACHER_HIDDEN, generator=g) * 0.05).to(device)
-    b_t = (torch.randn(vocab, generator=g) * 0.1).to(device)
+    h_s = torch.randn(B, L, d_s, generator=g).to(device, dtype)
+    w_s = (torch.randn(vocab, d_s, generator=g) * 0.05).to(device, dtype)
+    b_s = (torch.randn(vocab, generator=g) * 0.1).to(device, dtype)
+    h_t = torch.randn(B, L, TEACHER_HIDDEN, generator=g).to(device, dtype)
+    w_t = (torch.randn(vocab, TEACHER_HIDDEN, generator=g) * 0.05).to(device, dtype)
+    b_t = (torch.randn(vocab, generator=g) * 0.1).to(device, dtype)
     labels = torch.full((n,), -100, dtype=torch.int64)
     masked = torch.randperm(n, generator=g)[: round(mask_frac * n)]
     labels[masked] = torch.randint(0, vocab, (masked.numel(),), generator=g)
     labels = labels.reshape(B, L).to(device)
     rows = masked.numel()
     T = temperature
-    case = f"{B}x{L} tok ({rows} masked) d_s={d_s}"
+    case = f"{B}x{L} tok ({rows} masked) d_s={d_s} {str(dtype).replace('torch.', '')}"
     out = [
         Entry(SUITE, case, "eager", _step(lambda h, w, b: eager_step(h, w, b, h_t, w_t, b_t, labels, T, False),
                                           h_s, w_s, b_s)),
         Entry(SUITE, case, "eager gathered", _step(
             lambda h, w, b: eager_step(h, w, b, h_t, w_t, b_t, labels, T, True), h_s, w_s, b_s)),
     ]
+    if compile_baseline:
+        compiled = torch.compile(eager_step, dynamic=False)
+        out.append(Entry(SUITE, case, "torch.compile", _step(
+            lambda h, w, b: compiled(h, w, b, h_t, w_t, b_t, labels, T, False), h_s, w_s, b_s)))
+    if peers and device.type == "cuda":
+        sel = (labels.reshape(-1) != -100).nonzero().squeeze(1)
+        ht_g, lab_g = h_t.reshape(n, -1)[sel], labels.reshape(-1)[sel]
+        fns, why = _liger_peers(T)
+        for name, fn in fns:
+            out.append(Entry(SUITE, case, name, _step(
+                lambda h, w, b, fn=fn: fn(h.reshape(n, -1)[sel], w, b, ht_g, w_t, b_t, lab_g), h_s, w_s, b_s)))
+        if why:
+            out.append(Entry(SUITE, case, "liger", _unavailable(why)))
     status = kdfast.backends()
     ours = [b for b in ("triton", "cuda") if device.type == "cuda" and status[b].available]
     ours += ["cpu"] if device.type == "cpu" and status["cpu"].available else []
@@ -98,6 +134,12 @@ def entries(device: torch.device, tokens: tuple[int, int], d_s: int, temperature
                                                     temperature=T, backend=be, chunk_size=liger),
         h_s, w_s, b_s)))
     return out
+
+
+def _unavailable(why: str):
+    def step():
+        raise RuntimeError(why)
+    return step
 
 
 def run(device: torch.device, tokens: tuple[int, int] | None = None, *, student_hiddens=STUDENT_HIDDENS,

@@ -1,8 +1,10 @@
 """Logit-distillation loss, forward + backward: kdfast backends against eager PyTorch,
-``torch.compile``'d eager, and Liger-Kernel's JSD with beta=0 (forward KL) when installed."""
+``torch.compile``'d eager, Liger-Kernel's JSD with beta=0 (forward KL) on a GPU, and TextBrewer's
+``kd_ce_loss`` (soft cross-entropy, the KL's gradient) wherever those import."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 
 import torch
@@ -26,6 +28,22 @@ def liger_kd(temperature: float):
 
     jsd = LigerJSD(beta=0.0)
     return lambda x, y: jsd(F.log_softmax(x / temperature, -1), F.log_softmax(y / temperature, -1)) * temperature**2
+
+
+def textbrewer_kd(temperature: float):
+    """TextBrewer's ``kd_ce_loss`` (cross-entropy to the teacher's soft targets) times T^2."""
+    from textbrewer.losses import kd_ce_loss
+
+    return lambda x, y: kd_ce_loss(x, y, temperature) * temperature**2
+
+
+def _importable(module: str) -> str:
+    """'' when ``module`` imports here, else why not (one line)."""
+    try:
+        importlib.import_module(module)
+        return ""
+    except Exception as e:  # missing, or broken against this torch (e.g. TextBrewer without tensorboard)
+        return f"{module} not importable ({type(e).__name__}: {str(e)[:60]})"
 
 
 def _fwd_bwd(loss_fn, s, t, producer=False):
@@ -53,10 +71,16 @@ def entries(device: torch.device, N: int, V: int, dtype: torch.dtype, temperatur
         compiled = torch.compile(lambda x, y: eager_kd(x, y, T), dynamic=False)
         out.append(Entry(SUITE, case, "torch.compile", _fwd_bwd(compiled, s, t)))
     if device.type == "cuda":
-        if importlib.util.find_spec("liger_kernel") is None:
-            notes.append(Result(SUITE, case, "liger JSD(beta=0)", None, None, note="liger-kernel not installed"))
+        why = _importable("liger_kernel.transformers")
+        if why:
+            notes.append(Result(SUITE, case, "liger JSD(beta=0)", None, None, note=why))
         else:
             out.append(Entry(SUITE, case, "liger JSD(beta=0)", _fwd_bwd(liger_kd(T), s, t)))
+    why = _importable("textbrewer.losses") if importlib.util.find_spec("textbrewer") else "textbrewer not installed"
+    if why:
+        notes.append(Result(SUITE, case, "textbrewer kd_ce_loss", None, None, note=why))
+    else:
+        out.append(Entry(SUITE, case, "textbrewer kd_ce_loss", _fwd_bwd(textbrewer_kd(T), s, t)))
     status = kdfast.backends()
     ours = [b for b in ("triton", "cuda") if device.type == "cuda" and status[b].available]
     ours += ["cpu"] if device.type == "cpu" and status["cpu"].available else []

@@ -25,10 +25,28 @@ N d_s; the N x V logits never exist.
 Only rows that count are projected: with ``restrict_to_masked`` and ``labels``, the rows with
 ``labels != ignore_index`` are gathered first (about 15% of the tokens under BERT's masking), so
 the GEMMs shrink by the same factor against "full logits, then select the masked rows".
+
+fp16 / bf16 heads on a GPU: the weights are never copied to fp32. The logits GEMMs read the
+low-precision operands and write fp32 (``torch.mm(..., out_dtype=torch.float32)``: fp32
+accumulation, no rounding of the logits to 16 bits, which is what gives other fused losses their
+large gradient errors); the chunk's logit gradient is rounded once to the head's dtype for the two
+gradient GEMMs (fp32 accumulation again; ``grad_W`` and ``grad_b`` are summed over chunks in
+fp32). Where that GEMM does not exist (torch on CPU has no ``aten::mm.dtype`` kernel), the head is
+cast to fp32 once per call instead.
+
+Host synchronisation (GPU): the gather of the counted rows reads their count back once per call
+(the GEMM sizes depend on it; none when every row counts: no ``mask`` and no row restriction).
+The value checks (labels in range, a finite teacher) read values back too, so they follow
+:func:`kdfast.losses._checks.value_checks_enabled`: always on CPU tensors, on CUDA only when
+enabled (``KDFAST_VALUE_CHECKS=1`` or ``set_value_checks(True)``). With them off, an out-of-range
+label or sparse id is clamped into [0, V) (a wrong number for a wrong input, never a read out of
+bounds) and a non-finite teacher gives a non-finite loss.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 
 import torch
@@ -36,7 +54,8 @@ from torch import Tensor, nn
 
 from kdfast import backend as _backend
 from kdfast.losses import sparse_kd as _sparse
-from kdfast.losses._checks import check_choice, check_positive, check_row_tensor, check_tensor
+from kdfast.losses._checks import (check_choice, check_positive, check_row_tensor, check_tensor,
+                                   value_checks_enabled)
 from kdfast.losses.kd import KINDS, _kd_fwd_bwd
 
 SPARSE_MODES = ("topk", "sampled")
@@ -86,64 +105,129 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device, *, buffers
     return min(cap, even)
 
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _fp32_out_gemm_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` operands on ``device``
+    into a given fp32 ``out`` (fp16 / bf16 on CUDA in recent torch; not on CPU). Probed once per
+    (device, dtype) on 2 x 2 matrices."""
+    if dtype not in _LOW_PRECISION or device.type != "cuda":
+        return False
+    a = torch.ones(2, 2, dtype=dtype, device=device)
+    out = torch.empty(2, 2, dtype=torch.float32, device=device)
+    try:
+        _mm_fp32_out(a, a, out)  # the exact call the loss makes (the out= overload)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+    return True
+
+
+def low_precision_gemm_path(device: torch.device, dtype: torch.dtype) -> bool:
+    r"""True when :func:`fused_linear_kd_loss` keeps a ``dtype`` head in ``dtype`` on ``device``
+    (logits ``s = h W^T`` accumulated and written in fp32 straight from the 16-bit operands), False
+    when it casts the head to fp32 once per call (fp32 / fp64 heads, and fp16 / bf16 where torch
+    has no fp32-output GEMM for them, e.g. on CPU)."""
+    return _fp32_out_gemm_available(device, dtype)
+
+
+def _mm_fp32_out(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """out (fp32) = a @ b for fp16 / bf16 operands, accumulated in fp32 (one GEMM, no 16-bit rounding)."""
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def _without_autocast(device: torch.device):
+    """A context in which autocast is off for ``device`` (a no-op on devices autocast does not know)."""
+    if device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _logits_into(out: Tensor, h: Tensor, w: Tensor, b: Tensor | None, low_precision: bool) -> None:
+    """out = h w^T + b in out's dtype; ``low_precision``: h, w are fp16 / bf16, b already fp32."""
+    if low_precision:
+        _mm_fp32_out(h, w.t(), out)
+        if b is not None:
+            out.add_(b)
+    elif b is None:
+        torch.mm(h, w.t(), out=out)
+    else:
+        torch.addmm(b, h, w.t(), out=out)
+
+
 class _FusedLinearKDFunction(torch.autograd.Function):
     """Loss (a scalar) from hidden rows and the LM head; gradients computed in the forward."""
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, sparse, labels, row_weight, temperature, alpha_kd, alpha_mlm,
-                soft_ce, backend, chunk, want_grad):
+                soft_ce, backend, chunk, want_grad, lowp_s, lowp_t):
         # ``sparse`` is (ids, values, lse or None, sampled) or None. ``want_grad``: grad mode was on at the
-        # call (inside forward it is always off); under no_grad only the loss is computed.
+        # call (inside forward it is always off); under no_grad only the loss is computed. ``lowp_s`` /
+        # ``lowp_t``: the student's / teacher's 16-bit head stays 16-bit (fp32-output GEMMs), else it is
+        # cast to the accumulation dtype once here.
         need_h, need_w, need_b = (want_grad and ctx.needs_input_grad[i] for i in range(3))
         acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
         n, d_s = h_s.shape
         V = w_s.shape[0]
         dev = h_s.device
-        w_s_c = w_s.to(acc)
+        w_s_c = w_s if lowp_s else w_s.to(acc)
         b_s_c = None if b_s is None else b_s.to(acc)
         if sparse is None:
-            w_t_c = w_t.to(acc)
+            w_t_c = w_t if lowp_t else w_t.to(acc)
             b_t_c = None if b_t is None else b_t.to(acc)
         C = max(1, min(chunk, n))
         buf_s = torch.empty(C, V, dtype=acc, device=dev)
         buf_t = torch.empty(C, V, dtype=acc, device=dev) if sparse is None else None
-        grad_h = torch.empty(n, d_s, dtype=acc, device=dev) if need_h else None
+        # 16-bit path: the chunk's logit gradient, rounded once for the gradient GEMMs
+        buf_g = torch.empty(C, V, dtype=w_s.dtype, device=dev) if lowp_s and (need_h or need_w) else None
+        grad_h = (torch.empty(n, d_s, dtype=h_s.dtype if lowp_s else acc, device=dev)) if need_h else None
         grad_w = torch.zeros(V, d_s, dtype=acc, device=dev) if need_w else None
+        w_part = torch.empty(V, d_s, dtype=acc, device=dev) if need_w and lowp_s and C < n else None
         grad_b = torch.zeros(V, dtype=acc, device=dev) if need_b else None
         total = torch.zeros((), dtype=acc, device=dev)
-        for start in range(0, n, C):
-            end = min(n, start + C)
-            m = end - start
-            hc = h_s[start:end].to(acc)
-            ls = buf_s[:m]
-            if b_s_c is None:
-                torch.mm(hc, w_s_c.t(), out=ls)
-            else:
-                torch.addmm(b_s_c, hc, w_s_c.t(), out=ls)
-            if sparse is None:
-                lt = buf_t[:m]
-                htc = h_t[start:end].to(acc)
-                if b_t_c is None:
-                    torch.mm(htc, w_t_c.t(), out=lt)
+        # The GEMMs set their precision themselves (out= buffers, which autocast passes through); with
+        # autocast off here, an out-of-place op added later cannot be rounded to 16 bits by the
+        # Distiller's bf16 autocast either.
+        with _without_autocast(dev):
+            for start in range(0, n, C):
+                end = min(n, start + C)
+                m = end - start
+                hc = h_s[start:end] if lowp_s else h_s[start:end].to(acc)
+                ls = buf_s[:m]
+                _logits_into(ls, hc, w_s_c, b_s_c, lowp_s)
+                if sparse is None:
+                    lt = buf_t[:m]
+                    htc = h_t[start:end] if lowp_t else h_t[start:end].to(acc)
+                    _logits_into(lt, htc, w_t_c, b_t_c, lowp_t)
+                    rows = _kd_fwd_bwd(backend, ls, lt, labels[start:end], row_weight[start:end], ls, temperature,
+                                       alpha_kd, alpha_mlm, soft_ce)
                 else:
-                    torch.addmm(b_t_c, htc, w_t_c.t(), out=lt)
-                rows = _kd_fwd_bwd(backend, ls, lt, labels[start:end], row_weight[start:end], ls, temperature,
-                                   alpha_kd, alpha_mlm, soft_ce)
-            else:
-                ids, vals, lse, sampled = sparse
-                rows = _sparse._sparse_kd_fwd_bwd(backend, ls, ids[start:end], vals[start:end],
-                                                  None if lse is None else lse[start:end], labels[start:end],
-                                                  row_weight[start:end], ls, temperature, alpha_kd, alpha_mlm,
-                                                  sampled)
-            total += rows.sum().to(acc)
-            g = ls  # now the gradient wrt this chunk's student logits
-            if need_h:
-                torch.mm(g, w_s_c, out=grad_h[start:end])
-            if need_w:
-                grad_w.addmm_(g.t(), hc)
-            if need_b:
-                grad_b += g.sum(0)
-        del buf_s, buf_t
+                    ids, vals, lse, sampled = sparse
+                    rows = _sparse._sparse_kd_fwd_bwd(backend, ls, ids[start:end], vals[start:end],
+                                                      None if lse is None else lse[start:end], labels[start:end],
+                                                      row_weight[start:end], ls, temperature, alpha_kd, alpha_mlm,
+                                                      sampled)
+                total += rows.sum().to(acc)
+                g = ls  # now the gradient wrt this chunk's student logits
+                if need_b:
+                    grad_b += g.sum(0)
+                if buf_g is not None:
+                    g_lp = buf_g[:m]
+                    g_lp.copy_(g)
+                    if need_h:  # 16-bit output straight from the GEMM's fp32 accumulator
+                        torch.mm(g_lp, w_s_c, out=grad_h[start:end])
+                    if need_w:
+                        if w_part is None:  # one chunk: the GEMM writes the fp32 sum itself
+                            _mm_fp32_out(g_lp.t(), hc, grad_w)
+                        else:
+                            grad_w += _mm_fp32_out(g_lp.t(), hc, w_part)
+                    continue
+                if need_h:
+                    torch.mm(g, w_s_c, out=grad_h[start:end])
+                if need_w:
+                    grad_w.addmm_(g.t(), hc)
+        del buf_s, buf_t, buf_g, w_part
         ctx.save_for_backward(
             grad_h.to(h_s.dtype) if need_h else None,
             grad_w.to(w_s.dtype) if need_w else None,
@@ -154,10 +238,12 @@ class _FusedLinearKDFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grads = list(ctx.saved_tensors)
-        one = not torch.compiler.is_compiling() and grad_out.item() == 1.0
+        # Skipping the scale when it is exactly 1 needs its value on the host: free on a CPU, a
+        # synchronisation on a GPU, where the scaling (three element-wise passes) is cheaper.
+        one = grad_out.device.type == "cpu" and not torch.compiler.is_compiling() and grad_out.item() == 1.0
         if not one:
             grads = [None if g is None else g * grad_out.to(g.dtype) for g in grads]
-        return (grads[0], grads[1], grads[2]) + (None,) * 13
+        return (grads[0], grads[1], grads[2]) + (None,) * 15
 
 
 # --- argument checks ------------------------------------------------------------------------------
@@ -287,9 +373,13 @@ def fused_linear_kd_loss(
 
     Raises:
         ValueError naming the argument: shapes, hidden widths, vocabulary mismatch between
-        ``student_weight`` and ``teacher_weight``, sparse ids out of [0, V), dtype / device
-        mismatches, temperature <= 0, neither or both of ``teacher_hidden`` and
-        ``teacher_sparse``, unknown kind / backend / sparse_mode, bad chunk_size.
+        ``student_weight`` and ``teacher_weight``, dtype / device mismatches, temperature <= 0,
+        neither or both of ``teacher_hidden`` and ``teacher_sparse``, unknown kind / backend /
+        sparse_mode, bad chunk_size; and, where the value checks run
+        (:func:`kdfast.losses._checks.value_checks_enabled`: CPU tensors, CUDA on request),
+        labels or sparse ids out of [0, V), NaN / Inf in the counted rows of ``teacher_hidden``,
+        in ``teacher_weight`` or ``teacher_bias`` (looked for when the loss is not finite), or in
+        the sparse teacher's values.
     """
     student_hidden, student_weight, student_bias = _check_linear("student", student_hidden, student_weight,
                                                                  student_bias)
@@ -341,17 +431,25 @@ def fused_linear_kd_loss(
 
     # Which rows count, and gather them (the only N-sized work besides the gathers of h).
     N = math.prod(lead)
-    counted = torch.ones(N, dtype=torch.bool, device=device)
-    labels_flat = None
-    if labels is not None:
-        labels_flat = labels.reshape(N).to(torch.int64)
-        if restrict_to_masked:
-            counted &= labels_flat != ignore_index
-    if mask is not None:
-        counted &= mask.reshape(N).bool()
-    idx = counted.nonzero().squeeze(1)
-    n = idx.numel()
+    checks = value_checks_enabled(student_hidden)
+    labels_flat = None if labels is None else labels.reshape(N).to(torch.int64)
+    selective = mask is not None or (labels is not None and restrict_to_masked)
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    if selective:
+        counted = torch.ones(N, dtype=torch.bool, device=device)
+        if labels_flat is not None and restrict_to_masked:
+            counted &= labels_flat != ignore_index
+        if mask is not None:
+            counted &= mask.reshape(N).bool()
+        idx = counted.nonzero().squeeze(1)  # reads the row count back: the GEMM sizes depend on it
+        n = idx.numel()
+    else:
+        idx, n = None, N  # every row counts: no gather, no synchronisation
+
+    def rows_of(x: Tensor, width: int) -> Tensor:
+        x = x.reshape(N, width)
+        return x if idx is None else x.index_select(0, idx)
+
     if n == 0:
         # Nothing counts: a zero that still depends on the inputs, so backward gives zero gradients.
         z = student_hidden.sum() * 0 + student_weight.sum() * 0
@@ -359,33 +457,43 @@ def fused_linear_kd_loss(
             z = z + student_bias.sum() * 0
         return z.to(acc)
     if labels_flat is not None:
-        lab = labels_flat.index_select(0, idx)
-        if alpha_mlm != 0 and not torch.compiler.is_compiling() and bool(((lab < 0) | (lab >= V)).any()):
+        lab = rows_of(labels_flat, 1).squeeze(1)
+        if alpha_mlm != 0 and checks and bool(((lab < 0) | (lab >= V)).any()):
             bad = lab[(lab < 0) | (lab >= V)][0].item()
             raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; found {bad}")
-        lab = lab.clamp(0, V - 1).contiguous()
+        lab = lab.clamp(0, V - 1).contiguous()  # with the checks off: in bounds, never a stray read
     else:
         lab = torch.zeros(n, dtype=torch.int64, device=device)
-    h_s = student_hidden.reshape(N, -1).index_select(0, idx)
+    h_s = rows_of(student_hidden, student_hidden.shape[-1])
     row_weight = torch.full((n,), 1.0 / n, dtype=acc, device=device)
     if teacher_sparse is None:
-        h_t = teacher_hidden.detach().reshape(N, -1).index_select(0, idx)
+        h_t = rows_of(teacher_hidden.detach(), teacher_hidden.shape[-1])
         w_t, b_t = teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
     else:
         K = ids.shape[-1]
-        ids_g = ids.reshape(N, K).to(torch.int64).index_select(0, idx).contiguous()
-        vals_g = vals.detach().reshape(N, K).index_select(0, idx).contiguous()
+        ids_g = rows_of(ids, K).to(torch.int64).contiguous()
+        vals_g = rows_of(vals.detach(), K).contiguous()
         lse_g = None
         if lse is not None:
-            lse_g = lse.detach().reshape(N).index_select(0, idx).to(acc).contiguous()
-        if not torch.compiler.is_compiling():
+            lse_g = rows_of(lse.detach(), 1).squeeze(1).to(acc).contiguous()
+        if checks:
             _sparse._check_counted_rows(ids_g, vals_g, lse_g, V, sparse_mode)
+        else:
+            ids_g = ids_g.clamp(0, V - 1)  # unchecked ids stay in bounds
         sparse = (ids_g, vals_g, lse_g, sparse_mode == "sampled")
         h_t = w_t = b_t = None
     C = chunk_size or default_chunk_size(n, V, device, buffers=2 if sparse is None else 1)
-    return _FusedLinearKDFunction.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, sparse, lab, row_weight,
+    lowp_s = low_precision_gemm_path(device, student_weight.dtype)
+    lowp_t = sparse is None and low_precision_gemm_path(device, teacher_weight.dtype)
+    loss = _FusedLinearKDFunction.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, sparse, lab, row_weight,
                                         temperature, float(alpha_kd), float(alpha_mlm), kind == "soft_ce", name,
-                                        int(C), torch.is_grad_enabled())
+                                        int(C), torch.is_grad_enabled(), lowp_s, lowp_t)
+    if checks and sparse is None and not bool(torch.isfinite(loss)):
+        # Only on the failure path: is the teacher to blame? (a NaN / Inf student gives a NaN loss as eager does)
+        for arg, x in (("teacher_hidden", h_t), ("teacher_weight", w_t), ("teacher_bias", b_t)):
+            if x is not None and not bool(torch.isfinite(x).all()):
+                raise ValueError(f"{arg} contains NaN or Inf" + (" in counted rows" if arg == "teacher_hidden" else ""))
+    return loss
 
 
 class FusedLinearKDLoss(nn.Module):

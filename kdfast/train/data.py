@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from kdfast.cache import CacheDataset, TeacherCache
+from kdfast.cache import CacheDataset, Prefetcher, TeacherCache
 
 
 class TokenBatches:
@@ -75,4 +75,6 @@ class CachedBatches:
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[dict]:
         self.ds.set_epoch(epoch)
-        yield from self.ds.iter_from(start)
+        # Read ahead on a thread, into pinned memory when a GPU is present, so that the Distiller's
+        # non_blocking copies overlap with the step instead of waiting for the disk and a pageable copy.
+        yield from Prefetcher(self.ds.iter_from(start))
