@@ -56,8 +56,9 @@ CHECKPOINT_FILES = ("weights.safetensors", "trainer.pt")
 CHECKPOINT_RE = re.compile(r"step-\d{7}")
 #: what an interrupted save leaves behind (``save_checkpoint``'s and ``atomic_write_bytes``' temporaries)
 STALE_TMP_RE = re.compile(r"\.(step-\d{7}|latest)\.tmp-(\d+)")
-#: TrainConfig fields that change how a run is shown, not what it trains: a resume may change them
-DISPLAY_ONLY = ("progress", "out_dir")
+#: TrainConfig fields that change how a run is shown, logged or checkpointed, not what it trains
+#: (evaluation runs on forked RNG states): a resume may change them
+BOOKKEEPING = ("progress", "out_dir", "log_every", "checkpoint_every", "eval_every")
 #: seeds are passed to ``torch.manual_seed`` and mixed with the epoch by the batch sources
 MAX_SEED = 2**32 - 1
 
@@ -87,6 +88,15 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
         bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
         raise ValueError(f"{name} must be {bounds}, got {value}")
     return value
+
+
+def check_out_dir(path: str | os.PathLike, name: str = "out_dir") -> Path:
+    """``path`` as a Path if it is a directory or absent (it is created later), else ValueError
+    naming ``name``: checked before any work, so a run never fails at its first write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is an existing file, not a directory")
+    return path
 
 
 def check_finite(name: str, value, minimum: float | None = None, *, positive: bool = False) -> float:
@@ -165,7 +175,7 @@ class Distiller:
     ``metrics.jsonl`` as ``{"step": s, "eval/<name>": value}`` and kept in ``eval_history``.
 
     ``settings``: what the run was started with, stored in every checkpoint and compared on
-    resume (JSON-able; default: ``config``'s fields except ``progress`` and ``out_dir``). A recipe
+    resume (JSON-able; default: ``config``'s fields except :data:`BOOKKEEPING`). A recipe
     passes its whole configuration, so that a changed loss weight is caught as well as a changed lr.
     """
 
@@ -177,7 +187,7 @@ class Distiller:
         self.eval_fn = eval_fn
         self.eval_history: list[dict] = []
         if settings is None:
-            settings = {k: v for k, v in asdict(config).items() if k not in DISPLAY_ONLY}
+            settings = {k: v for k, v in asdict(config).items() if k not in BOOKKEEPING}
         # snapshot, in the form it takes in checkpoint.json (tuples -> lists, keys -> str)
         self.settings = _flatten(json.loads(json.dumps(settings, default=str)))
         params = trainable if trainable is not None else [
@@ -455,8 +465,7 @@ class Distiller:
         run is seeded with ``config.seed``. Stops with :class:`NonFiniteError` at the first step
         whose loss, a loss term or the gradient is not finite."""
         cfg = self.cfg
-        if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"out_dir {self.out} is an existing file, not a directory")
+        check_out_dir(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         if not (resume and self.load_checkpoint(allow_changed_settings=allow_changed_settings)):
             seed_everything(cfg.seed)

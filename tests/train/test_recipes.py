@@ -153,7 +153,8 @@ def test_cli_errors_are_one_line_exit_2(tiny, tmp_path, capsys):
         (["--config", str(list_yaml)], "must hold a mapping"),
         (["--set", "bogus=1"], "unknown key"),
         (["--teacher", str(tmp_path / "no-teacher"), "--data", str(tiny / "train.txt")], "not a local model directory"),
-        (["--teacher", str(tiny / "teacher"), "--data", str(tmp_path / "none.txt")], "does not exist"),
+        (["--teacher", str(tiny / "teacher"), "--data", str(tmp_path / "none.txt"), "--set", "data.max_length=16"],
+         "does not exist"),
     ]
     for extra, match in cases:
         assert main(base + extra) == 2
@@ -177,7 +178,7 @@ def test_cli_errors_are_one_line_exit_2(tiny, tmp_path, capsys):
 ])
 def test_teacher_without_mlm_head_is_refused(tiny, tmp_path, capsys, recipe, extra, match):
     rc = main(["distill", "--recipe", recipe, "--teacher", str(tiny / "headless"), "--data", str(tiny / "train.txt"),
-               "--out", str(tmp_path / "o"), "--no-progress", "--steps", "1", *extra])
+               "--out", str(tmp_path / "o"), "--no-progress", "--steps", "1", "--set", "data.max_length=16", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and "has no MLM head" in err and "cls.predictions" in err and match in err
     assert not (tmp_path / "o" / "teacher-cache" / "train" / "manifest.json").exists()
