@@ -78,12 +78,7 @@ def load_texts(files: list[str], text_column: str = "text") -> list[str]:
 
     if not files:
         raise ValueError("data files: at least one file is required")
-    paths = [Path(f) for f in files]
-    for p in paths:
-        if p.is_dir():
-            raise ValueError(f"data file {p} is a directory, not a file")
-        if not p.is_file():
-            raise ValueError(f"data file {p} does not exist")
+    paths = check_data_files(files)
     exts = {p.suffix.lower() for p in paths}
     if len(exts) != 1 or next(iter(exts)) not in DATASET_BUILDERS:
         raise ValueError(f"data files must share one extension among {sorted(DATASET_BUILDERS)}, got {sorted(exts)}")
@@ -136,10 +131,24 @@ def check_max_length(max_length: int, model_dir: str | Path, name: str = "max_le
     return max_length
 
 
+def check_data_files(files: list[str]) -> list[Path]:
+    """The paths of ``files``; ValueError naming the first that is missing or a directory."""
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if p.is_dir():
+            raise ValueError(f"data file {p} is a directory, not a file")
+        if not p.is_file():
+            raise ValueError(f"data file {p} does not exist")
+    return paths
+
+
 def files_sha256(files: list[str]) -> str:
+    """One sha256 over the contents of ``files`` in order (read in chunks)."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).read_bytes())
+    for p in check_data_files(files):
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
     return h.hexdigest()
 
 

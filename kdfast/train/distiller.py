@@ -507,7 +507,13 @@ class Distiller:
                     torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, gnorm)
                 else:
                     gnorm = None
-                self.opt.step()
+                try:
+                    self.opt.step()
+                except RuntimeError as e:  # torch's optimizers refuse a step size beyond float32
+                    if "overflow" not in str(e):
+                        raise
+                    raise NonFiniteError(f"step {self.step + 1}: the optimizer's update overflows the weights' "
+                                         f"dtype (lr {cfg.lr}); lower the lr") from None
                 self.sched.step()
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
