@@ -20,7 +20,8 @@ from torch import Tensor, nn
 from kdfast.data import check_max_length, model_positions
 from kdfast.losses._checks import check_positive
 from kdfast.train.data import TokenBatches
-from kdfast.train.distiller import Distiller, TrainConfig, check_out_dir
+from kdfast.train.distiller import (MAX_SEED, Distiller, TrainConfig, check_finite, check_int, check_out_dir,
+                                   seed_everything)
 from kdfast.train.glue import GlueTask, TaskExamples, compute_metrics, find_split_files, get_task, load_split
 
 __all__ = ["encode_examples", "evaluate", "finetune_and_eval", "load_task_data", "predict", "task_distill"]
@@ -168,6 +169,13 @@ def _check_count(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def _check_training_numbers(seed: int, warmup: float, weight_decay: float) -> None:
+    """What TrainConfig checks, before any data or model is loaded."""
+    check_int("seed", seed, 0, MAX_SEED)
+    check_finite("warmup", warmup, 0.0)
+    check_finite("weight_decay", weight_decay, 0.0)
+
+
 def _train_stage(model: nn.Module, step_loss, data: TokenBatches, epochs: int, lr: float, out_dir: Path, *,
                  seed: int, warmup: float, weight_decay: float, progress: bool, resume: bool,
                  extra: nn.Module | None = None) -> dict:
@@ -227,9 +235,10 @@ def finetune_and_eval(model_dir: str, task: str, data_dir: str, out_dir: str, *,
     check_max_length(max_length, model_dir, "max_length")
     check_out_dir(out_dir)
     check_positive("lr", lr)
+    _check_training_numbers(seed, warmup, weight_decay)
     train, devs = load_task_data(spec, data_dir, max_train_examples)
     tokenizer = _load_tokenizer(model_dir)
-    torch.manual_seed(seed)  # the fresh head's initialisation
+    seed_everything(seed)  # before the fresh head's initialisation
     model = _load_classifier(model_dir, spec)
     enc_train = encode_examples(tokenizer, spec, train, max_length)
     enc_devs = {s: encode_examples(tokenizer, spec, ex, max_length) for s, ex in devs.items()}
@@ -349,6 +358,9 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
     for name, value in (("intermediate_lr", intermediate_lr), ("prediction_lr", prediction_lr),
                         ("temperature", temperature)):
         check_positive(name, value)
+    _check_training_numbers(seed, warmup, weight_decay)
+    for name, value in (("hidden_weight", hidden_weight), ("attention_weight", attention_weight)):
+        check_finite(name, value, 0.0)
     if max_length is None:  # the paper's length, or fewer where a model has fewer positions
         max_length = min([spec.default_max_length] + [n for n in map(model_positions, (teacher_dir, student_dir)) if n])
     _check_count("max_length", max_length)
@@ -358,7 +370,7 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
     train, devs = load_task_data(spec, data_dir, max_train_examples)
     tokenizer = _load_tokenizer(student_dir, teacher_dir)
     teacher = _load_teacher(teacher_dir, spec)
-    torch.manual_seed(seed)
+    seed_everything(seed)  # before the fresh head's and the projections' initialisation
     student = _load_classifier(student_dir, spec, "student_dir")
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(f"student_dir vocabulary ({student.config.vocab_size}) differs from teacher_dir's "

@@ -615,3 +615,47 @@ def test_cli_error_reaches_a_real_process_as_one_line(tiny, tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("kdfast distill: error:")
     assert "is not UTF-8 text" in proc.stderr
+
+
+def test_distill_resume_with_a_changed_lr_applies_it(tiny, tmp_path, capsys):
+    """Killed after step 1 of 3, resumed with a new train.lr: refused, then (allowed) the new lr is
+    the one the schedule scales from the resumed step on."""
+    out = tmp_path / "run"
+    common = ("--set", "train.checkpoint_every=1", "--set", "train.warmup=1", "--set", "train.log_every=1")
+    assert distill(tiny, "tinybert", out, *common, steps=3) == 0
+    (out / "general" / "checkpoints" / "latest").write_text("step-0000001")
+    assert distill(tiny, "tinybert", out, *common, "--set", "train.lr=0.004", "--resume", steps=3) == 2
+    assert "train.lr 0.0001 -> 0.004" in one_line_error(capsys, "distill")
+    assert distill(tiny, "tinybert", out, *common, "--set", "train.lr=0.004", "--resume",
+                   "--allow-changed-settings", steps=3) == 0
+    records = [json.loads(x) for x in (out / "general" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    # warm-up of 1 step, then linear decay to 0 at step 3: after step 2 the lr is 0.5 x the new lr
+    assert records[0]["lr"] == pytest.approx(1e-4) and records[1]["lr"] == pytest.approx(0.5 * 0.004)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--lr", "inf"], "lr must be finite"),
+    (["--lr", "nan"], "lr must be finite"),
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--seed", "-1"], r"seed must be in \[0, "),
+    (["--batch-size", "0"], "batch_size must be >= 1"),
+])
+def test_demo_bad_numbers_are_one_line_exit_2_before_any_work(tmp_path, capsys, args, match):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--no-progress", *args]) == 2
+    assert re_search(match, one_line_error(capsys, "demo"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"lr": math.nan}, "lr must be > 0 and finite"),
+    ({"warmup": math.inf}, "warmup must be finite"),
+    ({"seed": "0"}, "seed must be an int"),
+])
+def test_finetune_bad_numbers_are_refused_before_any_work(tiny, tmp_path, kwargs, match):
+    from kdfast.train.task import finetune_and_eval
+
+    with pytest.raises(ValueError, match=match):
+        finetune_and_eval(str(tiny / "teacher"), "sst2", str(tmp_path), str(tmp_path / "e"), **kwargs)
+    assert not (tmp_path / "e").exists()
