@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -230,14 +231,15 @@ class Distiller:
         that are not finite are refused (:class:`NonFiniteError`). Under torchrun rank 0 writes
         (the ranks hold identical replicas) and the others wait."""
         final = self._ckpt_dir(self.step)
-        if self.rank != 0:
-            barrier()
-            return final
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self._named_tensors().items()}
-        bad = _first_non_finite_tensor(tensors)
+        named = self._named_tensors()
+        bad = _first_non_finite_tensor(named)  # on every rank (identical replicas): none waits for rank 0 in vain
         if bad is not None:
             raise NonFiniteError(f"step {self.step}: the weights hold non-finite values ({bad}); no checkpoint "
                                  f"was written (lower train.lr or check the data)")
+        if self.rank != 0:
+            barrier()
+            return final
+        tensors = {k: v.detach().contiguous().cpu() for k, v in named.items()}
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -343,7 +345,9 @@ class Distiller:
                                           f"model's is {own[k].dtype} {tuple(own[k].shape)} (another model?)")
 
         try:
-            state = torch.load(path / "trainer.pt", weights_only=True)
+            with warnings.catch_warnings():  # a foreign pickle's protocol warning: the error below says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(path / "trainer.pt", weights_only=True)
         except Exception as e:  # a pickle that is torn or not torch's
             raise CheckpointError(f"checkpoint {path}: trainer.pt is unreadable ({_one_line(e)})") from None
         _check_trainer_state(path, state, step, self.opt)
