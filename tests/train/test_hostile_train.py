@@ -406,13 +406,15 @@ def student_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "student" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("recipe", ["distilbert", "tinybert", "mobilebert"])
-def test_two_fresh_runs_with_one_seed_give_the_same_student(tiny, tmp_path, recipe):
+@pytest.mark.parametrize("recipe, source", [("distilbert", "live"), ("tinybert", "live"), ("mobilebert", "live"),
+                                            ("distilbert", "cache")])
+def test_two_fresh_runs_with_one_seed_give_the_same_student(tiny, tmp_path, recipe, source):
     outs = []
     for i, seed in enumerate((5, 5, 6)):
         torch.manual_seed(1000 + i)  # whatever the process drew before must not matter
         out = tmp_path / f"run{i}"
-        assert distill(tiny, recipe, out, "--set", f"train.seed={seed}", steps=2) == 0
+        assert distill(tiny, recipe, out, "--set", f"train.seed={seed}", "--set", f"teacher.source={source}",
+                       steps=2) == 0
         outs.append(student_weights(out))
     a, b, c = outs
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
