@@ -45,12 +45,35 @@ def _parse_size(text: str) -> tuple[int, int]:
 SUITES = ("kd_loss", "attention", "fused_linear_kd", "models", "cache", "optim")
 
 
+def _fail(command: str, error: BaseException) -> int:
+    """Bad input, a full disk, a refused checkpoint: one line on stderr, exit status 2, no traceback."""
+    print(f"kdfast {command}: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
+    return 2
+
+
+def _check_output_file(flag: str, path: str) -> None:
+    """ValueError unless ``path`` can be written as a file: its folder exists and it is no directory
+    (checked before a long run, not after it)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory, not a file")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from kdfast.bench import kd_loss as kd_bench
     from kdfast.benchmarking import format_table
 
     if args.suites is None:
         args.suites = ["kd_loss"] if args.quick or args.sizes else list(SUITES)
+    if args.json:
+        try:
+            _check_output_file("--json", args.json)
+        except ValueError as e:
+            return _fail("bench", e)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("kdfast bench: --device cuda requested but no CUDA device is available", file=sys.stderr)
@@ -104,9 +127,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(format_table(optim_results), flush=True)
         results += optim_results
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": _device_name(device), "torch": torch.__version__,
-                       "results": [asdict(r) for r in results]}, f, indent=2)
+        try:
+            with open(args.json, "w") as f:
+                json.dump({"device": _device_name(device), "torch": torch.__version__,
+                           "results": [asdict(r) for r in results]}, f, indent=2)
+        except OSError as e:  # a full disk, a folder removed meanwhile
+            return _fail("bench", e)
     return 0
 
 
@@ -161,8 +187,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from kdfast.train.demo import format_report, run_demo
 
-    report = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, lr=args.lr,
-                      seed=args.seed, progress=not args.no_progress, resume=args.resume)
+    try:
+        report = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
+                          lr=args.lr, seed=args.seed, progress=not args.no_progress, resume=args.resume,
+                          allow_changed_settings=args.allow_changed_settings)
+    except (ValueError, OSError) as e:  # bad input (CacheError, CheckpointError, NonFiniteError), full disk
+        return _fail("demo", e)
     print()
     print(format_report(report))
     print(f"wrote {args.out}/report.json, {args.out}/loss.png, {args.out}/metrics.jsonl, {args.out}/student/")
@@ -183,10 +213,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), flush=True)
         if args.print_config:
             return 0
-        report = run_recipe(args.recipe, cfg, resume=args.resume)
-    except (ValueError, FileNotFoundError) as e:  # CacheError is a ValueError
-        print(f"kdfast distill: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        report = run_recipe(args.recipe, cfg, resume=args.resume, allow_changed_settings=args.allow_changed_settings)
+    except (ValueError, OSError) as e:  # CacheError, CheckpointError, NonFiniteError are ValueErrors; a full disk
+        return _fail("distill", e)
     print()
     print(format_report(report))
     return 0
@@ -236,9 +265,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                       ("intermediate_lr", args.intermediate_lr), ("temperature", args.temperature))
                     if v is not None}
             report = task_distill(args.teacher, args.model, task.name, args.data_dir, out, **common, **opts)
-    except ValueError as e:
-        print(f"kdfast eval: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as e:  # CheckpointError, NonFiniteError are ValueErrors; a full disk
+        return _fail("eval", e)
     what = "task distillation" if args.teacher else "fine-tuning"
     print(f"{task.name}: {what} on {report['train']['examples']} examples; model saved to {report['model_dir']}")
     print(_format_eval_table(report))
@@ -294,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=float, default=1e-4)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    d.add_argument("--allow-changed-settings", action="store_true",
+                   help="with --resume: accept a checkpoint written with other settings and train on with these")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("distill", help="run a distillation recipe (distilbert, tinybert, mobilebert)",
@@ -311,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, help="steps of every stage (distilbert/tinybert: steps; mobilebert: "
                                              "pkt.steps_per_layer and pretrain.steps)")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoints in the output directory")
+    r.add_argument("--allow-changed-settings", action="store_true",
+                   help="with --resume: accept checkpoints written with other settings and train on with these "
+                        "(otherwise a change is refused, naming the changed keys)")
     r.add_argument("--no-progress", action="store_true")
     r.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     r.set_defaults(func=cmd_distill)

@@ -1,8 +1,14 @@
-"""Text data: loading local files with ``datasets``, tokenising, MLM masking."""
+"""Text data: loading local files with ``datasets``, tokenising, MLM masking, and the checks every
+command shares (data files that are not text, ``max_length`` beyond the model's positions)."""
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,32 +19,136 @@ DATASET_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": 
                     ".tsv": "csv", ".parquet": "parquet"}
 
 
+@contextmanager
+def quiet_datasets() -> Iterator[None]:
+    """No progress bars or parse-error log lines from ``datasets``: a failure surfaces as one ValueError."""
+    import datasets
+
+    logger = logging.getLogger("datasets")
+    level, bars_off = logger.level, datasets.is_progress_bar_enabled() is False
+    logger.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if not bars_off:
+            datasets.enable_progress_bars()
+
+
+def root_cause_line(e: BaseException) -> str:
+    """'Type: first line' of the innermost exception ``datasets`` wrapped (pandas / pyarrow / json
+    each have their own parse errors)."""
+    root = e
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    return f"{type(root).__name__}: {(str(root).splitlines() or [''])[0][:300]}"
+
+
+def check_text_file(path: Path, chunk: int = 1 << 20) -> None:
+    """ValueError unless ``path`` is UTF-8 text without NUL bytes (a binary file, or one in
+    Latin-1 or another legacy encoding, would otherwise be read as garbage or fail deep inside
+    ``datasets``). Read in chunks: memory stays bounded for any file size."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            nul = block.find(b"\0")
+            if nul >= 0:
+                raise ValueError(f"data file {path} is binary, not text (NUL byte at offset {offset + nul})")
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                raise ValueError(f"data file {path} is not UTF-8 text (byte 0x{block[e.start]:02x} at offset "
+                                 f"{offset + e.start}); convert it, e.g. with iconv -f latin1 -t utf-8") from None
+            offset += len(block)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise ValueError(f"data file {path} is not UTF-8 text (it ends inside a multi-byte character)") from None
+
+
 def load_texts(files: list[str], text_column: str = "text") -> list[str]:
     """Non-empty texts from local files via ``datasets.load_dataset`` (txt: one text per line;
-    json/jsonl/csv/tsv/parquet: the ``text_column`` field). No download: paths must exist."""
+    json/jsonl/csv/tsv/parquet: the ``text_column`` field). No download: paths must exist.
+
+    Raises ValueError (one line, naming the file) for a missing path, a directory, a binary or
+    non-UTF-8 file, a file ``datasets`` cannot parse, or files without any non-blank text."""
     import datasets
 
     if not files:
         raise ValueError("data files: at least one file is required")
-    paths = [Path(f) for f in files]
-    for p in paths:
-        if not p.is_file():
-            raise ValueError(f"data file {p} does not exist")
+    paths = check_data_files(files)
     exts = {p.suffix.lower() for p in paths}
     if len(exts) != 1 or next(iter(exts)) not in DATASET_BUILDERS:
         raise ValueError(f"data files must share one extension among {sorted(DATASET_BUILDERS)}, got {sorted(exts)}")
     ext = next(iter(exts))
+    if DATASET_BUILDERS[ext] != "parquet":
+        for p in paths:
+            check_text_file(p)
+    names = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+    if all(p.stat().st_size == 0 for p in paths):
+        raise ValueError(f"data files {names} are empty")
     kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
-    ds = datasets.load_dataset(DATASET_BUILDERS[ext], data_files=[str(p) for p in paths], split="train", **kwargs)
+    with quiet_datasets():
+        try:
+            ds = datasets.load_dataset(DATASET_BUILDERS[ext], data_files=[str(p) for p in paths if p.stat().st_size],
+                                       split="train", **kwargs)
+        except Exception as e:  # datasets wraps each parser's own error type
+            raise ValueError(f"data files {names} could not be read as {ext}: {root_cause_line(e)}") from None
     if text_column not in ds.column_names:
         raise ValueError(f"text_column {text_column!r} not in the data's columns {ds.column_names}")
-    return [t for t in ds[text_column] if isinstance(t, str) and t.strip()]
+    texts = [t for t in ds[text_column] if isinstance(t, str) and t.strip()]
+    if not texts:
+        raise ValueError(f"data files {names} hold no non-blank text")
+    return texts
+
+
+def model_positions(model_dir: str | Path) -> int | None:
+    """``max_position_embeddings`` of the model in ``model_dir`` (None when its config has none);
+    ValueError when ``config.json`` is missing or unreadable."""
+    config = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(config.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config} is not a readable model configuration ({' '.join(str(e).split())[:200]})") from None
+    positions = raw.get("max_position_embeddings") if isinstance(raw, dict) else None
+    return positions if isinstance(positions, int) and not isinstance(positions, bool) and positions > 0 else None
+
+
+def check_max_length(max_length: int, model_dir: str | Path, name: str = "max_length", minimum: int = 2) -> int:
+    """``max_length`` if it is an int in [``minimum``, the ``max_position_embeddings`` of the model
+    in ``model_dir``], else ValueError naming ``name``: checked before any work, so a run never
+    fails on its first batch (or in a cache build) with an index error in the position embeddings."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int):
+        raise ValueError(f"{name} must be an int, got {type(max_length).__name__} {max_length!r}")
+    if max_length < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {max_length}")
+    positions = model_positions(model_dir)
+    if positions is not None and max_length > positions:
+        raise ValueError(f"{name} {max_length} exceeds the {positions} positions of the model in {model_dir} "
+                         f"(max_position_embeddings)")
+    return max_length
+
+
+def check_data_files(files: list[str]) -> list[Path]:
+    """The paths of ``files``; ValueError naming the first that is missing or a directory."""
+    paths = [Path(f) for f in files]
+    for p in paths:
+        if p.is_dir():
+            raise ValueError(f"data file {p} is a directory, not a file")
+        if not p.is_file():
+            raise ValueError(f"data file {p} does not exist")
+    return paths
 
 
 def files_sha256(files: list[str]) -> str:
+    """One sha256 over the contents of ``files`` in order (read in chunks)."""
     h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).read_bytes())
+    for p in check_data_files(files):
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
     return h.hexdigest()
 
 

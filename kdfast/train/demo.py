@@ -90,19 +90,39 @@ def latency_ms(model, seq: int = 128, repeat: int = 10) -> float:
 
 def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 16, max_length: int = 128,
              lr: float = 1e-4, seed: int = 0, progress: bool = True, resume: bool = False,
-             max_paragraphs: int | None = None) -> dict:
-    """Run the demo (module docstring); ``max_paragraphs`` keeps only the first paragraphs (tests)."""
+             max_paragraphs: int | None = None, allow_changed_settings: bool = False) -> dict:
+    """Run the demo (module docstring); ``max_paragraphs`` keeps only the first paragraphs (tests).
+
+    Every argument is checked before any work (ValueError naming it); ``resume`` continues from
+    the checkpoint in ``out_dir``, refusing one written with other settings unless
+    ``allow_changed_settings``. The same arguments give the same student (seeded before any
+    random draw)."""
     from transformers import AutoModel, AutoTokenizer
 
+    from kdfast.data import check_max_length
     from kdfast.models import count, distilbert_from_teacher
+    from kdfast.train.distiller import check_int, check_out_dir, seed_everything
 
     t_start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out_dir(out_dir, "out_dir")
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1)
+    if max_paragraphs is not None:
+        check_int("max_paragraphs", max_paragraphs, 2)
     teacher_dir = minilm_teacher_dir()
+    check_max_length(max_length, teacher_dir, "max_length", minimum=8)
+    # validates steps, lr and seed before the cache is built
+    cfg = TrainConfig(steps=steps, lr=lr, warmup=0.1, seed=seed, log_every=max(1, steps // 30), out_dir=str(out),
+                      progress=progress)
+    settings = {"steps": steps, "batch_size": batch_size, "max_length": max_length, "lr": lr, "seed": seed,
+                "max_paragraphs": max_paragraphs}
+    seed_everything(seed)
+    out.mkdir(parents=True, exist_ok=True)
     paragraphs = pydoc_paragraphs()[:max_paragraphs]
     held_out = paragraphs[::5]
     train = [p for i, p in enumerate(paragraphs) if i % 5]
+    if len(train) < batch_size:
+        raise ValueError(f"batch_size {batch_size} exceeds the {len(train)} training paragraphs")
     corpus = write_corpus(out / "train.txt", train)
 
     n_teacher_layers = 6
@@ -128,10 +148,9 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
         targets = {t: batch[f"hidden_{t}"] for t in layer_map.values()}
         return hidden_distillation_loss(hs, targets, batch["attention_mask"], layer_map)
 
-    cfg = TrainConfig(steps=steps, lr=lr, warmup=0.1, seed=seed, log_every=max(1, steps // 30),
-                      out_dir=str(out), progress=progress)
     t0 = time.perf_counter()
-    history = Distiller(student, step_loss, CachedBatches(cache, batch_size, seed=seed), cfg).train(resume=resume)
+    history = Distiller(student, step_loss, CachedBatches(cache, batch_size, seed=seed), cfg, settings=settings).train(
+        resume=resume, allow_changed_settings=allow_changed_settings)
     train_s = time.perf_counter() - t0
     student.save_pretrained(out / "student")
     tokenizer.save_pretrained(out / "student")

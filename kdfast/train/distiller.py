@@ -8,6 +8,17 @@ modules, optimizer, scheduler, RNG states, data position). ``train(resume=True)`
 the newest complete checkpoint so that an interrupted-and-resumed run equals an uninterrupted one
 (exactly, in fp32 on CPU).
 
+Hostile or careless input stops with a named error, never with a silently wrong run:
+
+- :class:`NonFiniteError`: the first step whose loss (or one of its terms) or gradient is NaN or
+  infinite stops training before the weights are updated, naming the step and the term (or the
+  parameter); weights that are not finite are never written as a checkpoint.
+- :class:`CheckpointError`: a checkpoint is refused when a file is missing, truncated or altered
+  (``checkpoint.json`` holds the sha256 of each file, as a cache manifest does), its tensors have
+  another shape or are not finite, its step is out of range, ``checkpoints/latest`` names anything
+  but a checkpoint directory of this run, or it was written with other settings (unless
+  ``train(allow_changed_settings=True)``, which then applies the new ones).
+
 Distributed: under ``torchrun`` wrap the student in DDP before passing it (see
 ``kdfast.train.distributed``); the data source gives each rank its slice.
 """
@@ -15,10 +26,13 @@ Distributed: under ``torchrun`` wrap the student in DDP before passing it (see
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
+import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from kdfast.cache.format import atomic_write_bytes, fsync_dir
+from kdfast.cache.format import atomic_write_bytes, fsync_dir, sha256_file
 from kdfast.train.distributed import barrier, mean_across_ranks, rank_and_world
 from kdfast.train.optim import Lamb
 
@@ -35,6 +49,69 @@ StepLoss = Callable[[dict], tuple[torch.Tensor, dict[str, float]]]
 
 #: ``TrainConfig.optimizer`` -> class; both take param groups with their own ``weight_decay``.
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "lamb": Lamb}
+
+CHECKPOINT_FORMAT = "kdfast-checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_META = "checkpoint.json"
+CHECKPOINT_FILES = ("weights.safetensors", "trainer.pt")
+CHECKPOINT_RE = re.compile(r"step-\d{7}")
+#: what an interrupted save leaves behind (``save_checkpoint``'s and ``atomic_write_bytes``' temporaries)
+STALE_TMP_RE = re.compile(r"\.(step-\d{7}|latest)\.tmp-(\d+)")
+#: TrainConfig fields that change how a run is shown, logged or checkpointed, not what it trains
+#: (evaluation runs on forked RNG states): a resume may change them
+BOOKKEEPING = ("progress", "out_dir", "log_every", "checkpoint_every", "eval_every")
+#: seeds are passed to ``torch.manual_seed`` and mixed with the epoch by the batch sources
+MAX_SEED = 2**32 - 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is torn, altered, of another model, out of range or of other settings."""
+
+
+class NonFiniteError(ValueError):
+    """Training produced a NaN or infinite loss, gradient or weight."""
+
+
+def seed_everything(seed: int) -> None:
+    """Seed every generator a run draws from (torch's CPU and CUDA generators, Python's ``random``):
+    call it before any random initialisation (students, projections, heads) so that a run is
+    reproducible from its seed."""
+    check_int("seed", seed, 0, MAX_SEED)
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def check_int(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) in [minimum, maximum], else ValueError naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        bounds = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bounds}, got {value}")
+    return value
+
+
+def check_out_dir(path: str | os.PathLike, name: str = "out_dir") -> Path:
+    """``path`` as a Path if it is a directory or absent (it is created later), else ValueError
+    naming ``name``: checked before any work, so a run never fails at its first write."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is an existing file, not a directory")
+    return path
+
+
+def check_finite(name: str, value, minimum: float | None = None, *, positive: bool = False) -> float:
+    """``value`` as a float if it is a finite real number (>= minimum, or > 0 when ``positive``),
+    else ValueError naming ``name``."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return float(value)
 
 
 @dataclass
@@ -57,14 +134,20 @@ class TrainConfig:
     optimizer: str = "adamw"  # "adamw" | "lamb"
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.grad_accum < 1:
-            raise ValueError(f"grad_accum must be >= 1, got {self.grad_accum}")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0, got {self.eval_every}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        # every number is type- and range-checked: a NaN, inf or "2" would otherwise train silently wrong
+        for name, minimum in (("steps", 1), ("grad_accum", 1), ("log_every", 1), ("checkpoint_every", 0),
+                              ("eval_every", 0)):
+            check_int(name, getattr(self, name), minimum)
+        check_int("seed", self.seed, 0, MAX_SEED)
+        check_finite("lr", self.lr, positive=True)
+        for name in ("weight_decay", "warmup", "max_grad_norm"):
+            check_finite(name, getattr(self, name), 0.0)
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16 must be None or a bool, got {self.bf16!r}")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be a bool, got {self.progress!r}")
+        if not isinstance(self.out_dir, (str, os.PathLike)):
+            raise ValueError(f"out_dir must be a path, got {type(self.out_dir).__name__}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
 
@@ -91,15 +174,23 @@ class Distiller:
     ``eval_every`` steps (and after the last) in eval mode under ``no_grad``, with the RNG
     states forked so that training continues exactly as without it; each result is written to
     ``metrics.jsonl`` as ``{"step": s, "eval/<name>": value}`` and kept in ``eval_history``.
+
+    ``settings``: what the run was started with, stored in every checkpoint and compared on
+    resume (JSON-able; default: ``config``'s fields except :data:`BOOKKEEPING`). A recipe
+    passes its whole configuration, so that a changed loss weight is caught as well as a changed lr.
     """
 
     def __init__(self, student: nn.Module, step_loss: StepLoss, data, config: TrainConfig,
                  extra: nn.Module | None = None, trainable: list | None = None,
-                 eval_fn: Callable[[nn.Module], dict] | None = None) -> None:
+                 eval_fn: Callable[[nn.Module], dict] | None = None, settings: dict | None = None) -> None:
         self.student, self.step_loss, self.data, self.cfg = student, step_loss, data, config
         self.extra = extra if extra is not None else nn.ModuleDict()
         self.eval_fn = eval_fn
         self.eval_history: list[dict] = []
+        if settings is None:
+            settings = {k: v for k, v in asdict(config).items() if k not in BOOKKEEPING}
+        # snapshot, in the form it takes in checkpoint.json (tuples -> lists, keys -> str)
+        self.settings = _flatten(json.loads(json.dumps(settings, default=str)))
         params = trainable if trainable is not None else [
             p for p in list(student.parameters()) + list(self.extra.parameters()) if p.requires_grad]
         if not params:
@@ -108,6 +199,9 @@ class Distiller:
         warm = max(1, int(config.warmup * config.steps) if config.warmup < 1 else int(config.warmup))
         total = config.steps  # fixed at construction: the schedule of a resumed run is the original one
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: linear_warmup_decay(s, total, warm))
+        # the hyper-parameters of this run's settings, re-applied over a checkpoint's when a resume
+        # is allowed to change the settings
+        self._fresh_hparams = [{k: v for k, v in g.items() if k != "params"} for g in self.opt.param_groups]
         self.step, self.epoch, self.batch_in_epoch = 0, 0, 0
         self.out = Path(config.out_dir)
         device = next(student.parameters()).device
@@ -121,68 +215,208 @@ class Distiller:
     def _ckpt_dir(self, step: int) -> Path:
         return self.out / "checkpoints" / f"step-{step:07d}"
 
+    def _model(self) -> nn.Module:
+        return self.student.module if hasattr(self.student, "module") else self.student
+
+    def _named_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"student.{k}": v for k, v in self._model().state_dict().items()}
+        tensors.update({f"extra.{k}": v for k, v in self.extra.state_dict().items()})
+        return tensors
+
     def save_checkpoint(self) -> Path:
-        """Write everything a resume needs into a temporary directory, fsync, rename, then point
-        ``checkpoints/latest`` at it (atomically): a checkpoint cut short is never picked up.
-        Under torchrun rank 0 writes (the ranks hold identical replicas) and the others wait."""
+        """Write everything a resume needs into a temporary directory, with ``checkpoint.json``
+        holding each file's sha256 and the run's settings, fsync, rename, then point
+        ``checkpoints/latest`` at it (atomically): a checkpoint cut short is never picked up, and
+        one cut short by an error (a full disk) leaves no temporary directory behind. Weights
+        that are not finite are refused (:class:`NonFiniteError`). Under torchrun rank 0 writes
+        (the ranks hold identical replicas) and the others wait."""
         final = self._ckpt_dir(self.step)
+        named = self._named_tensors()
+        bad = _first_non_finite_tensor(named)  # on every rank (identical replicas): none waits for rank 0 in vain
+        if bad is not None:
+            raise NonFiniteError(f"step {self.step}: the weights hold non-finite values ({bad}); no checkpoint "
+                                 f"was written (lower train.lr or check the data)")
         if self.rank != 0:
             barrier()
             return final
+        tensors = {k: v.detach().contiguous().cpu() for k, v in named.items()}
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        model = self.student.module if hasattr(self.student, "module") else self.student
-        tensors = {f"student.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        tensors.update({f"extra.{k}": v.detach().contiguous().cpu() for k, v in self.extra.state_dict().items()})
-        save_file(_untie(tensors), str(tmp / "weights.safetensors"))
-        state = {
-            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-            "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "config": asdict(self.cfg),
-        }
-        torch.save(state, tmp / "trainer.pt")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            save_file(_untie(tensors), str(tmp / "weights.safetensors"))
+            state = {
+                "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                "step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "config": asdict(self.cfg),
+            }
+            torch.save(state, tmp / "trainer.pt")
+            meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
+                    "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                              for name in CHECKPOINT_FILES},
+                    "settings": self.settings}
+            (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            fsync_dir(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         fsync_dir(final.parent)
         atomic_write_bytes(final.parent / "latest", final.name.encode())
         barrier()
         return final
 
-    def load_checkpoint(self, path: Path | None = None) -> bool:
-        """Restore the newest complete checkpoint (or ``path``); False when there is none."""
+    def latest_checkpoint(self) -> Path | None:
+        """The directory ``checkpoints/latest`` names (None when there is none); CheckpointError
+        when it names anything but a ``step-NNNNNNN`` directory directly under ``checkpoints/``."""
         root = self.out / "checkpoints"
+        latest = root / "latest"
+        if not latest.exists() and not latest.is_symlink():
+            return None
+        if latest.is_symlink() or not latest.is_file():
+            raise CheckpointError(f"{latest} must be a file naming a checkpoint directory")
+        try:
+            name = latest.read_bytes()[:64].decode("ascii").strip()
+        except UnicodeDecodeError:
+            name = None
+        if name is None or not CHECKPOINT_RE.fullmatch(name):
+            raise CheckpointError(f"{latest} must name a checkpoint directory of this run (step-NNNNNNN), "
+                                  f"got {name!r}")
+        path = root / name
+        if path.is_symlink() or path.resolve().parent != root.resolve():
+            raise CheckpointError(f"{latest} names {name!r}, which leads outside {root}")
+        return path
+
+    def load_checkpoint(self, path: Path | None = None, *, allow_changed_settings: bool = False) -> bool:
+        """Restore the newest complete checkpoint (or ``path``); False when there is none.
+
+        Everything is checked before anything is restored (:class:`CheckpointError`, one line):
+        the files against the sha256 in ``checkpoint.json``, the step against the directory name
+        and ``[0, config.steps]``, every tensor's name, shape and finiteness against the model and
+        optimizer, and the stored settings against this run's (``allow_changed_settings``: accept
+        a change, and train on with this run's lr, weight decay and schedule)."""
         if path is None:
-            if not (root / "latest").is_file():
+            path = self.latest_checkpoint()
+            if path is None:
                 return False
-            path = root / (root / "latest").read_text().strip()
-        if not (path / "weights.safetensors").is_file() or not (path / "trainer.pt").is_file():
-            raise ValueError(f"checkpoint {path} is incomplete (weights.safetensors or trainer.pt missing)")
-        tensors = load_file(str(path / "weights.safetensors"))
-        model = self.student.module if hasattr(self.student, "module") else self.student
-        model.load_state_dict({k[8:]: v for k, v in tensors.items() if k.startswith("student.")}, strict=False)
-        missing = set(model.state_dict()) - {k[8:] for k in tensors if k.startswith("student.")}
-        tied = {k for k in missing if _is_tied(model, k)}
-        if missing - tied:
-            raise ValueError(f"checkpoint {path} lacks student tensors: {sorted(missing - tied)[:5]}")
-        if len(self.extra.state_dict()):
-            self.extra.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("extra.")})
-        state = torch.load(path / "trainer.pt", weights_only=True)
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        path = Path(path)
+        meta = _read_checkpoint_meta(path)
+        step = meta["step"]
+        if CHECKPOINT_RE.fullmatch(path.name) and int(path.name[5:]) != step:
+            raise CheckpointError(f"checkpoint {path}: checkpoint.json says step {step}, its name another")
+        if step > self.cfg.steps:
+            raise CheckpointError(f"checkpoint {path} is at step {step}, beyond this run's {self.cfg.steps} steps")
+        changed = _changed_settings(meta.get("settings"), self.settings)
+        if changed and not allow_changed_settings:
+            raise CheckpointError(f"checkpoint {path} was written with other settings ({changed}); resume with "
+                                  f"the same settings, or allow the change (--allow-changed-settings)")
+
+        try:
+            tensors = load_file(str(path / "weights.safetensors"))
+        except Exception as e:  # safetensors raises its own error type for a malformed file
+            raise CheckpointError(f"checkpoint {path}: weights.safetensors is unreadable ({_one_line(e)})") from None
+        bad = _first_non_finite_tensor(tensors)
+        if bad is not None:
+            raise CheckpointError(f"checkpoint {path}: the weights hold non-finite values ({bad})")
+        model = self._model()
+        student_sd, extra_sd = model.state_dict(), self.extra.state_dict()
+        student_t = {k[8:]: v for k, v in tensors.items() if k.startswith("student.")}
+        extra_t = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+        unknown = [k for k in tensors if not k.startswith(("student.", "extra."))]
+        unknown += [f"student.{k}" for k in student_t if k not in student_sd]
+        unknown += [f"extra.{k}" for k in extra_t if k not in extra_sd]
+        if unknown:
+            raise CheckpointError(f"checkpoint {path} holds tensors this model lacks: {sorted(unknown)[:3]}")
+        missing = {k for k in student_sd if k not in student_t and not _is_tied(model, k)}
+        missing |= {f"extra.{k}" for k in extra_sd if k not in extra_t}
+        if missing:
+            raise CheckpointError(f"checkpoint {path} lacks tensors: {sorted(missing)[:5]}")
+        for prefix, loaded, own in (("student.", student_t, student_sd), ("extra.", extra_t, extra_sd)):
+            for k, v in loaded.items():
+                if v.shape != own[k].shape or v.dtype != own[k].dtype:
+                    raise CheckpointError(f"checkpoint {path}: {prefix}{k} is {v.dtype} {tuple(v.shape)}, the "
+                                          f"model's is {own[k].dtype} {tuple(own[k].shape)} (another model?)")
+
+        try:
+            with warnings.catch_warnings():  # a foreign pickle's protocol warning: the error below says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(path / "trainer.pt", weights_only=True)
+        except Exception as e:  # a pickle that is torn or not torch's
+            raise CheckpointError(f"checkpoint {path}: trainer.pt is unreadable ({_one_line(e)})") from None
+        _check_trainer_state(path, state, step, self.opt)
+
+        # everything checked: restore
+        model.load_state_dict(student_t, strict=False)
+        if extra_t:
+            self.extra.load_state_dict(extra_t)
+        try:
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {path}: optimizer or scheduler state does not fit this run "
+                                  f"({_one_line(e)})") from None
+        _check_optimizer_shapes(path, self.opt)
+        if changed:  # allowed: this run's hyper-parameters and schedule, not the checkpoint's
+            self._apply_fresh_hparams()
+        self.step, self.epoch, self.batch_in_epoch = step, state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(_as_python_rng(state["python_rng"]))
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         return True
+
+    def _apply_fresh_hparams(self) -> None:
+        """Over a loaded optimizer state: this run's lr, weight decay etc. per group, and the lr its
+        schedule gives at the checkpoint's step."""
+        for group, fresh in zip(self.opt.param_groups, self._fresh_hparams):
+            for k, v in fresh.items():
+                if k != "lr":
+                    group[k] = v
+        self.sched.base_lrs = [g["initial_lr"] for g in self.opt.param_groups]
+        lrs = [base * fn(self.sched.last_epoch) for base, fn in zip(self.sched.base_lrs, self.sched.lr_lambdas)]
+        for group, lr in zip(self.opt.param_groups, lrs):
+            group["lr"] = lr
+        self.sched._last_lr = lrs
+
+    def _clean_stale_temporaries(self) -> None:
+        """Remove what interrupted saves of this run left in ``checkpoints/`` (recognised by name;
+        a save still running in a live process is left alone)."""
+        root = self.out / "checkpoints"
+        if self.rank != 0 or not root.is_dir():
+            return
+        for entry in root.iterdir():
+            m = STALE_TMP_RE.fullmatch(entry.name)
+            if not m or entry.is_symlink() or (int(m.group(2)) != os.getpid() and _pid_alive(int(m.group(2)))):
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+    def _truncate_metrics(self) -> None:
+        """Keep only the records of steps up to the one training continues from (none for a fresh
+        run): a resumed run appends its own, so no step is recorded twice. A torn last line goes too."""
+        path = self.out / "metrics.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        kept = []
+        for line in lines:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= self.step:
+                kept.append(line)
+        if len(kept) != len(lines):
+            atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -199,13 +433,48 @@ class Distiller:
                 self.epoch += 1
                 self.batch_in_epoch = 0
 
-    def train(self, resume: bool = False, on_log: Callable[[dict], None] | None = None) -> list[dict]:
-        """Run until ``config.steps`` optimizer steps; returns the logged records."""
+    def _param_names(self) -> dict[int, str]:
+        names = {id(p): f"student parameter {n!r}" for n, p in self._model().named_parameters()}
+        names.update({id(p): f"extra parameter {n!r}" for n, p in self.extra.named_parameters()})
+        return names
+
+    def _check_step(self, bad_term: tuple[str, float] | None, params: list, gnorm: torch.Tensor) -> None:
+        """NonFiniteError naming the step and the first non-finite loss term, or the parameter whose
+        gradient is not finite; under torchrun every rank stops together."""
+        grad_ok = bool(torch.isfinite(gnorm))
+        failed = bad_term is not None or not grad_ok
+        if self.world_size > 1:  # a term non-finite on one rank only must stop every rank
+            failed = mean_across_ranks(1.0 if failed else 0.0) > 0
+        if not failed:
+            return
+        step = self.step + 1
+        if bad_term is not None:
+            name, value = bad_term
+            what = "the loss" if name == "loss" else f"the loss term {name!r}"
+            raise NonFiniteError(f"step {step}: {what} is {value}; training stopped before updating the weights "
+                                 f"(lower the lr or check the data and the teacher)")
+        if not grad_ok:
+            names = self._param_names()
+            culprit = next((names.get(id(p), "a parameter") for p in params
+                            if p.grad is not None and not bool(torch.isfinite(p.grad).all())), "a parameter")
+            raise NonFiniteError(f"step {step}: the gradient of {culprit} is not finite (norm {float(gnorm)}); "
+                                 f"training stopped before updating the weights (lower the lr or check the data)")
+        raise NonFiniteError(f"step {step}: another rank's loss is not finite; training stopped")
+
+    def train(self, resume: bool = False, on_log: Callable[[dict], None] | None = None, *,
+              allow_changed_settings: bool = False) -> list[dict]:
+        """Run until ``config.steps`` optimizer steps; returns the logged records.
+
+        ``resume``: continue from the newest checkpoint (see :meth:`load_checkpoint`); a fresh
+        run is seeded with ``config.seed``. Stops with :class:`NonFiniteError` at the first step
+        whose loss, a loss term or the gradient is not finite."""
         cfg = self.cfg
+        check_out_dir(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        if not (resume and self.load_checkpoint()):
-            torch.manual_seed(cfg.seed)
-            random.seed(cfg.seed)
+        if not (resume and self.load_checkpoint(allow_changed_settings=allow_changed_settings)):
+            seed_everything(cfg.seed)
+        self._clean_stale_temporaries()
+        self._truncate_metrics()
         self._it = None
         metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = None
@@ -219,6 +488,7 @@ class Distiller:
         try:
             while self.step < cfg.steps:
                 terms_sum: dict[str, float] = {}
+                bad_term = None  # the first (term, value) of this step that is not finite
                 self.opt.zero_grad(set_to_none=True)
                 for _ in range(cfg.grad_accum):
                     batch = self._next_batch()
@@ -226,12 +496,28 @@ class Distiller:
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
                     with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                         loss, terms = self.step_loss(batch)
+                    values = {**{k: float(v) for k, v in terms.items()}, "loss": loss.detach().item()}
+                    if bad_term is None:
+                        bad_term = next(((k, v) for k, v in values.items() if not math.isfinite(v)), None)
+                    # backward even then: under DDP every rank must join the gradient all-reduce
                     (loss / cfg.grad_accum).backward()
-                    for k, v in {"loss": loss.detach().item(), **terms}.items():
+                    for k, v in {"loss": values["loss"], **terms}.items():
                         terms_sum[k] = terms_sum.get(k, 0.0) + float(v) / cfg.grad_accum
                 params = [p for g in self.opt.param_groups for p in g["params"]]
-                gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm else None
-                self.opt.step()
+                grads = [p.grad for p in params if p.grad is not None]
+                gnorm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
+                self._check_step(bad_term, params, gnorm)
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, gnorm)
+                else:
+                    gnorm = None
+                try:
+                    self.opt.step()
+                except RuntimeError as e:  # torch's optimizers refuse a step size beyond float32
+                    if "overflow" not in str(e):
+                        raise
+                    raise NonFiniteError(f"step {self.step + 1}: the optimizer's update overflows the weights' "
+                                         f"dtype (lr {cfg.lr}); lower the lr") from None
                 self.sched.step()
                 self.step += 1
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
@@ -327,6 +613,121 @@ def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen[key] = k
         out[k] = v
     return out
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as {dotted key: value}."""
+    flat = {}
+    for k, v in settings.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _changed_settings(stored, current: dict) -> str:
+    """'key old -> new, ...' for every setting that differs ('' when none)."""
+    if not isinstance(stored, dict):
+        return "no settings stored"
+    stored = _flatten(stored)
+    keys = sorted(set(stored) | set(current))
+    missing = object()
+    diffs = [f"{k} {stored.get(k, '(unset)')!r} -> {current.get(k, '(unset)')!r}" for k in keys
+             if stored.get(k, missing) != current.get(k, missing)]
+    return ", ".join(diffs[:6]) + (f" and {len(diffs) - 6} more" if len(diffs) > 6 else "")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _first_non_finite_tensor(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating tensor holding a NaN or an infinity, or None."""
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _read_checkpoint_meta(path: Path) -> dict:
+    """``checkpoint.json`` of ``path``, checked: format, a sane step, and every file present with
+    the size and sha256 recorded there."""
+    missing = [n for n in (*CHECKPOINT_FILES, CHECKPOINT_META) if not (path / n).is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete ({', '.join(missing)} missing)")
+    try:
+        meta = json.loads((path / CHECKPOINT_META).read_bytes())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as e:  # also UnicodeDecodeError
+        raise CheckpointError(f"checkpoint {path}: {CHECKPOINT_META} is malformed ({_one_line(e)})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: {CHECKPOINT_META} is not a {CHECKPOINT_FORMAT} version "
+                              f"{CHECKPOINT_VERSION} record")
+    step = meta.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"checkpoint {path}: step must be an int >= 0, got {step!r}")
+    files = meta.get("files")
+    for name in CHECKPOINT_FILES:
+        rec = files.get(name) if isinstance(files, dict) else None
+        if not isinstance(rec, dict) or not isinstance(rec.get("sha256"), str) or not isinstance(rec.get("bytes"), int):
+            raise CheckpointError(f"checkpoint {path}: {CHECKPOINT_META} records no sha256 and size of {name}")
+        size = (path / name).stat().st_size
+        if size != rec["bytes"]:
+            raise CheckpointError(f"checkpoint {path}: {name} has {size} bytes, {rec['bytes']} were written "
+                                  f"(truncated or altered)")
+        if sha256_file(path / name) != rec["sha256"]:
+            raise CheckpointError(f"checkpoint {path}: {name} does not match its sha256 (altered or corrupted)")
+    return meta
+
+
+def _check_trainer_state(path: Path, state, step: int, opt: torch.optim.Optimizer) -> None:
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {path}: trainer.pt holds {type(state).__name__}, not a trainer state")
+    need = ("optimizer", "scheduler", "step", "epoch", "batch_in_epoch", "torch_rng", "python_rng", "cuda_rng")
+    absent = [k for k in need if k not in state]
+    if absent:
+        raise CheckpointError(f"checkpoint {path}: trainer.pt lacks {absent}")
+    if state["step"] != step:
+        raise CheckpointError(f"checkpoint {path}: trainer.pt is at step {state['step']!r}, checkpoint.json at {step}")
+    for name in ("epoch", "batch_in_epoch"):
+        v = state[name]
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= 10**12:
+            raise CheckpointError(f"checkpoint {path}: {name} must be an int >= 0, got {v!r}")
+    rng = state["torch_rng"]
+    if not isinstance(rng, torch.Tensor) or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        raise CheckpointError(f"checkpoint {path}: torch_rng is not a torch RNG state")
+    try:
+        _as_python_rng(state["python_rng"])
+        random.Random().setstate(_as_python_rng(state["python_rng"]))
+    except (TypeError, ValueError):
+        raise CheckpointError(f"checkpoint {path}: python_rng is not a Python RNG state") from None
+    groups = state["optimizer"].get("param_groups") if isinstance(state["optimizer"], dict) else None
+    if not isinstance(groups, list) or [len(g.get("params", ())) for g in groups] != [
+            len(g["params"]) for g in opt.param_groups]:
+        raise CheckpointError(f"checkpoint {path}: its optimizer has other parameter groups than this run's")
+
+
+def _check_optimizer_shapes(path: Path, opt: torch.optim.Optimizer) -> None:
+    """Every per-parameter state tensor (Adam's moments) has its parameter's shape and is finite."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, v in opt.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and (
+                        v.shape != p.shape or (v.is_floating_point() and not bool(torch.isfinite(v).all()))):
+                    raise CheckpointError(f"checkpoint {path}: optimizer state {key!r} is {tuple(v.shape)} or not "
+                                          f"finite, for a parameter of shape {tuple(p.shape)}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by another user
+        return True
+    return True
 
 
 def _is_tied(model: nn.Module, name: str) -> bool:

@@ -14,16 +14,15 @@ mismatched), QNLI, RTE, WNLI accuracy; MRPC and QQP F1 and accuracy; STS-B Pears
 from __future__ import annotations
 
 import csv
-import logging
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from kdfast.data import DATASET_BUILDERS
+from kdfast.data import DATASET_BUILDERS, root_cause_line
+from kdfast.data import quiet_datasets as _quiet_datasets
 
 __all__ = ["GLUE_TASKS", "GlueTask", "TaskExamples", "accuracy", "binary_f1", "compute_metrics", "find_split_files",
            "get_task", "load_split", "matthews_corrcoef", "pearson_corrcoef", "spearman_corrcoef"]
@@ -191,28 +190,7 @@ def _load_table(task: GlueTask, path: Path):
         try:
             return datasets.load_dataset(DATASET_BUILDERS[ext], data_files=str(path), split="train", **kwargs)
         except Exception as e:  # pandas / pyarrow / json each have their own parse errors, wrapped by datasets
-            root = e
-            while root.__cause__ is not None or root.__context__ is not None:
-                root = root.__cause__ or root.__context__
-            raise ValueError(f"{path} is malformed for {task.name}: {type(root).__name__}: "
-                             f"{(str(root).splitlines() or [''])[0][:300]}") from None
-
-
-@contextmanager
-def _quiet_datasets():
-    """No progress bars or parse-error log lines from ``datasets``: a failure surfaces as one ValueError."""
-    import datasets
-
-    logger = logging.getLogger("datasets")
-    level, bars_off = logger.level, datasets.is_progress_bar_enabled() is False
-    logger.setLevel(logging.CRITICAL)
-    datasets.disable_progress_bars()
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        if not bars_off:
-            datasets.enable_progress_bars()
+            raise ValueError(f"{path} is malformed for {task.name}: {root_cause_line(e)}") from None
 
 
 def _pick_column(names: tuple[str, ...], columns: list[str], what: str, path: Path) -> str:

@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdfast.data import check_max_length, model_positions
 from kdfast.losses._checks import check_positive
 from kdfast.train.data import TokenBatches
-from kdfast.train.distiller import Distiller, TrainConfig
+from kdfast.train.distiller import (MAX_SEED, Distiller, TrainConfig, check_finite, check_int, check_out_dir,
+                                   seed_everything)
 from kdfast.train.glue import GlueTask, TaskExamples, compute_metrics, find_split_files, get_task, load_split
 
 __all__ = ["encode_examples", "evaluate", "finetune_and_eval", "load_task_data", "predict", "task_distill"]
@@ -167,6 +169,13 @@ def _check_count(name: str, value, minimum: int = 1) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def _check_training_numbers(seed: int, warmup: float, weight_decay: float) -> None:
+    """What TrainConfig checks, before any data or model is loaded."""
+    check_int("seed", seed, 0, MAX_SEED)
+    check_finite("warmup", warmup, 0.0)
+    check_finite("weight_decay", weight_decay, 0.0)
+
+
 def _train_stage(model: nn.Module, step_loss, data: TokenBatches, epochs: int, lr: float, out_dir: Path, *,
                  seed: int, warmup: float, weight_decay: float, progress: bool, resume: bool,
                  extra: nn.Module | None = None) -> dict:
@@ -190,7 +199,7 @@ def _write_report(report: dict, out: Path) -> None:
 
 
 def finetune_and_eval(model_dir: str, task: str, data_dir: str, out_dir: str, *, epochs: int = 3, lr: float = 2e-5,
-                      batch_size: int = 32, max_length: int = 128, seed: int = 0,
+                      batch_size: int = 32, max_length: int | None = None, seed: int = 0,
                       max_train_examples: int | None = None, warmup: float = 0.1, weight_decay: float = 0.01,
                       eval_batch_size: int = 64, progress: bool = True, resume: bool = False) -> dict:
     """Fine-tune the model in ``model_dir`` on a GLUE task and evaluate it on the dev split(s).
@@ -203,7 +212,8 @@ def finetune_and_eval(model_dir: str, task: str, data_dir: str, out_dir: str, *,
 
     averaged over the batch, AdamW with linear warm-up (``warmup`` of the steps) and decay,
     ``epochs`` passes over the train split (its first ``max_train_examples``). Defaults are BERT's
-    GLUE fine-tuning (3 epochs, batch 32, lr 2e-5, 128 tokens).
+    GLUE fine-tuning (3 epochs, batch 32, lr 2e-5, 128 tokens; fewer where the model has fewer
+    positions, and an explicit ``max_length`` beyond them is refused).
 
     Writes under ``out_dir``: ``model/`` (the fine-tuned model and tokenizer), ``metrics.json``
     (this function's return value), ``train/metrics.jsonl`` and checkpoints (``resume=True``
@@ -218,12 +228,17 @@ def finetune_and_eval(model_dir: str, task: str, data_dir: str, out_dir: str, *,
     """
     spec = get_task(task)
     _check_model_dir("model_dir", model_dir)
+    if max_length is None:  # BERT's 128, or fewer where the model has fewer positions
+        max_length = min(128, model_positions(model_dir) or 128)
     for name, value in (("epochs", epochs), ("batch_size", batch_size), ("max_length", max_length)):
         _check_count(name, value)
+    check_max_length(max_length, model_dir, "max_length")
+    check_out_dir(out_dir)
     check_positive("lr", lr)
+    _check_training_numbers(seed, warmup, weight_decay)
     train, devs = load_task_data(spec, data_dir, max_train_examples)
     tokenizer = _load_tokenizer(model_dir)
-    torch.manual_seed(seed)  # the fresh head's initialisation
+    seed_everything(seed)  # before the fresh head's initialisation
     model = _load_classifier(model_dir, spec)
     enc_train = encode_examples(tokenizer, spec, train, max_length)
     enc_devs = {s: encode_examples(tokenizer, spec, ex, max_length) for s, ex in devs.items()}
@@ -317,7 +332,8 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
 
     Defaults are the paper's (Jiao et al. 2020, sec. 4.2): 20 intermediate epochs at lr 5e-5,
     3 prediction epochs at lr 3e-5 (from {1e-5, 2e-5, 3e-5}), batch 32, T = 1, sequences of 64
-    tokens (single sentence) / 128 (pairs). Out of scope: TinyBERT's data augmentation (GloVe /
+    tokens (single sentence) / 128 (pairs), or fewer where a model has fewer positions (an explicit
+    ``max_length`` beyond them is refused). Out of scope: TinyBERT's data augmentation (GloVe /
     BERT word replacement that grows the train set about 20-fold); this trains on the train split
     as given, so expect the paper's no-augmentation ablation, not its headline numbers.
 
@@ -342,12 +358,19 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
     for name, value in (("intermediate_lr", intermediate_lr), ("prediction_lr", prediction_lr),
                         ("temperature", temperature)):
         check_positive(name, value)
-    max_length = spec.default_max_length if max_length is None else max_length
+    _check_training_numbers(seed, warmup, weight_decay)
+    for name, value in (("hidden_weight", hidden_weight), ("attention_weight", attention_weight)):
+        check_finite(name, value, 0.0)
+    if max_length is None:  # the paper's length, or fewer where a model has fewer positions
+        max_length = min([spec.default_max_length] + [n for n in map(model_positions, (teacher_dir, student_dir)) if n])
     _check_count("max_length", max_length)
+    for model_dir in (teacher_dir, student_dir):
+        check_max_length(max_length, model_dir, "max_length")
+    check_out_dir(out_dir)
     train, devs = load_task_data(spec, data_dir, max_train_examples)
     tokenizer = _load_tokenizer(student_dir, teacher_dir)
     teacher = _load_teacher(teacher_dir, spec)
-    torch.manual_seed(seed)
+    seed_everything(seed)  # before the fresh head's and the projections' initialisation
     student = _load_classifier(student_dir, spec, "student_dir")
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(f"student_dir vocabulary ({student.config.vocab_size}) differs from teacher_dir's "

@@ -90,11 +90,11 @@ def test_torn_checkpoint_is_never_picked_up(tmp_path):
     assert (root / "latest").read_text() == "step-0000002"
     # a save interrupted before its rename leaves only a hidden temporary directory
     (root / ".step-0000003.tmp-99").mkdir()
-    d2, _, _ = make_setup(tmp_path, "run", steps=3)
+    d2, _, _ = make_setup(tmp_path, "run", steps=2)
     assert d2.load_checkpoint() and d2.step == 2
     (root / "step-0000002" / "trainer.pt").unlink()
     with pytest.raises(ValueError, match="incomplete"):
-        make_setup(tmp_path, "run", steps=3)[0].load_checkpoint()
+        make_setup(tmp_path, "run", steps=2)[0].load_checkpoint()
 
 
 def test_bad_config_is_refused():

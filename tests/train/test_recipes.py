@@ -2,7 +2,6 @@
 from the teacher cache; config precedence and errors; MobileBERT's progressive freezing."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -10,32 +9,6 @@ import yaml
 
 from kdfast.cli import main
 from kdfast.train.recipes import recipe_config
-
-WORDS = [f"w{i}" for i in range(60)]
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A 4-layer, 32-wide BertForMaskedLM teacher (random weights, with its MLM head), the same
-    body saved without a head, and a corpus of Zipf-distributed words."""
-    from transformers import BertConfig, BertForMaskedLM, BertModel, BertTokenizer
-
-    root = tmp_path_factory.mktemp("tiny")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    teacher = BertForMaskedLM(cfg)
-    teacher.save_pretrained(root / "teacher")
-    tok.save_pretrained(root / "teacher")
-    BertModel(cfg).save_pretrained(root / "headless")
-    tok.save_pretrained(root / "headless")
-    rng = random.Random(1)
-    weights = [1 / (i + 1) for i in range(len(WORDS))]
-    lines = [" ".join(rng.choices(WORDS, weights, k=rng.randint(5, 14))) for _ in range(50)]
-    (root / "train.txt").write_text("\n".join(lines) + "\n")
-    return root
 
 
 def run_cli(tiny, recipe, out, *extra):
@@ -153,7 +126,8 @@ def test_cli_errors_are_one_line_exit_2(tiny, tmp_path, capsys):
         (["--config", str(list_yaml)], "must hold a mapping"),
         (["--set", "bogus=1"], "unknown key"),
         (["--teacher", str(tmp_path / "no-teacher"), "--data", str(tiny / "train.txt")], "not a local model directory"),
-        (["--teacher", str(tiny / "teacher"), "--data", str(tmp_path / "none.txt")], "does not exist"),
+        (["--teacher", str(tiny / "teacher"), "--data", str(tmp_path / "none.txt"), "--set", "data.max_length=16"],
+         "does not exist"),
     ]
     for extra, match in cases:
         assert main(base + extra) == 2
@@ -177,7 +151,7 @@ def test_cli_errors_are_one_line_exit_2(tiny, tmp_path, capsys):
 ])
 def test_teacher_without_mlm_head_is_refused(tiny, tmp_path, capsys, recipe, extra, match):
     rc = main(["distill", "--recipe", recipe, "--teacher", str(tiny / "headless"), "--data", str(tiny / "train.txt"),
-               "--out", str(tmp_path / "o"), "--no-progress", "--steps", "1", *extra])
+               "--out", str(tmp_path / "o"), "--no-progress", "--steps", "1", "--set", "data.max_length=16", *extra])
     err = capsys.readouterr().err
     assert rc == 2 and "has no MLM head" in err and "cls.predictions" in err and match in err
     assert not (tmp_path / "o" / "teacher-cache" / "train" / "manifest.json").exists()

@@ -38,9 +38,11 @@ def recipe_config(name: str, config: str | None = None, sets: list[str] | tuple 
     return load_config(getattr(mod, _CLASSES[name]), config, sets, overrides)
 
 
-def run_recipe(name: str, cfg, *, resume: bool = False) -> dict:
-    """Run recipe ``name`` with settings ``cfg`` (from :func:`recipe_config`); returns its report."""
-    return _module(name).run(cfg, resume=resume)
+def run_recipe(name: str, cfg, *, resume: bool = False, allow_changed_settings: bool = False) -> dict:
+    """Run recipe ``name`` with settings ``cfg`` (from :func:`recipe_config`); returns its report.
+    ``resume``: continue from the checkpoints in ``cfg.out_dir``, refusing ones written with other
+    settings unless ``allow_changed_settings`` (then the new settings apply from there on)."""
+    return _module(name).run(cfg, resume=resume, allow_changed_settings=allow_changed_settings)
 
 
 __all__ = ["CONFIG_DIR", "RECIPES", "config_to_dict", "recipe_config", "run_recipe"]

@@ -21,6 +21,42 @@ from torch import nn
 
 from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings
 
+#: recipe settings that change how a run is shown, logged, checkpointed or where it is written, not
+#: what it trains: a resume may change them
+BOOKKEEPING = ("progress", "out_dir", "train.log_every", "train.checkpoint_every", "train.eval_every")
+
+
+def prepare_run(cfg) -> Path:
+    """What every recipe does before any work, so that bad input fails at once and a run is
+    reproducible from ``train.seed``: check every setting (types, finiteness, ranges: settings
+    built in Python too), ``out_dir`` (absent or a directory), the teacher directory and
+    ``data.max_length`` against its positions; then seed every generator, before any random
+    initialisation (students, projections, heads, masking). Returns the teacher directory."""
+    from kdfast.data import check_max_length
+    from kdfast.train.distiller import check_out_dir, seed_everything
+    from kdfast.train.recipes.config import validate_config
+
+    validate_config(cfg)
+    check_out_dir(cfg.out_dir)
+    tdir = teacher_dir(cfg.teacher)
+    check_max_length(cfg.data.max_length, tdir, "data.max_length", minimum=8)
+    seed_everything(cfg.train.seed)
+    return tdir
+
+
+def run_settings(cfg) -> dict:
+    """The settings a recipe's checkpoints store and a resume compares (all but :data:`BOOKKEEPING`)."""
+    from kdfast.train.recipes.config import config_to_dict
+
+    settings = config_to_dict(cfg)
+    for key in BOOKKEEPING:
+        *parents, leaf = key.split(".")
+        node = settings
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return settings
+
 
 def teacher_dir(settings: TeacherSettings) -> Path:
     """The teacher's local directory (default: the embedded all-MiniLM-L6-v2); ValueError if it is not one."""
@@ -275,15 +311,18 @@ def train_config(settings: TrainSettings, steps: int, out_dir: Path, progress: b
 
 
 def run_stage(name: str, student: nn.Module, step_loss: Callable, source, held, cfg_train, *, extra=None,
-              trainable=None, resume: bool = False, device: torch.device | None = None, seed: int = 0) -> dict:
-    """One Distiller run; returns its report entry (loss first/last per term, tokens/s, last eval)."""
+              trainable=None, resume: bool = False, device: torch.device | None = None, seed: int = 0,
+              settings: dict | None = None, allow_changed_settings: bool = False) -> dict:
+    """One Distiller run; returns its report entry (loss first/last per term, tokens/s, last eval).
+    ``settings`` (:func:`run_settings`) are stored in its checkpoints and compared on resume."""
     from kdfast.train.distiller import Distiller
 
     device = device or next(student.parameters()).device
     eval_fn = held_out_eval(step_loss, held, device, seed)
-    distiller = Distiller(student, step_loss, source, cfg_train, extra=extra, trainable=trainable, eval_fn=eval_fn)
+    distiller = Distiller(student, step_loss, source, cfg_train, extra=extra, trainable=trainable, eval_fn=eval_fn,
+                          settings=settings)
     t0 = time.perf_counter()
-    history = distiller.train(resume=resume)
+    history = distiller.train(resume=resume, allow_changed_settings=allow_changed_settings)
     seconds = time.perf_counter() - t0
     rates = [h["tokens_per_s"] for h in history if h.get("tokens_per_s")]
     return {"name": name, "steps": cfg_train.steps, "out_dir": cfg_train.out_dir,

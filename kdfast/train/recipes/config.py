@@ -2,12 +2,14 @@
 
 Precedence, lowest first: the dataclass defaults < the YAML file < ``--set key=value`` (dotted
 keys, values parsed as YAML scalars) < explicit command-line flags. Every key is checked: an
-unknown key or a value of the wrong type raises ``ValueError`` naming the dotted key.
+unknown key, a value of the wrong type or a number that is not finite (YAML's ``.inf``, ``.nan``)
+raises ``ValueError`` naming the dotted key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -18,7 +20,7 @@ from typing import Any
 import yaml
 
 __all__ = ["DataSettings", "MaskingSettings", "TeacherSettings", "TrainSettings", "config_to_dict", "load_config",
-           "parse_set"]
+           "parse_set", "validate_config"]
 
 
 @dataclass
@@ -104,6 +106,9 @@ class TrainSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        from kdfast.train.distiller import MAX_SEED, check_int
+
+        check_int("seed", self.seed, 0, MAX_SEED)
 
 
 # ---- loading --------------------------------------------------------------------------------------
@@ -155,10 +160,14 @@ def _coerce(value: Any, tp, key: str):
     if tp not in ok:
         raise TypeError(f"{key}: unsupported annotation {tp!r}")
     if tp is float and isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
-        return float(value)  # PyYAML (YAML 1.1) reads 2e-3 as a string: take it as the number it spells
+        value = float(value)  # PyYAML (YAML 1.1) reads 2e-3 as a string: take it as the number it spells
     if not ok[tp](value):
         raise ValueError(f"{key} must be {_type_name(tp)}, got {type(value).__name__} {value!r}")
-    return float(value) if tp is float else value
+    if tp is float:
+        value = float(value)
+        if not math.isfinite(value):  # .inf / .nan, or 1e999 spelled out: no setting takes them
+            raise ValueError(f"{key} must be a finite number, got {value}")
+    return value
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -184,6 +193,15 @@ def _build(cls, data: dict, prefix: str = ""):
         except ValueError as e:
             raise ValueError(f"{prefix}{e}") from None
     return obj
+
+
+def validate_config(cfg):
+    """``cfg`` (a settings dataclass, possibly built in Python rather than loaded) checked key by
+    key exactly as :func:`load_config` checks a file: types, finiteness and every ``validate``;
+    returns an equal, checked copy, or raises ValueError naming the dotted key."""
+    if not dataclasses.is_dataclass(cfg) or isinstance(cfg, type):
+        raise ValueError(f"settings must be a recipe's settings dataclass, got {type(cfg).__name__}")
+    return _build(type(cfg), config_to_dict(cfg))
 
 
 def config_to_dict(cfg) -> dict:

@@ -69,7 +69,7 @@ def every_other_layer(n_teacher: int) -> list[int]:
     return [int(i * (n_teacher - 1) / (m - 1) + 0.5) for i in range(m)]
 
 
-def run(cfg: DistilBertRecipe, *, resume: bool = False) -> dict:
+def run(cfg: DistilBertRecipe, *, resume: bool = False, allow_changed_settings: bool = False) -> dict:
     """Distil the teacher into a DistilBERT-style student; returns the report (also ``report.json``)."""
     import kdfast
     from transformers import AutoTokenizer
@@ -78,7 +78,8 @@ def run(cfg: DistilBertRecipe, *, resume: bool = False) -> dict:
 
     t_start = time.perf_counter()
     out = Path(cfg.out_dir)
-    tdir = common.teacher_dir(cfg.teacher)
+    tdir = common.prepare_run(cfg)  # checked and seeded before any random initialisation
+    stage_opts = dict(settings=common.run_settings(cfg), allow_changed_settings=allow_changed_settings)
     train, held_out = common.load_corpus(cfg.data)
     cached = cfg.teacher.source == "cache"
     # the KD term needs the teacher's MLM head; so does a cache (it stores logits to mask its inputs)
@@ -146,7 +147,8 @@ def run(cfg: DistilBertRecipe, *, resume: bool = False) -> dict:
         return total, terms
 
     tc = common.train_config(cfg.train, cfg.steps, out, cfg.progress)
-    stage = common.run_stage("distil", student, step_loss, source, held, tc, resume=resume, seed=cfg.train.seed)
+    stage = common.run_stage("distil", student, step_loss, source, held, tc, resume=resume, seed=cfg.train.seed,
+                             **stage_opts)
     student.save_pretrained(out / "student")
     tokenizer.save_pretrained(out / "student")
     report = {

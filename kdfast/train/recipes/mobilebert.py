@@ -193,7 +193,7 @@ def pkt_groups(model, layer: int, lower_lr_scale: float) -> list[dict]:
     return groups
 
 
-def run(cfg: MobileBertRecipe, *, resume: bool = False) -> dict:
+def run(cfg: MobileBertRecipe, *, resume: bool = False, allow_changed_settings: bool = False) -> dict:
     """Progressive knowledge transfer, then pre-training distillation; returns the report."""
     import kdfast
     from transformers import AutoConfig, AutoTokenizer
@@ -202,12 +202,12 @@ def run(cfg: MobileBertRecipe, *, resume: bool = False) -> dict:
 
     t_start = time.perf_counter()
     out = Path(cfg.out_dir)
-    tdir = common.teacher_dir(cfg.teacher)
+    tdir = common.prepare_run(cfg)  # checked and seeded before any random initialisation
+    stage_opts = dict(settings=common.run_settings(cfg), allow_changed_settings=allow_changed_settings)
     train, held_out = common.load_corpus(cfg.data)
     tconf = AutoConfig.from_pretrained(tdir, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(tdir, local_files_only=True)
     scfg = student_config(cfg.student, tconf)
-    torch.manual_seed(cfg.train.seed)
     student = KDMobileBertForMaskedLM(scfg)
     n = tconf.num_hidden_layers
     pkt, pre = cfg.pkt, cfg.pretrain
@@ -256,7 +256,7 @@ def run(cfg: MobileBertRecipe, *, resume: bool = False) -> dict:
         tc = common.train_config(cfg.train, pkt.steps_per_layer, out / f"pkt-layer{layer:02d}", cfg.progress,
                                  lr=pkt.lr, preferred_optimizer="lamb")
         stages.append(common.run_stage(f"pkt layer {layer}", student, step_loss, source, held, tc, trainable=groups,
-                                       resume=resume, seed=cfg.train.seed))
+                                       resume=resume, seed=cfg.train.seed, **stage_opts))
     student.requires_grad_(True)
 
     if pre.steps:
@@ -284,7 +284,7 @@ def run(cfg: MobileBertRecipe, *, resume: bool = False) -> dict:
         tc = common.train_config(cfg.train, pre.steps, out / "pretrain", cfg.progress, lr=pre.lr,
                                  preferred_optimizer="lamb")
         stages.append(common.run_stage("pretrain distill", student, step_loss, source, held, tc, resume=resume,
-                                       seed=cfg.train.seed))
+                                       seed=cfg.train.seed, **stage_opts))
 
     student_dir = out / "student"
     student.to_transformers().save_pretrained(student_dir)

@@ -122,7 +122,7 @@ def build_student(settings: TinyBertStudent, teacher_config):
                     pad_token_id=getattr(teacher_config, "pad_token_id", 0), **overrides)
 
 
-def run(cfg: TinyBertRecipe, *, resume: bool = False) -> dict:
+def run(cfg: TinyBertRecipe, *, resume: bool = False, allow_changed_settings: bool = False) -> dict:
     """General distillation (and task distillation with a ``task`` section); returns the report."""
     import kdfast
     from transformers import AutoConfig, AutoTokenizer
@@ -131,7 +131,8 @@ def run(cfg: TinyBertRecipe, *, resume: bool = False) -> dict:
 
     t_start = time.perf_counter()
     out = Path(cfg.out_dir)
-    tdir = common.teacher_dir(cfg.teacher)
+    tdir = common.prepare_run(cfg)  # checked and seeded before any random initialisation
+    stage_opts = dict(settings=common.run_settings(cfg), allow_changed_settings=allow_changed_settings)
     train, held_out = common.load_corpus(cfg.data)
     tconf = AutoConfig.from_pretrained(tdir, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(tdir, local_files_only=True)
@@ -174,7 +175,7 @@ def run(cfg: TinyBertRecipe, *, resume: bool = False) -> dict:
 
     tc = common.train_config(cfg.train, cfg.steps, out / "general", cfg.progress)
     stages = [common.run_stage("general", student, step_loss, source, held, tc, extra=loss_fn, resume=resume,
-                               seed=cfg.train.seed)]
+                               seed=cfg.train.seed, **stage_opts)]
     student_dir = out / "student"
     student.save_pretrained(student_dir)
     tokenizer.save_pretrained(student_dir)
