@@ -14,10 +14,13 @@ from safetensors.torch import save as safetensors_bytes
 
 from kdfast.cache.format import (
     MANIFEST,
+    SHARD_RE,
     CacheError,
     Manifest,
     ShardInfo,
     atomic_write_bytes,
+    is_kdfast_leftover,
+    sha256_file,
     shard_name,
     teacher_weights_sha256,
     tokenizer_sha256,
@@ -63,16 +66,59 @@ def parse_logits_option(text: str) -> tuple[str, int]:
 
 
 def _clean_orphans(cache_dir: Path, manifest: Manifest) -> list[str]:
-    """Delete files an interrupted run left behind: temporaries and shards the manifest does not list."""
+    """Delete what an interrupted build left behind (and nothing else: ``.git/``, ``.env``,
+    ``shard-notes.md`` stay)."""
     listed = {s.file for s in manifest.shards}
     removed = []
     for p in cache_dir.iterdir():
-        if p.name == MANIFEST or p.name in listed:
-            continue
-        if p.name.startswith(".") or p.name.startswith("shard-"):
+        if is_kdfast_leftover(p, listed):
             p.unlink()
             removed.append(p.name)
     return removed
+
+
+def _existing_manifest(out: Path) -> Manifest | None:
+    """The manifest of ``out`` if it is a kdfast cache, None if ``out`` is absent or holds nothing
+    but kdfast's temporaries; CacheError if it is a file or a non-empty directory of something else."""
+    if not out.exists():
+        if out.is_symlink():
+            raise CacheError(f"out {out} is a dangling symbolic link")
+        return None
+    if not out.is_dir():
+        raise CacheError(f"out {out} exists and is not a directory")
+    if (out / MANIFEST).exists() or (out / MANIFEST).is_symlink():
+        return Manifest.load(out)
+    # without a manifest (written before any shard) only temporaries can be kdfast's
+    foreign = sorted(p.name for p in out.iterdir() if SHARD_RE.fullmatch(p.name) or not is_kdfast_leftover(p, set()))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise CacheError(f"out {out} is neither empty nor a kdfast cache (no {MANIFEST}; it holds {shown}); "
+                         "use a new or empty directory")
+    return None
+
+
+def _load_teacher(teacher_path: Path, mode: str, progress: bool):
+    """The frozen teacher; with stored logits it must have a trained MLM head (checked as the recipes check it)."""
+    from transformers.utils import logging as hf_logging
+
+    from kdfast.train.recipes.common import load_teacher
+
+    remedy = "NO-LOGITS-REMEDY"  # load_teacher asks to "set <needed_by> to 0": say the cache's way instead
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar above a one-line error
+    try:
+        return load_teacher(teacher_path, mlm_head=mode != "none", needed_by=remedy)
+    except ValueError as e:
+        msg = " ".join(str(e).split())
+        if remedy in msg:
+            raise CacheError(msg.replace(f"set {remedy} to 0", "build with logits='none' (--logits none)")) from None
+        model = "AutoModelForMaskedLM" if mode != "none" else "AutoModel"
+        raise ValueError(f"teacher {teacher_path}: cannot load it as {model} ({msg[:300]}); "
+                         "a teacher without an MLM head needs logits='none'") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def build_cache(
@@ -103,7 +149,7 @@ def build_cache(
     projections. ``rows_per_shard`` must be a multiple of ``batch_size`` so that a resumed run
     feeds the teacher exactly the batches an uninterrupted one does.
     """
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from kdfast.losses.sparse_kd import sparsify_teacher_logits
 
@@ -141,35 +187,43 @@ def build_cache(
         "hidden": {"layers": layers, "dtype": hidden} if hidden != "none" else None,
         "qk": {"layers": list(range(1, n_layers + 1))} if qk else None,
     }
+    # Everything that can refuse the build runs before the first write, so a refused build leaves
+    # nothing behind; a partial cache of the same settings resumes.
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():
-        manifest = Manifest.load(out)
-        if manifest.settings != settings:
+    manifest = _existing_manifest(out)
+    if manifest is not None and manifest.settings != settings:
+        if manifest.shards or manifest.complete:
             diff = sorted(key for key in set(settings) | set(manifest.settings)
                           if settings.get(key) != manifest.settings.get(key))
             raise CacheError(f"{out_dir} holds a cache built with other settings (differing: {', '.join(diff)}); "
                              "use another output directory")
+        manifest = None  # a build that stopped before its first shard: nothing to keep
+    if manifest is not None and manifest.complete:
         _clean_orphans(out, manifest)
-        if manifest.complete:
-            return manifest
-    else:
-        manifest = Manifest(settings=settings)
-        _clean_orphans(out, manifest)
-        manifest.save(out)
+        return manifest
+    for info in manifest.shards if manifest is not None else ():  # resume only over shards that are intact
+        path = out / info.file
+        if not path.is_file() or path.is_symlink() or sha256_file(path) != info.sha256:
+            raise CacheError(f"{out_dir}: {info.file}, listed in the partial cache's manifest, is missing or "
+                             "altered, so the build cannot resume over it; use another output directory")
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_path, local_files_only=True)
     texts = load_texts(data_files, text_column)
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
     total = input_ids.shape[0]
+    if total == 0:
+        raise ValueError(f"data {', '.join(map(str, data_files))}: no text to cache")
+    if int(input_ids.max()) >= config.vocab_size:
+        raise ValueError(f"teacher {teacher_dir}: its tokenizer gives id {int(input_ids.max())}, beyond the model's "
+                         f"vocab_size {config.vocab_size}")
+    teacher = _load_teacher(teacher_path, mode, progress)
 
-    model_cls = AutoModelForMaskedLM if mode != "none" else AutoModel
-    try:
-        teacher = model_cls.from_pretrained(teacher_path, local_files_only=True).eval()
-    except ValueError as e:
-        raise ValueError(f"teacher {teacher_dir}: cannot load it as {model_cls.__name__} ({e}); "
-                         "a teacher without an MLM head needs logits='none'") from None
+    out.mkdir(parents=True, exist_ok=True)
+    if manifest is None:
+        manifest = Manifest(settings=settings)
+        manifest.save(out)
+    _clean_orphans(out, manifest)
     base = teacher.base_model
     captured: dict[str, torch.Tensor] = {}
     hooks = []
