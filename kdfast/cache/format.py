@@ -151,6 +151,10 @@ def _is_int(x: object) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def _need(ok: bool, where: str, what: str) -> None:
     if not ok:
         raise CacheError(f"{where} is malformed: {what}")
@@ -212,14 +216,14 @@ def validate_settings(settings: object, where: str) -> dict:
           f"settings.logits.mode must be 'topk', 'sampled' or 'none', got {lg['mode']!r}")
     _int(lg["k"], where, "settings.logits.k", 0 if lg["mode"] == "none" else 1, 0 if lg["mode"] == "none" else None)
     temp = lg["temperature"]
-    _need(isinstance(temp, (int, float)) and not isinstance(temp, bool) and math.isfinite(temp) and temp > 0, where,
+    _need(_is_number(temp) and math.isfinite(temp) and temp > 0, where,
           f"settings.logits.temperature must be a finite number > 0, got {temp!r}")
     if lg["mode"] == "none":
         _need(s["mlm"] is None, where, "settings.mlm must be null without logits")
     else:
         mlm = _dict(s["mlm"], where, "settings.mlm", {"probability", "seed"})
         p = mlm["probability"]
-        _need(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1, where,
+        _need(_is_number(p) and 0 <= p <= 1, where,
               f"settings.mlm.probability must be a number in [0, 1], got {p!r}")
         _int(mlm["seed"], where, "settings.mlm.seed", -(2**63), 2**63 - 1)
     if s["hidden"] is not None:
@@ -290,9 +294,13 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: leave no torn temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)

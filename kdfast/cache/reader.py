@@ -75,7 +75,9 @@ class TeacherCache:
             return
         for info in self.manifest.shards:
             with self._open(info) as f:
-                rows = f.get_slice("input_ids").get_shape()[0] if "input_ids" in f.keys() else None
+                if "input_ids" not in f.keys():
+                    raise CacheError(f"{info.file}: field input_ids missing")
+                rows = f.get_slice("input_ids").get_shape()[0]
             if rows != info.rows:
                 raise CacheError(f"{info.file} holds {rows} rows, the manifest says {info.rows}")
         self._rows_checked = True

@@ -5,6 +5,7 @@ last complete shard and ends identical to an uninterrupted one."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
@@ -18,12 +19,15 @@ from kdfast.cache.format import (
     CacheError,
     Manifest,
     ShardInfo,
+    _is_int,
+    _is_number,
     atomic_write_bytes,
     is_kdfast_leftover,
     sha256_file,
     shard_name,
     teacher_weights_sha256,
     tokenizer_sha256,
+    validate_settings,
 )
 from kdfast.data import files_sha256, load_texts, mask_tokens
 
@@ -148,6 +152,12 @@ def build_cache(
     ``hidden``: ``fp16`` | ``bf16`` | ``int8`` | ``none``; ``qk``: also keep each layer's query and key
     projections. ``rows_per_shard`` must be a multiple of ``batch_size`` so that a resumed run
     feeds the teacher exactly the batches an uninterrupted one does.
+
+    ``out_dir`` must be absent, empty, or a kdfast cache; only files kdfast writes there (shards,
+    their temporaries, the manifest) are ever replaced or deleted. Every argument and the teacher
+    (an MLM head when logits are kept) are checked before the first write, so a refused build
+    leaves nothing behind, and an interrupted one leaves a partial cache that the same call resumes.
+    Bad arguments raise ValueError (CacheError for the directory or an existing cache) naming them.
     """
     from transformers import AutoTokenizer
 
@@ -156,12 +166,23 @@ def build_cache(
     mode, k = parse_logits_option(logits)
     if hidden not in (*HIDDEN_DTYPES, "none"):
         raise ValueError(f"hidden must be one of {[*HIDDEN_DTYPES, 'none']}, got {hidden!r}")
-    if batch_size < 1 or rows_per_shard < 1 or rows_per_shard % batch_size:
-        raise ValueError(f"rows_per_shard ({rows_per_shard}) must be a positive multiple of batch_size ({batch_size})")
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    if not (temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    for name, value, least in (("batch_size", batch_size, 1), ("rows_per_shard", rows_per_shard, 1),
+                               ("max_length", max_length, 2)):
+        if not _is_int(value) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if rows_per_shard % batch_size:
+        raise ValueError(f"rows_per_shard ({rows_per_shard}) must be a multiple of batch_size ({batch_size})")
+    if not _is_number(temperature) or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not _is_number(mlm_probability) or not 0 <= mlm_probability <= 1:
+        raise ValueError(f"mlm_probability must be a number in [0, 1], got {mlm_probability!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(data_files, (list, tuple)) or not data_files or not all(
+            isinstance(f, (str, os.PathLike)) for f in data_files):
+        raise ValueError(f"data_files must be a non-empty list of paths, got {data_files!r}")
+    if layers is not None and (not isinstance(layers, (list, tuple)) or not all(_is_int(l) for l in layers)):
+        raise ValueError(f"layers must be a list of integers, got {layers!r}")
     teacher_path = Path(teacher_dir)
     if not (teacher_path / "config.json").is_file():
         raise ValueError(f"teacher {teacher_dir} is not a local model directory (no config.json)")
@@ -187,6 +208,7 @@ def build_cache(
         "hidden": {"layers": layers, "dtype": hidden} if hidden != "none" else None,
         "qk": {"layers": list(range(1, n_layers + 1))} if qk else None,
     }
+    validate_settings(settings, "build_cache")  # what is written must read back (e.g. a JSON-safe temperature)
     # Everything that can refuse the build runs before the first write, so a refused build leaves
     # nothing behind; a partial cache of the same settings resumes.
     out = Path(out_dir)

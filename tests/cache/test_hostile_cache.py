@@ -420,3 +420,87 @@ def test_closed_stdout_pipe_is_not_a_traceback(cache_dir):
                        stdout=write_end, stderr=subprocess.PIPE, text=True, env=env, timeout=120)
     os.close(write_end)
     assert r.returncode == 141 and r.stderr == "", r.stderr
+
+
+# ---------------------------------------------------------------- arguments, a full disk
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(temperature=float("nan")), "temperature must be a finite number > 0"),
+    (dict(temperature=float("inf")), "temperature must be a finite number > 0"),
+    (dict(temperature="2"), "temperature must be a finite number > 0"),
+    (dict(temperature=0.0), "temperature must be a finite number > 0"),
+    (dict(mlm_probability=1.5), "mlm_probability must be a number in"),
+    (dict(mlm_probability=float("nan")), "mlm_probability must be a number in"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(seed=True), "seed must be an integer"),
+    (dict(batch_size=0), "batch_size must be an integer >= 1"),
+    (dict(batch_size=2.0), "batch_size must be an integer >= 1"),
+    (dict(rows_per_shard=6), r"rows_per_shard \(6\) must be a multiple of batch_size \(4\)"),
+    (dict(max_length=1), "max_length must be an integer >= 2"),
+    (dict(layers=["0"]), "layers must be a list of integers"),
+    (dict(layers=[0, 7]), r"layers must lie in \[0, 2\]"),
+    (dict(logits="topk:0"), "logits must be"),
+    (dict(hidden="fp8"), "hidden must be one of"),
+])
+def test_bad_build_arguments_name_the_argument_and_write_nothing(tiny_teacher, text_file, tmp_path, bad, match):
+    kw = {**BUILD, **bad}
+    with pytest.raises(ValueError, match=match):
+        build_cache(str(tiny_teacher), [str(text_file)], str(tmp_path / "out"), **kw)
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_files_as_one_string_is_refused(tiny_teacher, text_file, tmp_path):
+    with pytest.raises(ValueError, match="data_files must be a non-empty list of paths"):
+        build_cache(str(tiny_teacher), str(text_file), str(tmp_path / "out"), **BUILD)
+
+
+def test_cli_non_finite_temperature_is_one_line(tiny_teacher, text_file, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "cache", "build", "--teacher", str(tiny_teacher), "--data", str(text_file),
+                           "--out", str(tmp_path / "o"), "--temperature", "nan", "--no-progress")
+    assert_one_line_error(code, err, "temperature must be a finite number > 0")
+
+
+def test_full_disk_mid_build_is_one_line_leaves_no_temporary_and_resumes(cache_dir, tiny_teacher, text_file, tmp_path,
+                                                                         capsys, monkeypatch):
+    """fsync failing with ENOSPC on the third shard: exit 2 in one line, no torn temporary, and the
+    next build resumes to the same shards as an uninterrupted one."""
+    import errno
+
+    out = tmp_path / "c"
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 11:  # two fsyncs per atomic write: manifest, (shard, manifest) x 2, then shard 3
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    argv = ["cache", "build", "--teacher", str(tiny_teacher), "--data", str(text_file), "--out", str(out), "--logits",
+            "topk:3", "--hidden", "int8", "--layers", "0,2", "--qk", "--max-length", "16", "--batch-size", "4",
+            "--rows-per-shard", "8", "--no-progress"]
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, "No space left on device")
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    partial = Manifest.load(out)
+    assert not partial.complete and len(partial.shards) == 2
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 0, err
+    assert [(s.file, s.sha256) for s in Manifest.load(out).shards] == \
+        [(s.file, s.sha256) for s in Manifest.load(cache_dir).shards]
+
+
+def test_shard_linked_to_a_file_outside_the_cache_is_refused(cache_copy, tmp_path):
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(cache_copy / "shard-00002.safetensors", outside)
+    (cache_copy / "shard-00002.safetensors").symlink_to(outside)
+    with pytest.raises(CacheError, match="points outside the cache directory"):
+        TeacherCache(str(cache_copy))
+
+
+def test_oversized_manifest_is_refused_unread(cache_copy):
+    with open(cache_copy / "manifest.json", "r+b") as f:
+        f.truncate((64 << 20) + 1)  # sparse: nothing is written, nothing may be read
+    with pytest.raises(CacheError, match="larger than 64 MiB"):
+        Manifest.load(cache_copy)
