@@ -8,6 +8,8 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -101,16 +103,46 @@ def _existing_manifest(out: Path) -> Manifest | None:
     return None
 
 
-def _load_teacher(teacher_path: Path, mode: str, progress: bool):
-    """The frozen teacher; with stored logits it must have a trained MLM head (checked as the recipes check it)."""
+def _lock_dir(out: Path) -> int:
+    """An exclusive lock on the cache directory, held until the returned descriptor is closed
+    (the kernel drops it when a killed build dies, so a stale lock cannot block the next build)."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CacheError(f"out {out}: another kdfast cache build is writing to it") from None
+    return fd
+
+
+@contextmanager
+def _library_progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn transformers' and datasets' own bars ("Loading weights", "Generating train split")
+    off while loading when the build runs without progress: a refusal stays one line."""
+    import datasets
+    from datasets.utils import logging as ds_logging
     from transformers.utils import logging as hf_logging
 
+    was = hf_logging.is_progress_bar_enabled(), ds_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was[0]:
+            hf_logging.enable_progress_bar()
+        if was[1]:
+            datasets.enable_progress_bars()
+
+
+def _load_teacher(teacher_path: Path, mode: str):
+    """The frozen teacher; with stored logits it must have a trained MLM head (checked as the recipes check it)."""
     from kdfast.train.recipes.common import load_teacher
 
     remedy = "NO-LOGITS-REMEDY"  # load_teacher asks to "set <needed_by> to 0": say the cache's way instead
-    bars = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()  # no "Loading weights" bar above a one-line error
     try:
         return load_teacher(teacher_path, mlm_head=mode != "none", needed_by=remedy)
     except ValueError as e:
@@ -120,9 +152,6 @@ def _load_teacher(teacher_path: Path, mode: str, progress: bool):
         model = "AutoModelForMaskedLM" if mode != "none" else "AutoModel"
         raise ValueError(f"teacher {teacher_path}: cannot load it as {model} ({msg[:300]}); "
                          "a teacher without an MLM head needs logits='none'") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def build_cache(
@@ -176,8 +205,8 @@ def build_cache(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not _is_number(mlm_probability) or not 0 <= mlm_probability <= 1:
         raise ValueError(f"mlm_probability must be a number in [0, 1], got {mlm_probability!r}")
-    if not _is_int(seed):
-        raise ValueError(f"seed must be an integer, got {seed!r}")
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if not isinstance(data_files, (list, tuple)) or not data_files or not all(
             isinstance(f, (str, os.PathLike)) for f in data_files):
         raise ValueError(f"data_files must be a non-empty list of paths, got {data_files!r}")
@@ -190,6 +219,10 @@ def build_cache(
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(teacher_path, local_files_only=True)
+    positions = getattr(config, "max_position_embeddings", None)
+    if _is_int(positions) and max_length > positions:  # else an IndexError inside the teacher's first batch
+        raise ValueError(f"max_length {max_length} exceeds the {positions} positions of the teacher in {teacher_dir} "
+                         "(max_position_embeddings)")
     n_layers = config.num_hidden_layers
     layers = list(range(n_layers + 1)) if layers is None else sorted(set(layers))
     if any(not 0 <= l <= n_layers for l in layers):
@@ -212,7 +245,7 @@ def build_cache(
     # Everything that can refuse the build runs before the first write, so a refused build leaves
     # nothing behind; a partial cache of the same settings resumes.
     out = Path(out_dir)
-    manifest = _existing_manifest(out)
+    manifest = existing = _existing_manifest(out)
     if manifest is not None and manifest.settings != settings:
         if manifest.shards or manifest.complete:
             diff = sorted(key for key in set(settings) | set(manifest.settings)
@@ -230,7 +263,8 @@ def build_cache(
                              "altered, so the build cannot resume over it; use another output directory")
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_path, local_files_only=True)
-    texts = load_texts(data_files, text_column)
+    with _library_progress_bars(progress):
+        texts = load_texts(data_files, text_column)
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
     total = input_ids.shape[0]
@@ -239,32 +273,39 @@ def build_cache(
     if int(input_ids.max()) >= config.vocab_size:
         raise ValueError(f"teacher {teacher_dir}: its tokenizer gives id {int(input_ids.max())}, beyond the model's "
                          f"vocab_size {config.vocab_size}")
-    teacher = _load_teacher(teacher_path, mode, progress)
+    if mode != "none" and tokenizer.mask_token_id is None:
+        raise ValueError(f"teacher {teacher_dir}: its tokenizer has no [MASK] token, so the inputs cannot be "
+                         "MLM-masked for logits; build with logits='none'")
+    with _library_progress_bars(progress):
+        teacher = _load_teacher(teacher_path, mode)
 
     out.mkdir(parents=True, exist_ok=True)
-    if manifest is None:
-        manifest = Manifest(settings=settings)
-        manifest.save(out)
-    _clean_orphans(out, manifest)
-    base = teacher.base_model
+    lock = _lock_dir(out)
     captured: dict[str, torch.Tensor] = {}
     hooks = []
-    if qk:
-        for i, layer in enumerate(base.encoder.layer, start=1):
-            attn = layer.attention.self
-            hooks.append(attn.query.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"q_{i}", o)))
-            hooks.append(attn.key.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"k_{i}", o)))
-    special = [i for i in tokenizer.all_special_ids]
-    ids_dtype = torch.int32
-
-    start_row = manifest.rows
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start_row, unit="ex", desc="teacher cache", dynamic_ncols=True)
-    t0, written, tokens_done = time.perf_counter(), 0, 0
     try:
+        on_disk = Manifest.load(out) if (out / MANIFEST).exists() else None
+        if (on_disk is None) != (existing is None) or (on_disk is not None and on_disk.to_json() != existing.to_json()):
+            raise CacheError(f"{out_dir} changed while this build started (another build?); run it again")
+        if manifest is None:
+            manifest = Manifest(settings=settings)
+            manifest.save(out)
+        _clean_orphans(out, manifest)
+        if qk:
+            for i, layer in enumerate(teacher.base_model.encoder.layer, start=1):
+                attn = layer.attention.self
+                hooks.append(attn.query.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"q_{i}", o)))
+                hooks.append(attn.key.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"k_{i}", o)))
+        special = [i for i in tokenizer.all_special_ids]
+        ids_dtype = torch.int32
+
+        start_row = manifest.rows
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=start_row, unit="ex", desc="teacher cache", dynamic_ncols=True)
+        t0, written, tokens_done = time.perf_counter(), 0, 0
         with torch.no_grad():
             for shard_start in range(start_row, total, rows_per_shard):
                 shard_rows = range(shard_start, min(shard_start + rows_per_shard, total))
@@ -319,11 +360,12 @@ def build_cache(
                     dt = time.perf_counter() - t0
                     bar.update(len(shard_rows))
                     bar.set_postfix(tok_s=f"{tokens_done / dt:.0f}", MB=f"{written / 2**20:.1f}")
+        manifest.complete = True
+        manifest.save(out)
     finally:
         for h in hooks:
             h.remove()
         if bar is not None:
             bar.close()
-    manifest.complete = True
-    manifest.save(out)
+        os.close(lock)  # releases the lock
     return manifest

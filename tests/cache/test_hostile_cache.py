@@ -433,6 +433,7 @@ def test_closed_stdout_pipe_is_not_a_traceback(cache_dir):
     (dict(mlm_probability=float("nan")), "mlm_probability must be a number in"),
     (dict(seed=1.5), "seed must be an integer"),
     (dict(seed=True), "seed must be an integer"),
+    (dict(seed=2**40), r"seed must be an integer in \[0, 2\*\*32\)"),
     (dict(batch_size=0), "batch_size must be an integer >= 1"),
     (dict(batch_size=2.0), "batch_size must be an integer >= 1"),
     (dict(rows_per_shard=6), r"rows_per_shard \(6\) must be a multiple of batch_size \(4\)"),
@@ -504,3 +505,47 @@ def test_oversized_manifest_is_refused_unread(cache_copy):
         f.truncate((64 << 20) + 1)  # sparse: nothing is written, nothing may be read
     with pytest.raises(CacheError, match="larger than 64 MiB"):
         Manifest.load(cache_copy)
+
+
+def test_a_second_build_into_a_directory_being_written_is_refused(cache_dir, tiny_teacher, text_file, tmp_path):
+    import fcntl
+
+    out = tmp_path / "busy"
+    shutil.copytree(cache_dir, out)
+    m = Manifest.load(out)
+    m.shards, m.complete = m.shards[:1], False
+    m.save(out)
+    fd = os.open(out, os.O_RDONLY)  # what a running build holds
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(CacheError, match="another kdfast cache build is writing to it"):
+            build_cache(str(tiny_teacher), [str(text_file)], str(out), logits="topk:3", hidden="int8", layers=[0, 2],
+                        qk=True, **BUILD)
+        assert len(Manifest.load(out).shards) == 1 and (out / "shard-00003.safetensors").exists()  # untouched
+    finally:
+        os.close(fd)
+    build_cache(str(tiny_teacher), [str(text_file)], str(out), logits="topk:3", hidden="int8", layers=[0, 2], qk=True,
+                **BUILD)  # the lock went with its holder
+    assert TeacherCache(str(out)).verify() == []
+
+
+def test_tokenizer_without_mask_token_is_refused_for_logits(tiny_teacher, text_file, tmp_path):
+    from transformers import BertTokenizer
+
+    t = tmp_path / "nomask"
+    shutil.copytree(tiny_teacher, t)
+    vocab = [w for w, _ in sorted(BertTokenizer.from_pretrained(t).get_vocab().items(), key=lambda x: x[1])
+             if w != "[MASK]"]
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (t / name).unlink(missing_ok=True)
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, mask_token=None).save_pretrained(t)
+    with pytest.raises(ValueError, match=r"has no \[MASK\] token"):
+        build_cache(str(t), [str(text_file)], str(tmp_path / "o"), logits="topk:3", **BUILD)
+    assert not (tmp_path / "o").exists()
+
+
+def test_max_length_beyond_the_teachers_positions_is_one_line(tiny_teacher, text_file, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "cache", "build", "--teacher", str(tiny_teacher), "--data", str(text_file),
+                           "--out", str(tmp_path / "o"), "--max-length", "65", "--no-progress")
+    assert_one_line_error(code, err, "max_length 65 exceeds the 64 positions of the teacher")
+    assert not (tmp_path / "o").exists()
