@@ -549,3 +549,21 @@ def test_max_length_beyond_the_teachers_positions_is_one_line(tiny_teacher, text
                            "--out", str(tmp_path / "o"), "--max-length", "65", "--no-progress")
     assert_one_line_error(code, err, "max_length 65 exceeds the 64 positions of the teacher")
     assert not (tmp_path / "o").exists()
+
+
+def test_finite_check_agrees_with_isfinite_on_every_half_bit_pattern():
+    """The reader finds NaN / Inf from the exponent bits: exhaustive over fp16 and bf16, random fp32 patterns."""
+    from kdfast.cache.reader import _check_finite
+
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    g = torch.Generator().manual_seed(5)
+    cases = [every.view(torch.float16), every.view(torch.bfloat16),
+             torch.randint(-2**31, 2**31, (200_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)]
+    for values in cases:
+        for chunk in values.split(509):  # odd-sized pieces, many holding no NaN / Inf
+            finite = bool(torch.isfinite(chunk).all())
+            try:
+                _check_finite(chunk, "x")
+                assert finite, chunk
+            except CacheError:
+                assert not finite
