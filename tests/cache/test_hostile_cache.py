@@ -567,3 +567,18 @@ def test_finite_check_agrees_with_isfinite_on_every_half_bit_pattern():
                 assert finite, chunk
             except CacheError:
                 assert not finite
+
+
+@pytest.mark.parametrize("manifest", [b"not json", b'{"format": "kdfast-teacher-cache", "version": 99}', b"[]"])
+def test_out_with_a_foreign_or_future_manifest_is_refused_and_left_untouched(tiny_teacher, text_file, tmp_path,
+                                                                             capsys, manifest):
+    out = tmp_path / "o"
+    put_foreign(out)
+    (out / "manifest.json").write_bytes(manifest)
+    (out / "shard-00000.safetensors").write_bytes(b"someone else's")
+    code, _, err = run_cli(capsys, "cache", "build", "--teacher", str(tiny_teacher), "--data", str(text_file),
+                           "--out", str(out), "--max-length", "16", "--no-progress")
+    assert_one_line_error(code, err, str(out / "manifest.json"))
+    assert (out / "manifest.json").read_bytes() == manifest
+    assert (out / "shard-00000.safetensors").read_bytes() == b"someone else's"
+    assert_foreign_intact(out)
