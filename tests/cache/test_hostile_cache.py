@@ -87,7 +87,7 @@ def test_out_naming_a_file_is_refused(tiny_teacher, text_file, tmp_path, capsys)
     target = tmp_path / "notes.txt"
     target.write_text("keep me\n")
     code, _, err = run_cli(capsys, "cache", "build", "--teacher", str(tiny_teacher), "--data", str(text_file),
-                           "--out", str(target), "--no-progress")
+                           "--out", str(target), "--max-length", "16", "--no-progress")
     assert_one_line_error(code, err, "is not a directory")
     assert target.read_text() == "keep me\n"
 
