@@ -119,7 +119,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from kdfast.cache import CacheError, TeacherCache, build_cache
+    from kdfast.cache import TeacherCache, build_cache
 
     try:
         if args.cache_command == "build":

@@ -155,6 +155,12 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _show(x: object, limit: int = 80) -> str:
+    """repr(x), cut short: a hostile manifest must not turn an error into megabytes."""
+    text = repr(x)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _need(ok: bool, where: str, what: str) -> None:
     if not ok:
         raise CacheError(f"{where} is malformed: {what}")
@@ -165,27 +171,27 @@ def _dict(x: object, where: str, name: str, keys: set[str]) -> dict:
     _need(isinstance(x, dict), where, f"{name} must be an object, got {type(x).__name__}")
     missing, extra = keys - set(x), set(x) - keys
     _need(not missing, where, f"{name} lacks {', '.join(sorted(missing))}")
-    _need(not extra, where, f"{name} has unknown field(s) {', '.join(sorted(map(str, extra)))}")
+    _need(not extra, where, f"{name} has unknown field(s) {_show(sorted(map(str, extra)))}")
     return x
 
 
 def _int(x: object, where: str, name: str, lo: int, hi: int | None = None) -> int:
     ok = _is_int(x) and x >= lo and (hi is None or x <= hi)
-    _need(ok, where, f"{name} must be an integer in [{lo}, {'inf' if hi is None else hi}], got {x!r}")
+    _need(ok, where, f"{name} must be an integer in [{lo}, {'inf' if hi is None else hi}], got {_show(x)}")
     return x
 
 
 def _str(x: object, where: str, name: str, pattern: re.Pattern | None = None) -> str:
     _need(isinstance(x, str) and (pattern is None or pattern.fullmatch(x) is not None), where,
-          f"{name} must be a string{'' if pattern is None else f' matching {pattern.pattern}'}, got {x!r}")
+          f"{name} must be a string{'' if pattern is None else f' matching {pattern.pattern}'}, got {_show(x)}")
     return x
 
 
 def _int_list(x: object, where: str, name: str, lo: int, hi: int) -> list[int]:
-    _need(isinstance(x, list) and len(x) > 0, where, f"{name} must be a non-empty list, got {x!r}")
+    _need(isinstance(x, list) and len(x) > 0, where, f"{name} must be a non-empty list, got {_show(x)}")
     for v in x:
         _int(v, where, f"{name} entries", lo, hi)
-    _need(x == sorted(set(x)), where, f"{name} must be increasing without repeats, got {x!r}")
+    _need(x == sorted(set(x)), where, f"{name} must be increasing without repeats, got {_show(x)}")
     return x
 
 
@@ -213,24 +219,24 @@ def validate_settings(settings: object, where: str) -> dict:
     _need(per_shard % batch == 0, where, f"settings.rows_per_shard {per_shard} is not a multiple of batch_size {batch}")
     lg = _dict(s["logits"], where, "settings.logits", {"mode", "k", "temperature"})
     _need(lg["mode"] in ("topk", "sampled", "none"), where,
-          f"settings.logits.mode must be 'topk', 'sampled' or 'none', got {lg['mode']!r}")
+          f"settings.logits.mode must be 'topk', 'sampled' or 'none', got {_show(lg['mode'])}")
     _int(lg["k"], where, "settings.logits.k", 0 if lg["mode"] == "none" else 1, 0 if lg["mode"] == "none" else None)
     temp = lg["temperature"]
     _need(_is_number(temp) and math.isfinite(temp) and temp > 0, where,
-          f"settings.logits.temperature must be a finite number > 0, got {temp!r}")
+          f"settings.logits.temperature must be a finite number > 0, got {_show(temp)}")
     if lg["mode"] == "none":
         _need(s["mlm"] is None, where, "settings.mlm must be null without logits")
     else:
         mlm = _dict(s["mlm"], where, "settings.mlm", {"probability", "seed"})
         p = mlm["probability"]
         _need(_is_number(p) and 0 <= p <= 1, where,
-              f"settings.mlm.probability must be a number in [0, 1], got {p!r}")
+              f"settings.mlm.probability must be a number in [0, 1], got {_show(p)}")
         _int(mlm["seed"], where, "settings.mlm.seed", -(2**63), 2**63 - 1)
     if s["hidden"] is not None:
         h = _dict(s["hidden"], where, "settings.hidden", {"layers", "dtype"})
         _int_list(h["layers"], where, "settings.hidden.layers", 0, n_layers)
         _need(h["dtype"] in ("fp16", "bf16", "int8"), where,
-              f"settings.hidden.dtype must be 'fp16', 'bf16' or 'int8', got {h['dtype']!r}")
+              f"settings.hidden.dtype must be 'fp16', 'bf16' or 'int8', got {_show(h['dtype'])}")
     if s["qk"] is not None:
         _int_list(_dict(s["qk"], where, "settings.qk", {"layers"})["layers"], where, "settings.qk.layers", 1, n_layers)
     return s
@@ -244,16 +250,17 @@ def validate_manifest(raw: object, where: str | os.PathLike) -> Manifest:
     checked against the shards themselves by the reader (:meth:`TeacherCache.check_row_counts`)."""
     where = str(where)
     m = _dict(raw, where, "the manifest", {"format", "version", "settings", "shards", "complete"})
-    _need(m["format"] == FORMAT, where, f"format {m['format']!r} is not {FORMAT!r}")
+    _need(m["format"] == FORMAT, where, f"format {_show(m['format'])} is not {FORMAT!r}")
     if not (_is_int(m["version"]) and m["version"] == VERSION):
-        raise CacheError(f"{where}: format version {m['version']!r} is not supported (want {VERSION})")
-    _need(isinstance(m["complete"], bool), where, f"complete must be true or false, got {m['complete']!r}")
+        raise CacheError(f"{where}: format version {_show(m['version'])} is not supported (want {VERSION})")
+    _need(isinstance(m["complete"], bool), where, f"complete must be true or false, got {_show(m['complete'])}")
     settings = validate_settings(m["settings"], where)
     per_shard, L = settings["rows_per_shard"], settings["max_length"]
     _need(isinstance(m["shards"], list), where, f"shards must be a list, got {type(m['shards']).__name__}")
     for i, sh in enumerate(m["shards"]):  # names first: a repeated shard is reported as such
         sh = _dict(sh, where, f"shards[{i}]", {"file", "rows", "tokens", "sha256"})
-        _need(sh["file"] == shard_name(i), where, f"shards[{i}].file must be {shard_name(i)!r}, got {sh['file']!r}")
+        _need(sh["file"] == shard_name(i), where,
+              f"shards[{i}].file must be {shard_name(i)!r}, got {_show(sh['file'])}")
     shards = []
     for i, sh in enumerate(m["shards"]):
         last = i == len(m["shards"]) - 1

@@ -185,7 +185,8 @@ class TeacherCache:
                 continue
             digest = sha256_file(path)
             if digest != info.sha256:
-                problems.append(f"{info.file}: sha256 {digest[:12]}... differs from the manifest's {info.sha256[:12]}...")
+                problems.append(f"{info.file}: sha256 {digest[:12]}... differs from the manifest's "
+                                f"{info.sha256[:12]}...")
                 continue
             try:
                 with self._open(info) as f:

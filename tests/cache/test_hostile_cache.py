@@ -146,7 +146,8 @@ def test_a_partial_cache_with_an_altered_shard_is_not_resumed(cache_copy, tiny_t
     code, _, err = run_cli(capsys, "cache", "build", "--teacher", str(tiny_teacher), "--data", str(text_file),
                            "--out", str(cache_copy), "--logits", "topk:3", "--hidden", "int8", "--layers", "0,2",
                            "--qk", "--max-length", "16", "--batch-size", "4", "--rows-per-shard", "8", "--no-progress")
-    assert_one_line_error(code, err, "shard-00001.safetensors, listed in the partial cache's manifest, is missing or altered")
+    assert_one_line_error(code, err,
+                          "shard-00001.safetensors, listed in the partial cache's manifest, is missing or altered")
     assert (cache_copy / "shard-00001.safetensors").read_bytes() == b"flipped"
 
 
@@ -203,7 +204,7 @@ MANIFEST_MUTATIONS = {
     "version true": (_edit(["version"], True), "format version True is not supported"),
     "version 2": (_edit(["version"], 2), "format version 2 is not supported"),
     "other format": (_edit(["format"], "safetensors"), "format 'safetensors' is not"),
-    "unknown top-level field": (_edit(["extra"], 1), "the manifest has unknown field(s) extra"),
+    "unknown top-level field": (_edit(["extra"], 1), "the manifest has unknown field(s) ['extra']"),
     "settings a list": (_edit(["settings"], []), "settings must be an object"),
     "shards an object": (_edit(["shards"], {}), "shards must be a list"),
     "temperature NaN": (_edit(["settings", "logits", "temperature"], float("nan")),
@@ -558,7 +559,8 @@ def test_finite_check_agrees_with_isfinite_on_every_half_bit_pattern():
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     g = torch.Generator().manual_seed(5)
     cases = [every.view(torch.float16), every.view(torch.bfloat16),
-             torch.randint(-2**31, 2**31, (200_000,), generator=g, dtype=torch.int64).to(torch.int32).view(torch.float32)]
+             torch.randint(-2**31, 2**31, (200_000,), generator=g, dtype=torch.int64).to(torch.int32)
+             .view(torch.float32)]
     for values in cases:
         for chunk in values.split(509):  # odd-sized pieces, many holding no NaN / Inf
             finite = bool(torch.isfinite(chunk).all())
