@@ -212,6 +212,9 @@ def build_cache(
         raise ValueError(f"data_files must be a non-empty list of paths, got {data_files!r}")
     if layers is not None and (not isinstance(layers, (list, tuple)) or not all(_is_int(l) for l in layers)):
         raise ValueError(f"layers must be a list of integers, got {layers!r}")
+    for f in data_files:  # hashed below, before load_texts reads (and checks) them
+        if not Path(f).is_file():
+            raise ValueError(f"data file {f} does not exist or is not a file")
     teacher_path = Path(teacher_dir)
     if not (teacher_path / "config.json").is_file():
         raise ValueError(f"teacher {teacher_dir} is not a local model directory (no config.json)")
@@ -241,7 +244,10 @@ def build_cache(
         "hidden": {"layers": layers, "dtype": hidden} if hidden != "none" else None,
         "qk": {"layers": list(range(1, n_layers + 1))} if qk else None,
     }
-    validate_settings(settings, "build_cache")  # what is written must read back (e.g. a JSON-safe temperature)
+    try:  # what is written must read back: the reader's schema, applied before writing
+        validate_settings(settings, "the settings")
+    except CacheError as e:
+        raise ValueError(f"teacher {teacher_dir} with these arguments gives settings a cache cannot hold: {e}") from None
     # Everything that can refuse the build runs before the first write, so a refused build leaves
     # nothing behind; a partial cache of the same settings resumes.
     out = Path(out_dir)

@@ -584,3 +584,26 @@ def test_out_with_a_foreign_or_future_manifest_is_refused_and_left_untouched(tin
     assert (out / "manifest.json").read_bytes() == manifest
     assert (out / "shard-00000.safetensors").read_bytes() == b"someone else's"
     assert_foreign_intact(out)
+
+
+@pytest.mark.parametrize("data", ["missing.txt", "a-directory"])
+def test_missing_or_directory_data_is_a_value_error_and_one_cli_line(tiny_teacher, tmp_path, capsys, data):
+    (tmp_path / "a-directory").mkdir()
+    with pytest.raises(ValueError, match=f"data file .*{data} does not exist or is not a file"):
+        build_cache(str(tiny_teacher), [str(tmp_path / data)], str(tmp_path / "o"), **BUILD)
+    code, _, err = run_cli(capsys, "cache", "build", "--teacher", str(tiny_teacher), "--data", str(tmp_path / data),
+                           "--out", str(tmp_path / "o"), "--max-length", "16", "--no-progress")
+    assert_one_line_error(code, err, "does not exist or is not a file")
+    assert not (tmp_path / "o").exists()
+
+
+def test_teacher_config_the_cache_cannot_hold_is_refused_before_writing(tiny_teacher, text_file, tmp_path):
+    t = tmp_path / "odd-teacher"
+    shutil.copytree(tiny_teacher, t)
+    cfg = json.loads((t / "config.json").read_text())
+    cfg["model_type"] = "bert"
+    cfg["num_hidden_layers"] = 0  # an encoder without layers: nothing to distil from
+    (t / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="settings.teacher.num_hidden_layers must be an integer in"):
+        build_cache(str(t), [str(text_file)], str(tmp_path / "o"), layers=[0], **BUILD)
+    assert not (tmp_path / "o").exists()
