@@ -145,11 +145,14 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from kdfast.cache import CacheError, TeacherCache, build_cache
+    from kdfast.cache import TeacherCache, build_cache
 
     try:
         if args.cache_command == "build":
-            layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+            try:
+                layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+            except ValueError:
+                raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
             m = build_cache(args.teacher, args.data, args.out, layers=layers, logits=args.logits, hidden=args.hidden,
                             qk=args.qk, max_length=args.max_length, batch_size=args.batch_size,
                             rows_per_shard=args.rows_per_shard, temperature=args.temperature, seed=args.seed,
@@ -179,8 +182,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
                 print(f"  {name:<18} {b:10.2f}")
             print(f"  {'total':<18} {info['bytes_per_token_total']:10.2f}")
         return 0
-    except (CacheError, ValueError, FileNotFoundError) as e:
-        print(f"kdfast cache {args.cache_command}: error: {e}", file=sys.stderr)
+    except BrokenPipeError:
+        raise  # stdout closed by the reader (`| head`): main() ends quietly
+    except (ValueError, OSError) as e:  # CacheError is a ValueError; OSError: unreadable paths, a full disk
+        print(f"kdfast cache {args.cache_command}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
 
@@ -295,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     cb = csub.add_parser("build", help="run the teacher once over local text and store its activations")
     cb.add_argument("--teacher", required=True, help="local model directory (save_pretrained layout)")
     cb.add_argument("--data", required=True, nargs="+", help="local text files (.txt lines, .json/.jsonl/.csv)")
-    cb.add_argument("--out", required=True, help="cache directory (resumed if it holds a partial cache)")
+    cb.add_argument("--out", required=True, help="cache directory: new, empty, or a kdfast cache (a partial one is "
+                                                 "resumed); nothing kdfast did not write is ever removed")
     cb.add_argument("--layers", help="comma-separated hidden-state indices (0 = embeddings); default all")
     cb.add_argument("--logits", default="topk:8", help="topk:K | sampled:K | none (default topk:8)")
     cb.add_argument("--hidden", default="fp16", choices=["fp16", "bf16", "int8", "none"])
@@ -307,9 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     cb.add_argument("--seed", type=int, default=0)
     cb.add_argument("--text-column", default="text")
     cb.add_argument("--no-progress", action="store_true")
-    for name, helptext in (("verify", "check every hash, shape and stray file"),
-                           ("info", "rows, tokens, bytes per token by field, teacher")):
-        cp = csub.add_parser(name, help=helptext)
+    for name, helptext in (("verify", "check every hash, field, row and stray file; exit 0: sound, 1: problems "
+                                      "(listed), 2: not a readable kdfast cache (malformed manifest)"),
+                           ("info", "rows, tokens, bytes per token by field, teacher; exit 2 on a malformed cache")):
+        cp = csub.add_parser(name, help=helptext, description=helptext)
         cp.add_argument("cache")
         if name == "info":
             cp.add_argument("--json", action="store_true")
@@ -378,7 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        code = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `kdfast ... | head`: the reader left; stop quietly as SIGPIPE would
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes
+        return 128 + 13
 
 
 if __name__ == "__main__":

@@ -20,15 +20,23 @@ Fields of a shard (``N`` examples padded to ``max_length`` L, ``M`` MLM-masked p
                      (<l> is the index in ``output_hidden_states``: 0 = embeddings)
     q_<l>, k_<l>     fp16 [N, L, H * dh]  query / key projections of transformer layer <l> (1-based)
 
-A shard is written under a temporary name, fsynced, renamed, and only then entered in the
-manifest (itself replaced atomically) with its row count, token count and sha256. Anything in
-the directory that the manifest does not list is an interrupted write and is deleted on resume.
+A shard is written under a temporary name (``.shard-NNNNN.safetensors.tmp-PID``), fsynced,
+renamed, and only then entered in the manifest (itself replaced atomically) with its row count,
+token count and sha256. On resume, the only files deleted are those an interrupted write of
+kdfast's leaves: temporaries of that exact form and shard files the manifest does not list.
+Anything else in the directory (``.git/``, ``.gitignore``, notes) is never touched; a build
+refuses an output directory that is neither empty nor a kdfast cache.
+
+``manifest.json`` is validated as a schema before use (:func:`validate_manifest`): exact types
+(``"complete": "false"`` is not a bool), ranges, shard names ``shard-00000`` .. in order, each
+shard but the last holding exactly ``rows_per_shard`` rows.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
@@ -37,7 +45,11 @@ from pathlib import Path
 FORMAT = "kdfast-teacher-cache"
 VERSION = 1
 MANIFEST = "manifest.json"
-SHARD_RE = re.compile(r"^shard-\d{5}\.safetensors$")
+# match with .fullmatch: "$" would accept a trailing newline, "\d" non-ASCII digits
+SHARD_RE = re.compile(r"shard-[0-9]{5}\.safetensors")
+TEMP_RE = re.compile(r"\.(manifest\.json|shard-[0-9]{5}\.safetensors)\.tmp-[0-9]+")  # atomic_write_bytes' names
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+MAX_MANIFEST_BYTES = 64 << 20  # about 400k shards; a larger file is not one kdfast wrote
 
 
 class CacheError(ValueError):
@@ -115,23 +127,19 @@ class Manifest:
 
     @classmethod
     def load(cls, cache_dir: str | os.PathLike) -> "Manifest":
+        """Read and validate ``manifest.json`` (:func:`validate_manifest`); CacheError naming the fault."""
         path = Path(cache_dir) / MANIFEST
         if not path.is_file():
             raise CacheError(f"{cache_dir} is not a kdfast cache: {MANIFEST} is missing")
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise CacheError(f"{path} is malformed: larger than {MAX_MANIFEST_BYTES >> 20} MiB")
         try:
-            raw = json.loads(path.read_text())
-            if raw.get("format") != FORMAT:
-                raise CacheError(f"{path}: format {raw.get('format')!r} is not {FORMAT!r}")
-            if raw.get("version") != VERSION:
-                raise CacheError(f"{path}: format version {raw.get('version')} is not supported (want {VERSION})")
-            shards = [ShardInfo(**s) for s in raw["shards"]]
-            m = cls(settings=raw["settings"], shards=shards, complete=bool(raw["complete"]))
-        except CacheError:
-            raise
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
-            raise CacheError(f"{path} is malformed: {e}") from None
+            raw = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CacheError(f"{path} is malformed: not UTF-8 JSON ({' '.join(str(e).split())[:200]})") from None
+        m = validate_manifest(raw, path)
         for s in m.shards:
-            shard_path(cache_dir, s.file)  # refuses names outside the cache directory
+            shard_path(cache_dir, s.file)  # refuses names (or links) outside the cache directory
         return m
 
     def save(self, cache_dir: str | os.PathLike) -> None:
@@ -139,15 +147,148 @@ class Manifest:
         atomic_write_bytes(Path(cache_dir) / MANIFEST, self.to_json().encode())
 
 
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _show(x: object, limit: int = 80) -> str:
+    """repr(x), cut short: a hostile manifest must not turn an error into megabytes."""
+    text = repr(x)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _need(ok: bool, where: str, what: str) -> None:
+    if not ok:
+        raise CacheError(f"{where} is malformed: {what}")
+
+
+def _dict(x: object, where: str, name: str, keys: set[str]) -> dict:
+    """``x`` is a dict with exactly ``keys`` (a missing key or an unknown one is refused)."""
+    _need(isinstance(x, dict), where, f"{name} must be an object, got {type(x).__name__}")
+    missing, extra = keys - set(x), set(x) - keys
+    _need(not missing, where, f"{name} lacks {', '.join(sorted(missing))}")
+    _need(not extra, where, f"{name} has unknown field(s) {_show(sorted(map(str, extra)))}")
+    return x
+
+
+def _int(x: object, where: str, name: str, lo: int, hi: int | None = None) -> int:
+    ok = _is_int(x) and x >= lo and (hi is None or x <= hi)
+    _need(ok, where, f"{name} must be an integer in [{lo}, {'inf' if hi is None else hi}], got {_show(x)}")
+    return x
+
+
+def _str(x: object, where: str, name: str, pattern: re.Pattern | None = None) -> str:
+    _need(isinstance(x, str) and (pattern is None or pattern.fullmatch(x) is not None), where,
+          f"{name} must be a string{'' if pattern is None else f' matching {pattern.pattern}'}, got {_show(x)}")
+    return x
+
+
+def _int_list(x: object, where: str, name: str, lo: int, hi: int) -> list[int]:
+    _need(isinstance(x, list) and len(x) > 0, where, f"{name} must be a non-empty list, got {_show(x)}")
+    for v in x:
+        _int(v, where, f"{name} entries", lo, hi)
+    _need(x == sorted(set(x)), where, f"{name} must be increasing without repeats, got {_show(x)}")
+    return x
+
+
+def validate_settings(settings: object, where: str) -> dict:
+    """The build settings as :func:`kdfast.cache.build_cache` writes them: every key, type and range."""
+    s = _dict(settings, where, "settings", {"teacher", "tokenizer_sha256", "data", "max_length", "batch_size",
+                                            "rows_per_shard", "logits", "mlm", "hidden", "qk"})
+    t = _dict(s["teacher"], where, "settings.teacher", {"path", "weights_sha256", "model_type", "num_hidden_layers",
+                                                         "hidden_size", "num_attention_heads", "vocab_size"})
+    _str(t["path"], where, "settings.teacher.path")
+    _str(t["weights_sha256"], where, "settings.teacher.weights_sha256", SHA256_RE)
+    _str(t["model_type"], where, "settings.teacher.model_type")
+    n_layers = _int(t["num_hidden_layers"], where, "settings.teacher.num_hidden_layers", 1)
+    for key in ("hidden_size", "num_attention_heads", "vocab_size"):
+        _int(t[key], where, f"settings.teacher.{key}", 1)
+    _str(s["tokenizer_sha256"], where, "settings.tokenizer_sha256", SHA256_RE)
+    d = _dict(s["data"], where, "settings.data", {"files", "sha256", "text_column"})
+    _need(isinstance(d["files"], list) and all(isinstance(f, str) for f in d["files"]), where,
+          "settings.data.files must be a list of strings")
+    _str(d["sha256"], where, "settings.data.sha256", SHA256_RE)
+    _str(d["text_column"], where, "settings.data.text_column")
+    _int(s["max_length"], where, "settings.max_length", 2)
+    batch = _int(s["batch_size"], where, "settings.batch_size", 1)
+    per_shard = _int(s["rows_per_shard"], where, "settings.rows_per_shard", 1)
+    _need(per_shard % batch == 0, where, f"settings.rows_per_shard {per_shard} is not a multiple of batch_size {batch}")
+    lg = _dict(s["logits"], where, "settings.logits", {"mode", "k", "temperature"})
+    _need(lg["mode"] in ("topk", "sampled", "none"), where,
+          f"settings.logits.mode must be 'topk', 'sampled' or 'none', got {_show(lg['mode'])}")
+    _int(lg["k"], where, "settings.logits.k", 0 if lg["mode"] == "none" else 1, 0 if lg["mode"] == "none" else None)
+    temp = lg["temperature"]
+    _need(_is_number(temp) and math.isfinite(temp) and temp > 0, where,
+          f"settings.logits.temperature must be a finite number > 0, got {_show(temp)}")
+    if lg["mode"] == "none":
+        _need(s["mlm"] is None, where, "settings.mlm must be null without logits")
+    else:
+        mlm = _dict(s["mlm"], where, "settings.mlm", {"probability", "seed"})
+        p = mlm["probability"]
+        _need(_is_number(p) and 0 <= p <= 1, where,
+              f"settings.mlm.probability must be a number in [0, 1], got {_show(p)}")
+        _int(mlm["seed"], where, "settings.mlm.seed", -(2**63), 2**63 - 1)
+    if s["hidden"] is not None:
+        h = _dict(s["hidden"], where, "settings.hidden", {"layers", "dtype"})
+        _int_list(h["layers"], where, "settings.hidden.layers", 0, n_layers)
+        _need(h["dtype"] in ("fp16", "bf16", "int8"), where,
+              f"settings.hidden.dtype must be 'fp16', 'bf16' or 'int8', got {_show(h['dtype'])}")
+    if s["qk"] is not None:
+        _int_list(_dict(s["qk"], where, "settings.qk", {"layers"})["layers"], where, "settings.qk.layers", 1, n_layers)
+    return s
+
+
+def validate_manifest(raw: object, where: str | os.PathLike) -> Manifest:
+    """A :class:`Manifest` from parsed JSON, refusing anything :func:`build_cache` would not have written:
+    wrong types (``"complete"`` must be a real bool), out-of-range numbers, shards not named
+    ``shard-00000``, ``shard-00001``, ... in order (so no repeats), a shard other than the last with
+    fewer than ``rows_per_shard`` rows, more tokens than ``rows * max_length``. Row counts are
+    checked against the shards themselves by the reader (:meth:`TeacherCache.check_row_counts`)."""
+    where = str(where)
+    m = _dict(raw, where, "the manifest", {"format", "version", "settings", "shards", "complete"})
+    _need(m["format"] == FORMAT, where, f"format {_show(m['format'])} is not {FORMAT!r}")
+    if not (_is_int(m["version"]) and m["version"] == VERSION):
+        raise CacheError(f"{where}: format version {_show(m['version'])} is not supported (want {VERSION})")
+    _need(isinstance(m["complete"], bool), where, f"complete must be true or false, got {_show(m['complete'])}")
+    settings = validate_settings(m["settings"], where)
+    per_shard, L = settings["rows_per_shard"], settings["max_length"]
+    _need(isinstance(m["shards"], list), where, f"shards must be a list, got {type(m['shards']).__name__}")
+    for i, sh in enumerate(m["shards"]):  # names first: a repeated shard is reported as such
+        sh = _dict(sh, where, f"shards[{i}]", {"file", "rows", "tokens", "sha256"})
+        _need(sh["file"] == shard_name(i), where,
+              f"shards[{i}].file must be {shard_name(i)!r}, got {_show(sh['file'])}")
+    shards = []
+    for i, sh in enumerate(m["shards"]):
+        last = i == len(m["shards"]) - 1
+        rows = _int(sh["rows"], where, f"shards[{i}].rows", 1 if last else per_shard, per_shard)
+        _int(sh["tokens"], where, f"shards[{i}].tokens", 0, rows * L)
+        _str(sh["sha256"], where, f"shards[{i}].sha256", SHA256_RE)
+        shards.append(ShardInfo(file=sh["file"], rows=rows, tokens=sh["tokens"], sha256=sh["sha256"]))
+    return Manifest(settings=settings, shards=shards, complete=m["complete"])
+
+
 def shard_path(cache_dir: str | os.PathLike, name: str) -> Path:
     """The path of a shard named in a manifest; refuses anything but a plain shard name inside the cache."""
     root = Path(cache_dir).resolve()
-    if not SHARD_RE.match(name):
+    if not isinstance(name, str) or not SHARD_RE.fullmatch(name):
         raise CacheError(f"shard name {name!r} is not of the form shard-NNNNN.safetensors")
     path = (root / name).resolve()
     if path.parent != root:
         raise CacheError(f"shard name {name!r} points outside the cache directory {root}")
     return path
+
+
+def is_kdfast_leftover(path: Path, listed: set[str]) -> bool:
+    """A plain file that only an interrupted write of kdfast's leaves in a cache directory: a
+    temporary of :func:`atomic_write_bytes` or a shard file not in ``listed`` (the manifest's)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    return TEMP_RE.fullmatch(path.name) is not None or (SHARD_RE.fullmatch(path.name) is not None
+                                                         and path.name not in listed)
 
 
 def fsync_dir(path: Path) -> None:
@@ -160,9 +301,13 @@ def fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: leave no torn temporary behind
+        tmp.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)

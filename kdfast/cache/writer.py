@@ -5,8 +5,11 @@ last complete shard and ends identical to an uninterrupted one."""
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -14,13 +17,19 @@ from safetensors.torch import save as safetensors_bytes
 
 from kdfast.cache.format import (
     MANIFEST,
+    SHARD_RE,
     CacheError,
     Manifest,
     ShardInfo,
+    _is_int,
+    _is_number,
     atomic_write_bytes,
+    is_kdfast_leftover,
+    sha256_file,
     shard_name,
     teacher_weights_sha256,
     tokenizer_sha256,
+    validate_settings,
 )
 from kdfast.data import files_sha256, load_texts, mask_tokens
 
@@ -63,16 +72,86 @@ def parse_logits_option(text: str) -> tuple[str, int]:
 
 
 def _clean_orphans(cache_dir: Path, manifest: Manifest) -> list[str]:
-    """Delete files an interrupted run left behind: temporaries and shards the manifest does not list."""
+    """Delete what an interrupted build left behind (and nothing else: ``.git/``, ``.env``,
+    ``shard-notes.md`` stay)."""
     listed = {s.file for s in manifest.shards}
     removed = []
     for p in cache_dir.iterdir():
-        if p.name == MANIFEST or p.name in listed:
-            continue
-        if p.name.startswith(".") or p.name.startswith("shard-"):
+        if is_kdfast_leftover(p, listed):
             p.unlink()
             removed.append(p.name)
     return removed
+
+
+def _existing_manifest(out: Path) -> Manifest | None:
+    """The manifest of ``out`` if it is a kdfast cache, None if ``out`` is absent or holds nothing
+    but kdfast's temporaries; CacheError if it is a file or a non-empty directory of something else."""
+    if not out.exists():
+        if out.is_symlink():
+            raise CacheError(f"out {out} is a dangling symbolic link")
+        return None
+    if not out.is_dir():
+        raise CacheError(f"out {out} exists and is not a directory")
+    if (out / MANIFEST).exists() or (out / MANIFEST).is_symlink():
+        return Manifest.load(out)
+    # without a manifest (written before any shard) only temporaries can be kdfast's
+    foreign = sorted(p.name for p in out.iterdir() if SHARD_RE.fullmatch(p.name) or not is_kdfast_leftover(p, set()))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise CacheError(f"out {out} is neither empty nor a kdfast cache (no {MANIFEST}; it holds {shown}); "
+                         "use a new or empty directory")
+    return None
+
+
+def _lock_dir(out: Path) -> int:
+    """An exclusive lock on the cache directory, held until the returned descriptor is closed
+    (the kernel drops it when a killed build dies, so a stale lock cannot block the next build)."""
+    import fcntl
+
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise CacheError(f"out {out}: another kdfast cache build is writing to it") from None
+    return fd
+
+
+@contextmanager
+def _library_progress_bars(enabled: bool) -> Iterator[None]:
+    """Turn transformers' and datasets' own bars ("Loading weights", "Generating train split")
+    off while loading when the build runs without progress: a refusal stays one line."""
+    import datasets
+    from datasets.utils import logging as ds_logging
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled(), ds_logging.is_progress_bar_enabled()
+    if not enabled:
+        hf_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was[0]:
+            hf_logging.enable_progress_bar()
+        if was[1]:
+            datasets.enable_progress_bars()
+
+
+def _load_teacher(teacher_path: Path, mode: str):
+    """The frozen teacher; with stored logits it must have a trained MLM head (checked as the recipes check it)."""
+    from kdfast.train.recipes.common import load_teacher
+
+    remedy = "NO-LOGITS-REMEDY"  # load_teacher asks to "set <needed_by> to 0": say the cache's way instead
+    try:
+        return load_teacher(teacher_path, mlm_head=mode != "none", needed_by=remedy)
+    except ValueError as e:
+        msg = " ".join(str(e).split())
+        if remedy in msg:
+            raise CacheError(msg.replace(f"set {remedy} to 0", "build with logits='none' (--logits none)")) from None
+        model = "AutoModelForMaskedLM" if mode != "none" else "AutoModel"
+        raise ValueError(f"teacher {teacher_path}: cannot load it as {model} ({msg[:300]}); "
+                         "a teacher without an MLM head needs logits='none'") from None
 
 
 def build_cache(
@@ -102,20 +181,40 @@ def build_cache(
     ``hidden``: ``fp16`` | ``bf16`` | ``int8`` | ``none``; ``qk``: also keep each layer's query and key
     projections. ``rows_per_shard`` must be a multiple of ``batch_size`` so that a resumed run
     feeds the teacher exactly the batches an uninterrupted one does.
+
+    ``out_dir`` must be absent, empty, or a kdfast cache; only files kdfast writes there (shards,
+    their temporaries, the manifest) are ever replaced or deleted. Every argument and the teacher
+    (an MLM head when logits are kept) are checked before the first write, so a refused build
+    leaves nothing behind, and an interrupted one leaves a partial cache that the same call resumes.
+    Bad arguments raise ValueError (CacheError for the directory or an existing cache) naming them.
     """
-    from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from kdfast.losses.sparse_kd import sparsify_teacher_logits
 
     mode, k = parse_logits_option(logits)
     if hidden not in (*HIDDEN_DTYPES, "none"):
         raise ValueError(f"hidden must be one of {[*HIDDEN_DTYPES, 'none']}, got {hidden!r}")
-    if batch_size < 1 or rows_per_shard < 1 or rows_per_shard % batch_size:
-        raise ValueError(f"rows_per_shard ({rows_per_shard}) must be a positive multiple of batch_size ({batch_size})")
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2, got {max_length}")
-    if not (temperature > 0):
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    for name, value, least in (("batch_size", batch_size, 1), ("rows_per_shard", rows_per_shard, 1),
+                               ("max_length", max_length, 2)):
+        if not _is_int(value) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if rows_per_shard % batch_size:
+        raise ValueError(f"rows_per_shard ({rows_per_shard}) must be a multiple of batch_size ({batch_size})")
+    if not _is_number(temperature) or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not _is_number(mlm_probability) or not 0 <= mlm_probability <= 1:
+        raise ValueError(f"mlm_probability must be a number in [0, 1], got {mlm_probability!r}")
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+    if not isinstance(data_files, (list, tuple)) or not data_files or not all(
+            isinstance(f, (str, os.PathLike)) for f in data_files):
+        raise ValueError(f"data_files must be a non-empty list of paths, got {data_files!r}")
+    if layers is not None and (not isinstance(layers, (list, tuple)) or not all(_is_int(l) for l in layers)):
+        raise ValueError(f"layers must be a list of integers, got {layers!r}")
+    for f in data_files:  # hashed below, before load_texts reads (and checks) them
+        if not Path(f).is_file():
+            raise ValueError(f"data file {f} does not exist or is not a file")
     teacher_path = Path(teacher_dir)
     if not (teacher_path / "config.json").is_file():
         raise ValueError(f"teacher {teacher_dir} is not a local model directory (no config.json)")
@@ -123,6 +222,10 @@ def build_cache(
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(teacher_path, local_files_only=True)
+    positions = getattr(config, "max_position_embeddings", None)
+    if _is_int(positions) and max_length > positions:  # else an IndexError inside the teacher's first batch
+        raise ValueError(f"max_length {max_length} exceeds the {positions} positions of the teacher in {teacher_dir} "
+                         "(max_position_embeddings)")
     n_layers = config.num_hidden_layers
     layers = list(range(n_layers + 1)) if layers is None else sorted(set(layers))
     if any(not 0 <= l <= n_layers for l in layers):
@@ -141,54 +244,74 @@ def build_cache(
         "hidden": {"layers": layers, "dtype": hidden} if hidden != "none" else None,
         "qk": {"layers": list(range(1, n_layers + 1))} if qk else None,
     }
+    try:  # what is written must read back: the reader's schema, applied before writing
+        validate_settings(settings, "the settings")
+    except CacheError as e:
+        raise ValueError(f"teacher {teacher_dir} with these arguments gives settings a cache cannot hold: {e}") from None
+    # Everything that can refuse the build runs before the first write, so a refused build leaves
+    # nothing behind; a partial cache of the same settings resumes.
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():
-        manifest = Manifest.load(out)
-        if manifest.settings != settings:
+    manifest = existing = _existing_manifest(out)
+    if manifest is not None and manifest.settings != settings:
+        if manifest.shards or manifest.complete:
             diff = sorted(key for key in set(settings) | set(manifest.settings)
                           if settings.get(key) != manifest.settings.get(key))
             raise CacheError(f"{out_dir} holds a cache built with other settings (differing: {', '.join(diff)}); "
                              "use another output directory")
+        manifest = None  # a build that stopped before its first shard: nothing to keep
+    if manifest is not None and manifest.complete:
         _clean_orphans(out, manifest)
-        if manifest.complete:
-            return manifest
-    else:
-        manifest = Manifest(settings=settings)
-        _clean_orphans(out, manifest)
-        manifest.save(out)
+        return manifest
+    for info in manifest.shards if manifest is not None else ():  # resume only over shards that are intact
+        path = out / info.file
+        if not path.is_file() or path.is_symlink() or sha256_file(path) != info.sha256:
+            raise CacheError(f"{out_dir}: {info.file}, listed in the partial cache's manifest, is missing or "
+                             "altered, so the build cannot resume over it; use another output directory")
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_path, local_files_only=True)
-    texts = load_texts(data_files, text_column)
+    with _library_progress_bars(progress):
+        texts = load_texts(data_files, text_column)
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
     input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
     total = input_ids.shape[0]
+    if total == 0:
+        raise ValueError(f"data {', '.join(map(str, data_files))}: no text to cache")
+    if int(input_ids.max()) >= config.vocab_size:
+        raise ValueError(f"teacher {teacher_dir}: its tokenizer gives id {int(input_ids.max())}, beyond the model's "
+                         f"vocab_size {config.vocab_size}")
+    if mode != "none" and tokenizer.mask_token_id is None:
+        raise ValueError(f"teacher {teacher_dir}: its tokenizer has no [MASK] token, so the inputs cannot be "
+                         "MLM-masked for logits; build with logits='none'")
+    with _library_progress_bars(progress):
+        teacher = _load_teacher(teacher_path, mode)
 
-    model_cls = AutoModelForMaskedLM if mode != "none" else AutoModel
-    try:
-        teacher = model_cls.from_pretrained(teacher_path, local_files_only=True).eval()
-    except ValueError as e:
-        raise ValueError(f"teacher {teacher_dir}: cannot load it as {model_cls.__name__} ({e}); "
-                         "a teacher without an MLM head needs logits='none'") from None
-    base = teacher.base_model
+    out.mkdir(parents=True, exist_ok=True)
+    lock = _lock_dir(out)
     captured: dict[str, torch.Tensor] = {}
     hooks = []
-    if qk:
-        for i, layer in enumerate(base.encoder.layer, start=1):
-            attn = layer.attention.self
-            hooks.append(attn.query.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"q_{i}", o)))
-            hooks.append(attn.key.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"k_{i}", o)))
-    special = [i for i in tokenizer.all_special_ids]
-    ids_dtype = torch.int32
-
-    start_row = manifest.rows
     bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, initial=start_row, unit="ex", desc="teacher cache", dynamic_ncols=True)
-    t0, written, tokens_done = time.perf_counter(), 0, 0
     try:
+        on_disk = Manifest.load(out) if (out / MANIFEST).exists() else None
+        if (on_disk is None) != (existing is None) or (on_disk is not None and on_disk.to_json() != existing.to_json()):
+            raise CacheError(f"{out_dir} changed while this build started (another build?); run it again")
+        if manifest is None:
+            manifest = Manifest(settings=settings)
+            manifest.save(out)
+        _clean_orphans(out, manifest)
+        if qk:
+            for i, layer in enumerate(teacher.base_model.encoder.layer, start=1):
+                attn = layer.attention.self
+                hooks.append(attn.query.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"q_{i}", o)))
+                hooks.append(attn.key.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"k_{i}", o)))
+        special = [i for i in tokenizer.all_special_ids]
+        ids_dtype = torch.int32
+
+        start_row = manifest.rows
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=start_row, unit="ex", desc="teacher cache", dynamic_ncols=True)
+        t0, written, tokens_done = time.perf_counter(), 0, 0
         with torch.no_grad():
             for shard_start in range(start_row, total, rows_per_shard):
                 shard_rows = range(shard_start, min(shard_start + rows_per_shard, total))
@@ -243,11 +366,12 @@ def build_cache(
                     dt = time.perf_counter() - t0
                     bar.update(len(shard_rows))
                     bar.set_postfix(tok_s=f"{tokens_done / dt:.0f}", MB=f"{written / 2**20:.1f}")
+        manifest.complete = True
+        manifest.save(out)
     finally:
         for h in hooks:
             h.remove()
         if bar is not None:
             bar.close()
-    manifest.complete = True
-    manifest.save(out)
+        os.close(lock)  # releases the lock
     return manifest

@@ -31,3 +31,14 @@ def text_file(tmp_path_factory):
     p = tmp_path_factory.mktemp("data") / "corpus.txt"
     p.write_text("\n".join(lines) + "\n\n")
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_teacher(tmp_path_factory, tiny_teacher):
+    """The tiny teacher's encoder saved as a ``BertModel``: no ``cls.predictions`` weights (like all-MiniLM-L6-v2)."""
+    from transformers import BertForMaskedLM, BertTokenizer
+
+    d = tmp_path_factory.mktemp("encoder-teacher")
+    BertTokenizer.from_pretrained(tiny_teacher).save_pretrained(d)
+    BertForMaskedLM.from_pretrained(tiny_teacher).bert.save_pretrained(d)
+    return d
