@@ -31,7 +31,7 @@ from kdfast.cache.format import (
     tokenizer_sha256,
     validate_settings,
 )
-from kdfast.data import files_sha256, load_texts, mask_tokens
+from kdfast.data import check_max_length, files_sha256, load_texts, mask_tokens
 
 HIDDEN_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 
@@ -142,13 +142,13 @@ def _load_teacher(teacher_path: Path, mode: str):
     """The frozen teacher; with stored logits it must have a trained MLM head (checked as the recipes check it)."""
     from kdfast.train.recipes.common import load_teacher
 
-    remedy = "NO-LOGITS-REMEDY"  # load_teacher asks to "set <needed_by> to 0": say the cache's way instead
+    remedy = "build with logits='none' (--logits none)"
     try:
-        return load_teacher(teacher_path, mlm_head=mode != "none", needed_by=remedy)
+        return load_teacher(teacher_path, mlm_head=mode != "none", remedy=remedy)
     except ValueError as e:
         msg = " ".join(str(e).split())
         if remedy in msg:
-            raise CacheError(msg.replace(f"set {remedy} to 0", "build with logits='none' (--logits none)")) from None
+            raise CacheError(msg) from None
         model = "AutoModelForMaskedLM" if mode != "none" else "AutoModel"
         raise ValueError(f"teacher {teacher_path}: cannot load it as {model} ({msg[:300]}); "
                          "a teacher without an MLM head needs logits='none'") from None
@@ -218,14 +218,11 @@ def build_cache(
     teacher_path = Path(teacher_dir)
     if not (teacher_path / "config.json").is_file():
         raise ValueError(f"teacher {teacher_dir} is not a local model directory (no config.json)")
+    check_max_length(max_length, teacher_path)  # else an IndexError inside the teacher's first batch
 
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(teacher_path, local_files_only=True)
-    positions = getattr(config, "max_position_embeddings", None)
-    if _is_int(positions) and max_length > positions:  # else an IndexError inside the teacher's first batch
-        raise ValueError(f"max_length {max_length} exceeds the {positions} positions of the teacher in {teacher_dir} "
-                         "(max_position_embeddings)")
     n_layers = config.num_hidden_layers
     layers = list(range(n_layers + 1)) if layers is None else sorted(set(layers))
     if any(not 0 <= l <= n_layers for l in layers):

@@ -548,7 +548,7 @@ def test_tokenizer_without_mask_token_is_refused_for_logits(tiny_teacher, text_f
 def test_max_length_beyond_the_teachers_positions_is_one_line(tiny_teacher, text_file, tmp_path, capsys):
     code, _, err = run_cli(capsys, "cache", "build", "--teacher", str(tiny_teacher), "--data", str(text_file),
                            "--out", str(tmp_path / "o"), "--max-length", "65", "--no-progress")
-    assert_one_line_error(code, err, "max_length 65 exceeds the 64 positions of the teacher")
+    assert_one_line_error(code, err, "max_length 65 exceeds the 64 positions of the model")
     assert not (tmp_path / "o").exists()
 
 

@@ -85,11 +85,11 @@ def load_corpus(data: DataSettings) -> tuple[list[str], list[str]]:
     return train, held_out
 
 
-def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "") -> nn.Module:
+def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "", remedy: str | None = None) -> nn.Module:
     """The teacher, frozen and in eval mode: ``AutoModelForMaskedLM`` when ``mlm_head`` (refusing
     a checkpoint whose ``cls.predictions`` weights are missing, e.g. a sentence encoder, rather
-    than training against a randomly initialised head), else ``AutoModel``. ``needed_by`` names
-    the settings to set to 0 in that error."""
+    than training against a randomly initialised head), else ``AutoModel``. That error ends with
+    ``remedy``, by default "set <needed_by> to 0"."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
     if mlm_head:
@@ -106,7 +106,7 @@ def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "") -> nn.Modul
         if missing:
             raise ValueError(f"teacher {path} has no MLM head (its checkpoint lacks {', '.join(missing[:3])}"
                              f"{', ...' if len(missing) > 3 else ''}): the logit / MLM terms would train against "
-                             f"random weights; set {needed_by} to 0 or use a teacher with an MLM head")
+                             f"random weights; {remedy or f'set {needed_by} to 0'} or use a teacher with an MLM head")
     else:
         model = AutoModel.from_pretrained(path, local_files_only=True)
     model.eval().requires_grad_(False)
