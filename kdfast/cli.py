@@ -246,7 +246,14 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from kdfast.train.demo import format_report, run_demo
+    from kdfast.train.distiller import finished_run
 
+    if args.resume:  # before any work: a finished run is reported, not rebuilt (its report.json stays)
+        step = finished_run(args.out, {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+                                       "lr": args.lr, "seed": args.seed, "max_paragraphs": None})
+        if step is not None:
+            print(f"run in {args.out} already finished at step {step}; nothing to do")
+            return 0
     try:
         report = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                           lr=args.lr, seed=args.seed, progress=not args.no_progress, resume=args.resume,
@@ -273,6 +280,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), flush=True)
         if args.print_config:
             return 0
+        if args.resume:  # before any work: a finished run is reported, not rebuilt (its report.json stays)
+            from kdfast.train.distiller import finished_run
+            from kdfast.train.recipes.common import run_settings
+
+            step = finished_run(cfg.out_dir, run_settings(cfg))
+            if step is not None:
+                print(f"run in {cfg.out_dir} already finished at step {step}; nothing to do")
+                return 0
         report = run_recipe(args.recipe, cfg, resume=args.resume, allow_changed_settings=args.allow_changed_settings)
     except (ValueError, OSError) as e:  # CacheError, CheckpointError, NonFiniteError are ValueErrors; a full disk
         return _fail("distill", e)

@@ -3,6 +3,7 @@ at parse time (exit 2, nothing written), honest step numbers and a finished run 
 ``--resume``, and ``--no-progress`` quieting the libraries' bars too."""
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -117,3 +118,153 @@ def test_demo_steps_0_in_a_real_process_writes_nothing(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "kdfast demo: error: argument --steps: must be >= 1, got 0"
     assert not (tmp_path / "d").exists()
+
+
+# ---- reports that do not mislead: steps counted from 1, a finished run left alone ----------------
+
+from tests.train.conftest import tiny  # noqa: E402,F401  (the tiny BERT teacher and corpus fixture)
+
+
+def _tiny_distiller(out: Path, *, steps: int, log_every: int, settings: dict | None = None, checkpoint_every=0):
+    """A student and projection regressing a frozen random teacher on random token ids."""
+    import torch
+    from torch import nn
+
+    from kdfast.train import Distiller, TokenBatches, TrainConfig
+
+    gen = torch.Generator().manual_seed(7)
+    student = nn.Sequential(nn.Embedding(31, 12), nn.Linear(12, 9))
+    teacher = nn.Sequential(nn.Embedding(31, 9), nn.Tanh())
+    proj = nn.ModuleDict({"p": nn.Linear(9, 9)})
+    with torch.no_grad():
+        for p in [*student.parameters(), *teacher.parameters(), *proj.parameters()]:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.4)
+    ids = torch.randint(0, 31, (27, 5), generator=gen)
+
+    def step_loss(batch):
+        with torch.no_grad():
+            target = teacher(batch["input_ids"])
+        mse = (proj["p"](student(batch["input_ids"])) - target).pow(2).mean()
+        return mse, {"mse": mse.item()}
+
+    cfg = TrainConfig(steps=steps, lr=1e-2, warmup=1, log_every=log_every, checkpoint_every=checkpoint_every,
+                      out_dir=str(out), progress=False)
+    return Distiller(student, step_loss, TokenBatches(ids, torch.ones_like(ids), batch_size=4, seed=1), cfg,
+                     extra=proj, settings=settings)
+
+
+def _metrics(out: Path) -> list[dict]:
+    import json
+
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_first_logged_step_is_step_1_and_steps_count_updates(tmp_path):
+    """metrics.jsonl, the returned history and the checkpoint all count optimizer steps done from 1;
+    step 1 is logged even when log_every is larger, so a report's "first" loss is the first one."""
+    out = tmp_path / "run"
+    d = _tiny_distiller(out, steps=7, log_every=3)
+    history = d.train()
+    assert [r["step"] for r in history] == [1, 3, 6, 7]
+    assert [r["step"] for r in _metrics(out)] == [1, 3, 6, 7]
+    assert (out / "checkpoints" / "latest").read_text() == "step-0000007"
+    # step 1's loss is the loss of the untouched student on the first batch: recompute it
+    fresh = _tiny_distiller(tmp_path / "other", steps=7, log_every=3)
+    first = next(iter(fresh.data.batches(0, 0)))
+    assert history[0]["mse"] == pytest.approx(fresh.step_loss(first)[1]["mse"], rel=1e-6)
+
+
+def test_progress_bar_counts_steps_done(tmp_path, capsys):
+    out = tmp_path / "run"
+    d = _tiny_distiller(out, steps=5, log_every=2)
+    d.cfg.progress = True
+    d.train()
+    bar = capsys.readouterr().err
+    assert "5/5" in bar and "0/5" in bar and "6/5" not in bar
+
+
+def test_resumed_finished_distiller_trains_nothing_and_keeps_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    first = _tiny_distiller(out, steps=4, log_every=2)
+    history = first.train()
+    ckpt = out / "checkpoints" / "step-0000004"
+    before = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in ckpt.iterdir()}
+    again = _tiny_distiller(out, steps=4, log_every=2)
+    assert again.train(resume=True) == history
+    assert again.already_finished and again.step == 4
+    assert {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in ckpt.iterdir()} == before
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 4]
+    # an interrupted run is not finished: resumed, it trains on
+    part = tmp_path / "part"
+    _tiny_distiller(part, steps=4, log_every=2, checkpoint_every=2).train()
+    (part / "checkpoints" / "latest").write_text("step-0000002")
+    resumed = _tiny_distiller(part, steps=4, log_every=2, checkpoint_every=2)
+    resumed.train(resume=True)
+    assert not resumed.already_finished and [r["step"] for r in resumed.history] == [4]
+
+
+def test_finished_run_needs_report_final_checkpoint_and_same_settings(tmp_path):
+    import json
+
+    from kdfast.train.distiller import finished_run
+
+    out = tmp_path / "run"
+    settings = {"steps": 3, "train": {"lr": 0.01}}
+    _tiny_distiller(out, steps=3, log_every=1, settings=settings, checkpoint_every=1).train()
+    assert finished_run(out) is None  # no report: the command that ran it did not finish
+    (out / "report.json").write_text(json.dumps({"done": True}))
+    assert finished_run(out) == 3
+    assert finished_run(out, {"steps": 3, "train": {"lr": 0.01}}) == 3
+    assert finished_run(out, {"steps": 3, "train": {"lr": 0.02}}) is None
+    assert finished_run(out, {"steps": 5}) is None
+    (out / "checkpoints" / "latest").write_text("step-0000002")  # an interrupted later run
+    assert finished_run(out) is None
+    (out / "checkpoints" / "latest").write_text("step-0000003")
+    weights = out / "checkpoints" / "step-0000003" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1] + b"\0")  # altered: the resume path must report it
+    assert finished_run(out) is None
+
+
+def _distill(tiny, out, *extra):
+    return main(["distill", "--recipe", "distilbert", "--teacher", str(tiny / "teacher"), "--data",
+                 str(tiny / "train.txt"), "--out", str(out), "--no-progress", "--steps", "2", "--set",
+                 "data.max_length=16", "--set", "train.batch_size=4", "--set", "train.eval_every=0", "--set",
+                 "train.log_every=5", "--set", "data.max_texts=24", "--set", "student_layers=[0, 3]", *extra])
+
+
+def test_distill_resume_of_a_finished_run_says_so_and_keeps_report_json(tiny, tmp_path, capsys):
+    out = tmp_path / "d"
+    assert _distill(tiny, out) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"][0]["first"]["step"] == 1 and report["stages"][0]["last"]["step"] == 2
+    before = ((out / "report.json").read_bytes(), (out / "report.json").stat().st_mtime_ns,
+              (out / "student" / "model.safetensors").stat().st_mtime_ns)
+    assert _distill(tiny, out, "--resume") == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == f"run in {out} already finished at step 2; nothing to do"
+    assert before == ((out / "report.json").read_bytes(), (out / "report.json").stat().st_mtime_ns,
+                      (out / "student" / "model.safetensors").stat().st_mtime_ns)
+    # more steps, allowed: not finished, it trains on to step 3
+    assert _distill(tiny, out, "--resume", "--allow-changed-settings", "--steps", "3") == 0
+    assert json.loads((out / "report.json").read_text())["stages"][0]["last"]["step"] == 3
+
+
+def test_demo_resume_of_a_finished_run_does_no_work(tmp_path, capsys, monkeypatch):
+    """The demo's command checks before building anything: run_demo is never called."""
+    import kdfast.train.demo as demo
+
+    out = tmp_path / "demo"
+    settings = {"steps": 2, "batch_size": 16, "max_length": 128, "lr": 1e-4, "seed": 0, "max_paragraphs": None}
+    _tiny_distiller(out, steps=2, log_every=1, settings=settings).train()
+    (out / "report.json").write_text('{"finished": true}')
+
+    def no_work(*a, **k):
+        raise AssertionError("run_demo was called on a finished run")
+
+    monkeypatch.setattr(demo, "run_demo", no_work)
+    assert main(["demo", "--out", str(out), "--steps", "2", "--resume", "--no-progress"]) == 0
+    assert capsys.readouterr().out.strip() == f"run in {out} already finished at step 2; nothing to do"
+    assert (out / "report.json").read_text() == '{"finished": true}'
+    with pytest.raises(AssertionError, match="run_demo was called"):  # 3 steps: not finished, resumed
+        main(["demo", "--out", str(out), "--steps", "3", "--resume", "--no-progress"])
