@@ -478,7 +478,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code = args.func(args)
+        if getattr(args, "no_progress", False):  # the libraries' own bars too ("Loading weights", "Map")
+            from kdfast.cache.writer import _library_progress_bars
+
+            with _library_progress_bars(enabled=False):
+                code = args.func(args)
+        else:
+            code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
     except BrokenPipeError:  # `kdfast ... | head`: the reader left; stop quietly as SIGPIPE would

@@ -268,3 +268,54 @@ def test_demo_resume_of_a_finished_run_does_no_work(tmp_path, capsys, monkeypatc
     assert (out / "report.json").read_text() == '{"finished": true}'
     with pytest.raises(AssertionError, match="run_demo was called"):  # 3 steps: not finished, resumed
         main(["demo", "--out", str(out), "--steps", "3", "--resume", "--no-progress"])
+
+
+# ---- --no-progress quiets the libraries too ------------------------------------------------------
+
+BAR_MARKS = ("Loading weights", "Generating", "Map", "%|", "it/s]")
+
+
+def test_no_progress_quiets_transformers_and_datasets_bars(tiny, tmp_path):
+    """A real process (the libraries' bars are process-wide switches): distill with --no-progress
+    loads the teacher (transformers' "Loading weights") and reads the text files (datasets'
+    "Generating train split", "Map"), and stderr holds none of their bars."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "kdfast.cli", "distill", "--recipe", "distilbert", "--teacher", str(tiny / "teacher"),
+         "--data", str(tiny / "train.txt"), "--out", str(tmp_path / "d"), "--no-progress", "--steps", "1",
+         "--set", "data.max_length=16", "--set", "train.batch_size=4", "--set", "train.eval_every=0",
+         "--set", "data.max_texts=24", "--set", "student_layers=[0, 3]"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not [m for m in BAR_MARKS if m in proc.stderr], proc.stderr[-2000:]
+    assert (tmp_path / "d" / "report.json").is_file()
+
+
+def test_no_progress_restores_the_library_switches(tmp_path, capsys):
+    """In-process callers (tests, notebooks) get their bars back after the command."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    assert main(["distill", "--recipe", "distilbert", "--teacher", str(tmp_path / "none"), "--out",
+                 str(tmp_path / "x"), "--no-progress"]) == 2  # refused early: the switches are restored on errors too
+    assert "kdfast distill: error:" in capsys.readouterr().err
+    assert hf_logging.is_progress_bar_enabled() and datasets.is_progress_bar_enabled()
+
+
+@pytest.mark.parametrize("argv, func", [
+    (["demo"], "cmd_demo"),
+    (["distill", "--recipe", "tinybert"], "cmd_distill"),
+    (["eval", "--task", "sst2", "--model", "m", "--data-dir", "d"], "cmd_eval"),
+    (["cache", "build", "--teacher", "t", "--data", "d", "--out", "o"], "cmd_cache"),
+])
+def test_every_no_progress_command_runs_with_the_library_bars_off(monkeypatch, argv, func):
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    import kdfast.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, func, lambda args: seen.append(
+        (hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled())) or 0)
+    assert main([*argv, "--no-progress"]) == 0
+    assert main(argv) == 0
+    assert seen == [(False, False), (True, True)]
