@@ -5,6 +5,10 @@
     kdfast cache build|verify|info ...                 teacher activation cache
     kdfast distill --recipe distilbert|tinybert|mobilebert [--config FILE.yaml] [--set key=value ...]
     kdfast backends                                   which kernel backends are usable here
+    kdfast --version                                  the installed version
+
+Every option's help names its default; numbers are checked by the parser (a bad one is a usage
+error, exit 2, before any work); ``--no-progress`` also silences transformers' and datasets' bars.
 """
 
 from __future__ import annotations
@@ -249,8 +253,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from kdfast.train.distiller import finished_run
 
     if args.resume:  # before any work: a finished run is reported, not rebuilt (its report.json stays)
-        step = finished_run(args.out, {"steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
-                                       "lr": args.lr, "seed": args.seed, "max_paragraphs": None})
+        step = finished_run(args.out, {"steps": args.steps, "batch_size": args.batch_size,
+                                       "max_length": args.max_length, "lr": args.lr, "seed": args.seed,
+                                       "max_paragraphs": None})
         if step is not None:
             print(f"run in {args.out} already finished at step {step}; nothing to do")
             return 0
