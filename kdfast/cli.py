@@ -5,6 +5,10 @@
     kdfast cache build|verify|info ...                 teacher activation cache
     kdfast distill --recipe distilbert|tinybert|mobilebert [--config FILE.yaml] [--set key=value ...]
     kdfast backends                                   which kernel backends are usable here
+    kdfast --version                                  the installed version
+
+Every option's help names its default; numbers are checked by the parser (a bad one is a usage
+error, exit 2, before any work); ``--no-progress`` also silences transformers' and datasets' bars.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import json
 import platform
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 
 import torch
@@ -29,17 +34,71 @@ def _device_name(device: torch.device) -> str:
 def _parse_tokens(text: str) -> tuple[int, int]:
     try:
         b, n = text.lower().split("x")
-        return int(b), int(n)
+        b, n = int(b), int(n)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--tokens expects BATCHxLENGTH, e.g. 32x128, got {text!r}") from None
+    if b < 1 or n < 1:
+        raise argparse.ArgumentTypeError(f"--tokens expects BATCH >= 1 and LENGTH >= 1, got {text!r}")
+    return b, n
 
 
 def _parse_size(text: str) -> tuple[int, int]:
     try:
         n, v = text.lower().split("x")
-        return int(n), int(v)
+        n, v = int(n), int(v)
     except ValueError:
         raise argparse.ArgumentTypeError(f"--size expects ROWSxVOCAB, e.g. 1024x30522, got {text!r}") from None
+    if n < 1 or v < 2:  # one class has no distribution to distil
+        raise argparse.ArgumentTypeError(f"--size expects ROWS >= 1 and VOCAB >= 2, got {text!r}")
+    return n, v
+
+
+def _int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse ``type``: an int in [minimum, maximum], checked at parse time so that a bad value is
+    a usage error (exit 2) before any work, with kdfast's own range check and wording."""
+    from kdfast.train.distiller import check_int
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        try:
+            return check_int("value", value, minimum, maximum)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).replace("value must", "must", 1)) from None
+
+    parse.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return parse
+
+
+def _finite_float(*, positive: bool = False, minimum: float | None = None) -> Callable[[str], float]:
+    """argparse ``type``: a finite float (> 0 when ``positive``, >= ``minimum``), checked at parse time."""
+    from kdfast.train.distiller import check_finite
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        try:
+            return check_finite("value", value, minimum, positive=positive)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).replace("value must", "must", 1)) from None
+
+    parse.__name__ = "float"
+    return parse
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the text already says it (``default ...``)
+    or the default means "none given" (None, False), which the text must then explain."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action)
 
 
 SUITES = ("kd_loss", "attention", "fused_linear_kd", "models", "cache", "optim")
@@ -191,7 +250,15 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from kdfast.train.demo import format_report, run_demo
+    from kdfast.train.distiller import finished_run
 
+    if args.resume:  # before any work: a finished run is reported, not rebuilt (its report.json stays)
+        step = finished_run(args.out, {"steps": args.steps, "batch_size": args.batch_size,
+                                       "max_length": args.max_length, "lr": args.lr, "seed": args.seed,
+                                       "max_paragraphs": None})
+        if step is not None:
+            print(f"run in {args.out} already finished at step {step}; nothing to do")
+            return 0
     try:
         report = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                           lr=args.lr, seed=args.seed, progress=not args.no_progress, resume=args.resume,
@@ -218,6 +285,14 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), flush=True)
         if args.print_config:
             return 0
+        if args.resume:  # before any work: a finished run is reported, not rebuilt (its report.json stays)
+            from kdfast.train.distiller import finished_run
+            from kdfast.train.recipes.common import run_settings
+
+            step = finished_run(cfg.out_dir, run_settings(cfg))
+            if step is not None:
+                print(f"run in {cfg.out_dir} already finished at step {step}; nothing to do")
+                return 0
         report = run_recipe(args.recipe, cfg, resume=args.resume, allow_changed_settings=args.allow_changed_settings)
     except (ValueError, OSError) as e:  # CacheError, CheckpointError, NonFiniteError are ValueErrors; a full disk
         return _fail("distill", e)
@@ -280,78 +355,97 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kdfast", description="Compiled-kernel knowledge distillation for BERT models")
+    """The ``kdfast`` argument parser: every option's help names its default, and every number is
+    range-checked here, so that a bad value is a usage error (exit 2) before any work is done."""
+    from kdfast import __version__
+    from kdfast.train.distiller import MAX_SEED
+
+    count, count0 = _int_at_least(1), _int_at_least(0)
+    seed = _int_at_least(0, MAX_SEED)
+    positive = _finite_float(positive=True)
+    fmt = {"formatter_class": _HelpFormatter}
+    no_progress_help = "no progress bars: neither kdfast's nor those of transformers and datasets"
+    ap = argparse.ArgumentParser(prog="kdfast", description="Compiled-kernel knowledge distillation for BERT models",
+                                 **fmt)
+    ap.add_argument("--version", action="version", version=f"kdfast {__version__}", help="print the version and exit")
     sub = ap.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="time and peak memory of kdfast kernels against eager PyTorch and others")
+    b = sub.add_parser("bench", help="time and peak memory of kdfast kernels against eager PyTorch and others", **fmt)
     b.add_argument("--quick", action="store_true", help="one size per suite (the README's main job)")
-    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    b.add_argument("--size", dest="sizes", type=_parse_size, action="append", help="ROWSxVOCAB, repeatable")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"],
+                   help="where to run (default: cuda when available)")
+    b.add_argument("--size", dest="sizes", type=_parse_size, action="append",
+                   help="kd_loss suite: ROWSxVOCAB, repeatable (default: 256x30522 and 1024x30522 on a CPU, "
+                        "4096x30522 and 16384x30522 on a GPU; --quick: the larger)")
     b.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="repeatable; default fp32 (CPU), bf16 (GPU)")
-    b.add_argument("--repeat", type=int, default=5, help="timed repetitions (median reported)")
+    b.add_argument("--repeat", type=count, default=5, help="timed repetitions (median reported)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     b.add_argument("--tokens", type=_parse_tokens, default=None,
                    help="fused_linear_kd suite: BATCHxLENGTH tokens (default 32x128 on a GPU, 8x128 on a CPU)")
-    b.add_argument("--json", help="also write the results to this JSON file")
+    b.add_argument("--json", help="also write the results to this JSON file (default: none)")
     b.add_argument("--suites", nargs="+", choices=SUITES, default=None,
                    help=f"which suites to run (default: all; --quick: kd_loss); choices {SUITES}")
     b.set_defaults(func=cmd_bench)
-    c = sub.add_parser("cache", help="build, verify or describe a teacher activation cache")
+    c = sub.add_parser("cache", help="build, verify or describe a teacher activation cache", **fmt)
     csub = c.add_subparsers(dest="cache_command", required=True)
-    cb = csub.add_parser("build", help="run the teacher once over local text and store its activations")
+    # numbers of cache build: build_cache checks them before any work (one-line "kdfast cache build: error:")
+    cb = csub.add_parser("build", help="run the teacher once over local text and store its activations", **fmt)
     cb.add_argument("--teacher", required=True, help="local model directory (save_pretrained layout)")
     cb.add_argument("--data", required=True, nargs="+", help="local text files (.txt lines, .json/.jsonl/.csv)")
     cb.add_argument("--out", required=True, help="cache directory: new, empty, or a kdfast cache (a partial one is "
                                                  "resumed); nothing kdfast did not write is ever removed")
     cb.add_argument("--layers", help="comma-separated hidden-state indices (0 = embeddings); default all")
-    cb.add_argument("--logits", default="topk:8", help="topk:K | sampled:K | none (default topk:8)")
-    cb.add_argument("--hidden", default="fp16", choices=["fp16", "bf16", "int8", "none"])
+    cb.add_argument("--logits", default="topk:8", help="topk:K | sampled:K | none")
+    cb.add_argument("--hidden", default="fp16", choices=["fp16", "bf16", "int8", "none"],
+                    help="storage of the hidden states")
     cb.add_argument("--qk", action="store_true", help="also store each layer's query and key projections")
-    cb.add_argument("--max-length", type=int, default=128)
-    cb.add_argument("--batch-size", type=int, default=16)
-    cb.add_argument("--rows-per-shard", type=int, default=256)
+    cb.add_argument("--max-length", type=int, default=128, help="tokens per row")
+    cb.add_argument("--batch-size", type=int, default=16, help="rows per teacher forward")
+    cb.add_argument("--rows-per-shard", type=int, default=256, help="rows per shard file (a multiple of --batch-size)")
     cb.add_argument("--temperature", type=float, default=1.0, help="temperature of the stored top-k lse / sampling")
-    cb.add_argument("--seed", type=int, default=0)
-    cb.add_argument("--text-column", default="text")
-    cb.add_argument("--no-progress", action="store_true")
+    cb.add_argument("--seed", type=int, default=0, help="seed of the MLM masking and logit sampling")
+    cb.add_argument("--text-column", default="text", help="column of .json/.jsonl/.csv files holding the text")
+    cb.add_argument("--no-progress", action="store_true", help=no_progress_help)
     for name, helptext in (("verify", "check every hash, field, row and stray file; exit 0: sound, 1: problems "
                                       "(listed), 2: not a readable kdfast cache (malformed manifest)"),
                            ("info", "rows, tokens, bytes per token by field, teacher; exit 2 on a malformed cache")):
-        cp = csub.add_parser(name, help=helptext, description=helptext)
-        cp.add_argument("cache")
+        cp = csub.add_parser(name, help=helptext, description=helptext, **fmt)
+        cp.add_argument("cache", help="cache directory")
         if name == "info":
-            cp.add_argument("--json", action="store_true")
+            cp.add_argument("--json", action="store_true", help="print the description as JSON")
     c.set_defaults(func=cmd_cache)
-    d = sub.add_parser("demo", help="distil the embedded MiniLM teacher into 3 layers on Python's own docs")
-    d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=150)
-    d.add_argument("--batch-size", type=int, default=16)
-    d.add_argument("--max-length", type=int, default=128)
-    d.add_argument("--lr", type=float, default=1e-4)
-    d.add_argument("--seed", type=int, default=0)
+    d = sub.add_parser("demo", help="distil the embedded MiniLM teacher into 3 layers on Python's own docs", **fmt)
+    d.add_argument("--out", default="runs/demo", help="output directory (cache, checkpoints, student, report)")
+    d.add_argument("--steps", type=count, default=150, help="optimizer steps")
+    d.add_argument("--batch-size", type=count, default=16, help="paragraphs per step")
+    d.add_argument("--max-length", type=_int_at_least(8), default=128, help="tokens per paragraph")
+    d.add_argument("--lr", type=positive, default=1e-4, help="peak learning rate (AdamW, linear warm-up and decay)")
+    d.add_argument("--seed", type=seed, default=0, help="seed of the student, data order and masking")
     d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     d.add_argument("--allow-changed-settings", action="store_true",
                    help="with --resume: accept a checkpoint written with other settings and train on with these")
-    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--no-progress", action="store_true", help=no_progress_help)
     d.set_defaults(func=cmd_demo)
     r = sub.add_parser("distill", help="run a distillation recipe (distilbert, tinybert, mobilebert)",
                        description="Run a distillation recipe. Settings: the recipe's paper defaults < --config "
                                    "YAML < --set key=value < the explicit flags below. Example configurations: "
-                                   "kdfast/train/recipes/configs/*.yaml.")
-    r.add_argument("--recipe", required=True, choices=["distilbert", "tinybert", "mobilebert"])
-    r.add_argument("--config", help="YAML file of settings (see --print-config for every key)")
+                                   "kdfast/train/recipes/configs/*.yaml.", **fmt)
+    r.add_argument("--recipe", required=True, choices=["distilbert", "tinybert", "mobilebert"], help="which recipe")
+    r.add_argument("--config", help="YAML file of settings (see --print-config for every key; default: none, the "
+                                    "recipe's defaults)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one setting, dotted key, YAML value (e.g. train.lr=1e-4, teacher.source=cache); "
-                        "repeatable")
+                        "repeatable (default: none)")
     r.add_argument("--teacher", help="local teacher directory (teacher.dir; default: the embedded all-MiniLM-L6-v2)")
     r.add_argument("--data", nargs="+", help="local text files (data.files; default: Python's documentation prose)")
-    r.add_argument("--out", help="output directory (out_dir)")
-    r.add_argument("--steps", type=int, help="steps of every stage (distilbert/tinybert: steps; mobilebert: "
-                                             "pkt.steps_per_layer and pretrain.steps)")
+    r.add_argument("--out", help="output directory (out_dir; default: runs/RECIPE)")
+    r.add_argument("--steps", type=count, help="steps of every stage (distilbert/tinybert: steps; mobilebert: "
+                                               "pkt.steps_per_layer and pretrain.steps; default: the recipe's or "
+                                               "--config's)")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoints in the output directory")
     r.add_argument("--allow-changed-settings", action="store_true",
                    help="with --resume: accept checkpoints written with other settings and train on with these "
                         "(otherwise a change is refused, naming the changed keys)")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help=no_progress_help)
     r.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     r.set_defaults(func=cmd_distill)
     e = sub.add_parser("eval", help="fine-tune and evaluate on a local GLUE task (task distillation with --teacher)",
@@ -359,26 +453,29 @@ def build_parser() -> argparse.ArgumentParser:
                                    "names: train.tsv, dev.tsv or dev_matched.tsv + dev_mismatched.tsv; .csv, "
                                    ".json, .jsonl too) and print the task's GLUE metric on dev. With --teacher "
                                    "(a model fine-tuned on the task), run TinyBERT task distillation into --model "
-                                   "instead. Tasks: cola sst2 mrpc qqp stsb mnli qnli rte wnli.")
+                                   "instead. Tasks: cola sst2 mrpc qqp stsb mnli qnli rte wnli.", **fmt)
     e.add_argument("--task", required=True, help="cola | sst2 | mrpc | qqp | stsb | mnli | qnli | rte | wnli")
     e.add_argument("--model", required=True, help="local model directory (save_pretrained layout, with tokenizer)")
     e.add_argument("--data-dir", required=True, help="directory holding the task's train and dev files")
     e.add_argument("--out", help="output directory (default runs/eval-TASK)")
-    e.add_argument("--teacher", help="fine-tuned teacher directory: run task distillation into --model")
-    e.add_argument("--epochs", type=int, help="training epochs (with --teacher: prediction-layer epochs); "
-                                              "default 3")
-    e.add_argument("--lr", type=float, help="learning rate (with --teacher: prediction-layer); default 2e-5 / 3e-5")
-    e.add_argument("--intermediate-epochs", type=int, help="with --teacher: intermediate-layer epochs (default 20)")
-    e.add_argument("--intermediate-lr", type=float, help="with --teacher: intermediate-layer lr (default 5e-5)")
-    e.add_argument("--temperature", type=float, help="with --teacher: prediction-layer temperature (default 1)")
-    e.add_argument("--batch-size", type=int, help="default 32")
-    e.add_argument("--max-length", type=int, help="tokens per example (default 128; with --teacher 64 for "
-                                                  "single sentences, 128 for pairs)")
-    e.add_argument("--max-train-examples", type=int, help="use only the first N training examples")
-    e.add_argument("--seed", type=int, help="default 0")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--teacher", help="fine-tuned teacher directory: run task distillation into --model "
+                                     "(default: none, plain fine-tuning)")
+    e.add_argument("--epochs", type=count0, help="training epochs (with --teacher: prediction-layer epochs); "
+                                                 "default 3")
+    e.add_argument("--lr", type=positive, help="learning rate (with --teacher: prediction-layer); "
+                                               "default 2e-5 / 3e-5")
+    e.add_argument("--intermediate-epochs", type=count0,
+                   help="with --teacher: intermediate-layer epochs (default 20)")
+    e.add_argument("--intermediate-lr", type=positive, help="with --teacher: intermediate-layer lr (default 5e-5)")
+    e.add_argument("--temperature", type=positive, help="with --teacher: prediction-layer temperature (default 1)")
+    e.add_argument("--batch-size", type=count, help="examples per step (default 32)")
+    e.add_argument("--max-length", type=_int_at_least(2), help="tokens per example (default 128; with --teacher 64 "
+                                                               "for single sentences, 128 for pairs)")
+    e.add_argument("--max-train-examples", type=count, help="use only the first N training examples (default: all)")
+    e.add_argument("--seed", type=seed, help="seed of the head, data order and dropout (default 0)")
+    e.add_argument("--no-progress", action="store_true", help=no_progress_help)
     e.set_defaults(func=cmd_eval)
-    k = sub.add_parser("backends", help="which kernel backends are built and usable here")
+    k = sub.add_parser("backends", help="which kernel backends are built and usable here", **fmt)
     k.set_defaults(func=cmd_backends)
     return ap
 
@@ -386,7 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        code = args.func(args)
+        if getattr(args, "no_progress", False):  # the libraries' own bars too ("Loading weights", "Map")
+            from kdfast.cache.writer import _library_progress_bars
+
+            with _library_progress_bars(enabled=False):
+                code = args.func(args)
+        else:
+            code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
     except BrokenPipeError:  # `kdfast ... | head`: the reader left; stop quietly as SIGPIPE would

@@ -152,6 +152,44 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
 
 
+def finished_run(out_dir: str | os.PathLike, settings: dict | None = None) -> int | None:
+    """The step at which the run in ``out_dir`` finished, or None when it did not (or cannot be told).
+
+    Finished means: ``out_dir/report.json`` exists, and every stage checkpointed in ``out_dir``
+    (``checkpoints/`` there or one folder down) has a sound newest checkpoint (sha256-checked) at
+    its final step (``total_steps`` in ``checkpoint.json``), older than the report; with
+    ``settings``, each of their (dotted) keys also equals the one stored in every such
+    checkpoint, so that a resume with other settings is not mistaken for a finished run. The step
+    returned is the newest stage's. Commands check this before any work so that ``--resume`` on a
+    finished run says so and rewrites nothing."""
+    out = Path(out_dir)
+    report = out / "report.json"
+    if not report.is_file():
+        return None
+    latest_files = sorted(out.glob("checkpoints/latest")) + sorted(out.glob("*/checkpoints/latest"))
+    if not latest_files:
+        return None
+    wanted = _flatten(json.loads(json.dumps(settings, default=str))) if settings else {}
+    newest = None  # (mtime, step)
+    for latest in latest_files:
+        try:
+            name = latest.read_text().strip()
+            path = latest.parent / name
+            if not CHECKPOINT_RE.fullmatch(name) or path.is_symlink():
+                return None
+            meta = _read_checkpoint_meta(path)
+        except (OSError, UnicodeDecodeError, CheckpointError):
+            return None  # the normal path reports what is wrong with it
+        stored = _flatten(meta["settings"]) if isinstance(meta.get("settings"), dict) else {}
+        if meta.get("total_steps") != meta["step"] or any(stored.get(k) != v for k, v in wanted.items()):
+            return None
+        mtime = (path / CHECKPOINT_META).stat().st_mtime
+        if mtime > report.stat().st_mtime:
+            return None  # checkpointed after the report: a later run did not finish
+        newest = max(newest or (mtime, meta["step"]), (mtime, meta["step"]))
+    return newest[1]
+
+
 def linear_warmup_decay(step: int, total: int, warmup: int) -> float:
     """LR multiplier: (step+1)/warmup during warm-up, then linear decay to 0 at ``total``."""
     if step < warmup:
@@ -208,6 +246,7 @@ class Distiller:
         self.bf16 = config.bf16 if config.bf16 is not None else device.type == "cuda"
         self.device = device
         self.history: list[dict] = []
+        self.already_finished = False  # set by train(resume=True) when the checkpoint is the final one
         self.rank, self.world_size = rank_and_world()
 
     # ---- checkpoints ----------------------------------------------------------------------------
@@ -254,6 +293,7 @@ class Distiller:
             }
             torch.save(state, tmp / "trainer.pt")
             meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": self.step,
+                    "total_steps": self.cfg.steps,  # step == total_steps: the run's final checkpoint
                     "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                               for name in CHECKPOINT_FILES},
                     "settings": self.settings}
@@ -365,6 +405,7 @@ class Distiller:
         _check_optimizer_shapes(path, self.opt)
         if changed:  # allowed: this run's hyper-parameters and schedule, not the checkpoint's
             self._apply_fresh_hparams()
+        self._settings_changed = bool(changed)
         self.step, self.epoch, self.batch_in_epoch = step, state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(_as_python_rng(state["python_rng"]))
@@ -418,6 +459,22 @@ class Distiller:
         if len(kept) != len(lines):
             atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
+    def _logged_records(self) -> tuple[list[dict], list[dict]]:
+        """The training and evaluation records of ``metrics.jsonl`` (as :meth:`train` returns and keeps
+        them), for a resumed run that has nothing left to train."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return [], []
+        train, evals = [], []
+        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+                (evals if any(k.startswith("eval/") for k in rec) else train).append(rec)
+        return train, evals
+
     # ---- the loop -------------------------------------------------------------------------------
 
     def _next_batch(self):
@@ -465,16 +522,32 @@ class Distiller:
               allow_changed_settings: bool = False) -> list[dict]:
         """Run until ``config.steps`` optimizer steps; returns the logged records.
 
+        Steps are counted from 1 (the number of optimizer steps done): ``metrics.jsonl``, the
+        progress bar, checkpoints and errors all say "step s" after s updates. Step 1, every
+        ``log_every``-th step and the last are logged.
+
         ``resume``: continue from the newest checkpoint (see :meth:`load_checkpoint`); a fresh
-        run is seeded with ``config.seed``. Stops with :class:`NonFiniteError` at the first step
-        whose loss, a loss term or the gradient is not finite."""
+        run is seeded with ``config.seed``. A resume whose checkpoint is already at
+        ``config.steps`` trains nothing, leaves the checkpoint as it is, sets ``already_finished``
+        and returns the records of ``metrics.jsonl``. Stops with :class:`NonFiniteError` at the
+        first step whose loss, a loss term or the gradient is not finite."""
         cfg = self.cfg
         check_out_dir(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        if not (resume and self.load_checkpoint(allow_changed_settings=allow_changed_settings)):
+        self._settings_changed = False
+        resumed = resume and self.load_checkpoint(allow_changed_settings=allow_changed_settings)
+        if not resumed:
             seed_everything(cfg.seed)
         self._clean_stale_temporaries()
         self._truncate_metrics()
+        self.already_finished = resumed and self.step >= cfg.steps
+        if self.already_finished:
+            # nothing to train: the records are the finished run's, and its final checkpoint is left as it
+            # is (rewritten only to store settings a resume was allowed to change)
+            self.history, self.eval_history = self._logged_records()
+            if self._settings_changed:
+                self.save_checkpoint()
+            return self.history
         self._it = None
         metrics = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None
         bar = None
@@ -520,7 +593,8 @@ class Distiller:
                                          f"dtype (lr {cfg.lr}); lower the lr") from None
                 self.sched.step()
                 self.step += 1
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                # step 1 too: a report's "first" loss is the loss before training has moved the weights much
+                if self.step == 1 or self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     dt = time.perf_counter() - t_last
                     if self.world_size > 1:  # log the global loss: the mean over ranks
                         terms_sum = {k: mean_across_ranks(v) for k, v in terms_sum.items()}

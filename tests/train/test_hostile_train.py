@@ -637,15 +637,17 @@ def test_distill_resume_with_a_changed_lr_applies_it(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--lr", "inf"], "lr must be finite"),
-    (["--lr", "nan"], "lr must be finite"),
-    (["--steps", "0"], "steps must be >= 1"),
-    (["--seed", "-1"], r"seed must be in \[0, "),
-    (["--batch-size", "0"], "batch_size must be >= 1"),
+    (["--lr", "inf"], "--lr: must be finite"),
+    (["--lr", "nan"], "--lr: must be finite"),
+    (["--steps", "0"], "--steps: must be >= 1"),
+    (["--seed", "-1"], r"--seed: must be in \[0, "),
+    (["--batch-size", "0"], "--batch-size: must be >= 1"),
 ])
 def test_demo_bad_numbers_are_one_line_exit_2_before_any_work(tmp_path, capsys, args, match):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--no-progress", *args]) == 2
+    with pytest.raises(SystemExit) as e:  # refused by the parser, before run_demo starts
+        main(["demo", "--out", str(out), "--no-progress", *args])
+    assert e.value.code == 2
     assert re_search(match, one_line_error(capsys, "demo"))
     assert not out.exists()
 
