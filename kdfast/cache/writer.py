@@ -31,7 +31,7 @@ from kdfast.cache.format import (
     tokenizer_sha256,
     validate_settings,
 )
-from kdfast.data import check_max_length, files_sha256, load_texts, mask_tokens
+from kdfast.data import check_data_files, check_max_length, files_sha256, load_texts, mask_tokens
 
 HIDDEN_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 
@@ -212,9 +212,7 @@ def build_cache(
         raise ValueError(f"data_files must be a non-empty list of paths, got {data_files!r}")
     if layers is not None and (not isinstance(layers, (list, tuple)) or not all(_is_int(l) for l in layers)):
         raise ValueError(f"layers must be a list of integers, got {layers!r}")
-    for f in data_files:  # hashed below, before load_texts reads (and checks) them
-        if not Path(f).is_file():
-            raise ValueError(f"data file {f} does not exist or is not a file")
+    check_data_files(data_files)  # hashed below, before load_texts reads (and checks) them
     teacher_path = Path(teacher_dir)
     if not (teacher_path / "config.json").is_file():
         raise ValueError(f"teacher {teacher_dir} is not a local model directory (no config.json)")
