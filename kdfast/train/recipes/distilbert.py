@@ -26,6 +26,7 @@ about 4K sequences per batch) and max_length (512 there) are sized for the embed
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,8 +93,9 @@ def term_losses(cfg: DistilBertRecipe) -> dict[str, str]:
     return terms
 
 
-def make_step_loss(cfg: DistilBertRecipe, student, teacher=None, *, masker=None, n_teacher_layers: int,
-                   backend: str = "auto"):
+def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: torch.nn.Module | None = None, *,
+                   masker: Callable | None = None, n_teacher_layers: int,
+                   backend: str = "auto") -> Callable[[dict], tuple[torch.Tensor, dict[str, float]]]:
     r"""The recipe's step: ``batch -> (loss, {term: float})`` with
 
         loss = alpha_kd KD + alpha_mlm MLM + alpha_cos (1 - cos(h_s^last, h_t^last))

@@ -42,6 +42,7 @@ embedded corpus (the paper used 4096-sequence batches).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,8 +203,9 @@ def pkt_groups(model, layer: int, lower_lr_scale: float) -> list[dict]:
     return groups
 
 
-def make_pretrain_step_loss(settings: PretrainSettings, student, teacher=None, *, masker=None,
-                            backend: str = "auto"):
+def make_pretrain_step_loss(settings: PretrainSettings, student: torch.nn.Module,
+                            teacher: torch.nn.Module | None = None, *, masker: Callable | None = None,
+                            backend: str = "auto") -> Callable[[dict], tuple[torch.Tensor, dict[str, float]]]:
     r"""Stage 2's step: ``batch -> (loss, {"kd_mlm": float})`` with
 
         loss = alpha_kd T^2 KL(p_t || p_s) over ``settings.kd_rows`` + alpha_mlm CE(s, labels) over the masked tokens
