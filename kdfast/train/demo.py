@@ -33,17 +33,29 @@ from kdfast.train.distiller import Distiller, TrainConfig
 STUDENT_LAYERS = (1, 3, 5)  # teacher layers copied into the student (0-based)
 
 
+#: the kdfast loss of each logged term (``report.json``'s ``backends`` says where each ran)
+TERM_LOSSES = {"hidden_mse": "hidden_mse_loss", "cos": "cosine_loss"}
+
+
 def hidden_distillation_loss(student_hidden, teacher_hidden: dict[int, torch.Tensor], attention_mask,
-                             layer_map: dict[int, int], alpha_cos: float = 1.0) -> tuple[torch.Tensor, dict]:
+                             layer_map: dict[int, int], alpha_cos: float = 1.0, *,
+                             backend: str = "auto") -> tuple[torch.Tensor, dict]:
     """sum_l MSE(h_s[l], h_t[map[l]]) over real tokens + alpha_cos * mean(1 - cos(h_s[-1], h_t[-1])).
 
     MSE is averaged over real tokens and hidden units (TinyBERT's hidden loss, no projection since
-    the widths agree); the cosine term is DistilBERT's L_cos on the last mapped layer.
+    the widths agree: :func:`kdfast.hidden_mse_loss`); the cosine term is DistilBERT's L_cos on the
+    last mapped layer (:func:`kdfast.cosine_loss`). The cached fp16 teacher states are cast to the
+    student's dtype; both losses accumulate in fp32.
     """
-    m = attention_mask.bool()
-    mse = sum(F.mse_loss(student_hidden[s][m].float(), teacher_hidden[t][m].float()) for s, t in layer_map.items())
+    from kdfast.losses.hidden import cosine_loss, hidden_mse_loss
+
+    def target(t, like):
+        return teacher_hidden[t].to(like.dtype)
+
+    mse = sum(hidden_mse_loss(student_hidden[s], target(t, student_hidden[s]), mask=attention_mask, backend=backend)
+              for s, t in layer_map.items())
     last_s, last_t = max(layer_map), layer_map[max(layer_map)]
-    cos = (1 - F.cosine_similarity(student_hidden[last_s][m].float(), teacher_hidden[last_t][m].float(), dim=-1)).mean()
+    cos = cosine_loss(student_hidden[last_s], target(last_t, student_hidden[last_s]), attention_mask, backend=backend)
     return mse + alpha_cos * cos, {"hidden_mse": mse.detach().item(), "cos": cos.detach().item()}
 
 
@@ -102,6 +114,7 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
     from kdfast.data import check_max_length
     from kdfast.models import count, distilbert_from_teacher
     from kdfast.train.distiller import check_int, check_out_dir, seed_everything
+    from kdfast.train.recipes.common import term_backends
 
     t_start = time.perf_counter()
     out = check_out_dir(out_dir, "out_dir")
@@ -181,6 +194,7 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
         "timing_s": {"cache_build": round(cache_s, 1), "train": round(train_s, 1),
                      "total": round(time.perf_counter() - t_start, 1)},
         "config": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "layer_map": layer_map},
+        "backends": term_backends(TERM_LOSSES, next(student.parameters()).device),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     _plot(history, out / "loss.png")
@@ -226,6 +240,10 @@ def format_report(r: dict) -> str:
     lines = [f"{'':<{w[0]}} {'teacher':<{w[1]}} {'student (3 layers)':<{w[2]}} ratio",
              "-" * (sum(w) + 28)]
     lines += [f"{a:<{w[0]}} {b:<{w[1]}} {c:<{w[2]}} {d}" for a, b, c, d in rows]
+    if r.get("backends"):
+        from kdfast.train.recipes.common import format_backends
+
+        lines.append(f"loss terms ran on: {format_backends(r['backends'])}")
     tm = r["timing_s"]
     lines.append(f"held-out paragraphs: {r['data']['held_out_paragraphs']}; train paragraphs: "
                  f"{r['data']['train_paragraphs']}; cache {tm['cache_build']}s, training {tm['train']}s "

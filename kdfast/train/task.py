@@ -419,19 +419,26 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
         with torch.no_grad():
             z_t = teacher(**_model_inputs(teacher, batch)).logits.float()
         z_s = student(**_model_inputs(student, batch)).logits.float()
-        if spec.is_regression:
-            return F.mse_loss(z_s, z_t), {}
+        if spec.is_regression:  # [B, 1] scores: the mean over the batch of (z_s - z_t)^2
+            return kdfast.hidden_mse_loss(z_s, z_t), {}
         return kdfast.kd_loss(z_s, z_t, temperature=temperature, kind="soft_ce"), {}
 
     stage_b = (_train_stage(student, prediction_loss, data, prediction_epochs, prediction_lr, out / "prediction",
                             **common) if prediction_epochs else None)
     _save(student, tokenizer, out / "student")
+    from kdfast.train.recipes.common import distillation_term_losses, term_backends
+
+    device = next(student.parameters()).device
+    backends = {"intermediate": term_backends(distillation_term_losses(criterion), device) if criterion else None,
+                "prediction": term_backends({"prediction": "hidden_mse_loss" if spec.is_regression else "kd_loss"},
+                                            device) if prediction_epochs else None}
     report = {
         "task": spec.name, "model_dir": str(out / "student"),
         "metrics": evaluate(student, spec, enc_devs, eval_batch_size),
         "teacher_metrics": evaluate(teacher, spec, enc_devs, eval_batch_size),
         "majority": _majority_metrics(spec, train, devs),
         "train": {"examples": len(train), "intermediate": stage_a, "prediction": stage_b},
+        "backends": backends,
         "config": {"teacher_dir": str(teacher_dir), "student_dir": str(student_dir), "data_dir": str(data_dir),
                    "intermediate_epochs": intermediate_epochs, "intermediate_lr": intermediate_lr,
                    "prediction_epochs": prediction_epochs, "prediction_lr": prediction_lr,

@@ -43,11 +43,11 @@ def test_recipe_end_to_end(tiny, tmp_path, capsys, recipe, source):
         assert all(torch.isfinite(torch.tensor(v)) for k, v in st["last"].items() if isinstance(v, float))
         assert st["eval"]["step"] == 3 and "eval/loss" in st["eval"]
     terms = set(stages[0]["last"])
-    expected = {"distilbert": {"kd", "mlm", "cos"}, "tinybert": {"hidden", "attention"},
+    expected = {"distilbert": {"kd_mlm", "cos"}, "tinybert": {"hidden", "attention"},
                 "mobilebert": {"feature_map", "attention"}}[recipe]
     assert expected <= terms
     if recipe == "mobilebert":
-        assert "mlm" in stages[-1]["last"]
+        assert "kd_mlm" in stages[-1]["last"]
     assert "loss first -> last" in printed and "eval loss" in printed
     assert yaml.safe_load(printed.split("\n\n")[0].split("\n", 1)[1])["teacher"]["source"] == source
     assert (out / "student" / "config.json").is_file()

@@ -359,6 +359,195 @@ def format_report(report: dict) -> str:
         terms = ", ".join(f"{k} {first[k]:.4g} -> {last.get(k, math.nan):.4g}" for k in first if k not in skip)
         rate = f"{st['tokens_per_s']:.0f}" if st["tokens_per_s"] else "-"
         lines.append(f"{st['name']:<22} {st['steps']:>6} {loss:<22} {rate:>10} {ev:>18}  {terms}")
+        if st.get("backends"):
+            lines.append(f"{'':<22} terms ran on: {format_backends(st['backends'])}")
     lines.append(f"total {report['timing_s']['total']} s (teacher set-up and cache {report['timing_s'].get('cache', 0)} s); "
                  f"report: {report['out_dir']}/report.json")
     return "\n".join(lines)
+
+
+# --- the LM-head terms through kdfast.fused_linear_kd_loss -----------------------------------------
+
+#: ``kd_rows`` settings: which tokens the logit-KD term counts
+KD_ROWS = ("auto", "all", "masked")
+
+
+def resolve_kd_rows(setting: str, cached: bool, name: str = "kd_rows") -> str:
+    """``"all"`` (every real token) or ``"masked"`` (the MLM-masked tokens) from a recipe's
+    ``kd_rows`` setting: ``auto`` is ``all`` with a live teacher and ``masked`` from the cache,
+    which keeps the teacher's logits at the masked tokens only (``all`` from a cache is refused)."""
+    if setting not in KD_ROWS:
+        raise ValueError(f"{name} must be one of {KD_ROWS}, got {setting!r}")
+    if setting == "auto":
+        return "masked" if cached else "all"
+    if setting == "all" and cached:
+        raise ValueError(f"{name}=all needs teacher.source=live: the cache keeps the teacher's logits at the "
+                         f"masked tokens only (use {name}=masked or auto)")
+    return setting
+
+
+@dataclasses.dataclass
+class LMHead:
+    """A masked-LM head split for :func:`kdfast.fused_linear_kd_loss`: ``logits = transform(h) W^T + b``.
+
+    ``transform`` is the prediction-head transform (dense -> GELU -> LayerNorm); ``weight`` [V, d]
+    and ``bias`` [V] are the decoder's (for kdfast's MobileBERT, the tied embedding and the
+    untied block concatenated: :meth:`LMPredictionHead.output_weight`)."""
+
+    transform: nn.Module
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+
+
+def encoder_of(model: nn.Module, argument: str = "model") -> nn.Module:
+    """The headless encoder of a masked-LM model (``bert`` of a ``transformers`` BERT,
+    ``mobilebert`` of :class:`kdfast.models.KDMobileBertForMaskedLM`); ValueError naming
+    ``argument`` for another class."""
+    for attr in ("bert", "mobilebert"):
+        if isinstance(getattr(model, attr, None), nn.Module) and hasattr(model, "cls"):
+            return getattr(model, attr)
+    raise ValueError(f"{argument}: a {type(model).__name__} has no BERT-style masked-LM head (cls.predictions); "
+                     "the fused LM-head terms support transformers' BertForMaskedLM and kdfast's "
+                     "KDMobileBertForMaskedLM")
+
+
+def lm_head(model: nn.Module, argument: str = "model") -> LMHead:
+    """The :class:`LMHead` of a ``transformers`` ``BertForMaskedLM`` or a kdfast
+    ``KDMobileBertForMaskedLM`` (its current parameters: call it inside the step, after the
+    optimizer's last update); ValueError naming ``argument`` for another class."""
+    encoder_of(model, argument)
+    pred = model.cls.predictions
+    weight = pred.output_weight() if hasattr(pred, "output_weight") else pred.decoder.weight
+    return LMHead(pred.transform, weight, pred.decoder.bias)
+
+
+def _empty_loss(*tensors: torch.Tensor) -> torch.Tensor:
+    """A 0 that depends on ``tensors`` (so that backward gives zero gradients), for a batch with no counted row."""
+    return sum(t.sum().float() * 0 for t in tensors)
+
+
+def lm_distillation_loss(student_hidden: torch.Tensor, student_head: LMHead, labels: torch.Tensor,
+                         attention_mask: torch.Tensor, *, kd_rows: str, temperature: float, alpha_kd: float,
+                         alpha_mlm: float, teacher_hidden: torch.Tensor | None = None,
+                         teacher_head: LMHead | None = None, teacher_sparse: tuple | None = None,
+                         ignore_index: int = -100, backend: str = "auto") -> torch.Tensor:
+    r"""The LM-head terms of a masked-LM recipe, from the last hidden states, without any N x V logits:
+
+        alpha_kd * T^2 KL(softmax(t / T) || softmax(s / T)) averaged over the KD rows
+        + alpha_mlm * CE(s, labels) averaged over the masked rows (``labels != ignore_index``)
+
+    with s = transform_s(h_s) W_s^T + b_s and t = transform_t(h_t) W_t^T + b_t (or the cached
+    sparse logits ``teacher_sparse`` = (ids, values, logsumexp) [n_masked, K] of the masked rows,
+    in row-major order). ``kd_rows``: ``"masked"`` (the KD rows are the masked ones) or ``"all"``
+    (every token with ``attention_mask != 0``, live teacher only). Only the counted rows are
+    gathered and transformed, and the decoder projections, KD and MLM run in
+    :func:`kdfast.fused_linear_kd_loss`: one call for ``masked``; for ``all`` with an MLM term two
+    calls over disjoint rows (masked rows: KD + MLM; the other real rows: KD), the KD weights
+    scaled by each part's share of the real tokens, so every row is projected once and the sum
+    is the KD mean over all real tokens. With ``alpha_kd`` = 0 (e.g. a live teacher without a head):
+    the MLM term alone, cross-entropy on the masked rows' logits (no teacher projection).
+
+    Args:
+        student_hidden, teacher_hidden: [B, L, d_s] / [B, L, d_t] last hidden states (before the head).
+        labels: [B, L] MLM targets, ``ignore_index`` where not masked. attention_mask: [B, L].
+    Returns:
+        The scalar loss (float32; float64 for float64 states).
+    """
+    from kdfast.losses.fused_linear_kd import fused_linear_kd_loss
+
+    if kd_rows not in ("all", "masked"):
+        raise ValueError(f"kd_rows must be 'all' or 'masked', got {kd_rows!r}")
+    masked = labels != ignore_index
+    weight = student_head.weight
+    if alpha_kd and teacher_head is None and teacher_sparse is None:
+        raise ValueError("alpha_kd > 0 needs the teacher's head (teacher_head) or its cached logits (teacher_sparse)")
+    if not alpha_kd:  # MLM alone: no teacher logits needed
+        if not bool(masked.any()):
+            return _empty_loss(student_hidden, weight)
+        logits = torch.nn.functional.linear(student_head.transform(student_hidden[masked]).to(weight.dtype), weight,
+                                            student_head.bias)
+        return alpha_mlm * torch.nn.functional.cross_entropy(logits.float(), labels[masked])
+
+    # under autocast (the Distiller's bf16 on a GPU) the projections run in the autocast dtype, as
+    # the decoder Linear would: fused_linear_kd_loss then keeps the 16-bit head 16-bit (fp32 accumulation)
+    device_type = student_hidden.device.type
+    head_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    weight = weight.to(head_dtype)
+    bias = None if student_head.bias is None else student_head.bias.to(head_dtype)
+
+    def student_rows(rows):
+        return student_head.transform(student_hidden[rows]).to(head_dtype)
+
+    def call(rows, a_kd, a_mlm, sparse=None):
+        kwargs = dict(student_bias=bias, labels=labels[rows] if a_mlm else None, temperature=temperature,
+                      alpha_kd=a_kd, alpha_mlm=a_mlm, restrict_to_masked=bool(a_mlm), backend=backend)
+        if sparse is not None:
+            return fused_linear_kd_loss(student_rows(rows), weight, teacher_sparse=sparse, **kwargs)
+        with torch.no_grad():
+            t_weight = teacher_head.weight.to(head_dtype)
+            t_bias = None if teacher_head.bias is None else teacher_head.bias.to(head_dtype)
+            h_t = teacher_head.transform(teacher_hidden[rows]).to(head_dtype)
+        return fused_linear_kd_loss(student_rows(rows), weight, h_t, t_weight, teacher_bias=t_bias, **kwargs)
+
+    n_masked = int(masked.sum())
+    if teacher_sparse is not None:
+        if kd_rows != "masked":
+            raise ValueError("kd_rows='all' needs a live teacher: the cached logits are the masked rows' only")
+        return call(masked, alpha_kd, alpha_mlm, teacher_sparse) if n_masked else _empty_loss(student_hidden, weight)
+    if kd_rows == "masked":
+        return call(masked, alpha_kd, alpha_mlm) if n_masked else _empty_loss(student_hidden, weight)
+    real = attention_mask != 0
+    if not alpha_mlm:
+        return call(real, alpha_kd, 0.0) if bool(real.any()) else _empty_loss(student_hidden, weight)
+    rest = real & ~masked
+    n_rest = int(rest.sum())
+    n_real = n_masked + n_rest
+    total = None
+    if n_masked:
+        total = call(masked, alpha_kd * n_masked / n_real, alpha_mlm)
+    if n_rest:
+        part = call(rest, alpha_kd * n_rest / n_real, 0.0)
+        total = part if total is None else total + part
+    return total if total is not None else _empty_loss(student_hidden, weight)
+
+
+# --- which backend each term runs on --------------------------------------------------------------
+
+def loss_backend(loss: str, device: torch.device, backend: str = "auto") -> str:
+    """The backend kdfast's public loss ``loss`` picks for ``backend`` on ``device``, resolved as
+    that loss resolves it (:mod:`kdfast.backend`); ``"torch"`` for the eager terms
+    (``feature_map_loss``, ``cross_entropy``)."""
+    from kdfast import backend as kb
+    from kdfast.losses import sparse_kd
+
+    if loss in ("fused_linear_kd_loss", "kd_loss", "attention_kl_loss"):
+        return kb.resolve(backend, device)
+    if loss in ("fused_linear_kd_loss[sparse]", "sparse_kd_loss"):
+        return sparse_kd._resolve(backend, device)
+    if loss in ("hidden_mse_loss", "cosine_loss", "flash_attention_transfer", "attention_mse_loss"):
+        return kb.resolve_for_loss(backend, device, loss, compiled=("cpu",))
+    if loss in ("feature_map_loss", "cross_entropy"):
+        return "torch"
+    raise ValueError(f"loss {loss!r} is not one of kdfast's losses known here")
+
+
+def term_backends(term_losses: dict[str, str], device: torch.device, backend: str = "auto") -> dict[str, dict]:
+    """``{term: {"loss": name, "backend": resolved}}`` for a stage's ``{term: kdfast loss name}``
+    (what ``report.json`` and the printed table show)."""
+    return {term: {"loss": loss, "backend": loss_backend(loss, device, backend)} for term, loss in term_losses.items()}
+
+
+def distillation_term_losses(loss_fn) -> dict[str, str]:
+    """``{term: kdfast loss name}`` of a :class:`kdfast.DistillationLoss` (the losses its
+    ``forward`` calls for each weighted term; attention per its ``attention_source``, ``auto``
+    counted as ``qk``, which is what the recipes feed it)."""
+    attention = {"qk": "flash_attention_transfer", "auto": "flash_attention_transfer"}.get(
+        loss_fn.attention_source, "attention_mse_loss" if loss_fn.attention == "mse" else "attention_kl_loss")
+    names = {"hidden": "hidden_mse_loss", "cosine": "cosine_loss", "feature_map": "feature_map_loss",
+             "attention": attention, "logits": "kd_loss"}
+    return {term: names[term] for term in loss_fn.weights}
+
+
+def format_backends(backends: dict[str, dict]) -> str:
+    """``kd_mlm fused_linear_kd_loss (cpu), cos cosine_loss (cpu)``."""
+    return ", ".join(f"{term} {b['loss']} ({b['backend']})" for term, b in backends.items())

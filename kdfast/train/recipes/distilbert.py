@@ -5,9 +5,18 @@ trained on masked text with
 
 (T = 2, 5.0 / 2.0 / 1.0; cosine between the last hidden states over real tokens), MLM masking of
 15% (80/10/10) with the original's frequency smoothing (token j chosen with probability
-proportional to count(j)^-0.7). The KD term counts every real token with a live teacher; from the
-cache (top-k logits kept at the masked tokens only) it counts the masked tokens, and the masking
-is the cache's (plain 15%, no smoothing).
+proportional to count(j)^-0.7); from the cache the masking is the cache's (plain 15%, no smoothing).
+
+The fast path: the student's prediction-head transform (dense, GELU, LayerNorm) runs on the
+counted tokens only, and the decoder projection, KD and MLM run in
+:func:`kdfast.fused_linear_kd_loss` (with a live teacher, its decoder projection too), so neither
+model's [tokens, vocabulary] logits exist in a step (:func:`common.lm_distillation_loss`); the
+cosine term is :func:`kdfast.cosine_loss`. ``kd_rows`` picks the tokens the KD term counts:
+``all`` (every real token: the original script's default, ``restrict_ce_to_mask=False``),
+``masked`` (the MLM-masked tokens only: its ``restrict_ce_to_mask=True``, about 15% of the rows,
+so the projections shrink by as much) or ``auto`` (default): ``all`` with a live teacher, as the
+original trains, and ``masked`` from the cache, which keeps the teacher's logits at the masked
+tokens only. The log's ``kd_mlm`` is alpha_kd KD + alpha_mlm MLM as the one fused call computes it.
 
 Defaults: loss weights, temperature, masking, layer choice, lr 5e-4, warm-up 5%, no weight decay
 and clipping at 5.0 follow the original training script; steps, batch size (the original used
@@ -17,11 +26,11 @@ about 4K sequences per batch) and max_length (512 there) are sized for the embed
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from kdfast.train.recipes import common
 from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings, config_to_dict
@@ -42,6 +51,7 @@ class DistilBertRecipe:
     alpha_kd: float = 5.0
     alpha_mlm: float = 2.0
     alpha_cos: float = 1.0
+    kd_rows: str = "auto"  # all | masked | auto (all live, masked from the cache): see the module docstring
     teacher: TeacherSettings = field(default_factory=TeacherSettings)
     data: DataSettings = field(default_factory=DataSettings)
     mlm: MaskingSettings = field(default_factory=lambda: MaskingSettings(probability=0.15, smoothing=0.7))
@@ -58,6 +68,7 @@ class DistilBertRecipe:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.alpha_kd or self.alpha_mlm or self.alpha_cos):
             raise ValueError("alpha_kd, alpha_mlm and alpha_cos are all 0: nothing to train")
+        common.resolve_kd_rows(self.kd_rows, self.teacher.source == "cache")
 
 
 def every_other_layer(n_teacher: int) -> list[int]:
@@ -69,9 +80,75 @@ def every_other_layer(n_teacher: int) -> list[int]:
     return [int(i * (n_teacher - 1) / (m - 1) + 0.5) for i in range(m)]
 
 
+def term_losses(cfg: DistilBertRecipe) -> dict[str, str]:
+    """``{logged term: the kdfast loss computing it}`` of the step (:func:`make_step_loss`)."""
+    terms = {}
+    if cfg.alpha_kd:
+        sparse = "[sparse]" if cfg.teacher.source == "cache" else ""
+        terms["kd_mlm" if cfg.alpha_mlm else "kd"] = f"fused_linear_kd_loss{sparse}"
+    elif cfg.alpha_mlm:
+        terms["mlm"] = "cross_entropy"
+    if cfg.alpha_cos:
+        terms["cos"] = "cosine_loss"
+    return terms
+
+
+def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: torch.nn.Module | None = None, *,
+                   masker: Callable | None = None, n_teacher_layers: int,
+                   backend: str = "auto") -> Callable[[dict], tuple[torch.Tensor, dict[str, float]]]:
+    r"""The recipe's step: ``batch -> (loss, {term: float})`` with
+
+        loss = alpha_kd KD + alpha_mlm MLM + alpha_cos (1 - cos(h_s^last, h_t^last))
+
+    (module docstring), KD over ``cfg.kd_rows``. ``teacher``: a ``transformers`` BERT (with its
+    MLM head when ``alpha_kd`` > 0), or None to read the teacher from cache batches (masked
+    ``input_ids``, ``labels``, top-k logits ``topk_ids`` / ``topk_values`` / ``topk_lse`` and
+    ``hidden_{n_teacher_layers}``). ``masker`` masks live batches (:class:`common.Masker`)."""
+    import kdfast
+
+    cached = teacher is None
+    kd_rows = common.resolve_kd_rows(cfg.kd_rows, cached)
+    s_encoder = common.encoder_of(student, "student")
+    t_head = None
+    if not cached:
+        t_encoder = common.encoder_of(teacher, "teacher") if cfg.alpha_kd else getattr(teacher, "bert", teacher)
+        if cfg.alpha_kd:
+            t_head = common.lm_head(teacher, "teacher")
+
+    def step_loss(batch):
+        am = batch["attention_mask"]
+        if "labels" in batch:  # the cache holds the masked inputs and their labels
+            ids, labels = batch["input_ids"], batch["labels"]
+        else:
+            ids, labels = masker(batch["input_ids"], am)
+        h_s = s_encoder(input_ids=ids, attention_mask=am).last_hidden_state
+        sparse = None
+        if cached:
+            h_t = batch.get(f"hidden_{n_teacher_layers}")
+            if cfg.alpha_kd:
+                sparse = (batch["topk_ids"], batch["topk_values"], batch["topk_lse"])
+        else:
+            with torch.no_grad():
+                h_t = t_encoder(input_ids=ids, attention_mask=am).last_hidden_state
+        total, terms = 0.0, {}
+        if cfg.alpha_kd or cfg.alpha_mlm:
+            value = common.lm_distillation_loss(
+                h_s, common.lm_head(student, "student"), labels, am, kd_rows=kd_rows, temperature=cfg.temperature,
+                alpha_kd=cfg.alpha_kd, alpha_mlm=cfg.alpha_mlm, teacher_hidden=h_t, teacher_head=t_head,
+                teacher_sparse=sparse, backend=backend)
+            name = "kd_mlm" if cfg.alpha_kd and cfg.alpha_mlm else "kd" if cfg.alpha_kd else "mlm"
+            weight = 1.0 if name == "kd_mlm" else cfg.alpha_kd or cfg.alpha_mlm  # kd_mlm is weighted as computed
+            total, terms[name] = total + value, float(value.detach()) / weight
+        if cfg.alpha_cos:
+            value = kdfast.cosine_loss(h_s, h_t.to(h_s.dtype), am, backend=backend)
+            total, terms["cos"] = total + cfg.alpha_cos * value, float(value.detach())
+        return total, terms
+
+    return step_loss
+
+
 def run(cfg: DistilBertRecipe, *, resume: bool = False, allow_changed_settings: bool = False) -> dict:
     """Distil the teacher into a DistilBERT-style student; returns the report (also ``report.json``)."""
-    import kdfast
     from transformers import AutoTokenizer
 
     from kdfast.models import count, distilbert_from_teacher
@@ -113,42 +190,12 @@ def run(cfg: DistilBertRecipe, *, resume: bool = False, allow_changed_settings: 
         ids, am = common.tokenize(tokenizer, train, cfg.data.max_length)
         masker = common.Masker(cfg.mlm, tokenizer, student.config.vocab_size, ids, am)
 
-    cosine = kdfast.DistillationLoss({n_s: n_t}, {"cosine": 1.0}) if cfg.alpha_cos else None
-    kd = kdfast.DistillationLoss({n_s: n_t}, {"logits": 1.0}, temperature=cfg.temperature) if cfg.alpha_kd else None
-
-    def step_loss(batch):
-        am = batch["attention_mask"]
-        if "labels" in batch:  # the cache holds the masked inputs and their labels
-            ids, labels = batch["input_ids"], batch["labels"]
-        else:
-            ids, labels = masker(batch["input_ids"], am)
-        s = student(input_ids=ids, attention_mask=am, output_hidden_states=True)
-        s_out = {"hidden_states": s.hidden_states, "logits": s.logits}
-        if cached:
-            t_out = common.cached_teacher_outputs(batch, n_t, 1, s.logits.dtype)
-        else:
-            with torch.no_grad():
-                t_out = common.bert_outputs(teacher, ids, am)
-        total, terms = 0.0, {}
-        if cfg.alpha_kd:
-            if cached:
-                rows = labels != -100
-                value = kdfast.sparse_kd_loss(s.logits[rows], batch["topk_ids"], batch["topk_values"],
-                                              teacher_logsumexp=batch["topk_lse"], temperature=cfg.temperature)
-            else:
-                value = kd(s_out, t_out, am)[0]
-            total, terms["kd"] = total + cfg.alpha_kd * value, float(value.detach())
-        if cfg.alpha_mlm:
-            value = F.cross_entropy(s.logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
-            total, terms["mlm"] = total + cfg.alpha_mlm * value, float(value.detach())
-        if cfg.alpha_cos:
-            value = cosine(s_out, t_out, am)[0]
-            total, terms["cos"] = total + cfg.alpha_cos * value, float(value.detach())
-        return total, terms
+    step_loss = make_step_loss(cfg, student, teacher, masker=masker, n_teacher_layers=n_t)
 
     tc = common.train_config(cfg.train, cfg.steps, out, cfg.progress)
     stage = common.run_stage("distil", student, step_loss, source, held, tc, resume=resume, seed=cfg.train.seed,
                              **stage_opts)
+    stage["backends"] = common.term_backends(term_losses(cfg), next(student.parameters()).device)
     student.save_pretrained(out / "student")
     tokenizer.save_pretrained(out / "student")
     report = {
@@ -157,7 +204,7 @@ def run(cfg: DistilBertRecipe, *, resume: bool = False, allow_changed_settings: 
                     "layers": n_t},
         "student": {"dir": str(out / "student"), "params": int(count(student)["params"]), "layers": n_s,
                     "init_from_teacher_layers": list(layers)},
-        "kd_rows": "masked tokens (cached logits)" if cached else "all real tokens",
+        "kd_rows": common.resolve_kd_rows(cfg.kd_rows, cached),
         "stages": [stage],
         "timing_s": {"cache": round(cache_s, 2), "total": round(time.perf_counter() - t_start, 2)},
     }

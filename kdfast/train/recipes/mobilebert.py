@@ -24,9 +24,15 @@ Stage 2, pre-training distillation: every parameter, on masked text (15%, 80/10/
 
     L = alpha_kd * KL(p_t || p_s) + alpha_mlm * CE(s, labels)    (T = 1, 0.5 / 0.5)
 
-over the masked tokens, i.e. the student's MLM predictions against 0.5 teacher + 0.5 one-hot
-(:func:`kdfast.kd_loss`, or :func:`kdfast.sparse_kd_loss` on the cached top-k). This needs a
-teacher with an MLM head; set ``pretrain.steps`` to 0 for one without.
+over the masked tokens, i.e. the student's MLM predictions against 0.5 teacher + 0.5 one-hot.
+The student's prediction-head transform runs on the counted tokens only and the decoder
+projection, KD and MLM run in one :func:`kdfast.fused_linear_kd_loss` call (with a live teacher,
+its decoder projection too; from the cache, against its top-k logits), so no [tokens, vocabulary]
+logits exist in a step. ``pretrain.kd_rows``: ``masked`` (default, the paper's: the KD term on
+the masked tokens, as the 0.5 / 0.5 mixture reads), ``all`` (KD on every real token, live
+teacher only) or ``auto`` (``all`` live, ``masked`` from the cache). The log's ``kd_mlm`` is
+alpha_kd KD + alpha_mlm MLM as the fused call computes it. This needs a teacher with an MLM head;
+set ``pretrain.steps`` to 0 for one without.
 
 Defaults: the losses, the freezing scheme, 0.5 / 0.5 at T = 1 and the LAMB optimizer (used where
 the Distiller offers it) follow the paper; the step counts, batch size and lr are sized for the
@@ -36,11 +42,11 @@ embedded corpus (the paper used 4096-sequence batches).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from kdfast.train.recipes import common
 from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings, config_to_dict
@@ -99,9 +105,12 @@ class PretrainSettings:
     alpha_kd: float = 0.5
     alpha_mlm: float = 0.5
     temperature: float = 1.0
+    kd_rows: str = "masked"  # masked | all | auto: the tokens the KD term counts (module docstring)
     lr: float | None = None  # None: train.lr
 
     def validate(self) -> None:
+        if self.kd_rows not in common.KD_ROWS:
+            raise ValueError(f"kd_rows must be one of {common.KD_ROWS}, got {self.kd_rows!r}")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.alpha_kd < 0 or self.alpha_mlm < 0 or not (self.alpha_kd or self.alpha_mlm):
@@ -128,6 +137,7 @@ class MobileBertRecipe:
     def validate(self) -> None:
         if not (self.pkt.steps_per_layer or self.pretrain.steps):
             raise ValueError("pkt.steps_per_layer and pretrain.steps are both 0: nothing to train")
+        common.resolve_kd_rows(self.pretrain.kd_rows, self.teacher.source == "cache", "pretrain.kd_rows")
 
 
 def student_config(settings: MobileBertStudent, teacher_config):
@@ -193,6 +203,44 @@ def pkt_groups(model, layer: int, lower_lr_scale: float) -> list[dict]:
     return groups
 
 
+def make_pretrain_step_loss(settings: PretrainSettings, student: torch.nn.Module,
+                            teacher: torch.nn.Module | None = None, *, masker: Callable | None = None,
+                            backend: str = "auto") -> Callable[[dict], tuple[torch.Tensor, dict[str, float]]]:
+    r"""Stage 2's step: ``batch -> (loss, {"kd_mlm": float})`` with
+
+        loss = alpha_kd T^2 KL(p_t || p_s) over ``settings.kd_rows`` + alpha_mlm CE(s, labels) over the masked tokens
+
+    through :func:`common.lm_distillation_loss`. ``teacher``: a ``transformers`` BERT with its MLM
+    head, or None to read cache batches (masked ``input_ids``, ``labels``, ``topk_ids`` /
+    ``topk_values`` / ``topk_lse``). ``masker`` masks live batches."""
+    cached = teacher is None
+    kd_rows = common.resolve_kd_rows(settings.kd_rows, cached, "pretrain.kd_rows")
+    t_encoder = t_head = None
+    if not cached:
+        t_encoder, t_head = common.encoder_of(teacher, "teacher"), common.lm_head(teacher, "teacher")
+
+    def step_loss(batch):
+        am = batch["attention_mask"]
+        if "labels" in batch:
+            ids, labels = batch["input_ids"], batch["labels"]
+        else:
+            ids, labels = masker(batch["input_ids"], am)
+        h_s = student.mobilebert(ids, am).last_hidden_state
+        h_t = sparse = None
+        if cached:
+            sparse = (batch["topk_ids"], batch["topk_values"], batch["topk_lse"])
+        else:
+            with torch.no_grad():
+                h_t = t_encoder(input_ids=ids, attention_mask=am).last_hidden_state
+        total = common.lm_distillation_loss(
+            h_s, common.lm_head(student, "student"), labels, am, kd_rows=kd_rows, temperature=settings.temperature,
+            alpha_kd=settings.alpha_kd, alpha_mlm=settings.alpha_mlm, teacher_hidden=h_t, teacher_head=t_head,
+            teacher_sparse=sparse, backend=backend)
+        return total, {"kd_mlm": float(total.detach())}
+
+    return step_loss
+
+
 def run(cfg: MobileBertRecipe, *, resume: bool = False, allow_changed_settings: bool = False) -> dict:
     """Progressive knowledge transfer, then pre-training distillation; returns the report."""
     import kdfast
@@ -237,9 +285,12 @@ def run(cfg: MobileBertRecipe, *, resume: bool = False, allow_changed_settings: 
         if cached:
             return common.cached_teacher_outputs(batch, n, tconf.num_attention_heads, dtype)
         with torch.no_grad():
-            return common.bert_outputs(teacher, ids, am, qk=qk)
+            # the encoder alone: stage 1 needs no logits (a teacher loaded with its head for stage 2
+            # would otherwise project every token onto the vocabulary here)
+            return common.bert_outputs(getattr(teacher, "bert", teacher), ids, am, qk=qk)
 
     stages = []
+    device = next(student.parameters()).device
     for layer in range(1, n + 1) if pkt.steps_per_layer else ():
         loss_fn = kdfast.DistillationLoss({layer: layer}, {"feature_map": pkt.alpha_feature_map,
                                                            "attention": pkt.alpha_attention},
@@ -257,34 +308,18 @@ def run(cfg: MobileBertRecipe, *, resume: bool = False, allow_changed_settings: 
                                  lr=pkt.lr, preferred_optimizer="lamb")
         stages.append(common.run_stage(f"pkt layer {layer}", student, step_loss, source, held, tc, trainable=groups,
                                        resume=resume, seed=cfg.train.seed, **stage_opts))
+        stages[-1]["backends"] = common.term_backends(common.distillation_term_losses(loss_fn), device)
     student.requires_grad_(True)
 
     if pre.steps:
-        def step_loss(batch):
-            am = batch["attention_mask"]
-            if "labels" in batch:
-                ids, labels = batch["input_ids"], batch["labels"]
-            else:
-                ids, labels = masker(batch["input_ids"], am)
-            s = student(input_ids=ids, attention_mask=am)
-            if cached:
-                rows = labels != -100
-                total = kdfast.sparse_kd_loss(s.logits[rows], batch["topk_ids"], batch["topk_values"],
-                                              teacher_logsumexp=batch["topk_lse"], labels=labels[rows],
-                                              temperature=pre.temperature, alpha_kd=pre.alpha_kd,
-                                              alpha_mlm=pre.alpha_mlm)
-            else:
-                t = teacher_outputs(batch, ids, am, s.logits.dtype, False)
-                total = kdfast.kd_loss(s.logits, t["logits"].to(s.logits.dtype), labels=labels,
-                                       temperature=pre.temperature, alpha_kd=pre.alpha_kd, alpha_mlm=pre.alpha_mlm)
-            with torch.no_grad():  # the hard-label part alone, for the log
-                mlm = F.cross_entropy(s.logits.flatten(0, -2).float(), labels.flatten(), ignore_index=-100)
-            return total, {"mlm": float(mlm)}
+        step_loss = make_pretrain_step_loss(pre, student, teacher, masker=masker)
 
         tc = common.train_config(cfg.train, pre.steps, out / "pretrain", cfg.progress, lr=pre.lr,
                                  preferred_optimizer="lamb")
         stages.append(common.run_stage("pretrain distill", student, step_loss, source, held, tc, resume=resume,
                                        seed=cfg.train.seed, **stage_opts))
+        sparse = "[sparse]" if cached else ""
+        stages[-1]["backends"] = common.term_backends({"kd_mlm": f"fused_linear_kd_loss{sparse}"}, device)
 
     student_dir = out / "student"
     student.to_transformers().save_pretrained(student_dir)

@@ -13,7 +13,9 @@ distillation (intermediate layers, then the prediction layer's soft cross-entrop
 fine-tuned teacher) starting from it.
 
 Defaults: the loss (weights 1, uniform map, projections, score MSE) and the TinyBERT-4 shape
-(d = 312, d_i = 1200, 12 heads) follow the paper; M defaults to the largest divisor of the
+(d = 312, d_i = 1200, 12 heads) follow the paper (a head count that divides the teacher's, or
+that it divides, works too: a student head is taught the mean scores of its group of teacher
+heads, :func:`kdfast.losses.map_teacher_heads`); M defaults to the largest divisor of the
 teacher's layer count not above the preset's (4 for a 12-layer teacher, 3 for the 6-layer
 MiniLM); lr, steps and batch size are sized for the embedded corpus (the paper's general
 distillation used 256 x 128-token batches for 3 epochs of a large corpus).
@@ -142,9 +144,11 @@ def run(cfg: TinyBertRecipe, *, resume: bool = False, allow_changed_settings: bo
         layer_map = uniform_layer_map(n_t, n_s)
     except ValueError as e:
         raise ValueError(f"student.num_hidden_layers: {e}") from None
-    if cfg.alpha_attention and student.config.num_attention_heads != tconf.num_attention_heads:
-        raise ValueError(f"student.num_attention_heads ({student.config.num_attention_heads}) must equal the "
-                         f"teacher's ({tconf.num_attention_heads}) for the attention term")
+    heads_s, heads_t = student.config.num_attention_heads, tconf.num_attention_heads
+    if cfg.alpha_attention and max(heads_s, heads_t) % min(heads_s, heads_t):
+        # the attention term maps groups of heads (kdfast.losses.map_teacher_heads): one count must divide the other
+        raise ValueError(f"student.num_attention_heads ({heads_s}) and the teacher's ({heads_t}) must divide one "
+                         f"another for the attention term (or set alpha_attention to 0)")
     weights = {"hidden": cfg.alpha_hidden, "attention": cfg.alpha_attention}
     loss_fn = kdfast.DistillationLoss(layer_map, weights, student_hidden_size=student.config.hidden_size,
                                       teacher_hidden_size=tconf.hidden_size, attention="mse",
@@ -176,6 +180,8 @@ def run(cfg: TinyBertRecipe, *, resume: bool = False, allow_changed_settings: bo
     tc = common.train_config(cfg.train, cfg.steps, out / "general", cfg.progress)
     stages = [common.run_stage("general", student, step_loss, source, held, tc, extra=loss_fn, resume=resume,
                                seed=cfg.train.seed, **stage_opts)]
+    stages[0]["backends"] = common.term_backends(common.distillation_term_losses(loss_fn),
+                                                 next(student.parameters()).device)
     student_dir = out / "student"
     student.save_pretrained(student_dir)
     tokenizer.save_pretrained(student_dir)
