@@ -6,6 +6,7 @@
 """
 
 from kdfast.backend import backends
+from kdfast.losses._checks import set_value_checks  # noqa: F401  (the GPU host-sync switch, README)
 from kdfast.losses import (
     DistillationLoss,
     FusedLinearKDLoss,
