@@ -455,3 +455,21 @@ def test_distillation_attention_kl_on_dropped_student_probabilities_says_why():
         crit({"attentions": (student,)}, {"attentions": (probs[1],)})
     total, _ = crit({"attentions": (probs[0],)}, {"attentions": (probs[1],)})
     assert torch.isfinite(total)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mse_and_cosine_families_with_large_values(backend):
+    """Values of +-1e4 (squares of 1e8) and a peaked score map: finite, within 1e-4 of float64."""
+    g = torch.Generator().manual_seed(16)
+    hs, ht = torch.randn(2, 5, 6, generator=g) * 1e4, torch.randn(2, 5, 6, generator=g) * 1e4
+    W = torch.randn(6, 6, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]])
+    a, b = torch.randn(2, 2, 5, 5, generator=g) * 1e4, torch.randn(2, 2, 5, 5, generator=g) * 1e4
+    cases = [
+        (kdfast.hidden_mse_loss(hs, ht, W, mask=mask, backend=backend), R.hidden_mse_reference(hs, ht, W, mask=mask)),
+        (kdfast.cosine_loss(hs, ht, mask, backend=backend), R.cosine_reference(hs, ht, mask)),
+        (kdfast.attention_mse_loss(a, b, mask, threshold=-1e5, backend=backend),
+         R.attention_mse_reference(a, b, mask, threshold=-1e5)),
+    ]
+    for out, ref in cases:
+        assert torch.isfinite(out) and rel(out, ref) < 1e-4, (float(out), float(ref))
