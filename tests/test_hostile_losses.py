@@ -473,3 +473,18 @@ def test_mse_and_cosine_families_with_large_values(backend):
     ]
     for out, ref in cases:
         assert torch.isfinite(out) and rel(out, ref) < 1e-4, (float(out), float(ref))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("T", [TEMPERATURE_RANGE[0], 1e2, TEMPERATURE_RANGE[1]])
+def test_half_precision_logits_at_the_range_edges(backend, dtype, T):
+    """fp16 / bf16 logits are widened to fp32: the loss of the rounded inputs keeps 1e-4 of float64."""
+    g = torch.Generator().manual_seed(17)
+    s = (torch.randn(3, V, generator=g) * 4).to(dtype)
+    t = (s.float() + torch.randn(3, V, generator=g)).to(dtype)
+    loss = kdfast.kd_loss(s, t, temperature=T, backend=backend)
+    ref = kl_rows_fp64(s, t, T).mean()
+    # at T = 1e-2 rows whose argmaxes agree have a KL of ~1e-92: float32 holds 0 there
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert abs(float(loss) - float(ref)) <= 1e-4 * float(ref) + torch.finfo(torch.float32).tiny
