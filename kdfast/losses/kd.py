@@ -134,7 +134,9 @@ def kd_loss(
             within 1e-4 relative of float64 (a row whose KL < 1 is recomputed in a form without
             cancellation, csrc/common/kd_math.h); outside it, ValueError.
         labels: [...] int targets for the MLM term; rows equal to ``ignore_index`` are not
-            counted. Required when ``alpha_mlm != 0``.
+            counted. Required when ``alpha_mlm != 0``. Outside [0, V): ValueError when value
+            checks run (`kdfast.set_value_checks`; by default on CPU tensors), else the row is
+            dropped like an ignored one, never read out of bounds.
         mask: [...] attention/selection mask; rows where it is 0 are not counted.
         reduction: ``batchmean`` and ``mean`` divide the sum by the number of counted rows
             (a row is the unit here, so they agree; torch's element-wise mean over V is not
