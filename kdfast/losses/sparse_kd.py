@@ -110,15 +110,15 @@ class _SparseKDFunction(torch.autograd.Function):
         return (g,) + (None,) * 11
 
 
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """No compiled C++ kernel exists for this loss yet: auto = Triton on CUDA (float32 math; not for
-    float64 logits), else torch."""
+    float64 logits), else torch. Without ``dtype`` (fused_linear_kd's use) no float64 rule applies."""
     if backend in ("cpu", "cuda"):
         raise ValueError(f"backend={backend!r}: sparse_kd_loss has no compiled C++ kernel yet; "
                          "use 'triton', 'torch' or 'auto'")
     if backend == "auto" and device.type != "cuda":
         return "torch"
-    return resolve_backend(backend, device, dtype, "sparse_kd_loss", compiled=())
+    return resolve_backend(backend, device, dtype or torch.float32, "sparse_kd_loss", compiled=())
 
 
 def _check_ids(name: str, ids: object, lead: torch.Size, device: torch.device) -> Tensor:
