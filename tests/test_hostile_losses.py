@@ -488,3 +488,16 @@ def test_half_precision_logits_at_the_range_edges(backend, dtype, T):
     # at T = 1e-2 rows whose argmaxes agree have a KL of ~1e-92: float32 holds 0 there
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert abs(float(loss) - float(ref)) <= 1e-4 * float(ref) + torch.finfo(torch.float32).tiny
+
+
+def test_distillation_dropped_probability_check_with_grouped_teacher_heads():
+    g = torch.Generator().manual_seed(18)
+    teacher = torch.softmax(torch.randn(2, 4, 5, 5, generator=g), -1)  # 4 teacher heads for 2 student heads
+    student = torch.softmax(torch.randn(2, 2, 5, 5, generator=g), -1)
+    crit = kdfast.DistillationLoss({1: 1}, {"attention": 1.0}, attention="kl", attention_source="attentions")
+    total, _ = crit({"attentions": (student,)}, {"attentions": (teacher,)})
+    assert torch.isfinite(total)
+    dropped = student.clone()
+    dropped[1, 0, 4, 1] = 0.0
+    with pytest.raises(ValueError, match="attention dropout"):
+        crit({"attentions": (dropped,)}, {"attentions": (teacher,)})

@@ -243,7 +243,12 @@ class DistillationLoss(nn.Module):
         n_b^2 for the flash MSE), so the sum over layers is n x the concatenated loss. The TinyBERT
         MSE on score maps is the exception: it counts the elements above its threshold, which may
         differ between layers, so it runs per layer."""
-        from kdfast.losses.attention import attention_kl_loss, attention_mse_loss, flash_attention_transfer
+        from kdfast.losses.attention import (
+            attention_kl_loss,
+            attention_mse_loss,
+            flash_attention_transfer,
+            map_teacher_heads,
+        )
 
         src = self._attention_source(student_outputs, teacher_outputs)
         if src == "qk":
@@ -266,7 +271,10 @@ class DistillationLoss(nn.Module):
                 if self.attention == "mse":
                     return attention_mse_loss(a_s, a_t, m, backend=self.backend)
                 if src == "attentions":  # probabilities -> log-probabilities as scores
-                    if value_checks_enabled(a_s) and bool(((a_s == 0) & (a_t > 0)).any()):
+                    # the teacher's target is > 0 where every probability of its head group is
+                    # (map_teacher_heads averages log-probabilities): map that indicator to the student's heads
+                    if value_checks_enabled(a_s) and bool(((a_s == 0) & (map_teacher_heads(
+                            (a_t > 0).to(a_s.dtype), a_s.shape[1])[0] == 1)).any()):
                         raise ValueError("student_outputs attentions hold a probability of exactly 0 where the "
                                          "teacher's is > 0, so the attention KL is infinite: transformers returns "
                                          "the maps after attention dropout; train the student with "
