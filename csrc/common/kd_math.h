@@ -141,9 +141,9 @@ KD_HD acc_t kd_row_loss(const KdRowStats<acc_t>& st, const KdRowCoeffs<acc_t>& c
 // with u = d - c (so E_p[u] ~ 0 up to rounding) and Q_out = sum_{j not in S} p_s,j,
 //   kl = E_p[u] + log E_p[e^{-u}] - log(1 - Q_out) = a + log1p(b - a) - log1p(-Q_out),
 //   a = sum p_j u_j,   b = sum p_j phi(u_j),   phi(u) = e^{-u} - 1 + u >= 0:
-// b is a sum of non-negative terms (no cancellation) and a only enters at second order. d is
-// centred on the row maxima (d = y - x - (m_t - m_s), kd_centred_diff) and so is c. Used when kl < kKdStableBelow; there every
-// p_j e^{-u_j} <= e^{kl} stays small, so nothing overflows.
+// b is a sum of non-negative terms (no cancellation) and a only enters at second order, as does
+// any constant error in c: d may be shifted by a per-row constant (kd_centred_diff). Used when
+// kl < kKdStableBelow; there every p_j e^{-u_j} <= e^{kl} stays small, so nothing overflows.
 constexpr double kKdStableBelow = 1.0;
 
 // p phi(u) from log p: a series where phi cancels (|u| <= 1/2; truncation < 1e-17 relative for
@@ -178,8 +178,9 @@ KD_HD acc_t kd_centred_diff(acc_t ts, acc_t yc, acc_t xc, acc_t dm) {
 }
 
 // One element's contribution to (a, b, Q_out) above: d from kd_centred_diff, log_p = log p_t,j,
-// log_q = log p_s,j, c = E_p[d] = A / Z_t - (r_t - r_s) / T. The support is where p does not underflow to 0 (t = -inf, or a
-// finfo.min mask): the identity holds for any such split, and u is finite on it.
+// log_q = log p_s,j, c = E_p[d] (A / Z_t shifted like d). The support is where p does not
+// underflow to 0 (t = -inf, or a finfo.min mask): the identity holds for any such split, and u is
+// finite on it.
 template <typename acc_t>
 KD_HD void kd_kl_small_add(acc_t d, acc_t log_p, acc_t log_q, acc_t c, acc_t& a, acc_t& b, acc_t& q_out) {
   const acc_t p = exp(log_p);

@@ -2,9 +2,10 @@
 //
 // Pass 1: each thread folds its strided share of the row into online soft-max statistics
 // (KdRowStats::add, vectorised 16-byte loads when the row is aligned); the block merges them
-// with warp shuffles and shared memory. A row whose KL is small (below kKdStableBelow) is read once
-// more for the small-KL form of kd_math.h (no cancellation at large T). Pass 2: every thread re-reads its share (the row was
-// just read, so it comes from L2) and writes the gradient; thread 0 writes the row loss.
+// with warp shuffles and shared memory. A row whose KL is small (below kKdStableBelow) is read
+// once more for the small-KL form of kd_math.h (no cancellation at large T). Pass 2: every
+// thread re-reads its share (the row was just read, so it comes from L2) and writes the
+// gradient; thread 0 writes the row loss.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
