@@ -7,6 +7,7 @@
 
 from kdfast.backend import backends
 from kdfast.capture import Captured, capture
+from kdfast.losses._checks import set_value_checks  # noqa: F401  (the GPU host-sync switch, README)
 from kdfast.losses import (
     DistillationLoss,
     FusedLinearKDLoss,

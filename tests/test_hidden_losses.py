@@ -372,7 +372,10 @@ def test_feature_map_definition_and_gradcheck():
 def _tiny_berts():
     from transformers import BertConfig, BertForMaskedLM
 
-    common = dict(vocab_size=50, num_attention_heads=2, max_position_embeddings=64, attn_implementation="eager")
+    # no attention dropout: a dropped (zero) student probability where the teacher's is positive
+    # makes the attention KL infinite (DistillationLoss refuses it, tests/test_hostile_losses.py)
+    common = dict(vocab_size=50, num_attention_heads=2, max_position_embeddings=64, attn_implementation="eager",
+                  attention_probs_dropout_prob=0.0)
     teacher = BertForMaskedLM(BertConfig(hidden_size=40, num_hidden_layers=4, intermediate_size=64, **common)).eval()
     student = BertForMaskedLM(BertConfig(hidden_size=24, num_hidden_layers=2, intermediate_size=48, **common))
     ids = torch.randint(0, 50, (3, 37))

@@ -28,9 +28,37 @@ acc_t row_max(const acc_t* x, int64_t n) {
   return at::vec::reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, n);
 }
 
+// p phi(u) of kd_math.h's small-KL form on a vector of lanes (see kd_p_phi); lanes outside the
+// teacher's support (live false: p == 0) give 0, and so does their p u, returned through pu.
+template <typename acc_t>
+at::vec::Vectorized<acc_t> kd_p_phi_vec(const at::vec::Vectorized<acc_t>& log_p, const at::vec::Vectorized<acc_t>& p,
+                                        const at::vec::Vectorized<acc_t>& u, const at::vec::Vectorized<acc_t>& live,
+                                        at::vec::Vectorized<acc_t>& pu) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int kTerms = sizeof(acc_t) == 8 ? 16 : 9;
+  acc_t inv_fact = acc_t(1);
+  for (int k = 2; k <= kTerms + 1; ++k) inv_fact /= acc_t(k);
+  const Vec neg_u = Vec(0) - u;
+  Vec poly(0);
+  for (int k = kTerms - 1; k >= 0; --k) {
+    poly = at::vec::fmadd(poly, neg_u, Vec(inv_fact));
+    inv_fact *= acc_t(k + 2);
+  }
+  const Vec series = p * u * u * poly;
+  const Vec direct = (log_p - u).exp() - p + p * u;  // Sleef exp: exp_u20's 20 ulp would show here
+  const Vec small = (u <= Vec(0.5)) & (u >= Vec(-0.5));
+  pu = Vec::blendv(Vec(0), p * u, live);
+  return Vec::blendv(Vec(0), Vec::blendv(direct, series, small), live);
+}
+
 // One row computed in acc_t (float; double only for fp64 inputs, so gradcheck can run on it).
 // es/et/e1 are scratch rows of length V; g receives the gradient; returns the weighted row loss.
 // g may alias s (in-place mode): s is only read before g is written.
+//
+// Logits are centred on their row maxima before the division by T, x = (s - max s) / T and
+// y = (t - max t) / T, so no term carries a max / T of 1e6 at small T. kl = A / Z_t + log Z_s -
+// log Z_t with A = sum e^y (y - x); a row whose kl is below kKdStableBelow is recomputed in the
+// small-KL form of kd_math.h (one more pass over the row, only then).
 template <typename acc_t, bool SOFT_CE, bool NEED_1>
 acc_t kd_row(const acc_t* s, const acc_t* t, acc_t* g, int64_t V, int64_t label, acc_t w, const KdParams& p,
              acc_t* es, acc_t* et, acc_t* e1) {
@@ -39,25 +67,22 @@ acc_t kd_row(const acc_t* s, const acc_t* t, acc_t* g, int64_t V, int64_t label,
               a_mlm = static_cast<acc_t>(p.alpha_mlm);
   const acc_t inv_t = acc_t(1) / T;
   const acc_t max_s = row_max(s, V), max_t = row_max(t, V);
-  KdRowStats<acc_t> st = KdRowStats<acc_t>::empty();
-  st.m_s = max_s * inv_t;
-  st.m_t = max_t * inv_t;
-  st.m_1 = max_s;
   const acc_t label_logit = a_mlm != 0 ? s[label] : acc_t(0);
 
-  const Vec v_inv(inv_t), v_ms(st.m_s), v_mt(st.m_t), v_m1(st.m_1);
+  const Vec v_inv(inv_t), v_max_s(max_s), v_max_t(max_t), v_m1(max_s);
   Vec v_zs(0), v_zt(0), v_acc(0), v_z1(0);
   constexpr int64_t kW = Vec::size();
   int64_t j = 0;
   for (; j + kW <= V; j += kW) {
     const Vec sv = Vec::loadu(s + j), tv = Vec::loadu(t + j);
-    const Vec x = sv * v_inv, y = tv * v_inv;
-    const Vec a = (x - v_ms).exp_u20(), b = (y - v_mt).exp_u20();
+    const Vec x = (sv - v_max_s) * v_inv, y = (tv - v_max_t) * v_inv;
+    const Vec a = x.exp_u20(), b = y.exp_u20();
     a.store(es + j);
     b.store(et + j);
     v_zs += a;
     v_zt += b;
-    v_acc = at::vec::fmadd(b, SOFT_CE ? Vec(0) - x : y - x, v_acc);
+    // p = 0 (t = -inf) adds nothing, not 0 * inf
+    v_acc += Vec::blendv(Vec(0), b * (SOFT_CE ? Vec(0) - x : y - x), b != Vec(0));
     if constexpr (NEED_1) {
       const Vec c = (sv - v_m1).exp_u20();
       c.store(e1 + j);
@@ -65,30 +90,60 @@ acc_t kd_row(const acc_t* s, const acc_t* t, acc_t* g, int64_t V, int64_t label,
     }
   }
   auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v); };
-  st.z_s = hsum(v_zs);
-  st.z_t = hsum(v_zt);
-  st.acc = hsum(v_acc);
-  st.z_1 = hsum(v_z1);
+  acc_t z_s = hsum(v_zs), z_t = hsum(v_zt), acc = hsum(v_acc), z_1 = hsum(v_z1);
   for (; j < V; ++j) {  // tail, same maxima so no rescaling
-    const acc_t x = s[j] * inv_t, y = t[j] * inv_t;
-    es[j] = std::exp(x - st.m_s);
-    et[j] = std::exp(y - st.m_t);
-    st.z_s += es[j];
-    st.z_t += et[j];
-    st.acc += et[j] * (SOFT_CE ? -x : y - x);
+    const acc_t x = (s[j] - max_s) * inv_t, y = (t[j] - max_t) * inv_t;
+    es[j] = std::exp(x);
+    et[j] = std::exp(y);
+    z_s += es[j];
+    z_t += et[j];
+    if (et[j] != acc_t(0)) acc += et[j] * (SOFT_CE ? -x : y - x);
     if constexpr (NEED_1) {
-      e1[j] = std::exp(s[j] - st.m_1);
-      st.z_1 += e1[j];
+      e1[j] = std::exp(s[j] - max_s);
+      z_1 += e1[j];
     }
   }
 
-  const KdRowCoeffs<acc_t> c = kd_row_coeffs(st, T, w, a_kd, a_mlm);
-  const acc_t loss = kd_row_loss(st, c, T, w, a_kd, a_mlm, SOFT_CE, label_logit);
+  const acc_t log_zs = std::log(z_s), log_zt = std::log(z_t);
+  acc_t kd = acc / z_t + log_zs - (SOFT_CE ? acc_t(0) : log_zt);
+  if (!SOFT_CE && kd < acc_t(kKdStableBelow)) {
+    // c = E_p[d] for the centred d = ((t - max t) - (s - max s)) / T
+    const acc_t cm = acc / z_t;
+    const acc_t dm = (max_t - max_s) * inv_t;
+    const Vec v_cm(cm), v_log_zt(log_zt), v_inv_zs(acc_t(1) / z_s), v_dm(dm);
+    Vec v_a(0), v_b(0), v_q(0);
+    j = 0;
+    for (; j + kW <= V; j += kW) {
+      const Vec sv = Vec::loadu(s + j), tv = Vec::loadu(t + j);
+      const Vec yc = (tv - v_max_t) * v_inv, xc = (sv - v_max_s) * v_inv, ts = (tv - sv) * v_inv;
+      // kd_centred_diff, lane by lane
+      const Vec close = (ts.abs() + v_dm.abs()) <= (yc.abs() + xc.abs());
+      const Vec d = Vec::blendv(yc - xc, ts - v_dm, close);
+      const Vec log_p = yc - v_log_zt;
+      const Vec p = log_p.exp();  // Sleef's exp, not exp_u20's et: the direct branch of phi would show it
+      const Vec live = p != Vec(0);
+      Vec pu;
+      v_b += kd_p_phi_vec<acc_t>(log_p, p, d - v_cm, live, pu);
+      v_a += pu;
+      v_q += Vec::blendv(Vec::loadu(es + j) * v_inv_zs, Vec(0), live);
+    }
+    acc_t sum_a = hsum(v_a), sum_b = hsum(v_b), sum_q = hsum(v_q);
+    for (; j < V; ++j)
+      kd_kl_small_add<acc_t>(kd_centred_diff((t[j] - s[j]) * inv_t, (t[j] - max_t) * inv_t, (s[j] - max_s) * inv_t, dm),
+                             (t[j] - max_t) * inv_t - log_zt, (s[j] - max_s) * inv_t - log_zs, cm, sum_a, sum_b,
+                             sum_q);
+    kd = kd_kl_small(sum_a, sum_b, sum_q);
+  }
+  KdRowCoeffs<acc_t> c{};
+  c.lse_1 = NEED_1 ? max_s + std::log(z_1) : max_s + log_zs;  // T = 1: the student's own soft-max
+  c.coef_kd = w * a_kd * T;
+  c.coef_mlm = w * a_mlm;
+  const acc_t loss = kd_row_loss_from_kd(kd, c, T, w, a_kd, a_mlm, label_logit);
 
   // p_s = es / z_s; when T == 1 and the MLM term is on, q_s == p_s and folds into the same coefficient.
-  const acc_t cs = (c.coef_kd + (NEED_1 ? acc_t(0) : c.coef_mlm)) / st.z_s;
-  const acc_t ct = c.coef_kd / st.z_t;
-  const acc_t c1 = NEED_1 ? c.coef_mlm / st.z_1 : acc_t(0);
+  const acc_t cs = (c.coef_kd + (NEED_1 ? acc_t(0) : c.coef_mlm)) / z_s;
+  const acc_t ct = c.coef_kd / z_t;
+  const acc_t c1 = NEED_1 ? c.coef_mlm / z_1 : acc_t(0);
   const Vec v_cs(cs), v_ct(ct), v_c1(c1);
   j = 0;
   for (; j + kW <= V; j += kW) {

@@ -2,8 +2,10 @@
 //
 // Pass 1: each thread folds its strided share of the row into online soft-max statistics
 // (KdRowStats::add, vectorised 16-byte loads when the row is aligned); the block merges them
-// with warp shuffles and shared memory. Pass 2: every thread re-reads its share (the row was
-// just read, so it comes from L2) and writes the gradient; thread 0 writes the row loss.
+// with warp shuffles and shared memory. A row whose KL is small (below kKdStableBelow) is read
+// once more for the small-KL form of kd_math.h (no cancellation at large T). Pass 2: every
+// thread re-reads its share (the row was just read, so it comes from L2) and writes the
+// gradient; thread 0 writes the row loss.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -38,6 +40,8 @@ __device__ __forceinline__ KdRowStats<float> shfl_down(const KdRowStats<float>& 
   o.acc = __shfl_down_sync(0xffffffffu, st.acc, offset);
   o.m_1 = __shfl_down_sync(0xffffffffu, st.m_1, offset);
   o.z_1 = __shfl_down_sync(0xffffffffu, st.z_1, offset);
+  o.r_s = __shfl_down_sync(0xffffffffu, st.r_s, offset);
+  o.r_t = __shfl_down_sync(0xffffffffu, st.r_t, offset);
   return o;
 }
 
@@ -51,6 +55,19 @@ __device__ KdRowStats<float> block_merge(KdRowStats<float> st) {
   KdRowStats<float> row = warp_stats[0];
   for (int w = 1; w < kWarps; ++w) row.merge(warp_stats[w]);
   return row;
+}
+
+// Sum of one float over the block; every thread gets the result.
+__device__ float block_sum(float v) {
+  __shared__ float warp_sums[kWarps];
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // warp_sums may still be read by a previous call
+  if (lane == 0) warp_sums[warp] = v;
+  __syncthreads();
+  float total = warp_sums[0];
+  for (int w = 1; w < kWarps; ++w) total += warp_sums[w];
+  return total;
 }
 
 template <typename T>
@@ -94,6 +111,24 @@ __global__ void __launch_bounds__(kThreads)
 
   const KdRowStats<float> row_st = block_merge(st);
   const KdRowCoeffs<float> c = kd_row_coeffs(row_st, temperature, w, alpha_kd, alpha_mlm);
+  float kd = kd_row_kd(row_st, c, soft_ce);
+  if (!soft_ce && kd < float(kKdStableBelow)) {  // same for every thread: row_st is the block's
+    // small KL (kd_math.h): one more pass over the row, before pass 2 may overwrite it
+    const float dm = (row_st.r_t - row_st.r_s) * inv_t;
+    const float cm = row_st.acc / row_st.z_t - dm;
+    const float log_zt = logf(row_st.z_t), log_zs = logf(row_st.z_s);  // not lse - m: m may be 1e6
+    float a = 0.f, b = 0.f, q_out = 0.f;
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+      const float sj = to_float(s[j]), tj = to_float(t[j]);
+      const float xc = (sj - row_st.r_s) * inv_t, yc = (tj - row_st.r_t) * inv_t;
+      kd_kl_small_add(kd_centred_diff((tj - sj) * inv_t, yc, xc, dm), yc - log_zt, xc - log_zs, cm, a, b, q_out);
+    }
+    a = block_sum(a);
+    b = block_sum(b);
+    q_out = block_sum(q_out);
+    kd = kd_kl_small(a, b, q_out);
+  }
+  __syncthreads();  // every thread has read its share before pass 2 writes (in place: over s)
 
   for (int64_t j = threadIdx.x * kVec; j < v_vec; j += kThreads * kVec) {
     uint4 sv = *reinterpret_cast<const uint4*>(s + j), tv = *reinterpret_cast<const uint4*>(t + j), gv;
@@ -112,7 +147,7 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) g[label] = from_float<T>(to_float(g[label]) - c.coef_mlm);
   }
   if (threadIdx.x == 0)
-    loss_rows[row] = kd_row_loss(row_st, c, temperature, w, alpha_kd, alpha_mlm, soft_ce, label_logit);
+    loss_rows[row] = kd_row_loss_from_kd(kd, c, temperature, w, alpha_kd, alpha_mlm, label_logit);
 }
 
 template <typename T>

@@ -36,7 +36,23 @@ int main() {
     for (int wp = 1; wp < kWarps; ++wp) row.merge(th[wp * 32]);
     const auto c = kdfast::kd_row_coeffs(row, temperature, w, alpha_kd, alpha_mlm);
     const float label_logit = alpha_mlm != 0.f ? s[label] : 0.f;
-    std::printf("%.9g", kdfast::kd_row_loss(row, c, temperature, w, alpha_kd, alpha_mlm, soft_ce != 0, label_logit));
+    float kd = kdfast::kd_row_kd(row, c, soft_ce != 0);
+    if (!soft_ce && kd < float(kdfast::kKdStableBelow)) {  // the kernel's small-KL pass, per "thread"
+      const float inv_t = 1.f / temperature, dm = (row.r_t - row.r_s) * inv_t;
+      const float cm = row.acc / row.z_t - dm;
+      const float log_zt = std::log(row.z_t), log_zs = std::log(row.z_s);
+      std::vector<float> a(kThreads, 0.f), b(kThreads, 0.f), q(kThreads, 0.f);
+      for (int i = 0; i < kThreads; ++i)
+        for (long j = i; j < v; j += kThreads) {
+          const float xc = (s[j] - row.r_s) * inv_t, yc = (t[j] - row.r_t) * inv_t;
+          kdfast::kd_kl_small_add(kdfast::kd_centred_diff((t[j] - s[j]) * inv_t, yc, xc, dm), yc - log_zt,
+                                  xc - log_zs, cm, a[i], b[i], q[i]);
+        }
+      float sa = 0.f, sb = 0.f, sq = 0.f;
+      for (int i = 0; i < kThreads; ++i) sa += a[i], sb += b[i], sq += q[i];
+      kd = kdfast::kd_kl_small(sa, sb, sq);
+    }
+    std::printf("%.9g", kdfast::kd_row_loss_from_kd(kd, c, temperature, w, alpha_kd, alpha_mlm, label_logit));
     for (long j = 0; j < v; ++j) {
       float g = kdfast::kd_grad_elem(s[j], t[j], c) - (alpha_mlm != 0.f && j == label ? c.coef_mlm : 0.f);
       std::printf(" %.9g", g);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -25,13 +26,39 @@ def check_same_dtype_device(name_a: str, a: Tensor, name_b: str, b: Tensor) -> N
         raise ValueError(f"{name_b} has dtype {b.dtype} but {name_a} has dtype {a.dtype}")
 
 
-def check_positive(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if not (v > 0 and math.isfinite(v)):
+def check_number(name: str, value: object) -> float:
+    """A finite real number (int, float, numpy scalar or 0-d real tensor; not a bool or a string)."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return v
+
+
+def check_positive(name: str, value: object) -> float:
+    """A finite number > 0 (see `check_number`)."""
+    v = check_number(name, value)
+    if not v > 0:
         raise ValueError(f"{name} must be > 0 and finite, got {value!r}")
+    return v
+
+
+# The temperatures over which every logit-distillation backend is tested to stay finite and within
+# 1e-4 relative of float64 (README, "Numerics"); outside it the losses refuse the temperature.
+TEMPERATURE_RANGE = (1e-2, 1e4)
+
+
+def check_temperature(value: object, name: str = "temperature", high: float | None = None) -> float:
+    """A distillation temperature: a number in ``TEMPERATURE_RANGE`` (1e-2 <= T <= 1e4), or up to
+    ``high`` for a loss whose accurate range ends earlier."""
+    v = check_positive(name, value)
+    lo, hi = TEMPERATURE_RANGE[0], TEMPERATURE_RANGE[1] if high is None else high
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must lie in [{lo:g}, {hi:g}] (the range over which this loss keeps "
+                         f"float64 accuracy within 1e-4), got {value!r}")
     return v
 
 
@@ -82,3 +109,50 @@ def value_checks_enabled(x: Tensor) -> bool:
     import os
 
     return os.environ.get("KDFAST_VALUE_CHECKS") == "1"
+
+
+def check_labels_in_range(labels: Tensor, counted: Tensor, V: int, ignore_index: int, name: str = "labels") -> None:
+    """Counted labels must lie in [0, V) (a value check: run it only when `value_checks_enabled`)."""
+    bad = counted & ((labels < 0) | (labels >= V))
+    if bool(bad.any()):
+        raise ValueError(f"{name} must lie in [0, {V}) or equal ignore_index={ignore_index}; "
+                         f"found {labels[bad][0].item()}")
+
+
+def check_logit_rows(teacher: Tensor, student: Tensor | None, teacher_name: str = "teacher_logits",
+                     student_name: str = "student_logits") -> None:
+    """Say which input made a soft-max loss non-finite (called on its failure path only).
+
+    ``teacher`` / ``student``: the counted [n, V] rows (``student`` None when it was overwritten).
+    -inf is a valid logit (probability 0), but a teacher row needs one finite entry, and the
+    student may not be -inf where the teacher has mass (the KL would be infinite).
+    """
+    if bool(torch.isnan(teacher).any() | (teacher == float("inf")).any()):
+        raise ValueError(f"{teacher_name} contains NaN or +Inf in counted rows")
+    if bool((teacher == float("-inf")).all(-1).any()):
+        raise ValueError(f"{teacher_name} has a counted row that is -inf everywhere (no distribution)")
+    if student is None:
+        return
+    if bool(torch.isnan(student).any() | (student == float("inf")).any()):
+        raise ValueError(f"{student_name} contains NaN or +Inf in counted rows")
+    if bool(((student == float("-inf")) & (teacher > float("-inf"))).any()):
+        raise ValueError(f"{student_name} is -inf where {teacher_name} gives probability > 0: the KL is infinite")
+    raise ValueError(f"the loss of {student_name} against {teacher_name} is not finite (overflow: check the "
+                     f"magnitudes of the logits, temperature and alphas)")
+
+
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, what: str,
+                    compiled: tuple[str, ...] = ("cpu", "cuda")) -> str:
+    """`kdfast.backend.resolve_for_loss`, plus the float64 rule: the Triton kernels compute in
+    float32, so float64 inputs never run there. ``auto`` then picks the compiled kernel of the
+    device (if ``what`` has one) or torch; an explicit ``"triton"`` raises ValueError."""
+    from kdfast import backend as _backend
+
+    name = _backend.resolve_for_loss(backend, device, what, compiled)
+    if name != "triton" or dtype != torch.float64:
+        return name
+    if backend != "auto":
+        raise ValueError(f"backend='triton' computes {what} in float32; float64 inputs need backend='torch', "
+                         f"a compiled backend or 'auto' (which picks one)")
+    kernel = device.type if device.type in compiled else None
+    return kernel if kernel is not None and _backend.backends()[kernel].available else "torch"

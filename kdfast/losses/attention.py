@@ -42,7 +42,14 @@ from torch import Tensor
 
 from kdfast import backend as _backend
 from kdfast.kernels.reference import attention_transfer_fwd_bwd_torch
-from kdfast.losses._checks import check_choice, check_positive, check_same_dtype_device, check_tensor
+from kdfast.losses._autograd import scale_stored_grad
+from kdfast.losses._checks import (
+    check_choice,
+    check_positive,
+    check_same_dtype_device,
+    check_tensor,
+    resolve_backend,
+)
 
 LOSSES = ("kl", "mse")
 
@@ -246,7 +253,8 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
         threshold = float(threshold)
     except (TypeError, ValueError):
         raise ValueError(f"threshold must be a number, got {threshold!r}") from None
-    name = _backend.resolve_for_loss(backend, student_scores.device, "attention_mse_loss", compiled=("cpu",))
+    name = resolve_backend(backend, student_scores.device, student_scores.dtype, "attention_mse_loss",
+                           compiled=("cpu",))
     if name in ("triton", "cpu"):
         dev = student_scores.device
         mask_i8 = m.to(torch.int8).contiguous() if m is not None else torch.zeros(1, dtype=torch.int8, device=dev)
@@ -294,7 +302,9 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
 
     Raises:
         ValueError naming the argument: shape / dtype / device mismatch, head counts of which
-        neither divides the other, mask shape, backend; NaN or Inf in the teacher's counted rows.
+        neither divides the other, mask shape, backend (float64 maps with ``backend="triton"``);
+        NaN or +Inf in the teacher's counted rows, or a row that is -inf everywhere (-inf
+        scores are valid: one-hot attention rows).
     """
     from kdfast.losses.kd import kd_loss
 
@@ -312,7 +322,8 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
         s = s.masked_fill(~keys, fill)
         t = t.masked_fill(~keys, fill)
         rows = m[:, None, :].expand(B, H, L)
-    return kd_loss(s, t, temperature=1.0, mask=rows, kind="kl", reduction="batchmean", backend=backend)
+    return kd_loss(s, t, temperature=1.0, mask=rows, kind="kl", reduction="batchmean", backend=backend,
+                   _names=("teacher_scores", "student_scores"))
 
 
 # --- flash form: from Q and K ----------------------------------------------------------------
@@ -369,11 +380,8 @@ class _FlashAttentionTransferFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         dq, dk = ctx.saved_tensors
-        # loss.backward() passes exactly 1: the stored gradients are the answer.
-        if torch.compiler.is_compiling() or grad_out.item() != 1.0:
-            dq, dk = dq * grad_out.to(dq.dtype), dk * grad_out.to(dk.dtype)
-        gq = dq if ctx.needs_input_grad[0] else None
-        gk = dk if ctx.needs_input_grad[1] else None
+        gq = scale_stored_grad(dq, grad_out) if ctx.needs_input_grad[0] else None
+        gk = scale_stored_grad(dk, grad_out) if ctx.needs_input_grad[1] else None
         return gq, gk, None, None, None, None, None, None, None, None, None
 
 
@@ -464,7 +472,7 @@ def flash_attention_transfer(
     k_t, _ = map_teacher_heads(k_t.detach(), H, kind="qk", name="k_t")
     scale_t /= group  # concatenated group heads sum the group's scores; 1/g makes it their mean
     m = _check_token_mask("key_mask", key_mask, B, L, q_s.device)
-    name = _backend.resolve_for_loss(backend, q_s.device, "flash_attention_transfer", compiled=("cpu",))
+    name = resolve_backend(backend, q_s.device, q_s.dtype, "flash_attention_transfer", compiled=("cpu",))
     key_valid = torch.ones(B, L, dtype=torch.bool, device=q_s.device) if m is None else m
     acc = _acc_dtype(q_s.dtype)
     n = key_valid.sum(1).to(acc)

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from kdfast.losses._checks import check_choice, check_positive
+from kdfast.losses._checks import check_choice, check_temperature, value_checks_enabled
 
 TERMS = ("hidden", "attention", "cosine", "feature_map", "logits")
 ATTENTION_LOSSES = ("mse", "kl")
@@ -86,7 +86,8 @@ class DistillationLoss(nn.Module):
         ``attentions``: the probabilities ``transformers`` returns with ``output_attentions``:
         ``mse`` compares the probabilities, ``kl`` uses log-probabilities as scores (KL(A_t || A_s));
     - ``logits`` (once, not per layer): :func:`kdfast.kd_loss` at ``temperature`` (``batchmean``,
-      T^2-scaled KL); for [B, L, V] logits the padded tokens are left out.
+      T^2-scaled KL); the padded tokens are left out, for [B, L, V] logits and for flattened
+      [B * L, V] ones (row-major token order); any other mask shape raises ValueError.
 
     Each per-layer term is **summed** over the mapped layers (TinyBERT's convention), then
 
@@ -145,7 +146,7 @@ class DistillationLoss(nn.Module):
                 self.weights[term] = wt
         if not self.weights:
             raise ValueError(f"weights must give at least one term in {TERMS} a weight > 0")
-        self.temperature = check_positive("temperature", temperature)
+        self.temperature = check_temperature(temperature)
         self.attention = check_choice("attention", attention, ATTENTION_LOSSES)
         self.attention_source = check_choice("attention_source", attention_source, ATTENTION_SOURCES)
         self.qk_prescaled = bool(qk_prescaled)
@@ -173,6 +174,11 @@ class DistillationLoss(nn.Module):
 
     @staticmethod
     def _pick(seq: tuple, index: int, who: str, name: str) -> Tensor:
+        if name == "attentions" and (not seq or (0 <= index < len(seq) and seq[index] is None)):
+            raise ValueError(f"{who} has no attention maps ({name}[{index}] is missing): a model on SDPA or flash "
+                             f"attention returns none even with output_attentions=True. Load it with "
+                             f'attn_implementation="eager", or capture Q / K (kdfast.models capture=("qk",)) for '
+                             f"flash_attention_transfer")
         if not 0 <= index < len(seq):
             raise ValueError(f"layer_map refers to {name}[{index}] of {who}, which has {len(seq)} entries")
         return seq[index]
@@ -237,7 +243,12 @@ class DistillationLoss(nn.Module):
         n_b^2 for the flash MSE), so the sum over layers is n x the concatenated loss. The TinyBERT
         MSE on score maps is the exception: it counts the elements above its threshold, which may
         differ between layers, so it runs per layer."""
-        from kdfast.losses.attention import attention_kl_loss, attention_mse_loss, flash_attention_transfer
+        from kdfast.losses.attention import (
+            attention_kl_loss,
+            attention_mse_loss,
+            flash_attention_transfer,
+            map_teacher_heads,
+        )
 
         src = self._attention_source(student_outputs, teacher_outputs)
         if src == "qk":
@@ -260,6 +271,14 @@ class DistillationLoss(nn.Module):
                 if self.attention == "mse":
                     return attention_mse_loss(a_s, a_t, m, backend=self.backend)
                 if src == "attentions":  # probabilities -> log-probabilities as scores
+                    # the teacher's target is > 0 where every probability of its head group is
+                    # (map_teacher_heads averages log-probabilities): map that indicator to the student's heads
+                    if value_checks_enabled(a_s) and bool(((a_s == 0) & (map_teacher_heads(
+                            (a_t > 0).to(a_s.dtype), a_s.shape[1])[0] == 1)).any()):
+                        raise ValueError("student_outputs attentions hold a probability of exactly 0 where the "
+                                         "teacher's is > 0, so the attention KL is infinite: transformers returns "
+                                         "the maps after attention dropout; train the student with "
+                                         "attention_probs_dropout_prob=0, or capture Q / K (attention_source='qk')")
                     fill = torch.finfo(a_s.dtype).min
                     a_s = torch.where(a_s > 0, a_s.clamp_min(torch.finfo(a_s.dtype).tiny).log(), fill)
                     a_t = torch.where(a_t > 0, a_t.clamp_min(torch.finfo(a_t.dtype).tiny).log(), fill)
@@ -276,6 +295,24 @@ class DistillationLoss(nn.Module):
             value = term(*layer, mask)
             total = value if total is None else total + value
         return total
+
+    @staticmethod
+    def _logit_mask(mask: Tensor | None, logits: Tensor) -> Tensor | None:
+        """The token mask as kd_loss's row mask: [B, L] for [B, L, V] logits, or flattened for
+        [B * L, V] logits (rows in row-major token order, as ``logits.view(-1, V)`` gives them).
+        Any other pairing is refused: the mask could not say which rows are padding."""
+        if mask is None:
+            return None
+        if not isinstance(mask, Tensor):
+            raise ValueError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
+        lead = tuple(logits.shape[:-1])
+        if tuple(mask.shape) == lead:
+            return mask
+        if logits.dim() == 2 and mask.dim() >= 2 and mask.numel() == logits.shape[0]:
+            return mask.reshape(-1)
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, which does not match the logits "
+                         f"{tuple(logits.shape)}: expected {lead}, or [B, L] with B * L = {lead[0] if lead else 0} "
+                         f"for flattened [B * L, V] logits")
 
     # --- forward -----------------------------------------------------------------------------
 
@@ -304,7 +341,7 @@ class DistillationLoss(nn.Module):
             t_logits = _field(teacher_outputs, "logits")
             if s_logits is None or t_logits is None:
                 raise ValueError("student_outputs / teacher_outputs have no 'logits' for the logits term")
-            row_mask = mask if mask is not None and tuple(mask.shape) == tuple(s_logits.shape[:-1]) else None
+            row_mask = self._logit_mask(mask, s_logits)
             terms["logits"] = kd_loss(s_logits, t_logits.detach().to(s_logits.dtype), temperature=self.temperature, mask=row_mask,
                                       backend=self.backend)
         total = None

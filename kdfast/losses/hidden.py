@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from kdfast import backend as _backend
+from kdfast.losses._autograd import scale_stored_grad
 from kdfast.losses._checks import check_same_dtype_device, check_tensor
 
 # Rows per chunk of the fused projection: C = max(16, CHUNK_ELEMS // d_t), so a chunk of Y holds
@@ -199,8 +200,7 @@ class _HiddenMSEFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         saved = iter(ctx.saved_tensors)
         grads = [next(saved) if h else None for h in ctx.has]
-        if torch.compiler.is_compiling() or grad_out.item() != 1.0:
-            grads = [g * grad_out.to(g.dtype) if g is not None else None for g in grads]
+        grads = [scale_stored_grad(g, grad_out) if g is not None else None for g in grads]
         dh, dW, db = grads
         need = ctx.needs_input_grad
         return (dh if need[0] else None, None, dW if need[2] else None, db if need[3] else None,
@@ -385,8 +385,7 @@ class _CosineFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (g,) = ctx.saved_tensors
-        if torch.compiler.is_compiling() or grad_out.item() != 1.0:
-            g = g * grad_out.to(g.dtype)
+        g = scale_stored_grad(g, grad_out)
         return g if ctx.needs_input_grad[0] else None, None, None, None, None, None
 
 

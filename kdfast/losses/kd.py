@@ -20,10 +20,15 @@ from kdfast.kernels.reference import kd_fwd_bwd_torch
 from kdfast.losses._autograd import scale_stored_grad
 from kdfast.losses._checks import (
     check_choice,
-    check_positive,
+    check_labels_in_range,
+    check_logit_rows,
+    check_number,
     check_row_tensor,
     check_same_dtype_device,
+    check_temperature,
     check_tensor,
+    resolve_backend,
+    value_checks_enabled,
 )
 
 KINDS = ("kl", "soft_ce")
@@ -106,6 +111,7 @@ def kd_loss(
     reduction: str = "batchmean",
     backend: str = "auto",
     inplace: bool = False,
+    _names: tuple[str, str] = ("teacher_logits", "student_logits"),
 ) -> Tensor:
     r"""Logit distillation loss (DistilBERT L_ce, TinyBERT prediction loss), fused with MLM.
 
@@ -122,10 +128,15 @@ def kd_loss(
 
     Args:
         student_logits, teacher_logits: [..., V] (e.g. [B, L, V] or [N, V]), same shape, dtype
-            (fp32 / fp16 / bf16 / fp64) and device; accumulation is fp32 (fp64 for fp64 input).
-        temperature: T > 0.
+            (fp32 / fp16 / bf16 / fp64) and device; accumulation is fp32 (fp64 for fp64 input,
+            which the Triton backend refuses: ``auto`` then picks another).
+        temperature: T with 1e-2 <= T <= 1e4 (a number): over that range every backend stays
+            within 1e-4 relative of float64 (a row whose KL < 1 is recomputed in a form without
+            cancellation, csrc/common/kd_math.h); outside it, ValueError.
         labels: [...] int targets for the MLM term; rows equal to ``ignore_index`` are not
-            counted. Required when ``alpha_mlm != 0``.
+            counted. Required when ``alpha_mlm != 0``. Outside [0, V): ValueError when value
+            checks run (`kdfast.set_value_checks`; by default on CPU tensors), else the row is
+            dropped like an ignored one, never read out of bounds.
         mask: [...] attention/selection mask; rows where it is 0 are not counted.
         reduction: ``batchmean`` and ``mean`` divide the sum by the number of counted rows
             (a row is the unit here, so they agree; torch's element-wise mean over V is not
@@ -134,6 +145,8 @@ def kd_loss(
         backend: ``auto`` / ``triton`` / ``cuda`` / ``cpu`` / ``torch`` (:mod:`kdfast.backend`).
         inplace: write the gradient over ``student_logits`` (saves one N x V buffer). The
             logits are garbage afterwards; autograd raises if something still needs them.
+        _names: how the value errors name (teacher, student): callers that pass other tensors
+            as logits (attention_kl_loss: score maps) give their own argument names.
 
     Returns:
         The loss, float32 (float64 for float64 inputs). Gradient flows to ``student_logits``
@@ -141,8 +154,10 @@ def kd_loss(
 
     Raises:
         ValueError naming the argument: shape / vocabulary / dtype / device mismatch,
-        temperature <= 0, labels out of range, unknown kind / reduction / backend, NaN or
-        Inf in the counted rows of ``teacher_logits``.
+        temperature outside [1e-2, 1e4], a NaN / Inf / non-number alpha, labels out of range,
+        unknown kind / reduction / backend, float64 inputs with ``backend="triton"``, NaN or
+        +Inf in the counted rows of ``teacher_logits`` or a row that is -inf everywhere (-inf
+        entries are valid: probability 0). Value checks run as `set_value_checks` says.
     """
     student_logits = check_tensor("student_logits", student_logits, min_dim=1)
     teacher_logits = check_tensor("teacher_logits", teacher_logits, min_dim=1)
@@ -151,7 +166,9 @@ def kd_loss(
         raise ValueError(f"teacher_logits {what} mismatch: teacher_logits {tuple(teacher_logits.shape)} vs "
                          f"student_logits {tuple(student_logits.shape)}")
     check_same_dtype_device("student_logits", student_logits, "teacher_logits", teacher_logits)
-    temperature = check_positive("temperature", temperature)
+    temperature = check_temperature(temperature)
+    alpha_kd = check_number("alpha_kd", alpha_kd)
+    alpha_mlm = check_number("alpha_mlm", alpha_mlm)
     check_choice("kind", kind, KINDS)
     check_choice("reduction", reduction, REDUCTIONS)
     V = student_logits.shape[-1]
@@ -166,8 +183,8 @@ def kd_loss(
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if alpha_mlm != 0 and labels is None:
         raise ValueError("labels are required when alpha_mlm != 0")
-    name = _backend.resolve(backend, student_logits.device)
-    compiling = torch.compiler.is_compiling()
+    name = resolve_backend(backend, student_logits.device, student_logits.dtype, "kd_loss")
+    checks = value_checks_enabled(student_logits)
 
     # Rows of the kernel: [N, V] views with a unit column stride (copied only if they lack it).
     student2d = student_logits.reshape(-1, V)
@@ -182,9 +199,12 @@ def kd_loss(
     if labels is not None:
         labels_flat = labels.reshape(-1).to(torch.int64)
         counted = labels_flat != ignore_index
-        if not compiling and bool((counted & ((labels_flat < 0) | (labels_flat >= V))).any()):
-            bad = labels_flat[counted & ((labels_flat < 0) | (labels_flat >= V))][0].item()
-            raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; found {bad}")
+        if checks:
+            check_labels_in_range(labels_flat, counted, V, ignore_index)
+        elif alpha_mlm != 0:
+            # Unchecked (GPU default): a label outside [0, V) drops its row instead of sending a
+            # kernel outside the row; see set_value_checks.
+            counted = counted & (labels_flat >= 0) & (labels_flat < V)
     else:
         labels_flat = torch.zeros(N, dtype=torch.int64, device=student_logits.device)
         counted = torch.ones(N, dtype=torch.bool, device=student_logits.device)
@@ -195,12 +215,11 @@ def kd_loss(
         row_weight = row_weight / row_weight.sum().clamp_min(1)
 
     loss = _KDLossFunction.apply(student2d, teacher2d, labels_flat.contiguous(), row_weight, temperature,
-                                 float(alpha_kd), float(alpha_mlm), kind == "soft_ce", name, inplace,
+                                 alpha_kd, alpha_mlm, kind == "soft_ce", name, inplace,
                                  reduction != "none")
-    if not compiling and not bool(torch.isfinite(loss).all()):
-        # Only on the failure path: find out whether the teacher is to blame.
-        if not bool(torch.isfinite(teacher2d[counted]).all()):
-            raise ValueError("teacher_logits contains NaN or Inf in counted rows")
+    if checks and not bool(torch.isfinite(loss).all()):
+        # Only on the failure path: say which input is to blame.
+        check_logit_rows(teacher2d[counted], None if inplace else student2d[counted], *_names)
     return loss if reduction != "none" else loss.reshape(lead)
 
 
@@ -223,8 +242,8 @@ class KDLoss(nn.Module):
         inplace: bool = False,
     ) -> None:
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
-        self.alpha_kd, self.alpha_mlm = float(alpha_kd), float(alpha_mlm)
+        self.temperature = check_temperature(temperature)
+        self.alpha_kd, self.alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
         self.kind = check_choice("kind", kind, KINDS)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.ignore_index, self.backend, self.inplace = ignore_index, backend, inplace

@@ -36,17 +36,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kdfast import backend as _backend
 from kdfast.kernels.reference import sparse_kd_fwd_bwd_torch
 from kdfast.losses._autograd import scale_stored_grad
 from kdfast.losses._checks import (
     check_choice,
-    check_positive,
+    check_labels_in_range,
+    check_number,
     check_row_tensor,
+    check_temperature,
     check_tensor,
+    resolve_backend,
+    value_checks_enabled,
 )
 
 MODES = ("topk", "sampled")
+# The top-k form's rest bucket still cancels in float32 at large T (1e-4 relative is lost near
+# T = 1e2), so mode="topk" accepts 1e-2 <= T <= 20; mode="sampled" the full TEMPERATURE_RANGE.
+TOPK_MAX_TEMPERATURE = 20.0
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.uint16, torch.uint32)
 
@@ -104,16 +110,15 @@ class _SparseKDFunction(torch.autograd.Function):
         return (g,) + (None,) * 11
 
 
-def _resolve(backend: str, device: torch.device) -> str:
-    """No compiled C++ kernel exists for this loss yet: auto = Triton on CUDA, else torch."""
-    if backend == "auto":
-        if device.type == "cuda" and _backend.backends()["triton"].available:
-            return "triton"
-        return "torch"
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """No compiled C++ kernel exists for this loss yet: auto = Triton on CUDA (float32 math; not for
+    float64 logits), else torch. Without ``dtype`` (fused_linear_kd's use) no float64 rule applies."""
     if backend in ("cpu", "cuda"):
         raise ValueError(f"backend={backend!r}: sparse_kd_loss has no compiled C++ kernel yet; "
                          "use 'triton', 'torch' or 'auto'")
-    return _backend.resolve(backend, device)
+    if backend == "auto" and device.type != "cuda":
+        return "torch"
+    return resolve_backend(backend, device, dtype or torch.float32, "sparse_kd_loss", compiled=())
 
 
 def _check_ids(name: str, ids: object, lead: torch.Size, device: torch.device) -> Tensor:
@@ -192,7 +197,8 @@ def sparse_kd_loss(
         teacher_values: [..., K] float, any float dtype (fp16 from the cache is fine). topk:
             raw teacher logits; sampled: counts / non-negative weights, positive row sum.
         mode: ``"topk"`` or ``"sampled"``.
-        temperature: T > 0.
+        temperature: T, 1e-2 <= T <= 20 for ``topk`` (its rest bucket loses float32 accuracy
+            beyond), 1e-2 <= T <= 1e4 for ``sampled``; outside, ValueError.
         teacher_logsumexp: [...] (topk only): logsumexp(t / T) of the full teacher row at this T.
         labels, mask, ignore_index, alpha_kd, alpha_mlm, reduction: as in :func:`kdfast.kd_loss`
             (``batchmean``/``mean`` divide by the number of counted rows; no counted row gives 0).
@@ -204,13 +210,15 @@ def sparse_kd_loss(
 
     Raises:
         ValueError naming the argument: shape / dtype / device mismatch of ids or values, ids
-        out of [0, V), K > V, repeated ids in topk mode, temperature <= 0, NaN or Inf in
+        out of [0, V), K > V, repeated ids in topk mode, temperature outside its range, NaN or Inf in
         ``teacher_values`` / ``teacher_logsumexp``, negative or all-zero sampled counts, unknown
         mode / reduction / backend.
     """
     student_logits = check_tensor("student_logits", student_logits, min_dim=1)
     check_choice("mode", mode, MODES)
-    temperature = check_positive("temperature", temperature)
+    temperature = check_temperature(temperature, high=TOPK_MAX_TEMPERATURE if mode == "topk" else None)
+    alpha_kd = check_number("alpha_kd", alpha_kd)
+    alpha_mlm = check_number("alpha_mlm", alpha_mlm)
     check_choice("reduction", reduction, REDUCTIONS)
     V = student_logits.shape[-1]
     if V == 0 or student_logits.numel() == 0:
@@ -240,8 +248,8 @@ def sparse_kd_loss(
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if alpha_mlm != 0 and labels is None:
         raise ValueError("labels are required when alpha_mlm != 0")
-    name = _resolve(backend, device)
-    compiling = torch.compiler.is_compiling()
+    name = _resolve(backend, device, student_logits.dtype)
+    checks = value_checks_enabled(student_logits)
 
     student2d = student_logits.reshape(-1, V)
     if student2d.stride(-1) != 1:
@@ -256,17 +264,22 @@ def sparse_kd_loss(
     if labels is not None:
         labels_flat = labels.reshape(-1).to(torch.int64)
         counted = labels_flat != ignore_index
-        if not compiling and bool((counted & ((labels_flat < 0) | (labels_flat >= V))).any()):
-            bad = labels_flat[counted & ((labels_flat < 0) | (labels_flat >= V))][0].item()
-            raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; found {bad}")
+        if checks:
+            check_labels_in_range(labels_flat, counted, V, ignore_index)
+        elif alpha_mlm != 0:
+            counted = counted & (labels_flat >= 0) & (labels_flat < V)  # unchecked: drop the row (set_value_checks)
     else:
         labels_flat = torch.zeros(N, dtype=torch.int64, device=device)
         counted = torch.ones(N, dtype=torch.bool, device=device)
     if mask is not None:
         counted = counted & mask.reshape(-1).bool()
 
-    if not compiling:
+    if checks:
         _check_counted_rows(ids2d[counted], vals2d[counted], None if lse1d is None else lse1d[counted], V, mode)
+    else:
+        # unchecked (GPU default, set_value_checks): a row with an id outside [0, V) is dropped,
+        # never gathered from
+        counted = counted & ((ids2d >= 0) & (ids2d < V)).all(-1)
     # Uncounted rows (padding) may hold anything: give them in-range ids so that no backend
     # gathers out of bounds (the Triton kernel does not even read them).
     ids2d = torch.where(counted[:, None], ids2d, torch.arange(K, device=device)).contiguous()
@@ -275,7 +288,7 @@ def sparse_kd_loss(
     if reduction in ("batchmean", "mean"):
         row_weight = row_weight / row_weight.sum().clamp_min(1)
     loss = _SparseKDFunction.apply(student2d, ids2d, vals2d, lse1d, labels_flat.contiguous(), row_weight,
-                                   temperature, float(alpha_kd), float(alpha_mlm), mode == "sampled", name,
+                                   temperature, alpha_kd, alpha_mlm, mode == "sampled", name,
                                    reduction != "none")
     return loss if reduction != "none" else loss.reshape(lead)
 
@@ -316,9 +329,9 @@ class SparseKDLoss(nn.Module):
                  alpha_mlm: float = 0.0, reduction: str = "batchmean", ignore_index: int = -100,
                  backend: str = "auto") -> None:
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
         self.mode = check_choice("mode", mode, MODES)
-        self.alpha_kd, self.alpha_mlm = float(alpha_kd), float(alpha_mlm)
+        self.temperature = check_temperature(temperature, high=TOPK_MAX_TEMPERATURE if mode == "topk" else None)
+        self.alpha_kd, self.alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.ignore_index, self.backend = ignore_index, backend
 
@@ -358,7 +371,7 @@ def sparsify_teacher_logits(
     """
     teacher_logits = check_tensor("teacher_logits", teacher_logits, min_dim=1)
     check_choice("mode", mode, MODES)
-    temperature = check_positive("temperature", temperature)
+    temperature = check_temperature(temperature)
     V = teacher_logits.shape[-1]
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= V:
         raise ValueError(f"k must be an integer in [1, V={V}], got {k!r}")
@@ -367,7 +380,14 @@ def sparsify_teacher_logits(
         values, ids = torch.topk(teacher_logits, k, dim=-1)
         lse = torch.logsumexp(teacher_logits.to(torch.float32) / temperature, dim=-1)
         return ids.to(torch.int32), values.to(torch.float16), lse
-    probs = torch.softmax(teacher_logits.reshape(-1, V).to(torch.float32) / temperature, dim=-1)
+    rows = teacher_logits.reshape(-1, V).to(torch.float32)
+    # multinomial would fail with an opaque message (or a device assert) on such rows
+    if bool(torch.isnan(rows).any() | (rows == float("inf")).any()):
+        raise ValueError("teacher_logits contains NaN or +Inf: mode='sampled' cannot draw from such a row")
+    if bool((rows == float("-inf")).all(-1).any()):
+        raise ValueError("teacher_logits has a row that is -inf everywhere: mode='sampled' has no distribution "
+                         "to draw from")
+    probs = torch.softmax(rows / temperature, dim=-1)
     draws = torch.multinomial(probs, k, replacement=True, generator=generator).sort(dim=-1).values
     first = torch.ones_like(draws, dtype=torch.bool)
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]

@@ -7,7 +7,8 @@ logits s and teacher logits t, x = s/T and y = t/T:
    needs a T=1 soft-max, for s, plus A = sum_j e^{y_j - m_t} (y_j - x_j) (or -x_j for soft
    cross-entropy), rescaled whenever m_t moves. A row that fits one block (V <= BLOCK_V, e.g.
    30522 <= 32768) is loaded once and kept in registers; a longer row is folded chunk by chunk.
-2. Loss: kd = A / Z_t + lse_s - lse_t, ce = lse_1 - s_label,
+2. Loss: kd = A / Z_t + lse_s - lse_t (a row whose kd < 1 is recomputed in the small-KL form
+   of csrc/common/kd_math.h, with one more read of the row), ce = lse_1 - s_label,
    loss = w (alpha_kd T^2 kd + alpha_mlm ce).
 3. Gradient, known at once because the teacher is frozen:
    g_j = w (alpha_kd T (p_s,j - p_t,j) + alpha_mlm (q_j - [j = label])), written in the
@@ -36,22 +37,33 @@ def zero_row(g_row, V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def _finite_or_zero(m):
+    """A chunk maximum to centre on: 0 for a chunk that is all -inf (its sums are 0 then)."""
+    return tl.where(m == -float("inf"), 0.0, m)
+
+
+@triton.jit
 def _row_stats(s, t, valid, inv_t, SOFT_CE: tl.constexpr, NEED_T1: tl.constexpr):
-    """Max / sum-exp statistics of one chunk (masked entries are -inf in s and t)."""
+    """Max / sum-exp statistics of one chunk (masked entries are -inf in s and t). ``acc`` is
+    centred on the chunk's maxima: sum e^{y - m_t} ((y - m_t) - (x - m_s)) (or -(x - m_s)), so no
+    max / T of 1e4 or 1e6 cancels in the loss."""
     x = s * inv_t
     y = t * inv_t
     m_s = tl.max(x, axis=0)
-    z_s = tl.sum(tl.exp(x - m_s), axis=0)
+    xc = x - _finite_or_zero(m_s)  # a chunk may be all -inf: no -inf - (-inf)
+    z_s = tl.sum(tl.exp(xc), axis=0)
     m_t = tl.max(y, axis=0)
-    e_t = tl.exp(y - m_t)
+    yc = y - _finite_or_zero(m_t)
+    e_t = tl.exp(yc)
     z_t = tl.sum(e_t, axis=0)
+    # e_t == 0 (t = -inf, or a padding lane) adds nothing, not 0 * inf
     if SOFT_CE:
-        acc = tl.sum(tl.where(valid, -e_t * x, 0.0), axis=0)
+        acc = tl.sum(tl.where(e_t > 0, -e_t * xc, 0.0), axis=0)
     else:
-        acc = tl.sum(tl.where(valid, e_t * (y - x), 0.0), axis=0)
+        acc = tl.sum(tl.where(e_t > 0, e_t * (yc - xc), 0.0), axis=0)
     if NEED_T1:
         m_1 = tl.max(s, axis=0)
-        z_1 = tl.sum(tl.exp(s - m_1), axis=0)
+        z_1 = tl.sum(tl.exp(s - _finite_or_zero(m_1)), axis=0)
     else:
         m_1 = m_s
         z_1 = z_s
@@ -59,10 +71,64 @@ def _row_stats(s, t, valid, inv_t, SOFT_CE: tl.constexpr, NEED_T1: tl.constexpr)
 
 
 @triton.jit
+def _recentre(acc, z_t, m_s, m_t, new_m_s, new_m_t, SOFT_CE: tl.constexpr):
+    """A chunk's centred ``acc`` re-expressed on the row's new maxima (0 for an empty part)."""
+    if SOFT_CE:
+        shift = new_m_s - m_s
+    else:
+        shift = (m_t - new_m_t) - (m_s - new_m_s)
+    scale = tl.exp(m_t - new_m_t)
+    # scale == 0: the part's teacher mass vanishes next to the new maximum (its shift may be huge)
+    return tl.where((z_t > 0) & (scale > 0), scale * (acc + z_t * shift), 0.0)
+
+
+@triton.jit
+def log1p_accurate(z):
+    """log(1 + z) without losing z's digits when |z| is small (Goldberg's form; no log1p in tl)."""
+    w = 1.0 + z
+    return tl.where(w == 1.0, z, tl.log(w) * (z / tl.where(w == 1.0, 1.0, w - 1.0)))
+
+
+@triton.jit
+def _small_kl_sums(s, t, inv_t, r_s, r_t, log_zs, log_zt, c):
+    """(a, b, Q_out) of a chunk for the small-KL form (csrc/common/kd_math.h): over the teacher's
+    support (p > 0) a = sum p u, b = sum p phi(u), u = d - c with d = ((t - s) - (r_t - r_s)) / T
+    (r: the raw row maxima; kd_centred_diff picks how to form it), phi(u) = e^{-u} - 1 + u by a
+    series where it would cancel (|u| <= 1/2); Q_out = the student's mass off the support.
+    Differences are taken before the division by T, so each rounds once, on the small result."""
+    xc = (s - r_s) * inv_t
+    yc = (t - r_t) * inv_t
+    direct = (t - s) * inv_t
+    dm = (r_t - r_s) * inv_t
+    close = (tl.abs(direct) + tl.abs(dm)) <= (tl.abs(yc) + tl.abs(xc))
+    d = tl.where(close, direct - dm, yc - xc)
+    log_p = yc - log_zt
+    p = tl.exp(log_p)
+    u = d - c
+    nu = -u
+    poly = 1.0 / 3628800.0
+    poly = poly * nu + 1.0 / 362880.0
+    poly = poly * nu + 1.0 / 40320.0
+    poly = poly * nu + 1.0 / 5040.0
+    poly = poly * nu + 1.0 / 720.0
+    poly = poly * nu + 1.0 / 120.0
+    poly = poly * nu + 1.0 / 24.0
+    poly = poly * nu + 1.0 / 6.0
+    poly = poly * nu + 0.5
+    small = (u <= 0.5) & (u >= -0.5)
+    p_phi = tl.where(small, p * u * u * poly, tl.exp(log_p - u) - p + p * u)
+    live = p > 0  # the support: where p does not underflow (t = -inf, finfo.min masks)
+    q_out = tl.where(live, 0.0, tl.exp(xc - log_zs))
+    return (tl.sum(tl.where(live, p * u, 0.0), axis=0), tl.sum(tl.where(live, p_phi, 0.0), axis=0),
+            tl.sum(q_out, axis=0))
+
+
+@triton.jit
 def _merge_max_sum(m_a, z_a, m_b, z_b):
     """Combine two (max, sum e^{. - max}) pairs of disjoint parts of a row."""
     m = tl.maximum(m_a, m_b)
-    return m, z_a * tl.exp(m_a - m) + z_b * tl.exp(m_b - m)
+    # an empty part (z == 0, m == -inf) adds nothing, also when both are empty (exp(-inf + inf))
+    return m, tl.where(z_a > 0, z_a * tl.exp(m_a - m), 0.0) + tl.where(z_b > 0, z_b * tl.exp(m_b - m), 0.0)
 
 
 @triton.jit
@@ -99,7 +165,11 @@ def kd_fwd_bwd_kernel(
             s = tl.load(s_row + offs, mask=valid, other=-float("inf")).to(tl.float32)
             t = tl.load(t_row + offs, mask=valid, other=-float("inf")).to(tl.float32)
             m_s, z_s, m_t, z_t, acc, m_1, z_1 = _row_stats(s, t, valid, inv_t, SOFT_CE, NEED_T1)
+            r_s = tl.max(s, axis=0)
+            r_t = tl.max(t, axis=0)
         else:
+            r_s = -float("inf")
+            r_t = -float("inf")
             m_s = -float("inf")
             z_s = 0.0
             m_t = -float("inf")
@@ -112,19 +182,43 @@ def kd_fwd_bwd_kernel(
                 s_c = tl.load(s_row + start + offs, mask=valid, other=-float("inf")).to(tl.float32)
                 t_c = tl.load(t_row + start + offs, mask=valid, other=-float("inf")).to(tl.float32)
                 cm_s, cz_s, cm_t, cz_t, c_acc, cm_1, cz_1 = _row_stats(s_c, t_c, valid, inv_t, SOFT_CE, NEED_T1)
-                m_new = tl.maximum(m_t, cm_t)
-                acc = acc * tl.exp(m_t - m_new) + c_acc * tl.exp(cm_t - m_new)
+                r_s = tl.maximum(r_s, tl.max(s_c, axis=0))
+                r_t = tl.maximum(r_t, tl.max(t_c, axis=0))
+                new_m_s = tl.maximum(m_s, cm_s)
+                new_m_t = tl.maximum(m_t, cm_t)
+                acc = _recentre(acc, z_t, m_s, m_t, new_m_s, new_m_t, SOFT_CE) + \
+                    _recentre(c_acc, cz_t, cm_s, cm_t, new_m_s, new_m_t, SOFT_CE)
                 m_s, z_s = _merge_max_sum(m_s, z_s, cm_s, cz_s)
                 m_t, z_t = _merge_max_sum(m_t, z_t, cm_t, cz_t)
                 m_1, z_1 = _merge_max_sum(m_1, z_1, cm_1, cz_1)
 
-        lse_s = m_s + tl.log(z_s)
-        lse_t = m_t + tl.log(z_t)
+        log_zs = tl.log(z_s)
+        log_zt = tl.log(z_t)
+        lse_s = m_s + log_zs
+        lse_t = m_t + log_zt
         lse_1 = m_1 + tl.log(z_1)  # equals lse_s when T == 1 (NEED_T1 off)
-        kd = acc / z_t + lse_s
+        kd = acc / z_t + log_zs  # centred: the maxima cancel exactly
         if not SOFT_CE:
-            kd -= lse_t
-        loss = alpha_kd * temperature * temperature * kd
+            kd -= log_zt
+            if kd < 1.0:  # kKdStableBelow: recompute in the small-KL form (no cancellation at large T)
+                # c = E_p[d] on the raw maxima' centring (its rounding only enters at second order)
+                c = acc / z_t - ((r_t - r_s) * inv_t - (m_t - m_s))
+                if SINGLE_BLOCK:
+                    a, b, q_out = _small_kl_sums(s, t, inv_t, r_s, r_t, log_zs, log_zt, c)
+                else:
+                    a = 0.0
+                    b = 0.0
+                    q_out = 0.0
+                    for start in range(0, V, BLOCK_V):
+                        valid = start + offs < V
+                        s_c = tl.load(s_row + start + offs, mask=valid, other=-float("inf")).to(tl.float32)
+                        t_c = tl.load(t_row + start + offs, mask=valid, other=-float("inf")).to(tl.float32)
+                        ca, cb, cq = _small_kl_sums(s_c, t_c, inv_t, r_s, r_t, log_zs, log_zt, c)
+                        a += ca
+                        b += cb
+                        q_out += cq
+                kd = a + log1p_accurate(b - a) - log1p_accurate(-q_out)
+        loss = alpha_kd * temperature * (temperature * kd)
         coef_kd = w * alpha_kd * temperature
         coef_mlm = w * alpha_mlm
         if HAS_MLM:
