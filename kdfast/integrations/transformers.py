@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import os
 from typing import Any
 
@@ -31,6 +30,7 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from kdfast.capture import SUPPORTED_MODELS, Captured, _layers, _unwrap, capture
+from kdfast.losses._checks import check_nonnegative
 from kdfast.losses.distillation import DistillationLoss
 
 __all__ = ["Captured", "DistillationTrainer", "PROJECTIONS_FILE", "SUPPORTED_MODELS", "capture", "load_projections"]
@@ -139,12 +139,7 @@ class DistillationTrainer(Trainer):
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func: DistillationTrainer computes its loss with distillation_loss; "
                              "leave compute_loss_func unset")
-        try:
-            weight = float(student_loss_weight)
-        except (TypeError, ValueError):
-            raise ValueError(f"student_loss_weight must be a number, got {student_loss_weight!r}") from None
-        if not (weight >= 0 and math.isfinite(weight)):
-            raise ValueError(f"student_loss_weight must be >= 0 and finite, got {student_loss_weight!r}")
+        weight = check_nonnegative("student_loss_weight", student_loss_weight)
         terms = distillation_loss.weights.keys()
         self._want_hidden = bool(_HIDDEN_TERMS & terms)
         self._attention = None

@@ -46,6 +46,14 @@ def check_positive(name: str, value: object) -> float:
     return v
 
 
+def check_nonnegative(name: str, value: object) -> float:
+    """A finite number >= 0 (see `check_number`): a loss weight."""
+    v = check_number(name, value)
+    if not v >= 0:
+        raise ValueError(f"{name} must be >= 0 and finite, got {value!r}")
+    return v
+
+
 # The temperatures over which every logit-distillation backend is tested to stay finite and within
 # 1e-4 relative of float64 (README, "Numerics"); outside it the losses refuse the temperature.
 TEMPERATURE_RANGE = (1e-2, 1e4)

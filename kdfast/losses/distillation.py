@@ -5,13 +5,12 @@ Public: :class:`DistillationLoss`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
 
-from kdfast.losses._checks import check_choice, check_temperature, value_checks_enabled
+from kdfast.losses._checks import check_choice, check_nonnegative, check_temperature, value_checks_enabled
 
 TERMS = ("hidden", "attention", "cosine", "feature_map", "logits")
 ATTENTION_LOSSES = ("mse", "kl")
@@ -136,12 +135,7 @@ class DistillationLoss(nn.Module):
         for term, wt in weights.items():
             if term not in TERMS:
                 raise ValueError(f"weights has an unknown term {term!r}; terms are {TERMS}")
-            try:
-                wt = float(wt)
-            except (TypeError, ValueError):
-                raise ValueError(f"weights[{term!r}] must be a number, got {wt!r}") from None
-            if not (wt >= 0 and math.isfinite(wt)):
-                raise ValueError(f"weights[{term!r}] must be >= 0 and finite, got {wt!r}")
+            wt = check_nonnegative(f"weights[{term!r}]", wt)
             if wt:
                 self.weights[term] = wt
         if not self.weights:
