@@ -204,6 +204,11 @@ def test_kd_on_every_row_mlm_edge_row_sets():
     bad[mask & (labels != -100)] = V
     with pytest.raises(ValueError, match="labels must lie"):
         f(h_s, w_s, h_t, w_t, labels=bad, alpha_mlm=0.5, restrict_to_masked=False, **kw)
+    mod = kdfast.FusedLinearKDLoss(2.0, alpha_mlm=0.5, restrict_to_masked=False, chunk_size=3, backend="torch")
+    with torch.no_grad():  # the module form, loss only
+        torch.testing.assert_close(mod(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, labels=labels,
+                                       mask=mask),
+                                   f(h_s, w_s, h_t, w_t, labels=labels, alpha_mlm=0.5, restrict_to_masked=False, **kw))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
