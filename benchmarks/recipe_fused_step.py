@@ -1,7 +1,7 @@
 """`distilbert` recipe step: the former full-logits step against the fused LM-head step, in one process.
 
     python benchmarks/recipe_fused_step.py [--layers 6 --hidden 384 --heads 12] [--batch-size 8]
-        [--max-length 128] [--steps 3] [--repeat 3] [--kd-rows all masked]
+        [--max-length 128] [--steps 3] [--repeat 3] [--kd-rows all masked] [--head-only]
 
 One whole training step each (forward, backward, AdamW step), on the same random-weight
 BertForMaskedLM teacher (default the 6 x 384 all-MiniLM-L6-v2 shape with BERT's 30522-token
@@ -19,6 +19,12 @@ Both sides count the same KD rows (``--kd-rows``: every real token, or the maske
 losses are printed and must agree before any speed is compared. Modes alternate ``--repeat``
 times (``--steps`` timed steps each, after one warm-up step); prints best-of and median tokens/s
 (real tokens per second) per mode, their ratios, and the load average (the machine is shared).
+
+``--head-only``: instead, the LM-head terms alone for ``kd_rows=all`` (forward + backward of
+``fused_linear_kd_loss`` on the batch's real tokens, the heads' projections, KD T=2 and MLM),
+one call (KD on every row, MLM on the labelled ones: ``restrict_to_masked=False``) against the
+two calls it replaced (labelled rows KD + MLM, the other rows KD, KD weights scaled by row share),
+alternating; the two losses must agree first.
 """
 
 from __future__ import annotations
@@ -75,6 +81,60 @@ def full_logits_step(cfg, student, teacher, ids, am, labels, kd_rows):
     return step_loss
 
 
+def head_only(args) -> None:
+    """One fused call against the former two for KD on every real token + MLM on the masked ones."""
+    from kdfast import fused_linear_kd_loss
+
+    teacher, student, ids, am, labels = build(args)
+    real = am.reshape(-1).bool()
+    lab = labels.reshape(-1)[real]
+    masked = lab != -100
+    g = torch.Generator().manual_seed(2)
+    n, d_s = int(real.sum()), student.config.hidden_size
+    h_s = torch.randn(n, d_s, generator=g)
+    h_t = torch.randn(n, args.hidden, generator=g)
+    w_s = student.get_output_embeddings().weight.detach().clone()
+    b_s = student.get_output_embeddings().bias.detach().clone()
+    w_t, b_t = teacher.get_output_embeddings().weight, teacher.get_output_embeddings().bias
+    T, a_kd, a_mlm = 2.0, 5.0, 2.0
+
+    def run(one_call):
+        hs, ws, bs = (x.clone().requires_grad_() for x in (h_s, w_s, b_s))
+        kw = dict(student_bias=bs, teacher_bias=b_t, temperature=T)
+        if one_call:
+            loss = fused_linear_kd_loss(hs, ws, h_t, w_t, labels=lab, alpha_kd=a_kd, alpha_mlm=a_mlm,
+                                        restrict_to_masked=False, **kw)
+        else:  # the former recipe: disjoint rows, KD weights scaled by each part's share
+            rest = ~masked
+            n_m, n_r = int(masked.sum()), int(rest.sum())
+            loss = (fused_linear_kd_loss(hs[masked], ws, h_t[masked], w_t, labels=lab[masked],
+                                         alpha_kd=a_kd * n_m / n, alpha_mlm=a_mlm, **kw)
+                    + fused_linear_kd_loss(hs[rest], ws, h_t[rest], w_t, alpha_kd=a_kd * n_r / n, **kw))
+        loss.backward()
+        return float(loss.detach())
+
+    modes = {"two calls": False, "one call": True}
+    first = {name: run(one) for name, one in modes.items()}
+    rel = abs(first["one call"] - first["two calls"]) / abs(first["two calls"])
+    print(f"head only, kd_rows=all: {n} real rows ({int(masked.sum())} masked), d_s {d_s}, d_t {args.hidden}, "
+          f"V = {args.vocab}; loss two calls {first['two calls']:.6f}, one call {first['one call']:.6f} "
+          f"(relative difference {rel:.1e}); load average at start {os.getloadavg()}")
+    if rel > 1e-5:
+        raise SystemExit("one call and two calls disagree: no speed compared")
+    times = {name: [] for name in modes}
+    for _ in range(args.repeat):
+        for name, one in modes.items():
+            for _ in range(args.steps):
+                t0 = time.perf_counter()
+                run(one)
+                times[name].append(time.perf_counter() - t0)
+    for name, t in times.items():
+        print(f"  {name:<10} best {min(t):.3f} s  median {statistics.median(t):.3f} s  ({len(t)} runs)")
+    print(f"  one call / two calls speed-up: {min(times['two calls']) / min(times['one call']):.2f}x (best-of), "
+          f"{statistics.median(times['two calls']) / statistics.median(times['one call']):.2f}x (median); "
+          f"load average now {os.getloadavg()}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
@@ -86,7 +146,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--kd-rows", nargs="+", choices=["all", "masked"], default=["all", "masked"])
+    ap.add_argument("--head-only", action="store_true",
+                    help="time the LM-head terms alone: one fused call against the former two (kd_rows=all)")
     args = ap.parse_args()
+    if args.head_only:
+        head_only(args)
+        return
 
     from kdfast.train.recipes import distilbert, recipe_config
 

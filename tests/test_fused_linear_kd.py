@@ -121,8 +121,94 @@ def test_restrict_to_masked_false_uses_every_unmasked_row():
     t = dense_logits(h_t, w_t, b_t)
     ref = run_reference(h_s, w_s, b_s, lambda s: kd_loss_reference(s, t, mask=mask.reshape(-1), temperature=2.0))
     assert_all_close(ours, ref, torch.float32)
-    with pytest.raises(ValueError, match="restrict_to_masked"):
-        kdfast.fused_linear_kd_loss(h_s, w_s, h_t, w_t, labels=labels, alpha_mlm=1.0, restrict_to_masked=False)
+
+
+# --- KD over every counted row, MLM over the labelled ones (restrict_to_masked=False, alpha_mlm != 0) ----------
+
+def kd_all_mlm_labelled_reference(s, kd_ref_fn, labels, mask, alpha_mlm):
+    """alpha_kd T^2 KL averaged over the rows with mask != 0 (``kd_ref_fn``, alpha_mlm 0 there)
+    + alpha_mlm * cross-entropy averaged over those of them with a label (0 when there are none)."""
+    labels = labels.reshape(-1)
+    mlm_rows = labels != -100
+    if mask is not None:
+        mlm_rows &= mask.reshape(-1).bool()
+    loss = kd_ref_fn(s)
+    if bool(mlm_rows.any()):
+        loss = loss + alpha_mlm * torch.nn.functional.cross_entropy(s.reshape(-1, V)[mlm_rows], labels[mlm_rows])
+    return loss
+
+
+@pytest.mark.parametrize("backend,dtype,bias", DENSE_CASES, ids=DENSE_IDS)
+def test_kd_on_every_row_mlm_on_labelled_rows_matches_reference(backend, dtype, bias):
+    """One call: KD batchmean over the unmasked rows, MLM mean over the labelled ones; chunks of 4
+    over 21 tokens, so the labelled prefix ends inside a chunk."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(dtype, bias=bias)
+    kw = dict(temperature=2.0, alpha_kd=0.7)
+    ours = run_ours(h_s, w_s, b_s, 1.7, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels,
+                    mask=mask, alpha_mlm=0.4, restrict_to_masked=False, chunk_size=4, backend=backend, **kw)
+    t = dense_logits(h_t, w_t, b_t)
+    ref = run_reference(h_s, w_s, b_s, lambda s: kd_all_mlm_labelled_reference(
+        s, lambda s: kd_loss_reference(s, t, mask=mask, **kw), labels, mask, 0.4), 1.7)
+    assert_all_close(ours, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("chunk", [1, 3, 64, None])
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_kd_on_every_row_mlm_chunking_and_no_mask(backend, chunk, with_mask):
+    """Chunk sizes that put the labelled/unlabelled boundary on, inside and beyond a chunk; without a
+    mask every row is a KD row (the rows are still reordered, labelled first)."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32, lead=(5, 9), mask_frac=0.6)
+    mask = mask if with_mask else None
+    kw = dict(temperature=1.5, alpha_kd=1.3, kind="soft_ce" if chunk == 3 else "kl")
+    ours = run_ours(h_s, w_s, b_s, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels,
+                    mask=mask, alpha_mlm=0.8, restrict_to_masked=False, chunk_size=chunk, backend=backend, **kw)
+    t = dense_logits(h_t, w_t, b_t)
+    ref = run_reference(h_s, w_s, b_s, lambda s: kd_all_mlm_labelled_reference(
+        s, lambda s: kd_loss_reference(s, t, mask=mask, **kw), labels, mask, 0.8))
+    assert_all_close(ours, ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", SPARSE_BACKENDS)
+def test_kd_on_every_row_mlm_sparse_teacher(backend):
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32)
+    T = 2.0
+    ids, vals, lse = kdfast.sparsify_teacher_logits(dense_logits(h_t, w_t, b_t).float(), 8, temperature=T)
+    ours = run_ours(h_s, w_s, b_s, 0.6, teacher_sparse=(ids.reshape(*LEAD, 8), vals.reshape(*LEAD, 8),
+                                                        lse.reshape(LEAD)),
+                    labels=labels, mask=mask, temperature=T, alpha_mlm=0.3, restrict_to_masked=False, chunk_size=5,
+                    backend=backend)
+    ref = run_reference(h_s, w_s, b_s, lambda s: kd_all_mlm_labelled_reference(
+        s, lambda s: sparse_kd_loss_reference(s, ids, vals, teacher_logsumexp=lse, mask=mask.reshape(-1),
+                                              temperature=T), labels, mask, 0.3), 0.6)
+    assert_all_close(ours, ref, torch.float32)
+
+
+def test_kd_on_every_row_mlm_edge_row_sets():
+    """No labelled row: the KD term alone. Every counted row labelled: the restricted call's result.
+    A label out of range is refused in an MLM row, never read in a masked-out row."""
+    h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32)
+    f = kdfast.fused_linear_kd_loss
+    kw = dict(student_bias=b_s, teacher_bias=b_t, mask=mask, temperature=2.0, backend="torch")
+    kd_only = f(h_s, w_s, h_t, w_t, **kw)
+    none = torch.full_like(labels, -100)
+    torch.testing.assert_close(f(h_s, w_s, h_t, w_t, labels=none, alpha_mlm=0.5, restrict_to_masked=False, **kw),
+                               kd_only)
+    every = torch.randint(0, V, labels.shape)
+    torch.testing.assert_close(f(h_s, w_s, h_t, w_t, labels=every, alpha_mlm=0.5, restrict_to_masked=False, **kw),
+                               f(h_s, w_s, h_t, w_t, labels=every, alpha_mlm=0.5, **kw))
+    bad = labels.clone()
+    bad[~mask] = V + 5  # masked-out rows: not KD rows, not MLM rows
+    torch.testing.assert_close(f(h_s, w_s, h_t, w_t, labels=bad, alpha_mlm=0.5, restrict_to_masked=False, **kw),
+                               f(h_s, w_s, h_t, w_t, labels=labels, alpha_mlm=0.5, restrict_to_masked=False, **kw))
+    bad[mask & (labels != -100)] = V
+    with pytest.raises(ValueError, match="labels must lie"):
+        f(h_s, w_s, h_t, w_t, labels=bad, alpha_mlm=0.5, restrict_to_masked=False, **kw)
+    mod = kdfast.FusedLinearKDLoss(2.0, alpha_mlm=0.5, restrict_to_masked=False, chunk_size=3, backend="torch")
+    with torch.no_grad():  # the module form, loss only
+        torch.testing.assert_close(mod(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, labels=labels,
+                                       mask=mask),
+                                   f(h_s, w_s, h_t, w_t, labels=labels, alpha_mlm=0.5, restrict_to_masked=False, **kw))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

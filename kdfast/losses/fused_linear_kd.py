@@ -25,6 +25,10 @@ N d_s; the N x V logits never exist.
 Only rows that count are projected: with ``restrict_to_masked`` and ``labels``, the rows with
 ``labels != ignore_index`` are gathered first (about 15% of the tokens under BERT's masking), so
 the GEMMs shrink by the same factor against "full logits, then select the masked rows".
+With ``restrict_to_masked=False`` and an MLM term (DistilBERT: KD on every real token, MLM on
+the masked ones) the labelled rows are gathered first, then the other counted rows; each chunk's
+logits are computed once and the KD kernel runs with the MLM term on the labelled prefix and
+without it on the rest (two kernel calls only in the chunk that straddles the boundary).
 
 fp16 / bf16 heads on a GPU: the weights are never copied to fp32. The logits GEMMs read the
 low-precision operands and write fp32 (``torch.mm(..., out_dtype=torch.float32)``: fp32
@@ -35,7 +39,8 @@ fp32). Where that GEMM does not exist (torch on CPU has no ``aten::mm.dtype`` ke
 cast to fp32 once per call instead.
 
 Host synchronisation (GPU): the gather of the counted rows reads their count back once per call
-(the GEMM sizes depend on it; none when every row counts: no ``mask`` and no row restriction).
+(the GEMM sizes depend on it; twice with the labelled-prefix ordering above; none when every
+row counts: no ``mask``, no row restriction and no MLM subset).
 The value checks (labels in range, a finite teacher) read values back too, so they follow
 :func:`kdfast.losses._checks.value_checks_enabled`: always on CPU tensors, on CUDA only when
 enabled (``KDFAST_VALUE_CHECKS=1`` or ``set_value_checks(True)``). With them off, an out-of-range
@@ -161,8 +166,9 @@ class _FusedLinearKDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, sparse, labels, row_weight, temperature, alpha_kd, alpha_mlm,
-                soft_ce, backend, chunk, want_grad, lowp_s, lowp_t):
-        # ``sparse`` is (ids, values, lse or None, sampled) or None. ``want_grad``: grad mode was on at the
+                n_mlm, soft_ce, backend, chunk, want_grad, lowp_s, lowp_t):
+        # ``sparse`` is (ids, values, lse or None, sampled) or None. ``n_mlm``: only the first n_mlm rows carry
+        # the MLM term (alpha_mlm), the rest KD alone (n_mlm = n: every row). ``want_grad``: grad mode was on at the
         # call (inside forward it is always off); under no_grad only the loss is computed. ``lowp_s`` /
         # ``lowp_t``: the student's / teacher's 16-bit head stays 16-bit (fp32-output GEMMs), else it is
         # cast to the accumulation dtype once here.
@@ -200,15 +206,23 @@ class _FusedLinearKDFunction(torch.autograd.Function):
                     lt = buf_t[:m]
                     htc = h_t[start:end] if lowp_t else h_t[start:end].to(acc)
                     _logits_into(lt, htc, w_t_c, b_t_c, lowp_t)
-                    rows = _kd_fwd_bwd(backend, ls, lt, labels[start:end], row_weight[start:end], ls, temperature,
-                                       alpha_kd, alpha_mlm, soft_ce)
-                else:
-                    ids, vals, lse, sampled = sparse
-                    rows = _sparse._sparse_kd_fwd_bwd(backend, ls, ids[start:end], vals[start:end],
-                                                      None if lse is None else lse[start:end], labels[start:end],
-                                                      row_weight[start:end], ls, temperature, alpha_kd, alpha_mlm,
-                                                      sampled)
-                total += rows.sum().to(acc)
+                # Rows [0, split) of the chunk get KD + MLM, rows [split, m) KD alone: a chunk straddling the
+                # boundary gets one kernel call per side, on contiguous row blocks of the same logits buffers.
+                split = min(max(n_mlm - start, 0), m)
+                for lo, hi, a_mlm in ((0, split, alpha_mlm), (split, m, 0.0)):
+                    if hi == lo:
+                        continue
+                    r0, r1 = start + lo, start + hi
+                    if sparse is None:
+                        rows = _kd_fwd_bwd(backend, ls[lo:hi], lt[lo:hi], labels[r0:r1], row_weight[r0:r1],
+                                           ls[lo:hi], temperature, alpha_kd, a_mlm, soft_ce)
+                    else:
+                        ids, vals, lse, sampled = sparse
+                        rows = _sparse._sparse_kd_fwd_bwd(backend, ls[lo:hi], ids[r0:r1], vals[r0:r1],
+                                                          None if lse is None else lse[r0:r1], labels[r0:r1],
+                                                          row_weight[r0:r1], ls[lo:hi], temperature, alpha_kd, a_mlm,
+                                                          sampled)
+                    total += rows.sum().to(acc)
                 g = ls  # now the gradient wrt this chunk's student logits
                 if need_b:
                     grad_b += g.sum(0)
@@ -243,7 +257,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
         one = grad_out.device.type == "cpu" and not torch.compiler.is_compiling() and grad_out.item() == 1.0
         if not one:
             grads = [None if g is None else g * grad_out.to(g.dtype) for g in grads]
-        return (grads[0], grads[1], grads[2]) + (None,) * 15
+        return (grads[0], grads[1], grads[2]) + (None,) * 16
 
 
 # --- argument checks ------------------------------------------------------------------------------
@@ -339,8 +353,16 @@ def fused_linear_kd_loss(
       ``mask != 0``. Both the KD and the MLM term are averaged over these rows, as in
       :func:`kdfast.kd_loss`.
     - ``restrict_to_masked=False``: KD over every row with ``mask != 0`` whatever its label
-      (DistilBERT's default, over the attention mask). The MLM term needs the labelled subset,
-      a different row set, so ``alpha_mlm`` must be 0 there (compute MLM separately).
+      (DistilBERT's default, over the attention mask), and the MLM term over those of them with
+      a label, in the same pass over the vocabulary chunks (each row's logits are computed once;
+      the kernel's log-sum-exp at T = 1 and the logit at the label give the cross-entropy):
+
+          loss = alpha_kd * T^2 / |K| * sum_{r in K} KL(softmax(t_r / T) || softmax(s_r / T))
+                 + alpha_mlm / |M| * sum_{r in M} (logsumexp(s_r) - s_r[label_r])
+
+      with K = {r : mask_r != 0} (every row without ``mask``) and
+      M = {r in K : label_r != ignore_index}; a term whose row set is empty is 0. (With
+      ``restrict_to_masked=True`` this is the same formula with K = M.)
     With no counted row the loss is 0 (and the gradients 0), never NaN.
 
     Args:
@@ -425,15 +447,15 @@ def fused_linear_kd_loss(
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if alpha_mlm != 0 and labels is None:
         raise ValueError("labels are required when alpha_mlm != 0")
-    if alpha_mlm != 0 and not restrict_to_masked:
-        raise ValueError("alpha_mlm != 0 needs restrict_to_masked=True (KD and MLM over the same labelled rows); "
-                         "with restrict_to_masked=False compute the MLM term separately")
 
     # Which rows count, and gather them (the only N-sized work besides the gathers of h).
     N = math.prod(lead)
     checks = value_checks_enabled(student_hidden)
     labels_flat = None if labels is None else labels.reshape(N).to(torch.int64)
-    selective = mask is not None or (labels is not None and restrict_to_masked)
+    # KD over every counted row, MLM over the labelled ones among them: the labelled rows are gathered
+    # first, so the MLM rows are the prefix [0, n_mlm) of the counted rows
+    mlm_subset = alpha_mlm != 0 and not restrict_to_masked
+    selective = mask is not None or (labels is not None and restrict_to_masked) or mlm_subset
     acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
     if selective:
         counted = torch.ones(N, dtype=torch.bool, device=device)
@@ -441,10 +463,16 @@ def fused_linear_kd_loss(
             counted &= labels_flat != ignore_index
         if mask is not None:
             counted &= mask.reshape(N).bool()
-        idx = counted.nonzero().squeeze(1)  # reads the row count back: the GEMM sizes depend on it
+        if mlm_subset:
+            labelled = counted & (labels_flat != ignore_index)
+            first = labelled.nonzero().squeeze(1)  # reads the counts back: the GEMM sizes depend on them
+            idx = torch.cat([first, (counted & ~labelled).nonzero().squeeze(1)])
+        else:
+            idx = counted.nonzero().squeeze(1)  # reads the row count back: the GEMM sizes depend on it
         n = idx.numel()
     else:
         idx, n = None, N  # every row counts: no gather, no synchronisation
+    n_mlm = first.numel() if mlm_subset else n
 
     def rows_of(x: Tensor, width: int) -> Tensor:
         x = x.reshape(N, width)
@@ -458,14 +486,17 @@ def fused_linear_kd_loss(
         return z.to(acc)
     if labels_flat is not None:
         lab = rows_of(labels_flat, 1).squeeze(1)
-        if alpha_mlm != 0 and checks and bool(((lab < 0) | (lab >= V)).any()):
-            bad = lab[(lab < 0) | (lab >= V)][0].item()
+        lab_mlm = lab[:n_mlm]  # the rows whose label is read
+        if alpha_mlm != 0 and checks and bool(((lab_mlm < 0) | (lab_mlm >= V)).any()):
+            bad = lab_mlm[(lab_mlm < 0) | (lab_mlm >= V)][0].item()
             raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}; found {bad}")
         lab = lab.clamp(0, V - 1).contiguous()  # with the checks off: in bounds, never a stray read
     else:
         lab = torch.zeros(n, dtype=torch.int64, device=device)
     h_s = rows_of(student_hidden, student_hidden.shape[-1])
-    row_weight = torch.full((n,), 1.0 / n, dtype=acc, device=device)
+    row_weight = torch.full((n,), 1.0 / n, dtype=acc, device=device)  # the KD mean over the n counted rows
+    # the kernel weights both terms of a row by row_weight = 1 / n; the MLM mean is over n_mlm rows
+    alpha_mlm_rows = float(alpha_mlm) if not mlm_subset else float(alpha_mlm) * n / n_mlm if n_mlm else 0.0
     if teacher_sparse is None:
         h_t = rows_of(teacher_hidden.detach(), teacher_hidden.shape[-1])
         w_t, b_t = teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach()
@@ -486,8 +517,8 @@ def fused_linear_kd_loss(
     lowp_s = low_precision_gemm_path(device, student_weight.dtype)
     lowp_t = sparse is None and low_precision_gemm_path(device, teacher_weight.dtype)
     loss = _FusedLinearKDFunction.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, sparse, lab, row_weight,
-                                        temperature, float(alpha_kd), float(alpha_mlm), kind == "soft_ce", name,
-                                        int(C), torch.is_grad_enabled(), lowp_s, lowp_t)
+                                        temperature, float(alpha_kd), alpha_mlm_rows, n_mlm, kind == "soft_ce",
+                                        name, int(C), torch.is_grad_enabled(), lowp_s, lowp_t)
     if checks and sparse is None and not bool(torch.isfinite(loss)):
         # Only on the failure path: is the teacher to blame? (a NaN / Inf student gives a NaN loss as eager does)
         for arg, x in (("teacher_hidden", h_t), ("teacher_weight", w_t), ("teacher_bias", b_t)):

@@ -440,12 +440,12 @@ def lm_distillation_loss(student_hidden: torch.Tensor, student_head: LMHead, lab
     sparse logits ``teacher_sparse`` = (ids, values, logsumexp) [n_masked, K] of the masked rows,
     in row-major order). ``kd_rows``: ``"masked"`` (the KD rows are the masked ones) or ``"all"``
     (every token with ``attention_mask != 0``, live teacher only). Only the counted rows are
-    gathered and transformed, and the decoder projections, KD and MLM run in
-    :func:`kdfast.fused_linear_kd_loss`: one call for ``masked``; for ``all`` with an MLM term two
-    calls over disjoint rows (masked rows: KD + MLM; the other real rows: KD), the KD weights
-    scaled by each part's share of the real tokens, so every row is projected once and the sum
-    is the KD mean over all real tokens. With ``alpha_kd`` = 0 (e.g. a live teacher without a head):
-    the MLM term alone, cross-entropy on the masked rows' logits (no teacher projection).
+    gathered and transformed, and the decoder projections, KD and MLM run in one
+    :func:`kdfast.fused_linear_kd_loss` call: for ``all`` its ``restrict_to_masked=False`` form
+    (KD mean over the KD rows, the real tokens and the masked ones; MLM mean over the masked rows),
+    every row projected once in one pass over the vocabulary chunks. With ``alpha_kd`` = 0 (e.g. a
+    live teacher without a head): the MLM term alone, cross-entropy on the masked rows' logits (no
+    teacher projection).
 
     Args:
         student_hidden, teacher_hidden: [B, L, d_s] / [B, L, d_t] last hidden states (before the head).
@@ -478,9 +478,11 @@ def lm_distillation_loss(student_hidden: torch.Tensor, student_head: LMHead, lab
     def student_rows(rows):
         return student_head.transform(student_hidden[rows]).to(head_dtype)
 
-    def call(rows, a_kd, a_mlm, sparse=None):
+    def call(rows, a_kd, a_mlm, sparse=None, mlm_subset=False):
+        # mlm_subset: KD on every gathered row, MLM on those with a label (one fused call)
         kwargs = dict(student_bias=bias, labels=labels[rows] if a_mlm else None, temperature=temperature,
-                      alpha_kd=a_kd, alpha_mlm=a_mlm, restrict_to_masked=bool(a_mlm), backend=backend)
+                      alpha_kd=a_kd, alpha_mlm=a_mlm, restrict_to_masked=bool(a_mlm) and not mlm_subset,
+                      backend=backend)
         if sparse is not None:
             return fused_linear_kd_loss(student_rows(rows), weight, teacher_sparse=sparse, **kwargs)
         with torch.no_grad():
@@ -499,16 +501,10 @@ def lm_distillation_loss(student_hidden: torch.Tensor, student_head: LMHead, lab
     real = attention_mask != 0
     if not alpha_mlm:
         return call(real, alpha_kd, 0.0) if bool(real.any()) else _empty_loss(student_hidden, weight)
-    rest = real & ~masked
-    n_rest = int(rest.sum())
-    n_real = n_masked + n_rest
-    total = None
-    if n_masked:
-        total = call(masked, alpha_kd * n_masked / n_real, alpha_mlm)
-    if n_rest:
-        part = call(rest, alpha_kd * n_rest / n_real, 0.0)
-        total = part if total is None else total + part
-    return total if total is not None else _empty_loss(student_hidden, weight)
+    kd_mask = real | masked
+    if not bool(kd_mask.any()):
+        return _empty_loss(student_hidden, weight)
+    return call(kd_mask, alpha_kd, alpha_mlm, mlm_subset=True)
 
 
 # --- which backend each term runs on --------------------------------------------------------------
