@@ -316,8 +316,15 @@ def test_validation_errors_name_the_argument():
         f(h_s, w_s.to("meta"), h_t, w_t)
     with pytest.raises(ValueError, match="teacher_hidden is on meta"):
         f(h_s, w_s, h_t.to("meta"), w_t.to("meta"))
+    for bad_t in (0.0, 1e-3, 2e4, float("nan"), "2", True):
+        with pytest.raises(ValueError, match="temperature"):
+            f(h_s, w_s, h_t, w_t, temperature=bad_t)
+    for name in ("alpha_kd", "alpha_mlm"):
+        for bad in (float("nan"), float("inf"), "1"):
+            with pytest.raises(ValueError, match=name):
+                f(h_s, w_s, h_t, w_t, **{name: bad})
     with pytest.raises(ValueError, match="temperature"):
-        f(h_s, w_s, h_t, w_t, temperature=0.0)
+        kdfast.FusedLinearKDLoss(temperature=50.0, sparse_mode="topk")
     with pytest.raises(ValueError, match="teacher_weight is required"):
         f(h_s, w_s, h_t)
     with pytest.raises(ValueError, match="labels"):

@@ -59,8 +59,9 @@ from torch import Tensor, nn
 
 from kdfast import backend as _backend
 from kdfast.losses import sparse_kd as _sparse
-from kdfast.losses._checks import (check_choice, check_positive, check_row_tensor, check_tensor,
-                                   value_checks_enabled)
+from kdfast.losses._checks import (check_choice, check_number, check_row_tensor, check_tensor,
+                                   check_temperature, value_checks_enabled)
+from kdfast.losses.sparse_kd import TOPK_MAX_TEMPERATURE
 from kdfast.losses.kd import KINDS, _kd_fwd_bwd
 
 SPARSE_MODES = ("topk", "sampled")
@@ -395,7 +396,8 @@ def fused_linear_kd_loss(
 
     Raises:
         ValueError naming the argument: shapes, hidden widths, vocabulary mismatch between
-        ``student_weight`` and ``teacher_weight``, dtype / device mismatches, temperature <= 0,
+        ``student_weight`` and ``teacher_weight``, dtype / device mismatches, a temperature outside
+        [1e-2, 1e4] (a top-k teacher: [1e-2, 20], as sparse_kd_loss), non-numeric or non-finite alphas,
         neither or both of ``teacher_hidden`` and ``teacher_sparse``, unknown kind / backend /
         sparse_mode, bad chunk_size; and, where the value checks run
         (:func:`kdfast.losses._checks.value_checks_enabled`: CPU tensors, CUDA on request),
@@ -408,7 +410,9 @@ def fused_linear_kd_loss(
     device = student_hidden.device
     lead = student_hidden.shape[:-1]
     V = student_weight.shape[0]
-    temperature = check_positive("temperature", temperature)
+    topk_teacher = isinstance(teacher_sparse, (tuple, list)) and len(teacher_sparse) == 3
+    temperature = check_temperature(temperature, high=TOPK_MAX_TEMPERATURE if topk_teacher else None)
+    alpha_kd, alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
     check_choice("kind", kind, KINDS)
     if teacher_hidden is None and teacher_sparse is None:
         raise ValueError("give the teacher: teacher_hidden (with teacher_weight) or teacher_sparse; neither was given")
@@ -538,8 +542,8 @@ class FusedLinearKDLoss(nn.Module):
                  kind: str = "kl", ignore_index: int = -100, restrict_to_masked: bool = True,
                  chunk_size: int | None = None, sparse_mode: str | None = None, backend: str = "auto") -> None:
         super().__init__()
-        self.temperature = check_positive("temperature", temperature)
-        self.alpha_kd, self.alpha_mlm = float(alpha_kd), float(alpha_mlm)
+        self.temperature = check_temperature(temperature, high=TOPK_MAX_TEMPERATURE if sparse_mode == "topk" else None)
+        self.alpha_kd, self.alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
         self.kind = check_choice("kind", kind, KINDS)
         self.ignore_index, self.restrict_to_masked = ignore_index, restrict_to_masked
         self.chunk_size, self.sparse_mode, self.backend = chunk_size, sparse_mode, backend
