@@ -215,7 +215,7 @@ def cmd_cache(args: argparse.Namespace) -> int:
             m = build_cache(args.teacher, args.data, args.out, layers=layers, logits=args.logits, hidden=args.hidden,
                             qk=args.qk, max_length=args.max_length, batch_size=args.batch_size,
                             rows_per_shard=args.rows_per_shard, temperature=args.temperature, seed=args.seed,
-                            text_column=args.text_column, progress=not args.no_progress)
+                            text_column=args.text_column, progress=not args.no_progress, packing=args.packing)
             print(f"cache {args.out}: {m.rows} rows, {m.tokens} tokens, {len(m.shards)} shards, complete")
             return 0
         cache = TeacherCache(args.cache, allow_incomplete=True)
@@ -399,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="storage of the hidden states")
     cb.add_argument("--qk", action="store_true", help="also store each layer's query and key projections")
     cb.add_argument("--max-length", type=int, default=128, help="tokens per row")
+    cb.add_argument("--packing", action="store_true",
+                    help="join the texts with [SEP] into full --max-length rows (as MLM pretraining data) "
+                         "instead of one padded row per text")
     cb.add_argument("--batch-size", type=int, default=16, help="rows per teacher forward")
     cb.add_argument("--rows-per-shard", type=int, default=256, help="rows per shard file (a multiple of --batch-size)")
     cb.add_argument("--temperature", type=float, default=1.0, help="temperature of the stored top-k lse / sampling")

@@ -231,3 +231,46 @@ def _weighted_choice(input_ids: Tensor, candidates: Tensor, token_weights: Tenso
     if n > 0:
         chosen[torch.multinomial(w, n, replacement=False, generator=generator)] = True
     return chosen.reshape(input_ids.shape)
+
+
+def pack_texts(tokenizer, texts: list[str], max_length: int) -> tuple[Tensor, Tensor]:
+    """Documents packed into full rows (RoBERTa's FULL-SENTENCES, the BERT / DistilBERT pretraining
+    data): (input_ids, attention_mask), both int64 [R, ``max_length``], as ``tokenizer(texts,
+    padding="max_length", truncation=True)`` gives for padded rows, but without truncation or padding.
+
+    Each text is tokenised without special tokens and the stream S = d_1 [SEP] d_2 [SEP] ... [SEP] d_n
+    is cut into bodies of B = ``max_length`` - 2 tokens; row r is [CLS] S[r*B : (r+1)*B] [SEP]. A long
+    document continues into the next row; every token of every text appears exactly once, in order,
+    and only the last row can be shorter (padded with ``pad_token_id``, attention_mask 0 there).
+    Texts with no tokens are skipped. Rows attend across documents, as in those recipes.
+
+    ValueError for ``max_length`` < 3, a tokenizer without [CLS], [SEP] or [PAD], or no tokens at all."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 3:
+        raise ValueError(f"max_length must be an int >= 3 to pack rows ([CLS] + tokens + [SEP]), got {max_length!r}")
+    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    if cls_id is None or sep_id is None or pad_id is None:
+        raise ValueError("tokenizer must have [CLS], [SEP] and [PAD] tokens to pack rows")
+    # verbose=False: no "longer than the model's maximum" warning, rows are cut below
+    docs = [d for d in tokenizer(list(texts), add_special_tokens=False, truncation=False,
+                                 verbose=False)["input_ids"] if d] if texts else []
+    if not docs:
+        raise ValueError("texts: nothing to pack (no text gives any token)")
+    stream: list[int] = list(docs[0])
+    for doc in docs[1:]:
+        stream.append(sep_id)
+        stream.extend(doc)
+    body = max_length - 2
+    n_rows = -(-len(stream) // body)
+    input_ids = torch.full((n_rows, max_length), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((n_rows, max_length), dtype=torch.int64)
+    flat = torch.tensor(stream, dtype=torch.int64)
+    full = (n_rows - 1) * body  # every row but the last is full
+    input_ids[:-1, 1:-1] = flat[:full].view(n_rows - 1, body)
+    input_ids[:, 0] = cls_id
+    input_ids[:-1, -1] = sep_id
+    attention_mask[:-1] = 1
+    rest = len(stream) - full
+    input_ids[-1, 1:1 + rest] = flat[full:]
+    input_ids[-1, 1 + rest] = sep_id
+    attention_mask[-1, :2 + rest] = 1
+    return input_ids, attention_mask

@@ -5,7 +5,8 @@ A cache is a directory:
     manifest.json                    what is stored and the list of finished shards
     shard-00000.safetensors, ...     N examples each (safetensors: no pickle)
 
-Fields of a shard (``N`` examples padded to ``max_length`` L, ``M`` MLM-masked positions):
+Fields of a shard (``N`` examples padded to ``max_length`` L, or with ``settings.packing`` rows packed
+full from texts joined by [SEP] (:func:`kdfast.data.pack_texts`), ``M`` MLM-masked positions):
 
     input_ids        int32 [N, L]     what the teacher saw (after MLM masking, if any)
     attention_mask   uint8 [N, L]
@@ -196,9 +197,14 @@ def _int_list(x: object, where: str, name: str, lo: int, hi: int) -> list[int]:
 
 
 def validate_settings(settings: object, where: str) -> dict:
-    """The build settings as :func:`kdfast.cache.build_cache` writes them: every key, type and range."""
-    s = _dict(settings, where, "settings", {"teacher", "tokenizer_sha256", "data", "max_length", "batch_size",
-                                            "rows_per_shard", "logits", "mlm", "hidden", "qk"})
+    """The build settings as :func:`kdfast.cache.build_cache` writes them: every key, type and range.
+
+    ``packing`` (bool) is absent from caches written before packing existed: those hold padded
+    rows, so the returned copy says ``"packing": false`` and they compare equal to a padded build."""
+    _need(isinstance(settings, dict), where, f"settings must be an object, got {type(settings).__name__}")
+    settings = {**settings, "packing": settings.get("packing", False)}
+    s = _dict(settings, where, "settings", {"teacher", "tokenizer_sha256", "data", "max_length", "packing",
+                                            "batch_size", "rows_per_shard", "logits", "mlm", "hidden", "qk"})
     t = _dict(s["teacher"], where, "settings.teacher", {"path", "weights_sha256", "model_type", "num_hidden_layers",
                                                          "hidden_size", "num_attention_heads", "vocab_size"})
     _str(t["path"], where, "settings.teacher.path")
@@ -214,6 +220,7 @@ def validate_settings(settings: object, where: str) -> dict:
     _str(d["sha256"], where, "settings.data.sha256", SHA256_RE)
     _str(d["text_column"], where, "settings.data.text_column")
     _int(s["max_length"], where, "settings.max_length", 2)
+    _need(isinstance(s["packing"], bool), where, f"settings.packing must be true or false, got {_show(s['packing'])}")
     batch = _int(s["batch_size"], where, "settings.batch_size", 1)
     per_shard = _int(s["rows_per_shard"], where, "settings.rows_per_shard", 1)
     _need(per_shard % batch == 0, where, f"settings.rows_per_shard {per_shard} is not a multiple of batch_size {batch}")

@@ -31,7 +31,7 @@ from kdfast.cache.format import (
     tokenizer_sha256,
     validate_settings,
 )
-from kdfast.data import check_data_files, check_max_length, files_sha256, load_texts, mask_tokens
+from kdfast.data import check_data_files, check_max_length, files_sha256, load_texts, mask_tokens, pack_texts
 
 HIDDEN_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 
@@ -171,6 +171,7 @@ def build_cache(
     seed: int = 0,
     text_column: str = "text",
     progress: bool = True,
+    packing: bool = False,
 ) -> Manifest:
     """Run the teacher in ``teacher_dir`` (a local ``save_pretrained`` directory) over the texts of
     ``data_files`` and write a cache to ``out_dir``; resume a partial cache built with the same settings.
@@ -180,7 +181,10 @@ def build_cache(
     80/10/10 at ``mlm_probability``, seeded per batch) and logits kept at masked positions only;
     ``hidden``: ``fp16`` | ``bf16`` | ``int8`` | ``none``; ``qk``: also keep each layer's query and key
     projections. ``rows_per_shard`` must be a multiple of ``batch_size`` so that a resumed run
-    feeds the teacher exactly the batches an uninterrupted one does.
+    feeds the teacher exactly the batches an uninterrupted one does. ``packing``: the texts are
+    joined with [SEP] into full ``max_length`` rows (:func:`kdfast.data.pack_texts`) instead of one
+    padded, truncated row per text, so shards hold almost no padding; a resume with the other value
+    is refused.
 
     ``out_dir`` must be absent, empty, or a kdfast cache; only files kdfast writes there (shards,
     their temporaries, the manifest) are ever replaced or deleted. Every argument and the teacher
@@ -205,6 +209,8 @@ def build_cache(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     if not _is_number(mlm_probability) or not 0 <= mlm_probability <= 1:
         raise ValueError(f"mlm_probability must be a number in [0, 1], got {mlm_probability!r}")
+    if not isinstance(packing, bool):
+        raise ValueError(f"packing must be True or False, got {packing!r}")
     if not _is_int(seed) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}")
     if not isinstance(data_files, (list, tuple)) or not data_files or not all(
@@ -233,7 +239,7 @@ def build_cache(
         "tokenizer_sha256": tokenizer_sha256(teacher_path),
         "data": {"files": [str(Path(f).resolve()) for f in data_files], "sha256": files_sha256(data_files),
                  "text_column": text_column},
-        "max_length": max_length, "batch_size": batch_size, "rows_per_shard": rows_per_shard,
+        "max_length": max_length, "packing": packing, "batch_size": batch_size, "rows_per_shard": rows_per_shard,
         "logits": {"mode": mode, "k": k, "temperature": temperature},
         "mlm": {"probability": mlm_probability, "seed": seed} if mode != "none" else None,
         "hidden": {"layers": layers, "dtype": hidden} if hidden != "none" else None,
@@ -266,8 +272,11 @@ def build_cache(
     tokenizer = AutoTokenizer.from_pretrained(teacher_path, local_files_only=True)
     with _library_progress_bars(progress):
         texts = load_texts(data_files, text_column)
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-    input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+    if packing:
+        input_ids, attention_mask = pack_texts(tokenizer, texts, max_length)
+    else:
+        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+        input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
     total = input_ids.shape[0]
     if total == 0:
         raise ValueError(f"data {', '.join(map(str, data_files))}: no text to cache")

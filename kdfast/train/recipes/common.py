@@ -127,6 +127,17 @@ def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor
     return enc["input_ids"], enc["attention_mask"]
 
 
+def training_rows(tokenizer, texts: list[str], data: DataSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training rows (input_ids, attention_mask) [R, max_length]: packed by
+    :func:`kdfast.data.pack_texts` when ``data.packing``, else :func:`tokenize`'s padded rows, one per
+    text (what ``build_cache(..., packing=data.packing)`` stores, so live and cached runs agree)."""
+    if data.packing:
+        from kdfast.data import pack_texts
+
+        return pack_texts(tokenizer, texts, data.max_length)
+    return tokenize(tokenizer, texts, data.max_length)
+
+
 class Masker:
     """MLM masking of live batches (the cache stores its own masked inputs), optionally with
     DistilBERT's frequency smoothing over the training corpus (``kdfast.data.token_mask_weights``)."""
@@ -228,9 +239,10 @@ def prepare_cache(cfg, tdir: Path, train: list[str], held_out: list[str], *, log
             caches.append(None)
             continue
         corpus = write_corpus(data_dir / f"{name}.txt", texts)
+        packing = cfg.data.packing and name == "train"  # held-out evaluation stays one row per text
         bs = min(16, len(texts))
         build_cache(str(tdir), [str(corpus)], str(root / name), logits=logits, hidden="fp16" if layers else "none",
-                    layers=layers or None, qk=qk, max_length=cfg.data.max_length, batch_size=bs,
+                    layers=layers or None, qk=qk, max_length=cfg.data.max_length, batch_size=bs, packing=packing,
                     rows_per_shard=bs * 16, temperature=temperature,
                     mlm_probability=getattr(getattr(cfg, "mlm", None), "probability", 0.15), seed=cfg.train.seed,
                     progress=cfg.progress)
@@ -249,14 +261,16 @@ def data_sources(cfg, tokenizer, train: list[str], held_out: list[str], caches: 
     if caches is not None:
         train_cache, held_cache = caches
         if len(train_cache) < bs:
-            raise ValueError(f"train.batch_size {bs} exceeds the {len(train_cache)} training texts")
+            raise ValueError(f"train.batch_size {bs} exceeds the {len(train_cache)} training "
+                             f"{'rows packed from the texts' if cfg.data.packing else 'texts'}")
         source = CachedBatches(train_cache, bs, seed=cfg.train.seed)
         held = (lambda: iter(CacheDataset(held_cache, min(bs, len(held_cache)), drop_last=False))) \
             if held_cache is not None else None
         return source, held
-    ids, am = tokenize(tokenizer, train, cfg.data.max_length)
+    ids, am = training_rows(tokenizer, train, cfg.data)
     if ids.shape[0] < bs:
-        raise ValueError(f"train.batch_size {bs} exceeds the {ids.shape[0]} training texts")
+        raise ValueError(f"train.batch_size {bs} exceeds the {ids.shape[0]} training "
+                         f"{'rows packed from the texts' if cfg.data.packing else 'texts'}")
     source = TokenBatches(ids, am, bs, seed=cfg.train.seed, rank=0, world_size=1)
     held = None
     if held_out:

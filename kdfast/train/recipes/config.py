@@ -46,13 +46,19 @@ class TeacherSettings:
 class DataSettings:
     """Local text files (``kdfast.data.load_texts``; empty: the prose of CPython's documentation,
     as in the demo); every ``held_out_every``-th text is held out for evaluation (0: none);
-    ``max_texts`` keeps only the first texts (quick runs)."""
+    ``max_texts`` keeps only the first texts (quick runs). ``packing``: the training texts are
+    joined with [SEP] and cut into full ``max_length`` rows (:func:`kdfast.data.pack_texts`, as
+    BERT's, RoBERTa's and DistilBERT's pretraining data), so no step or cache shard is mostly
+    padding; false: one padded, truncated row per text. Held-out texts stay one row per text.
+    Default true: every recipe reading this corpus (MLM pretraining, TinyBERT general distillation)
+    distils language modelling over running text, not paragraphs."""
 
     files: list[str] = field(default_factory=list)
     text_column: str = "text"
     max_length: int = 128
     held_out_every: int = 10
     max_texts: int | None = None
+    packing: bool = True
 
     def validate(self) -> None:
         if self.max_length < 8:

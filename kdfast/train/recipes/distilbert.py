@@ -187,7 +187,7 @@ def run(cfg: DistilBertRecipe, *, resume: bool = False, allow_changed_settings: 
     source, held = common.data_sources(cfg, tokenizer, train, held_out, caches)
     masker = None
     if not cached:
-        ids, am = common.tokenize(tokenizer, train, cfg.data.max_length)
+        ids, am = common.training_rows(tokenizer, train, cfg.data)
         masker = common.Masker(cfg.mlm, tokenizer, student.config.vocab_size, ids, am)
 
     step_loss = make_step_loss(cfg, student, teacher, masker=masker, n_teacher_layers=n_t)

@@ -278,7 +278,7 @@ def run(cfg: MobileBertRecipe, *, resume: bool = False, allow_changed_settings: 
     source, held = common.data_sources(cfg, tokenizer, train, held_out, caches)
     masker = None
     if not cached and need_head:
-        ids, am = common.tokenize(tokenizer, train, cfg.data.max_length)
+        ids, am = common.training_rows(tokenizer, train, cfg.data)
         masker = common.Masker(cfg.mlm, tokenizer, tconf.vocab_size, ids, am)
 
     def teacher_outputs(batch, ids, am, dtype, qk):
