@@ -42,7 +42,7 @@ def _parse_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"--size expects ROWSxVOCAB, e.g. 1024x30522, got {text!r}") from None
 
 
-SUITES = ("kd_loss", "attention", "fused_linear_kd", "models", "cache", "optim")
+SUITES = ("kd_loss", "attention", "fused_linear_kd", "models", "cache", "optim", "e2e")
 
 
 def _fail(command: str, error: BaseException) -> int:
@@ -126,6 +126,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(format_table(optim_results), flush=True)
         results += optim_results
+    if "e2e" in args.suites:
+        from kdfast.bench import e2e as e2e_bench
+
+        if len(dtypes) != 1 or dtypes[0] not in (torch.float32, torch.bfloat16):
+            return _fail("bench", ValueError("--dtype: the e2e suite runs one of fp32 or bf16 (autocast)"))
+        e2e_results = e2e_bench.run(device, quick=args.quick, dtype=dtypes[0], repeat=args.repeat,
+                                    compile_baseline=not args.no_compile)
+        print()
+        print(e2e_bench.report(e2e_results), flush=True)
+        results += e2e_results
     if args.json:
         try:
             with open(args.json, "w") as f:
