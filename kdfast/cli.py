@@ -74,6 +74,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _check_output_file("--json", args.json)
         except ValueError as e:
             return _fail("bench", e)
+    if "e2e" in args.suites and args.dtype and (len(args.dtype) != 1 or args.dtype[0] not in ("fp32", "bf16")):
+        return _fail("bench", ValueError("--dtype: the e2e suite runs one of fp32 or bf16 (autocast)"))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("kdfast bench: --device cuda requested but no CUDA device is available", file=sys.stderr)
@@ -129,8 +131,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "e2e" in args.suites:
         from kdfast.bench import e2e as e2e_bench
 
-        if len(dtypes) != 1 or dtypes[0] not in (torch.float32, torch.bfloat16):
-            return _fail("bench", ValueError("--dtype: the e2e suite runs one of fp32 or bf16 (autocast)"))
         e2e_results = e2e_bench.run(device, quick=args.quick, dtype=dtypes[0], repeat=args.repeat,
                                     compile_baseline=not args.no_compile)
         print()

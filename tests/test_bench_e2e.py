@@ -91,4 +91,4 @@ def test_cli_refuses_an_fp16_e2e_run_in_one_line():
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr
-    assert "--dtype" in p.stderr
+    assert "--dtype" in p.stderr and "kdfast bench on" not in p.stdout  # refused before any suite ran
