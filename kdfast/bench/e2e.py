@@ -70,8 +70,9 @@ HANDWRITTEN = "hand-written"
 SHAPES = {
     "default": dict(teacher=dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
                                  intermediate_size=3072), batch=8, seq=128, long_seq=512, tinybert={}),
-    "quick": dict(teacher=dict(num_hidden_layers=4, hidden_size=192, num_attention_heads=12, intermediate_size=768),
-                  batch=4, seq=64, long_seq=128,
+    # quick: 2 teacher layers, one length: the torch.compile rows' compile time grows with the layers
+    "quick": dict(teacher=dict(num_hidden_layers=2, hidden_size=192, num_attention_heads=12, intermediate_size=768),
+                  batch=4, seq=64, long_seq=None,
                   tinybert={"student.hidden_size": 96, "student.intermediate_size": 384}),
     # initializer_range 0.2: logits spread enough that the KD terms weigh in the step-0 loss
     "tiny": dict(teacher=dict(num_hidden_layers=2, hidden_size=48, num_attention_heads=12, intermediate_size=96,
@@ -385,7 +386,9 @@ def _corpus(path: Path, n_texts: int, seq: int) -> Path:
 
 
 def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dict, batch_size: int, seq: int,
-                 device: torch.device, dtype: torch.dtype, compile_baseline: bool, use_textbrewer: bool) -> list[_Row]:
+                 device: torch.device, dtype: torch.dtype, compile_baseline: bool,
+                 use_textbrewer: bool) -> tuple[list[_Row], int]:
+    """Every row of one recipe step, and the number of real tokens in its batch."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
     name = step_name.split("-")[0]
@@ -487,7 +490,7 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
                 loss_fn = _mobilebert_pretrain_loss(student, teacher, dev_batch, cfg.pretrain)
             rows.append(_Row(impl, kd_rows, _plain_step(loss_fn, params, live, device, dtype, compile_=compiled),
                              ref=HANDWRITTEN if compiled else None))
-    return rows
+    return rows, int(batch["attention_mask"].sum())
 
 
 def _measure(rows: list[_Row], device: torch.device, repeat: int, memory: bool) -> None:
@@ -530,7 +533,7 @@ def run(device: torch.device, *, quick: bool = False, shape: str | None = None, 
     the best round, ``peak_bytes`` the peak beyond parameters, gradients and optimizer state, and
     ``extra`` with tokens/s (best, median), the KD rows, the step-0 loss and its agreement with
     the reference row. ``shape``: ``default`` (BERT-base teacher, 8 x 128, TinyBERT also at 512),
-    ``quick`` (``quick=True``; a 4 x 192 teacher, 4 x 64) or ``tiny`` (the tests'); ``batch``,
+    ``quick`` (``quick=True``; a 2 x 192 teacher, 4 x 64) or ``tiny`` (the tests'); ``batch``,
     ``seq``, ``long_seq`` override it (e.g. 32 x 512 on a GPU, with ``dtype=torch.bfloat16``
     for bf16 autocast, as the Distiller runs there)."""
     shape_name = shape or ("quick" if quick else "default")
@@ -559,13 +562,13 @@ def run(device: torch.device, *, quick: bool = False, shape: str | None = None, 
         for step_name, length in plan:
             t0 = time.perf_counter()
             corpus = _corpus(tmp / f"corpus-{length}.txt", batch, length)
-            rows = _recipe_rows(step_name, tdir, corpus, tmp / f"{step_name}-{length}", sh, batch, length, device,
-                                dtype, compile_baseline, use_textbrewer)
+            rows, tokens = _recipe_rows(step_name, tdir, corpus, tmp / f"{step_name}-{length}", sh, batch, length,
+                                        device, dtype, compile_baseline, use_textbrewer)
             _measure(rows, device, repeat, memory)
-            case = (f"{step_name} {batch}x{length} teacher {t['num_hidden_layers']}x{t['hidden_size']}"
+            fill = "" if tokens == batch * length else f" {100 * tokens / (batch * length):.0f}% full"
+            case = (f"{step_name} {batch}x{length}{fill} teacher {t['num_hidden_layers']}x{t['hidden_size']}"
                     f"{' bf16' if dtype == torch.bfloat16 else ''}")
             by_impl = {r.impl: r for r in rows}
-            tokens = batch * length
             for r in rows:
                 res = Result(SUITE, case, r.impl, min(r.times) if r.times else None, r.peak, note=r.error)
                 ref = by_impl.get(r.ref) if r.ref else None
