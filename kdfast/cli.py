@@ -101,7 +101,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-SUITES = ("kd_loss", "attention", "fused_linear_kd", "models", "cache", "optim")
+SUITES = ("kd_loss", "attention", "fused_linear_kd", "models", "cache", "optim", "e2e")
 
 
 def _fail(command: str, error: BaseException) -> int:
@@ -133,6 +133,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _check_output_file("--json", args.json)
         except ValueError as e:
             return _fail("bench", e)
+    if "e2e" in args.suites and args.dtype and (len(args.dtype) != 1 or args.dtype[0] not in ("fp32", "bf16")):
+        return _fail("bench", ValueError("--dtype: the e2e suite runs one of fp32 or bf16 (autocast)"))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("kdfast bench: --device cuda requested but no CUDA device is available", file=sys.stderr)
@@ -185,6 +187,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print()
         print(format_table(optim_results), flush=True)
         results += optim_results
+    if "e2e" in args.suites:
+        from kdfast.bench import e2e as e2e_bench
+
+        e2e_results = e2e_bench.run(device, quick=args.quick, dtype=dtypes[0], repeat=args.repeat,
+                                    compile_baseline=not args.no_compile)
+        print()
+        print(e2e_bench.report(e2e_results), flush=True)
+        results += e2e_results
     if args.json:
         try:
             with open(args.json, "w") as f:

@@ -1,0 +1,620 @@
+"""End to end: one whole distillation step (forward, backward, optimizer) of each recipe, run
+several ways in one process on the same teacher, student and batch.
+
+Per recipe step (``distilbert``; ``tinybert`` general distillation; ``mobilebert`` progressive
+transfer of its last layer, ``mobilebert-pkt``, and its pre-training distillation,
+``mobilebert-pretrain``):
+
+- **kdfast, live teacher** and **kdfast, from the cache**: the recipe's own step. The recipe
+  (:func:`kdfast.train.recipes.run_recipe`) is run for real with ``teacher.source`` live or
+  cache (the cache is built by the recipe, with kdfast's cache writer, in a temporary
+  directory), and the :class:`kdfast.train.distiller.Distiller` it hands its step loss to is
+  captured instead of trained; the timed step is the Distiller's: zero grads, ``step_loss``
+  under its autocast setting, backward, gradient clipping, its optimizer. Whatever the recipe's
+  step does (today: full logits; later: ``fused_linear_kd_loss``) is what gets measured.
+- **hand-written**: the same objective written the way the original scripts and today's users
+  write it, on ``transformers`` models with the same weights. DistilBERT: full logits,
+  ``log_softmax`` + ``KLDivLoss(batchmean) * T^2`` over the selected rows, ``CrossEntropyLoss``,
+  ``CosineEmbeddingLoss`` over the real tokens' last hidden states; once with KD over every real
+  token (the live recipe's rows) and once over the masked tokens only (the cache's rows).
+  TinyBERT: hidden states through ``nn.Linear`` projections with ``MSELoss``; the pre-softmax
+  attention scores q k^T / sqrt(dh) + the additive mask materialised as [B, H, L, L] maps with
+  ``MSELoss`` after zeroing the masked entries (what TinyBERT's modified BERT returns;
+  ``output_attentions`` would give probabilities, another objective). MobileBERT: feature-map
+  transfer on the layer outputs and KL(A_t || A_s) on the ``output_attentions`` maps (eager
+  attention; the teacher's head groups merged by averaging log-probabilities, which equals
+  averaging scores after the softmax); pre-training distillation with full logits, KD as above
+  over the masked tokens plus ``CrossEntropyLoss``.
+- **hand-written + torch.compile**: the hand-written forward and loss under ``torch.compile``.
+- **TextBrewer GeneralDistiller** (TinyBERT, when ``textbrewer`` is importable; it is a peer,
+  not a dependency of kdfast): the same matches (hidden MSE through its linear projections,
+  initialised to the recipe's, and attention MSE on the same score maps, both with its input
+  mask) and the same optimizer; its ``train_on_batch`` then backward and the optimizer step.
+
+Every row uses the recipe's optimizer class, learning rate and clipping; models are in eval
+mode (dropout off) so that the step-0 losses compare exactly. The step-0 loss of each row is
+compared with its reference row (the hand-written step with the same KD rows) before any speed
+is: "yes" within rounding (1e-4 relative in fp32, 2e-2 under bf16 autocast); rows from the
+cache read fp16 teacher states and top-k logits, so their difference is shown, not judged.
+Timing: one warm-up step per row, then ``repeat`` rounds that run every row once, alternated;
+tokens/s from the best and the median round (tokens = real tokens of the batch; the corpus is
+joined into texts longer than a row, so rows are full). Peak memory: one more step measured by
+:func:`kdfast.benchmarking.peak_memory_bytes`, with gradients and optimizer state already
+allocated (grads are zeroed, not freed), so it is the peak beyond parameters, gradients and
+optimizer state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdfast.benchmarking import Result, peak_memory_bytes, time_ms
+
+SUITE = "e2e"
+STEPS = ("distilbert", "tinybert", "mobilebert-pkt", "mobilebert-pretrain")
+HANDWRITTEN = "hand-written"
+# teacher shape, batch x length (TinyBERT also at long_seq), student overrides of the small presets
+SHAPES = {
+    "default": dict(teacher=dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+                                 intermediate_size=3072), batch=8, seq=128, long_seq=512, tinybert={}),
+    # quick: 2 teacher layers, one length: the torch.compile rows' compile time grows with the layers
+    "quick": dict(teacher=dict(num_hidden_layers=2, hidden_size=192, num_attention_heads=12, intermediate_size=768),
+                  batch=4, seq=64, long_seq=None,
+                  tinybert={"student.hidden_size": 96, "student.intermediate_size": 384}),
+    # initializer_range 0.2: logits spread enough that the KD terms weigh in the step-0 loss
+    "tiny": dict(teacher=dict(num_hidden_layers=2, hidden_size=48, num_attention_heads=12, intermediate_size=96,
+                              initializer_range=0.2),
+                 batch=2, seq=32, long_seq=None,
+                 tinybert={"student.hidden_size": 24, "student.intermediate_size": 48}),
+}
+
+
+@dataclass
+class _Row:
+    """One way of running one recipe step: ``step()`` runs a whole training step and returns the loss."""
+
+    impl: str
+    kd_rows: str
+    step: Callable[[], torch.Tensor] | None
+    ref: str | None = None  # the hand-written row with the same objective (None: this is a reference)
+    from_cache: bool = False
+    loss0: float | None = None
+    times: list[float] = field(default_factory=list)
+    peak: int | None = None
+    error: str = ""
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+
+
+# ---- the recipe's own step --------------------------------------------------------------------
+
+class _Captured(Exception):
+    """Stops a recipe run once the Distiller of the wanted stage exists."""
+
+
+@contextlib.contextmanager
+def _capturing_distillers(stop_at: int):
+    """While inside, ``Distiller.train`` records the Distiller instead of training (returning no
+    history, so the recipe moves on to its next stage) and stops the recipe at the ``stop_at``-th."""
+    from kdfast.train.distiller import Distiller
+
+    seen: list = []
+    original = Distiller.train
+
+    def capture(self, *args, **kwargs):
+        seen.append(self)
+        if len(seen) >= stop_at:
+            raise _Captured
+        return []
+
+    Distiller.train = capture
+    try:
+        yield seen
+    finally:
+        Distiller.train = original
+
+
+def recipe_distiller(name: str, overrides: dict, stage: int = 1):
+    """The Distiller that ``kdfast distill --recipe name`` builds for its ``stage``-th stage
+    (1-based), with the recipe's student, step loss, optimizer and data, untrained; and the
+    recipe's settings. Seeded, so that a live and a cached run start from the same student."""
+    from kdfast.train.recipes import recipe_config, run_recipe
+
+    cfg = recipe_config(name, overrides=overrides)
+    torch.manual_seed(0)
+    with _capturing_distillers(stage) as seen:
+        try:
+            run_recipe(name, cfg)
+        except _Captured:
+            pass
+    if len(seen) < stage:
+        raise RuntimeError(f"recipe {name} ran {len(seen)} stages, not {stage}")
+    return seen[stage - 1], cfg
+
+
+def _modules_in(fn, depth: int = 3) -> list[nn.Module]:
+    """nn.Modules a step-loss closure holds (the live teacher, loss modules), through nested closures."""
+    found = []
+    values = list(getattr(fn, "__defaults__", None) or ())  # e.g. ``def step_loss(batch, loss_fn=loss_fn)``
+    for cell in getattr(fn, "__closure__", None) or ():
+        try:
+            values.append(cell.cell_contents)
+        except ValueError:  # a cell not filled yet
+            continue
+    for value in values:
+        if isinstance(value, nn.Module):
+            found.append(value)
+        elif callable(value) and depth > 0 and hasattr(value, "__closure__"):
+            found += _modules_in(value, depth - 1)
+    return found
+
+
+def _recipe_row(impl: str, kd_rows: str, distiller, batch: dict, device: torch.device, dtype: torch.dtype,
+                ref: str, from_cache: bool) -> _Row:
+    # The recipes build on the CPU; parameters move in place, so the optimizer keeps them.
+    for m in [distiller.student, distiller.extra, *_modules_in(distiller.step_loss)]:
+        m.to(device).eval()
+    batch = {k: v.to(device) for k, v in batch.items()}
+    opt, cfg = distiller.opt, distiller.cfg
+    params = [p for g in opt.param_groups for p in g["params"]]
+
+    def step() -> torch.Tensor:  # the body of Distiller.train's loop, one batch, no accumulation
+        opt.zero_grad(set_to_none=False)
+        with _autocast(device, dtype):
+            loss, terms = distiller.step_loss(batch)
+        _ = [float(v) for v in terms.values()]  # the Distiller reads every term each step (a host sync)
+        loss.backward()
+        if cfg.max_grad_norm:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.max_grad_norm, gnorm)
+        opt.step()
+        return loss.detach()
+
+    return _Row(impl, kd_rows, step, ref=ref, from_cache=from_cache)
+
+
+def _plain_step(loss_fn: Callable[[], torch.Tensor], params: list, distiller, device: torch.device,
+                dtype: torch.dtype, *, compile_: bool = False) -> Callable[[], torch.Tensor]:
+    """A training step around ``loss_fn`` with the recipe's optimizer class, lr and clipping."""
+    cfg = distiller.cfg
+    params = [p for p in params if p.requires_grad]
+    opt = type(distiller.opt)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    forward = torch.compile(loss_fn) if compile_ else loss_fn
+
+    def step() -> torch.Tensor:
+        opt.zero_grad(set_to_none=False)
+        with _autocast(device, dtype):
+            loss = forward()
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+# ---- hand-written objectives ------------------------------------------------------------------
+
+def _kl_batchmean(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The original scripts' KD: KLDivLoss(batchmean)(log_softmax(s / T), softmax(t / T)) * T^2."""
+    return nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s_logits / temperature, dim=-1),
+                                               F.softmax(t_logits / temperature, dim=-1)) * temperature ** 2
+
+
+def _distilbert_loss(student, teacher, batch: dict, cfg, masked_only: bool) -> Callable[[], torch.Tensor]:
+    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+
+    def loss_fn() -> torch.Tensor:
+        s = student(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        with torch.no_grad():
+            t = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True)
+        rows = labels != -100 if masked_only else am.bool()
+        vocab = s.logits.shape[-1]
+        loss = cfg.alpha_kd * _kl_batchmean(s.logits[rows].view(-1, vocab), t.logits[rows].view(-1, vocab),
+                                            cfg.temperature)
+        loss = loss + cfg.alpha_mlm * nn.CrossEntropyLoss(ignore_index=-100)(s.logits.view(-1, vocab), labels.view(-1))
+        real = am.bool()
+        s_h, t_h = s.hidden_states[-1][real], t.hidden_states[-1][real]
+        return loss + cfg.alpha_cos * nn.CosineEmbeddingLoss()(s_h, t_h, s_h.new_ones(s_h.shape[0]))
+
+    return loss_fn
+
+
+class ScoresBert(nn.Module):
+    """A ``transformers`` BERT that also returns every layer's pre-softmax attention scores
+    q k^T / sqrt(dh) + the additive mask, [B, H, L, L] (what TinyBERT's modified BERT returns),
+    from hooks on the query and key projections."""
+
+    def __init__(self, bert: nn.Module) -> None:
+        super().__init__()
+        self.bert = bert
+        self._q: list = []
+        self._k: list = []
+        for layer in bert.encoder.layer:
+            layer.attention.self.query.register_forward_hook(lambda m, a, y: self._q.append(y))
+            layer.attention.self.key.register_forward_hook(lambda m, a, y: self._k.append(y))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        self._q, self._k = [], []
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        heads = self.bert.config.num_attention_heads
+        additive = (1.0 - attention_mask[:, None, None, :].to(out.hidden_states[0].dtype)) * -10000.0
+        scores = []
+        for q, k in zip(self._q, self._k):
+            b, length, d = q.shape
+            q = q.view(b, length, heads, d // heads).transpose(1, 2)
+            k = k.view(b, length, heads, d // heads).transpose(1, 2)
+            scores.append(q @ k.transpose(-1, -2) * (d // heads) ** -0.5 + additive)
+        return {"hidden_states": out.hidden_states, "scores": scores, "inputs_mask": attention_mask}
+
+
+def _tinybert_loss(student: ScoresBert, teacher: ScoresBert, projections: nn.ModuleDict, layer_map: dict,
+                   batch: dict, cfg) -> Callable[[], torch.Tensor]:
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    mse = nn.MSELoss()
+
+    def loss_fn() -> torch.Tensor:
+        s = student(ids, am)
+        with torch.no_grad():
+            t = teacher(ids, am)
+        loss = 0.0
+        for m, g in layer_map.items():
+            loss = loss + cfg.alpha_hidden * mse(projections[str(m)](s["hidden_states"][m]), t["hidden_states"][g])
+            if m >= 1:  # TinyBERT's code: masked scores (<= -1e2) set to 0 on both sides
+                s_att, t_att = s["scores"][m - 1], t["scores"][g - 1]
+                s_att = torch.where(s_att <= -1e2, torch.zeros_like(s_att), s_att)
+                t_att = torch.where(t_att <= -1e2, torch.zeros_like(t_att), t_att)
+                loss = loss + cfg.alpha_attention * mse(s_att, t_att)
+        return loss
+
+    return loss_fn
+
+
+def _feature_map_mse(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+    """MobileBERT's feature-map transfer, written out: MSE of the layer-normalised maps plus the
+    per-token mean and variance discrepancies (the split the paper reports as more stable)."""
+    d = hs.shape[-1]
+    loss = F.mse_loss(F.layer_norm(hs, (d,), eps=1e-5), F.layer_norm(ht, (d,), eps=1e-5))
+    loss = loss + (hs.mean(-1) - ht.mean(-1)).pow(2).mean()
+    return loss + (hs.var(-1, unbiased=False) - ht.var(-1, unbiased=False)).abs().mean()
+
+
+def _mobilebert_pkt_loss(student, teacher, layer: int, batch: dict, pkt) -> Callable[[], torch.Tensor]:
+    ids, am = batch["input_ids"], batch["attention_mask"]
+
+    def loss_fn() -> torch.Tensor:
+        s = student(input_ids=ids, attention_mask=am, output_hidden_states=True, output_attentions=True)
+        with torch.no_grad():
+            t = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True, output_attentions=True)
+        loss = pkt.alpha_feature_map * _feature_map_mse(s.hidden_states[layer], t.hidden_states[layer])
+        a_s, a_t = s.attentions[layer - 1], t.attentions[layer - 1]
+        b, h, length, _ = a_s.shape
+        log_t = a_t.clamp_min(1e-30).log()  # teacher head groups: softmax of their mean log-probabilities
+        log_t = F.log_softmax(log_t.view(b, h, -1, length, length).mean(2), dim=-1)
+        log_s = a_s.clamp_min(1e-30).log()
+        kl = F.kl_div(log_s.reshape(-1, length), log_t.reshape(-1, length), reduction="batchmean", log_target=True)
+        return loss + pkt.alpha_attention * kl
+
+    return loss_fn
+
+
+def _mobilebert_pretrain_loss(student, teacher, batch: dict, pre) -> Callable[[], torch.Tensor]:
+    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+
+    def loss_fn() -> torch.Tensor:
+        s = student(input_ids=ids, attention_mask=am).logits
+        with torch.no_grad():
+            t = teacher(input_ids=ids, attention_mask=am).logits
+        rows, vocab = labels != -100, s.shape[-1]
+        loss = pre.alpha_kd * _kl_batchmean(s[rows].view(-1, vocab), t[rows].view(-1, vocab), pre.temperature)
+        return loss + pre.alpha_mlm * nn.CrossEntropyLoss(ignore_index=-100)(s.view(-1, vocab), labels.view(-1))
+
+    return loss_fn
+
+
+def _textbrewer_tinybert_step(student: ScoresBert, teacher: ScoresBert, projections: nn.ModuleDict,
+                              layer_map: dict, batch: dict, cfg, distiller, device, dtype, tmp: Path):
+    from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
+
+    d_s, d_t = student.bert.config.hidden_size, teacher.bert.config.hidden_size
+    matches = [{"layer_T": g, "layer_S": m, "feature": "hidden", "loss": "hidden_mse", "weight": cfg.alpha_hidden,
+                "proj": ["linear", d_s, d_t]} for m, g in layer_map.items()]
+    matches += [{"layer_T": g - 1, "layer_S": m - 1, "feature": "attention", "loss": "attention_mse",
+                 "weight": cfg.alpha_attention} for m, g in layer_map.items() if m >= 1]
+    dc = DistillationConfig(temperature=1, hard_label_weight=0, kd_loss_weight=0, intermediate_matches=matches)
+    tc = TrainingConfig(device=device, output_dir=str(tmp / "textbrewer"), log_dir=None)
+
+    def adaptor(batch, out):
+        return {"hidden": out["hidden_states"], "attention": out["scores"], "inputs_mask": out["inputs_mask"]}
+
+    tb = GeneralDistiller(tc, dc, teacher, student, adaptor, adaptor)
+    for proj, m in zip(tb.projs, layer_map):  # start from the recipe's projections
+        proj.load_state_dict(projections[str(m)].state_dict())
+    params = list(student.parameters()) + [p for proj in tb.projs if proj is not None for p in proj.parameters()]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    return _plain_step(lambda: tb.train_on_batch(inputs, {})[0], params, distiller, device, dtype)
+
+
+# ---- one recipe step, every way -----------------------------------------------------------------
+
+def _teacher_dir(out: Path, shape: dict) -> Path:
+    """A random BERT masked-LM teacher of ``shape`` with the embedded MiniLM's uncased tokenizer."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from kdfast.defaults import minilm_teacher_dir
+
+    tok = minilm_teacher_dir()
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=30522, **shape)).save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (tok / name).exists():
+            shutil.copy(tok / name, out / name)
+    return out
+
+
+def _corpus(path: Path, n_texts: int, seq: int) -> Path:
+    """``n_texts`` texts of consecutive pydoc paragraphs, each long enough to fill a ``seq``-token row."""
+    from kdfast.defaults import pydoc_paragraphs, write_corpus
+
+    paragraphs, texts, current = pydoc_paragraphs(), [], []
+    for p in paragraphs:
+        current.append(p)
+        if sum(len(c) for c in current) > 8 * seq:  # ~4-5 characters per token: > 1.5 rows
+            texts.append(" ".join(current))
+            current = []
+            if len(texts) == n_texts:
+                break
+    if len(texts) < n_texts:
+        raise ValueError(f"the embedded corpus fills only {len(texts)} rows of {seq} tokens, not {n_texts}")
+    return write_corpus(path, texts)
+
+
+def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dict, batch_size: int, seq: int,
+                 device: torch.device, dtype: torch.dtype, compile_baseline: bool,
+                 use_textbrewer: bool) -> tuple[list[_Row], int]:
+    """Every row of one recipe step, and the number of real tokens in its batch."""
+    from transformers import AutoModel, AutoModelForMaskedLM
+
+    name = step_name.split("-")[0]
+    base = {"out_dir": None, "progress": False, "teacher.dir": str(tdir), "data.files": [str(corpus)],
+            "data.held_out_every": 0, "data.max_length": seq, "train.batch_size": batch_size}
+    stage = 1
+    if name != "mobilebert":
+        base["steps"] = 1
+    if name == "tinybert":
+        base.update(shape["tinybert"])
+    if step_name == "mobilebert-pkt":  # the last layer's stage: the whole student runs, its last layer trains
+        base.update({"pkt.steps_per_layer": 1, "pretrain.steps": 0})
+        stage = shape["teacher"]["num_hidden_layers"]
+    elif step_name == "mobilebert-pretrain":
+        base.update({"pkt.steps_per_layer": 0, "pretrain.steps": 1})
+    runs = {}
+    for source in ("cache", "live"):
+        overrides = {**base, "out_dir": str(tmp / f"{step_name}-{source}"), "teacher.source": source}
+        runs[source] = recipe_distiller(name, overrides, stage)
+    (live, cfg), (cached, _) = runs["live"], runs["cache"]
+    # one batch for every row: the cache's (its masked inputs and labels; the live step uses them as given)
+    cache_batch = next(iter(cached.data.batches(0)))
+    batch = {k: cache_batch[k] for k in ("input_ids", "attention_mask", "labels") if k in cache_batch}
+    dev_batch = {k: v.to(device) for k, v in batch.items()}
+    initial = copy.deepcopy(live.student).eval()  # before any step: the hand-written rows start here
+
+    rows = []
+    if name == "distilbert":
+        rows += [_recipe_row("kdfast, live teacher", "all real tokens", live, batch, device, dtype,
+                             HANDWRITTEN, False),
+                 _recipe_row("kdfast, from the cache", f"masked (top-{cfg.teacher.topk})", cached, cache_batch,
+                             device, dtype, f"{HANDWRITTEN}, masked KD", True)]
+        teacher = AutoModelForMaskedLM.from_pretrained(tdir, local_files_only=True).to(device).eval()
+        teacher.requires_grad_(False)
+        for impl, masked, compiled in ((HANDWRITTEN, False, False), (f"{HANDWRITTEN}, masked KD", True, False),
+                                       (f"{HANDWRITTEN} + torch.compile", False, True)):
+            if compiled and not compile_baseline:
+                continue
+            student = copy.deepcopy(initial).to(device)
+            step = _plain_step(_distilbert_loss(student, teacher, dev_batch, cfg, masked), list(student.parameters()),
+                               live, device, dtype, compile_=compiled)
+            rows.append(_Row(impl, "masked" if masked else "all real tokens", step,
+                             ref=HANDWRITTEN if compiled else None))
+    elif name == "tinybert":
+        from kdfast.models import uniform_layer_map
+
+        layer_map = uniform_layer_map(shape["teacher"]["num_hidden_layers"], live.student.config.num_hidden_layers)
+        rows += [_recipe_row("kdfast, live teacher", "-", live, batch, device, dtype, HANDWRITTEN, False),
+                 _recipe_row("kdfast, from the cache", "-", cached, cache_batch, device, dtype, HANDWRITTEN, True)]
+        teacher = ScoresBert(AutoModel.from_pretrained(tdir, local_files_only=True).to(device).eval())
+        teacher.requires_grad_(False)
+        projections = live.extra.projections
+        variants = [(HANDWRITTEN, False, False), (f"{HANDWRITTEN} + torch.compile", True, False),
+                    ("TextBrewer GeneralDistiller", False, True)]
+        for impl, compiled, brewer in variants:
+            if (compiled and not compile_baseline) or (brewer and not use_textbrewer):
+                continue
+            student = ScoresBert(copy.deepcopy(initial.bert).to(device))
+            projs = copy.deepcopy(projections).to(device)
+            if brewer:
+                try:
+                    import textbrewer  # noqa: F401
+                except ImportError:
+                    rows.append(_Row(impl, "-", None, ref=HANDWRITTEN,
+                                     error="not installed (pip install --no-deps textbrewer tensorboardX protobuf)"))
+                    continue
+                step = _textbrewer_tinybert_step(student, teacher, projs, layer_map, dev_batch, cfg, live, device,
+                                                 dtype, tmp)
+            else:
+                step = _plain_step(_tinybert_loss(student, teacher, projs, layer_map, dev_batch, cfg),
+                                   list(student.parameters()) + list(projs.parameters()), live, device, dtype,
+                                   compile_=compiled)
+            rows.append(_Row(impl, "-", step, ref=HANDWRITTEN if impl != HANDWRITTEN else None))
+    else:
+        from kdfast.train.recipes.mobilebert import pkt_groups
+
+        pkt = step_name == "mobilebert-pkt"
+        kd_rows = "-" if pkt else "masked"
+        rows += [_recipe_row("kdfast, live teacher", kd_rows, live, batch, device, dtype, HANDWRITTEN, False),
+                 _recipe_row("kdfast, from the cache", kd_rows if pkt else f"masked (top-{cfg.teacher.topk})",
+                             cached, cache_batch, device, dtype, HANDWRITTEN, True)]
+        if pkt:
+            teacher = AutoModel.from_pretrained(tdir, local_files_only=True, attn_implementation="eager")
+        else:
+            teacher = AutoModelForMaskedLM.from_pretrained(tdir, local_files_only=True)
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        layer = shape["teacher"]["num_hidden_layers"]
+        for impl, compiled in ((HANDWRITTEN, False), (f"{HANDWRITTEN} + torch.compile", True)):
+            if compiled and not compile_baseline:
+                continue
+            student = initial.to_transformers().to(device).eval()
+            if pkt:
+                student.set_attn_implementation("eager")
+                groups = pkt_groups(student, layer, cfg.pkt.lower_lr_scale)
+                params = [p for g in groups for p in g["params"]]
+                loss_fn = _mobilebert_pkt_loss(student, teacher, layer, dev_batch, cfg.pkt)
+            else:
+                params = list(student.parameters())
+                loss_fn = _mobilebert_pretrain_loss(student, teacher, dev_batch, cfg.pretrain)
+            rows.append(_Row(impl, kd_rows, _plain_step(loss_fn, params, live, device, dtype, compile_=compiled),
+                             ref=HANDWRITTEN if compiled else None))
+    return rows, int(batch["attention_mask"].sum())
+
+
+def _measure(rows: list[_Row], device: torch.device, repeat: int, memory: bool) -> None:
+    """Step 0 (its loss) and one warm-up step per row, then ``repeat`` alternated rounds, then peak memory."""
+    live = [r for r in rows if r.step is not None]
+    for r in live:  # step 0 of each row: every row starts from the same weights
+        try:
+            r.loss0 = float(r.step())
+            r.step()
+        except Exception as ex:  # e.g. torch.compile without a working compiler: reported in its row
+            r.error = f"failed: {type(ex).__name__}: {' '.join(str(ex).split())[:100]}"
+            r.step = None
+    for _ in range(repeat):
+        for r in rows:
+            if r.step is not None:
+                r.times.append(time_ms(r.step, device, warmup=0, repeat=1))
+    for r in rows if memory else ():
+        if r.step is not None:
+            r.peak = peak_memory_bytes(r.step, device)
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' load reports (the teacher's unused MLM head, a pooler it never had) off."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def run(device: torch.device, *, quick: bool = False, shape: str | None = None, batch: int | None = None,
+        seq: int | None = None, long_seq: int | None = None, dtype: torch.dtype = torch.float32, repeat: int = 3,
+        steps: tuple[str, ...] = STEPS, compile_baseline: bool = True, use_textbrewer: bool = True,
+        memory: bool = True) -> list[Result]:
+    """Every recipe step of ``steps`` run every way (see the module docstring), as Results: ``ms``
+    the best round, ``peak_bytes`` the peak beyond parameters, gradients and optimizer state, and
+    ``extra`` with tokens/s (best, median), the KD rows, the step-0 loss and its agreement with
+    the reference row. ``shape``: ``default`` (BERT-base teacher, 8 x 128, TinyBERT also at 512),
+    ``quick`` (``quick=True``; a 2 x 192 teacher, 4 x 64) or ``tiny`` (the tests'); ``batch``,
+    ``seq``, ``long_seq`` override it (e.g. 32 x 512 on a GPU, with ``dtype=torch.bfloat16``
+    for bf16 autocast, as the Distiller runs there)."""
+    shape_name = shape or ("quick" if quick else "default")
+    if shape_name not in SHAPES:
+        raise ValueError(f"shape must be one of {sorted(SHAPES)}, got {shape_name!r}")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"dtype must be torch.float32 or torch.bfloat16 (autocast), got {dtype}")
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        raise ValueError(f"steps must be among {STEPS}, got {sorted(unknown)}")
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    sh = SHAPES[shape_name]
+    batch = batch or sh["batch"]
+    seq = seq or sh["seq"]
+    long_seq = long_seq if long_seq is not None else sh["long_seq"]
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="kdfast-e2e-bench-") as tmp, _quiet_transformers():
+        tmp = Path(tmp)
+        t = sh["teacher"]
+        tdir = _teacher_dir(tmp / "teacher", {**t, "max_position_embeddings": max(512, seq, long_seq or 0)})
+        plan = [(s, seq) for s in steps]
+        if "tinybert" in steps and long_seq and long_seq != seq:
+            plan.insert(plan.index(("tinybert", seq)) + 1, ("tinybert", long_seq))
+        for step_name, length in plan:
+            t0 = time.perf_counter()
+            corpus = _corpus(tmp / f"corpus-{length}.txt", batch, length)
+            rows, tokens = _recipe_rows(step_name, tdir, corpus, tmp / f"{step_name}-{length}", sh, batch, length,
+                                        device, dtype, compile_baseline, use_textbrewer)
+            _measure(rows, device, repeat, memory)
+            fill = "" if tokens == batch * length else f" {100 * tokens / (batch * length):.0f}% full"
+            case = (f"{step_name} {batch}x{length}{fill} teacher {t['num_hidden_layers']}x{t['hidden_size']}"
+                    f"{' bf16' if dtype == torch.bfloat16 else ''}")
+            by_impl = {r.impl: r for r in rows}
+            for r in rows:
+                res = Result(SUITE, case, r.impl, min(r.times) if r.times else None, r.peak, note=r.error)
+                ref = by_impl.get(r.ref) if r.ref else None
+                match = "reference" if r.ref is None else "-"
+                if ref is not None and r.loss0 is not None and ref.loss0 is not None:
+                    rel = abs(r.loss0 - ref.loss0) / max(abs(ref.loss0), 1e-12)
+                    if r.from_cache:
+                        match = f"cache, not judged ({rel:.1e})"
+                    else:
+                        match = f"{'yes' if rel <= tol else 'NO'} ({rel:.1e})"
+                res.extra = {"kd_rows": r.kd_rows, "ref": r.ref or "", "loss0": r.loss0, "loss_match": match,
+                             "tokens": tokens,
+                             "tok_s_best": tokens / (min(r.times) / 1e3) if r.times else None,
+                             "tok_s_median": tokens / (statistics.median(r.times) / 1e3) if r.times else None}
+                results.append(res)
+            del rows, by_impl
+            print(f"e2e: {case} measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return results
+
+
+def report(results: list[Result]) -> str:
+    """The table: per case and row, tokens/s (best and median round), speed-up and memory ratio
+    against the row's reference (the hand-written step with the same objective), the step-0 loss
+    and whether it matches the reference's."""
+    header = (f"{'case':<40} {'impl':<30} {'KD rows':<17} {'tok/s best':>10} {'median':>8} {'speed-up':>8} "
+              f"{'peak MB':>8} {'mem ratio':>9} {'step-0 loss':>12}  loss matches ref")
+    lines = [header, "-" * len(header)]
+    by_case: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_case.setdefault(r.case, {})[r.impl] = r
+    for case, rows in by_case.items():
+        for r in rows.values():
+            x = r.extra
+            ref = rows.get(x.get("ref")) if x.get("ref") else None
+            best, med = x.get("tok_s_best"), x.get("tok_s_median")
+            speed = mem = "-"
+            if ref is not None and best and ref.extra.get("tok_s_best"):
+                speed = f"{best / ref.extra['tok_s_best']:.2f}x"
+            if ref is not None and r.peak_bytes and ref.peak_bytes:
+                mem = f"{ref.peak_bytes / r.peak_bytes:.2f}x"
+            loss = f"{x['loss0']:.6g}" if x.get("loss0") is not None else "-"
+            peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "-"
+            tail = x.get("loss_match", "-") + (f"  [{r.note}]" if r.note else "")
+            lines.append(f"{case:<40} {r.impl:<30} {x.get('kd_rows', '-'):<17} "
+                         f"{f'{best:.0f}' if best else '-':>10} {f'{med:.0f}' if med else '-':>8} {speed:>8} "
+                         f"{peak:>8} {mem:>9} {loss:>12}  {tail}")
+    lines.append("speed-up and mem ratio: against the row's reference (the hand-written step with the same KD rows; "
+                 "the rows from the cache against the hand-written live step); tokens = real tokens of the batch")
+    return "\n".join(lines)
