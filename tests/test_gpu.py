@@ -29,6 +29,7 @@ from kdfast.kernels.reference import (
     sparse_kd_loss_reference,
 )
 from tests.test_kd_loss import assert_close, make_inputs, reference_loss_and_grad
+from tests.tiny_teacher import save_tiny_bert_teacher
 
 ON_GPU = torch.cuda.is_available()
 ON_CPU = (not ON_GPU and os.environ.get("KDFAST_GPU_TESTS_ON_CPU") == "1"
@@ -425,16 +426,10 @@ def test_fused_mobilebert_matches_transformers():
 
 @pytest.fixture(scope="module")
 def tiny_mlm_teacher(tmp_path_factory):
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
     words = [f"w{i}" for i in range(40)]
     root = tmp_path_factory.mktemp("gpu-teacher")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(root / "teacher")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertForMaskedLM(cfg).eval().save_pretrained(root / "teacher")
+    save_tiny_bert_teacher(root / "teacher", words)
     g = torch.Generator().manual_seed(3)
     lines = [" ".join(words[int(i)] for i in torch.randint(0, 40, (int(torch.randint(4, 15, (1,), generator=g)),),
                                                               generator=g)) for _ in range(24)]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kdfast.data import pack_texts
+from tests.tiny_teacher import save_tiny_bert_teacher
 
 WORDS = [f"w{i}" for i in range(40)]
 
@@ -17,15 +18,9 @@ WORDS = [f"w{i}" for i in range(40)]
 def tiny(tmp_path_factory):
     """A 2-layer, 32-wide BertForMaskedLM teacher (random weights) and a corpus of texts of very
     different lengths, several longer than a row."""
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
 
     root = tmp_path_factory.mktemp("packing")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(root / "teacher")
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertForMaskedLM(cfg).eval().save_pretrained(root / "teacher")
+    save_tiny_bert_teacher(root / "teacher", WORDS)
     rng = random.Random(3)
     lines = [" ".join(rng.choices(WORDS, k=rng.choice([1, 2, 5, 9, 20, 37]))) for _ in range(60)]
     (root / "train.txt").write_text("\n".join(lines) + "\n")
