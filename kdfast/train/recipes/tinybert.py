@@ -168,7 +168,8 @@ def run(cfg: TinyBertRecipe, *, resume: bool = False, allow_changed_settings: bo
 
     def step_loss(batch):
         ids, am = batch["input_ids"], batch["attention_mask"]
-        s_out = common.bert_outputs(student, ids, am, qk=want_qk)
+        # the encoder alone: general distillation uses no logits, and the MLM head's [B, L, V] would be waste
+        s_out = common.bert_outputs(getattr(student, "bert", student), ids, am, qk=want_qk)
         if cached:
             t_out = common.cached_teacher_outputs(batch, n_t, tconf.num_attention_heads, s_out["hidden_states"][0].dtype)
         else:
