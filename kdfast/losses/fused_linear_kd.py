@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from kdfast import backend as _backend
 from kdfast.losses import sparse_kd as _sparse
+from kdfast.losses._autograd import scale_stored_grad
 from kdfast.losses._checks import (check_choice, check_number, check_row_tensor, check_tensor,
                                    check_temperature, value_checks_enabled)
 from kdfast.losses.sparse_kd import TOPK_MAX_TEMPERATURE
@@ -252,12 +253,7 @@ class _FusedLinearKDFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grads = list(ctx.saved_tensors)
-        # Skipping the scale when it is exactly 1 needs its value on the host: free on a CPU, a
-        # synchronisation on a GPU, where the scaling (three element-wise passes) is cheaper.
-        one = grad_out.device.type == "cpu" and not torch.compiler.is_compiling() and grad_out.item() == 1.0
-        if not one:
-            grads = [None if g is None else g * grad_out.to(g.dtype) for g in grads]
+        grads = [None if g is None else scale_stored_grad(g, grad_out) for g in ctx.saved_tensors]
         return (grads[0], grads[1], grads[2]) + (None,) * 16
 
 
