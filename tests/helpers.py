@@ -29,3 +29,12 @@ def make_mask(B: int, L: int, *, full_row: bool = False) -> torch.Tensor:
     if full_row and B > 2:
         mask[-1] = False
     return mask
+
+
+def backends_of(op: str) -> list[str]:
+    """The registered backends of ``op`` that run on CPU tensors in this test process: a family's
+    tests run over these, so a backend is tested the day it is registered."""
+    from kdfast.ops import registry
+    from tests.conftest import CPU_BACKENDS
+
+    return [b for b in CPU_BACKENDS if b in registry.impls(op)]
