@@ -8,8 +8,8 @@
   ``my-teacher/``, text in ``my-corpus.txt``, GLUE-format SST-2 in ``glue/SST-2/``. The only edit
   to a command is ``--steps N`` -> ``--steps 2`` (and ``max_steps=N`` -> ``max_steps=2`` in the
   Quickstart's Python block), to keep the test short. A misspelt flag exits 2: the test fails.
-- Every option of a ``kdfast`` command, in a ```text synopsis or a ```bash block, is spelt as that
-  subcommand defines it.
+- Every option of a ``kdfast`` command, in a ```text synopsis, a ```bash block or inline code in
+  the prose, is spelt as that subcommand defines it.
 - Every ```python block runs (exec) with small random inputs under the names it uses, except the
   one written for torchrun, which must parse and name only what kdfast exports.
 """
@@ -118,22 +118,21 @@ def _subparser(parser, words: list[str]):
 
 
 def test_every_kdfast_option_in_the_readme_is_spelt_as_the_command_defines_it():
-    """Synopses and the Quickstart's commands: each ``--flag`` exactly (argparse would also accept
-    an abbreviation when the Quickstart runs)."""
+    """Synopses, the Quickstart's commands and inline commands: each ``--flag`` exactly (argparse
+    would also accept an abbreviation when the Quickstart runs)."""
+    inline = [("prose", " ".join(span.split())) for span in re.findall(r"`(kdfast [^`]+)`", README.read_text())]
+    listed = [(section, command) for lang, body, section in BLOCKS if lang in ("text", "bash")
+              for command in commands(body)]
     checked = 0
-    for lang, body, section in BLOCKS:
-        if lang not in ("text", "bash"):
-            continue
-        for command in commands(body):
-            if not command.startswith("kdfast "):
-                continue
+    for section, command in listed + inline:
+        if command.startswith("kdfast "):
             parser, rest = _subparser(build_parser(), command.split()[1:])
             assert parser.prog != "kdfast", f"README ({section}): `{command}`: no such subcommand"
             known = {s for a in parser._actions for s in a.option_strings}
             for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", " ".join(rest)):
                 assert flag in known, f"README ({section}): `{command}`: {parser.prog} has no option {flag}"
                 checked += 1
-    assert checked >= 30  # the synopses of demo, cache, bench, distill and eval
+    assert checked >= 40 and len(inline) >= 5  # synopses of demo, cache, bench, distill, eval; the Quickstart; prose
 
 
 # --- the Quickstart, run as written ------------------------------------------------------------
