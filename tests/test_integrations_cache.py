@@ -239,3 +239,7 @@ def test_refusals_with_a_cache_name_the_argument(cache_dir, lean_cache_dir, teac
         make(data_collator=lambda rows: rows)
     with pytest.raises(ValueError, match="eval_dataset: evaluation against a cache teacher is not supported"):
         make(eval_dataset=Dataset.from_dict({"input_ids": [[1, 2]]}))
+    with pytest.raises(ValueError, match="inputs: a batch without the cache's teacher targets"):
+        trainer = make()
+        trainer.compute_loss(trainer.model, {"input_ids": torch.tensor([[5, 6]]),
+                                             "attention_mask": torch.ones(1, 2, dtype=torch.long)})

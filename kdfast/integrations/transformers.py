@@ -283,12 +283,12 @@ class DistillationTrainer(Trainer):
         self.student_loss_weight = weight
         self._term_sums: dict[str, Tensor] = {}
         self._term_count = 0
+        self._dense_loss = None
         if cache is not None:
             self._check_cache_holds_the_terms(cache, distillation_loss)
             args, kwargs = (), self._cache_data(cache, args, kwargs)
             # the terms other than the logits, whose cached form (sparse, masked rows) is computed here;
             # a shallow copy: it shares distillation_loss's projections
-            self._dense_loss = None
             if distillation_loss.weights.keys() - {"logits"}:
                 self._dense_loss = copy.copy(distillation_loss)
                 self._dense_loss.weights = {k: v for k, v in distillation_loss.weights.items() if k != "logits"}
@@ -438,6 +438,9 @@ class DistillationTrainer(Trainer):
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         cached = inputs.pop("kd_teacher", None)
+        if cached is None and self.teacher is None:
+            raise ValueError("inputs: a batch without the cache's teacher targets; with a cache as the teacher "
+                             "every batch must come from the cache (evaluate with a live teacher)")
         if cached is None:
             teacher_inputs = {k: inputs[k] for k in self._teacher_keys if k in inputs}
             with torch.no_grad(), self._capture(self.teacher) as cap_t:
