@@ -138,6 +138,27 @@ def test_cache_step_terms_equal_the_live_teacher_step_at_the_caches_rounding(cac
             assert not torch.equal(p, before_student.state_dict()[name]), name
 
 
+def test_sampled_cache_logits_feed_the_sampled_sparse_loss(teacher_dir, corpus, tmp_path):
+    """A cache of sampled teacher ids: the logits term is sparse_kd_loss(mode="sampled") of the
+    masked rows against the ids and counts the cache stored."""
+    out = tmp_path / "sampled"
+    build_cache(str(teacher_dir), [str(corpus)], str(out), logits="sampled:6", hidden="none", **BUILD)
+    batch = all_cache_rows(out)
+    student = make_student(TeacherCache(str(out)).settings["teacher"]["vocab_size"])
+    with torch.no_grad():
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        masked = batch["labels"] != -100
+        expected = kdfast.sparse_kd_loss(logits[masked], batch["sampled_ids"], batch["sampled_counts"],
+                                         mode="sampled", temperature=TEMPERATURE)
+    trainer = DistillationTrainer(model=student, teacher=out, args=arguments(tmp_path),
+                                  distillation_loss=kdfast.DistillationLoss((2, 2), {"logits": 1.0},
+                                                                            temperature=TEMPERATURE))
+    trainer.train()
+    log = next(e for e in trainer.state.log_history if "kd_logits" in e)
+    assert log["kd_logits"] == pytest.approx(float(expected), rel=1e-5)
+    assert log["loss"] == pytest.approx(float(expected), rel=1e-5)  # the only term, weight 1
+
+
 def test_a_run_from_the_cache_saves_a_reloadable_student_and_repeats_with_the_seed(cache_dir, tmp_path):
     cache = TeacherCache(str(cache_dir))  # an open cache works as well as its directory
     vocab = cache.settings["teacher"]["vocab_size"]
