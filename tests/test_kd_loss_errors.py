@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import kdfast
-from tests.conftest import CPU_BACKENDS
+from tests.helpers import backends_of
+
+CPU_BACKENDS = backends_of("kd_rows")
 
 
 @pytest.fixture
@@ -75,3 +77,4 @@ def test_cuda_backend_refuses_cpu_tensors_clearly(logits):
         assert not status.available and status.reason
     with pytest.raises(ValueError, match="cuda"):
         kdfast.kd_loss(s, t, backend="cuda")
+
