@@ -22,7 +22,7 @@ times (``--steps`` timed steps each, after one warm-up step); prints best-of and
 
 ``--head-only``: instead, the LM-head terms alone for ``kd_rows=all`` (forward + backward of
 ``fused_linear_kd_loss`` on the batch's real tokens, the heads' projections, KD T=2 and MLM),
-one call (KD on every row, MLM on the labelled ones: ``restrict_to_masked=False``) against the
+one call (KD on every row, MLM on the labelled ones: ``kd_rows="all"``) against the
 two calls it replaced (labelled rows KD + MLM, the other rows KD, KD weights scaled by row share),
 alternating; the two losses must agree first.
 """
@@ -103,7 +103,7 @@ def head_only(args) -> None:
         kw = dict(student_bias=bs, teacher_bias=b_t, temperature=T)
         if one_call:
             loss = fused_linear_kd_loss(hs, ws, h_t, w_t, labels=lab, alpha_kd=a_kd, alpha_mlm=a_mlm,
-                                        restrict_to_masked=False, **kw)
+                                        kd_rows="all", **kw)
         else:  # the former recipe: disjoint rows, KD weights scaled by each part's share
             rest = ~masked
             n_m, n_r = int(masked.sum()), int(rest.sum())

@@ -4,7 +4,7 @@
   was set before kdfast was imported, which is how the tests run them);
 - ``cuda``: the CUDA C++ kernels of ``kdfast._C`` (built when nvcc was found), on CUDA tensors;
 - ``cpu``: the vectorised C++ kernels of ``kdfast._C``, on CPU tensors;
-- ``torch``: eager PyTorch (:mod:`kdfast.kernels.reference`), anywhere.
+- ``torch``: eager PyTorch (each family's ``kdfast/ops/<family>/torch.py``), anywhere.
 
 ``auto`` picks Triton on CUDA tensors when it works (else CUDA C++, else torch), and the
 compiled CPU op on CPU tensors (else torch). An explicit choice that cannot run raises a
