@@ -169,3 +169,28 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, what
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels accumulate in: float64 for float64 inputs, float32 for every other."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def row_weights(mask: Tensor | None, lead: torch.Size, device: torch.device, acc: torch.dtype,
+                per_row: int = 1) -> Tensor:
+    """[N] row weights of a mean over counted rows, N = prod(lead): w_r = [mask_r != 0] / (|C| per_row)
+    with C the counted rows (every row when ``mask`` is None), 0 on the others; all 0 when C is empty.
+
+    ``mask`` must have the leading shape ``lead`` and sit on ``device`` (ValueError naming it otherwise).
+    """
+    if mask is None:
+        n = 1
+        for size in lead:
+            n *= size
+        return torch.full((n,), 1.0 / (n * per_row), dtype=acc, device=device)
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != lead:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the hidden states' leading shape "
+                         f"{tuple(lead)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the hidden states are on {device}")
+    if mask.is_complex():
+        raise ValueError(f"mask must be a bool, integer or float tensor, got {mask.dtype}")
+    on = (mask.reshape(-1) != 0).to(acc)
+    return on / (on.sum() * per_row).clamp_min(1)
