@@ -10,14 +10,16 @@ from torch.utils._pytree import tree_leaves
 import kdfast
 import kdfast.losses.hidden as hidden_mod
 from tests.reference import cosine_reference, feature_map_reference, hidden_mse_reference
-from tests.conftest import CPU_BACKENDS
-from tests.helpers import assert_close, make_mask
+from tests.helpers import assert_close, backends_of, make_mask
 
-HIDDEN_BACKENDS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]
-# bf16 runs on the C++ kernels only (the Triton interpreter gets bf16 arithmetic wrong)
+# every registered backend of the family's ops that runs here (both ops have the same backends)
+HIDDEN_BACKENDS = backends_of("hidden_mse_epilogue")
+assert HIDDEN_BACKENDS == backends_of("cosine_rows")
+# bf16 runs on the C++ kernels only (the Triton interpreter gets bf16 arithmetic wrong); a backend
+# registered later is tested in fp32, fp16 and fp64 until it says otherwise here
 DTYPES = {"triton": (torch.float32, torch.float16),
-          "cpu": (torch.float32, torch.float16, torch.float64, torch.bfloat16),
-          "torch": (torch.float32, torch.float16, torch.float64)}
+          "cpu": (torch.float32, torch.float16, torch.float64, torch.bfloat16)}
+ALL_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
 def make_states(B, L, ds, dt, dtype):
@@ -44,7 +46,7 @@ def ref_grads(fn, tensors, *args, grad_scale=1.0):
 
 # --- TinyBERT hidden MSE -------------------------------------------------------------------------
 
-HIDDEN_CASES = [(b, d, L, m, p) for b in HIDDEN_BACKENDS for d in DTYPES[b]
+HIDDEN_CASES = [(b, d, L, m, p) for b in HIDDEN_BACKENDS for d in DTYPES.get(b, ALL_DTYPES)
                 for L in (37, 130) for m in (False, True) for p in ("proj", "bias", "none")
                 if d == torch.float32 or (L, m) == (37, True)]
 
@@ -260,7 +262,7 @@ def test_hidden_cpu_kernels_bad_arguments_name_the_argument():
 
 # --- DistilBERT cosine ---------------------------------------------------------------------------
 
-COS_CASES = [(b, d, L, m) for b in HIDDEN_BACKENDS for d in DTYPES[b] + ((torch.float64,) if b == "triton" else ())
+COS_CASES = [(b, d, L, m) for b in HIDDEN_BACKENDS for d in DTYPES.get(b, ALL_DTYPES) + ((torch.float64,) if b == "triton" else ())
              for L in (37, 130) for m in (False, True)
              if d == torch.float32 or (L, m) == (37, True)]
 
