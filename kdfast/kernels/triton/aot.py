@@ -24,7 +24,6 @@ LEGACY_MODULES = (
     "kdfast.kernels.triton.sparse_kd",
     "kdfast.kernels.triton.attention_transfer",
     "kdfast.kernels.triton.score_mse",
-    "kdfast.kernels.triton.nonorm",
 )
 
 
