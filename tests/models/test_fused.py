@@ -88,6 +88,22 @@ def test_cpu_epilogue_rejects_half_explicitly_and_auto_falls_back():
     torch.testing.assert_close(fused_bias_residual_nonorm(x, b, r, g, beta).float(), ref, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="kdfast._C not built")
+def test_cpu_ops_name_the_bad_argument_with_a_value_error():
+    """The C++ ops check their arguments too (ValueError from C++), for callers that bypass the Python checks."""
+    x, r, v = torch.randn(5, 6), torch.randn(5, 6), torch.randn(6)
+    k = torch.ops.kdfast
+    for call, match in [(lambda: k.nonorm_fwd(x, v, r, v[:5], v), "gamma must be contiguous"),
+                        (lambda: k.nonorm_fwd(x, v, r[:4], v, v), "residual must have shape"),
+                        (lambda: k.nonorm_fwd(x.half(), None, None, v.half(), v.half()), "float32 or float64"),
+                        (lambda: k.nonorm_bwd(x[:, :5], x, v, r, v), "dy must have shape"),
+                        (lambda: k.nonorm_bwd(x, x, v.double(), r, v), "bias must have dtype"),
+                        (lambda: k.relu_bwd_colsum(x, r[:, :5]), "h must have shape"),
+                        (lambda: k.relu_bwd_colsum(x.t(), r), "dh must be contiguous")]:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def _ffns(n, d, inner, dtype):
     return [FFNParams((torch.randn(inner, d, dtype=dtype) / d ** 0.5).requires_grad_(),
                       torch.randn(inner, dtype=dtype).requires_grad_(),
