@@ -17,7 +17,7 @@ dtype); the op reads each row of Y once with the teacher row h_t (``t`` [C, D], 
 
 Backends: ``torch`` (:mod:`.torch`), ``triton`` (:mod:`.triton`, custom op
 ``kdfast::hidden_mse_epilogue_triton``; float32 ``y``), ``cpu`` (``torch.ops.kdfast.hidden_mse_epilogue``,
-``csrc/cpu/hidden_cpu.cpp``; float32 / float64 ``y``).
+``csrc/ops/hidden_rows/cpu.cpp``; float32 / float64 ``y``).
 
 ``cosine_rows(s, t, w, eps, need_grad) -> (rows, grad)`` (DistilBERT cosine loss). With
 ns = max(|s_r|, eps), nt = max(|t_r|, eps), cos_r = s_r . t_r / (ns nt):
@@ -39,7 +39,7 @@ Backend: ``torch`` only, differentiated by autograd.
 
 Where the pieces live: this file (the contract, the Triton custom ops and their fakes, the fakes of the
 compiled ops, the registrations), :mod:`.torch`, :mod:`.triton` (with ``AOT_CONFIGS``), the C++ kernels
-in ``csrc/cpu/hidden_cpu.cpp`` (registered in ``csrc/bindings.cpp``), the float64 oracles in
+in ``csrc/ops/hidden_rows/cpu.cpp`` (which registers their schemas itself), the float64 oracles in
 ``tests/reference.py``, the tests in ``tests/test_hidden_losses.py`` (run over every registered backend).
 """
 

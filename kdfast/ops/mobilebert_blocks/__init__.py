@@ -21,7 +21,8 @@ On rows of width D (``x``, ``residual``, ``dy``, ``h``, ``dh``: [N, D] with unit
 
 Backends: ``torch`` (:mod:`.torch`, any dtype), ``triton`` (:mod:`.triton` with ``AOT_CONFIGS``; fp32 / fp16 /
 bf16, column sums accumulated in fp32), ``cpu`` (``torch.ops.kdfast.nonorm_fwd`` / ``nonorm_bwd`` /
-``relu_bwd_colsum``, ``csrc/cpu/nonorm_cpu.cpp``, registered in ``csrc/bindings.cpp``; float32 / float64).
+``relu_bwd_colsum``, ``csrc/ops/mobilebert_blocks/cpu.cpp``, which registers their schemas itself; float32 /
+float64).
 Tests: ``tests/models/test_fused.py`` (every registered backend against the eager functions and
 transformers), ``tests/test_gpu.py`` (the compiled Triton kernels).
 """
