@@ -21,6 +21,7 @@ from transformers import (
 
 import kdfast
 from kdfast.integrations import transformers as kd_transformers
+from kdfast.models import fused
 from kdfast.models import mobilebert as mb
 from kdfast.models.fused import fused_attention_inputs
 from kdfast.models.mobilebert import KDMobileBert, KDMobileBertForMaskedLM, mobilebert_config
@@ -173,13 +174,16 @@ def test_capture_under_sdpa_equals_the_models_own_eager_forward(name, monkeypatc
     assert trained >= 4 * n_layers  # at least the query and key weights and biases of every layer
 
 
-def test_kdfast_mobilebert_capture_through_its_fused_attention_inputs_kernel():
+def test_kdfast_mobilebert_capture_through_its_fused_attention_inputs_kernel(monkeypatch):
     """The fused kernel computes q / k in one grouped GEMM without calling the query / key modules;
     the capture still sees them, unscaled, and a loss on them trains the model like on the model's
     own (pre-scaled) capture."""
     model = KDMobileBertForMaskedLM(mobilebert_config("mobilebert", **MOBILE)).double()
     ids, mask = padded_batch(model)
-    previous = mb.register_kernel("attention_inputs", lambda layer, h: fused_attention_inputs(layer, h, backend="torch"))
+    calls = []
+    monkeypatch.setattr(fused, "fused_attention_inputs",
+                        lambda layer, h, backend: calls.append(backend) or fused_attention_inputs(layer, h, backend=backend))
+    previous = mb.set_kernel_backend("torch")  # the blocks run kdfast.models.fused's kernels
     try:
         with kdfast.capture(model, qk=True, hidden_states=False) as cap:
             model(ids, attention_mask=mask)
@@ -187,7 +191,8 @@ def test_kdfast_mobilebert_capture_through_its_fused_attention_inputs_kernel():
         loss = sum((w * t).sum() for w, t in zip(weights, cap.q + cap.k))
         grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
     finally:
-        mb.register_kernel("attention_inputs", previous)
+        mb.set_kernel_backend(previous)
+    assert calls == ["torch"] * len(model.mobilebert.encoder.layer)
     own = model(ids, attention_mask=mask, capture=("qk",))
     scale = model.mobilebert.encoder.layer[0].attention.self.scale
     unscaled = tuple(q / scale for q in own.queries)

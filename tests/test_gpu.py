@@ -287,7 +287,7 @@ def test_attention_losses_on_score_maps(dtype, loss):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 def test_hidden_mse_epilogue(dtype):
-    from tests.test_attention_losses import make_mask
+    from tests.helpers import make_mask
 
     B, L, d_s, d_t = (4, 129, 312, 768) if ON_GPU else (2, 7, 12, 20)
     h_s = torch.randn(B, L, d_s, dtype=torch.float64).to(dtype)
@@ -309,7 +309,7 @@ def test_hidden_mse_epilogue(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 def test_cosine(dtype):
-    from tests.test_attention_losses import make_mask
+    from tests.helpers import make_mask
 
     B, L, d = (4, 129, 768) if ON_GPU else (2, 7, 20)
     h_s = torch.randn(B, L, d, dtype=torch.float64).to(dtype)

@@ -10,14 +10,16 @@ from torch.utils._pytree import tree_leaves
 import kdfast
 import kdfast.losses.hidden as hidden_mod
 from tests.reference import cosine_reference, feature_map_reference, hidden_mse_reference
-from tests.conftest import CPU_BACKENDS
-from tests.helpers import assert_close, make_mask
+from tests.helpers import assert_close, backends_of, make_mask
 
-HIDDEN_BACKENDS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]
-# bf16 runs on the C++ kernels only (the Triton interpreter gets bf16 arithmetic wrong)
+# every registered backend of the family's ops that runs here (both ops have the same backends)
+HIDDEN_BACKENDS = backends_of("hidden_mse_epilogue")
+assert HIDDEN_BACKENDS == backends_of("cosine_rows")
+# bf16 runs on the C++ kernels only (the Triton interpreter gets bf16 arithmetic wrong); a backend
+# registered later is tested in fp32, fp16 and fp64 until it says otherwise here
 DTYPES = {"triton": (torch.float32, torch.float16),
-          "cpu": (torch.float32, torch.float16, torch.float64, torch.bfloat16),
-          "torch": (torch.float32, torch.float16, torch.float64)}
+          "cpu": (torch.float32, torch.float16, torch.float64, torch.bfloat16)}
+ALL_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
 def make_states(B, L, ds, dt, dtype):
@@ -42,9 +44,54 @@ def ref_grads(fn, tensors, *args, grad_scale=1.0):
     return run_grads(fn, [x.double() if x is not None else None for x in tensors], *args, grad_scale=grad_scale)
 
 
+# --- the row ops themselves (kdfast.ops.hidden_rows), every registered implementation -------------
+
+def _row_inputs(C, D):
+    """fp32 rows (the accumulation dtype every backend takes) and weights with a padded row of NaN."""
+    a, b = torch.randn(C, D), torch.randn(C, D)
+    w = torch.rand(C) + 0.1
+    w[2] = 0.0
+    a[2], b[2] = float("nan"), float("nan")
+    return a, b, w
+
+
+@pytest.mark.parametrize("backend", HIDDEN_BACKENDS)
+def test_mse_epilogue_op_follows_its_contract(backend):
+    from kdfast.ops import registry
+
+    y, t, w = _row_inputs(13, 37)
+    on = w != 0
+    diff = torch.where(on[:, None], y.double() - t.double(), 0.0)
+    ref_rows, ref_dy = w.double() * (diff * diff).sum(-1), 2 * w.double()[:, None] * diff
+    rows = registry.impls("hidden_mse_epilogue")[backend].fn(y, t, w)   # y becomes dY in place
+    assert_close(rows, ref_rows, torch.float32, "rows")
+    assert_close(y, ref_dy, torch.float32, "dY")
+
+
+@pytest.mark.parametrize("backend", HIDDEN_BACKENDS)
+@pytest.mark.parametrize("need_grad", [True, False])
+def test_cosine_rows_op_follows_its_contract(backend, need_grad):
+    from kdfast.ops import registry
+
+    s, t, w = _row_inputs(13, 37)
+    on = w != 0
+    s64 = torch.where(on[:, None], s.double(), 0.0).requires_grad_()
+    t64 = torch.where(on[:, None], t.double(), 0.0)
+    cos = (s64 * t64).sum(-1) / (s64.norm(dim=-1).clamp_min(1e-8) * t64.norm(dim=-1).clamp_min(1e-8))
+    ref_rows = torch.where(on, w.double() * (1 - cos), 0.0)
+    (ref_grad,) = torch.autograd.grad(ref_rows.sum(), s64)
+    rows, grad = registry.impls("cosine_rows")[backend].fn(s, t, w, 1e-8, need_grad)
+    assert_close(rows, ref_rows.detach(), torch.float32, "rows")
+    if need_grad:
+        assert grad.dtype == s.dtype
+        assert_close(grad, ref_grad, torch.float32, "grad")
+    else:
+        assert grad.numel() == 0
+
+
 # --- TinyBERT hidden MSE -------------------------------------------------------------------------
 
-HIDDEN_CASES = [(b, d, L, m, p) for b in HIDDEN_BACKENDS for d in DTYPES[b]
+HIDDEN_CASES = [(b, d, L, m, p) for b in HIDDEN_BACKENDS for d in DTYPES.get(b, ALL_DTYPES)
                 for L in (37, 130) for m in (False, True) for p in ("proj", "bias", "none")
                 if d == torch.float32 or (L, m) == (37, True)]
 
@@ -260,7 +307,7 @@ def test_hidden_cpu_kernels_bad_arguments_name_the_argument():
 
 # --- DistilBERT cosine ---------------------------------------------------------------------------
 
-COS_CASES = [(b, d, L, m) for b in HIDDEN_BACKENDS for d in DTYPES[b] + ((torch.float64,) if b == "triton" else ())
+COS_CASES = [(b, d, L, m) for b in HIDDEN_BACKENDS for d in DTYPES.get(b, ALL_DTYPES) + ((torch.float64,) if b == "triton" else ())
              for L in (37, 130) for m in (False, True)
              if d == torch.float32 or (L, m) == (37, True)]
 

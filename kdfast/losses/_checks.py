@@ -209,3 +209,28 @@ def row_weights(counted: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
     """Kernel row weights: 1 on counted rows (0 elsewhere), divided by their number for the means."""
     w = counted.to(dtype)
     return w / w.sum().clamp_min(1) if reduction in ("batchmean", "mean") else w
+
+
+def mask_row_weights(mask: Tensor | None, lead: torch.Size, device: torch.device, acc: torch.dtype,
+                     per_row: int = 1) -> Tensor:
+    """[N] row weights of a mean over counted rows, N = prod(lead): w_r = [mask_r != 0] / (|C| per_row)
+    with C the counted rows (every row when ``mask`` is None), 0 on the others; all 0 when C is empty.
+
+    ``mask`` must have the leading shape ``lead`` and sit on ``device`` (ValueError naming it otherwise).
+    """
+    if mask is None:
+        n = 1
+        for size in lead:
+            n *= size
+        return torch.full((n,), 1.0 / (n * per_row), dtype=acc, device=device)
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.shape != lead:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the hidden states' leading shape "
+                         f"{tuple(lead)}")
+    if mask.device != device:
+        raise ValueError(f"mask is on {mask.device} but the hidden states are on {device}")
+    if mask.is_complex():
+        raise ValueError(f"mask must be a bool, integer or float tensor, got {mask.dtype}")
+    w = row_weights(mask.reshape(-1) != 0, "mean", acc)
+    return w / per_row if per_row != 1 else w

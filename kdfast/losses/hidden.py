@@ -14,10 +14,11 @@ db_p += sum dY (fp32 accumulators). Only one chunk of Y ever exists; backward ju
 stored gradients by the upstream gradient. :func:`cosine_loss` likewise computes the loss and
 its gradient in one pass over the rows (Triton or C++ row kernel, or eager torch).
 
-Backends: ``auto`` (Triton on CUDA tensors when it works, the C++ CPU kernels on CPU tensors
-when ``kdfast._C`` is built, else torch), ``triton``, ``cpu``, ``torch``; ``cuda`` has no
-kernel for these losses and raises. :func:`feature_map_loss` is eager torch only
-(differentiated by autograd).
+The row kernels are the ops of :mod:`kdfast.ops.hidden_rows` (their contract, and where each backend
+lives); :mod:`kdfast.ops.registry` picks the backend: ``auto`` (Triton on CUDA tensors when it works,
+the C++ CPU kernels on CPU tensors when ``kdfast._C`` is built, else torch), ``triton``, ``cpu``,
+``torch``; ``cuda`` has no kernel for these losses and raises. :func:`feature_map_loss` is eager torch
+only (differentiated by autograd).
 """
 
 from __future__ import annotations
@@ -25,17 +26,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kdfast import backend as _backend
 from kdfast.losses._autograd import scale_stored_grad
-from kdfast.losses._checks import check_same_dtype_device, check_tensor
+from kdfast.losses._checks import acc_dtype, check_same_dtype_device, check_tensor, mask_row_weights
+from kdfast.ops import hidden_rows as _hidden_rows  # noqa: F401  (registers the family's ops)
+from kdfast.ops import registry
 
 # Rows per chunk of the fused projection: C = max(16, CHUNK_ELEMS // d_t), so a chunk of Y holds
 # about CHUNK_ELEMS fp32 values (4 MiB). Module-level so that tests can shrink it.
 CHUNK_ELEMS = 1 << 20
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_states(student_hidden: Tensor, teacher_hidden: Tensor, same_width: bool) -> None:
@@ -52,69 +50,21 @@ def _check_states(student_hidden: Tensor, teacher_hidden: Tensor, same_width: bo
         raise ValueError(f"student_hidden is empty (shape {tuple(student_hidden.shape)})")
 
 
-def _token_weights(mask: Tensor | None, lead: torch.Size, device: torch.device, acc: torch.dtype,
-                   per_token: int = 1) -> Tensor:
-    """[N] row weights: 1 / (counted tokens * per_token) on counted rows, 0 elsewhere."""
-    if mask is None:
-        n = 1
-        for size in lead:
-            n *= size
-        return torch.full((n,), 1.0 / (n * per_token), dtype=acc, device=device)
-    if not isinstance(mask, Tensor):
-        raise ValueError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.shape != lead:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected the hidden states' leading shape "
-                         f"{tuple(lead)}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but the hidden states are on {device}")
-    if mask.is_complex():
-        raise ValueError(f"mask must be a bool, integer or float tensor, got {mask.dtype}")
-    on = (mask.reshape(-1) != 0).to(acc)
-    return on / (on.sum() * per_token).clamp_min(1)
-
-
 def _rows(x: Tensor) -> Tensor:
     """[..., d] -> a contiguous [N, d] view (copied only when needed)."""
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
+def _row_kernel(op: str, backend: str, device: torch.device, dtype: torch.dtype, what: str) -> str:
+    """The registry's backend for ``op``, except that float64 input with an explicit ``"triton"`` runs
+    torch (as these losses documented before the registry: the Triton kernels compute in fp32)."""
+    if backend == "triton" and dtype == torch.float64:
+        registry.resolve(op, backend, device, None, what=what)  # still refuses a Triton that cannot run here
+        return "torch"
+    return registry.resolve(op, backend, device, dtype, what=what)
+
+
 # --- TinyBERT hidden MSE through a projection ----------------------------------------------------
-
-@torch.library.custom_op("kdfast::hidden_mse_epilogue_triton", mutates_args=("y",))
-def _mse_epilogue_op(y: Tensor, t: Tensor, w: Tensor) -> Tensor:
-    from kdfast.kernels.triton.hidden import mse_epilogue_triton
-
-    return mse_epilogue_triton(y, t, w)
-
-
-@_mse_epilogue_op.register_fake
-def _(y, t, w):
-    return y.new_empty(y.shape[0], dtype=torch.float32)
-
-
-if _backend._extension()[0] is not None:
-    # shapes of the C++ ops (torch.ops.kdfast.*) for torch.compile / meta tensors
-
-    @torch.library.register_fake("kdfast::hidden_mse_epilogue")
-    def _hidden_mse_epilogue_fake(y, t, w):
-        return y.new_empty(y.shape[0], dtype=w.dtype)
-
-    @torch.library.register_fake("kdfast::cosine_fwd_bwd")
-    def _cosine_fwd_bwd_fake(s, t, w, eps, need_grad):
-        return s.new_empty(s.shape[0], dtype=w.dtype), (s.new_empty(s.shape) if need_grad else s.new_empty(0))
-
-
-def _mse_epilogue_torch(y: Tensor, t: Tensor, w: Tensor, masked: bool) -> Tensor:
-    """The epilogue contract in eager torch: ``y`` becomes dY in place; returns the row losses.
-
-    ``masked``: some rows may have w = 0; they are zeroed first (padding may hold anything)."""
-    y.sub_(t)
-    if masked:
-        y.masked_fill_((w == 0)[:, None], 0.0)
-    rows = torch.linalg.vector_norm(y, dim=-1).square_() * w
-    y.mul_(2 * w[:, None])
-    return rows
-
 
 def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tensor | None, w: Tensor,
                        backend: str, need: tuple[bool, bool, bool], chunk_rows: int, masked: bool = True
@@ -126,9 +76,11 @@ def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tens
     the accumulation dtype (``masked``: some may be 0). The loss is sum_l sum_r w_lr |Y_lr -
     h_t,lr|^2. ``need`` says which of (dh_s, dW_p, db_p) to compute (the others come back
     None, as do those of absent parameters). Each chunk takes ``chunk_rows`` rows of every
-    layer: one batched GEMM for all layers, one epilogue over the n * chunk_rows rows. dh_s has
-    ``hs``'s dtype, dW_p / db_p the parameters' dtypes.
+    layer: one batched GEMM for all layers, one epilogue (the ``hidden_mse_epilogue`` op on the
+    resolved ``backend``) over the n * chunk_rows rows. dh_s has ``hs``'s dtype, dW_p / db_p the
+    parameters' dtypes.
     """
+    epilogue = registry.impls("hidden_mse_epilogue")[backend].fn
     acc = w.dtype
     n, N, d_t = hs.shape[0], hs.shape[1], ht.shape[-1]
     W = weight.to(acc) if weight is not None else None
@@ -151,12 +103,7 @@ def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tens
             y = torch.baddbmm(b, x, W.transpose(1, 2))
         t_rows = ht[:, i0:i1].reshape(-1, d_t)                         # a view when n == 1
         y_rows = y.view(-1, d_t)
-        if backend == "triton":
-            rows = _mse_epilogue_op(y_rows, t_rows, w_rows)
-        elif backend == "cpu":
-            rows = torch.ops.kdfast.hidden_mse_epilogue(y_rows, t_rows, w_rows)
-        else:
-            rows = _mse_epilogue_torch(y_rows, t_rows.to(acc), w_rows, masked)
+        rows = epilogue(y_rows, t_rows, w_rows)
         loss = loss + rows.to(acc).sum()
         # y now holds dY
         if dh is not None:
@@ -289,12 +236,10 @@ def hidden_mse_loss(
     if layered and (student_hidden.dim() < 2 or student_hidden.shape[0] != n_layers):
         raise ValueError(f"student_hidden has shape {tuple(student_hidden.shape)}: with proj_weight "
                          f"[n_layers={n_layers}, d_t, d_s] it must be [n_layers, ..., d_s]")
-    acc = _acc_dtype(student_hidden.dtype)
+    acc = acc_dtype(student_hidden.dtype)
     lead = student_hidden.shape[1:-1] if layered else student_hidden.shape[:-1]
-    w = _token_weights(mask, lead, dev, acc, per_token=d_t)
-    name = _backend.resolve_for_loss(backend, dev, "hidden_mse_loss", compiled=("cpu",))
-    if acc == torch.float64 and name == "triton":
-        name = "torch"  # the Triton epilogue works in fp32; float64 stays exact in torch
+    w = mask_row_weights(mask, lead, dev, acc, per_row=d_t)
+    name = _row_kernel("hidden_mse_epilogue", backend, dev, student_hidden.dtype, "hidden_mse_loss")
     if layered:  # every layer counts the same tokens, normalised on its own
         chunk_rows = max(16, CHUNK_ELEMS // (n_layers * d_t))
         return _HiddenMSEFunction.apply(student_hidden.reshape(n_layers, -1, d_s).contiguous(),
@@ -337,48 +282,11 @@ class HiddenMSELoss(nn.Module):
 
 # --- DistilBERT cosine loss ----------------------------------------------------------------------
 
-@torch.library.custom_op("kdfast::cosine_loss_triton", mutates_args=())
-def _cosine_op(s: Tensor, t: Tensor, w: Tensor, eps: float, need_grad: bool) -> tuple[Tensor, Tensor]:
-    from kdfast.kernels.triton.hidden import cosine_triton
-
-    return cosine_triton(s, t, w, eps, need_grad)
-
-
-@_cosine_op.register_fake
-def _(s, t, w, eps, need_grad):
-    rows = s.new_empty(s.shape[0], dtype=torch.float32)
-    return rows, (torch.empty_like(s) if need_grad else s.new_empty(0))
-
-
-def cosine_fwd_bwd_torch(s: Tensor, t: Tensor, w: Tensor, eps: float, need_grad: bool) -> tuple[Tensor, Tensor]:
-    """The cosine row contract in eager torch: (row losses w (1 - cos), d/ds or an empty tensor)."""
-    acc = w.dtype
-    on = w != 0
-    zero = torch.zeros((), dtype=acc, device=s.device)
-    sa = torch.where(on[:, None], s.to(acc), zero)
-    ta = torch.where(on[:, None], t.to(acc), zero)
-    norm_s = sa.norm(dim=-1)
-    ns = norm_s.clamp_min(eps)
-    nt = ta.norm(dim=-1).clamp_min(eps)
-    cos = (sa * ta).sum(-1) / (ns * nt)
-    rows = torch.where(on, w * (1 - cos), zero)
-    if not need_grad:
-        return rows, s.new_empty(0)
-    radial = torch.where(norm_s > eps, cos / (ns * ns), zero)
-    g = -w[:, None] * (ta / (ns * nt)[:, None] - radial[:, None] * sa)
-    return rows, g.to(s.dtype)
-
-
 class _CosineFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, t, w, eps, backend, grad_enabled):
         need_grad = grad_enabled and bool(ctx.needs_input_grad[0])
-        if backend == "triton":
-            rows, g = _cosine_op(s, t, w, eps, need_grad)
-        elif backend == "cpu":
-            rows, g = torch.ops.kdfast.cosine_fwd_bwd(s, t, w, eps, need_grad)
-        else:
-            rows, g = cosine_fwd_bwd_torch(s, t, w, eps, need_grad)
+        rows, g = registry.impls("cosine_rows")[backend].fn(s, t, w, eps, need_grad)
         ctx.save_for_backward(g)
         return rows.to(w.dtype).sum()
 
@@ -425,14 +333,9 @@ def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | N
     if not eps > 0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
     dev = student_hidden.device
-    acc = _acc_dtype(student_hidden.dtype)
-    w = _token_weights(mask, student_hidden.shape[:-1], dev, acc)
-    name = _backend.resolve_for_loss(backend, dev, "cosine_loss", compiled=("cpu",))
-    if name == "triton":
-        from kdfast.kernels.triton.hidden import MAX_COSINE_WIDTH
-
-        if student_hidden.shape[-1] > MAX_COSINE_WIDTH or acc == torch.float64:
-            name = "torch"  # a row must fit the kernel's registers; float64 stays exact in torch
+    acc = acc_dtype(student_hidden.dtype)
+    w = mask_row_weights(mask, student_hidden.shape[:-1], dev, acc)
+    name = _row_kernel("cosine_rows", backend, dev, student_hidden.dtype, "cosine_loss")
     return _CosineFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), w, eps, name,
                                  torch.is_grad_enabled())
 
@@ -474,9 +377,10 @@ def feature_map_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tenso
         beta_mean / beta_var, backend.
     """
     _check_states(student_hidden, teacher_hidden, same_width=True)
-    if backend not in ("auto", "torch"):
-        _backend.resolve(backend, student_hidden.device)  # unknown names raise the usual message
-        raise ValueError(f"backend={backend!r} has no feature_map_loss kernel; use 'torch' or 'auto'")
+    dev = student_hidden.device
+    acc = acc_dtype(student_hidden.dtype)
+    _, feature_map = registry.implementation("feature_map", backend, dev, student_hidden.dtype,
+                                             what="feature_map_loss")
     for name, v, positive in (("eps", eps, True), ("beta_mean", beta_mean, False), ("beta_var", beta_var, False)):
         try:
             fv = float(v)
@@ -484,22 +388,7 @@ def feature_map_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tenso
             raise ValueError(f"{name} must be a number, got {v!r}") from None
         if not (fv > 0 if positive else fv >= 0) or fv != fv:
             raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {v!r}")
-    dev = student_hidden.device
-    acc = _acc_dtype(student_hidden.dtype)
     d = student_hidden.shape[-1]
-    w = _token_weights(mask, student_hidden.shape[:-1], dev, acc)   # 1 / |C| on counted rows
-    on = (w != 0)[:, None]
-    zero = torch.zeros((), dtype=acc, device=dev)
-    s = torch.where(on, student_hidden.reshape(-1, d).to(acc), zero)
-    t = torch.where(on, teacher_hidden.detach().reshape(-1, d).to(acc), zero)
-    var_s, mu_s = torch.var_mean(s, dim=-1, correction=0)
-    var_t, mu_t = torch.var_mean(t, dim=-1, correction=0)
-    ns = (s - mu_s[:, None]) * torch.rsqrt(var_s[:, None] + eps)
-    nt = (t - mu_t[:, None]) * torch.rsqrt(var_t[:, None] + eps)
-    fm = (((ns - nt) ** 2).sum(-1) * w).sum() / d
-    loss = fm
-    if beta_mean:
-        loss = loss + float(beta_mean) * (((mu_s - mu_t) ** 2) * w).sum()
-    if beta_var:
-        loss = loss + float(beta_var) * ((var_s - var_t).abs() * w).sum()
-    return loss
+    w = mask_row_weights(mask, student_hidden.shape[:-1], dev, acc)   # 1 / |C| on counted rows
+    return feature_map(student_hidden.reshape(-1, d), teacher_hidden.detach().reshape(-1, d), w, float(eps),
+                       float(beta_mean), float(beta_var))

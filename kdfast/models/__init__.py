@@ -9,7 +9,7 @@ from .mobilebert import (
     bias_residual_layernorm,
     bias_residual_nonorm,
     mobilebert_config,
-    register_kernel,
+    set_kernel_backend,
     stacked_ffn,
 )
 from .fused import disable_fused_kernels, enable_fused_kernels
@@ -26,7 +26,7 @@ __all__ = [
     "distilbert_from_teacher",
     "enable_fused_kernels",
     "mobilebert_config",
-    "register_kernel",
+    "set_kernel_backend",
     "stacked_ffn",
     "tinybert",
     "tinybert_config",

@@ -1,7 +1,8 @@
 """Fused MobileBERT kernels: bias + residual + NoNorm, and the stacked FFN chain.
 
-:func:`enable_fused_kernels` swaps them into :mod:`kdfast.models.mobilebert` through
-``register_kernel``; :func:`disable_fused_kernels` restores the eager defaults.
+:func:`enable_fused_kernels` routes :mod:`kdfast.models.mobilebert`'s blocks to them on one backend
+(:func:`kdfast.models.mobilebert.set_kernel_backend`); :func:`disable_fused_kernels` restores the eager
+functions.
 
 * :func:`fused_bias_residual_nonorm`: ``y = (x + bias + residual) * gamma + beta`` as one kernel
   forward and one kernel backward (``dx = dresidual = dy * gamma``, ``dbias = sum dy * gamma``,
@@ -20,10 +21,11 @@ Where the time goes (CPU, batch 8, seq 128, fwd+bwd): about 80% of transformers'
 and single-thread MKL already runs these shapes at the machine's peak, so fusing the
 memory-bound remainder bounds the possible speed-up near 1.2x (see ``kdfast/bench/models.py``).
 
-Backends (:mod:`kdfast.backend`): ``cpu`` (the vectorised C++ ops ``torch.ops.kdfast.nonorm_fwd``,
-``nonorm_bwd``, ``relu_bwd_colsum``; float32/float64), ``triton`` (CUDA tensors, or CPU tensors
-under ``TRITON_INTERPRET=1``) and ``torch`` (eager formulas, any dtype). ``auto`` picks the C++ ops
-for float32/float64 CPU tensors, Triton on CUDA, eager otherwise.
+The kernels are the ops of :mod:`kdfast.ops.mobilebert_blocks` (their contract, and where each backend
+lives), and :mod:`kdfast.ops.registry` picks the backend: ``cpu`` (the vectorised C++ ops; float32/float64),
+``triton`` (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``; not float64) and ``torch`` (eager
+formulas, any dtype). ``auto`` picks the C++ ops for float32/float64 CPU tensors, Triton on CUDA, eager
+otherwise.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdfast import backend as _backend
 from kdfast.models import mobilebert as _mb
+from kdfast.ops import mobilebert_blocks as _blocks  # noqa: F401  (registers the family's ops)
+from kdfast.ops import registry
 
 __all__ = [
     "disable_fused_kernels",
@@ -46,27 +49,7 @@ __all__ = [
 ]
 
 
-# --- the three primitive ops per backend ------------------------------------------------------
-
-def _nonorm_fwd_torch(x, bias, residual, gamma, beta):
-    s = x if bias is None else x + bias
-    if residual is not None:
-        s = s + residual
-    return torch.addcmul(beta, s, gamma)
-
-
-def _nonorm_bwd_torch(dy, x, bias, residual, gamma):
-    s = x if bias is None else x + bias
-    if residual is not None:
-        s = s + residual
-    dbeta = dy.sum(0)
-    return dy * gamma, gamma * dbeta, (dy * s).sum(0), dbeta
-
-
-def _relu_bwd_colsum_torch(dh, h):
-    dh.masked_fill_(h <= 0, 0)
-    return dh.sum(0)
-
+# --- the three ops of kdfast.ops.mobilebert_blocks, on one backend -----------------------------
 
 class _Ops(NamedTuple):
     nonorm_fwd: Callable
@@ -74,42 +57,10 @@ class _Ops(NamedTuple):
     relu_bwd_colsum: Callable
 
 
-def _ops(backend: str) -> _Ops:
-    if backend == "cpu":
-        k = torch.ops.kdfast
-        return _Ops(k.nonorm_fwd, k.nonorm_bwd, k.relu_bwd_colsum)
-    if backend == "triton":
-        from kdfast.kernels.triton import nonorm as t
-
-        return _Ops(t.nonorm_fwd_triton, t.nonorm_bwd_triton, t.relu_bwd_colsum_triton)
-    return _Ops(_nonorm_fwd_torch, _nonorm_bwd_torch, _relu_bwd_colsum_torch)
-
-
-if _backend._extension()[0] is not None:
-    # shapes for torch.compile / meta tensors
-
-    @torch.library.register_fake("kdfast::nonorm_fwd")
-    def _nonorm_fwd_fake(x, bias, residual, gamma, beta):
-        return x.new_empty(x.shape)
-
-    @torch.library.register_fake("kdfast::nonorm_bwd")
-    def _nonorm_bwd_fake(dy, x, bias, residual, gamma):
-        d = x.shape[1]
-        return x.new_empty(x.shape), x.new_empty(d), x.new_empty(d), x.new_empty(d)
-
-    @torch.library.register_fake("kdfast::relu_bwd_colsum")
-    def _relu_bwd_colsum_fake(dh, h):
-        return dh.new_empty(dh.shape[1])
-
-
-def _resolve(backend: str, x: Tensor) -> str:
-    """``backend`` for tensors like ``x``; the C++ ops take float32/float64 only."""
-    name = _backend.resolve(backend, x.device, has_cuda_kernel=False)
-    if name == "cpu" and x.dtype not in (torch.float32, torch.float64):
-        if backend == "cpu":
-            raise ValueError(f"backend='cpu' supports float32 and float64 tensors, got x of dtype {x.dtype}")
-        name = "torch"
-    return name
+def _ops(backend: str, x: Tensor, what: str) -> _Ops:
+    """The registry's implementations of the three ops for tensors like ``x`` (``what``: the public name
+    named by the errors of an explicit ``backend`` that cannot run them)."""
+    return _Ops(*(registry.implementation(op, backend, x.device, x.dtype, what=what)[1] for op in _Ops._fields))
 
 
 def _rows(t: Tensor, d: int) -> Tensor:
@@ -121,19 +72,18 @@ def _rows(t: Tensor, d: int) -> Tensor:
 
 class _BiasResidualNoNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, bias, residual, gamma, beta, backend):
+    def forward(ctx, x, bias, residual, gamma, beta, ops):
         d = x.shape[-1]
         x2, r2 = _rows(x, d), (None if residual is None else _rows(residual, d))
-        ops = _ops(backend)
         y = ops.nonorm_fwd(x2, bias, r2, gamma, beta)
         ctx.save_for_backward(x2, bias, r2, gamma)
-        ctx.backend, ctx.shape = backend, x.shape
+        ctx.ops, ctx.shape = ops, x.shape
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
         x2, bias, r2, gamma = ctx.saved_tensors
-        dx, db, dgamma, dbeta = _ops(ctx.backend).nonorm_bwd(_rows(dy, x2.shape[1]), x2, bias, r2, gamma)
+        dx, db, dgamma, dbeta = ctx.ops.nonorm_bwd(_rows(dy, x2.shape[1]), x2, bias, r2, gamma)
         dx = dx.view(ctx.shape)
         return (dx, db if bias is not None else None, dx if r2 is not None else None, dgamma, dbeta, None)
 
@@ -178,7 +128,8 @@ def fused_bias_residual_nonorm(x: Tensor, bias: Tensor | None, residual: Tensor 
         ValueError naming the argument: wrong shape, dtype or device; a backend that cannot run here.
     """
     _check_epilogue_args(x, bias, residual, gamma, beta)
-    return _BiasResidualNoNorm.apply(x, bias, residual, gamma, beta, _resolve(backend, x))
+    return _BiasResidualNoNorm.apply(x, bias, residual, gamma, beta,
+                                     _ops(backend, x, "fused_bias_residual_nonorm"))
 
 
 # --- the stacked FFN chain --------------------------------------------------------------------
@@ -190,8 +141,7 @@ class _StackedFFN(torch.autograd.Function):
     """``x <- NoNorm(relu(x W_in^T + b_in) W_out^T + b_out + x)`` for each FFN, on 2-D rows."""
 
     @staticmethod
-    def forward(ctx, x, backend, *params):
-        ops = _ops(backend)
+    def forward(ctx, x, ops, *params):
         saved = []
         cur = x
         for i in range(0, len(params), _PER_FFN):
@@ -202,12 +152,12 @@ class _StackedFFN(torch.autograd.Function):
             saved += [cur, h, y]
             cur = nxt
         ctx.save_for_backward(*saved, *params)
-        ctx.backend, ctx.n = backend, len(params) // _PER_FFN
+        ctx.ops, ctx.n = ops, len(params) // _PER_FFN
         return cur
 
     @staticmethod
     def backward(ctx, dout):
-        ops = _ops(ctx.backend)
+        ops = ctx.ops
         tensors = ctx.saved_tensors
         acts, params = tensors[:3 * ctx.n], tensors[3 * ctx.n:]
         grads = [None] * len(params)
@@ -254,12 +204,12 @@ def fused_stacked_ffn(x: Tensor, ffns: Sequence[_mb.FFNParams], activation: Call
         if p.w_in.shape[1] != d or p.w_out.shape != (d, p.w_in.shape[0]) or p.gamma.shape != (d,):
             raise ValueError(f"ffns[{i}] does not map width {d} to {d}: w_in {tuple(p.w_in.shape)}, "
                              f"w_out {tuple(p.w_out.shape)}, gamma {tuple(p.gamma.shape)}")
-    name = _resolve(backend, x)
+    ops = _ops(backend, x, "fused_stacked_ffn")
     if (normalization_type != "no_norm" or not _is_relu(activation) or (dropout_last > 0.0 and training)
             or any(p.b_in is None or p.b_out is None or p.w_in.dtype != x.dtype for p in ffns)):
         return _mb.stacked_ffn(x, ffns, activation, normalization_type, dropout_last, training)
     params = [t for p in ffns for t in (p.w_in, p.b_in, p.w_out, p.b_out, p.gamma, p.beta)]
-    out = _StackedFFN.apply(x.reshape(-1, d).contiguous(), name, *params)
+    out = _StackedFFN.apply(x.reshape(-1, d).contiguous(), ops, *params)
     return out.view(x.shape)
 
 
@@ -274,9 +224,8 @@ class _AttentionInputs(torch.autograd.Function):
     gradient additions for ``hidden`` or the shared bottleneck."""
 
     @staticmethod
-    def forward(ctx, hidden, backend, w_bi, b_bi, g_bi, be_bi, w_ba, b_ba, g_ba, be_ba, w_v, b_v, w_q, b_q, w_k,
+    def forward(ctx, hidden, ops, w_bi, b_bi, g_bi, be_bi, w_ba, b_ba, g_ba, be_ba, w_v, b_v, w_q, b_q, w_k,
                 b_k):
-        ops = _ops(backend)
         t = w_bi.shape[0]
         w1 = torch.cat([w_bi, w_ba, w_v])
         y1 = torch.addmm(torch.cat([b_bi, b_ba, b_v]), hidden, w1.t())
@@ -285,7 +234,7 @@ class _AttentionInputs(torch.autograd.Function):
         w2 = torch.cat([w_q, w_k])
         y2 = torch.addmm(torch.cat([b_q, b_k]), a[:, t:], w2.t())
         ctx.save_for_backward(hidden, y1, a, w1, w2, gamma)
-        ctx.backend, ctx.t, ctx.tq = backend, t, w_q.shape[0]
+        ctx.ops, ctx.t, ctx.tq = ops, t, w_q.shape[0]
         return a[:, :t], y2[:, :ctx.tq], y2[:, ctx.tq:], y1[:, 2 * t:]
 
     @staticmethod
@@ -298,7 +247,7 @@ class _AttentionInputs(torch.autograd.Function):
         d_w2 = torch.mm(d_y2.t(), a[:, t:])
         d_b2 = d_y2.sum(0)
         d_a = torch.cat([zeros(t) if d_li is None else d_li, torch.mm(d_y2, w2)], dim=1)
-        d_s, d_bs, d_gamma, d_beta = _ops(ctx.backend).nonorm_bwd(d_a, y1[:, :2 * t], None, None, gamma)
+        d_s, d_bs, d_gamma, d_beta = ctx.ops.nonorm_bwd(d_a, y1[:, :2 * t], None, None, gamma)
         d_v = zeros(y1.shape[1] - 2 * t) if d_v is None else d_v
         d_y1 = torch.cat([d_s, d_v], dim=1)
         d_w1 = torch.mm(d_y1.t(), hidden)
@@ -336,11 +285,11 @@ def fused_attention_inputs(layer: nn.Module, hidden: Tensor, *, backend: str = "
     if hidden.shape[-1] != w_v.shape[1] or hidden.dtype != w_v.dtype or hidden.device != w_v.device:
         raise ValueError(f"hidden must be [B, L, {w_v.shape[1]}] of dtype {w_v.dtype} on {w_v.device}, got "
                          f"{tuple(hidden.shape)} of dtype {hidden.dtype} on {hidden.device}")
-    name = _resolve(backend, hidden)
+    ops = _ops(backend, hidden, "fused_attention_inputs")
     bi, ba = layer.bottleneck.input, layer.bottleneck.attention
     b, l, h = hidden.shape
     outs = _AttentionInputs.apply(
-        hidden.reshape(b * l, h).contiguous(), name,
+        hidden.reshape(b * l, h).contiguous(), ops,
         bi.dense.weight, bi.dense.bias, bi.LayerNorm.weight, bi.LayerNorm.bias,
         ba.dense.weight, ba.dense.bias, ba.LayerNorm.weight, ba.LayerNorm.bias,
         w_v, sa.value.bias, sa.query.weight, sa.query.bias, sa.key.weight, sa.key.bias)
@@ -350,28 +299,12 @@ def fused_attention_inputs(layer: nn.Module, hidden: Tensor, *, backend: str = "
 # --- switching ----------------------------------------------------------------------------------
 
 def enable_fused_kernels(backend: str = "auto") -> None:
-    """Route MobileBERT's ``attention_inputs``, ``bias_residual_nonorm`` and ``stacked_ffn`` to the fused
-    kernels of ``backend``
-    (``auto`` picks per tensor at call time). Raises ValueError for an unknown backend."""
-    if backend not in _backend.BACKENDS:
-        raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
-
-    def nonorm(x, bias, residual, gamma, beta):
-        return fused_bias_residual_nonorm(x, bias, residual, gamma, beta, backend=backend)
-
-    def ffn(x, ffns, activation, normalization_type, dropout_last=0.0, training=False):
-        return fused_stacked_ffn(x, ffns, activation, normalization_type, dropout_last, training, backend=backend)
-
-    def inputs(layer, hidden):
-        return fused_attention_inputs(layer, hidden, backend=backend)
-
-    _mb.register_kernel("attention_inputs", inputs)
-    _mb.register_kernel("bias_residual_nonorm", nonorm)
-    _mb.register_kernel("stacked_ffn", ffn)
+    """Route MobileBERT's ``attention_inputs``, bias + residual + NoNorm epilogues and ``stacked_ffn`` to the
+    fused kernels of ``backend`` (``auto`` picks per tensor at call time):
+    ``kdfast.models.mobilebert.set_kernel_backend(backend)``. Raises ValueError for an unknown backend."""
+    _mb.set_kernel_backend(backend)
 
 
 def disable_fused_kernels() -> None:
     """Restore the eager ``attention_inputs``, ``bias_residual_nonorm`` and ``stacked_ffn``."""
-    _mb.register_kernel("attention_inputs", None)
-    _mb.register_kernel("bias_residual_nonorm", None)
-    _mb.register_kernel("stacked_ffn", None)
+    _mb.set_kernel_backend(None)

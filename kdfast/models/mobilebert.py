@@ -13,9 +13,10 @@ Why a separate implementation:
   ``torch.nn.functional.scaled_dot_product_attention``. Only ``"scores"`` / ``"attentions"`` (which are
   ``L x L`` per head by definition) switch a layer to the explicit ``softmax(q k^T)`` path.
   Captured tensors stay in the autograd graph, so losses on them train the model.
-* **Swappable memory-bound steps.** "bias + residual + NoNorm" (and its LayerNorm twin) and the stacked
-  FFN chain are small named functions looked up through :func:`get_kernel` at call time;
-  :func:`register_kernel` swaps in a fused implementation (Triton/CUDA) without touching the modules.
+* **Fusable memory-bound steps.** The attention inputs, "bias + residual + NoNorm" and the stacked FFN
+  chain are small functions here (transformers' arithmetic); :func:`set_kernel_backend` (or
+  :func:`kdfast.models.enable_fused_kernels`) runs them on the fused kernels of :mod:`kdfast.models.fused`
+  instead, on one backend of :mod:`kdfast.ops.mobilebert_blocks` chosen by the op registry.
 
 Precision: run in **bf16 on GPU** (autocast or ``model.to(torch.bfloat16)``). fp16 is known to overflow
 in MobileBERT: NoNorm (``x * gamma + beta``) does not renormalise, so activations in the 24-layer
@@ -55,9 +56,9 @@ __all__ = [
     "NoNorm",
     "bias_residual_layernorm",
     "bias_residual_nonorm",
-    "get_kernel",
+    "kernel_backend",
     "mobilebert_config",
-    "register_kernel",
+    "set_kernel_backend",
     "stacked_ffn",
 ]
 
@@ -65,8 +66,32 @@ CAPTURE_KINDS = frozenset({"hidden", "scores", "attentions", "qk"})
 
 
 # --------------------------------------------------------------------------------------------------
-# Swappable elementwise / chain ops
+# The fusable elementwise / chain steps
 # --------------------------------------------------------------------------------------------------
+
+# None: the eager functions below (transformers' arithmetic, bit for bit); a backend name: the fused
+# functions of kdfast.models.fused on that backend ("auto" resolved per call by kdfast.ops.registry).
+_kernel_backend: str | None = None
+
+
+def set_kernel_backend(backend: str | None) -> str | None:
+    """Run the blocks' attention inputs, bias + residual + NoNorm epilogues and stacked FFNs on the fused
+    kernels of ``backend`` (``"auto" | "triton" | "cpu" | "torch"``; ``"cuda"`` has none and raises when
+    a block runs), or on this module's eager functions (``None``, the default). Returns the previous
+    setting, so that callers can restore it. Raises ValueError naming ``backend`` for an unknown name."""
+    global _kernel_backend
+    if backend is not None:
+        from kdfast.backend import BACKENDS
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    previous, _kernel_backend = _kernel_backend, backend
+    return previous
+
+
+def kernel_backend() -> str | None:
+    """The backend set by :func:`set_kernel_backend` (``None``: eager)."""
+    return _kernel_backend
 
 
 def bias_residual_nonorm(x, bias, residual, gamma, beta):
@@ -105,9 +130,9 @@ def stacked_ffn(x, ffns: Sequence[FFNParams], activation: Callable, normalizatio
 
     ``dropout_last`` is applied to the last FFN's output before the residual (transformers does this only
     when ``use_bottleneck=False``). The whole chain at width ``intra_bottleneck_size`` (128) is small enough
-    to keep on chip; a fused kernel can replace this function via ``register_kernel("stacked_ffn", fn)``.
+    to keep on chip; :func:`kdfast.models.fused.fused_stacked_ffn` runs it as one fused node (see
+    :func:`set_kernel_backend`). The NoNorm epilogues here follow :func:`set_kernel_backend` too.
     """
-    epilogue = get_kernel("bias_residual_nonorm" if normalization_type == "no_norm" else "bias_residual_layernorm")
     n = len(ffns)
     for i, p in enumerate(ffns):
         h = activation(F.linear(x, p.w_in, p.b_in))
@@ -117,9 +142,9 @@ def stacked_ffn(x, ffns: Sequence[FFNParams], activation: Callable, normalizatio
             y = F.dropout(y + bias, dropout_last, True)
             bias = None
         if normalization_type == "no_norm":
-            x = epilogue(y, bias, x, p.gamma, p.beta)
+            x = _nonorm_epilogue(y, bias, x, p.gamma, p.beta)
         else:
-            x = epilogue(y, bias, x, p.gamma, p.beta, p.eps)
+            x = bias_residual_layernorm(y, bias, x, p.gamma, p.beta, p.eps)
     return x
 
 
@@ -130,8 +155,8 @@ def attention_inputs(layer, hidden):
     ``[B, L, H*dh]`` the query/key/value projections (``q = q_in W_q^T + b_q`` etc., with ``q_in = k_in``
     the attention bottleneck ``NoNorm(hidden W_ba^T + b_ba)`` under ``key_query_shared_bottleneck``).
 
-    Every GEMM here reads ``hidden`` (or one bottleneck of it); a fused kernel can group them into fewer,
-    larger GEMMs via ``register_kernel("attention_inputs", fn)``.
+    Every GEMM here reads ``hidden`` (or one bottleneck of it); :func:`kdfast.models.fused.fused_attention_inputs`
+    groups them into fewer, larger GEMMs (see :func:`set_kernel_backend`).
     """
     if layer.use_bottleneck:
         layer_input = layer.bottleneck.input(hidden)
@@ -148,28 +173,25 @@ def attention_inputs(layer, hidden):
     return layer_input, sa.query(q_in), sa.key(k_in), sa.value(v_in)
 
 
-_DEFAULT_KERNELS = {
-    "attention_inputs": attention_inputs,
-    "bias_residual_nonorm": bias_residual_nonorm,
-    "bias_residual_layernorm": bias_residual_layernorm,
-    "stacked_ffn": stacked_ffn,
-}
-_KERNELS = dict(_DEFAULT_KERNELS)
+def _nonorm_epilogue(x, bias, residual, gamma, beta):
+    """:func:`bias_residual_nonorm`, fused on the backend set by :func:`set_kernel_backend`."""
+    if _kernel_backend is None:
+        return bias_residual_nonorm(x, bias, residual, gamma, beta)
+    from kdfast.models.fused import fused_bias_residual_nonorm
+
+    return fused_bias_residual_nonorm(x, bias, residual, gamma, beta, backend=_kernel_backend)
 
 
-def register_kernel(name: str, fn: Callable | None) -> Callable:
-    """Replace the implementation of ``name`` (one of ``attention_inputs``, ``bias_residual_nonorm``,
-    ``bias_residual_layernorm``, ``stacked_ffn``) with ``fn`` (same signature); ``fn=None`` restores the eager default. Returns the
-    previous implementation so callers can restore it."""
-    if name not in _DEFAULT_KERNELS:
-        raise ValueError(f"name must be one of {sorted(_DEFAULT_KERNELS)}, got {name!r}")
-    previous = _KERNELS[name]
-    _KERNELS[name] = _DEFAULT_KERNELS[name] if fn is None else fn
-    return previous
+def _block_steps() -> tuple[Callable, Callable]:
+    """``(attention_inputs, stacked_ffn)``: this module's eager functions, or the fused ones on the backend
+    set by :func:`set_kernel_backend`."""
+    if _kernel_backend is None:
+        return attention_inputs, stacked_ffn
+    from kdfast.models import fused
 
-
-def get_kernel(name: str) -> Callable:
-    return _KERNELS[name]
+    backend = _kernel_backend
+    return (lambda layer, hidden: fused.fused_attention_inputs(layer, hidden, backend=backend),
+            lambda *args, **kwargs: fused.fused_stacked_ffn(*args, **kwargs, backend=backend))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -247,10 +269,10 @@ def _norm(kind: str, size: int, eps: float | None) -> nn.Module:
 
 
 def residual_norm(y, bias, residual, norm: nn.Module):
-    """Dispatch ``norm(y + bias + residual)`` to the registered epilogue kernel."""
+    """``norm(y + bias + residual)``; NoNorm on the kernel backend of :func:`set_kernel_backend`."""
     if isinstance(norm, NoNorm):
-        return get_kernel("bias_residual_nonorm")(y, bias, residual, norm.weight, norm.bias)
-    return get_kernel("bias_residual_layernorm")(y, bias, residual, norm.weight, norm.bias, norm.eps)
+        return _nonorm_epilogue(y, bias, residual, norm.weight, norm.bias)
+    return bias_residual_layernorm(y, bias, residual, norm.weight, norm.bias, norm.eps)
 
 
 class DenseResidualNorm(nn.Module):
@@ -444,10 +466,11 @@ class MobileBertLayer(nn.Module):
         return out
 
     def forward(self, hidden, mask=None, want_maps=False, want_qk=False):
-        layer_input, q, k, v = get_kernel("attention_inputs")(self, hidden)
+        inputs, ffn_chain = _block_steps()
+        layer_input, q, k, v = inputs(self, hidden)
         ctx, captured = self.attention.self.attend(q, k, v, mask, want_maps, want_qk)
         x = self.attention.output(ctx, layer_input)
-        x = get_kernel("stacked_ffn")(
+        x = ffn_chain(
             x, self.ffn_params(), self.act, self.normalization_type,
             dropout_last=0.0 if self.use_bottleneck else self.hidden_dropout_prob, training=self.training,
         )

@@ -1,12 +1,9 @@
 """Fused MobileBERT kernels against the eager functions they replace, and end to end against transformers."""
 
-import os
-
 import pytest
 import torch
 from transformers import MobileBertModel
 
-import kdfast
 from kdfast.models import mobilebert as mb
 from kdfast.models.fused import (
     disable_fused_kernels,
@@ -15,9 +12,11 @@ from kdfast.models.fused import (
     fused_stacked_ffn,
 )
 from kdfast.models.mobilebert import FFNParams, KDMobileBert, mobilebert_config
+from tests.helpers import backends_of
 
-BACKENDS = [b for b in ("cpu", "triton", "torch") if kdfast.backends()[b].available
-            and (b != "triton" or os.environ.get("TRITON_INTERPRET") == "1")]
+# every registered backend of the family that runs here (the three ops have the same backends)
+BACKENDS = backends_of("nonorm_fwd")
+assert BACKENDS == backends_of("nonorm_bwd") == backends_of("relu_bwd_colsum")
 VOCAB = 97
 
 
@@ -87,6 +86,22 @@ def test_cpu_epilogue_rejects_half_explicitly_and_auto_falls_back():
         fused_bias_residual_nonorm(x, b, r, g, beta, backend="cpu")
     ref = ((x.float() + b.float() + r.float()) * g.float() + beta.float())
     torch.testing.assert_close(fused_bias_residual_nonorm(x, b, r, g, beta).float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="kdfast._C not built")
+def test_cpu_ops_name_the_bad_argument_with_a_value_error():
+    """The C++ ops check their arguments too (ValueError from C++), for callers that bypass the Python checks."""
+    x, r, v = torch.randn(5, 6), torch.randn(5, 6), torch.randn(6)
+    k = torch.ops.kdfast
+    for call, match in [(lambda: k.nonorm_fwd(x, v, r, v[:5], v), "gamma must be contiguous"),
+                        (lambda: k.nonorm_fwd(x, v, r[:4], v, v), "residual must have shape"),
+                        (lambda: k.nonorm_fwd(x.half(), None, None, v.half(), v.half()), "float32 or float64"),
+                        (lambda: k.nonorm_bwd(x[:, :5], x, v, r, v), "dy must have shape"),
+                        (lambda: k.nonorm_bwd(x, x, v.double(), r, v), "bias must have dtype"),
+                        (lambda: k.relu_bwd_colsum(x, r[:, :5]), "h must have shape"),
+                        (lambda: k.relu_bwd_colsum(x.t(), r), "dh must be contiguous")]:
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
 def _ffns(n, d, inner, dtype):
@@ -160,7 +175,7 @@ def test_fused_model_matches_transformers_outputs_and_gradients(name, fused, ran
     hf.set_attn_implementation("eager")
     hf.eval()
     mine = KDMobileBert.from_transformers(hf).eval()
-    assert mb.get_kernel("stacked_ffn") is not mb.stacked_ffn
+    assert mb.kernel_backend() == fused
     ids, mask, tt = batch(VOCAB)
     ref = hf(ids, attention_mask=mask, token_type_ids=tt)
     out = mine(ids, attention_mask=mask, token_type_ids=tt)
@@ -183,11 +198,11 @@ def test_fused_model_matches_transformers_outputs_and_gradients(name, fused, ran
 def test_enable_rejects_unknown_backend_and_disable_restores():
     with pytest.raises(ValueError, match="backend"):
         enable_fused_kernels("tpu")
+    assert mb.kernel_backend() is None
     enable_fused_kernels("torch")
-    assert mb.get_kernel("bias_residual_nonorm") is not mb.bias_residual_nonorm
+    assert mb.kernel_backend() == "torch"
     disable_fused_kernels()
-    assert mb.get_kernel("bias_residual_nonorm") is mb.bias_residual_nonorm
-    assert mb.get_kernel("stacked_ffn") is mb.stacked_ffn
+    assert mb.kernel_backend() is None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

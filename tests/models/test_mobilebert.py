@@ -4,7 +4,8 @@ import torch.nn.functional as F
 from transformers import MobileBertConfig, MobileBertForMaskedLM, MobileBertModel
 
 from kdfast.models import mobilebert as mb
-from kdfast.models.mobilebert import KDMobileBert, KDMobileBertForMaskedLM, mobilebert_config, register_kernel
+from kdfast.models import fused
+from kdfast.models.mobilebert import KDMobileBert, KDMobileBertForMaskedLM, mobilebert_config, set_kernel_backend
 
 # "no-trigram-equal-width" has a 0-row MLM block (hidden_size == embedding_size); torch warns when initialising it
 pytestmark = pytest.mark.filterwarnings("ignore:Initializing zero-element tensors:UserWarning")
@@ -223,7 +224,7 @@ def test_capture_validation():
         mine(torch.ones(1, 4, dtype=torch.long), capture=("hidden", "logits"))
 
 
-def test_registered_kernels_are_used_and_restorable(batch):
+def test_kernel_backend_routes_every_block_and_is_restorable(batch, monkeypatch):
     cfg = CONFIGS["mobilebert"]()
     mine = KDMobileBert(cfg).eval()
     ids, mask, _ = batch(VOCAB)
@@ -240,20 +241,23 @@ def test_registered_kernels_are_used_and_restorable(batch):
         assert len(ffns) == cfg.num_feedforward_networks
         return mb.stacked_ffn(x, ffns, *args, **kwargs)
 
-    prev = (register_kernel("bias_residual_nonorm", nonorm), register_kernel("stacked_ffn", ffn))
+    # the fused functions the blocks call once a backend is set, replaced by counting eager ones
+    monkeypatch.setattr(fused, "fused_bias_residual_nonorm", lambda *args, backend: nonorm(*args))
+    monkeypatch.setattr(fused, "fused_stacked_ffn", lambda *args, backend, **kwargs: ffn(*args, **kwargs))
+    prev = set_kernel_backend("torch")
     try:
+        assert mb.kernel_backend() == "torch"
         with torch.no_grad():
             after = mine(ids, attention_mask=mask).last_hidden_state
     finally:
-        register_kernel("bias_residual_nonorm", None)
-        register_kernel("stacked_ffn", None)
-    assert prev == (mb.bias_residual_nonorm, mb.stacked_ffn)
-    assert mb.get_kernel("stacked_ffn") is mb.stacked_ffn
+        assert set_kernel_backend(None) == "torch"
+    assert prev is None and mb.kernel_backend() is None
     torch.testing.assert_close(after, before, rtol=0, atol=0)
     # per layer: attention output, 4 FFNs and the output bottleneck go through the epilogue
     assert counts == {"nonorm": cfg.num_hidden_layers * (2 + cfg.num_feedforward_networks), "ffn": cfg.num_hidden_layers}
-    with pytest.raises(ValueError, match="name"):
-        register_kernel("softmax", nonorm)
+    with pytest.raises(ValueError, match="backend"):
+        set_kernel_backend("softmax")
+    assert mb.kernel_backend() is None
 
 
 def test_fused_epilogue_functions_match_their_definition():

@@ -1,3 +1,4 @@
+// Kernel family mobilebert_blocks (contract: kdfast/ops/mobilebert_blocks/__init__.py), the cpu backend.
 // MobileBERT's memory-bound epilogue on the CPU: bias + residual + NoNorm, forward and backward
 // in one pass each, and ReLU backward fused with its bias gradient. at::vec over a row,
 // at::parallel_for over rows.
@@ -9,10 +10,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
 
 #include <vector>
 
-#include "nonorm_cpu.h"
+#include "cpu.h"
 
 namespace kdfast {
 namespace {
@@ -20,27 +22,27 @@ namespace {
 constexpr int64_t kChunkRows = 64;
 
 void check_rows(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 2 && t.sizes() == like.sizes(), op, ": ", name, " must have shape ", like.sizes(),
-              ", got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type(),
-              ", got ", t.scalar_type());
-  TORCH_CHECK(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name, " must have unit column stride");
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.sizes() == like.sizes(), op, ": ", name, " must have shape ", like.sizes(),
+                    ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type(),
+                    ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.size(1) <= 1 || t.stride(1) == 1, op, ": ", name, " must have unit column stride");
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
 }
 
 void check_vec(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
-  TORCH_CHECK(t.dim() == 1 && t.size(0) == like.size(1) && t.is_contiguous(), op, ": ", name,
-              " must be contiguous [", like.size(1), "], got ", t.sizes());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == like.size(1) && t.is_contiguous(), op, ": ", name,
+                    " must be contiguous [", like.size(1), "], got ", t.sizes());
+  TORCH_CHECK_VALUE(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have dtype ", like.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor");
 }
 
 void check_inputs(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                  const std::optional<at::Tensor>& residual, const at::Tensor& gamma) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [rows, width], got ", x.sizes());
+                        const std::optional<at::Tensor>& residual, const at::Tensor& gamma) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D [rows, width], got ", x.sizes());
   check_rows(op, "x", x, x);
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
-              ": float32 or float64 only, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+                    ": float32 or float64 only, got ", x.scalar_type());
   if (bias) check_vec(op, "bias", *bias, x);
   if (residual) check_rows(op, "residual", *residual, x);
   check_vec(op, "gamma", gamma, x);
@@ -79,7 +81,7 @@ void dispatch_br(bool has_b, bool has_r, Fn&& fn) {
 
 template <typename scalar_t>
 void fwd_kernel(const at::Tensor& x, const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& out) {
+                      const at::Tensor& gamma, const at::Tensor& beta, at::Tensor& out) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t N = x.size(0), D = x.size(1);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -131,9 +133,9 @@ at::Tensor chunked_colsums(int64_t N, int64_t D, int64_t n_acc, const at::Tensor
 
 template <typename scalar_t>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(const at::Tensor& dy, const at::Tensor& x,
-                                                          const std::optional<at::Tensor>& bias,
-                                                          const std::optional<at::Tensor>& residual,
-                                                          const at::Tensor& gamma) {
+                                                                const std::optional<at::Tensor>& bias,
+                                                                const std::optional<at::Tensor>& residual,
+                                                                const at::Tensor& gamma) {
   using Vec = at::vec::Vectorized<scalar_t>;
   const int64_t N = x.size(0), D = x.size(1);
   at::Tensor dx = at::empty({N, D}, x.options());
@@ -156,15 +158,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(const at::Tensor& dy, 
         for_row<scalar_t, HB, HR>(
             xp + i * xs, bp, rp + i * rs, D,
             [&](int64_t j, const Vec& s) {
-              const Vec dv = Vec::loadu(d + j);
-              (dv * Vec::loadu(gp + j)).store(o + j);
-              at::vec::fmadd(dv, s, Vec::loadu(dg + j)).store(dg + j);
-              (Vec::loadu(dbeta + j) + dv).store(dbeta + j);
+                    const Vec dv = Vec::loadu(d + j);
+                    (dv * Vec::loadu(gp + j)).store(o + j);
+                    at::vec::fmadd(dv, s, Vec::loadu(dg + j)).store(dg + j);
+                    (Vec::loadu(dbeta + j) + dv).store(dbeta + j);
             },
             [&](int64_t j, scalar_t s) {
-              o[j] = d[j] * gp[j];
-              dg[j] += d[j] * s;
-              dbeta[j] += d[j];
+                    o[j] = d[j] * gp[j];
+                    dg[j] += d[j] * s;
+                    dbeta[j] += d[j];
             });
       }
     });
@@ -175,12 +177,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_kernel(const at::Tensor& dy, 
 }  // namespace
 
 at::Tensor nonorm_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias,
-                          const std::optional<at::Tensor>& residual, const at::Tensor& gamma, const at::Tensor& beta) {
+                                const std::optional<at::Tensor>& residual, const at::Tensor& gamma, const at::Tensor& beta) {
   check_inputs("nonorm_fwd", x, bias, residual, gamma);
   check_vec("nonorm_fwd", "beta", beta, x);
   at::Tensor out = at::empty(x.sizes(), x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nonorm_fwd_cpu",
-                             [&] { fwd_kernel<scalar_t>(x, bias, residual, gamma, beta, out); });
+                                   [&] { fwd_kernel<scalar_t>(x, bias, residual, gamma, beta, out); });
   return out;
 }
 
@@ -191,17 +193,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> nonorm_bwd_cpu(
   check_rows("nonorm_bwd", "dy", dy, x);
   std::tuple<at::Tensor, at::Tensor, at::Tensor> r;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "nonorm_bwd_cpu",
-                             [&] { r = bwd_kernel<scalar_t>(dy, x, bias, residual, gamma); });
+                                   [&] { r = bwd_kernel<scalar_t>(dy, x, bias, residual, gamma); });
   auto& [dx, dgamma, dbeta] = r;
   // sum_rows(dy * gamma) == gamma * sum_rows(dy): no third accumulator needed.
   return {dx, gamma * dbeta, dgamma, dbeta};
 }
 
 at::Tensor relu_bwd_colsum_cpu(at::Tensor& dh, const at::Tensor& h) {
-  TORCH_CHECK(dh.dim() == 2 && dh.is_contiguous(), "relu_bwd_colsum: dh must be contiguous 2-D, got ", dh.sizes());
+  TORCH_CHECK_VALUE(dh.dim() == 2 && dh.is_contiguous(), "relu_bwd_colsum: dh must be contiguous 2-D, got ",
+                    dh.sizes());
   check_rows("relu_bwd_colsum", "h", h, dh);
-  TORCH_CHECK(dh.scalar_type() == at::kFloat || dh.scalar_type() == at::kDouble,
-              "relu_bwd_colsum: float32 or float64 only, got ", dh.scalar_type());
+  TORCH_CHECK_VALUE(dh.scalar_type() == at::kFloat || dh.scalar_type() == at::kDouble,
+                    "relu_bwd_colsum: float32 or float64 only, got ", dh.scalar_type());
   const int64_t N = dh.size(0), D = dh.size(1);
   at::Tensor db;
   AT_DISPATCH_FLOATING_TYPES(dh.scalar_type(), "relu_bwd_colsum_cpu", [&] {
@@ -232,3 +235,19 @@ at::Tensor relu_bwd_colsum_cpu(at::Tensor& dh, const at::Tensor& h) {
 }
 
 }  // namespace kdfast
+
+// The family's schemas and CPU kernels (torch.ops.kdfast.*; the library root is in csrc/bindings.cpp).
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  // y = (x + bias + residual) * gamma + beta on [rows, width], and its one-pass backward
+  // returning (dx = dresidual, dbias, dgamma, dbeta).
+  m.def("nonorm_fwd(Tensor x, Tensor? bias, Tensor? residual, Tensor gamma, Tensor beta) -> Tensor");
+  m.def("nonorm_bwd(Tensor dy, Tensor x, Tensor? bias, Tensor? residual, Tensor gamma) -> (Tensor, Tensor, Tensor, Tensor)");
+  // ReLU backward in place (dh *= h > 0) fused with the column sum that is the preceding bias's gradient.
+  m.def("relu_bwd_colsum(Tensor(a!) dh, Tensor h) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("nonorm_fwd", &kdfast::nonorm_fwd_cpu);
+  m.impl("nonorm_bwd", &kdfast::nonorm_bwd_cpu);
+  m.impl("relu_bwd_colsum", &kdfast::relu_bwd_colsum_cpu);
+}

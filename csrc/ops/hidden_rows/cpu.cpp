@@ -1,3 +1,4 @@
+// Kernel family hidden_rows (contract: kdfast/ops/hidden_rows/__init__.py), the cpu backend.
 // Hidden-state transfer rows on the CPU: the TinyBERT MSE epilogue (the projection GEMM stays a
 // library call; this turns its output into loss rows and dY in place) and the DistilBERT cosine
 // loss with its gradient in one pass over the rows. at::vec inside a row, at::parallel_for over
@@ -6,13 +7,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "hidden_cpu.h"
-#include "rows_cpu.h"
+#include "cpu.h"
+#include "cpu/rows_cpu.h"
 
 namespace kdfast {
 namespace {
@@ -147,3 +149,16 @@ std::tuple<at::Tensor, at::Tensor> cosine_fwd_bwd_cpu(const at::Tensor& s, const
 }
 
 }  // namespace kdfast
+
+// The family's schemas and CPU kernels (torch.ops.kdfast.*; the library root is in csrc/bindings.cpp).
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  // Hidden-MSE epilogue: loss rows w ||y - t||^2, and y overwritten by dY = 2 w (y - t).
+  m.def("hidden_mse_epilogue(Tensor(a!) y, Tensor t, Tensor w) -> Tensor");
+  // Cosine loss rows w (1 - cos(s, t)) and d/ds (empty unless need_grad).
+  m.def("cosine_fwd_bwd(Tensor s, Tensor t, Tensor w, float eps, bool need_grad) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("hidden_mse_epilogue", &kdfast::hidden_mse_epilogue_cpu);
+  m.impl("cosine_fwd_bwd", &kdfast::cosine_fwd_bwd_cpu);
+}

@@ -1,4 +1,6 @@
-"""MobileBERT's memory-bound epilogue in Triton: bias + residual + NoNorm, and ReLU backward
+"""The ``triton`` backend of :mod:`kdfast.ops.mobilebert_blocks` (moved from ``kdfast/kernels/triton/nonorm.py``).
+
+MobileBERT's memory-bound epilogue in Triton: bias + residual + NoNorm, and ReLU backward
 fused with its bias gradient.
 
 On rows of width D (x, residual: [N, D], unit column stride; bias, gamma, beta: [D]):

@@ -1,4 +1,7 @@
-"""Hidden-state transfer row kernels in Triton: the MSE epilogue and the fused cosine loss.
+"""The ``triton`` backend of :mod:`kdfast.ops.hidden_rows`: the hidden-MSE epilogue and the fused cosine
+rows (moved from ``kdfast/kernels/triton/hidden.py``).
+
+Hidden-state transfer row kernels in Triton: the MSE epilogue and the fused cosine loss.
 
 1. ``_mse_epilogue_kernel`` (TinyBERT hidden MSE). The projection GEMM Y = h_s W_p^T + b_p is
    done by the library GEMM, a chunk of rows at a time, into an fp32 buffer; this kernel then
@@ -28,6 +31,9 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+
+# the cosine kernel keeps a whole row in registers (the family's registration sends wider rows to torch)
+from kdfast.ops.hidden_rows import MAX_COSINE_WIDTH
 
 
 @triton.jit
@@ -74,8 +80,6 @@ def _cosine_kernel(s_ptr, t_ptr, w_ptr, loss_ptr, g_ptr, D, eps,
 
 MAX_BLOCK_GPU = 4096
 MAX_BLOCK_INTERPRETER = 16384
-# the cosine kernel keeps a whole row in registers: wider rows go to the torch backend
-MAX_COSINE_WIDTH = 8192
 
 
 def _num_warps(block: int) -> int:
