@@ -88,10 +88,12 @@ class TeacherSource(Protocol):
                  inputs: Mapping[str, Tensor] | None = None) -> CapturedOutputs: ...
 
 
-class LiveTeacher:
+class LiveTeacher(nn.Module):
     """A frozen teacher run on each batch under ``torch.no_grad()``, read by :func:`capture_outputs`
     (hidden states, and unscaled ``q`` / ``k`` when ``qk``; ``logits`` when the model has a
-    head: pass the encoder alone, e.g. ``teacher.bert``, when they are not needed).
+    head: pass the encoder alone, e.g. ``teacher.bert``, when they are not needed). A module
+    holding the teacher, so that ``.to(device)`` moves it (as the end-to-end bench does with the
+    modules a step loss holds).
 
     Raises ValueError naming ``teacher`` at construction for a model class
     :func:`kdfast.capture` does not support (when anything is to be captured)."""
@@ -103,9 +105,10 @@ class LiveTeacher:
             raise ValueError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
         if qk or hidden_states:
             _layers(_unwrap(teacher), "teacher")
+        super().__init__()
         self.model, self.qk, self.hidden_states = teacher, bool(qk), bool(hidden_states)
 
-    def __call__(self, batch: Mapping[str, Tensor], inputs: Mapping[str, Tensor] | None = None) -> CapturedOutputs:
+    def forward(self, batch: Mapping[str, Tensor], inputs: Mapping[str, Tensor] | None = None) -> CapturedOutputs:
         with torch.no_grad():
             return capture_outputs(self.model, inputs if inputs is not None else model_inputs(batch), qk=self.qk,
                                    hidden_states=self.hidden_states)

@@ -33,7 +33,10 @@ def test_live_and_cached_teacher_equal_kdfast_capture(tiny, tmp_path):
     teacher = load_mlm(tiny / "teacher")
     ref = captured_teacher(teacher, inputs)
 
-    live = LiveTeacher(teacher.bert, qk=True)(batch)
+    live_source = LiveTeacher(teacher.bert, qk=True)
+    # a module holding the teacher: .to(device) on the modules a step loss holds moves it (kdfast bench e2e)
+    assert [id(p) for p in live_source.parameters()] == [id(p) for p in teacher.bert.parameters()]
+    live = live_source(batch)
     cached = CachedTeacher.for_cache(cache)(batch)
     assert live.logits is None and live.sparse_logits is None  # the encoder alone: no vocabulary projection
     assert cached.sparse_logits == (batch["topk_ids"], batch["topk_values"], batch["topk_lse"])
