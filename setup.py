@@ -63,9 +63,9 @@ def compile_cuda_objects(nvcc: str, build_dir: Path) -> list[str]:
     gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]  # PTX for newer GPUs
     build_dir.mkdir(parents=True, exist_ok=True)
     objects = []
-    for src in sorted((CSRC / "cuda").glob("*.cu")):
-        obj = build_dir / (src.stem + ".cu.o")
-        deps = [src, *(CSRC / "common").glob("*.h"), *(CSRC / "cuda").glob("*.h")]
+    for src in sorted([*(CSRC / "cuda").glob("*.cu"), *(CSRC / "ops").glob("*/*.cu")]):
+        obj = build_dir / (f"{src.parent.name}_{src.stem}.cu.o" if src.parent.parent.name == "ops" else src.stem + ".cu.o")
+        deps = [src, *(CSRC / "common").glob("*.h"), *(CSRC / "cuda").glob("*.h"), *src.parent.glob("*.h")]
         if not obj.exists() or obj.stat().st_mtime < max(d.stat().st_mtime for d in deps):
             cmd = [nvcc, "-c", str(src), "-o", str(obj), "-O3", "-std=c++17", "--use_fast_math",
                    "-Xcompiler", "-fPIC", *gencode]
@@ -77,7 +77,9 @@ def compile_cuda_objects(nvcc: str, build_dir: Path) -> list[str]:
 
 def make_extension() -> CppExtension:
     flags, cap_name = cpu_flags(cpu_capability())
-    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "bindings.cpp", *sorted((CSRC / "cpu").glob("*.cpp"))]]
+    # bindings.cpp, then each kernel family's C++ (csrc/ops/<family>/*.cpp; csrc/cpu/ until every family moved)
+    cpp = sorted([*(CSRC / "cpu").glob("*.cpp"), *(CSRC / "ops").glob("*/*.cpp")])
+    sources = [str(p.relative_to(ROOT)) for p in [CSRC / "bindings.cpp", *cpp]]
     # -fopenmp: at::parallel_for is inline OpenMP code; without the flag it silently runs on one
     # thread. The extension then needs libgomp.so.1, which resolves to the copy torch has loaded.
     cxx = ["-O3", "-std=c++17", "-fopenmp", *flags, f'-DKDFAST_CPU_CAPABILITY_NAME="{cap_name}"']

@@ -1,4 +1,4 @@
-"""Attention transfer losses against the float64 references in kdfast.kernels.reference."""
+"""Attention transfer losses against the float64 references in tests/reference.py."""
 
 from __future__ import annotations
 
@@ -10,27 +10,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import kdfast
-from kdfast.kernels.reference import attention_kl_reference, attention_mse_reference, attention_scores_reference
+from tests.reference import attention_kl_reference, attention_mse_reference, attention_scores_reference
 from tests.conftest import CPU_BACKENDS
-
-TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (8e-3, 4e-3),
-       torch.float64: (1e-10, 1e-12)}
-
-
-def assert_close(actual, expected, dtype, what):
-    rtol, atol = TOL[dtype]
-    atol = atol * max(1.0, float(expected.abs().max()))
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
-
-
-def make_mask(B, L, *, full_row=False):
-    """A [B, L] padding mask: random lengths (>= 1), optionally one fully padded sequence."""
-    lengths = torch.randint(1, L + 1, (B,))
-    lengths[0] = L
-    mask = torch.arange(L)[None, :] < lengths[:, None]
-    if full_row and B > 2:
-        mask[-1] = False
-    return mask
+from tests.helpers import assert_close, make_mask
 
 
 def make_scores(B, H, L, dtype, mask=None, fill=None):
@@ -102,7 +84,6 @@ def test_attention_mse_definition_by_hand():
     keys = mask[:, None, None, :].expand_as(s)
     torch.testing.assert_close(kdfast.attention_mse_loss(sa, ta), ((s - t)[keys] ** 2).mean())
     torch.testing.assert_close(kdfast.attention_mse_loss(sa, ta, mask), expected)
-
 
 
 MSE_KERNELS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]
@@ -574,7 +555,6 @@ def test_flash_kernels_allocate_only_per_row_buffers(backend):
     map_bytes = B * H * L * L * 4
     assert tracker.largest <= B * H * L * dh * 4
     assert tracker.peak < map_bytes / 8, f"peak {tracker.peak} bytes vs one map {map_bytes}"
-
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="kdfast._C is not built")

@@ -10,7 +10,7 @@ import torch
 import kdfast
 import kdfast.losses.attention as attention_mod
 import kdfast.losses.hidden as hidden_mod
-from kdfast.kernels.reference import (
+from tests.reference import (
     attention_kl_reference,
     attention_mse_reference,
     attention_scores_reference,
@@ -18,7 +18,7 @@ from kdfast.kernels.reference import (
     teacher_heads_reference,
 )
 from tests.conftest import CPU_BACKENDS
-from tests.test_attention_losses import assert_close, make_mask
+from tests.helpers import assert_close, make_mask
 
 HIDDEN_BACKENDS = [b for b in ("triton", "torch") if b in CPU_BACKENDS]
 ATT_REFS = {"kl": attention_kl_reference, "mse": attention_mse_reference}

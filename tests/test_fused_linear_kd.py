@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.kernels.reference import kd_loss_reference, sparse_kd_loss_reference
+from tests.reference import kd_loss_reference, sparse_kd_loss_reference
 from kdfast.losses.fused_linear_kd import default_chunk_size
 from tests.conftest import CPU_BACKENDS
 

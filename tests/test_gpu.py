@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.kernels.reference import (
+from tests.reference import (
     attention_kl_reference,
     attention_mse_reference,
     cosine_reference,
@@ -161,7 +161,7 @@ FLKD_BACKENDS = [b for b in ("triton", "cuda") if _STATUS[b].available] if ON_GP
 def test_fused_linear_kd_dense_teacher(backend, dtype):
     """16-bit heads on a GPU take the fp32-output GEMM path (no fp32 copy of the weight); the loss is
     fp32-accurate and the gradients within one rounding to the head's dtype."""
-    from kdfast.kernels.reference import kd_loss_reference
+    from tests.reference import kd_loss_reference
     from kdfast.losses.fused_linear_kd import low_precision_gemm_path
     from tests.test_fused_linear_kd import dense_logits
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.kernels.reference import (
+from tests.reference import (
     attention_kl_reference,
     attention_mse_reference,
     attention_scores_reference,
@@ -15,7 +15,7 @@ from kdfast.kernels.reference import (
 )
 from kdfast.losses import map_teacher_heads
 from tests.conftest import CPU_BACKENDS
-from tests.test_attention_losses import assert_close, make_mask
+from tests.helpers import assert_close, make_mask
 
 REFS = {"kl": attention_kl_reference, "mse": attention_mse_reference}
 MAP_FNS = {"kl": kdfast.attention_kl_loss, "mse": kdfast.attention_mse_loss}

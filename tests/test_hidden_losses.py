@@ -1,4 +1,4 @@
-"""Hidden-state transfer losses against the float64 references in kdfast.kernels.reference."""
+"""Hidden-state transfer losses against the float64 references in tests/reference.py."""
 
 from __future__ import annotations
 
@@ -9,32 +9,15 @@ from torch.utils._pytree import tree_leaves
 
 import kdfast
 import kdfast.losses.hidden as hidden_mod
-from kdfast.kernels.reference import cosine_reference, feature_map_reference, hidden_mse_reference
+from tests.reference import cosine_reference, feature_map_reference, hidden_mse_reference
 from tests.conftest import CPU_BACKENDS
+from tests.helpers import assert_close, make_mask
 
-TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (8e-3, 4e-3),
-       torch.float64: (1e-10, 1e-12)}
 HIDDEN_BACKENDS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]
 # bf16 runs on the C++ kernels only (the Triton interpreter gets bf16 arithmetic wrong)
 DTYPES = {"triton": (torch.float32, torch.float16),
           "cpu": (torch.float32, torch.float16, torch.float64, torch.bfloat16),
           "torch": (torch.float32, torch.float16, torch.float64)}
-
-
-def assert_close(actual, expected, dtype, what):
-    rtol, atol = TOL[dtype]
-    atol = atol * max(1.0, float(expected.abs().max()))
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
-
-
-def make_mask(B, L, *, full_row=False):
-    """A [B, L] padding mask: random lengths (>= 1), optionally one fully padded sequence."""
-    lengths = torch.randint(1, L + 1, (B,))
-    lengths[0] = L
-    mask = torch.arange(L)[None, :] < lengths[:, None]
-    if full_row and B > 2:
-        mask[-1] = False
-    return mask
 
 
 def make_states(B, L, ds, dt, dtype):

@@ -16,10 +16,13 @@ __all__ = ["held_out_eval", "run_stage"]
 
 
 def held_out_eval(step_loss: StepLoss, batches: Callable[[], Iterator[dict]] | None, device: torch.device,
-                  seed: int) -> Callable[[nn.Module], dict[str, float]] | None:
+                  seed: int, progress: bool = False) -> Callable[[nn.Module], dict[str, float]] | None:
     """``eval_fn`` for the Distiller: the step loss and its terms averaged over the held-out
     batches (``mean_b loss(b)``, ``mean_b term(b)``), with the RNG reseeded with ``seed`` so that
-    every evaluation masks the same tokens. None when there are no held-out batches."""
+    every evaluation masks the same tokens (``progress``: a bar over the batches while it runs).
+    None when there are no held-out batches."""
+    from tqdm import tqdm
+
     if batches is None:
         return None
 
@@ -27,7 +30,7 @@ def held_out_eval(step_loss: StepLoss, batches: Callable[[], Iterator[dict]] | N
         torch.manual_seed(seed)
         sums: dict[str, float] = {}
         n = 0
-        for batch in batches():
+        for batch in tqdm(batches(), desc="held-out eval", unit="batch", leave=False, disable=not progress):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss, terms = step_loss(batch)
             for k, v in {"loss": float(loss), **terms}.items():
@@ -53,7 +56,7 @@ def run_stage(name: str, model: nn.Module, step_loss: StepLoss, data, config: Tr
     logged records), ``seconds`` (wall time of the stage), ``eval`` / ``eval_first`` (the last and
     first held-out evaluations, or None) and ``history`` (every logged record)."""
     device = next(model.parameters()).device
-    eval_fn = held_out_eval(step_loss, held_out, device, config.seed)
+    eval_fn = held_out_eval(step_loss, held_out, device, config.seed, progress=config.progress)
     distiller = Distiller(model, step_loss, data, config, extra=extra, trainable=trainable, eval_fn=eval_fn,
                           settings=settings)
     t0 = time.perf_counter()

@@ -246,8 +246,13 @@ def terms_of(loss_terms: dict) -> dict[str, float]:
 
 
 def write_report(out_dir: Path, report: dict) -> Path:
+    """``report.json`` and ``loss.png`` (every stage's logged terms, :func:`kdfast.train.plot.plot_stage_losses`)."""
+    from kdfast.train.plot import plot_stage_losses
+
     path = Path(out_dir) / "report.json"
     path.write_text(json.dumps(report, indent=2, default=str))
+    plot_stage_losses([(st["name"], st["out_dir"]) for st in report["stages"]], Path(out_dir) / "loss.png",
+                      title=f"kdfast distill --recipe {report['recipe']}")
     return path
 
 
