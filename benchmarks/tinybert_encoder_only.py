@@ -6,14 +6,14 @@ import time
 
 import torch
 from transformers import BertConfig, BertForMaskedLM
-from kdfast.train.recipes import common
+from kdfast.train.teacher import capture_outputs
 torch.manual_seed(0)
 cfg = BertConfig(vocab_size=30522, hidden_size=312, num_hidden_layers=4, num_attention_heads=12, intermediate_size=1200)
 student = BertForMaskedLM(cfg).eval()  # dropout off: both forms give the same loss
 ids = torch.randint(5, 30522, (8, 128)); am = torch.ones_like(ids)
 def step(m):
-    out = common.bert_outputs(m, ids, am, qk=True)
-    loss = sum(h.pow(2).mean() for h in out["hidden_states"]) + sum(q.pow(2).mean() for q in out["q"])
+    out = capture_outputs(m, {"input_ids": ids, "attention_mask": am}, qk=True)
+    loss = sum(h.pow(2).mean() for h in out.hidden_states) + sum(q.pow(2).mean() for q in out.q)
     loss.backward()
     return float(loss.detach())
 assert abs(step(student) - step(student.bert)) < 1e-5

@@ -20,8 +20,9 @@ Conventions (the same for every supported model):
   **unscaled** (no ``1 / sqrt(d_head)`` folded in), which is what
   :func:`kdfast.flash_attention_transfer` takes with its default ``scale_s`` / ``scale_t``.
   The attention scores are ``q @ k.transpose(-1, -2) / sqrt(d_head) + additive_mask``.
-  (kdfast's ``KDMobileBert(capture=("qk",))`` and the teacher cache pre-scale their queries;
-  this API does not.)
+  The teacher cache stores the same unscaled projections (``q_<l>``, ``k_<l>``) and
+  :mod:`kdfast.train.teacher` hands them on unscaled; only ``KDMobileBert(capture=("qk",))``,
+  the model's own capture, pre-scales its queries.
 - ``scores`` (only with ``scores=True``; ``L x L`` per head, so it costs what
   ``output_attentions`` costs): one ``[B, H, L, L]`` tensor per layer,
   ``q k^T / sqrt(d_head) + m``, the pre-softmax scores of the eager attention path, where ``m``
@@ -196,7 +197,7 @@ def _check_flag(name: str, value: object) -> bool:
 
 @contextmanager
 def capture(model: nn.Module, *, hidden_states: bool = True, qk: bool = False,
-            scores: bool = False) -> Iterator[Captured]:
+            scores: bool = False, num_layers: int | None = None) -> Iterator[Captured]:
     r"""Record a model's hidden states, per-layer queries / keys and pre-softmax attention scores
     while it runs inside the ``with`` block, under any attention implementation (SDPA included).
 
@@ -223,10 +224,14 @@ def capture(model: nn.Module, *, hidden_states: bool = True, qk: bool = False,
             also wrapped in DistributedDataParallel), or ``kdfast.models.KDMobileBert`` /
             ``KDMobileBertForMaskedLM`` (fused kernels or not).
         hidden_states, qk, scores: what to record.
+        num_layers: record only the first ``num_layers`` transformer layers (default: all), for a
+            forward that stops early, e.g. MobileBERT's progressive transfer, which trains layer
+            ``l`` on a pass through layers ``1..l`` only; the fields then hold those layers
+            (``hidden_states``: ``num_layers + 1`` tensors).
 
     Raises:
         ValueError naming ``model`` for any other model class, or the flag that is not a bool,
-        or when nothing is asked for.
+        ``num_layers`` outside ``[1, the model's layer count]``, or when nothing is asked for.
     """
     hidden_states = _check_flag("hidden_states", hidden_states)
     qk = _check_flag("qk", qk)
@@ -238,6 +243,11 @@ def capture(model: nn.Module, *, hidden_states: bool = True, qk: bool = False,
     inner = _unwrap(model)
     layers, kd_mobilebert = _layers(inner)
     name = type(inner).__name__
+    if num_layers is not None:
+        if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= len(layers):
+            raise ValueError(f"num_layers must be an int in [1, {len(layers)}] ({name} has {len(layers)} layers), "
+                             f"got {num_layers!r}")
+        layers = layers[:num_layers]
     if scores and any(getattr(spec.attention, "is_causal", False) for spec in layers):
         # SDPA may get no mask and apply causality itself: the scores here would miss it
         raise ValueError(f"scores: {name} is configured as a causal decoder (is_decoder=True); "

@@ -366,3 +366,28 @@ def test_a_ddp_wrapped_model_is_captured_through_its_module(tmp_path):
         assert len(cap.q) == 2
     finally:
         dist.destroy_process_group()
+
+
+def test_num_layers_captures_a_forward_that_stops_early():
+    """MobileBERT's progressive transfer runs layers 1..l only: num_layers=l reads those layers,
+    equal to the same layers of a full pass; a number outside [1, layers] is refused by name."""
+    from kdfast.train.recipes.mobilebert import forward_to_layer
+
+    model = build("kdfast-mobilebert")
+    ids, mask = padded_batch(model)
+    with kdfast.capture(model, qk=True) as full:
+        model(ids, attention_mask=mask)
+    upto = forward_to_layer(model.mobilebert, ids, mask, 1)
+    assert len(upto.hidden_states) == 2 and len(upto.q) == len(upto.k) == 1
+    for mine, ref in zip(upto.hidden_states, full.hidden_states[:2]):
+        close(mine, ref)
+    close(upto.q[0], full.q[0])
+    close(upto.k[0], full.k[0])
+    with kdfast.capture(model, qk=True, num_layers=1) as first:
+        model(ids, attention_mask=mask)  # a full pass: the first layer's fields, nothing beyond
+    assert len(first.q) == 1 and len(first.hidden_states) == 2
+    close(first.q[0], full.q[0])
+    for bad in (0, 3, True, 1.0):
+        with pytest.raises(ValueError, match=rf"num_layers must be an int in \[1, 2\] .*got {bad!r}"):
+            with kdfast.capture(model, num_layers=bad):
+                pass

@@ -9,7 +9,7 @@ import math
 import os
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -31,9 +31,17 @@ from kdfast.cache.format import (
     tokenizer_sha256,
     validate_settings,
 )
+from kdfast.capture import capture
 from kdfast.data import check_data_files, check_max_length, files_sha256, load_texts, mask_tokens, pack_texts
 
 HIDDEN_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
+
+
+def _stored_projection(x: torch.Tensor) -> torch.Tensor:
+    """A captured ``[B, H, L, d_head]`` query or key as the cache stores it (format version 1): the
+    projection's output ``[B, L, H * d_head]``, unscaled, fp16."""
+    b, heads, length, d_head = x.shape
+    return x.transpose(1, 2).reshape(b, length, heads * d_head).to(torch.float16)
 
 
 def write_shard(cache_dir: Path, index: int, tensors: dict[str, torch.Tensor]) -> ShardInfo:
@@ -289,10 +297,13 @@ def build_cache(
     with _library_progress_bars(progress):
         teacher = _load_teacher(teacher_path, mode)
 
+    # Q/K through kdfast.capture, entered before the first write: a teacher class it does not
+    # support is refused with nothing written
+    qk_capture = ExitStack()
+    captured = qk_capture.enter_context(capture(teacher, hidden_states=False, qk=True)) if qk else None
+
     out.mkdir(parents=True, exist_ok=True)
     lock = _lock_dir(out)
-    captured: dict[str, torch.Tensor] = {}
-    hooks = []
     bar = None
     try:
         on_disk = Manifest.load(out) if (out / MANIFEST).exists() else None
@@ -302,11 +313,6 @@ def build_cache(
             manifest = Manifest(settings=settings)
             manifest.save(out)
         _clean_orphans(out, manifest)
-        if qk:
-            for i, layer in enumerate(teacher.base_model.encoder.layer, start=1):
-                attn = layer.attention.self
-                hooks.append(attn.query.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"q_{i}", o)))
-                hooks.append(attn.key.register_forward_hook(lambda m, a, o, i=i: captured.__setitem__(f"k_{i}", o)))
         special = [i for i in tokenizer.all_special_ids]
         ids_dtype = torch.int32
 
@@ -330,7 +336,6 @@ def build_cache(
                                                   vocab_size=config.vocab_size, probability=mlm_probability,
                                                   generator=gen)
                         batch["labels"] = labels.to(ids_dtype)
-                    captured.clear()
                     out_t = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True)
                     batch["input_ids"] = ids.to(ids_dtype)
                     batch["attention_mask"] = am.to(torch.uint8)
@@ -353,8 +358,9 @@ def build_cache(
                                 batch[f"hidden_{l}"], batch[f"hidden_{l}_scale"] = q, s
                             else:
                                 batch[f"hidden_{l}"] = h.to(HIDDEN_DTYPES[hidden])
-                    for name, v in captured.items():
-                        batch[name] = v.to(torch.float16)
+                    if captured is not None:
+                        for l, (query, key) in enumerate(zip(captured.q, captured.k), start=1):
+                            batch[f"q_{l}"], batch[f"k_{l}"] = _stored_projection(query), _stored_projection(key)
                     for name, v in batch.items():
                         parts.setdefault(name, []).append(v)
                     tokens_done += int(am.sum())
@@ -373,8 +379,7 @@ def build_cache(
         manifest.complete = True
         manifest.save(out)
     finally:
-        for h in hooks:
-            h.remove()
+        qk_capture.close()
         if bar is not None:
             bar.close()
         os.close(lock)  # releases the lock

@@ -27,9 +27,11 @@ from tqdm import tqdm
 
 from kdfast.cache import TeacherCache, build_cache, teacher_weights_sha256, tokenizer_sha256
 from kdfast.defaults import minilm_teacher_dir, pydoc_paragraphs, write_corpus
+from kdfast.train import stage
 from kdfast.train.data import CachedBatches
-from kdfast.train.distiller import Distiller, TrainConfig
+from kdfast.train.distiller import TrainConfig
 from kdfast.train.plot import plot_stage_losses
+from kdfast.train.teacher import CachedTeacher, capture_outputs, model_inputs
 
 STUDENT_LAYERS = (1, 3, 5)  # teacher layers copied into the student (0-based)
 
@@ -156,16 +158,18 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
     student = student_mlm.bert
     init_state = {k: v.clone() for k, v in student.state_dict().items()}
 
-    def step_loss(batch):
-        hs = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                     output_hidden_states=True).hidden_states
-        targets = {t: batch[f"hidden_{t}"] for t in layer_map.values()}
-        return hidden_distillation_loss(hs, targets, batch["attention_mask"], layer_map)
+    teacher_source = CachedTeacher.for_cache(cache)
 
-    t0 = time.perf_counter()
-    history = Distiller(student, step_loss, CachedBatches(cache, batch_size, seed=seed), cfg, settings=settings).train(
-        resume=resume, allow_changed_settings=allow_changed_settings)
-    train_s = time.perf_counter() - t0
+    def step_loss(batch):
+        inputs = model_inputs(batch)
+        hs = capture_outputs(student, inputs).hidden_states
+        t_hidden = teacher_source(batch, inputs).hidden_states
+        targets = {t: t_hidden[t] for t in layer_map.values()}
+        return hidden_distillation_loss(hs, targets, inputs["attention_mask"], layer_map)
+
+    trained = stage.run_stage("distil", student, step_loss, CachedBatches(cache, batch_size, seed=seed), cfg,
+                              resume=resume, settings=settings, allow_changed_settings=allow_changed_settings)
+    history, train_s = trained["history"], trained["seconds"]
     student.save_pretrained(out / "student")
     tokenizer.save_pretrained(out / "student")
 

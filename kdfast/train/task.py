@@ -9,7 +9,6 @@ evaluation. Both write ``metrics.json`` and the trained model under ``out_dir``.
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -20,9 +19,10 @@ from torch import Tensor, nn
 from kdfast.data import check_max_length, model_positions
 from kdfast.losses._checks import check_positive
 from kdfast.train.data import TokenBatches
-from kdfast.train.distiller import (MAX_SEED, Distiller, TrainConfig, check_finite, check_int, check_out_dir,
-                                   seed_everything)
+from kdfast.train import stage
+from kdfast.train.distiller import MAX_SEED, TrainConfig, check_finite, check_int, check_out_dir, seed_everything
 from kdfast.train.glue import GlueTask, TaskExamples, compute_metrics, find_split_files, get_task, load_split
+from kdfast.train.teacher import QK_PRESCALED, LiveTeacher, capture_outputs
 
 __all__ = ["encode_examples", "evaluate", "finetune_and_eval", "load_task_data", "predict", "task_distill"]
 
@@ -176,17 +176,16 @@ def _check_training_numbers(seed: int, warmup: float, weight_decay: float) -> No
     check_finite("weight_decay", weight_decay, 0.0)
 
 
-def _train_stage(model: nn.Module, step_loss, data: TokenBatches, epochs: int, lr: float, out_dir: Path, *,
-                 seed: int, warmup: float, weight_decay: float, progress: bool, resume: bool,
+def _train_stage(name: str, model: nn.Module, step_loss, data: TokenBatches, epochs: int, lr: float, out_dir: Path,
+                 *, seed: int, warmup: float, weight_decay: float, progress: bool, resume: bool,
                  extra: nn.Module | None = None) -> dict:
-    """Run the Distiller for ``epochs`` passes over ``data``; a summary of the logged losses."""
+    """``epochs`` passes over ``data`` through :func:`kdfast.train.stage.run_stage`; its report
+    entry (``history`` holds every logged record) with the epochs, batch size and lr."""
     steps = epochs * data.num_batches()
     cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, seed=seed,
                       log_every=max(1, steps // 50), out_dir=str(out_dir), progress=progress)
-    t0 = time.perf_counter()
-    history = Distiller(model, step_loss, data, cfg, extra=extra).train(resume=resume)
-    return {"epochs": epochs, "steps": steps, "batch_size": data.batch_size, "lr": lr,
-            "seconds": round(time.perf_counter() - t0, 2), "history": history}
+    entry = stage.run_stage(name, model, step_loss, data, cfg, extra=extra, resume=resume)
+    return {"epochs": epochs, "batch_size": data.batch_size, "lr": lr, **entry}
 
 
 def _save(model: nn.Module, tokenizer, path: Path) -> None:
@@ -249,51 +248,21 @@ def finetune_and_eval(model_dir: str, task: str, data_dir: str, out_dir: str, *,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stage = _train_stage(model, step_loss, _batches(enc_train, batch_size, seed), epochs, lr, out / "train",
-                         seed=seed, warmup=warmup, weight_decay=weight_decay, progress=progress, resume=resume)
+    trained = _train_stage("finetune", model, step_loss, _batches(enc_train, batch_size, seed), epochs, lr,
+                           out / "train", seed=seed, warmup=warmup, weight_decay=weight_decay, progress=progress,
+                           resume=resume)
     _save(model, tokenizer, out / "model")
     report = {
         "task": spec.name, "model_dir": str(out / "model"),
         "metrics": evaluate(model, spec, enc_devs, eval_batch_size),
         "majority": _majority_metrics(spec, train, devs),
-        "train": {"examples": len(train), **stage},
+        "train": {"examples": len(train), **trained},
         "config": {"source_model": str(model_dir), "data_dir": str(data_dir), "epochs": epochs, "lr": lr,
                    "batch_size": batch_size, "max_length": max_length, "seed": seed,
                    "max_train_examples": max_train_examples, "warmup": warmup, "weight_decay": weight_decay},
     }
     _write_report(report, out)
     return report
-
-
-class _QKCapture:
-    """Forward hooks on the query and key projections of every layer of a ``transformers`` BERT:
-    after a forward pass, ``outputs()`` gives ``{"q": (...), "k": (...)}`` of [B, H, L, dh]
-    tensors (unscaled), the inputs :func:`kdfast.flash_attention_transfer` takes instead of L x L maps."""
-
-    def __init__(self, model: nn.Module) -> None:
-        base = model.base_model
-        self.heads = model.config.num_attention_heads
-        self.captured: dict[str, dict[int, Tensor]] = {"q": {}, "k": {}}
-        self.hooks = []
-        for i, layer in enumerate(base.encoder.layer):
-            attn = layer.attention.self
-            for key, module in (("q", attn.query), ("k", attn.key)):
-                self.hooks.append(module.register_forward_hook(
-                    lambda m, a, o, key=key, i=i: self.captured[key].__setitem__(i, o)))
-
-    def outputs(self) -> dict[str, tuple[Tensor, ...]]:
-        out = {}
-        for key, per_layer in self.captured.items():
-            heads = []
-            for i in sorted(per_layer):
-                b, l, d = per_layer[i].shape
-                heads.append(per_layer[i].view(b, l, self.heads, d // self.heads).transpose(1, 2))
-            out[key] = tuple(heads)
-        return out
-
-    def remove(self) -> None:
-        for h in self.hooks:
-            h.remove()
 
 
 def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, out_dir: str, *,
@@ -394,37 +363,31 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
             layer_map if layer_map is not None
             else (teacher.config.num_hidden_layers, student.config.num_hidden_layers),
             weights, student_hidden_size=student.config.hidden_size, teacher_hidden_size=teacher.config.hidden_size,
-            attention="mse", attention_source="qk", qk_prescaled=False)
-        capture_s, capture_t = _QKCapture(student), _QKCapture(teacher)
+            attention="mse", attention_source="qk", qk_prescaled=QK_PRESCALED)
+        teacher_layers = LiveTeacher(teacher, qk=True)
 
         def intermediate_loss(batch):
-            with torch.no_grad():
-                out_t = teacher(**_model_inputs(teacher, batch), output_hidden_states=True)
-            out_s = student(**_model_inputs(student, batch), output_hidden_states=True)
-            length = out_s.hidden_states[0].shape[1]
-            loss, terms = criterion({"hidden_states": out_s.hidden_states, **capture_s.outputs()},
-                                    {"hidden_states": out_t.hidden_states, **capture_t.outputs()},
-                                    batch["attention_mask"][:, :length])
+            inputs = _model_inputs(student, batch)
+            out_s = capture_outputs(student, inputs, qk=True)
+            out_t = teacher_layers(batch, _model_inputs(teacher, batch))
+            loss, terms = criterion(out_s, out_t, inputs["attention_mask"])
             return loss, {k: float(v) for k, v in terms.items()}
 
-        try:
-            stage_a = _train_stage(student, intermediate_loss, data, intermediate_epochs, intermediate_lr,
-                                   out / "intermediate", extra=criterion, **common)
-        finally:
-            capture_s.remove()
-            capture_t.remove()
+        stage_a = _train_stage("intermediate", student, intermediate_loss, data, intermediate_epochs,
+                               intermediate_lr, out / "intermediate", extra=criterion, **common)
 
     # step B: prediction layer
+    teacher_logits = LiveTeacher(teacher, hidden_states=False)
+
     def prediction_loss(batch):
-        with torch.no_grad():
-            z_t = teacher(**_model_inputs(teacher, batch)).logits.float()
+        z_t = teacher_logits(batch, _model_inputs(teacher, batch)).logits.float()
         z_s = student(**_model_inputs(student, batch)).logits.float()
         if spec.is_regression:  # [B, 1] scores: the mean over the batch of (z_s - z_t)^2
             return kdfast.hidden_mse_loss(z_s, z_t), {}
         return kdfast.kd_loss(z_s, z_t, temperature=temperature, kind="soft_ce"), {}
 
-    stage_b = (_train_stage(student, prediction_loss, data, prediction_epochs, prediction_lr, out / "prediction",
-                            **common) if prediction_epochs else None)
+    stage_b = (_train_stage("prediction", student, prediction_loss, data, prediction_epochs, prediction_lr,
+                            out / "prediction", **common) if prediction_epochs else None)
     _save(student, tokenizer, out / "student")
     from kdfast.train.recipes.common import distillation_term_losses, term_backends
 

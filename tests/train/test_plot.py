@@ -50,7 +50,7 @@ def test_plot_writes_a_png_and_only_a_note_without_matplotlib(tmp_path, monkeypa
 
 
 def test_held_out_eval_shows_a_bar_only_with_progress(capsys):
-    from kdfast.train.recipes.common import held_out_eval
+    from kdfast.train.stage import held_out_eval
 
     batches = [{"x": torch.randn(3)} for _ in range(4)]
 

@@ -1,9 +1,8 @@
-"""What the three recipes share: teacher and corpus loading, the MLM-head check, teacher outputs
-live or from the cache in one shape, held-out evaluation, one Distiller run per stage, the report.
+"""What the three recipes share: teacher and corpus loading, the MLM-head check, the teacher cache
+and the batch sources, the Distiller configuration, the LM-head terms, the report.
 
-Teacher and student outputs are passed to :class:`kdfast.DistillationLoss` as dicts with
-``hidden_states`` (index 0 = embeddings), ``q`` / ``k`` ([B, H, L, dh] per layer, queries
-pre-scaled by 1/sqrt(dh), as ``kdfast.models`` captures them) and ``logits``.
+Teacher outputs come from :mod:`kdfast.train.teacher` (live or cached, one shape, unscaled Q/K)
+and every stage runs through :func:`kdfast.train.stage.run_stage`.
 """
 
 from __future__ import annotations
@@ -11,9 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -165,63 +161,6 @@ class Masker:
         return out.to(ids.device), labels.to(ids.device)
 
 
-@contextmanager
-def capture_qk(model: nn.Module):
-    """Collect each BERT self-attention layer's queries and keys as [B, H, L, dh] (queries
-    pre-scaled by 1/sqrt(dh)) while ``model`` runs inside the block; yields the dict
-    ``{"q": [...], "k": [...]}``, filled per forward (cleared by the caller). The tensors stay
-    in the autograd graph, so a student trains through them."""
-    base = getattr(model, "base_model", model)
-    out: dict[str, list] = {"q": [], "k": []}
-    hooks = []
-    for layer in base.encoder.layer:
-        attn = layer.attention.self
-        heads = attn.num_attention_heads
-        for name, lin, scale in (("q", attn.query, attn.attention_head_size ** -0.5), ("k", attn.key, 1.0)):
-            def hook(mod, args, y, name=name, heads=heads, scale=scale):
-                b, l, d = y.shape
-                t = y.view(b, l, heads, d // heads).transpose(1, 2)
-                out[name].append(t * scale if scale != 1.0 else t)
-            hooks.append(lin.register_forward_hook(hook))
-    try:
-        yield out
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def bert_outputs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
-                 qk: bool = False) -> dict:
-    """A ``transformers`` BERT's hidden states (and logits when it has a head, q/k when ``qk``) as a dict."""
-    if qk:
-        with capture_qk(model) as cap:
-            out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        res = {"q": tuple(cap["q"]), "k": tuple(cap["k"])}
-    else:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        res = {}
-    res["hidden_states"] = out.hidden_states
-    if getattr(out, "logits", None) is not None:
-        res["logits"] = out.logits
-    return res
-
-
-def cached_teacher_outputs(batch: dict, n_layers: int, n_heads: int, dtype: torch.dtype) -> dict:
-    """Teacher outputs from a cache batch: ``hidden_states`` (None where not cached), q / k split
-    into heads with the queries pre-scaled, and the sparse top-k logits of the masked tokens."""
-    hidden = [batch.get(f"hidden_{l}") for l in range(n_layers + 1)]
-    out = {"hidden_states": [h.to(dtype) if h is not None else None for h in hidden]}
-    if "q_1" in batch:
-        q, k = [], []
-        for l in range(1, n_layers + 1):
-            b, length, d = batch[f"q_{l}"].shape
-            dh = d // n_heads
-            q.append(batch[f"q_{l}"].to(dtype).view(b, length, n_heads, dh).transpose(1, 2) * dh ** -0.5)
-            k.append(batch[f"k_{l}"].to(dtype).view(b, length, n_heads, dh).transpose(1, 2))
-        out["q"], out["k"] = tuple(q), tuple(k)
-    return out
-
-
 def prepare_cache(cfg, tdir: Path, train: list[str], held_out: list[str], *, logits: str, temperature: float,
                   layers: list[int], qk: bool) -> tuple:
     """Build (or reopen, or resume) the teacher caches of the training and held-out texts under
@@ -281,31 +220,6 @@ def data_sources(cfg, tokenizer, train: list[str], held_out: list[str], caches: 
     return source, held
 
 
-def held_out_eval(step_loss: Callable, batches: Callable[[], Iterator[dict]] | None, device: torch.device,
-                  seed: int, progress: bool = False) -> Callable | None:
-    """``eval_fn`` for the Distiller: the step loss and its terms averaged over the held-out
-    batches, with the masking RNG reseeded so that every evaluation masks the same tokens
-    (``progress``: a bar over the batches while it runs)."""
-    from tqdm import tqdm
-
-    if batches is None:
-        return None
-
-    def eval_fn(student):
-        torch.manual_seed(seed)
-        sums: dict[str, float] = {}
-        n = 0
-        for batch in tqdm(batches(), desc="held-out eval", unit="batch", leave=False, disable=not progress):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss, terms = step_loss(batch)
-            for k, v in {"loss": float(loss), **terms}.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            n += 1
-        return {k: v / max(n, 1) for k, v in sums.items()}
-
-    return eval_fn
-
-
 def train_config(settings: TrainSettings, steps: int, out_dir: Path, progress: bool, *, lr: float | None = None,
                  preferred_optimizer: str | None = None):
     """:class:`kdfast.train.TrainConfig` of one stage; ``optimizer`` is passed through where the
@@ -325,28 +239,6 @@ def train_config(settings: TrainSettings, steps: int, out_dir: Path, progress: b
         raise ValueError(f"train.optimizer {optimizer!r} is not offered by this Distiller (AdamW only); "
                          "set train.optimizer to adamw or null")
     return TrainConfig(**kwargs)
-
-
-def run_stage(name: str, student: nn.Module, step_loss: Callable, source, held, cfg_train, *, extra=None,
-              trainable=None, resume: bool = False, device: torch.device | None = None, seed: int = 0,
-              settings: dict | None = None, allow_changed_settings: bool = False) -> dict:
-    """One Distiller run; returns its report entry (loss first/last per term, tokens/s, last eval).
-    ``settings`` (:func:`run_settings`) are stored in its checkpoints and compared on resume."""
-    from kdfast.train.distiller import Distiller
-
-    device = device or next(student.parameters()).device
-    eval_fn = held_out_eval(step_loss, held, device, seed, progress=cfg_train.progress)
-    distiller = Distiller(student, step_loss, source, cfg_train, extra=extra, trainable=trainable, eval_fn=eval_fn,
-                          settings=settings)
-    t0 = time.perf_counter()
-    history = distiller.train(resume=resume, allow_changed_settings=allow_changed_settings)
-    seconds = time.perf_counter() - t0
-    rates = [h["tokens_per_s"] for h in history if h.get("tokens_per_s")]
-    return {"name": name, "steps": cfg_train.steps, "out_dir": cfg_train.out_dir,
-            "first": history[0] if history else None, "last": history[-1] if history else None,
-            "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None, "seconds": round(seconds, 2),
-            "eval": distiller.eval_history[-1] if distiller.eval_history else None,
-            "eval_first": distiller.eval_history[0] if distiller.eval_history else None}
 
 
 def terms_of(loss_terms: dict) -> dict[str, float]:

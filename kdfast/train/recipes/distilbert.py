@@ -32,8 +32,10 @@ from pathlib import Path
 
 import torch
 
+from kdfast.train import stage
 from kdfast.train.recipes import common
 from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings, config_to_dict
+from kdfast.train.teacher import CachedTeacher, LiveTeacher
 
 NAME = "distilbert"
 STEP_KEYS = ("steps",)
@@ -110,8 +112,10 @@ def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: tor
     kd_rows = common.resolve_kd_rows(cfg.kd_rows, cached)
     s_encoder = common.encoder_of(student, "student")
     t_head = None
-    if not cached:
-        t_encoder = common.encoder_of(teacher, "teacher") if cfg.alpha_kd else getattr(teacher, "bert", teacher)
+    if cached:
+        source = CachedTeacher(n_teacher_layers)
+    else:
+        source = LiveTeacher(common.encoder_of(teacher, "teacher") if cfg.alpha_kd else getattr(teacher, "bert", teacher))
         if cfg.alpha_kd:
             t_head = common.lm_head(teacher, "teacher")
 
@@ -122,14 +126,9 @@ def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: tor
         else:
             ids, labels = masker(batch["input_ids"], am)
         h_s = s_encoder(input_ids=ids, attention_mask=am).last_hidden_state
-        sparse = None
-        if cached:
-            h_t = batch.get(f"hidden_{n_teacher_layers}")
-            if cfg.alpha_kd:
-                sparse = (batch["topk_ids"], batch["topk_values"], batch["topk_lse"])
-        else:
-            with torch.no_grad():
-                h_t = t_encoder(input_ids=ids, attention_mask=am).last_hidden_state
+        t_out = source(batch, {"input_ids": ids, "attention_mask": am})
+        h_t = t_out.hidden_states[n_teacher_layers]  # the last layer's (None from a cache that kept no states)
+        sparse = t_out.sparse_logits if cfg.alpha_kd else None
         total, terms = 0.0, {}
         if cfg.alpha_kd or cfg.alpha_mlm:
             value = common.lm_distillation_loss(
@@ -193,9 +192,8 @@ def run(cfg: DistilBertRecipe, *, resume: bool = False, allow_changed_settings: 
     step_loss = make_step_loss(cfg, student, teacher, masker=masker, n_teacher_layers=n_t)
 
     tc = common.train_config(cfg.train, cfg.steps, out, cfg.progress)
-    stage = common.run_stage("distil", student, step_loss, source, held, tc, resume=resume, seed=cfg.train.seed,
-                             **stage_opts)
-    stage["backends"] = common.term_backends(term_losses(cfg), next(student.parameters()).device)
+    entry = stage.run_stage("distil", student, step_loss, source, tc, held_out=held, resume=resume, **stage_opts)
+    entry["backends"] = common.term_backends(term_losses(cfg), next(student.parameters()).device)
     student.save_pretrained(out / "student")
     tokenizer.save_pretrained(out / "student")
     report = {
@@ -205,7 +203,7 @@ def run(cfg: DistilBertRecipe, *, resume: bool = False, allow_changed_settings: 
         "student": {"dir": str(out / "student"), "params": int(count(student)["params"]), "layers": n_s,
                     "init_from_teacher_layers": list(layers)},
         "kd_rows": common.resolve_kd_rows(cfg.kd_rows, cached),
-        "stages": [stage],
+        "stages": [entry],
         "timing_s": {"cache": round(cache_s, 2), "total": round(time.perf_counter() - t_start, 2)},
     }
     common.write_report(out, report)

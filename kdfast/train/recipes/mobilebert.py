@@ -49,8 +49,10 @@ from typing import ClassVar
 
 import torch
 
+from kdfast.train import stage
 from kdfast.train.recipes import common
 from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings, config_to_dict
+from kdfast.train.teacher import QK_PRESCALED, CachedTeacher, CapturedOutputs, LiveTeacher, model_inputs
 
 NAME = "mobilebert"
 STEP_KEYS = ("pkt.steps_per_layer", "pretrain.steps")
@@ -175,19 +177,18 @@ def student_config(settings: MobileBertStudent, teacher_config):
                              pad_token_id=getattr(teacher_config, "pad_token_id", 0))
 
 
-def forward_to_layer(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, upto: int) -> dict:
-    """Run a ``KDMobileBert`` through layer ``upto`` only (1-based); hidden states and q / k of those layers."""
+def forward_to_layer(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, upto: int) -> CapturedOutputs:
+    """Run a ``KDMobileBert`` through layer ``upto`` only (1-based); hidden states and unscaled q / k
+    of those layers, read by :func:`kdfast.capture` as every other driver reads them."""
+    from kdfast.capture import capture
     from kdfast.models.mobilebert import additive_mask
 
-    x = encoder.embeddings(input_ids)
-    mask = additive_mask(attention_mask, x.dtype)
-    hidden, q, k = [x], [], []
-    for layer in encoder.encoder.layer[:upto]:
-        x, captured = layer(x, mask, False, True)
-        hidden.append(x)
-        q.append(captured["q"])
-        k.append(captured["k"])
-    return {"hidden_states": tuple(hidden), "q": tuple(q), "k": tuple(k)}
+    with capture(encoder, qk=True, num_layers=upto) as cap:
+        x = encoder.embeddings(input_ids)
+        mask = additive_mask(attention_mask, x.dtype)
+        for layer in encoder.encoder.layer[:upto]:
+            x, _ = layer(x, mask, False, False)
+    return CapturedOutputs(hidden_states=cap.hidden_states, q=cap.q, k=cap.k)
 
 
 def pkt_groups(model, layer: int, lower_lr_scale: float) -> list[dict]:
@@ -220,9 +221,11 @@ def make_pretrain_step_loss(settings: PretrainSettings, student: torch.nn.Module
     ``topk_values`` / ``topk_lse``). ``masker`` masks live batches."""
     cached = teacher is None
     kd_rows = common.resolve_kd_rows(settings.kd_rows, cached, "pretrain.kd_rows")
-    t_encoder = t_head = None
-    if not cached:
-        t_encoder, t_head = common.encoder_of(teacher, "teacher"), common.lm_head(teacher, "teacher")
+    t_head = None
+    if cached:  # the student has the teacher's depth
+        source = CachedTeacher(student.config.num_hidden_layers)
+    else:
+        source, t_head = LiveTeacher(common.encoder_of(teacher, "teacher")), common.lm_head(teacher, "teacher")
 
     def step_loss(batch):
         am = batch["attention_mask"]
@@ -231,12 +234,9 @@ def make_pretrain_step_loss(settings: PretrainSettings, student: torch.nn.Module
         else:
             ids, labels = masker(batch["input_ids"], am)
         h_s = student.mobilebert(ids, am).last_hidden_state
-        h_t = sparse = None
-        if cached:
-            sparse = (batch["topk_ids"], batch["topk_values"], batch["topk_lse"])
-        else:
-            with torch.no_grad():
-                h_t = t_encoder(input_ids=ids, attention_mask=am).last_hidden_state
+        t_out = source(batch, {"input_ids": ids, "attention_mask": am})
+        h_t = None if cached else t_out.hidden_states[-1]
+        sparse = t_out.sparse_logits
         total = common.lm_distillation_loss(
             h_s, common.lm_head(student, "student"), labels, am, kd_rows=kd_rows, temperature=settings.temperature,
             alpha_kd=settings.alpha_kd, alpha_mlm=settings.alpha_mlm, teacher_hidden=h_t, teacher_head=t_head,
@@ -270,15 +270,20 @@ def run(cfg: MobileBertRecipe, *, resume: bool = False, allow_changed_settings: 
 
     t0 = time.perf_counter()
     caches, teacher = None, None
+    want_qk = bool(pkt.steps_per_layer and pkt.alpha_attention)
     if cached:
         if need_head:  # refuse a headless teacher before its random head is cached
             common.load_teacher(tdir, mlm_head=True, needed_by="pretrain.steps")
         caches = common.prepare_cache(cfg, tdir, train, held_out,
                                       logits=f"topk:{cfg.teacher.topk}" if need_head else "none",
                                       temperature=pre.temperature, layers=list(range(n + 1)) if pkt.steps_per_layer else [],
-                                      qk=bool(pkt.steps_per_layer and pkt.alpha_attention))
+                                      qk=want_qk)
+        teacher_source = CachedTeacher.for_cache(caches[0])
     else:
         teacher = common.load_teacher(tdir, mlm_head=need_head, needed_by="pretrain.steps")
+        # the encoder alone: stage 1 needs no logits (a teacher loaded with its head for stage 2
+        # would otherwise project every token onto the vocabulary here)
+        teacher_source = LiveTeacher(getattr(teacher, "bert", teacher), qk=want_qk)
     cache_s = time.perf_counter() - t0
     source, held = common.data_sources(cfg, tokenizer, train, held_out, caches)
     masker = None
@@ -286,33 +291,24 @@ def run(cfg: MobileBertRecipe, *, resume: bool = False, allow_changed_settings: 
         ids, am = common.training_rows(tokenizer, train, cfg.data)
         masker = common.Masker(cfg.mlm, tokenizer, tconf.vocab_size, ids, am)
 
-    def teacher_outputs(batch, ids, am, dtype, qk):
-        if cached:
-            return common.cached_teacher_outputs(batch, n, tconf.num_attention_heads, dtype)
-        with torch.no_grad():
-            # the encoder alone: stage 1 needs no logits (a teacher loaded with its head for stage 2
-            # would otherwise project every token onto the vocabulary here)
-            return common.bert_outputs(getattr(teacher, "bert", teacher), ids, am, qk=qk)
-
     stages = []
     device = next(student.parameters()).device
     for layer in range(1, n + 1) if pkt.steps_per_layer else ():
         loss_fn = kdfast.DistillationLoss({layer: layer}, {"feature_map": pkt.alpha_feature_map,
                                                            "attention": pkt.alpha_attention},
-                                          attention="kl", attention_source="qk")
+                                          attention="kl", attention_source="qk", qk_prescaled=QK_PRESCALED)
 
         def step_loss(batch, layer=layer, loss_fn=loss_fn):
             ids, am = batch["input_ids"], batch["attention_mask"]
             s_out = forward_to_layer(student.mobilebert, ids, am, layer)
-            t_out = teacher_outputs(batch, ids, am, s_out["hidden_states"][0].dtype, bool(pkt.alpha_attention))
-            total, terms = loss_fn(s_out, t_out, am)
+            total, terms = loss_fn(s_out, teacher_source(batch, model_inputs(batch)), am)
             return total, common.terms_of(terms)
 
         groups = pkt_groups(student, layer, pkt.lower_lr_scale)
         tc = common.train_config(cfg.train, pkt.steps_per_layer, out / f"pkt-layer{layer:02d}", cfg.progress,
                                  lr=pkt.lr, preferred_optimizer="lamb")
-        stages.append(common.run_stage(f"pkt layer {layer}", student, step_loss, source, held, tc, trainable=groups,
-                                       resume=resume, seed=cfg.train.seed, **stage_opts))
+        stages.append(stage.run_stage(f"pkt layer {layer}", student, step_loss, source, tc, held_out=held,
+                                      trainable=groups, resume=resume, **stage_opts))
         stages[-1]["backends"] = common.term_backends(common.distillation_term_losses(loss_fn), device)
     student.requires_grad_(True)
 
@@ -321,8 +317,8 @@ def run(cfg: MobileBertRecipe, *, resume: bool = False, allow_changed_settings: 
 
         tc = common.train_config(cfg.train, pre.steps, out / "pretrain", cfg.progress, lr=pre.lr,
                                  preferred_optimizer="lamb")
-        stages.append(common.run_stage("pretrain distill", student, step_loss, source, held, tc, resume=resume,
-                                       seed=cfg.train.seed, **stage_opts))
+        stages.append(stage.run_stage("pretrain distill", student, step_loss, source, tc, held_out=held,
+                                      resume=resume, **stage_opts))
         sparse = "[sparse]" if cached else ""
         stages[-1]["backends"] = common.term_backends({"kd_mlm": f"fused_linear_kd_loss{sparse}"}, device)
 

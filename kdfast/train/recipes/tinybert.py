@@ -27,10 +27,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
+from kdfast.train import stage
 from kdfast.train.recipes import common
 from kdfast.train.recipes.config import DataSettings, TeacherSettings, TrainSettings, config_to_dict
+from kdfast.train.teacher import QK_PRESCALED, CachedTeacher, LiveTeacher, capture_outputs, model_inputs
 
 NAME = "tinybert"
 STEP_KEYS = ("steps",)
@@ -152,35 +152,32 @@ def run(cfg: TinyBertRecipe, *, resume: bool = False, allow_changed_settings: bo
     weights = {"hidden": cfg.alpha_hidden, "attention": cfg.alpha_attention}
     loss_fn = kdfast.DistillationLoss(layer_map, weights, student_hidden_size=student.config.hidden_size,
                                       teacher_hidden_size=tconf.hidden_size, attention="mse",
-                                      attention_source="qk")
+                                      attention_source="qk", qk_prescaled=QK_PRESCALED)
     out.mkdir(parents=True, exist_ok=True)
     cached = cfg.teacher.source == "cache"
     want_qk = bool(cfg.alpha_attention)
     t0 = time.perf_counter()
-    caches, teacher = None, None
+    caches = None
     if cached:
         caches = common.prepare_cache(cfg, tdir, train, held_out, logits="none", temperature=1.0,
                                       layers=sorted(set(layer_map.values())) if cfg.alpha_hidden else [], qk=want_qk)
+        teacher = CachedTeacher.for_cache(caches[0])
     else:
-        teacher = common.load_teacher(tdir, mlm_head=False)
+        teacher = LiveTeacher(common.load_teacher(tdir, mlm_head=False), qk=want_qk)
     cache_s = time.perf_counter() - t0
     source, held = common.data_sources(cfg, tokenizer, train, held_out, caches)
+    # the encoder alone: general distillation uses no logits, and the MLM head's [B, L, V] would be waste
+    s_encoder = getattr(student, "bert", student)
 
     def step_loss(batch):
-        ids, am = batch["input_ids"], batch["attention_mask"]
-        # the encoder alone: general distillation uses no logits, and the MLM head's [B, L, V] would be waste
-        s_out = common.bert_outputs(getattr(student, "bert", student), ids, am, qk=want_qk)
-        if cached:
-            t_out = common.cached_teacher_outputs(batch, n_t, tconf.num_attention_heads, s_out["hidden_states"][0].dtype)
-        else:
-            with torch.no_grad():
-                t_out = common.bert_outputs(teacher, ids, am, qk=want_qk)
-        total, terms = loss_fn(s_out, t_out, am)
+        inputs = model_inputs(batch)
+        total, terms = loss_fn(capture_outputs(s_encoder, inputs, qk=want_qk), teacher(batch, inputs),
+                               inputs["attention_mask"])
         return total, common.terms_of(terms)
 
     tc = common.train_config(cfg.train, cfg.steps, out / "general", cfg.progress)
-    stages = [common.run_stage("general", student, step_loss, source, held, tc, extra=loss_fn, resume=resume,
-                               seed=cfg.train.seed, **stage_opts)]
+    stages = [stage.run_stage("general", student, step_loss, source, tc, held_out=held, extra=loss_fn,
+                              resume=resume, **stage_opts)]
     stages[0]["backends"] = common.term_backends(common.distillation_term_losses(loss_fn),
                                                  next(student.parameters()).device)
     student_dir = out / "student"
