@@ -355,7 +355,7 @@ def lm_distillation_loss(student_hidden: torch.Tensor, student_head: LMHead, lab
     in row-major order). ``kd_rows``: ``"masked"`` (the KD rows are the masked ones) or ``"all"``
     (every token with ``attention_mask != 0``, live teacher only). Only the counted rows are
     gathered and transformed, and the decoder projections, KD and MLM run in one
-    :func:`kdfast.fused_linear_kd_loss` call: for ``all`` its ``restrict_to_masked=False`` form
+    :func:`kdfast.fused_linear_kd_loss` call: for ``all`` its ``kd_rows="all"`` form
     (KD mean over the KD rows, the real tokens and the masked ones; MLM mean over the masked rows),
     every row projected once in one pass over the vocabulary chunks. With ``alpha_kd`` = 0 (e.g. a
     live teacher without a head): the MLM term alone, cross-entropy on the masked rows' logits (no
@@ -395,7 +395,7 @@ def lm_distillation_loss(student_hidden: torch.Tensor, student_head: LMHead, lab
     def call(rows, a_kd, a_mlm, sparse=None, mlm_subset=False):
         # mlm_subset: KD on every gathered row, MLM on those with a label (one fused call)
         kwargs = dict(student_bias=bias, labels=labels[rows] if a_mlm else None, temperature=temperature,
-                      alpha_kd=a_kd, alpha_mlm=a_mlm, restrict_to_masked=bool(a_mlm) and not mlm_subset,
+                      alpha_kd=a_kd, alpha_mlm=a_mlm, kd_rows="masked" if a_mlm and not mlm_subset else "all",
                       backend=backend)
         if sparse is not None:
             return fused_linear_kd_loss(student_rows(rows), weight, teacher_sparse=sparse, **kwargs)
