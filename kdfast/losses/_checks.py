@@ -164,3 +164,8 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, what
                          f"a compiled backend or 'auto' (which picks one)")
     kernel = device.type if device.type in compiled else None
     return kernel if kernel is not None and _backend.backends()[kernel].available else "torch"
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate in: float64 for float64 inputs, float32 for every other."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
