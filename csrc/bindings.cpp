@@ -4,11 +4,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "cpu/attention_transfer_cpu.h"
 #include "cpu/hidden_cpu.h"
 #include "cpu/kd_loss_cpu.h"
 #include "cpu/nonorm_cpu.h"
-#include "cpu/score_mse_cpu.h"
 
 #ifdef KDFAST_WITH_CUDA
 #include "cuda/launchers.h"
@@ -54,19 +52,10 @@ TORCH_LIBRARY(kdfast, m) {
   m.def("nonorm_bwd(Tensor dy, Tensor x, Tensor? bias, Tensor? residual, Tensor gamma) -> (Tensor, Tensor, Tensor, Tensor)");
   // ReLU backward in place (dh *= h > 0) fused with the column sum that is the preceding bias's gradient.
   m.def("relu_bwd_colsum(Tensor(a!) dh, Tensor h) -> Tensor");
-  // Flash attention transfer from Q and K (KL or score MSE): loss rows [B, H, L] and, when need_grad,
-  // the gradients of their sum with respect to q_s and k_s; never an L x L map.
-  m.def(
-      "attention_transfer_fwd_bwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor key_valid, "
-      "Tensor row_weight, float scale_s, float scale_t, bool mse, bool need_grad) -> (Tensor, Tensor, Tensor)");
   // Hidden-MSE epilogue: loss rows w ||y - t||^2, and y overwritten by dY = 2 w (y - t).
   m.def("hidden_mse_epilogue(Tensor(a!) y, Tensor t, Tensor w) -> Tensor");
   // Cosine loss rows w (1 - cos(s, t)) and d/ds (empty unless need_grad).
   m.def("cosine_fwd_bwd(Tensor s, Tensor t, Tensor w, float eps, bool need_grad) -> (Tensor, Tensor)");
-  // TinyBERT score MSE on [B, H, L, L] maps, the Triton row kernels' contract: per-row sums of counted
-  // squared differences and counts; then the gradient 2 coef (s - t) on counted elements, recomputed.
-  m.def("score_mse_fwd(Tensor s, Tensor t, Tensor mask, float threshold, bool has_mask) -> (Tensor, Tensor)");
-  m.def("score_mse_bwd(Tensor s, Tensor t, Tensor mask, Tensor coef, float threshold, bool has_mask) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
@@ -74,11 +63,8 @@ TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
   m.impl("nonorm_fwd", &kdfast::nonorm_fwd_cpu);
   m.impl("nonorm_bwd", &kdfast::nonorm_bwd_cpu);
   m.impl("relu_bwd_colsum", &kdfast::relu_bwd_colsum_cpu);
-  m.impl("attention_transfer_fwd_bwd", &kdfast::attention_transfer_fwd_bwd_cpu);
   m.impl("hidden_mse_epilogue", &kdfast::hidden_mse_epilogue_cpu);
   m.impl("cosine_fwd_bwd", &kdfast::cosine_fwd_bwd_cpu);
-  m.impl("score_mse_fwd", &kdfast::score_mse_fwd_cpu);
-  m.impl("score_mse_bwd", &kdfast::score_mse_bwd_cpu);
 }
 
 #ifdef KDFAST_WITH_CUDA

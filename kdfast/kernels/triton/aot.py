@@ -22,8 +22,6 @@ MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024
 LEGACY_MODULES = (
     "kdfast.kernels.triton.kd_loss",
     "kdfast.kernels.triton.sparse_kd",
-    "kdfast.kernels.triton.attention_transfer",
-    "kdfast.kernels.triton.score_mse",
     "kdfast.kernels.triton.hidden",
     "kdfast.kernels.triton.nonorm",
 )
