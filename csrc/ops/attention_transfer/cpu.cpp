@@ -189,6 +189,21 @@ void run_kernel(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
   }
 }
 
+// The per-token inputs of both ops: key_valid [B, L] bool and row_weight [B, L] in the accumulation
+// dtype of `dtype` (float64 for float64 inputs, else float32), on the CPU.
+void check_key_valid_and_row_weight(const char* op, const at::Tensor& key_valid, const at::Tensor& row_weight,
+                                    int64_t B, int64_t L, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(key_valid.scalar_type() == at::kBool && key_valid.dim() == 2 && key_valid.size(0) == B &&
+                        key_valid.size(1) == L && key_valid.device().is_cpu(),
+                    op, ": key_valid must be a bool CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
+                    key_valid.scalar_type(), " ", key_valid.sizes());
+  const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(row_weight.scalar_type() == acc_type && row_weight.dim() == 2 && row_weight.size(0) == B &&
+                        row_weight.size(1) == L && row_weight.device().is_cpu(),
+                    op, ": row_weight must be a ", acc_type, " CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
+                    row_weight.scalar_type(), " ", row_weight.sizes());
+}
+
 void check_args(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
                 const at::Tensor& key_valid, const at::Tensor& row_weight, double scale_s, double scale_t) {
   constexpr const char* op = "attention_transfer_fwd_bwd";
@@ -210,15 +225,7 @@ void check_args(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
   TORCH_CHECK_VALUE(q_t.sizes().slice(0, 3) == q_s.sizes().slice(0, 3), op, ": q_t has shape ", q_t.sizes(),
                     " but q_s has shape ", q_s.sizes(), " (B, H and L must agree)");
   const int64_t B = q_s.size(0), L = q_s.size(2);
-  TORCH_CHECK_VALUE(key_valid.scalar_type() == at::kBool && key_valid.dim() == 2 && key_valid.size(0) == B &&
-                        key_valid.size(1) == L && key_valid.device().is_cpu(),
-                    op, ": key_valid must be a bool CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
-                    key_valid.scalar_type(), " ", key_valid.sizes());
-  const auto acc_type = q_s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(row_weight.scalar_type() == acc_type && row_weight.dim() == 2 && row_weight.size(0) == B &&
-                        row_weight.size(1) == L && row_weight.device().is_cpu(),
-                    op, ": row_weight must be a ", acc_type, " CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
-                    row_weight.scalar_type(), " ", row_weight.sizes());
+  check_key_valid_and_row_weight(op, key_valid, row_weight, B, L, q_s.scalar_type());
   TORCH_CHECK_VALUE(scale_s > 0 && std::isfinite(scale_s), op, ": scale_s must be > 0 and finite, got ", scale_s);
   TORCH_CHECK_VALUE(scale_t > 0 && std::isfinite(scale_t), op, ": scale_t must be > 0 and finite, got ", scale_t);
 }
@@ -344,15 +351,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kl_maps_fwd_bwd_cpu(const at::Tenso
                     s_in.device(), " and ", t_in.device());
   TORCH_CHECK_VALUE(s_in.numel() > 0, op, ": s is empty (shape ", s_in.sizes(), ")");
   const int64_t B = s_in.size(0), L = s_in.size(2);
-  TORCH_CHECK_VALUE(key_valid.scalar_type() == at::kBool && key_valid.dim() == 2 && key_valid.size(0) == B &&
-                        key_valid.size(1) == L && key_valid.device().is_cpu(),
-                    op, ": key_valid must be a bool CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
-                    key_valid.scalar_type(), " ", key_valid.sizes());
-  const auto acc_type = s_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(row_weight.scalar_type() == acc_type && row_weight.dim() == 2 && row_weight.size(0) == B &&
-                        row_weight.size(1) == L && row_weight.device().is_cpu(),
-                    op, ": row_weight must be a ", acc_type, " CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
-                    row_weight.scalar_type(), " ", row_weight.sizes());
+  check_key_valid_and_row_weight(op, key_valid, row_weight, B, L, s_in.scalar_type());
   const at::Tensor s = unit_last_stride(s_in), t = unit_last_stride(t_in);
   const at::Tensor kv = key_valid.contiguous(), rw = row_weight.contiguous();
   at::Tensor loss_rows = at::empty({B, s.size(1), L}, rw.options());
