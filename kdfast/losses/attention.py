@@ -279,7 +279,8 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
 
 class _StoredGradLossFunction(torch.autograd.Function):
     """Sum of the loss rows of a registered op that returns them with the gradients of their sum:
-    ``impls(op)[backend].fn(*args, need_grad) -> (rows, d/d args[0], ..., d/d args[n_diff - 1])``.
+    ``impls(op)[backend].fn(*args, need_grad) -> (rows, d/d args[0], ..., d/d args[n_diff - 1])``
+    (the student's tensors come first in ``args``; with ``need_grad`` false the gradients are empty).
     Backward only scales the stored gradients (the teacher is frozen)."""
 
     @staticmethod
