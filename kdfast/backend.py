@@ -4,7 +4,7 @@
   was set before kdfast was imported, which is how the tests run them);
 - ``cuda``: the CUDA C++ kernels of ``kdfast._C`` (built when nvcc was found), on CUDA tensors;
 - ``cpu``: the vectorised C++ kernels of ``kdfast._C``, on CPU tensors;
-- ``torch``: eager PyTorch (:mod:`kdfast.kernels.reference`), anywhere.
+- ``torch``: eager PyTorch (each family's ``kdfast/ops/<family>/torch.py``), anywhere.
 
 ``auto`` picks Triton on CUDA tensors when it works (else CUDA C++, else torch), and the
 compiled CPU op on CPU tensors (else torch). An explicit choice that cannot run raises a
@@ -79,9 +79,20 @@ def _probe() -> dict[str, BackendStatus]:
 _STATUS: dict[str, BackendStatus] = _probe()
 
 
-def backends() -> dict[str, BackendStatus]:
-    """Report every backend: ``{name: BackendStatus(available, reason)}``."""
-    return dict(_STATUS)
+class BackendReport(dict):
+    """``{name: BackendStatus}``; printed, it shows the backends and the op x backend matrix."""
+
+    def __str__(self) -> str:
+        from kdfast.ops.registry import format_matrix
+
+        lines = [f"{name:<7} {'yes' if st.available else 'no ':<4} {st.reason}" for name, st in self.items()]
+        return "\n".join([*lines, "", format_matrix()])
+
+
+def backends() -> BackendReport:
+    """Report every backend: ``{name: BackendStatus(available, reason)}``; ``print()`` it for the
+    op x backend matrix (which kernel each op has on each backend, and why one is missing)."""
+    return BackendReport(_STATUS)
 
 
 def resolve(backend: str, device: torch.device, *, has_cuda_kernel: bool = True) -> str:

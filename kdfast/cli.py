@@ -208,8 +208,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_backends(args: argparse.Namespace) -> int:
     import kdfast
 
-    for name, st in kdfast.backends().items():
-        print(f"{name:<7} {'yes' if st.available else 'no ':<4} {st.reason}")
+    print(kdfast.backends())  # the backends, then the op x backend matrix
     return 0
 
 

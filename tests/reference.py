@@ -35,36 +35,55 @@ def kd_loss_reference(
     alpha_mlm: float = 0.0,
     kind: str = "kl",
     reduction: str = "batchmean",
+    kd_rows: str = "all",
 ) -> Tensor:
     """Float64 oracle of :func:`kdfast.kd_loss`, written the obvious way.
 
-    For each counted row (label != ignore_index and mask != 0), with p = softmax(t / T) and
-    q = softmax(s / T):
+    KD rows K: mask != 0 (``kd_rows="all"``) or label != ignore_index and mask != 0
+    (``"masked"``); MLM rows M: label != ignore_index and mask != 0. With p = softmax(t / T) and
+    q = softmax(s / T), on each row of K
         kl:      T^2 * sum_j p_j (log p_j - log q_j)
         soft_ce: T^2 * -sum_j p_j log q_j
-    plus ``alpha_mlm`` * cross-entropy(s, label) at T = 1. ``batchmean``/``mean`` divide the
-    sum by the number of counted rows (0 when there are none), ``sum`` does not divide and
-    ``none`` returns the per-row losses (0 on uncounted rows). Differentiable by autograd.
+    times ``alpha_kd``, plus ``alpha_mlm`` * cross-entropy(s, label) at T = 1 on each row of M.
+    ``batchmean``/``mean`` divide each term's sum by its number of rows (0 when there are none),
+    ``sum`` does not divide and ``none`` returns the per-row losses (0 on uncounted rows).
+    Differentiable by autograd.
     """
     V = student_logits.shape[-1]
     s = student_logits.reshape(-1, V).double()
     t = teacher_logits.reshape(-1, V).double()
-    valid = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-    if labels is not None:
-        valid &= labels.reshape(-1) != ignore_index
-    if mask is not None:
-        valid &= mask.reshape(-1).bool()
+    kd_valid, mlm_valid = _kd_and_mlm_rows(s.shape[0], labels, mask, ignore_index, kd_rows, s.device)
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)
     if kind == "kl":
         rows = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
     else:
         rows = -(log_p.exp() * log_q).sum(-1)
-    rows = alpha_kd * temperature**2 * rows
+    return _kd_plus_mlm(alpha_kd * temperature**2 * rows, kd_valid, mlm_valid, s, labels, alpha_mlm, reduction,
+                        student_logits.shape[:-1])
+
+
+def _kd_and_mlm_rows(n: int, labels: Tensor | None, mask: Tensor | None, ignore_index: int, kd_rows: str,
+                     device: torch.device) -> tuple[Tensor, Tensor]:
+    """(K, M): the KD rows (``kd_rows`` "all": mask != 0; "masked": M) and the labelled rows M."""
+    kd_valid = torch.ones(n, dtype=torch.bool, device=device)
+    if mask is not None:
+        kd_valid &= mask.reshape(-1).bool()
+    mlm_valid = kd_valid.clone()
+    if labels is not None:
+        mlm_valid &= labels.reshape(-1) != ignore_index
+    return (mlm_valid if kd_rows == "masked" else kd_valid), mlm_valid
+
+
+def _kd_plus_mlm(kd: Tensor, kd_valid: Tensor, mlm_valid: Tensor, s: Tensor, labels: Tensor | None,
+                 alpha_mlm: float, reduction: str, lead_shape: torch.Size) -> Tensor:
+    """The KD rows reduced over K plus alpha_mlm * cross-entropy(s, labels) reduced over M."""
+    loss = reduce_rows(kd, kd_valid, reduction, lead_shape)
     if alpha_mlm:
-        safe_labels = torch.where(valid, labels.reshape(-1), 0)
-        rows = rows + alpha_mlm * F.cross_entropy(s, safe_labels, reduction="none")
-    return reduce_rows(rows, valid, reduction, student_logits.shape[:-1])
+        safe_labels = torch.where(mlm_valid, labels.reshape(-1), 0)
+        loss = loss + reduce_rows(alpha_mlm * F.cross_entropy(s, safe_labels, reduction="none"), mlm_valid,
+                                  reduction, lead_shape)
+    return loss
 
 
 def sparse_kd_loss_reference(
@@ -81,8 +100,11 @@ def sparse_kd_loss_reference(
     alpha_kd: float = 1.0,
     alpha_mlm: float = 0.0,
     reduction: str = "batchmean",
+    kd_rows: str = "all",
 ) -> Tensor:
     """Float64 oracle of :func:`kdfast.sparse_kd_loss`, written the obvious way (dense, autograd).
+
+    Rows as in :func:`kd_loss_reference` (KD over K, MLM over M, ``kd_rows``).
 
     topk: the kept teacher logits y_k = v_k / T are normalised by
     lse_t = max(teacher_logsumexp, logsumexp_k y_k) (just logsumexp_k y_k without
@@ -98,11 +120,7 @@ def sparse_kd_loss_reference(
     ids = teacher_ids.reshape(-1, K).long()
     vals = teacher_values.reshape(-1, K).double()
     N = s.shape[0]
-    valid = torch.ones(N, dtype=torch.bool, device=s.device)
-    if labels is not None:
-        valid &= labels.reshape(-1) != ignore_index
-    if mask is not None:
-        valid &= mask.reshape(-1).bool()
+    valid, mlm_valid = _kd_and_mlm_rows(N, labels, mask, ignore_index, kd_rows, s.device)
     # uncounted rows may hold anything: give them harmless ids and values
     ids = torch.where(valid[:, None], ids, torch.arange(K, device=s.device))
     vals = torch.where(valid[:, None], vals, torch.ones_like(vals))
@@ -123,11 +141,8 @@ def sparse_kd_loss_reference(
         w = vals / vals.sum(-1, keepdim=True)
         q_t = torch.zeros_like(s).scatter_add(1, ids, w)
         rows = (torch.xlogy(q_t, q_t) - q_t * log_q).sum(-1)
-    rows = alpha_kd * T**2 * rows
-    if alpha_mlm:
-        safe_labels = torch.where(valid, labels.reshape(-1), 0)
-        rows = rows + alpha_mlm * F.cross_entropy(s, safe_labels, reduction="none")
-    return reduce_rows(rows, valid, reduction, student_logits.shape[:-1])
+    return _kd_plus_mlm(alpha_kd * T**2 * rows, valid, mlm_valid, s, labels, alpha_mlm, reduction,
+                        student_logits.shape[:-1])
 
 
 def attention_mse_reference(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None,

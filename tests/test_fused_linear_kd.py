@@ -8,14 +8,15 @@ import torch
 import kdfast
 from tests.reference import kd_loss_reference, sparse_kd_loss_reference
 from kdfast.losses.fused_linear_kd import default_chunk_size
-from tests.conftest import CPU_BACKENDS
+from tests.helpers import backends_of
 
 # fp16 / bf16 hidden/weights only on cpu/torch (the interpreter's half arithmetic is not what a GPU does)
 DTYPES = {"triton": [torch.float32], "cpu": [torch.float32, torch.float16, torch.bfloat16],
           "torch": [torch.float32, torch.float16, torch.bfloat16]}
 # 16-bit: the gradients are rounded once to the input dtype (relative 2^-11 fp16, 2^-8 bf16 at most)
 TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
-SPARSE_BACKENDS = [b for b in CPU_BACKENDS if b in ("triton", "torch")]
+CPU_BACKENDS = backends_of("kd_rows")  # the kernels it runs on its chunks: every registered backend here
+SPARSE_BACKENDS = backends_of("sparse_kd_rows")
 
 V = 97
 D_S, D_T = 24, 40
@@ -81,10 +82,12 @@ DENSE_IDS = [f"{b}-{str(dt).replace('torch.', '')}-{'bias' if bias else 'nobias'
 
 
 @pytest.mark.parametrize("backend,dtype,bias", DENSE_CASES, ids=DENSE_IDS)
-def test_dense_teacher_matches_reference(backend, dtype, bias):
-    """KD + MLM on labelled, unmasked rows, differing hidden sizes, chunks not dividing the rows."""
+@pytest.mark.parametrize("kd_rows", ["all", "masked"])
+def test_dense_teacher_matches_reference(backend, dtype, bias, kd_rows):
+    """KD (on the unmasked or the labelled, unmasked rows) + MLM on labelled, unmasked rows, differing
+    hidden sizes, chunks not dividing the rows."""
     h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(dtype, bias=bias)
-    kw = dict(temperature=2.0, alpha_kd=0.7, alpha_mlm=0.4)
+    kw = dict(temperature=2.0, alpha_kd=0.7, alpha_mlm=0.4, kd_rows=kd_rows)
     ours = run_ours(h_s, w_s, b_s, 1.7, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels,
                     mask=mask, chunk_size=4, backend=backend, **kw)
     t = dense_logits(h_t, w_t, b_t)
@@ -117,13 +120,13 @@ def test_all_rows_and_soft_ce_without_labels():
 def test_restrict_to_masked_false_uses_every_unmasked_row():
     h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(torch.float32)
     ours = run_ours(h_s, w_s, b_s, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels,
-                    mask=mask, restrict_to_masked=False, temperature=2.0, chunk_size=8)
+                    mask=mask, kd_rows="all", temperature=2.0, chunk_size=8)
     t = dense_logits(h_t, w_t, b_t)
     ref = run_reference(h_s, w_s, b_s, lambda s: kd_loss_reference(s, t, mask=mask.reshape(-1), temperature=2.0))
     assert_all_close(ours, ref, torch.float32)
 
 
-# --- KD over every counted row, MLM over the labelled ones (restrict_to_masked=False, alpha_mlm != 0) ----------
+# --- KD over every counted row, MLM over the labelled ones (kd_rows="all", alpha_mlm != 0) ----------
 
 def kd_all_mlm_labelled_reference(s, kd_ref_fn, labels, mask, alpha_mlm):
     """alpha_kd T^2 KL averaged over the rows with mask != 0 (``kd_ref_fn``, alpha_mlm 0 there)
@@ -145,7 +148,7 @@ def test_kd_on_every_row_mlm_on_labelled_rows_matches_reference(backend, dtype, 
     h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(dtype, bias=bias)
     kw = dict(temperature=2.0, alpha_kd=0.7)
     ours = run_ours(h_s, w_s, b_s, 1.7, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels,
-                    mask=mask, alpha_mlm=0.4, restrict_to_masked=False, chunk_size=4, backend=backend, **kw)
+                    mask=mask, alpha_mlm=0.4, kd_rows="all", chunk_size=4, backend=backend, **kw)
     t = dense_logits(h_t, w_t, b_t)
     ref = run_reference(h_s, w_s, b_s, lambda s: kd_all_mlm_labelled_reference(
         s, lambda s: kd_loss_reference(s, t, mask=mask, **kw), labels, mask, 0.4), 1.7)
@@ -162,7 +165,7 @@ def test_kd_on_every_row_mlm_chunking_and_no_mask(backend, chunk, with_mask):
     mask = mask if with_mask else None
     kw = dict(temperature=1.5, alpha_kd=1.3, kind="soft_ce" if chunk == 3 else "kl")
     ours = run_ours(h_s, w_s, b_s, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels,
-                    mask=mask, alpha_mlm=0.8, restrict_to_masked=False, chunk_size=chunk, backend=backend, **kw)
+                    mask=mask, alpha_mlm=0.8, kd_rows="all", chunk_size=chunk, backend=backend, **kw)
     t = dense_logits(h_t, w_t, b_t)
     ref = run_reference(h_s, w_s, b_s, lambda s: kd_all_mlm_labelled_reference(
         s, lambda s: kd_loss_reference(s, t, mask=mask, **kw), labels, mask, 0.8))
@@ -176,7 +179,7 @@ def test_kd_on_every_row_mlm_sparse_teacher(backend):
     ids, vals, lse = kdfast.sparsify_teacher_logits(dense_logits(h_t, w_t, b_t).float(), 8, temperature=T)
     ours = run_ours(h_s, w_s, b_s, 0.6, teacher_sparse=(ids.reshape(*LEAD, 8), vals.reshape(*LEAD, 8),
                                                         lse.reshape(LEAD)),
-                    labels=labels, mask=mask, temperature=T, alpha_mlm=0.3, restrict_to_masked=False, chunk_size=5,
+                    labels=labels, mask=mask, temperature=T, alpha_mlm=0.3, kd_rows="all", chunk_size=5,
                     backend=backend)
     ref = run_reference(h_s, w_s, b_s, lambda s: kd_all_mlm_labelled_reference(
         s, lambda s: sparse_kd_loss_reference(s, ids, vals, teacher_logsumexp=lse, mask=mask.reshape(-1),
@@ -192,23 +195,23 @@ def test_kd_on_every_row_mlm_edge_row_sets():
     kw = dict(student_bias=b_s, teacher_bias=b_t, mask=mask, temperature=2.0, backend="torch")
     kd_only = f(h_s, w_s, h_t, w_t, **kw)
     none = torch.full_like(labels, -100)
-    torch.testing.assert_close(f(h_s, w_s, h_t, w_t, labels=none, alpha_mlm=0.5, restrict_to_masked=False, **kw),
+    torch.testing.assert_close(f(h_s, w_s, h_t, w_t, labels=none, alpha_mlm=0.5, kd_rows="all", **kw),
                                kd_only)
     every = torch.randint(0, V, labels.shape)
-    torch.testing.assert_close(f(h_s, w_s, h_t, w_t, labels=every, alpha_mlm=0.5, restrict_to_masked=False, **kw),
-                               f(h_s, w_s, h_t, w_t, labels=every, alpha_mlm=0.5, **kw))
+    torch.testing.assert_close(f(h_s, w_s, h_t, w_t, labels=every, alpha_mlm=0.5, kd_rows="all", **kw),
+                               f(h_s, w_s, h_t, w_t, labels=every, alpha_mlm=0.5, kd_rows="masked", **kw))
     bad = labels.clone()
     bad[~mask] = V + 5  # masked-out rows: not KD rows, not MLM rows
-    torch.testing.assert_close(f(h_s, w_s, h_t, w_t, labels=bad, alpha_mlm=0.5, restrict_to_masked=False, **kw),
-                               f(h_s, w_s, h_t, w_t, labels=labels, alpha_mlm=0.5, restrict_to_masked=False, **kw))
+    torch.testing.assert_close(f(h_s, w_s, h_t, w_t, labels=bad, alpha_mlm=0.5, kd_rows="all", **kw),
+                               f(h_s, w_s, h_t, w_t, labels=labels, alpha_mlm=0.5, kd_rows="all", **kw))
     bad[mask & (labels != -100)] = V
     with pytest.raises(ValueError, match="labels must lie"):
-        f(h_s, w_s, h_t, w_t, labels=bad, alpha_mlm=0.5, restrict_to_masked=False, **kw)
-    mod = kdfast.FusedLinearKDLoss(2.0, alpha_mlm=0.5, restrict_to_masked=False, chunk_size=3, backend="torch")
+        f(h_s, w_s, h_t, w_t, labels=bad, alpha_mlm=0.5, kd_rows="all", **kw)
+    mod = kdfast.FusedLinearKDLoss(2.0, alpha_mlm=0.5, kd_rows="all", chunk_size=3, backend="torch")
     with torch.no_grad():  # the module form, loss only
         torch.testing.assert_close(mod(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, labels=labels,
                                        mask=mask),
-                                   f(h_s, w_s, h_t, w_t, labels=labels, alpha_mlm=0.5, restrict_to_masked=False, **kw))
+                                   f(h_s, w_s, h_t, w_t, labels=labels, alpha_mlm=0.5, kd_rows="all", **kw))
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -216,7 +219,7 @@ def test_all_rows_masked_gives_zero_not_nan(backend):
     h_s, w_s, b_s, h_t, w_t, b_t, labels, _ = make_inputs(torch.float32)
     labels = torch.full_like(labels, -100)
     loss, gh, gw, gb = run_ours(h_s, w_s, b_s, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t,
-                                labels=labels, backend=backend)
+                                labels=labels, kd_rows="masked", backend=backend)
     assert loss.item() == 0.0
     for g in (gh, gw, gb):
         assert g is not None and bool((g == 0).all())
@@ -378,7 +381,7 @@ def test_low_precision_gemm_path_matches_reference(monkeypatch, dtype, chunk):
     monkeypatch.setattr(flkd, "_mm_fp32_out", emulated)
     h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = make_inputs(dtype)
     w_t, b_t, h_t = w_t.to(dtype), b_t.to(dtype), h_t.to(dtype)  # a 16-bit teacher head too
-    kw = dict(temperature=2.0, alpha_kd=0.8, alpha_mlm=0.3)
+    kw = dict(temperature=2.0, alpha_kd=0.8, alpha_mlm=0.3, kd_rows="masked")  # the labelled rows: chunks below
     ours = run_ours(h_s, w_s, b_s, 1.3, teacher_hidden=h_t, teacher_weight=w_t, teacher_bias=b_t, labels=labels,
                     mask=mask, chunk_size=chunk, backend="torch", **kw)
     assert calls, "the fp32-output GEMM path was not taken"
@@ -414,7 +417,7 @@ def test_non_finite_teacher_in_an_uncounted_row_is_ignored():
     uncounted = (~((labels != -100) & mask)).nonzero()[0].tolist()
     h_t[tuple(uncounted)] = float("nan")
     loss = kdfast.fused_linear_kd_loss(h_s, w_s, h_t, w_t, student_bias=b_s, teacher_bias=b_t, labels=labels,
-                                       mask=mask)
+                                       mask=mask, kd_rows="masked")
     assert torch.isfinite(loss)
 
 

@@ -426,7 +426,7 @@ def test_attention_kl_value_errors_name_the_score_arguments(backend):
 def test_triton_chunked_rows_match_the_single_block_numerics():
     """Rows longer than one block fold chunk by chunk (the GPU path for BERT's 30522 vocabulary):
     the centred statistics and the small-KL pass must survive the merge."""
-    from kdfast.kernels.triton.kd_loss import kd_fwd_bwd_triton
+    from kdfast.ops.logit_kd.triton import kd_fwd_bwd_triton
 
     g = torch.Generator().manual_seed(14)
     s, t = torch.randn(4, V, generator=g) * 4, torch.randn(4, V, generator=g) * 4

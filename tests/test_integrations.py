@@ -261,10 +261,10 @@ def test_bf16_autocast_step_logs_the_float32_terms_to_bf16_rounding(tmp_path):
     assert all(p.dtype == torch.float32 for p in [*student.parameters(), *criterion.parameters()])
 
 
-@pytest.mark.parametrize("script", ["plain_loop.py", "trainer.py"])
-def test_examples_run_and_the_student_learns(script, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("script, flags", [("plain_loop.py", []), ("trainer.py", []), ("trainer.py", ["--from-cache"])])
+def test_examples_run_and_the_student_learns(script, flags, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(EXAMPLES))
-    monkeypatch.setattr(sys, "argv", [script, "--steps", "6", "--out", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", [script, "--steps", "6", "--out", str(tmp_path), *flags])
     runpy.run_path(str(EXAMPLES / script), run_name="__main__")
     last = capsys.readouterr().out.strip().splitlines()[-1]
     first_loss, last_loss = (float(x) for x in last.split("loss ")[1].split(" (")[0].split(";")[0].split(" -> "))
@@ -273,6 +273,7 @@ def test_examples_run_and_the_student_learns(script, tmp_path, monkeypatch, caps
     _, info = BertForMaskedLM.from_pretrained(student_dir, output_loading_info=True)
     assert not info["unexpected_keys"] and not info["missing_keys"]
     assert (student_dir / PROJECTIONS_FILE).is_file()
+    assert (tmp_path / "teacher-cache" / "manifest.json").is_file() == ("--from-cache" in flags)
 
 
 def _ddp_worker(out: str, world: int) -> None:

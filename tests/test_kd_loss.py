@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 import kdfast
 from tests.reference import kd_loss_reference
-from tests.conftest import CPU_BACKENDS
-from tests.helpers import TOL_LOGITS
+from tests.helpers import TOL_LOGITS, backends_of
 from tests.helpers import assert_close as _assert_close
 
 assert_close = partial(_assert_close, tol=TOL_LOGITS)
+CPU_BACKENDS = backends_of("kd_rows")  # every registered kd_rows backend that runs here
 
 # Triton under the interpreter computes in numpy with fp32 loads; bf16 arithmetic in the
 # interpreter is unreliable, so bf16 runs on the C++ CPU kernel and torch here, Triton on GPU.
@@ -89,7 +89,7 @@ def test_reductions_and_leading_shape(backend, reduction):
 def test_all_masked_rows_give_zero_not_nan(backend, reduction):
     s, t, labels, _ = make_inputs(9, 300, torch.float32, masked=False)
     labels[:] = -100
-    loss, grad = run(s, t, temperature=2.0, labels=labels, reduction=reduction, backend=backend)
+    loss, grad = run(s, t, temperature=2.0, labels=labels, kd_rows="masked", reduction=reduction, backend=backend)
     assert torch.equal(loss, torch.zeros_like(loss))
     assert torch.equal(grad, torch.zeros_like(grad))
     mask = torch.zeros(9, dtype=torch.bool)
@@ -104,10 +104,11 @@ def test_masked_rows_are_never_read(backend):
     uncounted = (labels == -100) | ~mask
     t[uncounted] = float("nan")
     s[uncounted] = float("inf")
-    loss, grad = run(s, t, temperature=2.0, labels=labels, mask=mask, backend=backend)
+    loss, grad = run(s, t, temperature=2.0, labels=labels, mask=mask, kd_rows="masked", backend=backend)
     s_clean = torch.where(uncounted[:, None], 0.0, s)
     t_clean = torch.where(uncounted[:, None], 0.0, t)
-    ref_loss, ref_grad = reference_loss_and_grad(s_clean, t_clean, temperature=2.0, labels=labels, mask=mask)
+    ref_loss, ref_grad = reference_loss_and_grad(s_clean, t_clean, temperature=2.0, labels=labels, mask=mask,
+                                                 kd_rows="masked")
     assert_close(loss, ref_loss, torch.float32, "loss")
     assert_close(grad, ref_grad, torch.float32, "grad")
 
@@ -159,7 +160,7 @@ def test_triton_chunked_path_matches_single_block():
     """Rows longer than the block are folded chunk by chunk (the GPU path for V=30522)."""
     if "triton" not in CPU_BACKENDS:
         pytest.skip("triton backend not available here")
-    from kdfast.kernels.triton.kd_loss import kd_fwd_bwd_triton
+    from kdfast.ops.logit_kd.triton import kd_fwd_bwd_triton
 
     for V, block in ((30522, 4096), (1000, 128)):
         s, t, labels, mask = make_inputs(11, V, torch.float32)
@@ -170,7 +171,7 @@ def test_triton_chunked_path_matches_single_block():
             l_chunk = kd_fwd_bwd_triton(s, t, labels, w, g_chunk, T, 1.0, alpha_mlm, soft_ce, block_v=block)
             ref_loss, ref_grad = reference_loss_and_grad(s, t, temperature=T, labels=labels, mask=mask,
                                                          alpha_mlm=alpha_mlm, kind="soft_ce" if soft_ce else "kl",
-                                                         reduction="sum")
+                                                         reduction="sum", kd_rows="masked")  # the rows of w
             assert_close(l_chunk.sum(), ref_loss, torch.float32, "chunked loss")
             assert_close(g_chunk, ref_grad, torch.float32, "chunked grad")
             assert_close(l_single.sum(), ref_loss, torch.float32, "single-block loss")

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import kdfast
-from tests.conftest import CPU_BACKENDS
+from tests.helpers import backends_of
+
+CPU_BACKENDS = backends_of("kd_rows")
 
 
 @pytest.fixture
@@ -75,3 +77,21 @@ def test_cuda_backend_refuses_cpu_tensors_clearly(logits):
         assert not status.available and status.reason
     with pytest.raises(ValueError, match="cuda"):
         kdfast.kd_loss(s, t, backend="cuda")
+
+
+def test_compiled_op_refuses_bad_arguments_with_value_error():
+    """The C++ op's own checks (csrc/ops/logit_kd/kd_args.h) raise ValueError, as the Python checks do."""
+    if not kdfast.backends()["cpu"].available:
+        pytest.skip("the compiled CPU kernel is not built here: " + kdfast.backends()["cpu"].reason)
+    s, t = torch.randn(4, 9), torch.randn(4, 9)
+    labels, w = torch.zeros(4, dtype=torch.long), torch.ones(4)
+    op = torch.ops.kdfast.kd_fwd_bwd
+    with pytest.raises(ValueError, match="must have the same shape"):
+        op(s, t[:, :8], labels, w, torch.empty_like(s), 2.0, 1.0, 0.0, False)
+    with pytest.raises(ValueError, match="labels must be contiguous int64"):
+        op(s, t, labels.int(), w, torch.empty_like(s), 2.0, 1.0, 0.0, False)
+    with pytest.raises(ValueError, match=r"labels of counted rows must lie in \[0, 9\)"):
+        op(s, t, torch.tensor([0, 9, 1, 2]), w, torch.empty_like(s), 2.0, 1.0, 0.5, False)
+    grad = torch.empty_like(s)
+    rows = op(s, t, labels, w, grad, 2.0, 1.0, 0.0, False)  # and good arguments still run
+    assert rows.shape == (4,) and torch.isfinite(rows).all() and torch.isfinite(grad).all()

@@ -59,3 +59,15 @@ def test_every_family_registers_a_torch_implementation_of_each_op():
         assert "torch" in registry.impls(op), f"{op} has no torch implementation"
     text = registry.format_matrix()
     assert all(op in text for op in names)
+
+
+def test_kdfast_backends_prints_the_op_matrix():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "kdfast.cli", "backends"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for op in registry.ops():
+        assert op in out.stdout
+    assert str(kdfast.backends()) == out.stdout.rstrip("\n")
+    assert kdfast.backends()["torch"].available  # still the {name: BackendStatus} mapping

@@ -10,14 +10,13 @@ import torch
 
 import kdfast
 from tests.reference import kd_loss_reference, sparse_kd_loss_reference
-from tests.conftest import CPU_BACKENDS
-from tests.helpers import TOL_LOGITS
+from tests.helpers import TOL_LOGITS, backends_of
 from tests.helpers import assert_close as _assert_close
 
 assert_close = partial(_assert_close, tol=TOL_LOGITS)
 
-# No compiled C++ kernel for this loss: Triton (interpreter here) and eager torch.
-BACKENDS = [b for b in ("triton", "torch") if b in CPU_BACKENDS]
+# every registered sparse_kd_rows backend that runs here (no compiled C++ kernel yet: Triton, torch)
+BACKENDS = backends_of("sparse_kd_rows")
 FORMS = ["topk", "topk_lse", "sampled"]  # topk without / with the teacher's log-normaliser
 
 
@@ -117,7 +116,7 @@ def test_all_masked_gives_zero_and_masked_rows_are_never_read(backend):
         bad = torch.tensor([1, 4, 6])
         s2, ids2, vals2 = s.clone(), ids.clone(), vals.clone()
         s2[bad], ids2[bad], vals2[bad] = float("inf"), -7, float("nan")
-        kw = dict(temperature=2.0, labels=labels, mask=mask, **extra)
+        kw = dict(temperature=2.0, labels=labels, mask=mask, kd_rows="masked", **extra)  # rows 1, 4: no label
         if "teacher_logsumexp" in kw:
             kw["teacher_logsumexp"] = kw["teacher_logsumexp"].clone()
             kw["teacher_logsumexp"][bad] = float("nan")
@@ -236,7 +235,7 @@ def test_triton_chunked_path_matches_reference():
     """Rows longer than the block are folded chunk by chunk (the GPU path for V = 30522)."""
     if "triton" not in BACKENDS:
         pytest.skip("triton backend not available here")
-    from kdfast.kernels.triton.sparse_kd import sparse_kd_fwd_bwd_triton
+    from kdfast.ops.sparse_kd.triton import sparse_kd_fwd_bwd_triton
 
     for V, block in ((30522, 8192), (1000, 128)):
         for form in FORMS:
@@ -246,7 +245,7 @@ def test_triton_chunked_path_matches_reference():
             rows = sparse_kd_fwd_bwd_triton(s, ids.long(), vals, extra.get("teacher_logsumexp"), labels, w, g, 2.0,
                                             1.0, 0.5, form == "sampled", block_v=block)
             ref_loss, ref_grad = reference(s, ids, vals, temperature=2.0, labels=labels, mask=mask, alpha_mlm=0.5,
-                                           reduction="sum", **extra)
+                                           reduction="sum", kd_rows="masked", **extra)  # the rows of w
             assert_close(rows.sum(), ref_loss, torch.float32, f"{form} chunked loss")
             assert_close(g, ref_grad, torch.float32, f"{form} chunked grad")
 
@@ -269,7 +268,7 @@ def test_confident_student_rest_bucket_stays_accurate(backend):
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=0)
     assert_close(grad, ref_grad, torch.float32, "grad")
     if backend == "triton":
-        from kdfast.kernels.triton.sparse_kd import sparse_kd_fwd_bwd_triton
+        from kdfast.ops.sparse_kd.triton import sparse_kd_fwd_bwd_triton
 
         g = torch.empty_like(s)
         rows = sparse_kd_fwd_bwd_triton(s, ids.long(), vals, lse, torch.zeros(N, dtype=torch.long), torch.ones(N),

@@ -1,5 +1,5 @@
 // Vectorised row functions shared by the CPU kernels (at::vec inside one row; the callers
-// parallelise over rows): the logit-distillation row of kd_loss_cpu.cpp, which the flash
+// parallelise over rows): the logit-distillation row of csrc/ops/logit_kd/cpu.cpp, which the flash
 // attention transfer also runs on each row of a score strip, and the weighted squared-error
 // row that is both the hidden-MSE epilogue and the attention MSE; plus the row bookkeeping
 // (task grain, strided [B, H, L, d] rows, dtype widening) that every kernel shares.

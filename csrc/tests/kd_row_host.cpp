@@ -1,4 +1,4 @@
-// Host replay of the CUDA kernel's row algorithm (csrc/cuda/kd_loss.cu), for tests on machines
+// Host replay of the CUDA kernel's row algorithm (csrc/ops/logit_kd/cuda.cu), for tests on machines
 // without a GPU: kThreads "threads" each fold a strided share of the row with KdRowStats::add,
 // the shares are merged in the kernel's order (warp tree, then warps in sequence), and loss and
 // gradient come from the same kd_row_coeffs / kd_row_loss / kd_grad_elem the kernel calls.

@@ -126,12 +126,12 @@ def entries(device: torch.device, tokens: tuple[int, int], d_s: int, temperature
     for be in ours:
         out.append(Entry(SUITE, case, f"kdfast-{be}", _step(
             lambda h, w, b, be=be: kdfast.fused_linear_kd_loss(h, w, h_t, w_t, student_bias=b, teacher_bias=b_t,
-                                                               labels=labels, temperature=T, backend=be),
+                                                               labels=labels, kd_rows="masked", temperature=T, backend=be),
             h_s, w_s, b_s)))
     be = ours[0]
     out.append(Entry(SUITE, case, f"kdfast-{be} liger-chunks({liger})", _step(
         lambda h, w, b: kdfast.fused_linear_kd_loss(h, w, h_t, w_t, student_bias=b, teacher_bias=b_t, labels=labels,
-                                                    temperature=T, backend=be, chunk_size=liger),
+                                                    temperature=T, backend=be, chunk_size=liger, kd_rows="masked"),
         h_s, w_s, b_s)))
     return out
 

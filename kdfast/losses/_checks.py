@@ -169,3 +169,43 @@ def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, what
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels accumulate in: float64 for float64 inputs, float32 for every other."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# Which rows the KD term of a logit loss counts (issue 14: an explicit choice, never implied by labels).
+KD_ROWS = ("all", "masked")
+
+
+def select_logit_rows(kd_rows: str, labels: Tensor | None, mask: Tensor | None, n_rows: int, vocab: int,
+                      ignore_index: int, alpha_mlm: float, device: torch.device,
+                      checks: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The rows the KD and MLM terms of a logit loss count: ``(labels_flat, kd_rows, mlm_rows)``.
+
+    K (``kd_rows`` mask [N]): ``"all"``: every row with ``mask != 0``; ``"masked"``: the rows with
+    ``labels != ignore_index`` and ``mask != 0`` (needs ``labels``). M, the MLM rows: labelled
+    rows with ``mask != 0``. ``mlm_rows`` is None when the MLM term runs on the KD rows in the same
+    kernel pass (``"masked"``, or no MLM term), else M (``"all"`` with ``alpha_mlm != 0``).
+    ``labels_flat`` [N] int64 (zeros without labels). Labels outside [0, V) raise ValueError when
+    ``checks`` (`value_checks_enabled`) run; otherwise their rows leave M (and K under
+    ``"masked"``), so no kernel reads outside a row.
+    """
+    check_choice("kd_rows", kd_rows, KD_ROWS)
+    if kd_rows == "masked" and labels is None:
+        raise ValueError("kd_rows='masked' counts the rows with a label: it needs labels")
+    kd = torch.ones(n_rows, dtype=torch.bool, device=device) if mask is None else mask.reshape(-1).bool()
+    if labels is None:
+        return torch.zeros(n_rows, dtype=torch.int64, device=device), kd, None
+    labels_flat = labels.reshape(-1).to(torch.int64)
+    labelled = labels_flat != ignore_index
+    if checks:
+        check_labels_in_range(labels_flat, labelled, vocab, ignore_index)
+    elif alpha_mlm != 0:
+        labelled = labelled & (labels_flat >= 0) & (labels_flat < vocab)  # unchecked: drop, never read outside
+    if kd_rows == "masked":
+        return labels_flat, kd & labelled, None
+    return labels_flat, kd, (kd & labelled) if alpha_mlm != 0 else None
+
+
+def row_weights(counted: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    """Kernel row weights: 1 on counted rows (0 elsewhere), divided by their number for the means."""
+    w = counted.to(dtype)
+    return w / w.sum().clamp_min(1) if reduction in ("batchmean", "mean") else w

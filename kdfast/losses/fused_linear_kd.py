@@ -22,10 +22,10 @@ multiplies them by ``grad_output`` (and skips even that when it is exactly 1). P
 the inputs is 2 C V (logits buffers) + V d_s (grad_W, which a trained head needs anyway) +
 N d_s; the N x V logits never exist.
 
-Only rows that count are projected: with ``restrict_to_masked`` and ``labels``, the rows with
+Only rows that count are projected: with ``kd_rows="masked"``, the rows with
 ``labels != ignore_index`` are gathered first (about 15% of the tokens under BERT's masking), so
 the GEMMs shrink by the same factor against "full logits, then select the masked rows".
-With ``restrict_to_masked=False`` and an MLM term (DistilBERT: KD on every real token, MLM on
+With ``kd_rows="all"`` and an MLM term (DistilBERT: KD on every real token, MLM on
 the masked ones) the labelled rows are gathered first, then the other counted rows; each chunk's
 logits are computed once and the KD kernel runs with the MLM term on the labelled prefix and
 without it on the rest (two kernel calls only in the chunk that straddles the boundary).
@@ -53,17 +53,18 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
 
-from kdfast import backend as _backend
-from kdfast.losses import sparse_kd as _sparse
 from kdfast.losses._autograd import scale_stored_grad
-from kdfast.losses._checks import (check_choice, check_number, check_row_tensor, check_tensor,
+from kdfast.losses._checks import (KD_ROWS, acc_dtype, check_choice, check_number, check_row_tensor, check_tensor,
                                    check_temperature, value_checks_enabled)
-from kdfast.losses.sparse_kd import TOPK_MAX_TEMPERATURE
-from kdfast.losses.kd import KINDS, _kd_fwd_bwd
+from kdfast.losses.kd import KINDS
+from kdfast.losses.sparse_kd import TOPK_MAX_TEMPERATURE, check_sparse_teacher_rows, check_teacher_ids
+from kdfast.ops import logit_kd, registry
+from kdfast.ops import sparse_kd as sparse_kd_ops
 
 SPARSE_MODES = ("topk", "sampled")
 
@@ -168,14 +169,15 @@ class _FusedLinearKDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, sparse, labels, row_weight, temperature, alpha_kd, alpha_mlm,
-                n_mlm, soft_ce, backend, chunk, want_grad, lowp_s, lowp_t):
-        # ``sparse`` is (ids, values, lse or None, sampled) or None. ``n_mlm``: only the first n_mlm rows carry
+                n_mlm, soft_ce, kernel, chunk, want_grad, lowp_s, lowp_t):
+        # ``sparse`` is (ids, values, lse or None, sampled) or None; ``kernel`` the registry's kd_rows or
+        # sparse_kd_rows implementation accordingly. ``n_mlm``: only the first n_mlm rows carry
         # the MLM term (alpha_mlm), the rest KD alone (n_mlm = n: every row). ``want_grad``: grad mode was on at the
         # call (inside forward it is always off); under no_grad only the loss is computed. ``lowp_s`` /
         # ``lowp_t``: the student's / teacher's 16-bit head stays 16-bit (fp32-output GEMMs), else it is
         # cast to the accumulation dtype once here.
         need_h, need_w, need_b = (want_grad and ctx.needs_input_grad[i] for i in range(3))
-        acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(h_s.dtype)
         n, d_s = h_s.shape
         V = w_s.shape[0]
         dev = h_s.device
@@ -216,14 +218,13 @@ class _FusedLinearKDFunction(torch.autograd.Function):
                         continue
                     r0, r1 = start + lo, start + hi
                     if sparse is None:
-                        rows = _kd_fwd_bwd(backend, ls[lo:hi], lt[lo:hi], labels[r0:r1], row_weight[r0:r1],
-                                           ls[lo:hi], temperature, alpha_kd, a_mlm, soft_ce)
+                        rows = kernel(ls[lo:hi], lt[lo:hi], labels[r0:r1], row_weight[r0:r1], ls[lo:hi],
+                                      temperature, alpha_kd, a_mlm, soft_ce)
                     else:
                         ids, vals, lse, sampled = sparse
-                        rows = _sparse._sparse_kd_fwd_bwd(backend, ls[lo:hi], ids[r0:r1], vals[r0:r1],
-                                                          None if lse is None else lse[r0:r1], labels[r0:r1],
-                                                          row_weight[r0:r1], ls[lo:hi], temperature, alpha_kd, a_mlm,
-                                                          sampled)
+                        rows = kernel(ls[lo:hi], ids[r0:r1], vals[r0:r1], None if lse is None else lse[r0:r1],
+                                      labels[r0:r1], row_weight[r0:r1], ls[lo:hi], temperature, alpha_kd, a_mlm,
+                                      sampled)
                     total += rows.sum().to(acc)
                 g = ls  # now the gradient wrt this chunk's student logits
                 if need_b:
@@ -299,7 +300,7 @@ def _unpack_sparse(teacher_sparse, sparse_mode, lead, V, device):
     lse = teacher_sparse[2] if len(teacher_sparse) == 3 else None
     if lse is not None and sparse_mode != "topk":
         raise ValueError("teacher_sparse has a logsumexp (3 entries), which only sparse_mode='topk' uses")
-    ids = _sparse._check_ids("teacher_sparse ids", ids, lead, device)
+    ids = check_teacher_ids("teacher_sparse ids", ids, lead, device)
     K = ids.shape[-1]
     if K == 0 or K > V:
         raise ValueError(f"teacher_sparse ids keep K = {K} ids per row; need 1 <= K <= V = {V} "
@@ -313,6 +314,22 @@ def _unpack_sparse(teacher_sparse, sparse_mode, lead, V, device):
         lse = check_row_tensor("teacher_sparse logsumexp", lse, lead, device)
         check_tensor("teacher_sparse logsumexp", lse, min_dim=0)
     return ids, vals, lse, sparse_mode
+
+
+def _kd_rows_argument(kd_rows: str | None, restrict_to_masked: bool | None, has_labels: bool) -> str:
+    """``kd_rows`` from it and its deprecated alias ``restrict_to_masked`` (default ``"all"``)."""
+    if restrict_to_masked is not None:
+        if kd_rows is not None:
+            raise ValueError("give kd_rows or restrict_to_masked (its deprecated alias), not both")
+        warnings.warn("restrict_to_masked is deprecated: use kd_rows='masked' (True) or kd_rows='all' (False)",
+                      DeprecationWarning, stacklevel=3)
+        # True without labels always meant every row with mask != 0
+        return "masked" if restrict_to_masked and has_labels else "all"
+    kd_rows = "all" if kd_rows is None else kd_rows
+    check_choice("kd_rows", kd_rows, KD_ROWS)
+    if kd_rows == "masked" and not has_labels:
+        raise ValueError("kd_rows='masked' counts the rows with a label: it needs labels")
+    return kd_rows
 
 
 # --- public API ----------------------------------------------------------------------------------
@@ -333,7 +350,8 @@ def fused_linear_kd_loss(
     temperature: float = 1.0,
     alpha_kd: float = 1.0,
     alpha_mlm: float = 0.0,
-    restrict_to_masked: bool = True,
+    kd_rows: str | None = None,
+    restrict_to_masked: bool | None = None,
     chunk_size: int | None = None,
     kind: str = "kl",
     backend: str = "auto",
@@ -344,22 +362,21 @@ def fused_linear_kd_loss(
     with ``reduction="batchmean"`` (or :func:`kdfast.sparse_kd_loss` against ``teacher_sparse``),
     without materialising either logits tensor; see the module docstring for the algorithm.
 
-    Which rows count (are projected at all):
-    - ``restrict_to_masked=True`` (default; DistilBERT's ``restrict_ce_to_mask``): rows with
-      ``labels != ignore_index`` (and ``mask != 0``); without ``labels``, every row with
-      ``mask != 0``. Both the KD and the MLM term are averaged over these rows, as in
-      :func:`kdfast.kd_loss`.
-    - ``restrict_to_masked=False``: KD over every row with ``mask != 0`` whatever its label
-      (DistilBERT's default, over the attention mask), and the MLM term over those of them with
-      a label, in the same pass over the vocabulary chunks (each row's logits are computed once;
-      the kernel's log-sum-exp at T = 1 and the logit at the label give the cross-entropy):
+    Which rows count (are projected at all), ``kd_rows`` (default ``"all"``; as in :func:`kdfast.kd_loss`):
+    - ``"all"``: KD over every row with ``mask != 0`` whatever its label (DistilBERT's default,
+      over the attention mask), and the MLM term over those of them with a label, in the same
+      pass over the vocabulary chunks (each row's logits are computed once; the kernel's
+      log-sum-exp at T = 1 and the logit at the label give the cross-entropy).
+    - ``"masked"`` (DistilBERT's ``restrict_ce_to_mask``; needs ``labels``): KD and MLM over the
+      rows with ``labels != ignore_index`` and ``mask != 0``.
 
           loss = alpha_kd * T^2 / |K| * sum_{r in K} KL(softmax(t_r / T) || softmax(s_r / T))
                  + alpha_mlm / |M| * sum_{r in M} (logsumexp(s_r) - s_r[label_r])
 
-      with K = {r : mask_r != 0} (every row without ``mask``) and
-      M = {r in K : label_r != ignore_index}; a term whose row set is empty is 0. (With
-      ``restrict_to_masked=True`` this is the same formula with K = M.)
+      with K = {r : mask_r != 0} (every row without ``mask``) for ``"all"``, K = M for
+      ``"masked"``, and M = {r in K : label_r != ignore_index}; a term whose row set is empty is 0.
+    ``restrict_to_masked`` is the deprecated spelling (DeprecationWarning): True is ``"masked"``
+    (``"all"`` without ``labels``, as it always was), False is ``"all"``; giving both is an error.
     With no counted row the loss is 0 (and the gradients 0), never NaN.
 
     Args:
@@ -376,7 +393,8 @@ def fused_linear_kd_loss(
             (sampled) as :func:`kdfast.sparsify_teacher_logits` returns them, shapes [..., K]
             and [...]. ``sparse_mode`` ("topk" / "sampled") overrides the inference from the
             tuple's length (e.g. ``sparse_mode="topk"`` with ``(ids, values)``: no rest bucket).
-        labels: [...] int MLM targets; ``ignore_index`` marks rows without one.
+        labels: [...] int MLM targets; ``ignore_index`` marks rows without one. They never change
+            which rows the KD term counts: ``kd_rows`` does.
         mask: [...] attention mask; rows where it is 0 never count.
         temperature, alpha_kd, alpha_mlm, kind: as in :func:`kdfast.kd_loss` (``kind="soft_ce"``
             only with a dense teacher).
@@ -395,7 +413,8 @@ def fused_linear_kd_loss(
         ``student_weight`` and ``teacher_weight``, dtype / device mismatches, a temperature outside
         [1e-2, 1e4] (a top-k teacher: [1e-2, 20], as sparse_kd_loss), non-numeric or non-finite alphas,
         neither or both of ``teacher_hidden`` and ``teacher_sparse``, unknown kind / backend /
-        sparse_mode, bad chunk_size; and, where the value checks run
+        sparse_mode / kd_rows, ``kd_rows="masked"`` without labels, both ``kd_rows`` and
+        ``restrict_to_masked``, bad chunk_size; and, where the value checks run
         (:func:`kdfast.losses._checks.value_checks_enabled`: CPU tensors, CUDA on request),
         labels or sparse ids out of [0, V), NaN / Inf in the counted rows of ``teacher_hidden``,
         in ``teacher_weight`` or ``teacher_bias`` (looked for when the loss is not finite), or in
@@ -410,6 +429,7 @@ def fused_linear_kd_loss(
     temperature = check_temperature(temperature, high=TOPK_MAX_TEMPERATURE if topk_teacher else None)
     alpha_kd, alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
     check_choice("kind", kind, KINDS)
+    kd_rows = _kd_rows_argument(kd_rows, restrict_to_masked, labels is not None)
     if teacher_hidden is None and teacher_sparse is None:
         raise ValueError("give the teacher: teacher_hidden (with teacher_weight) or teacher_sparse; neither was given")
     if teacher_hidden is not None and teacher_sparse is not None:
@@ -432,14 +452,14 @@ def fused_linear_kd_loss(
         if teacher_weight.shape[0] != V:
             raise ValueError(f"vocabulary mismatch: teacher_weight has V = {teacher_weight.shape[0]} rows but "
                              f"student_weight has V = {V}")
-        name = _backend.resolve(backend, device)
+        op = logit_kd.OP
     else:
         if teacher_weight is not None or teacher_bias is not None:
             raise ValueError("teacher_weight / teacher_bias go with teacher_hidden, not with teacher_sparse")
         if kind != "kl":
             raise ValueError("kind='soft_ce' needs a dense teacher (teacher_hidden); the sparse teacher is KL")
         ids, vals, lse, sparse_mode = _unpack_sparse(teacher_sparse, sparse_mode, lead, V, device)
-        name = _sparse._resolve(backend, device)
+        op = sparse_kd_ops.OP
 
     labels = check_row_tensor("labels", labels, lead, device)
     mask = check_row_tensor("mask", mask, lead, device)
@@ -454,12 +474,14 @@ def fused_linear_kd_loss(
     labels_flat = None if labels is None else labels.reshape(N).to(torch.int64)
     # KD over every counted row, MLM over the labelled ones among them: the labelled rows are gathered
     # first, so the MLM rows are the prefix [0, n_mlm) of the counted rows
-    mlm_subset = alpha_mlm != 0 and not restrict_to_masked
-    selective = mask is not None or (labels is not None and restrict_to_masked) or mlm_subset
-    acc = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+    masked_only = kd_rows == "masked"
+    mlm_subset = alpha_mlm != 0 and not masked_only
+    selective = mask is not None or masked_only or mlm_subset
+    acc = acc_dtype(student_hidden.dtype)
+    _, kernel = registry.implementation(op, backend, device, acc, what="fused_linear_kd_loss")  # runs on acc logits
     if selective:
         counted = torch.ones(N, dtype=torch.bool, device=device)
-        if labels_flat is not None and restrict_to_masked:
+        if masked_only:
             counted &= labels_flat != ignore_index
         if mask is not None:
             counted &= mask.reshape(N).bool()
@@ -508,7 +530,7 @@ def fused_linear_kd_loss(
         if lse is not None:
             lse_g = rows_of(lse.detach(), 1).squeeze(1).to(acc).contiguous()
         if checks:
-            _sparse._check_counted_rows(ids_g, vals_g, lse_g, V, sparse_mode)
+            check_sparse_teacher_rows(ids_g, vals_g, lse_g, V, sparse_mode)
         else:
             ids_g = ids_g.clamp(0, V - 1)  # unchecked ids stay in bounds
         sparse = (ids_g, vals_g, lse_g, sparse_mode == "sampled")
@@ -518,7 +540,7 @@ def fused_linear_kd_loss(
     lowp_t = sparse is None and low_precision_gemm_path(device, teacher_weight.dtype)
     loss = _FusedLinearKDFunction.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, sparse, lab, row_weight,
                                         temperature, float(alpha_kd), alpha_mlm_rows, n_mlm, kind == "soft_ce",
-                                        name, int(C), torch.is_grad_enabled(), lowp_s, lowp_t)
+                                        kernel, int(C), torch.is_grad_enabled(), lowp_s, lowp_t)
     if checks and sparse is None and not bool(torch.isfinite(loss)):
         # Only on the failure path: is the teacher to blame? (a NaN / Inf student gives a NaN loss as eager does)
         for arg, x in (("teacher_hidden", h_t), ("teacher_weight", w_t), ("teacher_bias", b_t)):
@@ -535,13 +557,18 @@ class FusedLinearKDLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, *, alpha_kd: float = 1.0, alpha_mlm: float = 0.0,
-                 kind: str = "kl", ignore_index: int = -100, restrict_to_masked: bool = True,
-                 chunk_size: int | None = None, sparse_mode: str | None = None, backend: str = "auto") -> None:
+                 kind: str = "kl", ignore_index: int = -100, kd_rows: str | None = None,
+                 restrict_to_masked: bool | None = None, chunk_size: int | None = None,
+                 sparse_mode: str | None = None, backend: str = "auto") -> None:
         super().__init__()
         self.temperature = check_temperature(temperature, high=TOPK_MAX_TEMPERATURE if sparse_mode == "topk" else None)
         self.alpha_kd, self.alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
         self.kind = check_choice("kind", kind, KINDS)
-        self.ignore_index, self.restrict_to_masked = ignore_index, restrict_to_masked
+        if kd_rows is not None:
+            if restrict_to_masked is not None:
+                raise ValueError("give kd_rows or restrict_to_masked (its deprecated alias), not both")
+            check_choice("kd_rows", kd_rows, KD_ROWS)
+        self.ignore_index, self.kd_rows, self.restrict_to_masked = ignore_index, kd_rows, restrict_to_masked
         self.chunk_size, self.sparse_mode, self.backend = chunk_size, sparse_mode, backend
 
     def forward(self, student_hidden: Tensor, student_weight: Tensor, teacher_hidden: Tensor | None = None,
@@ -552,9 +579,10 @@ class FusedLinearKDLoss(nn.Module):
             student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias=student_bias,
             teacher_bias=teacher_bias, teacher_sparse=teacher_sparse, sparse_mode=self.sparse_mode, labels=labels,
             mask=mask, ignore_index=self.ignore_index, temperature=self.temperature, alpha_kd=self.alpha_kd,
-            alpha_mlm=self.alpha_mlm, restrict_to_masked=self.restrict_to_masked, chunk_size=self.chunk_size,
+            alpha_mlm=self.alpha_mlm, kd_rows=self.kd_rows, restrict_to_masked=self.restrict_to_masked,
+            chunk_size=self.chunk_size,
             kind=self.kind, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha_kd={self.alpha_kd}, alpha_mlm={self.alpha_mlm}, "
-                f"kind={self.kind!r}, restrict_to_masked={self.restrict_to_masked}, backend={self.backend!r}")
+                f"kind={self.kind!r}, kd_rows={self.kd_rows or 'all'!r}, backend={self.backend!r}")

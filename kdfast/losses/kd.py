@@ -5,9 +5,10 @@ gradient with respect to the student logits (the teacher is frozen, so nothing e
 needed); backward only scales the stored gradient by the upstream gradient, and skips even
 that when the upstream gradient is exactly 1 (eager mode: ``loss.backward()`` on the loss).
 
-Backends (see :mod:`kdfast.backend`): Triton, CUDA C++ and CPU C++ kernels, and the eager
-reference. The compiled and Triton kernels are ``torch.library`` ops with fake (meta)
-implementations, so ``torch.compile(fullgraph=True)`` traces through :func:`kd_loss`.
+The kernels are the ``kd_rows`` op of :mod:`kdfast.ops.logit_kd` (Triton, CUDA C++, CPU C++ and
+eager torch), chosen by :func:`kdfast.ops.registry.implementation`. The compiled and Triton
+kernels are ``torch.library`` ops with fake (meta) implementations, so
+``torch.compile(fullgraph=True)`` traces through :func:`kd_loss`.
 """
 
 from __future__ import annotations
@@ -15,76 +16,56 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kdfast import backend as _backend
-from kdfast.kernels.reference import kd_fwd_bwd_torch
 from kdfast.losses._autograd import scale_stored_grad
 from kdfast.losses._checks import (
+    KD_ROWS,
+    acc_dtype,
     check_choice,
-    check_labels_in_range,
     check_logit_rows,
     check_number,
     check_row_tensor,
     check_same_dtype_device,
     check_temperature,
     check_tensor,
-    resolve_backend,
+    row_weights,
+    select_logit_rows,
     value_checks_enabled,
 )
+from kdfast.ops import logit_kd, registry
 
 KINDS = ("kl", "soft_ce")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
-# --- torch.library registrations --------------------------------------------------------------
+def kd_and_mlm_passes(run, grad: Tensor, kd_weight: Tensor, mlm_weight: Tensor | None, alpha_kd: float,
+                      alpha_mlm: float) -> Tensor:
+    """Loss rows of a logit kernel whose KD and MLM terms may count different rows.
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-if _backend._extension()[0] is not None:
-
-    @torch.library.register_fake("kdfast::kd_fwd_bwd")
-    def _kd_fwd_bwd_fake(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce,
-                         cuda_stream=0):
-        return student.new_empty(student.shape[0], dtype=_acc_dtype(student.dtype))
-
-
-@torch.library.custom_op("kdfast::kd_fwd_bwd_triton", mutates_args=("grad",))
-def _kd_fwd_bwd_triton(student: Tensor, teacher: Tensor, labels: Tensor, row_weight: Tensor, grad: Tensor,
-                       temperature: float, alpha_kd: float, alpha_mlm: float, soft_ce: bool) -> Tensor:
-    from kdfast.kernels.triton.kd_loss import kd_fwd_bwd_triton
-
-    return kd_fwd_bwd_triton(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce)
-
-
-@_kd_fwd_bwd_triton.register_fake
-def _(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce):
-    return student.new_empty(student.shape[0], dtype=torch.float32)
-
-
-def _kd_fwd_bwd(backend: str, student: Tensor, teacher: Tensor, labels: Tensor, row_weight: Tensor, grad: Tensor,
-                temperature: float, alpha_kd: float, alpha_mlm: float, soft_ce: bool) -> Tensor:
-    """Run the fused kernel of ``backend``: returns loss rows, writes the gradient into ``grad``."""
-    if backend == "torch":
-        return kd_fwd_bwd_torch(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce)
-    if backend == "triton":
-        return _kd_fwd_bwd_triton(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm,
-                                  soft_ce)
-    stream = torch.cuda.current_stream(student.device).cuda_stream if backend == "cuda" else 0
-    return torch.ops.kdfast.kd_fwd_bwd(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm,
-                                       soft_ce, stream)
+    ``run(row_weight, grad, alpha_kd, alpha_mlm)`` runs the kernel once, writing its gradient into
+    ``grad``. ``mlm_weight`` None: one pass, both terms weighted by ``kd_weight``. Otherwise two:
+    the MLM term alone on ``mlm_weight`` into a scratch gradient, then the KD term alone on
+    ``kd_weight`` into ``grad`` (last, since ``grad`` may be the student's own buffer), summed.
+    """
+    if mlm_weight is None:
+        return run(kd_weight, grad, alpha_kd, alpha_mlm)
+    g_mlm = torch.empty_like(grad)
+    mlm_rows = run(mlm_weight, g_mlm, 0.0, alpha_mlm)
+    rows = run(kd_weight, grad, alpha_kd, 0.0) + mlm_rows
+    grad.add_(g_mlm)
+    return rows
 
 
 class _KDLossFunction(torch.autograd.Function):
     """Loss rows (or their sum) of 2-D logits; the gradient is produced by the forward kernel."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, row_weight, temperature, alpha_kd, alpha_mlm, soft_ce, backend,
-                inplace, reduce):
+    def forward(ctx, student, teacher, labels, row_weight, mlm_weight, temperature, alpha_kd, alpha_mlm, soft_ce,
+                kernel, inplace, reduce):
         # In-place mode reuses the student logits buffer for the gradient (saves N x V memory).
         grad = student if inplace else torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        loss_rows = _kd_fwd_bwd(backend, student, teacher, labels, row_weight, grad, temperature, alpha_kd,
-                                alpha_mlm, soft_ce)
+        loss_rows = kd_and_mlm_passes(
+            lambda w, g, a_kd, a_mlm: kernel(student, teacher, labels, w, g, temperature, a_kd, a_mlm, soft_ce),
+            grad, row_weight, mlm_weight, alpha_kd, alpha_mlm)
         ctx.save_for_backward(grad)
         return loss_rows.sum() if reduce else loss_rows
 
@@ -92,7 +73,7 @@ class _KDLossFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         g = scale_stored_grad(grad, grad_out)
-        return g, None, None, None, None, None, None, None, None, None, None
+        return (g,) + (None,) * 11
 
 
 # --- public API -------------------------------------------------------------------------------
@@ -109,22 +90,34 @@ def kd_loss(
     alpha_mlm: float = 0.0,
     kind: str = "kl",
     reduction: str = "batchmean",
+    kd_rows: str = "all",
     backend: str = "auto",
     inplace: bool = False,
     _names: tuple[str, str] = ("teacher_logits", "student_logits"),
 ) -> Tensor:
     r"""Logit distillation loss (DistilBERT L_ce, TinyBERT prediction loss), fused with MLM.
 
-    For each counted row r (a token: ``labels != ignore_index`` and ``mask != 0``) with
-    student logits s, teacher logits t, temperature T, p = softmax(t/T), q = softmax(s/T):
+    Rows are tokens. The KD rows K (``kd_rows``, an explicit choice: labels alone never change it):
+    ``"all"`` (default): every row with ``mask != 0`` (every row without a mask); ``"masked"``:
+    the rows with ``labels != ignore_index`` and ``mask != 0`` (DistilBERT's
+    ``restrict_ce_to_mask``; needs ``labels``). The MLM rows M: ``labels != ignore_index`` and
+    ``mask != 0``. With student logits s, teacher logits t, temperature T, p = softmax(t/T),
+    q = softmax(s/T):
 
-        kl:      loss_r = alpha_kd * T^2 * sum_j p_j (log p_j - log q_j)
-        soft_ce: loss_r = alpha_kd * T^2 * (-sum_j p_j log q_j)
-        + alpha_mlm * (logsumexp(s) - s[label_r])            (hard-label MLM cross-entropy, T = 1)
+        kl:      kd_r = T^2 * sum_j p_j (log p_j - log q_j)
+        soft_ce: kd_r = T^2 * (-sum_j p_j log q_j)
+        ce_r     = logsumexp(s) - s[label_r]                   (hard-label MLM cross-entropy, T = 1)
 
-    and d loss_r / d s_j = alpha_kd * T * (q_j - p_j) + alpha_mlm * (softmax(s)_j - [j = label_r]).
+        batchmean / mean:  loss = alpha_kd / |K| * sum_{r in K} kd_r + alpha_mlm / |M| * sum_{r in M} ce_r
+        sum:               loss = alpha_kd * sum_{r in K} kd_r + alpha_mlm * sum_{r in M} ce_r
+        none:              loss_r = alpha_kd kd_r [r in K] + alpha_mlm ce_r [r in M]
+
+    (a mean over an empty row set is 0; with ``"masked"`` K = M, one mean). Gradient:
+    d kd_r / d s_j = T (q_j - p_j), d ce_r / d s_j = softmax(s)_j - [j = label_r].
     ``kl`` with ``batchmean`` equals ``T**2 * F.kl_div(log q, log p, reduction="batchmean",
-    log_target=True)`` over the counted rows.
+    log_target=True)`` over the rows K. One kernel pass computes both terms when they count the
+    same rows (``"masked"``, or no MLM term); ``"all"`` with an MLM term takes a second pass for
+    the MLM rows (:func:`kdfast.fused_linear_kd_loss` does both in one pass over projected chunks).
 
     Args:
         student_logits, teacher_logits: [..., V] (e.g. [B, L, V] or [N, V]), same shape, dtype
@@ -133,15 +126,16 @@ def kd_loss(
         temperature: T with 1e-2 <= T <= 1e4 (a number): over that range every backend stays
             within 1e-4 relative of float64 (a row whose KL < 1 is recomputed in a form without
             cancellation, csrc/common/kd_math.h); outside it, ValueError.
-        labels: [...] int targets for the MLM term; rows equal to ``ignore_index`` are not
-            counted. Required when ``alpha_mlm != 0``. Outside [0, V): ValueError when value
-            checks run (`kdfast.set_value_checks`; by default on CPU tensors), else the row is
-            dropped like an ignored one, never read out of bounds.
-        mask: [...] attention/selection mask; rows where it is 0 are not counted.
-        reduction: ``batchmean`` and ``mean`` divide the sum by the number of counted rows
+        labels: [...] int targets for the MLM term; rows equal to ``ignore_index`` have none.
+            Required when ``alpha_mlm != 0`` or ``kd_rows="masked"``. Outside [0, V): ValueError
+            when value checks run (`kdfast.set_value_checks`; by default on CPU tensors), else the
+            row is dropped like an ignored one, never read out of bounds.
+        mask: [...] attention/selection mask; rows where it is 0 count for nothing.
+        reduction: ``batchmean`` and ``mean`` divide each term by the number of its rows
             (a row is the unit here, so they agree; torch's element-wise mean over V is not
             offered), ``sum`` sums, ``none`` returns per-row losses shaped [...] (0 where not
             counted). With no counted row the loss is 0 and the gradient 0, never NaN.
+        kd_rows: ``"all"`` or ``"masked"``: which rows the KD term counts (above).
         backend: ``auto`` / ``triton`` / ``cuda`` / ``cpu`` / ``torch`` (:mod:`kdfast.backend`).
         inplace: write the gradient over ``student_logits`` (saves one N x V buffer). The
             logits are garbage afterwards; autograd raises if something still needs them.
@@ -155,7 +149,7 @@ def kd_loss(
     Raises:
         ValueError naming the argument: shape / vocabulary / dtype / device mismatch,
         temperature outside [1e-2, 1e4], a NaN / Inf / non-number alpha, labels out of range,
-        unknown kind / reduction / backend, float64 inputs with ``backend="triton"``, NaN or
+        unknown kind / reduction / kd_rows / backend, ``kd_rows="masked"`` without labels, float64 inputs with ``backend="triton"``, NaN or
         +Inf in the counted rows of ``teacher_logits`` or a row that is -inf everywhere (-inf
         entries are valid: probability 0). Value checks run as `set_value_checks` says.
     """
@@ -171,6 +165,7 @@ def kd_loss(
     alpha_mlm = check_number("alpha_mlm", alpha_mlm)
     check_choice("kind", kind, KINDS)
     check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("kd_rows", kd_rows, KD_ROWS)
     V = student_logits.shape[-1]
     if V == 0:
         raise ValueError("student_logits has an empty vocabulary dimension")
@@ -183,7 +178,8 @@ def kd_loss(
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if alpha_mlm != 0 and labels is None:
         raise ValueError("labels are required when alpha_mlm != 0")
-    name = resolve_backend(backend, student_logits.device, student_logits.dtype, "kd_loss")
+    _, kernel = registry.implementation(logit_kd.OP, backend, student_logits.device, student_logits.dtype,
+                                        what="kd_loss")
     checks = value_checks_enabled(student_logits)
 
     # Rows of the kernel: [N, V] views with a unit column stride (copied only if they lack it).
@@ -195,28 +191,14 @@ def kd_loss(
         student2d = student2d.contiguous()
     if teacher2d.stride(-1) != 1:
         teacher2d = teacher2d.contiguous()
-    N = student2d.shape[0]
-    if labels is not None:
-        labels_flat = labels.reshape(-1).to(torch.int64)
-        counted = labels_flat != ignore_index
-        if checks:
-            check_labels_in_range(labels_flat, counted, V, ignore_index)
-        elif alpha_mlm != 0:
-            # Unchecked (GPU default): a label outside [0, V) drops its row instead of sending a
-            # kernel outside the row; see set_value_checks.
-            counted = counted & (labels_flat >= 0) & (labels_flat < V)
-    else:
-        labels_flat = torch.zeros(N, dtype=torch.int64, device=student_logits.device)
-        counted = torch.ones(N, dtype=torch.bool, device=student_logits.device)
-    if mask is not None:
-        counted = counted & mask.reshape(-1).bool()
-    row_weight = counted.to(_acc_dtype(student_logits.dtype))
-    if reduction in ("batchmean", "mean"):
-        row_weight = row_weight / row_weight.sum().clamp_min(1)
+    labels_flat, counted, mlm_rows = select_logit_rows(kd_rows, labels, mask, student2d.shape[0], V, ignore_index,
+                                                       alpha_mlm, student_logits.device, checks)
+    acc = acc_dtype(student_logits.dtype)
+    row_weight = row_weights(counted, reduction, acc)
+    mlm_weight = None if mlm_rows is None else row_weights(mlm_rows, reduction, acc)
 
-    loss = _KDLossFunction.apply(student2d, teacher2d, labels_flat.contiguous(), row_weight, temperature,
-                                 alpha_kd, alpha_mlm, kind == "soft_ce", name, inplace,
-                                 reduction != "none")
+    loss = _KDLossFunction.apply(student2d, teacher2d, labels_flat.contiguous(), row_weight, mlm_weight, temperature,
+                                 alpha_kd, alpha_mlm, kind == "soft_ce", kernel, inplace, reduction != "none")
     if checks and not bool(torch.isfinite(loss).all()):
         # Only on the failure path: say which input is to blame.
         check_logit_rows(teacher2d[counted], None if inplace else student2d[counted], *_names)
@@ -237,6 +219,7 @@ class KDLoss(nn.Module):
         alpha_mlm: float = 0.0,
         kind: str = "kl",
         reduction: str = "batchmean",
+        kd_rows: str = "all",
         ignore_index: int = -100,
         backend: str = "auto",
         inplace: bool = False,
@@ -246,14 +229,16 @@ class KDLoss(nn.Module):
         self.alpha_kd, self.alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
         self.kind = check_choice("kind", kind, KINDS)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.kd_rows = check_choice("kd_rows", kd_rows, KD_ROWS)
         self.ignore_index, self.backend, self.inplace = ignore_index, backend, inplace
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None,
                 mask: Tensor | None = None) -> Tensor:
         return kd_loss(student_logits, teacher_logits, temperature=self.temperature, labels=labels, mask=mask,
                        ignore_index=self.ignore_index, alpha_kd=self.alpha_kd, alpha_mlm=self.alpha_mlm,
-                       kind=self.kind, reduction=self.reduction, backend=self.backend, inplace=self.inplace)
+                       kind=self.kind, reduction=self.reduction, kd_rows=self.kd_rows, backend=self.backend,
+                       inplace=self.inplace)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, alpha_kd={self.alpha_kd}, alpha_mlm={self.alpha_mlm}, "
-                f"kind={self.kind!r}, reduction={self.reduction!r}, backend={self.backend!r}")
+                f"kind={self.kind!r}, reduction={self.reduction!r}, kd_rows={self.kd_rows!r}, backend={self.backend!r}")

@@ -36,18 +36,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kdfast.kernels.reference import sparse_kd_fwd_bwd_torch
 from kdfast.losses._autograd import scale_stored_grad
 from kdfast.losses._checks import (
+    KD_ROWS,
+    acc_dtype,
     check_choice,
-    check_labels_in_range,
     check_number,
     check_row_tensor,
     check_temperature,
     check_tensor,
-    resolve_backend,
+    row_weights,
+    select_logit_rows,
     value_checks_enabled,
 )
+from kdfast.losses.kd import kd_and_mlm_passes
+from kdfast.ops import registry
+from kdfast.ops import sparse_kd as sparse_kd_ops
 
 MODES = ("topk", "sampled")
 # The top-k form's rest bucket still cancels in float32 at large T (1e-4 relative is lost near
@@ -57,49 +61,17 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.uint16, torch.uint32)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-# --- torch.library registration of the Triton kernel ----------------------------------------
-
-@torch.library.custom_op("kdfast::sparse_kd_fwd_bwd_triton", mutates_args=("grad",))
-def _sparse_kd_fwd_bwd_triton(student: Tensor, ids: Tensor, values: Tensor, teacher_lse: Tensor, labels: Tensor,
-                              row_weight: Tensor, grad: Tensor, temperature: float, alpha_kd: float,
-                              alpha_mlm: float, sampled: bool, has_lse: bool) -> Tensor:
-    from kdfast.kernels.triton.sparse_kd import sparse_kd_fwd_bwd_triton
-
-    return sparse_kd_fwd_bwd_triton(student, ids, values, teacher_lse if has_lse else None, labels, row_weight,
-                                    grad, temperature, alpha_kd, alpha_mlm, sampled)
-
-
-@_sparse_kd_fwd_bwd_triton.register_fake
-def _(student, ids, values, teacher_lse, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, sampled,
-      has_lse):
-    return student.new_empty(student.shape[0], dtype=torch.float32)
-
-
-def _sparse_kd_fwd_bwd(backend: str, student: Tensor, ids: Tensor, values: Tensor, teacher_lse: Tensor | None,
-                       labels: Tensor, row_weight: Tensor, grad: Tensor, temperature: float, alpha_kd: float,
-                       alpha_mlm: float, sampled: bool) -> Tensor:
-    if backend == "torch":
-        return sparse_kd_fwd_bwd_torch(student, ids, values, teacher_lse, labels, row_weight, grad, temperature,
-                                       alpha_kd, alpha_mlm, sampled)
-    has_lse = teacher_lse is not None
-    lse = teacher_lse if has_lse else row_weight  # any float tensor: not read
-    return _sparse_kd_fwd_bwd_triton(student, ids, values, lse, labels, row_weight, grad, temperature, alpha_kd,
-                                     alpha_mlm, sampled, has_lse)
-
-
 class _SparseKDFunction(torch.autograd.Function):
     """Loss rows (or their sum); the gradient is produced by the forward kernel."""
 
     @staticmethod
-    def forward(ctx, student, ids, values, teacher_lse, labels, row_weight, temperature, alpha_kd, alpha_mlm,
-                sampled, backend, reduce):
+    def forward(ctx, student, ids, values, teacher_lse, labels, row_weight, mlm_weight, temperature, alpha_kd,
+                alpha_mlm, sampled, kernel, reduce):
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        loss_rows = _sparse_kd_fwd_bwd(backend, student, ids, values, teacher_lse, labels, row_weight, grad,
-                                       temperature, alpha_kd, alpha_mlm, sampled)
+        loss_rows = kd_and_mlm_passes(
+            lambda w, g, a_kd, a_mlm: kernel(student, ids, values, teacher_lse, labels, w, g, temperature, a_kd,
+                                             a_mlm, sampled),
+            grad, row_weight, mlm_weight, alpha_kd, alpha_mlm)
         ctx.save_for_backward(grad)
         return loss_rows.sum() if reduce else loss_rows
 
@@ -107,21 +79,11 @@ class _SparseKDFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
         g = scale_stored_grad(grad, grad_out)
-        return (g,) + (None,) * 11
+        return (g,) + (None,) * 12
 
 
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """No compiled C++ kernel exists for this loss yet: auto = Triton on CUDA (float32 math; not for
-    float64 logits), else torch. Without ``dtype`` (fused_linear_kd's use) no float64 rule applies."""
-    if backend in ("cpu", "cuda"):
-        raise ValueError(f"backend={backend!r}: sparse_kd_loss has no compiled C++ kernel yet; "
-                         "use 'triton', 'torch' or 'auto'")
-    if backend == "auto" and device.type != "cuda":
-        return "torch"
-    return resolve_backend(backend, device, dtype or torch.float32, "sparse_kd_loss", compiled=())
-
-
-def _check_ids(name: str, ids: object, lead: torch.Size, device: torch.device) -> Tensor:
+def check_teacher_ids(name: str, ids: object, lead: torch.Size, device: torch.device) -> Tensor:
+    """Sparse-teacher ids: an integer tensor on ``device`` shaped ``lead`` + [K]."""
     if not isinstance(ids, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype not in _INT_DTYPES:
@@ -150,11 +112,13 @@ def sparse_kd_loss(
     alpha_kd: float = 1.0,
     alpha_mlm: float = 0.0,
     reduction: str = "batchmean",
+    kd_rows: str = "all",
     backend: str = "auto",
 ) -> Tensor:
     r"""Logit distillation from a sparse teacher (top-k or sampled ids), fused with MLM.
 
-    Per counted row (``labels != ignore_index`` and ``mask != 0``) with student logits s [V],
+    Per KD row (``kd_rows``: ``"all"``, the default, every row with ``mask != 0``; ``"masked"``, the
+    rows with ``labels != ignore_index`` and ``mask != 0``, as in :func:`kdfast.kd_loss`) with student logits s [V],
     x = s / T, lse_s = logsumexp(x), p_s,j = e^{x_j - lse_s}, kept ids k_1..k_K, values v_k:
 
     **topk** (distinct ids; v = raw teacher logits, see the module docstring for the stored
@@ -200,8 +164,10 @@ def sparse_kd_loss(
         temperature: T, 1e-2 <= T <= 20 for ``topk`` (its rest bucket loses float32 accuracy
             beyond), 1e-2 <= T <= 1e4 for ``sampled``; outside, ValueError.
         teacher_logsumexp: [...] (topk only): logsumexp(t / T) of the full teacher row at this T.
-        labels, mask, ignore_index, alpha_kd, alpha_mlm, reduction: as in :func:`kdfast.kd_loss`
-            (``batchmean``/``mean`` divide by the number of counted rows; no counted row gives 0).
+        labels, mask, ignore_index, alpha_kd, alpha_mlm, reduction, kd_rows: as in :func:`kdfast.kd_loss`:
+            the KD term over the KD rows K, the MLM term over the labelled rows M with ``mask != 0``;
+            ``batchmean``/``mean`` divide each term by the number of its rows
+            (alpha_kd T^2 / |K| sum_K kd + alpha_mlm / |M| sum_M ce; an empty row set gives 0).
         backend: ``auto`` (Triton on CUDA tensors, torch otherwise), ``triton`` or ``torch``.
 
     Returns:
@@ -212,7 +178,7 @@ def sparse_kd_loss(
         ValueError naming the argument: shape / dtype / device mismatch of ids or values, ids
         out of [0, V), K > V, repeated ids in topk mode, temperature outside its range, NaN or Inf in
         ``teacher_values`` / ``teacher_logsumexp``, negative or all-zero sampled counts, unknown
-        mode / reduction / backend.
+        mode / reduction / kd_rows / backend, ``kd_rows="masked"`` without labels.
     """
     student_logits = check_tensor("student_logits", student_logits, min_dim=1)
     check_choice("mode", mode, MODES)
@@ -220,12 +186,13 @@ def sparse_kd_loss(
     alpha_kd = check_number("alpha_kd", alpha_kd)
     alpha_mlm = check_number("alpha_mlm", alpha_mlm)
     check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("kd_rows", kd_rows, KD_ROWS)
     V = student_logits.shape[-1]
     if V == 0 or student_logits.numel() == 0:
         raise ValueError(f"student_logits is empty (shape {tuple(student_logits.shape)})")
     lead = student_logits.shape[:-1]
     device = student_logits.device
-    teacher_ids = _check_ids("teacher_ids", teacher_ids, lead, device)
+    teacher_ids = check_teacher_ids("teacher_ids", teacher_ids, lead, device)
     K = teacher_ids.shape[-1]
     if K == 0:
         raise ValueError("teacher_ids has K = 0 kept ids per row; need 1 <= K <= V")
@@ -248,7 +215,7 @@ def sparse_kd_loss(
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if alpha_mlm != 0 and labels is None:
         raise ValueError("labels are required when alpha_mlm != 0")
-    name = _resolve(backend, device, student_logits.dtype)
+    _, kernel = registry.implementation(sparse_kd_ops.OP, backend, device, student_logits.dtype, what="sparse_kd_loss")
     checks = value_checks_enabled(student_logits)
 
     student2d = student_logits.reshape(-1, V)
@@ -259,23 +226,12 @@ def sparse_kd_loss(
     vals2d = teacher_values.reshape(N, K)
     if vals2d.stride(-1) != 1:
         vals2d = vals2d.contiguous()
-    lse1d = teacher_logsumexp.reshape(N).to(torch.float32 if student2d.dtype != torch.float64 else torch.float64) \
+    lse1d = teacher_logsumexp.reshape(N).to(acc_dtype(student2d.dtype)) \
         if teacher_logsumexp is not None else None
-    if labels is not None:
-        labels_flat = labels.reshape(-1).to(torch.int64)
-        counted = labels_flat != ignore_index
-        if checks:
-            check_labels_in_range(labels_flat, counted, V, ignore_index)
-        elif alpha_mlm != 0:
-            counted = counted & (labels_flat >= 0) & (labels_flat < V)  # unchecked: drop the row (set_value_checks)
-    else:
-        labels_flat = torch.zeros(N, dtype=torch.int64, device=device)
-        counted = torch.ones(N, dtype=torch.bool, device=device)
-    if mask is not None:
-        counted = counted & mask.reshape(-1).bool()
-
+    labels_flat, counted, mlm_rows = select_logit_rows(kd_rows, labels, mask, N, V, ignore_index, alpha_mlm, device,
+                                                       checks)
     if checks:
-        _check_counted_rows(ids2d[counted], vals2d[counted], None if lse1d is None else lse1d[counted], V, mode)
+        check_sparse_teacher_rows(ids2d[counted], vals2d[counted], None if lse1d is None else lse1d[counted], V, mode)
     else:
         # unchecked (GPU default, set_value_checks): a row with an id outside [0, V) is dropped,
         # never gathered from
@@ -284,17 +240,19 @@ def sparse_kd_loss(
     # gathers out of bounds (the Triton kernel does not even read them).
     ids2d = torch.where(counted[:, None], ids2d, torch.arange(K, device=device)).contiguous()
 
-    row_weight = counted.to(_acc_dtype(student2d.dtype))
-    if reduction in ("batchmean", "mean"):
-        row_weight = row_weight / row_weight.sum().clamp_min(1)
-    loss = _SparseKDFunction.apply(student2d, ids2d, vals2d, lse1d, labels_flat.contiguous(), row_weight,
-                                   temperature, alpha_kd, alpha_mlm, mode == "sampled", name,
+    acc = acc_dtype(student2d.dtype)
+    row_weight = row_weights(counted, reduction, acc)
+    # an MLM row is one of the KD rows (mask != 0), whose teacher ids were checked or sanitised above
+    mlm_weight = None if mlm_rows is None else row_weights(mlm_rows & counted, reduction, acc)
+    loss = _SparseKDFunction.apply(student2d, ids2d, vals2d, lse1d, labels_flat.contiguous(), row_weight, mlm_weight,
+                                   temperature, alpha_kd, alpha_mlm, mode == "sampled", kernel,
                                    reduction != "none")
     return loss if reduction != "none" else loss.reshape(lead)
 
 
-def _check_counted_rows(ids: Tensor, vals: Tensor, lse: Tensor | None, V: int, mode: str) -> None:
-    """Value checks on the counted rows only (N x K work, never N x V)."""
+def check_sparse_teacher_rows(ids: Tensor, vals: Tensor, lse: Tensor | None, V: int, mode: str) -> None:
+    """Value checks of a sparse teacher's counted rows (N x K work, never N x V): ids in [0, V), finite
+    values and log-normaliser, distinct top-k ids, non-negative sampled counts with a positive sum."""
     if ids.numel() == 0:
         return
     out = (ids < 0) | (ids >= V)
@@ -326,13 +284,14 @@ class SparseKDLoss(nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, *, mode: str = "topk", alpha_kd: float = 1.0,
-                 alpha_mlm: float = 0.0, reduction: str = "batchmean", ignore_index: int = -100,
-                 backend: str = "auto") -> None:
+                 alpha_mlm: float = 0.0, reduction: str = "batchmean", kd_rows: str = "all",
+                 ignore_index: int = -100, backend: str = "auto") -> None:
         super().__init__()
         self.mode = check_choice("mode", mode, MODES)
         self.temperature = check_temperature(temperature, high=TOPK_MAX_TEMPERATURE if mode == "topk" else None)
         self.alpha_kd, self.alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
+        self.kd_rows = check_choice("kd_rows", kd_rows, KD_ROWS)
         self.ignore_index, self.backend = ignore_index, backend
 
     def forward(self, student_logits: Tensor, teacher_ids: Tensor, teacher_values: Tensor,
@@ -341,11 +300,13 @@ class SparseKDLoss(nn.Module):
         return sparse_kd_loss(student_logits, teacher_ids, teacher_values, mode=self.mode,
                               temperature=self.temperature, teacher_logsumexp=teacher_logsumexp, labels=labels,
                               mask=mask, ignore_index=self.ignore_index, alpha_kd=self.alpha_kd,
-                              alpha_mlm=self.alpha_mlm, reduction=self.reduction, backend=self.backend)
+                              alpha_mlm=self.alpha_mlm, reduction=self.reduction, kd_rows=self.kd_rows,
+                              backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, mode={self.mode!r}, alpha_kd={self.alpha_kd}, "
-                f"alpha_mlm={self.alpha_mlm}, reduction={self.reduction!r}, backend={self.backend!r}")
+                f"alpha_mlm={self.alpha_mlm}, reduction={self.reduction!r}, kd_rows={self.kd_rows!r}, "
+                f"backend={self.backend!r}")
 
 
 def sparsify_teacher_logits(

@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from kdfast.cache import TeacherCache, build_cache, teacher_weights_sha256, tokenizer_sha256
 from kdfast.defaults import minilm_teacher_dir, pydoc_paragraphs, write_corpus
 from kdfast.train.data import CachedBatches
 from kdfast.train.distiller import Distiller, TrainConfig
+from kdfast.train.plot import plot_stage_losses
 
 STUDENT_LAYERS = (1, 3, 5)  # teacher layers copied into the student (0-based)
 
@@ -170,12 +171,15 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
 
     student_init = distilbert_from_teacher(teacher, layers=STUDENT_LAYERS).bert
     student_init.load_state_dict(init_state)
-    acc_t = retrieval_accuracy(teacher, tokenizer, held_out)
-    acc_0 = retrieval_accuracy(student_init, tokenizer, held_out)
-    acc_s = retrieval_accuracy(student, tokenizer, held_out)
-    emb_t = mean_pooled(teacher, tokenizer, held_out)
-    cos_0 = float((mean_pooled(student_init, tokenizer, held_out) * emb_t).sum(-1).mean())
-    cos_s = float((mean_pooled(student, tokenizer, held_out) * emb_t).sum(-1).mean())
+    accuracy, embedding = {}, {}  # the final evaluation: one tick of its bar per model
+    for name, model in tqdm({"teacher": teacher, "before": student_init, "student": student}.items(),
+                            desc="held-out evaluation", unit="model", disable=not progress, dynamic_ncols=True):
+        accuracy[name] = retrieval_accuracy(model, tokenizer, held_out)
+        embedding[name] = mean_pooled(model, tokenizer, held_out)
+    acc_t, acc_0, acc_s = accuracy["teacher"], accuracy["before"], accuracy["student"]
+    emb_t = embedding["teacher"]
+    cos_0 = float((embedding["before"] * emb_t).sum(-1).mean())
+    cos_s = float((embedding["student"] * emb_t).sum(-1).mean())
     lat_t, lat_s = latency_ms(teacher), latency_ms(student)
     params_t, params_s = count(teacher)["params"], count(student)["params"]
 
@@ -197,27 +201,8 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
         "backends": term_backends(TERM_LOSSES, next(student.parameters()).device),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    _plot(history, out / "loss.png")
+    plot_stage_losses([("demo", out)], out / "loss.png", title="kdfast demo: distilling all-MiniLM-L6-v2 into 3 layers")
     return report
-
-
-def _plot(history: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [h["step"] for h in history]
-    for term in ("loss", "hidden_mse", "cos"):
-        ax.plot(steps, [h[term] for h in history], label=term)
-    ax.set_xlabel("step")
-    ax.set_yscale("log")
-    ax.set_title("kdfast demo: distilling all-MiniLM-L6-v2 into 3 layers")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def format_report(r: dict) -> str:

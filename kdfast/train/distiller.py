@@ -460,20 +460,8 @@ class Distiller:
             atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
 
     def _logged_records(self) -> tuple[list[dict], list[dict]]:
-        """The training and evaluation records of ``metrics.jsonl`` (as :meth:`train` returns and keeps
-        them), for a resumed run that has nothing left to train."""
-        path = self.out / "metrics.jsonl"
-        if not path.is_file():
-            return [], []
-        train, evals = [], []
-        for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(rec, dict) and isinstance(rec.get("step"), int):
-                (evals if any(k.startswith("eval/") for k in rec) else train).append(rec)
-        return train, evals
+        """The records of ``metrics.jsonl``, for a resumed run that has nothing left to train."""
+        return read_metrics(self.out / "metrics.jsonl")
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -650,6 +638,23 @@ class Distiller:
             metrics.write(json.dumps(rec) + "\n")
             metrics.flush()
         self.eval_history.append(rec)
+
+
+def read_metrics(path: str | os.PathLike) -> tuple[list[dict], list[dict]]:
+    """The training and evaluation records of a run's ``metrics.jsonl`` (as :meth:`Distiller.train`
+    returns and keeps them; torn lines are skipped); two empty lists when the file is absent."""
+    path = Path(path)
+    if not path.is_file():
+        return [], []
+    train, evals = [], []
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            (evals if any(k.startswith("eval/") for k in rec) else train).append(rec)
+    return train, evals
 
 
 def _decay_groups(params: list, weight_decay: float, lr: float) -> list[dict]:

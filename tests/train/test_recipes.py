@@ -51,6 +51,7 @@ def test_recipe_end_to_end(tiny, tmp_path, capsys, recipe, source):
     assert "loss first -> last" in printed and "eval loss" in printed
     assert yaml.safe_load(printed.split("\n\n")[0].split("\n", 1)[1])["teacher"]["source"] == source
     assert (out / "student" / "config.json").is_file()
+    assert (out / "loss.png").stat().st_size > 1000  # every stage's logged terms
     if source == "cache":
         assert (out / "teacher-cache" / "train" / "manifest.json").is_file()
 

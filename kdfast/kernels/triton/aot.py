@@ -20,8 +20,6 @@ MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024
 
 # Kernel modules not yet registered in kdfast.ops (each family's move deletes its line).
 LEGACY_MODULES = (
-    "kdfast.kernels.triton.kd_loss",
-    "kdfast.kernels.triton.sparse_kd",
     "kdfast.kernels.triton.hidden",
     "kdfast.kernels.triton.nonorm",
 )

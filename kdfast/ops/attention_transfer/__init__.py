@@ -38,8 +38,8 @@ valid), row_weight [B, L] as above. Over the valid keys K_b of row (b, h, i):
 computed as the logit-KD row at T = 1 (a row whose KL is below 1 recomputed without cancellation,
 csrc/common/kd_math.h). Backends: ``cpu`` (``torch.ops.kdfast.attention_kl_maps_fwd_bwd``, which
 skips invalid keys in place: no masked copy of either map), and ``torch`` / ``triton`` / ``cuda``,
-the logit-KD family's row kernels on the B H L rows with invalid keys set to finfo.min in both maps
-(probability exactly 0, and t - s = 0 there).
+the logit-KD family's ``kd_rows`` kernels (:mod:`kdfast.ops.logit_kd`) on the B H L rows with
+invalid keys set to finfo.min in both maps (probability exactly 0, and t - s = 0 there).
 
 Importing this package registers both ops' implementations; it never imports triton (the kernel
 module is imported inside the custom op on first use).
@@ -55,9 +55,9 @@ import torch  # noqa: E402
 from torch import Tensor
 
 from kdfast import backend as _backend
-from kdfast.kernels.reference import kd_fwd_bwd_torch  # the logit-KD family's torch rows
 from kdfast.losses._checks import acc_dtype
-from kdfast.ops.registry import register
+from kdfast.ops.logit_kd import OP as KD_ROWS_OP
+from kdfast.ops.registry import impls, register
 
 FLASH_OP = "attention_transfer"
 MAPS_KL_OP = "attention_kl_maps"
@@ -105,7 +105,8 @@ def _filled_rows(s: Tensor, t: Tensor, key_valid: Tensor | None) -> tuple[Tensor
 
 
 def _maps_kl_on_kd_rows(backend: str):
-    """The ``attention_kl_maps`` contract on the logit-KD row kernels of ``backend`` (T = 1, KL only)."""
+    """The ``attention_kl_maps`` contract on ``backend``'s implementation of the logit-KD family's op
+    ``kd_rows`` (:mod:`kdfast.ops.logit_kd`) at T = 1, KL only."""
 
     def run(s: Tensor, t: Tensor, key_valid: Tensor | None, row_weight: Tensor,
             need_grad: bool) -> tuple[Tensor, Tensor]:
@@ -114,13 +115,7 @@ def _maps_kl_on_kd_rows(backend: str):
         weights = row_weight[:, None, :].expand(B, H, L).reshape(-1).contiguous()
         labels = torch.zeros(s2.shape[0], dtype=torch.int64, device=s.device)
         grad = torch.empty(s2.shape, dtype=s.dtype, device=s.device)
-        args = (s2, t2, labels, weights, grad, 1.0, 1.0, 0.0, False)
-        if backend == "torch":
-            rows = kd_fwd_bwd_torch(*args)
-        elif backend == "triton":
-            rows = torch.ops.kdfast.kd_fwd_bwd_triton(*args)
-        else:
-            rows = torch.ops.kdfast.kd_fwd_bwd(*args, torch.cuda.current_stream(s.device).cuda_stream)
+        rows = impls(KD_ROWS_OP)[backend].fn(s2, t2, labels, weights, grad, 1.0, 1.0, 0.0, False)
         return rows.view(B, H, L), (grad.view(B, H, L, L) if need_grad else s.new_empty(0))
 
     run.__name__ = run.__qualname__ = f"attention_kl_maps_on_kd_rows_{backend}"

@@ -282,9 +282,12 @@ def data_sources(cfg, tokenizer, train: list[str], held_out: list[str], caches: 
 
 
 def held_out_eval(step_loss: Callable, batches: Callable[[], Iterator[dict]] | None, device: torch.device,
-                  seed: int) -> Callable | None:
+                  seed: int, progress: bool = False) -> Callable | None:
     """``eval_fn`` for the Distiller: the step loss and its terms averaged over the held-out
-    batches, with the masking RNG reseeded so that every evaluation masks the same tokens."""
+    batches, with the masking RNG reseeded so that every evaluation masks the same tokens
+    (``progress``: a bar over the batches while it runs)."""
+    from tqdm import tqdm
+
     if batches is None:
         return None
 
@@ -292,7 +295,7 @@ def held_out_eval(step_loss: Callable, batches: Callable[[], Iterator[dict]] | N
         torch.manual_seed(seed)
         sums: dict[str, float] = {}
         n = 0
-        for batch in batches():
+        for batch in tqdm(batches(), desc="held-out eval", unit="batch", leave=False, disable=not progress):
             batch = {k: v.to(device) for k, v in batch.items()}
             loss, terms = step_loss(batch)
             for k, v in {"loss": float(loss), **terms}.items():
@@ -332,7 +335,7 @@ def run_stage(name: str, student: nn.Module, step_loss: Callable, source, held, 
     from kdfast.train.distiller import Distiller
 
     device = device or next(student.parameters()).device
-    eval_fn = held_out_eval(step_loss, held, device, seed)
+    eval_fn = held_out_eval(step_loss, held, device, seed, progress=cfg_train.progress)
     distiller = Distiller(student, step_loss, source, cfg_train, extra=extra, trainable=trainable, eval_fn=eval_fn,
                           settings=settings)
     t0 = time.perf_counter()
@@ -351,8 +354,13 @@ def terms_of(loss_terms: dict) -> dict[str, float]:
 
 
 def write_report(out_dir: Path, report: dict) -> Path:
+    """``report.json`` and ``loss.png`` (every stage's logged terms, :func:`kdfast.train.plot.plot_stage_losses`)."""
+    from kdfast.train.plot import plot_stage_losses
+
     path = Path(out_dir) / "report.json"
     path.write_text(json.dumps(report, indent=2, default=str))
+    plot_stage_losses([(st["name"], st["out_dir"]) for st in report["stages"]], Path(out_dir) / "loss.png",
+                      title=f"kdfast distill --recipe {report['recipe']}")
     return path
 
 

@@ -1,7 +1,10 @@
 """Recipe settings: dataclasses holding the papers' defaults, loaded from YAML and ``--set`` flags.
 
 Precedence, lowest first: the dataclass defaults < the YAML file < ``--set key=value`` (dotted
-keys, values parsed as YAML scalars) < explicit command-line flags. Every key is checked: an
+keys, values parsed as YAML scalars) < explicit command-line flags, except for the keys a recipe
+lists in its ``YIELDING_KEYS`` class attribute: a flag sets those only where neither the YAML
+file nor ``--set`` gives them (MobileBERT's ``--steps`` and an explicit ``pretrain.steps: 0``).
+The shipped YAML files (``configs/``) hold the dataclass defaults. Every key is checked: an
 unknown key, a value of the wrong type or a number that is not finite (YAML's ``.inf``, ``.nan``)
 raises ``ValueError`` naming the dotted key.
 """
@@ -237,10 +240,21 @@ def _merge(base: dict, path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
+def _given(data: dict, path: list[str]) -> bool:
+    node = data
+    for part in path:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def load_config(cls, yaml_path: str | None = None, sets: list[str] | tuple = (),
                 overrides: dict[str, Any] | None = None):
     """Build ``cls`` (a recipe's settings dataclass) from its defaults, then ``yaml_path``, then
-    ``sets`` (``key=value``), then ``overrides`` ({dotted key: value}, the explicit flags).
+    ``sets`` (``key=value``), then ``overrides`` ({dotted key: value}, the explicit flags); an
+    override of a key in ``cls.YIELDING_KEYS`` applies only where the file and ``sets`` leave
+    that key unset.
 
     Raises ValueError for a missing or malformed YAML file, a bad ``--set``, an unknown key or a
     value of the wrong type (naming the key)."""
@@ -259,6 +273,9 @@ def load_config(cls, yaml_path: str | None = None, sets: list[str] | tuple = (),
             _merge(data, [str(key)], value)
     for assignment in sets:
         _merge(data, *parse_set(assignment))
+    yielding = getattr(cls, "YIELDING_KEYS", ())
     for key, value in (overrides or {}).items():
+        if key in yielding and _given(data, key.split(".")):
+            continue
         _merge(data, key.split("."), value)
     return _build(cls, data)

@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -121,7 +122,11 @@ class PretrainSettings:
 
 @dataclass
 class MobileBertRecipe:
-    """Settings of the ``mobilebert`` recipe (see the module docstring)."""
+    """Settings of the ``mobilebert`` recipe (see the module docstring). ``--steps`` sets
+    ``pkt.steps_per_layer``, and ``pretrain.steps`` only where the YAML file and ``--set`` do not
+    (an explicit ``pretrain.steps: 0`` keeps stage 2 off)."""
+
+    YIELDING_KEYS: ClassVar[tuple[str, ...]] = ("pretrain.steps",)
 
     out_dir: str = "runs/mobilebert"
     progress: bool = True

@@ -1,3 +1,5 @@
+// The logit_kd family's argument checks, shared by its CPU (cpu.cpp) and CUDA (cuda_host.cpp) entry
+// points; they raise c10::ValueError (Python ValueError) through TORCH_CHECK_VALUE.
 #pragma once
 #include <ATen/ATen.h>
 

@@ -1,7 +1,5 @@
-"""The ``"torch"`` backends of the logit and sparse-logit kernels: the same kernel contract as the
-compiled backends (loss rows + closed-form gradient), in plain PyTorch, usable on any device.
-(The float64 test oracles live in ``tests/reference.py``; the attention-transfer backend moved to
-:mod:`kdfast.ops.attention_transfer.torch`.)
+"""The ``"torch"`` backend of ``kd_rows`` (the logit_kd contract, see the package docstring), in
+eager PyTorch, usable on any device: the same loss rows and closed-form gradient as the kernels.
 """
 
 from __future__ import annotations
@@ -11,6 +9,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from kdfast.losses._checks import acc_dtype
 
 
 def _p_phi(log_p: Tensor, p: Tensor, u: Tensor) -> Tensor:
@@ -53,7 +53,7 @@ def kl_rows_small_safe(log_p: Tensor, log_q: Tensor, d: Tensor) -> Tensor:
     return torch.where(plain < 1, a + torch.log1p(b - a) - torch.log1p(-q_out), plain)
 
 
-def kd_fwd_bwd_torch(
+def kd_rows_torch(
     student: Tensor,
     teacher: Tensor,
     labels: Tensor,
@@ -70,7 +70,7 @@ def kd_fwd_bwd_torch(
     w * (alpha_kd T^2 kd + alpha_mlm ce) in float32 (float64 for float64 inputs) and writes
     d(sum loss rows)/ds = w * (alpha_kd T (p_s - p_t) + alpha_mlm (softmax(s) - onehot)) into ``grad``.
     """
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(student.dtype)
     s = student.to(acc)
     t = teacher.to(acc)
     w = row_weight.to(acc)
@@ -91,77 +91,6 @@ def kd_fwd_bwd_torch(
         rows = rows - alpha_mlm * log_q1.gather(1, safe[:, None]).squeeze(1)
         g = g + alpha_mlm * (log_q1.exp() - F.one_hot(safe, s.shape[1]).to(acc))
     # where(), not multiplication: uncounted rows may hold anything, even NaN.
-    rows = torch.where(counted, w * rows, torch.zeros_like(rows))
-    grad.copy_(torch.where(counted[:, None], w[:, None] * g, torch.zeros_like(g)))
-    return rows
-
-
-# --- sparse teacher (top-k with a rest bucket, or sampled ids with counts) ----------------------
-
-def sparse_kd_fwd_bwd_torch(
-    student: Tensor,
-    ids: Tensor,
-    values: Tensor,
-    teacher_lse: Tensor | None,
-    labels: Tensor,
-    row_weight: Tensor,
-    grad: Tensor,
-    temperature: float,
-    alpha_kd: float,
-    alpha_mlm: float,
-    sampled: bool,
-) -> Tensor:
-    """The sparse-teacher kernel contract in eager PyTorch (the ``"torch"`` backend).
-
-    student [N, V]; ids [N, K] int64 in [0, V) on every row (the caller sanitises uncounted
-    rows); values [N, K]; teacher_lse [N] or None; row_weight w [N], 0 on uncounted rows.
-    Returns the loss rows w * (alpha_kd T^2 kd + alpha_mlm ce) in float32 (float64 for float64
-    student) and writes d(sum of loss rows)/ds into ``grad`` (closed form, see
-    :func:`kdfast.sparse_kd_loss`).
-    """
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    T = temperature
-    N, V = student.shape
-    K = ids.shape[1]
-    s = student.to(acc)
-    v = values.to(acc)
-    w = row_weight.to(acc)
-    counted = w != 0
-    x = s / T
-    lse_s = torch.logsumexp(x, dim=-1)
-    p_s = (x - lse_s[:, None]).exp()
-    log_q_k = x.gather(1, ids) - lse_s[:, None]
-    if not sampled:
-        y = v / T
-        lse_kept = torch.logsumexp(y, dim=-1)
-        lse_t = lse_kept
-        if teacher_lse is not None and K < V:
-            lse_t = torch.maximum(teacher_lse.to(acc), lse_kept)
-        log_p = y - lse_t[:, None]
-        p_t = log_p.exp()
-        kd = (p_t * (log_p - log_q_k)).sum(-1)
-        g = p_s
-        if K < V:
-            # rest bucket: teacher mass p_rest, student log-mass lse_rest - lse_s (exact, no cancellation)
-            p_rest = -torch.expm1(lse_kept - lse_t)
-            x_rest = x.scatter(1, ids, float("-inf"))
-            lse_rest = torch.logsumexp(x_rest, dim=-1)
-            kd = kd + torch.xlogy(p_rest, p_rest) - p_rest * (lse_rest - lse_s)
-            g = g - p_rest[:, None] * (x_rest - lse_rest[:, None]).exp()
-        g = g.scatter_add(1, ids, -p_t)
-    else:
-        wn = v / v.sum(-1, keepdim=True)
-        q_t = torch.zeros_like(s).scatter_add(1, ids, wn)
-        # zero-weight entries (repeats in the merged-count form) contribute nothing
-        kd = torch.where(wn > 0, wn * (q_t.gather(1, ids).log() - log_q_k), 0.0).sum(-1)
-        g = p_s - q_t
-    rows = alpha_kd * T**2 * kd
-    g = alpha_kd * T * g
-    if alpha_mlm:
-        safe = torch.where(counted, labels, 0)
-        log_q1 = F.log_softmax(s, dim=-1)
-        rows = rows - alpha_mlm * log_q1.gather(1, safe[:, None]).squeeze(1)
-        g = g + alpha_mlm * (log_q1.exp() - F.one_hot(safe, V).to(acc))
     rows = torch.where(counted, w * rows, torch.zeros_like(rows))
     grad.copy_(torch.where(counted[:, None], w[:, None] * g, torch.zeros_like(g)))
     return rows

@@ -10,8 +10,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include "../common/kd_math.h"
-#include "launchers.h"
+#include "../../common/kd_math.h"
+#include "../../cuda/launchers.h"
 
 namespace kdfast {
 namespace {
@@ -188,9 +188,3 @@ extern "C" int kdfast_kd_fwd_bwd_cuda(const void* student, int64_t student_row_s
       return cudaErrorInvalidValue;
   }
 }
-
-extern "C" const char* kdfast_cuda_error_string(int error) {
-  return cudaGetErrorString(static_cast<cudaError_t>(error));
-}
-
-extern "C" int kdfast_cuda_runtime_version(void) { return CUDART_VERSION; }

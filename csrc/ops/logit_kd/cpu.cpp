@@ -8,11 +8,12 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
 
 #include <vector>
 
-#include "kd_loss_cpu.h"
-#include "rows_cpu.h"
+#include "cpu/rows_cpu.h"
+#include "ops/logit_kd/kd_args.h"
 
 namespace kdfast {
 namespace {
@@ -71,23 +72,23 @@ void kd_rows(const at::Tensor& student, const at::Tensor& teacher, const int64_t
 
 void check_kd_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
                    const at::Tensor& row_weight, const at::Tensor& grad, double temperature, double alpha_mlm) {
-  TORCH_CHECK(student.dim() == 2 && teacher.dim() == 2, "kd_fwd_bwd: student and teacher must be 2-D [rows, vocab]");
-  TORCH_CHECK(student.sizes() == teacher.sizes() && student.sizes() == grad.sizes(),
+  TORCH_CHECK_VALUE(student.dim() == 2 && teacher.dim() == 2, "kd_fwd_bwd: student and teacher must be 2-D [rows, vocab]");
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes() && student.sizes() == grad.sizes(),
               "kd_fwd_bwd: student ", student.sizes(), ", teacher ", teacher.sizes(), " and grad ", grad.sizes(),
               " must have the same shape");
-  TORCH_CHECK(student.scalar_type() == teacher.scalar_type() && student.scalar_type() == grad.scalar_type(),
+  TORCH_CHECK_VALUE(student.scalar_type() == teacher.scalar_type() && student.scalar_type() == grad.scalar_type(),
               "kd_fwd_bwd: student, teacher and grad must share a dtype");
-  TORCH_CHECK(student.stride(1) == 1 && teacher.stride(1) == 1 && grad.stride(1) == 1,
+  TORCH_CHECK_VALUE(student.stride(1) == 1 && teacher.stride(1) == 1 && grad.stride(1) == 1,
               "kd_fwd_bwd: the vocabulary dimension must be contiguous (stride 1)");
-  TORCH_CHECK(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == student.size(0) &&
+  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong && labels.dim() == 1 && labels.size(0) == student.size(0) &&
                   labels.is_contiguous(),
               "kd_fwd_bwd: labels must be contiguous int64 [rows]");
   const auto acc_type = student.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(row_weight.scalar_type() == acc_type && row_weight.dim() == 1 &&
+  TORCH_CHECK_VALUE(row_weight.scalar_type() == acc_type && row_weight.dim() == 1 &&
                   row_weight.size(0) == student.size(0) && row_weight.is_contiguous(),
               "kd_fwd_bwd: row_weight must be contiguous [rows] of dtype ", acc_type);
-  TORCH_CHECK(temperature > 0, "kd_fwd_bwd: temperature must be > 0, got ", temperature);
-  TORCH_CHECK(student.device() == teacher.device() && student.device() == grad.device() &&
+  TORCH_CHECK_VALUE(temperature > 0, "kd_fwd_bwd: temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(student.device() == teacher.device() && student.device() == grad.device() &&
                   student.device() == labels.device() && student.device() == row_weight.device(),
               "kd_fwd_bwd: all tensors must be on one device");
   (void)alpha_mlm;
@@ -98,12 +99,12 @@ at::Tensor kd_fwd_bwd_cpu(const at::Tensor& student, const at::Tensor& teacher, 
                           double alpha_mlm, bool soft_ce, int64_t cuda_stream) {
   (void)cuda_stream;
   check_kd_args(student, teacher, labels, row_weight, grad, temperature, alpha_mlm);
-  TORCH_CHECK(student.device().is_cpu(), "kd_fwd_bwd_cpu: tensors must be on the CPU");
+  TORCH_CHECK_VALUE(student.device().is_cpu(), "kd_fwd_bwd_cpu: tensors must be on the CPU");
   const int64_t V = student.size(1);
   const int64_t* lab = labels.const_data_ptr<int64_t>();
   if (alpha_mlm != 0.0) {
     const at::Tensor bad = (row_weight != 0) & ((labels < 0) | (labels >= V));
-    TORCH_CHECK(!bad.any().item<bool>(), "kd_fwd_bwd: labels of counted rows must lie in [0, ", V, ")");
+    TORCH_CHECK_VALUE(!bad.any().item<bool>(), "kd_fwd_bwd: labels of counted rows must lie in [0, ", V, ")");
   }
   at::Tensor loss_rows = at::empty({student.size(0)}, row_weight.options());
   const KdParams p{temperature, alpha_kd, alpha_mlm, soft_ce};
@@ -116,3 +117,13 @@ at::Tensor kd_fwd_bwd_cpu(const at::Tensor& student, const at::Tensor& teacher, 
 }
 
 }  // namespace kdfast
+
+// The family's op: its schema and CPU kernel (the CUDA kernel registers in cuda_host.cpp).
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  // Loss rows and, written into `grad`, the gradient of their sum with respect to `student`.
+  m.def(
+      "kd_fwd_bwd(Tensor student, Tensor teacher, Tensor labels, Tensor row_weight, Tensor(a!) grad, "
+      "float temperature, float alpha_kd, float alpha_mlm, bool soft_ce, int cuda_stream=0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) { m.impl("kd_fwd_bwd", &kdfast::kd_fwd_bwd_cpu); }

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast.kernels.triton.kd_loss import zero_row
+from kdfast.ops.logit_kd.triton import zero_row
 
 
 @triton.jit
