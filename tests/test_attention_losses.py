@@ -637,32 +637,20 @@ def test_flash_kernels_allocate_only_per_row_buffers(backend):
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="kdfast._C is not built")
-def test_attention_mse_cpu_allocates_only_the_gradient_map():
-    """Forward + backward of the C++ map MSE: per-row sums and counts and the gradient (one map,
-    it is the answer); the eager torch backend allocates several [B, H, L, L] temporaries."""
+@pytest.mark.parametrize("fn", [kdfast.attention_mse_loss, kdfast.attention_kl_loss])
+def test_map_losses_cpu_allocate_only_the_gradient_map(fn):
+    """Forward + backward of the C++ map kernels with a token mask: per-row sums (and counts) and the
+    gradient (one map, it is the answer), no masked copy of either map; the torch backends allocate
+    several [B, H, L, L] temporaries (the KL's: finfo.min-filled copies of both maps)."""
     B, H, L = 2, 2, 256
     mask = make_mask(B, L)
     s, t = make_scores(B, H, L, torch.float32, mask)
     s.requires_grad_()
     map_bytes = B * H * L * L * 4
-    kernel = _peak_of(lambda: kdfast.attention_mse_loss(s, t, mask, backend="cpu"))
-    eager = _peak_of(lambda: kdfast.attention_mse_loss(s, t, mask, backend="torch"))
+    kernel = _peak_of(lambda: fn(s, t, mask, backend="cpu"))
+    eager = _peak_of(lambda: fn(s, t, mask, backend="torch"))
     assert kernel.peak < 1.1 * map_bytes, f"peak {kernel.peak} bytes vs one map {map_bytes}"
     assert eager.peak > 2 * map_bytes
-
-@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="kdfast._C is not built")
-def test_attention_kl_cpu_allocates_no_masked_copy_of_the_maps():
-    """Forward + backward of the C++ map KL with a token mask: loss rows and the gradient (one map, it
-    is the answer); no masked copy of either map (the logit-KD path on filled maps makes two)."""
-    B, H, L = 2, 2, 256
-    mask = make_mask(B, L)
-    s, t = make_scores(B, H, L, torch.float32, mask)
-    s.requires_grad_()
-    map_bytes = B * H * L * L * 4
-    kernel = _peak_of(lambda: kdfast.attention_kl_loss(s, t, mask, backend="cpu"))
-    filled = _peak_of(lambda: kdfast.attention_kl_loss(s, t, mask, backend="torch"))
-    assert kernel.peak < 1.1 * map_bytes, f"peak {kernel.peak} bytes vs one map {map_bytes}"
-    assert filled.peak > 2 * map_bytes
 
 
 # --- torch.compile and GPU ---------------------------------------------------------------------
@@ -684,29 +672,14 @@ def test_flash_torch_compile_fullgraph(backend):
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("backend", MAP_BACKENDS)
-def test_attention_mse_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("fn,backend", [(kdfast.attention_mse_loss, b) for b in MAP_BACKENDS]
+                         + [(kdfast.attention_kl_loss, b) for b in KL_MAP_BACKENDS])
+def test_map_losses_torch_compile_fullgraph(fn, backend):
     mask = make_mask(2, 21)
     s, t = make_scores(2, 2, 21, torch.float32, mask)
 
     def step(x):
-        return 3.0 * kdfast.attention_mse_loss(x, t, mask, backend=backend)
-
-    compiled = torch.compile(step, fullgraph=True)
-    for _ in range(2):
-        got = run(lambda x, _t: compiled(x), s, t)
-        ref = run(lambda x, _t: step(x), s, t)
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b)
-
-
-@pytest.mark.parametrize("backend", [b for b in KL_MAP_BACKENDS if b != "triton"])
-def test_attention_kl_torch_compile_fullgraph(backend):
-    mask = make_mask(2, 21)
-    s, t = make_scores(2, 2, 21, torch.float32, mask)
-
-    def step(x):
-        return 3.0 * kdfast.attention_kl_loss(x, t, mask, backend=backend)
+        return 3.0 * fn(x, t, mask, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True)
     for _ in range(2):
