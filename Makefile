@@ -50,7 +50,7 @@ bench: build
 
 # Compile every Triton kernel configuration for sm_90 and sm_80 without a GPU (also a test).
 aot: build
-	env -u TRITON_INTERPRET $(PY) -m kdfast.kernels.triton.aot --arch 90 80
+	env -u TRITON_INTERPRET $(PY) -m kdfast.ops.aot --arch 90 80
 
 clean:
 	rm -rf build kdfast/_C*.so *.egg-info

@@ -2,9 +2,10 @@
 
 The extension is built with torch.utils.cpp_extension against whatever torch is installed
 (the CPU wheel included):
-- csrc/cpu/*.cpp and csrc/bindings.cpp are always compiled, vectorised for the build machine's
-  widest instruction set that ATen supports (AVX-512, AVX2, or its portable default);
-- csrc/cuda/*.cu are compiled by nvcc, when it is found, into objects behind plain C launchers
+- csrc/bindings.cpp and each kernel family's csrc/ops/<family>/*.cpp are always compiled, vectorised
+  for the build machine's widest instruction set that ATen supports (AVX-512, AVX2, or its portable
+  default);
+- csrc/ops/<family>/*.cu and the shared CUDA runtime entry points in csrc/cuda/*.cu are compiled by nvcc, when it is found, into objects behind plain C launchers
   (no torch headers), linked in with the static CUDA runtime: the extension then imports on a
   machine without CUDA and runs the kernels on one with it.
 
@@ -77,8 +78,8 @@ def compile_cuda_objects(nvcc: str, build_dir: Path) -> list[str]:
 
 def make_extension() -> CppExtension:
     flags, cap_name = cpu_flags(cpu_capability())
-    # bindings.cpp, then each kernel family's C++ (csrc/ops/<family>/*.cpp; csrc/cpu/ until every family moved)
-    cpp = sorted([*(CSRC / "cpu").glob("*.cpp"), *(CSRC / "ops").glob("*/*.cpp")])
+    # bindings.cpp (the library root), then each kernel family's C++, which registers its own ops
+    cpp = sorted((CSRC / "ops").glob("*/*.cpp"))
     sources = [str(p.relative_to(ROOT)) for p in [CSRC / "bindings.cpp", *cpp]]
     # -fopenmp: at::parallel_for is inline OpenMP code; without the flag it silently runs on one
     # thread. The extension then needs libgomp.so.1, which resolves to the copy torch has loaded.

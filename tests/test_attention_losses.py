@@ -12,7 +12,11 @@ from torch.utils._pytree import tree_leaves
 import kdfast
 from tests.reference import attention_kl_reference, attention_mse_reference, attention_scores_reference
 from tests.conftest import CPU_BACKENDS
-from tests.helpers import assert_close, make_mask
+from tests.helpers import assert_close, backends_of, make_mask
+
+FLASH_BACKENDS = backends_of("attention_transfer")   # flash_attention_transfer
+MAP_BACKENDS = backends_of("score_mse_fwd")          # attention_mse_loss
+KL_MAP_BACKENDS = backends_of("attention_kl_maps")   # attention_kl_loss
 
 
 def make_scores(B, H, L, dtype, mask=None, fill=None):
@@ -24,6 +28,15 @@ def make_scores(B, H, L, dtype, mask=None, fill=None):
         add = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, fill)[:, None, None, :]
         s, t = s + add, t + add
     return s.to(dtype).clamp_min(torch.finfo(dtype).min), t.to(dtype).clamp_min(torch.finfo(dtype).min)
+
+
+def scattered_mask(B, L):
+    """A [B, L] token mask whose valid keys are not a prefix (holes, left padding), plus one full row."""
+    mask = torch.rand(B, L) > 0.35
+    mask[:, 1] = True
+    mask[0] = True
+    mask[-1, : L // 3] = False  # left padding
+    return mask
 
 
 def ref_loss_and_grad(fn, s, t, *args, grad_scale=1.0):
@@ -46,12 +59,12 @@ def run(fn, s, t, *args, grad_scale=1.0, **kw):
 MASKINGS = ("none", "mask", "additive", "additive-1e4", "both", "both-1e4")
 # the interpreter is slow (one program per score row): Triton on the extreme maskings only,
 # and at L = 130 (780 rows) with the full masking only; the C++ kernel on every dtype it takes
-MSE_CASES = [(b, d, m, L) for b, d in (("torch", torch.float32), ("torch", torch.float64), ("triton", torch.float32),
-                                       ("cpu", torch.float32), ("cpu", torch.float64), ("cpu", torch.float16),
-                                       ("cpu", torch.bfloat16))
-             for m in MASKINGS for L in (37, 130)
-             if b == "torch" or (b == "cpu" and "cpu" in CPU_BACKENDS)
-             or ("triton" in CPU_BACKENDS and (m, L) in (("none", 37), ("both", 37), ("both", 130)))]
+# (a newly registered backend: float32 and, when it takes it, float64)
+MSE_DTYPES = {"torch": (torch.float32, torch.float64), "triton": (torch.float32,),
+              "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+MSE_CASES = [(b, d, m, L) for b in MAP_BACKENDS
+             for d in MSE_DTYPES.get(b, (torch.float32, torch.float64)) for m in MASKINGS for L in (37, 130)
+             if b != "triton" or (m, L) in (("none", 37), ("both", 37), ("both", 130))]
 
 
 @pytest.mark.parametrize("backend,dtype,masking,L", MSE_CASES)
@@ -86,10 +99,7 @@ def test_attention_mse_definition_by_hand():
     torch.testing.assert_close(kdfast.attention_mse_loss(sa, ta, mask), expected)
 
 
-MSE_KERNELS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]
-
-
-@pytest.mark.parametrize("backend", MSE_KERNELS)
+@pytest.mark.parametrize("backend", MAP_BACKENDS)
 def test_attention_mse_padding_never_counted_and_all_masked_is_zero(backend):
     """NaN in padded rows and columns changes nothing; with every token masked: loss 0, grad 0."""
     B, H, L = 2, 2, 23
@@ -105,7 +115,7 @@ def test_attention_mse_padding_never_counted_and_all_masked_is_zero(backend):
     assert loss.item() == 0 and torch.count_nonzero(grad) == 0
 
 
-@pytest.mark.parametrize("backend", [b for b in ("cpu", "torch") if b in CPU_BACKENDS])
+@pytest.mark.parametrize("backend", [b for b in MAP_BACKENDS if b != "triton"])
 def test_attention_mse_gradcheck(backend):
     B, H, L = 2, 2, 7
     mask = make_mask(B, L)
@@ -116,17 +126,19 @@ def test_attention_mse_gradcheck(backend):
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="kdfast._C is not built")
 @pytest.mark.parametrize("threads", [1, 3])
-def test_attention_mse_cpu_same_bits_for_any_thread_count(threads):
+@pytest.mark.parametrize("fn,masks", [(kdfast.attention_mse_loss, "prefix"), (kdfast.attention_kl_loss, "prefix"),
+                                      (kdfast.attention_kl_loss, "scattered")])
+def test_map_losses_cpu_same_bits_for_any_thread_count(threads, fn, masks):
     """Each row is one task's work: the row sums, and so the loss and gradient, do not depend on the split."""
     B, H, L = 3, 2, 130
-    mask = make_mask(B, L)
+    mask = make_mask(B, L) if masks == "prefix" else scattered_mask(B, L)
     s, t = make_scores(B, H, L, torch.float32, mask)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        ref = run(kdfast.attention_mse_loss, s, t, mask, backend="cpu")
+        ref = run(fn, s, t, mask, backend="cpu")
         torch.set_num_threads(threads)
-        got = run(kdfast.attention_mse_loss, s, t, mask, backend="cpu")
+        got = run(fn, s, t, mask, backend="cpu")
     finally:
         torch.set_num_threads(before)
     for a, b in zip(got, ref):
@@ -162,7 +174,7 @@ def test_score_mse_cpu_ops_bad_arguments():
     fwd(s, s, torch.zeros(1, dtype=torch.int8), -1e2, False)  # without a mask, any int8 placeholder
 
 # the interpreter is slow: Triton on the two extreme maskings only
-KL_CASES = [(b, m) for b in CPU_BACKENDS for m in ("none", "mask", "additive", "both")
+KL_CASES = [(b, m) for b in KL_MAP_BACKENDS for m in ("none", "mask", "additive", "both")
             if b != "triton" or m in ("none", "both")]
 
 
@@ -191,6 +203,73 @@ def test_attention_kl_float64_and_equals_kl_div():
     torch.testing.assert_close(loss, expected)
     _, ref_grad = ref_loss_and_grad(attention_kl_reference, s, t)
     assert_close(grad, ref_grad, torch.float64, "grad")
+
+
+# fp16 / bf16 maps: rows widened to fp32 (Triton's interpreter gets bf16 wrong: GPU only there)
+KL_MAP_DTYPES = {"torch": (torch.float32, torch.float64), "triton": (torch.float32,),
+                 "cpu": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+KL_MAP_CASES = [(b, d) for b in KL_MAP_BACKENDS for d in KL_MAP_DTYPES.get(b, (torch.float32, torch.float64))]
+
+
+@pytest.mark.parametrize("backend,dtype", KL_MAP_CASES)
+@pytest.mark.parametrize("masking", ["none", "prefix", "scattered"])
+def test_attention_kl_maps_every_dtype_and_key_pattern(backend, dtype, masking):
+    """Loss and gradient against float64 with an upstream gradient != 1; the C++ kernel reads padded
+    keys in place for right padding and packs them for any other pattern (holes, left padding)."""
+    B, H, L = 3, 2, 37
+    mask = {"none": None, "prefix": make_mask(B, L, full_row=True), "scattered": scattered_mask(B, L)}[masking]
+    s, t = make_scores(B, H, L, dtype)
+    if mask is not None:  # padding may hold anything: it must never be read
+        pad = ~mask[:, None, None, :]
+        s, t = s.masked_fill(pad, float("nan")), t.masked_fill(pad, float("inf"))
+    loss, grad = run(kdfast.attention_kl_loss, s, t, mask, backend=backend, grad_scale=-1.5)
+    s_ref, t_ref = (x if mask is None else x.masked_fill(pad, 0.0) for x in (s, t))
+    ref_loss, ref_grad = ref_loss_and_grad(attention_kl_reference, s_ref, t_ref, mask, grad_scale=-1.5)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert grad.dtype == dtype
+    assert_close(loss, ref_loss, dtype, "loss")
+    assert_close(grad, ref_grad, dtype, "grad")
+    if mask is not None:
+        assert not grad.masked_select(pad.expand_as(grad)).any(), "gradient at padded keys"
+    with torch.no_grad():
+        assert_close(kdfast.attention_kl_loss(s, t, mask, backend=backend), ref_loss, dtype, "no_grad loss")
+
+
+@pytest.mark.parametrize("backend", KL_MAP_BACKENDS)
+def test_attention_kl_maps_small_kl_rows_keep_their_digits(backend):
+    """A student within 1e-3 of its teacher: the KL (~1e-7) is not a difference of log-sum-exps."""
+    B, H, L = 2, 2, 40
+    t = torch.randn(B, H, L, L, dtype=torch.float64) * 2
+    s = t + torch.randn(B, H, L, L, dtype=torch.float64) * 1e-3
+    mask = scattered_mask(B, L)
+    loss = kdfast.attention_kl_loss(s.float(), t.float(), mask, backend=backend)
+    ref = attention_kl_reference(s.float(), t.float(), mask)
+    assert abs(float(loss) - float(ref)) <= 1e-4 * float(ref), (float(loss), float(ref))
+
+
+@pytest.mark.skipif("cpu" not in KL_MAP_BACKENDS, reason="kdfast._C is not built")
+def test_attention_kl_maps_cpu_op_bad_arguments():
+    """The C++ op checks its own inputs (public as torch.ops.kdfast.*): ValueError naming the argument."""
+    op = torch.ops.kdfast.attention_kl_maps_fwd_bwd
+    s = torch.randn(2, 3, 5, 5)
+    kv = torch.ones(2, 5, dtype=torch.bool)
+    w = torch.rand(2, 5)
+    cases = [
+        ((s[0], s[0], kv, w), r"s must be \[B, H, L, L\]"),
+        ((s[..., :4], s[..., :4], kv, w), r"s must be \[B, H, L, L\]"),
+        ((s, s[:, :2], kv, w), "t has shape"),
+        ((s, s.double(), kv, w), "t has dtype"),
+        ((s.long(), s.long(), kv, w), "s must be float32"),
+        ((s, s, kv.float(), w), "key_valid must be a bool"),
+        ((s, s, kv[:, :4], w), "key_valid must be a bool"),
+        ((s, s, kv, w.double()), "row_weight must be a Float"),
+        ((s, s, kv, w[:1]), "row_weight must be"),
+    ]
+    for args, match in cases:
+        with pytest.raises(ValueError, match=match):
+            op(*args, True)
+    rows, grad = op(s, s, kv, w, False)
+    assert rows.shape == (2, 3, 5) and grad.numel() == 0
 
 
 @pytest.mark.parametrize("fn", [kdfast.attention_mse_loss, kdfast.attention_kl_loss])
@@ -227,8 +306,6 @@ def test_map_losses_bad_arguments(fn):
 
 # --- flash form from Q and K -------------------------------------------------------------------
 
-FLASH_BACKENDS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]
-MAP_BACKENDS = [b for b in ("triton", "cpu", "torch") if b in CPU_BACKENDS]  # attention_mse_loss backends
 REFS = {"kl": attention_kl_reference, "mse": attention_mse_reference}
 
 
@@ -299,7 +376,7 @@ def test_triton_several_tiles_and_online_rescaling():
     """Small tiles: the key loop, the running-max rescaling and the dK query loop all iterate."""
     if "triton" not in FLASH_BACKENDS:
         pytest.skip("triton backend not available here")
-    from kdfast.kernels.triton.attention_transfer import attention_transfer_fwd_bwd_triton
+    from kdfast.ops.attention_transfer.triton import attention_transfer_fwd_bwd_triton
 
     B, H, L = 2, 2, 70
     q_s, k_s, q_t, k_t = make_qk(B, H, L, 16, 32)
@@ -366,16 +443,18 @@ def test_flash_non_contiguous_head_views(backend):
 
 
 def test_flash_skips_gradients_when_none_needed(monkeypatch):
-    import kdfast.losses.attention as attention
+    import dataclasses
+
+    from kdfast.ops import registry
 
     seen = []
-    real = attention.attention_transfer_fwd_bwd_torch
+    impl = registry.impls("attention_transfer")["torch"]
 
     def spy(*args):
         seen.append(args[-1])  # need_grad
-        return real(*args)
+        return impl.fn(*args)
 
-    monkeypatch.setattr(attention, "attention_transfer_fwd_bwd_torch", spy)
+    monkeypatch.setitem(registry._OPS["attention_transfer"], "torch", dataclasses.replace(impl, fn=spy))
     q_s, k_s, q_t, k_t = make_qk(1, 2, 9, 8, 8)
     with torch.no_grad():
         kdfast.flash_attention_transfer(q_s.requires_grad_(), k_s, q_t, k_t, backend="torch")
@@ -558,18 +637,21 @@ def test_flash_kernels_allocate_only_per_row_buffers(backend):
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="kdfast._C is not built")
-def test_attention_mse_cpu_allocates_only_the_gradient_map():
-    """Forward + backward of the C++ map MSE: per-row sums and counts and the gradient (one map,
-    it is the answer); the eager torch backend allocates several [B, H, L, L] temporaries."""
+@pytest.mark.parametrize("fn", [kdfast.attention_mse_loss, kdfast.attention_kl_loss])
+def test_map_losses_cpu_allocate_only_the_gradient_map(fn):
+    """Forward + backward of the C++ map kernels with a token mask: per-row sums (and counts) and the
+    gradient (one map, it is the answer), no masked copy of either map; the torch backends allocate
+    several [B, H, L, L] temporaries (the KL's: finfo.min-filled copies of both maps)."""
     B, H, L = 2, 2, 256
     mask = make_mask(B, L)
     s, t = make_scores(B, H, L, torch.float32, mask)
     s.requires_grad_()
     map_bytes = B * H * L * L * 4
-    kernel = _peak_of(lambda: kdfast.attention_mse_loss(s, t, mask, backend="cpu"))
-    eager = _peak_of(lambda: kdfast.attention_mse_loss(s, t, mask, backend="torch"))
+    kernel = _peak_of(lambda: fn(s, t, mask, backend="cpu"))
+    eager = _peak_of(lambda: fn(s, t, mask, backend="torch"))
     assert kernel.peak < 1.1 * map_bytes, f"peak {kernel.peak} bytes vs one map {map_bytes}"
     assert eager.peak > 2 * map_bytes
+
 
 # --- torch.compile and GPU ---------------------------------------------------------------------
 
@@ -590,13 +672,14 @@ def test_flash_torch_compile_fullgraph(backend):
             torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize("backend", MAP_BACKENDS)
-def test_attention_mse_torch_compile_fullgraph(backend):
+@pytest.mark.parametrize("fn,backend", [(kdfast.attention_mse_loss, b) for b in MAP_BACKENDS]
+                         + [(kdfast.attention_kl_loss, b) for b in KL_MAP_BACKENDS])
+def test_map_losses_torch_compile_fullgraph(fn, backend):
     mask = make_mask(2, 21)
     s, t = make_scores(2, 2, 21, torch.float32, mask)
 
     def step(x):
-        return 3.0 * kdfast.attention_mse_loss(x, t, mask, backend=backend)
+        return 3.0 * fn(x, t, mask, backend=backend)
 
     compiled = torch.compile(step, fullgraph=True)
     for _ in range(2):

@@ -245,7 +245,7 @@ ATT_TOL = {F32: (1e-4, 1e-6), F16: (1e-2, 1e-4), BF16: (3e-2, 1e-3)}
 @pytest.mark.parametrize("loss", ["kl", "mse"])
 @pytest.mark.parametrize("H_t,H_s", [(4, 4), (4, 2), (2, 4)])
 def test_flash_attention_transfer_from_qk(dtype, loss, H_t, H_s):
-    from tests.test_attention_losses import make_mask
+    from tests.helpers import make_mask
     from tests.test_head_mapping import grouped_reference, make_qk
 
     B, L, ds, dt = (2, 333, 32, 64) if ON_GPU else (2, 19, 8, 16)
@@ -262,10 +262,16 @@ def test_flash_attention_transfer_from_qk(dtype, loss, H_t, H_s):
         _close(a, e, dtype, what, tol=ATT_TOL)
 
 
+# the KL on maps runs the logit-KD row kernels on the GPU (kdfast.ops.attention_transfer), the MSE its own
+MAP_BACKENDS = {"kl": LOGIT_BACKENDS, "mse": ["triton", "torch"] if ON_GPU else ["triton"]}
+MAP_CASES = [(loss, b) for loss, names in MAP_BACKENDS.items() for b in names]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
-@pytest.mark.parametrize("loss", ["kl", "mse"])
-def test_attention_losses_on_score_maps(dtype, loss):
-    from tests.test_attention_losses import make_mask, make_scores
+@pytest.mark.parametrize("loss,backend", MAP_CASES)
+def test_attention_losses_on_score_maps(dtype, loss, backend):
+    from tests.helpers import make_mask
+    from tests.test_attention_losses import make_scores
 
     B, H, L = (2, 4, 200) if ON_GPU else (2, 2, 13)
     mask = make_mask(B, L)
@@ -273,7 +279,7 @@ def test_attention_losses_on_score_maps(dtype, loss):
     fn, ref_fn = {"kl": (kdfast.attention_kl_loss, attention_kl_reference),
                   "mse": (kdfast.attention_mse_loss, attention_mse_reference)}[loss]
     x = s.detach().to(DEV).requires_grad_()
-    value = fn(x, t.to(DEV), mask.to(DEV), backend="triton")
+    value = fn(x, t.to(DEV), mask.to(DEV), backend=backend)
     value.backward()
     sd = s.detach().double().requires_grad_()
     ref = ref_fn(sd, t.double(), mask)

@@ -14,12 +14,11 @@ from tests.reference import (
     teacher_heads_reference,
 )
 from kdfast.losses import map_teacher_heads
-from tests.conftest import CPU_BACKENDS
-from tests.helpers import assert_close, make_mask
+from tests.helpers import assert_close, backends_of, make_mask
 
 REFS = {"kl": attention_kl_reference, "mse": attention_mse_reference}
 MAP_FNS = {"kl": kdfast.attention_kl_loss, "mse": kdfast.attention_mse_loss}
-FLASH_BACKENDS = [b for b in ("triton", "torch") if b in CPU_BACKENDS]
+FLASH_BACKENDS = backends_of("attention_transfer")
 HEADS = [(12, 4), (4, 12), (12, 12)]
 
 
@@ -66,7 +65,7 @@ def test_flash_head_mapping_matches_reference(H_t, H_s, loss, backend):
         assert_close(got, exp, torch.float32, f"{what} H_t={H_t} H_s={H_s}")
 
 
-MAP_CASES = [(loss, b) for loss in ("kl", "mse") for b in CPU_BACKENDS]
+MAP_CASES = [(loss, b) for loss, op in (("kl", "attention_kl_maps"), ("mse", "score_mse_fwd")) for b in backends_of(op)]
 
 
 @pytest.mark.parametrize("H_t,H_s", HEADS)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast.losses.attention import split_relation_heads
+from tests.helpers import backends_of
 
 
 def relation_reference(s, t, R, key_mask):
@@ -28,10 +29,8 @@ def relation_reference(s, t, R, key_mask):
     return total
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", backends_of("attention_transfer"))
 def test_relations_match_reference_with_different_heads_and_widths(backend):
-    if backend == "triton" and not kdfast.backends()["triton"].available:
-        pytest.skip("triton not available")
     B, L, d_s, d_t, R = 2, 37, 24, 48, 4  # student 24 wide (e.g. 2 heads), teacher 48 (e.g. 12 heads)
     s = {x: torch.randn(B, L, d_s, requires_grad=True) for x in "qkv"}
     t = {x: torch.randn(B, L, d_t) for x in "qkv"}

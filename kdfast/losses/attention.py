@@ -4,11 +4,12 @@ Public: :func:`attention_mse_loss`, :func:`attention_kl_loss` (from materialised
 score maps) and :func:`flash_attention_transfer` (the same two losses from Q and K, without
 ever storing an L x L map).
 
-Backends: ``triton`` kernels for all three (the KL on maps reuses the fused logit-KD kernel,
-which also has ``cpu`` / ``cuda`` C++ versions), ``cpu`` C++ kernels for all three (the map MSE
-has the Triton kernels' row contract), and eager ``torch`` (chunked over query rows for the
-flash form). ``auto`` picks Triton on CUDA tensors, the C++ CPU kernels on CPU tensors when
-``kdfast._C`` is built, and torch otherwise.
+The kernels are ops of the registry (:mod:`kdfast.ops.registry`, which alone resolves ``backend``):
+``attention_transfer`` and ``attention_kl_maps`` (:mod:`kdfast.ops.attention_transfer`) and
+``score_mse_fwd`` / ``score_mse_bwd`` (:mod:`kdfast.ops.score_mse`), each with its contract and
+backends in its package. This module keeps what users call: the checks, the head mapping, the
+autograd Functions and the losses. ``auto`` picks Triton on CUDA tensors, the C++ CPU kernels on
+CPU tensors when ``kdfast._C`` is built, and torch otherwise.
 
 Masks. ``mask`` / ``key_mask`` is a [B, L] token mask (nonzero = real token, 0 = padding). A
 padded token is excluded both as a key (a column of the map) and as a query (a row): padded
@@ -40,22 +41,22 @@ import math
 import torch
 from torch import Tensor
 
-from kdfast import backend as _backend
-from kdfast.kernels.reference import attention_transfer_fwd_bwd_torch
 from kdfast.losses._autograd import scale_stored_grad
 from kdfast.losses._checks import (
+    acc_dtype,
     check_choice,
+    check_logit_rows,
     check_positive,
     check_same_dtype_device,
     check_tensor,
-    resolve_backend,
+    value_checks_enabled,
 )
+from kdfast.ops import registry
+from kdfast.ops.attention_transfer import FLASH_OP, MAPS_KL_OP
+from kdfast.ops.score_mse import BWD_OP as SCORE_MSE_BWD_OP
+from kdfast.ops.score_mse import FWD_OP as SCORE_MSE_FWD_OP
 
 LOSSES = ("kl", "mse")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_maps(student_scores: Tensor, teacher_scores: Tensor) -> None:
@@ -107,7 +108,7 @@ def map_teacher_heads(teacher: Tensor, student_heads: int, *, kind: str = "score
         grouped = teacher.unflatten(1, (student_heads, g))           # [B, H_s, g, L, *]
         if kind == "qk":  # [B, H_s, g, L, d] -> [B, H_s, L, g d]: a view when heads are concatenated in memory
             return grouped.transpose(2, 3).reshape(B, student_heads, rest[0], g * rest[1]), g
-        mean = grouped.sum(2, dtype=_acc_dtype(teacher.dtype)) / g
+        mean = grouped.sum(2, dtype=acc_dtype(teacher.dtype)) / g
         return mean.clamp_min(torch.finfo(teacher.dtype).min).to(teacher.dtype), 1
     if student_heads % H_t == 0:
         g = student_heads // H_t
@@ -135,71 +136,24 @@ def _check_token_mask(name: str, mask: Tensor | None, B: int, L: int, device: to
 
 # --- from materialised score maps -------------------------------------------------------------
 
-@torch.library.custom_op("kdfast::score_mse_fwd_triton", mutates_args=())
-def _score_mse_fwd_op(s: Tensor, t: Tensor, mask: Tensor, threshold: float, has_mask: bool) -> tuple[Tensor, Tensor]:
-    from kdfast.kernels.triton.score_mse import score_mse_fwd_triton
-
-    return score_mse_fwd_triton(s, t, mask, threshold, has_mask)
-
-
-@_score_mse_fwd_op.register_fake
-def _(s, t, mask, threshold, has_mask):
-    n = s.shape[0] * s.shape[1] * s.shape[2]
-    return s.new_empty(n, dtype=torch.float32), s.new_empty(n, dtype=torch.int32)
-
-
-@torch.library.custom_op("kdfast::score_mse_bwd_triton", mutates_args=())
-def _score_mse_bwd_op(s: Tensor, t: Tensor, mask: Tensor, coef: Tensor, threshold: float, has_mask: bool) -> Tensor:
-    from kdfast.kernels.triton.score_mse import score_mse_bwd_triton
-
-    return score_mse_bwd_triton(s, t, mask, coef, threshold, has_mask)
-
-
-@_score_mse_bwd_op.register_fake
-def _(s, t, mask, coef, threshold, has_mask):
-    return torch.empty_like(s, memory_format=torch.contiguous_format)
-
-
-if _backend._extension()[0] is not None:
-
-    @torch.library.register_fake("kdfast::score_mse_fwd")
-    def _score_mse_cpu_fwd_fake(s, t, mask, threshold, has_mask):
-        n = s.shape[0] * s.shape[1] * s.shape[2]
-        return s.new_empty(n, dtype=_acc_dtype(s.dtype)), s.new_empty(n, dtype=torch.int32)
-
-    @torch.library.register_fake("kdfast::score_mse_bwd")
-    def _score_mse_cpu_bwd_fake(s, t, mask, coef, threshold, has_mask):
-        return torch.empty_like(s, memory_format=torch.contiguous_format)
-
-
-def _score_mse_ops(backend: str):
-    """(forward, backward) row ops of ``backend`` ("triton" or "cpu"): one contract, two implementations."""
-    if backend == "cpu":
-        return torch.ops.kdfast.score_mse_fwd, torch.ops.kdfast.score_mse_bwd
-    return _score_mse_fwd_op, _score_mse_bwd_op
-
-
 class _ScoreMSEFunction(torch.autograd.Function):
-    """Score MSE row kernels (Triton or C++): forward reads the maps once for (sum, count) per row;
-    backward reads them again and recomputes the gradient."""
+    """Score MSE on the registry's row kernels: forward reads the maps once for (sum, count) per row;
+    backward reads them again and recomputes the gradient (:mod:`kdfast.ops.score_mse`)."""
 
     @staticmethod
     def forward(ctx, s, t, mask, threshold, has_mask, backend):
-        sums, counts = _score_mse_ops(backend)[0](s, t, mask, threshold, has_mask)
+        sums, counts = registry.impls(SCORE_MSE_FWD_OP)[backend].fn(s, t, mask, threshold, has_mask)
         n = counts.sum().clamp_min(1)  # int64: B H L^2 may exceed fp32's exact integers
         ctx.save_for_backward(s, t, mask, n)
         ctx.threshold, ctx.has_mask, ctx.backend = threshold, has_mask, backend
-        acc = _acc_dtype(s.dtype)
+        acc = acc_dtype(s.dtype)
         return sums.to(acc).sum() / n.to(acc)
 
     @staticmethod
     def backward(ctx, grad_out):
         s, t, mask, n = ctx.saved_tensors
-        # The Triton kernels read an fp32 coef; the C++ kernel takes the accumulation dtype, so
-        # fp64 maps get an fp64 gradient scale (gradcheck, fp64 tolerances).
-        coef_dtype = _acc_dtype(s.dtype) if ctx.backend == "cpu" else torch.float32
-        coef = (grad_out.to(torch.float64) / n.to(torch.float64)).to(coef_dtype).reshape(1)
-        grad = _score_mse_ops(ctx.backend)[1](s, t, mask, coef, ctx.threshold, ctx.has_mask)
+        coef = (grad_out.to(torch.float64) / n.to(torch.float64)).to(acc_dtype(s.dtype)).reshape(1)
+        grad = registry.impls(SCORE_MSE_BWD_OP)[ctx.backend].fn(s, t, mask, coef, ctx.threshold, ctx.has_mask)
         return grad, None, None, None, None, None
 
 
@@ -231,11 +185,10 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
         mask: optional [B, L] token mask (nonzero = keep).
         threshold: scores at or below it count as masked.
         backend: ``auto`` (Triton on CUDA tensors when it works, the C++ kernel on CPU tensors
-            when ``kdfast._C`` is built, else torch), ``triton`` (two row kernels: forward keeps
-            nothing but per-row sums and counts, backward recomputes the gradient), ``cpu`` (the
-            same two row kernels in C++: at::vec within a row, at::parallel_for over rows; fp16 /
-            bf16 widened to fp32) or ``torch`` (eager, differentiated by autograd, several
-            [B, H, L, L] temporaries); ``cuda`` has no kernel for this loss and raises.
+            when ``kdfast._C`` is built, else torch), ``triton``, ``cpu`` or ``torch``: each runs
+            the two row kernels of :mod:`kdfast.ops.score_mse` (forward keeps nothing but per-row
+            sums and counts, backward recomputes the gradient; torch with several [B, H, L, L]
+            temporaries); ``cuda`` has no kernel for this loss and raises.
 
     Returns:
         Scalar loss, float32 (float64 for float64 input). Gradient flows to ``student_scores``
@@ -253,21 +206,12 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
         threshold = float(threshold)
     except (TypeError, ValueError):
         raise ValueError(f"threshold must be a number, got {threshold!r}") from None
-    name = resolve_backend(backend, student_scores.device, student_scores.dtype, "attention_mse_loss",
-                           compiled=("cpu",))
-    if name in ("triton", "cpu"):
-        dev = student_scores.device
-        mask_i8 = m.to(torch.int8).contiguous() if m is not None else torch.zeros(1, dtype=torch.int8, device=dev)
-        return _ScoreMSEFunction.apply(student_scores.contiguous(), teacher_scores.detach().contiguous(), mask_i8,
-                                       threshold, m is not None, name)
-    acc = _acc_dtype(student_scores.dtype)
-    s = student_scores.to(acc)
-    t = teacher_scores.detach().to(acc)
-    counted = (s > threshold) & (t > threshold)
-    if m is not None:
-        counted = counted & m[:, None, :, None] & m[:, None, None, :]
-    diff = torch.where(counted, s - t, torch.zeros((), dtype=acc, device=s.device))
-    return (diff * diff).sum() / counted.sum().clamp_min(1).to(acc)
+    name = registry.resolve(SCORE_MSE_FWD_OP, backend, student_scores.device, student_scores.dtype,
+                            what="attention_mse_loss")
+    dev = student_scores.device
+    mask_i8 = m.to(torch.int8).contiguous() if m is not None else torch.zeros(1, dtype=torch.int8, device=dev)
+    return _ScoreMSEFunction.apply(student_scores.contiguous(), teacher_scores.detach().contiguous(), mask_i8,
+                                   threshold, m is not None, name)
 
 
 def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None, *,
@@ -288,8 +232,10 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
     hold an additive mask (``finfo.min`` or -1e4 at padded keys) give those keys probability 0,
     so ``mask`` is then only needed to drop the padded query rows.
 
-    Runs the fused logit-KD kernel (:func:`kdfast.kd_loss` at T = 1) on the B*H*L rows: the
-    ``triton``, ``cpu`` and ``torch`` backends all work (:mod:`kdfast.backend`).
+    Runs the op ``attention_kl_maps`` (:mod:`kdfast.ops.attention_transfer`): loss rows and the
+    gradient in one pass, the logit-KD row at T = 1 over the valid keys. ``cpu`` skips padded keys
+    in place; ``triton`` / ``cuda`` / ``torch`` run the logit-KD row kernels on maps whose padded
+    keys are set to finfo.min.
 
     Args:
         student_scores, teacher_scores: [B, H, L, L] and [B, H_t, L, L] pre-softmax scores (H_t a
@@ -306,83 +252,52 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
         NaN or +Inf in the teacher's counted rows, or a row that is -inf everywhere (-inf
         scores are valid: one-hot attention rows).
     """
-    from kdfast.losses.kd import kd_loss
-
     _check_maps(student_scores, teacher_scores)
     B, H, L, _ = student_scores.shape
-    m = _check_token_mask("mask", mask, B, L, student_scores.device)
     s = student_scores
+    m = _check_token_mask("mask", mask, B, L, s.device)
     t, _ = map_teacher_heads(teacher_scores.detach(), H, name="teacher_scores")
-    rows = None
-    if m is not None:
-        # Masked keys get the most negative finite value in both maps: probability exactly 0 and
-        # t - s = 0 there, so the kernels need no key mask (-inf would give 0 * NaN).
-        keys = m[:, None, None, :]
+    name = registry.resolve(MAPS_KL_OP, backend, s.device, s.dtype, what="attention_kl_loss")
+    acc = acc_dtype(s.dtype)
+    if m is None:
+        row_weight = torch.full((B, L), 1.0 / (B * H * L), dtype=acc, device=s.device)
+    else:
+        row_weight = m.to(acc) / (H * m.sum()).clamp_min(1).to(acc)
+    loss = _StoredGradLossFunction.apply(MAPS_KL_OP, name, 1, torch.is_grad_enabled(), s, t, m, row_weight)
+    if value_checks_enabled(s) and not bool(torch.isfinite(loss)):
+        # Only on the failure path: say which input is to blame, on the counted rows over the valid keys.
+        keys = torch.ones(B, L, dtype=torch.bool, device=s.device) if m is None else m
         fill = torch.finfo(s.dtype).min
-        s = s.masked_fill(~keys, fill)
-        t = t.masked_fill(~keys, fill)
-        rows = m[:, None, :].expand(B, H, L)
-    return kd_loss(s, t, temperature=1.0, mask=rows, kind="kl", reduction="batchmean", backend=backend,
-                   _names=("teacher_scores", "student_scores"))
+        counted = keys[:, None, :].expand(B, H, L)
+        check_logit_rows(t.masked_fill(~keys[:, None, None, :], fill)[counted],
+                         s.detach().masked_fill(~keys[:, None, None, :], fill)[counted],
+                         "teacher_scores", "student_scores")
+    return loss
 
 
 # --- flash form: from Q and K ----------------------------------------------------------------
 
-@torch.library.custom_op("kdfast::attention_transfer_triton", mutates_args=())
-def _attention_transfer_triton(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_valid: Tensor,
-                               row_weight: Tensor, scale_s: float, scale_t: float, mse: bool,
-                               need_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    from kdfast.kernels.triton.attention_transfer import attention_transfer_fwd_bwd_triton
-
-    return attention_transfer_fwd_bwd_triton(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse,
-                                             need_grad)
-
-
-@_attention_transfer_triton.register_fake
-def _(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse, need_grad):
-    B, H, L, _ = q_s.shape
-    rows = q_s.new_empty(B, H, L, dtype=torch.float32)
-    if not need_grad:
-        return rows, q_s.new_empty(0), k_s.new_empty(0)
-    return rows, torch.empty_like(q_s, memory_format=torch.contiguous_format), \
-        torch.empty_like(k_s, memory_format=torch.contiguous_format)
-
-
-if _backend._extension()[0] is not None:
-
-    @torch.library.register_fake("kdfast::attention_transfer_fwd_bwd")
-    def _attention_transfer_cpu_fake(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse, need_grad):
-        rows = q_s.new_empty(q_s.shape[:3], dtype=row_weight.dtype)
-        if not need_grad:
-            return rows, q_s.new_empty(0), k_s.new_empty(0)
-        return rows, q_s.new_empty(q_s.shape), k_s.new_empty(k_s.shape)
-
-
-class _FlashAttentionTransferFunction(torch.autograd.Function):
-    """Loss from Q, K of both models; dq_s, dk_s are produced by the forward kernels (teacher frozen)."""
+class _StoredGradLossFunction(torch.autograd.Function):
+    """Sum of the loss rows of a registered op that returns them with the gradients of their sum:
+    ``impls(op)[backend].fn(*args, need_grad) -> (rows, d/d args[0], ..., d/d args[n_diff - 1])``
+    (the student's tensors come first in ``args``; with ``need_grad`` false the gradients are empty).
+    Backward only scales the stored gradients (the teacher is frozen)."""
 
     @staticmethod
-    def forward(ctx, q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse, backend, grad_enabled):
+    def forward(ctx, op, backend, n_diff, grad_enabled, *args):
         # grad mode is always off inside forward: the caller says whether it was on
-        need_grad = grad_enabled and bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        if backend == "triton":
-            rows, dq, dk = _attention_transfer_triton(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t,
-                                                      mse, need_grad)
-        elif backend == "cpu":
-            rows, dq, dk = torch.ops.kdfast.attention_transfer_fwd_bwd(q_s, k_s, q_t, k_t, key_valid, row_weight,
-                                                                       scale_s, scale_t, mse, need_grad)
-        else:
-            rows, dq, dk = attention_transfer_fwd_bwd_torch(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s,
-                                                            scale_t, mse, need_grad)
-        ctx.save_for_backward(dq, dk)
-        return rows.to(_acc_dtype(q_s.dtype)).sum()
+        need_grad = grad_enabled and any(ctx.needs_input_grad[4 + i] for i in range(n_diff))
+        rows, *grads = registry.impls(op)[backend].fn(*args, need_grad)
+        ctx.save_for_backward(*grads)
+        ctx.n_args = len(args)
+        return rows.to(acc_dtype(args[0].dtype)).sum()
 
     @staticmethod
     def backward(ctx, grad_out):
-        dq, dk = ctx.saved_tensors
-        gq = scale_stored_grad(dq, grad_out) if ctx.needs_input_grad[0] else None
-        gk = scale_stored_grad(dk, grad_out) if ctx.needs_input_grad[1] else None
-        return gq, gk, None, None, None, None, None, None, None, None, None
+        grads = ctx.saved_tensors
+        return (None, None, None, None, *(
+            scale_stored_grad(grads[i], grad_out) if i < len(grads) and ctx.needs_input_grad[4 + i] else None
+            for i in range(ctx.n_args)))
 
 
 def _check_qk(q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor) -> None:
@@ -472,14 +387,14 @@ def flash_attention_transfer(
     k_t, _ = map_teacher_heads(k_t.detach(), H, kind="qk", name="k_t")
     scale_t /= group  # concatenated group heads sum the group's scores; 1/g makes it their mean
     m = _check_token_mask("key_mask", key_mask, B, L, q_s.device)
-    name = resolve_backend(backend, q_s.device, q_s.dtype, "flash_attention_transfer", compiled=("cpu",))
+    name = registry.resolve(FLASH_OP, backend, q_s.device, q_s.dtype, what="flash_attention_transfer")
     key_valid = torch.ones(B, L, dtype=torch.bool, device=q_s.device) if m is None else m
-    acc = _acc_dtype(q_s.dtype)
+    acc = acc_dtype(q_s.dtype)
     n = key_valid.sum(1).to(acc)
     count = H * (n * n).sum() if loss == "mse" else H * n.sum()
     row_weight = key_valid.to(acc) / count.clamp_min(1)
-    return _FlashAttentionTransferFunction.apply(q_s, k_s, q_t, k_t, key_valid, row_weight,
-                                                 scale_s, scale_t, loss == "mse", name, torch.is_grad_enabled())
+    return _StoredGradLossFunction.apply(FLASH_OP, name, 2, torch.is_grad_enabled(), q_s, k_s, q_t, k_t, key_valid,
+                                         row_weight, scale_s, scale_t, loss == "mse")
 
 
 def split_relation_heads(x: Tensor, relation_heads: int, name: str = "x") -> Tensor:

@@ -51,7 +51,7 @@ class Impl:
 
     ``dtypes``: the floating dtypes it takes (``None``: every one the op's contract allows);
     ``aot_configs``: for Triton, ``"module:attr"`` of the callable listing the configurations that
-    ``python -m kdfast.kernels.triton.aot`` compiles for real GPU targets.
+    ``python -m kdfast.ops.aot`` compiles for real GPU targets.
     """
 
     op: str

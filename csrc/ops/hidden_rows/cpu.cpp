@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "cpu.h"
-#include "cpu/rows_cpu.h"
+#include "common/rows_cpu.h"
 
 namespace kdfast {
 namespace {

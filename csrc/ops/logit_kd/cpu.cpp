@@ -12,7 +12,7 @@
 
 #include <vector>
 
-#include "cpu/rows_cpu.h"
+#include "common/rows_cpu.h"
 #include "ops/logit_kd/kd_args.h"
 
 namespace kdfast {

@@ -1,5 +1,5 @@
 """The ``triton`` backend of :mod:`kdfast.ops.hidden_rows`: the hidden-MSE epilogue and the fused cosine
-rows (moved from ``kdfast/kernels/triton/hidden.py``).
+rows.
 
 Hidden-state transfer row kernels in Triton: the MSE epilogue and the fused cosine loss.
 
@@ -111,7 +111,7 @@ def cosine_triton(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor, eps: float,
 
 
 def aot_configs():
-    """Both kernels x dtype at the widths of BERT-base / large and the largest block (for kernels.triton.aot)."""
+    """Both kernels x dtype at the widths of BERT-base / large and the largest block (for kdfast.ops.aot)."""
     for dtype, block in itertools.product(("fp32", "fp16", "bf16"), (1024, MAX_BLOCK_GPU)):
         signature = {"y_ptr": "*fp32", "t_ptr": f"*{dtype}", "w_ptr": "*fp32", "loss_ptr": "*fp32", "D": "i32"}
         yield _mse_epilogue_kernel, signature, {"BLOCK_D": block}, _num_warps(block)

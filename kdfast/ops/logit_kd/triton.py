@@ -282,7 +282,7 @@ def kd_fwd_bwd_triton(
 
 
 def aot_configs():
-    """Every constexpr combination the launcher can pick, per logit dtype (for kernels.triton.aot)."""
+    """Every constexpr combination the launcher can pick, per logit dtype (for kdfast.ops.aot)."""
     for dtype, soft_ce, (has_mlm, need_t1), single in itertools.product(
         ("fp32", "fp16", "bf16"), (False, True), ((False, False), (True, False), (True, True)), (True, False)
     ):

@@ -1,4 +1,4 @@
-"""The ``triton`` backend of :mod:`kdfast.ops.mobilebert_blocks` (moved from ``kdfast/kernels/triton/nonorm.py``).
+"""The ``triton`` backend of :mod:`kdfast.ops.mobilebert_blocks`.
 
 MobileBERT's memory-bound epilogue in Triton: bias + residual + NoNorm, and ReLU backward
 fused with its bias gradient.

@@ -1,16 +1,13 @@
-"""The ``"torch"`` backend of the attention-transfer kernel: the same kernel contract as the
-compiled backends (loss rows + closed-form gradient), in plain PyTorch, usable on any device.
-(The logit and sparse-logit backends moved to ``kdfast/ops/logit_kd/torch.py`` and
-``kdfast/ops/sparse_kd/torch.py``; the float64 test oracles live in ``tests/reference.py``.)
-"""
+"""The ``"torch"`` backend of the attention_transfer family: its contracts in eager PyTorch, usable
+on any device (the contracts are in :mod:`kdfast.ops.attention_transfer`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from kdfast.losses._checks import acc_dtype
 
-# --- attention transfer -------------------------------------------------------------------------
 
 def attention_transfer_fwd_bwd_torch(
     q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_valid: Tensor, row_weight: Tensor,
@@ -30,7 +27,7 @@ def attention_transfer_fwd_bwd_torch(
         mse: sum_j (s_ij - t_ij)^2,                      dS = 2 w_i (s_ij - t_ij)
     then dq_s = scale_s dS k_s and dk_s = scale_s dS^T q_s.
     """
-    acc = torch.float64 if q_s.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(q_s.dtype)
     B, H, L, _ = q_s.shape
     kv = key_valid[:, None, None, :]                           # [B, 1, 1, L]
     w = row_weight.to(acc)[:, None, :].expand(B, H, L)         # [B, H, L]

@@ -1,4 +1,13 @@
-// Flash attention transfer on the CPU (math in attention_transfer_cpu.h).
+// Flash attention transfer on the CPU: torch.ops.kdfast.attention_transfer_fwd_bwd, the contract
+// of kdfast/ops/attention_transfer (its torch.py without any L x L map).
+// q_s, k_s [B, H, L, ds], q_t, k_t [B, H, L, dt] (one float dtype), key_valid [B, L] bool,
+// row_weight [B, L] (float32, float64 for float64 inputs; w_i = 0 on uncounted query rows).
+// Scores s = scale_s q_s k_s^T, t = scale_t q_t k_t^T over the valid keys j of each row i:
+//   kl:  row_i = sum_j A_t,ij (log A_t,ij - log A_s,ij),  dS_ij = w_i (A_s,ij - A_t,ij)
+//   mse: row_i = sum_j (s_ij - t_ij)^2,                    dS_ij = 2 w_i (s_ij - t_ij)
+//   dq_s = scale_s dS k_s,  dk_s = scale_s dS^T q_s
+// Returns (loss rows w_i row_i [B, H, L] in the accumulation dtype, dq_s, dk_s in the inputs'
+// dtype; the last two empty unless need_grad). Padded keys and uncounted rows are never read.
 //
 // Work items are (b, h, query block of BM rows), split into one contiguous range per thread.
 // For an item, the counted query rows (w_i != 0) and, once per (b, h), the valid keys are
@@ -27,8 +36,9 @@
 #include <map>
 #include <vector>
 
-#include "attention_transfer_cpu.h"
-#include "rows_cpu.h"
+#include <torch/library.h>
+
+#include "common/rows_cpu.h"
 
 namespace kdfast {
 namespace {
@@ -179,6 +189,21 @@ void run_kernel(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
   }
 }
 
+// The per-token inputs of both ops: key_valid [B, L] bool and row_weight [B, L] in the accumulation
+// dtype of `dtype` (float64 for float64 inputs, else float32), on the CPU.
+void check_key_valid_and_row_weight(const char* op, const at::Tensor& key_valid, const at::Tensor& row_weight,
+                                    int64_t B, int64_t L, at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(key_valid.scalar_type() == at::kBool && key_valid.dim() == 2 && key_valid.size(0) == B &&
+                        key_valid.size(1) == L && key_valid.device().is_cpu(),
+                    op, ": key_valid must be a bool CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
+                    key_valid.scalar_type(), " ", key_valid.sizes());
+  const auto acc_type = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(row_weight.scalar_type() == acc_type && row_weight.dim() == 2 && row_weight.size(0) == B &&
+                        row_weight.size(1) == L && row_weight.device().is_cpu(),
+                    op, ": row_weight must be a ", acc_type, " CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
+                    row_weight.scalar_type(), " ", row_weight.sizes());
+}
+
 void check_args(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
                 const at::Tensor& key_valid, const at::Tensor& row_weight, double scale_s, double scale_t) {
   constexpr const char* op = "attention_transfer_fwd_bwd";
@@ -200,15 +225,7 @@ void check_args(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
   TORCH_CHECK_VALUE(q_t.sizes().slice(0, 3) == q_s.sizes().slice(0, 3), op, ": q_t has shape ", q_t.sizes(),
                     " but q_s has shape ", q_s.sizes(), " (B, H and L must agree)");
   const int64_t B = q_s.size(0), L = q_s.size(2);
-  TORCH_CHECK_VALUE(key_valid.scalar_type() == at::kBool && key_valid.dim() == 2 && key_valid.size(0) == B &&
-                        key_valid.size(1) == L && key_valid.device().is_cpu(),
-                    op, ": key_valid must be a bool CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
-                    key_valid.scalar_type(), " ", key_valid.sizes());
-  const auto acc_type = q_s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK_VALUE(row_weight.scalar_type() == acc_type && row_weight.dim() == 2 && row_weight.size(0) == B &&
-                        row_weight.size(1) == L && row_weight.device().is_cpu(),
-                    op, ": row_weight must be a ", acc_type, " CPU tensor of shape [B, L] = [", B, ", ", L, "], got ",
-                    row_weight.scalar_type(), " ", row_weight.sizes());
+  check_key_valid_and_row_weight(op, key_valid, row_weight, B, L, q_s.scalar_type());
   TORCH_CHECK_VALUE(scale_s > 0 && std::isfinite(scale_s), op, ": scale_s must be > 0 and finite, got ", scale_s);
   TORCH_CHECK_VALUE(scale_t > 0 && std::isfinite(scale_t), op, ": scale_t must be > 0 and finite, got ", scale_t);
 }
@@ -238,3 +255,130 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_fwd_bwd_cpu(
 }
 
 }  // namespace kdfast
+
+// --- attention KL on materialised [B, H, L, L] score maps ---------------------------------------
+// torch.ops.kdfast.attention_kl_maps_fwd_bwd: s, t [B, H, L, L] (one float dtype), key_valid [B, L]
+// bool, row_weight [B, L] (accumulation dtype; w_i = 0 on uncounted query rows). Over the valid keys
+// K_b of each row (b, h, i):
+//   row = w_i sum_{j in K_b} A_t,j (log A_t,j - log A_s,j),   A = softmax over j in K_b,
+//   grad_j = w_i (A_s,j - A_t,j) on K_b, 0 on the other keys and on uncounted rows,
+// the logit-KD row of rows_cpu.h at T = 1 (with its small-KL form) run on the valid keys only:
+// padded keys are never read, so no masked copy of either map is made. Returns (loss rows
+// [B, H, L] in the accumulation dtype, grad [B, H, L, L] contiguous in the maps' dtype, or an empty
+// tensor when need_grad is false).
+namespace kdfast {
+namespace {
+
+template <typename scalar_t>
+void attention_kl_maps_kernel(const at::Tensor& s, const at::Tensor& t, const bool* key_valid,
+                              const kd_acc_t<scalar_t>* row_weight, bool need_grad, at::Tensor& loss_rows,
+                              at::Tensor& grad) {
+  using acc_t = kd_acc_t<scalar_t>;
+  const int64_t B = s.size(0), H = s.size(1), L = s.size(2);
+  const Rows<scalar_t> s_rows(s), t_rows(t);
+  acc_t* loss_p = loss_rows.mutable_data_ptr<acc_t>();
+  scalar_t* g_p = need_grad ? grad.mutable_data_ptr<scalar_t>() : nullptr;
+  const KdParams kl_params{1.0, 1.0, 0.0, false};
+  // Per sequence: its valid keys, and whether they are a prefix (right padding: rows used in place).
+  std::vector<std::vector<int64_t>> keys(B);
+  std::vector<char> prefix(B);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t j = 0; j < L; ++j)
+      if (key_valid[b * L + j]) keys[b].push_back(j);
+    const int64_t n = static_cast<int64_t>(keys[b].size());
+    prefix[b] = n == 0 || keys[b][n - 1] == n - 1;
+  }
+  at::parallel_for(0, B * H * L, row_grain(L), [&](int64_t begin, int64_t end) {
+    // e^{x - m} of both rows (+ kd_row's unused third), then the packed / widened rows and gradient
+    std::vector<acc_t> scratch(6 * L);
+    acc_t *es = scratch.data(), *et = es + L, *e1 = et + L, *xs = e1 + L, *xt = xs + L, *xg = xt + L;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t b = r / (H * L), h = r / L % H, i = r % L;
+      const acc_t w = row_weight[b * L + i];
+      scalar_t* g_row = need_grad ? g_p + r * L : nullptr;
+      const int64_t n = static_cast<int64_t>(keys[b].size());
+      if (w == 0 || n == 0) {  // uncounted row: no loss, no gradient, never read
+        loss_p[r] = 0;
+        if (g_row) std::fill(g_row, g_row + L, scalar_t(0));
+        continue;
+      }
+      const scalar_t* s_in = s_rows.at(b, h, i);
+      const scalar_t* t_in = t_rows.at(b, h, i);
+      const acc_t *sr, *tr;
+      acc_t* g;
+      bool direct_g = false;
+      if (prefix[b]) {  // keys 0 .. n-1: the row itself (widened for fp16 / bf16)
+        sr = widen_row<acc_t>(s_in, n, xs);
+        tr = widen_row<acc_t>(t_in, n, xt);
+        direct_g = std::is_same_v<scalar_t, acc_t> && g_row != nullptr;
+      } else {  // scattered valid keys: packed
+        for (int64_t k = 0; k < n; ++k) {
+          xs[k] = static_cast<acc_t>(s_in[keys[b][k]]);
+          xt[k] = static_cast<acc_t>(t_in[keys[b][k]]);
+        }
+        sr = xs;
+        tr = xt;
+      }
+      g = direct_g ? reinterpret_cast<acc_t*>(g_row) : xg;
+      loss_p[r] = kd_row<acc_t, false, false>(sr, tr, g, n, 0, w, kl_params, es, et, e1);
+      if (!g_row) continue;
+      if (prefix[b]) {
+        if (!direct_g) at::vec::convert(xg, g_row, n);
+        std::fill(g_row + n, g_row + L, scalar_t(0));
+      } else {
+        std::fill(g_row, g_row + L, scalar_t(0));
+        for (int64_t k = 0; k < n; ++k) g_row[keys[b][k]] = static_cast<scalar_t>(xg[k]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_kl_maps_fwd_bwd_cpu(const at::Tensor& s_in, const at::Tensor& t_in,
+                                                                 const at::Tensor& key_valid,
+                                                                 const at::Tensor& row_weight, bool need_grad) {
+  constexpr const char* op = "attention_kl_maps_fwd_bwd";
+  TORCH_CHECK_VALUE(s_in.dim() == 4 && s_in.size(2) == s_in.size(3), op, ": s must be [B, H, L, L], got shape ",
+                    s_in.sizes());
+  TORCH_CHECK_VALUE(t_in.sizes() == s_in.sizes(), op, ": t has shape ", t_in.sizes(), " but s has shape ",
+                    s_in.sizes());
+  TORCH_CHECK_VALUE(is_kernel_float_dtype(s_in.scalar_type()), op,
+                    ": s must be float32, float16, bfloat16 or float64, got ", s_in.scalar_type());
+  TORCH_CHECK_VALUE(t_in.scalar_type() == s_in.scalar_type(), op, ": t has dtype ", t_in.scalar_type(),
+                    " but s has dtype ", s_in.scalar_type());
+  TORCH_CHECK_VALUE(s_in.device().is_cpu() && t_in.device().is_cpu(), op, ": s and t must be CPU tensors, got ",
+                    s_in.device(), " and ", t_in.device());
+  TORCH_CHECK_VALUE(s_in.numel() > 0, op, ": s is empty (shape ", s_in.sizes(), ")");
+  const int64_t B = s_in.size(0), L = s_in.size(2);
+  check_key_valid_and_row_weight(op, key_valid, row_weight, B, L, s_in.scalar_type());
+  const at::Tensor s = unit_last_stride(s_in), t = unit_last_stride(t_in);
+  const at::Tensor kv = key_valid.contiguous(), rw = row_weight.contiguous();
+  at::Tensor loss_rows = at::empty({B, s.size(1), L}, rw.options());
+  at::Tensor grad = need_grad ? at::empty(s.sizes(), s.options().memory_format(at::MemoryFormat::Contiguous))
+                              : at::empty({0}, s.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "attention_kl_maps_fwd_bwd_cpu", [&] {
+    attention_kl_maps_kernel<scalar_t>(s, t, kv.const_data_ptr<bool>(), rw.const_data_ptr<kd_acc_t<scalar_t>>(),
+                                       need_grad, loss_rows, grad);
+  });
+  return {loss_rows, grad};
+}
+
+}  // namespace kdfast
+
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  // Flash attention transfer from Q and K (KL or score MSE): loss rows [B, H, L] and, when need_grad,
+  // the gradients of their sum with respect to q_s and k_s; never an L x L map.
+  m.def(
+      "attention_transfer_fwd_bwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor key_valid, "
+      "Tensor row_weight, float scale_s, float scale_t, bool mse, bool need_grad) -> (Tensor, Tensor, Tensor)");
+  // Attention KL on materialised [B, H, L, L] score maps over the valid keys: loss rows [B, H, L] and,
+  // when need_grad, the gradient of their sum with respect to s (no masked copy of either map).
+  m.def("attention_kl_maps_fwd_bwd(Tensor s, Tensor t, Tensor key_valid, Tensor row_weight, bool need_grad) "
+        "-> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("attention_transfer_fwd_bwd", &kdfast::attention_transfer_fwd_bwd_cpu);
+  m.impl("attention_kl_maps_fwd_bwd", &kdfast::attention_kl_maps_fwd_bwd_cpu);
+}

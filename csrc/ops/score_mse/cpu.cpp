@@ -1,4 +1,15 @@
-// TinyBERT score MSE on materialised [B, H, L, L] maps on the CPU (contract in score_mse_cpu.h).
+// TinyBERT score MSE on materialised [B, H, L, L] maps on the CPU: torch.ops.kdfast.score_mse_fwd /
+// score_mse_bwd, the row contract of kdfast/ops/score_mse (the Triton kernels' too).
+// s, t [B, H, L, L] of one float dtype (fp32 / fp64 / fp16 / bf16), mask [B, L] int8 (nonzero =
+// real token; any int8 tensor, e.g. one element, when has_mask is false). Element j of row
+// r = (b, h, i) is counted when
+//     s_j > threshold  and  t_j > threshold  and  (!has_mask  or  mask[b, i] != 0 and mask[b, j] != 0)
+// score_mse_fwd: (row sums of counted (s_j - t_j)^2 [B*H*L] in the accumulation dtype, float32 or
+//   float64 for float64 maps; row counts of counted elements [B*H*L] int32).
+// score_mse_bwd: d loss / d s = 2 coef (s - t) on counted elements, 0 elsewhere, [B, H, L, L]
+//   contiguous in s's dtype; coef is a one-element float32 / float64 tensor (upstream gradient /
+//   total count).
+// Rows of masked query tokens are never read (they may hold anything).
 //
 // Same split as the Triton kernels: forward keeps nothing but a sum and a count per score row,
 // backward reads the maps again and recomputes the gradient (the total count, and so the scale,
@@ -17,8 +28,9 @@
 #include <utility>
 #include <vector>
 
-#include "rows_cpu.h"
-#include "score_mse_cpu.h"
+#include <torch/library.h>
+
+#include "common/rows_cpu.h"
 
 namespace kdfast {
 namespace {
@@ -168,3 +180,15 @@ at::Tensor score_mse_bwd_cpu(const at::Tensor& s_in, const at::Tensor& t_in, con
 }
 
 }  // namespace kdfast
+
+TORCH_LIBRARY_FRAGMENT(kdfast, m) {
+  // TinyBERT score MSE on [B, H, L, L] maps, the Triton row kernels' contract: per-row sums of counted
+  // squared differences and counts; then the gradient 2 coef (s - t) on counted elements, recomputed.
+  m.def("score_mse_fwd(Tensor s, Tensor t, Tensor mask, float threshold, bool has_mask) -> (Tensor, Tensor)");
+  m.def("score_mse_bwd(Tensor s, Tensor t, Tensor mask, Tensor coef, float threshold, bool has_mask) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(kdfast, CPU, m) {
+  m.impl("score_mse_fwd", &kdfast::score_mse_fwd_cpu);
+  m.impl("score_mse_bwd", &kdfast::score_mse_bwd_cpu);
+}

@@ -110,7 +110,7 @@ def score_mse_bwd_triton(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, c
 
 
 def aot_configs():
-    """Both kernels x dtype x mask, at the block of L = 512 and the chunked block (for kernels.triton.aot)."""
+    """Both kernels x dtype x mask, at the block of L = 512 and the chunked block (for kdfast.ops.aot)."""
     for fn, dtype, has_mask, block in itertools.product(
         (_score_mse_fwd_kernel, _score_mse_bwd_kernel), ("fp32", "fp16", "bf16"), (False, True), (512, MAX_BLOCK_GPU)
     ):

@@ -206,7 +206,7 @@ def _block_d(d: int) -> int:
 def _block_m(block_ds: int, block_dt: int, dtype: torch.dtype) -> int:
     """Query/key tile: BLOCK_GPU, halved for wide fp32 heads. The four Q/K tiles are staged in
     shared memory; at 64 rows, fp32 with dh 128 (or a grouped teacher head of 192-256) needs
-    197-237 KB, over sm_80's 163 KB (and sm_90's 227 KB), found by kernels.triton.aot."""
+    197-237 KB, over sm_80's 163 KB (and sm_90's 227 KB), found by kdfast.ops.aot."""
     elem = 4 if dtype in (torch.float32, torch.float64) else 2
     return BLOCK_GPU if BLOCK_GPU * (block_ds + block_dt) * elem <= 40960 else BLOCK_GPU // 2
 
@@ -227,7 +227,7 @@ def attention_transfer_fwd_bwd_triton(
     """Launch the three kernels on [B, H, L, d] inputs (made contiguous here).
 
     ``key_valid`` [B, L] bool, ``row_weight`` [B, L] (0 = uncounted query row). Returns
-    ``(loss_rows [B, H, L] float32, dq_s, dk_s)`` as :func:`kdfast.kernels.reference.
+    ``(loss_rows [B, H, L] float32, dq_s, dk_s)`` as :func:`kdfast.ops.attention_transfer.torch.
     attention_transfer_fwd_bwd_torch` does (empty gradients when ``need_grad`` is false).
     ``block`` overrides BLOCK_M = BLOCK_N (tests use it to exercise several tiles).
     """
@@ -274,7 +274,7 @@ def _aot_points():
 
 
 def aot_configs():
-    """(kernel, signature, constexprs, num_warps) for kernels.triton.aot: each point above x 3 kernels x 2 losses."""
+    """(kernel, signature, constexprs, num_warps) for kdfast.ops.aot: each point above x 3 kernels x 2 losses."""
     for (dtype, (ds, dt)), fn, mse in itertools.product(
         _aot_points(), (_at_fwd_kernel, _at_dq_kernel, _at_dk_kernel), (False, True),
     ):

@@ -1,7 +1,7 @@
 """Compile every Triton kernel configuration for real GPU targets, without a GPU.
 
-``python -m kdfast.kernels.triton.aot [--arch 90 80]`` runs ``triton.compile`` on each entry of
-each kernel module's ``AOT_CONFIGS`` for ``GPUTarget("cuda", arch, 32)``: type errors, bad
+``python -m kdfast.ops.aot [--arch 90 80]`` runs ``triton.compile`` on each entry of the
+``AOT_CONFIGS`` that every Triton implementation in the op registry names for ``GPUTarget("cuda", arch, 32)``: type errors, bad
 layouts, shared-memory overflow and other failures that the interpreter lets pass show up here.
 Must run without TRITON_INTERPRET (the interpreter replaces the JIT functions).
 """
@@ -18,18 +18,12 @@ import time
 # table): triton.compile reports what a kernel needs but only a launch would fail on it.
 MAX_SHARED_BYTES = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
-# Kernel modules not yet registered in kdfast.ops (each family's move deletes its line).
-LEGACY_MODULES = (
-    "kdfast.kernels.triton.attention_transfer",
-    "kdfast.kernels.triton.score_mse",
-)
-
 
 def kernel_config_lists() -> list:
     """Every ``AOT_CONFIGS`` callable: those the registry's Triton implementations name, once each."""
     from kdfast.ops import registry
 
-    names = {f"{m}:AOT_CONFIGS" for m in LEGACY_MODULES}
+    names = set()
     for op in registry.ops():
         impl = registry.impls(op).get("triton")
         if impl is not None and impl.aot_configs:
