@@ -6,9 +6,8 @@
 - ``cpu``: the vectorised C++ kernels of ``kdfast._C``, on CPU tensors;
 - ``torch``: eager PyTorch (each family's ``kdfast/ops/<family>/torch.py``), anywhere.
 
-``auto`` picks Triton on CUDA tensors when it works (else CUDA C++, else torch), and the
-compiled CPU op on CPU tensors (else torch). An explicit choice that cannot run raises a
-``ValueError`` saying why.
+This module probes which backends are built and usable in this process (:func:`backends`); which
+backend runs a given op, ``auto`` included, is decided in one place, :mod:`kdfast.ops.registry`.
 """
 
 from __future__ import annotations
@@ -93,48 +92,3 @@ def backends() -> BackendReport:
     """Report every backend: ``{name: BackendStatus(available, reason)}``; ``print()`` it for the
     op x backend matrix (which kernel each op has on each backend, and why one is missing)."""
     return BackendReport(_STATUS)
-
-
-def resolve(backend: str, device: torch.device, *, has_cuda_kernel: bool = True) -> str:
-    """Turn ``backend`` (possibly ``"auto"``) into the backend that will run on ``device``.
-
-    Raises ValueError naming the argument when the requested backend cannot run there.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    status = _STATUS
-    if backend == "auto":
-        if device.type == "cuda":
-            for name in ("triton", "cuda"):
-                if status[name].available and (name != "cuda" or has_cuda_kernel):
-                    return name
-            return "torch"
-        if device.type == "cpu" and status["cpu"].available:
-            return "cpu"
-        return "torch"
-    if not status[backend].available:
-        raise ValueError(f"backend={backend!r} is not usable here: {status[backend].reason}")
-    if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
-    if backend == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend='cpu' needs CPU tensors, got tensors on {device}")
-    if backend == "triton" and device.type == "cpu" and not triton_interpreter():
-        raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before kdfast is imported")
-    if backend == "triton" and device.type not in ("cpu", "cuda"):
-        raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device}")
-    return backend
-
-
-def resolve_for_loss(backend: str, device: torch.device, what: str, compiled: tuple[str, ...]) -> str:
-    """:func:`resolve` for a loss whose compiled C++ kernels exist only for the backends in
-    ``compiled`` (a subset of ``("cpu", "cuda")``).
-
-    ``auto`` falls back to torch where the compiled kernel it would pick does not exist; an
-    explicit ``"cpu"`` / ``"cuda"`` without a kernel raises ValueError naming ``what``.
-    """
-    for name in ("cpu", "cuda"):
-        if backend == name and name not in compiled:
-            usable = ", ".join(repr(b) for b in ("triton", *compiled, "torch"))
-            raise ValueError(f"backend={backend!r} has no {what} kernel; use {usable} or 'auto'")
-    name = resolve(backend, device, has_cuda_kernel="cuda" in compiled)
-    return "torch" if name in ("cpu", "cuda") and name not in compiled else name

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import kdfast
-from kdfast import backend
 
 
 def test_extension_builds_and_reports_backends():
@@ -36,12 +35,14 @@ def test_cuda_kernels_are_linked_when_nvcc_exists():
 
 
 def test_auto_backend_resolution():
-    assert backend.resolve("auto", torch.device("cpu")) == "cpu"
-    assert backend.resolve("torch", torch.device("cpu")) == "torch"
+    from kdfast.ops import registry
+
+    assert registry.resolve("kd_rows", "auto", torch.device("cpu"), torch.float32) == "cpu"
+    assert registry.resolve("kd_rows", "torch", torch.device("cpu"), torch.float32) == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
-        backend.resolve("gpu", torch.device("cpu"))
+        registry.resolve("kd_rows", "gpu", torch.device("cpu"))
     with pytest.raises(ValueError, match="backend='cpu' needs CPU tensors"):
-        backend.resolve("cpu", torch.device("meta"))
+        registry.resolve("kd_rows", "cpu", torch.device("meta"))
 
 
 def test_triton_kernels_compile_for_sm90_and_sm80():

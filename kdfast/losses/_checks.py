@@ -149,23 +149,6 @@ def check_logit_rows(teacher: Tensor, student: Tensor | None, teacher_name: str 
                      f"magnitudes of the logits, temperature and alphas)")
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, what: str,
-                    compiled: tuple[str, ...] = ("cpu", "cuda")) -> str:
-    """`kdfast.backend.resolve_for_loss`, plus the float64 rule: the Triton kernels compute in
-    float32, so float64 inputs never run there. ``auto`` then picks the compiled kernel of the
-    device (if ``what`` has one) or torch; an explicit ``"triton"`` raises ValueError."""
-    from kdfast import backend as _backend
-
-    name = _backend.resolve_for_loss(backend, device, what, compiled)
-    if name != "triton" or dtype != torch.float64:
-        return name
-    if backend != "auto":
-        raise ValueError(f"backend='triton' computes {what} in float32; float64 inputs need backend='torch', "
-                         f"a compiled backend or 'auto' (which picks one)")
-    kernel = device.type if device.type in compiled else None
-    return kernel if kernel is not None and _backend.backends()[kernel].available else "torch"
-
-
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the kernels accumulate in: float64 for float64 inputs, float32 for every other."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -113,9 +113,8 @@ def impls(op: str) -> dict[str, Impl]:
 
 def status(op: str, backend: str) -> BackendStatus:
     """Whether ``op`` can run on ``backend`` in this process, and why not."""
-    table = impls(op)
-    if backend not in table:
-        return BackendStatus(False, f"no {op} kernel for this backend")
+    if backend not in impls(op):
+        return BackendStatus(False, "no kernel registered")
     return backends()[backend]
 
 
@@ -125,20 +124,18 @@ def matrix() -> dict[str, dict[str, BackendStatus]]:
 
 
 def format_matrix() -> str:
-    """The op x backend matrix as text: ``yes`` or ``-`` per cell, then the reasons."""
+    """The op x backend matrix as text: ``yes`` or ``-`` per cell, then why each ``-`` is one."""
     rows = matrix()
-    width = max(len(op) for op in rows) if rows else 2
-    lines = [f"{'op':<{width}}  " + "  ".join(f"{b:<6}" for b in KERNEL_BACKENDS)]
-    reasons: dict[str, set[str]] = {}
+    width = max((len(op) for op in rows), default=2)
+    lines = [f"{'op':<{width}}  " + "  ".join(f"{b:<6}" for b in KERNEL_BACKENDS).rstrip()]
+    why: dict[tuple[str, str], list[str]] = {}
     for op, cells in rows.items():
-        lines.append(f"{op:<{width}}  " + "  ".join(f"{'yes' if s.available else '-':<6}" for s in cells.values()))
+        lines.append((f"{op:<{width}}  " + "  ".join(f"{'yes' if s.available else '-':<6}" for s in cells.values())).rstrip())
         for b, s in cells.items():
             if not s.available:
-                reasons.setdefault(s.reason, set()).add(f"{op}/{b}")
-    for reason, where in sorted(reasons.items()):
-        backends_missing = sorted({w.split("/")[1] for w in where})
-        lines.append(f"  - {', '.join(backends_missing)}: {reason}" + (
-            f" ({len(where)} ops)" if len(where) > 1 else f" ({next(iter(where))})"))
+                why.setdefault((b, s.reason), []).append(op)
+    for (b, reason), names in sorted(why.items()):
+        lines.append(f"  - {b}: {reason}: " + ("every op" if len(names) == len(rows) else ", ".join(names)))
     return "\n".join(lines)
 
 

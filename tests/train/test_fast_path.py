@@ -306,14 +306,14 @@ def test_demo_loss_equals_the_old_formula(dtype):
 # --- reports -------------------------------------------------------------------------------------
 
 def test_term_backends_resolve_as_the_losses_do():
-    from kdfast import backend as kb
+    from kdfast.ops import registry
 
     cpu = torch.device("cpu")
     got = common.term_backends({"kd_mlm": "fused_linear_kd_loss", "kd": "fused_linear_kd_loss[sparse]",
                                 "cos": "cosine_loss", "feature_map": "feature_map_loss"}, cpu)
-    assert got["kd_mlm"] == {"loss": "fused_linear_kd_loss", "backend": kb.resolve("auto", cpu)}
+    assert got["kd_mlm"] == {"loss": "fused_linear_kd_loss", "backend": registry.resolve("kd_rows", "auto", cpu)}
     assert got["kd"]["backend"] == "torch"  # no compiled sparse kernel: auto on CPU is torch
-    assert got["cos"]["backend"] == kb.resolve_for_loss("auto", cpu, "cosine_loss", compiled=("cpu",))
+    assert got["cos"]["backend"] == registry.resolve("cosine_rows", "auto", cpu)
     assert got["feature_map"]["backend"] == "torch"
     assert common.term_backends({"cos": "cosine_loss"}, cpu, "torch")["cos"]["backend"] == "torch"
     with pytest.raises(ValueError, match="not one of kdfast's losses"):
@@ -329,7 +329,7 @@ def run_cli(tiny, recipe, out, *extra):
 
 
 def test_distilbert_report_lists_the_backend_of_each_term(tiny, tmp_path, capsys):
-    from kdfast import backend as kb
+    from kdfast.ops import registry
 
     assert run_cli(tiny, "distilbert", tmp_path / "d", "--set", "kd_rows=masked") == 0
     printed = capsys.readouterr().out
@@ -337,8 +337,8 @@ def test_distilbert_report_lists_the_backend_of_each_term(tiny, tmp_path, capsys
     cpu = torch.device("cpu")
     assert report["kd_rows"] == "masked"
     assert report["stages"][0]["backends"] == {
-        "kd_mlm": {"loss": "fused_linear_kd_loss", "backend": kb.resolve("auto", cpu)},
-        "cos": {"loss": "cosine_loss", "backend": kb.resolve_for_loss("auto", cpu, "cosine_loss", compiled=("cpu",))}}
+        "kd_mlm": {"loss": "fused_linear_kd_loss", "backend": registry.resolve("kd_rows", "auto", cpu)},
+        "cos": {"loss": "cosine_loss", "backend": registry.resolve("cosine_rows", "auto", cpu)}}
     assert "terms ran on: kd_mlm fused_linear_kd_loss" in printed
 
 
@@ -401,7 +401,7 @@ def test_fused_step_under_bf16_autocast_follows_the_float32_step(monkeypatch):
 def test_task_distillation_reports_the_backend_of_each_term(tmp_path):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
-    from kdfast import backend as kb
+    from kdfast.ops import registry
     from kdfast.train.task import task_distill
     from tests.train.glue_data import VOCAB, save_tiny_bert, write_sst2
 
@@ -416,9 +416,9 @@ def test_task_distillation_reports_the_backend_of_each_term(tmp_path):
     r = task_distill(str(teacher_dir), str(student_dir), "sst2", str(data), str(tmp_path / "run"),
                      intermediate_epochs=1, prediction_epochs=1, batch_size=8, progress=False)
     cpu = torch.device("cpu")
-    compiled = kb.resolve_for_loss("auto", cpu, "x", compiled=("cpu",))
     assert r["backends"] == {
-        "intermediate": {"hidden": {"loss": "hidden_mse_loss", "backend": compiled},
-                         "attention": {"loss": "flash_attention_transfer", "backend": compiled}},
-        "prediction": {"prediction": {"loss": "kd_loss", "backend": kb.resolve("auto", cpu)}}}
+        "intermediate": {"hidden": {"loss": "hidden_mse_loss", "backend": registry.resolve("hidden_mse_epilogue", "auto", cpu)},
+                         "attention": {"loss": "flash_attention_transfer",
+                                       "backend": registry.resolve("attention_transfer", "auto", cpu)}},
+        "prediction": {"prediction": {"loss": "kd_loss", "backend": registry.resolve("kd_rows", "auto", cpu)}}}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["backends"] == r["backends"]

@@ -27,7 +27,7 @@ Where each backend lives:
   wrapped here as the ``torch.library`` op ``kdfast::kd_fwd_bwd_triton`` with its fake;
 - ``cpu`` / ``cuda``: the compiled op ``torch.ops.kdfast.kd_fwd_bwd``, whose fake is registered here.
   Its C++ mirrors this package: ``csrc/ops/logit_kd/cpu.cpp`` (schema, CPU kernel on the row
-  helpers of ``csrc/cpu/rows_cpu.h``), ``cuda.cu`` (the kernel, behind a plain C launcher),
+  helpers of ``csrc/common/rows_cpu.h``), ``cuda.cu`` (the kernel, behind a plain C launcher),
   ``cuda_host.cpp`` (its dispatcher entry), ``kd_args.h`` (the argument checks, which raise
   ``ValueError``); the row math both share is ``csrc/common/kd_math.h``.
 

@@ -423,22 +423,18 @@ def lm_distillation_loss(student_hidden: torch.Tensor, student_head: LMHead, lab
 
 # --- which backend each term runs on --------------------------------------------------------------
 
-def loss_backend(loss: str, device: torch.device, backend: str = "auto") -> str:
-    """The backend kdfast's public loss ``loss`` picks for ``backend`` on ``device``, resolved as
-    that loss resolves it (:mod:`kdfast.backend`); ``"torch"`` for the eager terms
-    (``feature_map_loss``, ``cross_entropy``)."""
-    from kdfast import backend as kb
-    from kdfast.losses import sparse_kd
+def loss_backend(loss: str, device: torch.device, backend: str = "auto", dtype: torch.dtype = torch.float32) -> str:
+    """The backend kdfast's public loss ``loss`` runs on for ``backend`` and inputs of ``dtype`` on
+    ``device``: its op (:data:`kdfast.losses.LOSS_OPS`) resolved by the op registry, as the loss
+    resolves it; ``"torch"`` for the eager ``cross_entropy`` term."""
+    from kdfast.losses import LOSS_OPS
+    from kdfast.ops import registry
 
-    if loss in ("fused_linear_kd_loss", "kd_loss", "attention_kl_loss"):
-        return kb.resolve(backend, device)
-    if loss in ("fused_linear_kd_loss[sparse]", "sparse_kd_loss"):
-        return sparse_kd._resolve(backend, device)
-    if loss in ("hidden_mse_loss", "cosine_loss", "flash_attention_transfer", "attention_mse_loss"):
-        return kb.resolve_for_loss(backend, device, loss, compiled=("cpu",))
-    if loss in ("feature_map_loss", "cross_entropy"):
+    if loss == "cross_entropy":
         return "torch"
-    raise ValueError(f"loss {loss!r} is not one of kdfast's losses known here")
+    if loss not in LOSS_OPS:
+        raise ValueError(f"loss {loss!r} is not one of kdfast's losses known here")
+    return registry.resolve(LOSS_OPS[loss], backend, device, dtype, what=loss)
 
 
 def term_backends(term_losses: dict[str, str], device: torch.device, backend: str = "auto") -> dict[str, dict]:
