@@ -50,7 +50,6 @@ import contextlib
 import copy
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdfast.bench import BenchOptions, Progress, Table, no_progress
 from kdfast.benchmarking import Result, peak_memory_bytes, time_ms
 
 SUITE = "e2e"
@@ -188,13 +188,28 @@ def _recipe_row(impl: str, kd_rows: str, distiller, batch: dict, device: torch.d
     return _Row(impl, kd_rows, step, ref=ref, from_cache=from_cache)
 
 
+def _compiled(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``torch.compile(loss_fn)`` (it compiles on its first call, step 0); where torch.compile itself
+    refuses (e.g. a Python it does not support), a function that raises that error, so that the row
+    reports it instead of the suite stopping."""
+    try:
+        return torch.compile(loss_fn)
+    except Exception as ex:
+        error = ex
+
+        def refused() -> torch.Tensor:
+            raise error
+
+        return refused
+
+
 def _plain_step(loss_fn: Callable[[], torch.Tensor], params: list, distiller, device: torch.device,
                 dtype: torch.dtype, *, compile_: bool = False) -> Callable[[], torch.Tensor]:
     """A training step around ``loss_fn`` with the recipe's optimizer class, lr and clipping."""
     cfg = distiller.cfg
     params = [p for p in params if p.requires_grad]
     opt = type(distiller.opt)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    forward = torch.compile(loss_fn) if compile_ else loss_fn
+    forward = _compiled(loss_fn) if compile_ else loss_fn
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)
@@ -405,12 +420,20 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
     elif step_name == "mobilebert-pretrain":
         base.update({"pkt.steps_per_layer": 0, "pretrain.steps": 1})
     runs = {}
-    for source in ("cache", "live"):
-        overrides = {**base, "out_dir": str(tmp / f"{step_name}-{source}"), "teacher.source": source}
-        runs[source] = recipe_distiller(name, overrides, stage)
+    # DistilBERT's live step twice: KD on every real token (the recipe's live default) and on the
+    # masked tokens (its kd_rows=masked), so that each has a like-for-like hand-written reference
+    sources = {"cache": {}, "live": {}, **({"live-masked": {"kd_rows": "masked"}} if name == "distilbert" else {})}
+    for run_name, extra in sources.items():
+        overrides = {**base, "out_dir": str(tmp / f"{step_name}-{run_name}"),
+                     "teacher.source": run_name.split("-")[0], **extra}
+        runs[run_name] = recipe_distiller(name, overrides, stage)
     (live, cfg), (cached, _) = runs["live"], runs["cache"]
-    # one batch for every row: the cache's (its masked inputs and labels; the live step uses them as given)
-    cache_batch = next(iter(cached.data.batches(0)))
+    # one batch for every row: the cache's (its masked inputs and labels; the live step uses them as
+    # given), a full one: with padding, the hand-written objectives (which count padded positions, as
+    # the original scripts do) would differ from the recipe's
+    cache_batch = next((b for b in cached.data.batches(0) if bool(b["attention_mask"].all())), None)
+    if cache_batch is None:
+        raise RuntimeError(f"{step_name}: no batch of {batch_size} full rows of {seq} tokens in the corpus")
     batch = {k: cache_batch[k] for k in ("input_ids", "attention_mask", "labels") if k in cache_batch}
     dev_batch = {k: v.to(device) for k, v in batch.items()}
     initial = copy.deepcopy(live.student).eval()  # before any step: the hand-written rows start here
@@ -419,6 +442,8 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
     if name == "distilbert":
         rows += [_recipe_row("kdfast, live teacher", "all real tokens", live, batch, device, dtype,
                              HANDWRITTEN, False),
+                 _recipe_row("kdfast, live teacher, masked KD", "masked", runs["live-masked"][0], batch, device,
+                             dtype, f"{HANDWRITTEN}, masked KD", False),
                  _recipe_row("kdfast, from the cache", f"masked (top-{cfg.teacher.topk})", cached, cache_batch,
                              device, dtype, f"{HANDWRITTEN}, masked KD", True)]
         teacher = AutoModelForMaskedLM.from_pretrained(tdir, local_files_only=True).to(device).eval()
@@ -493,23 +518,42 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
     return rows, int(batch["attention_mask"].sum())
 
 
-def _measure(rows: list[_Row], device: torch.device, repeat: int, memory: bool) -> None:
-    """Step 0 (its loss) and one warm-up step per row, then ``repeat`` alternated rounds, then peak memory."""
-    live = [r for r in rows if r.step is not None]
-    for r in live:  # step 0 of each row: every row starts from the same weights
+def _failed(row: _Row, ex: Exception) -> None:
+    """The row reports why it stopped (e.g. torch.compile without a working compiler) and is not run again."""
+    row.error = f"failed: {type(ex).__name__}: {' '.join(str(ex).split())[:100]}"
+    row.step = None
+
+
+def _measure(rows: list[_Row], device: torch.device, repeat: int, memory: bool, say: Progress) -> None:
+    """Step 0 (its loss) and one warm-up step per row (a compiled row compiles in step 0), then
+    ``repeat`` alternated rounds, then peak memory. A row that fails reports why in its row."""
+    for r in rows:  # step 0 of each row: every row starts from the same weights
+        if r.step is None:
+            continue
+        say(f"  {r.impl}: step 0 and a warm-up step{' (compiles)' if 'compile' in r.impl else ''}")
+        t0 = time.perf_counter()
         try:
             r.loss0 = float(r.step())
             r.step()
-        except Exception as ex:  # e.g. torch.compile without a working compiler: reported in its row
-            r.error = f"failed: {type(ex).__name__}: {' '.join(str(ex).split())[:100]}"
-            r.step = None
-    for _ in range(repeat):
+        except Exception as ex:
+            _failed(r, ex)
+        say(f"  {r.impl}: {'failed' if r.error else 'ready'} after {time.perf_counter() - t0:.0f} s")
+    for i in range(repeat):
+        say(f"  round {i + 1}/{repeat}: every row once")
         for r in rows:
             if r.step is not None:
-                r.times.append(time_ms(r.step, device, warmup=0, repeat=1))
+                try:
+                    r.times.append(time_ms(r.step, device, warmup=0, repeat=1))
+                except Exception as ex:  # e.g. a recompilation that fails
+                    _failed(r, ex)
+    if memory:
+        say("  peak memory: one more step per row")
     for r in rows if memory else ():
         if r.step is not None:
-            r.peak = peak_memory_bytes(r.step, device)
+            try:
+                r.peak = peak_memory_bytes(r.step, device)
+            except Exception as ex:
+                _failed(r, ex)
 
 
 @contextlib.contextmanager
@@ -528,7 +572,7 @@ def _quiet_transformers():
 def run(device: torch.device, *, quick: bool = False, shape: str | None = None, batch: int | None = None,
         seq: int | None = None, long_seq: int | None = None, dtype: torch.dtype = torch.float32, repeat: int = 3,
         steps: tuple[str, ...] = STEPS, compile_baseline: bool = True, use_textbrewer: bool = True,
-        memory: bool = True) -> list[Result]:
+        memory: bool = True, progress: Progress | None = None) -> list[Result]:
     """Every recipe step of ``steps`` run every way (see the module docstring), as Results: ``ms``
     the best round, ``peak_bytes`` the peak beyond parameters, gradients and optimizer state, and
     ``extra`` with tokens/s (best, median), the KD rows, the step-0 loss and its agreement with
@@ -551,6 +595,7 @@ def run(device: torch.device, *, quick: bool = False, shape: str | None = None, 
     seq = seq or sh["seq"]
     long_seq = long_seq if long_seq is not None else sh["long_seq"]
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    say = progress or no_progress
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="kdfast-e2e-bench-") as tmp, _quiet_transformers():
         tmp = Path(tmp)
@@ -559,12 +604,15 @@ def run(device: torch.device, *, quick: bool = False, shape: str | None = None, 
         plan = [(s, seq) for s in steps]
         if "tinybert" in steps and long_seq and long_seq != seq:
             plan.insert(plan.index(("tinybert", seq)) + 1, ("tinybert", long_seq))
-        for step_name, length in plan:
+        for i, (step_name, length) in enumerate(plan):
             t0 = time.perf_counter()
-            corpus = _corpus(tmp / f"corpus-{length}.txt", batch, length)
+            say(f"{SUITE}: {step_name} {batch}x{length} ({i + 1}/{len(plan)}): the recipe's live and cached steps, "
+                f"the hand-written ones")
+            # 2 x batch + 1 texts of more than 1.5 rows each: at least two full batches of packed rows
+            corpus = _corpus(tmp / f"corpus-{length}.txt", 2 * batch + 1, length)
             rows, tokens = _recipe_rows(step_name, tdir, corpus, tmp / f"{step_name}-{length}", sh, batch, length,
                                         device, dtype, compile_baseline, use_textbrewer)
-            _measure(rows, device, repeat, memory)
+            _measure(rows, device, repeat, memory, say)
             fill = "" if tokens == batch * length else f" {100 * tokens / (batch * length):.0f}% full"
             case = (f"{step_name} {batch}x{length}{fill} teacher {t['num_hidden_layers']}x{t['hidden_size']}"
                     f"{' bf16' if dtype == torch.bfloat16 else ''}")
@@ -585,7 +633,7 @@ def run(device: torch.device, *, quick: bool = False, shape: str | None = None, 
                              "tok_s_median": tokens / (statistics.median(r.times) / 1e3) if r.times else None}
                 results.append(res)
             del rows, by_impl
-            print(f"e2e: {case} measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            say(f"{SUITE}: {case} measured in {time.perf_counter() - t0:.0f} s")
     return results
 
 
@@ -593,7 +641,7 @@ def report(results: list[Result]) -> str:
     """The table: per case and row, tokens/s (best and median round), speed-up and memory ratio
     against the row's reference (the hand-written step with the same objective), the step-0 loss
     and whether it matches the reference's."""
-    header = (f"{'case':<40} {'impl':<30} {'KD rows':<17} {'tok/s best':>10} {'median':>8} {'speed-up':>8} "
+    header = (f"{'case':<40} {'impl':<32} {'KD rows':<17} {'tok/s best':>10} {'median':>8} {'speed-up':>8} "
               f"{'peak MB':>8} {'mem ratio':>9} {'step-0 loss':>12}  loss matches ref")
     lines = [header, "-" * len(header)]
     by_case: dict[str, dict[str, Result]] = {}
@@ -612,9 +660,17 @@ def report(results: list[Result]) -> str:
             loss = f"{x['loss0']:.6g}" if x.get("loss0") is not None else "-"
             peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "-"
             tail = x.get("loss_match", "-") + (f"  [{r.note}]" if r.note else "")
-            lines.append(f"{case:<40} {r.impl:<30} {x.get('kd_rows', '-'):<17} "
+            lines.append(f"{case:<40} {r.impl:<32} {x.get('kd_rows', '-'):<17} "
                          f"{f'{best:.0f}' if best else '-':>10} {f'{med:.0f}' if med else '-':>8} {speed:>8} "
                          f"{peak:>8} {mem:>9} {loss:>12}  {tail}")
     lines.append("speed-up and mem ratio: against the row's reference (the hand-written step with the same KD rows; "
                  "the rows from the cache against the hand-written live step); tokens = real tokens of the batch")
     return "\n".join(lines)
+
+
+def run_suite(opts: BenchOptions) -> Table:
+    """``kdfast bench --suites e2e``: :func:`run` on ``opts.e2e_steps`` (default all), with the first
+    of ``opts.dtypes`` (fp32, or bf16 autocast), as :func:`report` prints it."""
+    results = run(opts.device, quick=opts.quick, dtype=opts.dtypes[0], repeat=opts.repeat,
+                  steps=opts.e2e_steps or STEPS, compile_baseline=opts.compile_baseline, progress=opts.progress)
+    return Table(results, report(results))
