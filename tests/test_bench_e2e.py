@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kdfast.bench import e2e
+from kdfast.benchmarking import Result
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,6 +117,35 @@ def test_a_failing_torch_compile_is_reported_in_its_row(monkeypatch, where):
             assert r.ms is not None and r.note == "" and math.isfinite(r.extra["loss0"]), impl
     table = e2e.report(res)
     assert why in table and "Traceback" not in table
+
+
+def _row(case, impl, tok_s_best, tok_s_median, peak_mb, loss_match="yes (0.0e+00)"):
+    return Result(e2e.SUITE, case, impl, 1.0, None if peak_mb is None else peak_mb * 2**20,
+                  extra={"tok_s_best": tok_s_best, "tok_s_median": tok_s_median, "loss_match": loss_match,
+                         "ref": "", "kd_rows": "-", "loss0": 1.0, "tokens": 1024})
+
+
+def test_bar_lines_judge_each_bar_on_the_best_round():
+    case = "distilbert 8x128 teacher 12x768"
+    res = [_row(case, e2e.HANDWRITTEN, 100.0, 90.0, 1200), _row(case, f"{e2e.HANDWRITTEN}, masked KD", 160.0, 150.0, 900),
+           _row(case, "kdfast, live teacher", 117.0, 80.0, 390),  # 1.17x best (met), 0.89x median; 3.08x memory
+           _row(case, "kdfast, live teacher, masked KD", 190.0, 185.0, 310),  # 1.19x < 1.25x; 2.90x memory
+           _row(case, "kdfast, from the cache", 330.0, 300.0, 300, loss_match="cache, not judged (3.0e-02)"),
+           _row("tinybert 8x512 teacher 12x768", e2e.HANDWRITTEN, 50.0, 50.0, 2000),
+           _row("tinybert 8x512 teacher 12x768", "kdfast, live teacher", 70.0, 66.0, None, loss_match="NO (1e-3)")]
+    lines = e2e.bar_lines(res)
+    by_start = {line.split(": ")[1]: line for line in lines if line.startswith("distilbert")}
+    assert len(lines) == 5 and len(by_start) == 4, lines
+    line = by_start["kdfast, live teacher vs hand-written"]
+    assert "1.17x best, 0.89x median (>= 1.15x: met)" in line and "memory 3.08x less (>= 3.0x: met)" in line
+    line = by_start["kdfast, live teacher, masked KD vs hand-written, masked KD"]
+    assert "1.19x best" in line and "(>= 1.25x: NOT met)" in line and "2.90x less (>= 3.0x: NOT met)" in line
+    assert "2.06x best, 2.00x median (>= 2.0x: met)" in by_start["kdfast, from the cache vs hand-written, masked KD"]
+    assert "3.30x best" in by_start["kdfast, from the cache vs hand-written"]
+    tiny = [line for line in lines if line.startswith("tinybert")]
+    assert tiny == ["tinybert 8x512 teacher 12x768: kdfast, live teacher vs hand-written: not judged, the step-0 "
+                    "losses differ (NO (1e-3))"]
+    assert "bars (issue 13, CPU):" in e2e.report(res)
 
 
 def test_bad_arguments_name_themselves():

@@ -637,12 +637,18 @@ def run(device: torch.device, *, quick: bool = False, shape: str | None = None, 
     return results
 
 
+def _ratio(r: Result, ref: Result, key: str) -> float | None:
+    """tokens/s of ``r`` over ``ref``'s for ``key`` (tok_s_best or tok_s_median), None if either is missing."""
+    ours, theirs = r.extra.get(key), ref.extra.get(key)
+    return ours / theirs if ours and theirs else None
+
+
 def report(results: list[Result]) -> str:
-    """The table: per case and row, tokens/s (best and median round), speed-up and memory ratio
-    against the row's reference (the hand-written step with the same objective), the step-0 loss
-    and whether it matches the reference's."""
+    """The table: per case and row, tokens/s (best and median round), speed-up (best and median)
+    and memory ratio against the row's reference (the hand-written step with the same objective),
+    the step-0 loss and whether it matches the reference's; then :func:`bar_lines`."""
     header = (f"{'case':<40} {'impl':<32} {'KD rows':<17} {'tok/s best':>10} {'median':>8} {'speed-up':>8} "
-              f"{'peak MB':>8} {'mem ratio':>9} {'step-0 loss':>12}  loss matches ref")
+              f"{'median':>7} {'peak MB':>8} {'mem ratio':>9} {'step-0 loss':>12}  loss matches ref")
     lines = [header, "-" * len(header)]
     by_case: dict[str, dict[str, Result]] = {}
     for r in results:
@@ -652,20 +658,68 @@ def report(results: list[Result]) -> str:
             x = r.extra
             ref = rows.get(x.get("ref")) if x.get("ref") else None
             best, med = x.get("tok_s_best"), x.get("tok_s_median")
-            speed = mem = "-"
-            if ref is not None and best and ref.extra.get("tok_s_best"):
-                speed = f"{best / ref.extra['tok_s_best']:.2f}x"
-            if ref is not None and r.peak_bytes and ref.peak_bytes:
-                mem = f"{ref.peak_bytes / r.peak_bytes:.2f}x"
+            speed = speed_med = mem = "-"
+            if ref is not None:
+                speed, speed_med = (f"{v:.2f}x" if v else "-" for v in (_ratio(r, ref, "tok_s_best"),
+                                                                        _ratio(r, ref, "tok_s_median")))
+                if r.peak_bytes and ref.peak_bytes:
+                    mem = f"{ref.peak_bytes / r.peak_bytes:.2f}x"
             loss = f"{x['loss0']:.6g}" if x.get("loss0") is not None else "-"
             peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "-"
             tail = x.get("loss_match", "-") + (f"  [{r.note}]" if r.note else "")
             lines.append(f"{case:<40} {r.impl:<32} {x.get('kd_rows', '-'):<17} "
                          f"{f'{best:.0f}' if best else '-':>10} {f'{med:.0f}' if med else '-':>8} {speed:>8} "
-                         f"{peak:>8} {mem:>9} {loss:>12}  {tail}")
-    lines.append("speed-up and mem ratio: against the row's reference (the hand-written step with the same KD rows; "
-                 "the rows from the cache against the hand-written live step); tokens = real tokens of the batch")
-    return "\n".join(lines)
+                         f"{speed_med:>7} {peak:>8} {mem:>9} {loss:>12}  {tail}")
+    lines.append("speed-up (best round, median round) and mem ratio: against the row's reference (the hand-written "
+                 "step with the same KD rows; the rows from the cache against the hand-written live step); "
+                 "tokens = real tokens of the batch")
+    bars = bar_lines(results)
+    return "\n".join(lines + (["", "bars (issue 13, CPU):", *bars] if bars else []))
+
+
+# Issue 13's CPU bars: (recipe step, kdfast row, the row it is compared with, speed-up, memory ratio).
+# TinyBERT's bars are set at L = 512; other lengths are reported against the same numbers.
+BARS = (
+    ("distilbert", "kdfast, live teacher, masked KD", f"{HANDWRITTEN}, masked KD", 1.25, 3.0),
+    ("distilbert", "kdfast, live teacher", HANDWRITTEN, 1.15, 3.0),
+    ("distilbert", "kdfast, from the cache", f"{HANDWRITTEN}, masked KD", 2.0, None),
+    ("distilbert", "kdfast, from the cache", HANDWRITTEN, 2.0, None),
+    ("tinybert", "kdfast, live teacher", HANDWRITTEN, 1.2, 3.0),
+    ("tinybert", "kdfast, live teacher", "TextBrewer GeneralDistiller", 1.2, 3.0),
+    ("tinybert", "kdfast, from the cache", HANDWRITTEN, 3.0, None),
+    ("tinybert", "kdfast, from the cache", "TextBrewer GeneralDistiller", 3.0, None),
+)
+
+
+def bar_lines(results: list[Result]) -> list[str]:
+    """One line per bar of :data:`BARS` whose rows were measured: the speed-up of tokens/s in the
+    best and the median round and the memory ratio, each against its target, "met" or "NOT met"
+    (speed judged on the best round, the one least disturbed by other load; the median is shown
+    beside it). Nothing is judged if the two rows' step-0 losses disagree."""
+    by_case: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_case.setdefault(r.case, {})[r.impl] = r
+    lines = []
+    for step, impl, ref_impl, speed_bar, mem_bar in BARS:
+        for case, rows in by_case.items():
+            r, ref = rows.get(impl), rows.get(ref_impl)
+            if not case.startswith(step + " ") or r is None or ref is None or not r.ms or not ref.ms:
+                continue
+            where = f"{case}: {impl} vs {ref_impl}:"
+            if str(r.extra.get("loss_match", "")).startswith("NO"):
+                lines.append(f"{where} not judged, the step-0 losses differ ({r.extra['loss_match']})")
+                continue
+            best, med = _ratio(r, ref, "tok_s_best"), _ratio(r, ref, "tok_s_median")
+            text = (f"{where} speed {best:.2f}x best, {med:.2f}x median "
+                    f"(>= {speed_bar}x: {'met' if best >= speed_bar else 'NOT met'})")
+            if mem_bar is not None:
+                if r.peak_bytes and ref.peak_bytes:
+                    mem = ref.peak_bytes / r.peak_bytes
+                    text += f"; memory {mem:.2f}x less (>= {mem_bar}x: {'met' if mem >= mem_bar else 'NOT met'})"
+                else:
+                    text += f"; memory not measured (>= {mem_bar}x: not judged)"
+            lines.append(text)
+    return lines
 
 
 def run_suite(opts: BenchOptions) -> Table:
