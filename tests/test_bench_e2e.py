@@ -148,6 +148,18 @@ def test_bar_lines_judge_each_bar_on_the_best_round():
     assert "bars (issue 13, CPU):" in e2e.report(res)
 
 
+def test_profile_shows_where_each_rows_step_time_goes():
+    text = e2e.profile(torch.device("cpu"), "distilbert", ("kdfast, live teacher", e2e.HANDWRITTEN), shape="tiny",
+                       row_limit=5)
+    for impl in ("kdfast, live teacher", e2e.HANDWRITTEN):
+        assert f"== distilbert 2x32: {impl}: one step " in text
+    assert text.count("Self CPU %") == 2 and "aten::" in text
+    with pytest.raises(ValueError, match="impls"):
+        e2e.profile(torch.device("cpu"), "tinybert", ("no such row",), shape="tiny")
+    with pytest.raises(ValueError, match="step"):
+        e2e.profile(torch.device("cpu"), "bert", shape="tiny")
+
+
 def test_bad_arguments_name_themselves():
     with pytest.raises(ValueError, match="shape"):
         e2e.run(torch.device("cpu"), shape="huge")

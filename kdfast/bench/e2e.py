@@ -637,6 +637,43 @@ def run(device: torch.device, *, quick: bool = False, shape: str | None = None, 
     return results
 
 
+def profile(device: torch.device, step: str = "distilbert",
+            impls: tuple[str, ...] = ("kdfast, live teacher", HANDWRITTEN), *, shape: str = "default",
+            row_limit: int = 25) -> str:
+    """Where each row's step time goes: torch.profiler's operator table (by self CPU time) of one
+    step of each of ``impls`` of the recipe step ``step`` at ``shape``, each after its step 0 and a
+    warm-up step, in one process on the same teacher, student and batch as :func:`run`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    if step not in STEPS or shape not in SHAPES:
+        raise ValueError(f"step must be one of {STEPS} and shape one of {sorted(SHAPES)}, got {step!r}, {shape!r}")
+    sh = SHAPES[shape]
+    tables = []
+    with tempfile.TemporaryDirectory(prefix="kdfast-e2e-profile-") as tmp, _quiet_transformers():
+        tmp = Path(tmp)
+        tdir = _teacher_dir(tmp / "teacher", {**sh["teacher"], "max_position_embeddings": max(512, sh["seq"])})
+        corpus = _corpus(tmp / "corpus.txt", 2 * sh["batch"] + 1, sh["seq"])
+        rows, tokens = _recipe_rows(step, tdir, corpus, tmp / step, sh, sh["batch"], sh["seq"], device,
+                                    torch.float32, compile_baseline=False, use_textbrewer=False)
+        missing = set(impls) - {r.impl for r in rows}
+        if missing:
+            raise ValueError(f"impls: {sorted(missing)} are not rows of {step}; rows: {[r.impl for r in rows]}")
+        for r in rows:
+            if r.impl not in impls:
+                continue
+            r.step()
+            r.step()
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                r.step()
+                ms = (time.perf_counter() - t0) * 1e3
+            tables.append(f"== {step} {sh['batch']}x{sh['seq']}: {r.impl}: one step {ms:.0f} ms under the profiler "
+                          f"({tokens} tokens)\n"
+                          + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit))
+    return "\n\n".join(tables)
+
+
 def _ratio(r: Result, ref: Result, key: str) -> float | None:
     """tokens/s of ``r`` over ``ref``'s for ``key`` (tok_s_best or tok_s_median), None if either is missing."""
     ours, theirs = r.extra.get(key), ref.extra.get(key)
