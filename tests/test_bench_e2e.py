@@ -146,6 +146,13 @@ def test_bar_lines_judge_each_bar_on_the_best_round():
     assert tiny == ["tinybert 8x512 teacher 12x768: kdfast, live teacher vs hand-written: not judged, the step-0 "
                     "losses differ (NO (1e-3))"]
     assert "bars (issue 13, CPU):" in e2e.report(res)
+    # the bars are set at the default shapes: TinyBERT's at L = 512 (128 reported), nothing at other shapes
+    res += [_row("tinybert 8x128 teacher 12x768", e2e.HANDWRITTEN, 50.0, 50.0, 400),
+            _row("tinybert 8x128 teacher 12x768", "kdfast, live teacher", 60.0, 60.0, 300),
+            _row("distilbert 4x64 teacher 2x192", e2e.HANDWRITTEN, 50.0, 50.0, 400),
+            _row("distilbert 4x64 teacher 2x192", "kdfast, live teacher", 60.0, 60.0, 300)]
+    more = [line for line in e2e.bar_lines(res) if line not in lines]
+    assert len(more) == 1 and more[0].startswith("tinybert 8x128 teacher 12x768 (reported; the bar is at L = 512)")
 
 
 def test_profile_shows_where_each_rows_step_time_goes():
