@@ -149,15 +149,18 @@ class Entry:
 
 
 def measure_all(entries: list[Entry], device: torch.device, *, repeat: int = 5, warmup: int = 2,
-                copy_bw_gbs: float | None = None) -> list[Result]:
+                copy_bw_gbs: float | None = None, progress: Callable[[str], None] | None = None) -> list[Result]:
     """Time every entry, then measure every entry's peak memory.
 
     Timings come first, under the allocator's default settings (what users run with); each CPU
     memory measurement switches glibc to unmap freed blocks and back (see ``_unmapping_malloc``).
-    A failing implementation is reported in its row instead of aborting the run.
+    A failing implementation is reported in its row instead of aborting the run. ``progress``,
+    when given, is called with one line per entry before it is timed.
     """
     results = []
-    for e in entries:
+    for i, e in enumerate(entries):
+        if progress is not None:
+            progress(f"{e.suite}: {e.case}: {e.impl} ({i + 1}/{len(entries)})")
         r = Result(e.suite, e.case, e.impl, None, None)
         try:
             r.ms = time_ms(e.fn, device, warmup=warmup, repeat=repeat)

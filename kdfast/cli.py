@@ -101,8 +101,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-SUITES = ("kd_loss", "attention", "fused_linear_kd", "models", "cache", "optim", "e2e")
-
 
 def _fail(command: str, error: BaseException) -> int:
     """Bad input, a full disk, a refused checkpoint: one line on stderr, exit status 2, no traceback."""
@@ -122,79 +120,60 @@ def _check_output_file(flag: str, path: str) -> None:
         raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist")
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from kdfast.bench import kd_loss as kd_bench
-    from kdfast.benchmarking import format_table
+def _stderr_progress(enabled: bool) -> Callable[[str], None]:
+    """``kdfast bench``'s progress reporter: one line per suite stage and row on stderr, prefixed
+    with the seconds since the start (stdout keeps only the tables); silent when not ``enabled``."""
+    import time
 
-    if args.suites is None:
-        args.suites = ["kd_loss"] if args.quick or args.sizes else list(SUITES)
+    from kdfast.bench import no_progress
+
+    if not enabled:
+        return no_progress
+    start = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - start:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kdfast.bench import SUITES, BenchOptions
+
+    suites = args.suites
+    if suites is None:
+        suites = ["kd_loss"] if args.quick or args.sizes else list(SUITES)
     if args.json:
         try:
             _check_output_file("--json", args.json)
         except ValueError as e:
             return _fail("bench", e)
-    if "e2e" in args.suites and args.dtype and (len(args.dtype) != 1 or args.dtype[0] not in ("fp32", "bf16")):
+    if "e2e" in suites and args.dtype and (len(args.dtype) != 1 or args.dtype[0] not in ("fp32", "bf16")):
         return _fail("bench", ValueError("--dtype: the e2e suite runs one of fp32 or bf16 (autocast)"))
+    if args.e2e_steps and "e2e" not in suites:
+        return _fail("bench", ValueError("--e2e-steps: only the e2e suite runs recipe steps; add --suites e2e"))
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         print("kdfast bench: --device cuda requested but no CUDA device is available", file=sys.stderr)
         return 2
-    if args.sizes:
-        sizes = args.sizes
-    elif device.type == "cuda":
-        sizes = [(16384, 30522)] if args.quick else [(4096, 30522), (16384, 30522)]
-    else:
-        sizes = [(1024, 30522)] if args.quick else [(256, 30522), (1024, 30522)]
-    dtypes = [DTYPES[d] for d in (args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"]))]
+    dtypes = tuple(DTYPES[d] for d in (args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"])))
+    progress = _stderr_progress(not args.no_progress)
+    opts = BenchOptions(device=device, dtypes=dtypes, quick=args.quick, repeat=args.repeat,
+                        compile_baseline=not args.no_compile, sizes=tuple(args.sizes) if args.sizes else None,
+                        tokens=args.tokens, e2e_steps=tuple(args.e2e_steps) if args.e2e_steps else None,
+                        progress=progress)
     print(f"kdfast bench on {_device_name(device)}; torch {torch.__version__}; "
           f"repeat={args.repeat}; ratios are eager time / impl time and eager peak / impl peak", flush=True)
     results = []
-    if "kd_loss" in args.suites:
-        results += kd_bench.run(device, sizes, dtypes, repeat=args.repeat, compile_baseline=not args.no_compile)
-        print(format_table(results), flush=True)
-    if "attention" in args.suites:
-        from kdfast.bench import attention as attention_bench
-
-        att = attention_bench.run(device)
-        print()
-        print(attention_bench.report(att), flush=True)
-        results += att
-    if "models" in args.suites:
-        from kdfast.bench import models as models_bench
-
-        model_results = models_bench.run(device, repeat=args.repeat)
-        print()
-        print(format_table(model_results, baseline="MobileBERT (transformers)"), flush=True)
-        results += model_results
-    if "cache" in args.suites:
-        from kdfast.bench import cache as cache_bench
-
-        cache_results = cache_bench.run(device)
-        print()
-        print(format_table(cache_results, baseline="live teacher"), flush=True)
-        results += cache_results
-    if "fused_linear_kd" in args.suites:
-        from kdfast.bench import fused_linear_kd as flkd_bench
-
-        flkd_results = flkd_bench.run(device, args.tokens, repeat=args.repeat)
-        print()
-        print(format_table(flkd_results), flush=True)
-        results += flkd_results
-    if "optim" in args.suites:
-        from kdfast.bench import optim as optim_bench
-
-        optim_results = optim_bench.run(device, repeat=args.repeat)
-        print()
-        print(format_table(optim_results), flush=True)
-        results += optim_results
-    if "e2e" in args.suites:
-        from kdfast.bench import e2e as e2e_bench
-
-        e2e_results = e2e_bench.run(device, quick=args.quick, dtype=dtypes[0], repeat=args.repeat,
-                                    compile_baseline=not args.no_compile)
-        print()
-        print(e2e_bench.report(e2e_results), flush=True)
-        results += e2e_results
+    chosen = [name for name in SUITES if name in suites]  # the suites' own order, each once
+    for i, name in enumerate(chosen):
+        progress(f"suite {name} ({i + 1}/{len(chosen)})")
+        table = SUITES[name](opts)
+        if i:
+            print()
+        print(table.text, flush=True)
+        results += table.results
+    progress("done")
     if args.json:
         try:
             with open(args.json, "w") as f:
@@ -367,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``kdfast`` argument parser: every option's help names its default, and every number is
     range-checked here, so that a bad value is a usage error (exit 2) before any work is done."""
     from kdfast import __version__
+    from kdfast.bench import SUITES
+    from kdfast.bench.e2e import STEPS as E2E_STEPS
     from kdfast.train.distiller import MAX_SEED
 
     count, count0 = _int_at_least(1), _int_at_least(0)
@@ -391,8 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokens", type=_parse_tokens, default=None,
                    help="fused_linear_kd suite: BATCHxLENGTH tokens (default 32x128 on a GPU, 8x128 on a CPU)")
     b.add_argument("--json", help="also write the results to this JSON file (default: none)")
-    b.add_argument("--suites", nargs="+", choices=SUITES, default=None,
-                   help=f"which suites to run (default: all; --quick: kd_loss); choices {SUITES}")
+    b.add_argument("--suites", nargs="+", choices=tuple(SUITES), default=None,
+                   help=f"which suites to run (default: all; --quick: kd_loss); choices {tuple(SUITES)}")
+    b.add_argument("--e2e-steps", nargs="+", choices=E2E_STEPS, default=None,
+                   help="e2e suite: which recipe steps (default: all; TinyBERT at two lengths, 128 and 512, "
+                        "unless --quick)")
+    b.add_argument("--no-progress", action="store_true",
+                   help="no progress lines on stderr (one per suite and measured row; the tables on stdout "
+                        "and --json are the same either way), nor the libraries' bars")
     b.set_defaults(func=cmd_bench)
     c = sub.add_parser("cache", help="build, verify or describe a teacher activation cache", **fmt)
     csub = c.add_subparsers(dest="cache_command", required=True)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
+from kdfast.bench import BenchOptions, Progress, Table
 from kdfast.benchmarking import Entry, Result, format_table, measure_all
 
 SUITE = "attention"
@@ -70,7 +71,7 @@ def _inputs(B, H, L, dh_s, dh_t, device):
 
 
 def run(device: torch.device, *, lengths=(128, 512), map_lengths=(128,), B: int = 32, H: int = 12, dh: int = 64,
-        repeat: int = 3, compile_baseline: bool = False) -> list[Result]:
+        repeat: int = 3, compile_baseline: bool = False, progress: Progress | None = None) -> list[Result]:
     """``compile_baseline`` adds ``torch.compile`` of each eager loss (the attention and hidden cases)."""
     # One measure_all call: every timing runs before the first memory measurement, which switches
     # glibc to unmapping freed blocks for good (that makes later timings of allocation-heavy
@@ -78,7 +79,7 @@ def run(device: torch.device, *, lengths=(128, 512), map_lengths=(128,), B: int 
     entries = [e for L in lengths for e in _attention_entries(device, B, H, L, dh, compile_baseline=compile_baseline)]
     entries += [e for L in map_lengths for e in _map_mse_entries(device, B, H, L, dh)]
     entries += _hidden_entries(device, tokens=B * 128, compile_baseline=compile_baseline)
-    return measure_all(entries, device, repeat=repeat, warmup=1)
+    return measure_all(entries, device, repeat=repeat, warmup=1, progress=progress)
 
 
 def _backends(device: torch.device) -> list[str]:
@@ -187,3 +188,9 @@ def report(results: list[Result]) -> str:
             text += (f"{cpu.case:<28} {cpu.impl[:-4]:<22} {ref.ms:9.2f} {cpu.ms:9.2f} {ref.ms / cpu.ms:8.2f}x "
                      f"{mb[0]} {mb[1]}\n")
     return text.rstrip("\n")
+
+
+def run_suite(opts: BenchOptions) -> Table:
+    """``kdfast bench --suites attention``: :func:`run` at its BERT-base shapes, as :func:`report` prints it."""
+    results = run(opts.device, progress=opts.progress)
+    return Table(results, report(results))

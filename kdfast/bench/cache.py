@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kdfast.benchmarking import Result
+from kdfast.bench import BenchOptions, Progress, Table, no_progress
+from kdfast.benchmarking import Result, format_table
 from kdfast.cache import CacheDataset, Prefetcher, TeacherCache, build_cache
 from kdfast.defaults import minilm_teacher_dir, pydoc_paragraphs, write_corpus
 
@@ -37,8 +38,9 @@ def _mlm_teacher_like(minilm: Path, out: Path) -> Path:
 
 
 def run(device: torch.device, *, rows: int = 128, max_length: int = 128, batch_size: int = 16, steps: int = 6,
-        repeat: int = 5) -> list[Result]:
+        repeat: int = 5, progress: Progress | None = None) -> list[Result]:
     del repeat  # steps play that role here
+    say = progress or no_progress
     results: list[Result] = []
     teacher_dir = minilm_teacher_dir()
     with tempfile.TemporaryDirectory(prefix="kdfast-cache-bench-") as tmp:
@@ -56,6 +58,7 @@ def run(device: torch.device, *, rows: int = 128, max_length: int = 128, batch_s
                    ("hidden int8 x1 layer", teacher_dir, dict(logits="none", hidden="int8", layers=[6])),
                    ("Q+K fp16 x6 layers", teacher_dir, dict(logits="none", hidden="none", qk=True))]
         for name, teacher, kw in options:
+            say(f"{SUITE}: bytes/token: {name}")
             out = tmp / name.replace(" ", "_").replace(":", "-")
             t0 = time.perf_counter()
             build_cache(str(teacher), [str(corpus)], str(out), **kw, **common)
@@ -73,6 +76,7 @@ def run(device: torch.device, *, rows: int = 128, max_length: int = 128, batch_s
         cache_dir = tmp / "hidden-246"
         build_cache(str(teacher_dir), [str(corpus)], str(cache_dir), logits="none", hidden="fp16", layers=[2, 4, 6],
                     **common)
+        say(f"{SUITE}: step b={batch_size} L={max_length}: live teacher, cached teacher")
         live_ms = _step_ms(teacher_dir, cache_dir, batch_size, steps, live=True)
         cached_ms = _step_ms(teacher_dir, cache_dir, batch_size, steps, live=False)
         case = f"step b={batch_size} L={max_length}"
@@ -129,3 +133,9 @@ def _step_ms(teacher_dir: Path, cache_dir: Path, batch_size: int, steps: int, li
             times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return times[len(times) // 2]
+
+
+def run_suite(opts: BenchOptions) -> Table:
+    """``kdfast bench --suites cache``: :func:`run`, the cached step's ratios against the live teacher's."""
+    results = run(opts.device, progress=opts.progress)
+    return Table(results, format_table(results, baseline="live teacher"))

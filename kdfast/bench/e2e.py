@@ -9,7 +9,8 @@ transfer of its last layer, ``mobilebert-pkt``, and its pre-training distillatio
   (:func:`kdfast.train.recipes.run_recipe`) is run for real with ``teacher.source`` live or
   cache (the cache is built by the recipe, with kdfast's cache writer, in a temporary
   directory), and the :class:`kdfast.train.distiller.Distiller` it hands its step loss to is
-  captured instead of trained; the timed step is the Distiller's: zero grads, ``step_loss``
+  captured instead of trained (DistilBERT's live step twice: KD on every real token, its live
+  default, and with ``kd_rows=masked``); the timed step is the Distiller's: zero grads, ``step_loss``
   under its autocast setting, backward, gradient clipping, its optimizer. Whatever the recipe's
   step does (today: full logits; later: ``fused_linear_kd_loss``) is what gets measured.
 - **hand-written**: the same objective written the way the original scripts and today's users
@@ -25,7 +26,8 @@ transfer of its last layer, ``mobilebert-pkt``, and its pre-training distillatio
   attention; the teacher's head groups merged by averaging log-probabilities, which equals
   averaging scores after the softmax); pre-training distillation with full logits, KD as above
   over the masked tokens plus ``CrossEntropyLoss``.
-- **hand-written + torch.compile**: the hand-written forward and loss under ``torch.compile``.
+- **hand-written + torch.compile**: the hand-written forward and loss under ``torch.compile``,
+  compiled once in its step 0 (a compile that fails is reported in its row).
 - **TextBrewer GeneralDistiller** (TinyBERT, when ``textbrewer`` is importable; it is a peer,
   not a dependency of kdfast): the same matches (hidden MSE through its linear projections,
   initialised to the recipe's, and attention MSE on the same score maps, both with its input
@@ -37,8 +39,9 @@ compared with its reference row (the hand-written step with the same KD rows) be
 is: "yes" within rounding (1e-4 relative in fp32, 2e-2 under bf16 autocast); rows from the
 cache read fp16 teacher states and top-k logits, so their difference is shown, not judged.
 Timing: one warm-up step per row, then ``repeat`` rounds that run every row once, alternated;
-tokens/s from the best and the median round (tokens = real tokens of the batch; the corpus is
-joined into texts longer than a row, so rows are full). Peak memory: one more step measured by
+tokens/s from the best and the median round (tokens = real tokens of the batch: the recipes pack
+the corpus into full rows and the first batch of full rows is taken, so that the hand-written
+objectives, which count padded positions as the original scripts do, equal the recipes'). Peak memory: one more step measured by
 :func:`kdfast.benchmarking.peak_memory_bytes`, with gradients and optimizer state already
 allocated (grads are zeroed, not freed), so it is the peak beyond parameters, gradients and
 optimizer state.
@@ -50,7 +53,6 @@ import contextlib
 import copy
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -61,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdfast.bench import BenchOptions, Progress, Table, no_progress
 from kdfast.benchmarking import Result, peak_memory_bytes, time_ms
 
 SUITE = "e2e"
@@ -188,13 +191,28 @@ def _recipe_row(impl: str, kd_rows: str, distiller, batch: dict, device: torch.d
     return _Row(impl, kd_rows, step, ref=ref, from_cache=from_cache)
 
 
+def _compiled(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """``torch.compile(loss_fn)`` (it compiles on its first call, step 0); where torch.compile itself
+    refuses (e.g. a Python it does not support), a function that raises that error, so that the row
+    reports it instead of the suite stopping."""
+    try:
+        return torch.compile(loss_fn)
+    except Exception as ex:
+        error = ex
+
+        def refused() -> torch.Tensor:
+            raise error
+
+        return refused
+
+
 def _plain_step(loss_fn: Callable[[], torch.Tensor], params: list, distiller, device: torch.device,
                 dtype: torch.dtype, *, compile_: bool = False) -> Callable[[], torch.Tensor]:
     """A training step around ``loss_fn`` with the recipe's optimizer class, lr and clipping."""
     cfg = distiller.cfg
     params = [p for p in params if p.requires_grad]
     opt = type(distiller.opt)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    forward = torch.compile(loss_fn) if compile_ else loss_fn
+    forward = _compiled(loss_fn) if compile_ else loss_fn
 
     def step() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)
@@ -405,12 +423,20 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
     elif step_name == "mobilebert-pretrain":
         base.update({"pkt.steps_per_layer": 0, "pretrain.steps": 1})
     runs = {}
-    for source in ("cache", "live"):
-        overrides = {**base, "out_dir": str(tmp / f"{step_name}-{source}"), "teacher.source": source}
-        runs[source] = recipe_distiller(name, overrides, stage)
+    # DistilBERT's live step twice: KD on every real token (the recipe's live default) and on the
+    # masked tokens (its kd_rows=masked), so that each has a like-for-like hand-written reference
+    sources = {"cache": {}, "live": {}, **({"live-masked": {"kd_rows": "masked"}} if name == "distilbert" else {})}
+    for run_name, extra in sources.items():
+        overrides = {**base, "out_dir": str(tmp / f"{step_name}-{run_name}"),
+                     "teacher.source": run_name.split("-")[0], **extra}
+        runs[run_name] = recipe_distiller(name, overrides, stage)
     (live, cfg), (cached, _) = runs["live"], runs["cache"]
-    # one batch for every row: the cache's (its masked inputs and labels; the live step uses them as given)
-    cache_batch = next(iter(cached.data.batches(0)))
+    # one batch for every row: the cache's (its masked inputs and labels; the live step uses them as
+    # given), a full one: with padding, the hand-written objectives (which count padded positions, as
+    # the original scripts do) would differ from the recipe's
+    cache_batch = next((b for b in cached.data.batches(0) if bool(b["attention_mask"].all())), None)
+    if cache_batch is None:
+        raise RuntimeError(f"{step_name}: no batch of {batch_size} full rows of {seq} tokens in the corpus")
     batch = {k: cache_batch[k] for k in ("input_ids", "attention_mask", "labels") if k in cache_batch}
     dev_batch = {k: v.to(device) for k, v in batch.items()}
     initial = copy.deepcopy(live.student).eval()  # before any step: the hand-written rows start here
@@ -419,6 +445,8 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
     if name == "distilbert":
         rows += [_recipe_row("kdfast, live teacher", "all real tokens", live, batch, device, dtype,
                              HANDWRITTEN, False),
+                 _recipe_row("kdfast, live teacher, masked KD", "masked", runs["live-masked"][0], batch, device,
+                             dtype, f"{HANDWRITTEN}, masked KD", False),
                  _recipe_row("kdfast, from the cache", f"masked (top-{cfg.teacher.topk})", cached, cache_batch,
                              device, dtype, f"{HANDWRITTEN}, masked KD", True)]
         teacher = AutoModelForMaskedLM.from_pretrained(tdir, local_files_only=True).to(device).eval()
@@ -493,23 +521,42 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
     return rows, int(batch["attention_mask"].sum())
 
 
-def _measure(rows: list[_Row], device: torch.device, repeat: int, memory: bool) -> None:
-    """Step 0 (its loss) and one warm-up step per row, then ``repeat`` alternated rounds, then peak memory."""
-    live = [r for r in rows if r.step is not None]
-    for r in live:  # step 0 of each row: every row starts from the same weights
+def _failed(row: _Row, ex: Exception) -> None:
+    """The row reports why it stopped (e.g. torch.compile without a working compiler) and is not run again."""
+    row.error = f"failed: {type(ex).__name__}: {' '.join(str(ex).split())[:100]}"
+    row.step = None
+
+
+def _measure(rows: list[_Row], device: torch.device, repeat: int, memory: bool, say: Progress) -> None:
+    """Step 0 (its loss) and one warm-up step per row (a compiled row compiles in step 0), then
+    ``repeat`` alternated rounds, then peak memory. A row that fails reports why in its row."""
+    for r in rows:  # step 0 of each row: every row starts from the same weights
+        if r.step is None:
+            continue
+        say(f"  {r.impl}: step 0 and a warm-up step{' (compiles)' if 'compile' in r.impl else ''}")
+        t0 = time.perf_counter()
         try:
             r.loss0 = float(r.step())
             r.step()
-        except Exception as ex:  # e.g. torch.compile without a working compiler: reported in its row
-            r.error = f"failed: {type(ex).__name__}: {' '.join(str(ex).split())[:100]}"
-            r.step = None
-    for _ in range(repeat):
+        except Exception as ex:
+            _failed(r, ex)
+        say(f"  {r.impl}: {'failed' if r.error else 'ready'} after {time.perf_counter() - t0:.0f} s")
+    for i in range(repeat):
+        say(f"  round {i + 1}/{repeat}: every row once")
         for r in rows:
             if r.step is not None:
-                r.times.append(time_ms(r.step, device, warmup=0, repeat=1))
+                try:
+                    r.times.append(time_ms(r.step, device, warmup=0, repeat=1))
+                except Exception as ex:  # e.g. a recompilation that fails
+                    _failed(r, ex)
+    if memory:
+        say("  peak memory: one more step per row")
     for r in rows if memory else ():
         if r.step is not None:
-            r.peak = peak_memory_bytes(r.step, device)
+            try:
+                r.peak = peak_memory_bytes(r.step, device)
+            except Exception as ex:
+                _failed(r, ex)
 
 
 @contextlib.contextmanager
@@ -528,7 +575,7 @@ def _quiet_transformers():
 def run(device: torch.device, *, quick: bool = False, shape: str | None = None, batch: int | None = None,
         seq: int | None = None, long_seq: int | None = None, dtype: torch.dtype = torch.float32, repeat: int = 3,
         steps: tuple[str, ...] = STEPS, compile_baseline: bool = True, use_textbrewer: bool = True,
-        memory: bool = True) -> list[Result]:
+        memory: bool = True, progress: Progress | None = None) -> list[Result]:
     """Every recipe step of ``steps`` run every way (see the module docstring), as Results: ``ms``
     the best round, ``peak_bytes`` the peak beyond parameters, gradients and optimizer state, and
     ``extra`` with tokens/s (best, median), the KD rows, the step-0 loss and its agreement with
@@ -551,6 +598,7 @@ def run(device: torch.device, *, quick: bool = False, shape: str | None = None, 
     seq = seq or sh["seq"]
     long_seq = long_seq if long_seq is not None else sh["long_seq"]
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    say = progress or no_progress
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="kdfast-e2e-bench-") as tmp, _quiet_transformers():
         tmp = Path(tmp)
@@ -559,12 +607,15 @@ def run(device: torch.device, *, quick: bool = False, shape: str | None = None, 
         plan = [(s, seq) for s in steps]
         if "tinybert" in steps and long_seq and long_seq != seq:
             plan.insert(plan.index(("tinybert", seq)) + 1, ("tinybert", long_seq))
-        for step_name, length in plan:
+        for i, (step_name, length) in enumerate(plan):
             t0 = time.perf_counter()
-            corpus = _corpus(tmp / f"corpus-{length}.txt", batch, length)
+            say(f"{SUITE}: {step_name} {batch}x{length} ({i + 1}/{len(plan)}): the recipe's live and cached steps, "
+                f"the hand-written ones")
+            # 2 x batch + 1 texts of more than 1.5 rows each: at least two full batches of packed rows
+            corpus = _corpus(tmp / f"corpus-{length}.txt", 2 * batch + 1, length)
             rows, tokens = _recipe_rows(step_name, tdir, corpus, tmp / f"{step_name}-{length}", sh, batch, length,
                                         device, dtype, compile_baseline, use_textbrewer)
-            _measure(rows, device, repeat, memory)
+            _measure(rows, device, repeat, memory, say)
             fill = "" if tokens == batch * length else f" {100 * tokens / (batch * length):.0f}% full"
             case = (f"{step_name} {batch}x{length}{fill} teacher {t['num_hidden_layers']}x{t['hidden_size']}"
                     f"{' bf16' if dtype == torch.bfloat16 else ''}")
@@ -585,16 +636,59 @@ def run(device: torch.device, *, quick: bool = False, shape: str | None = None, 
                              "tok_s_median": tokens / (statistics.median(r.times) / 1e3) if r.times else None}
                 results.append(res)
             del rows, by_impl
-            print(f"e2e: {case} measured in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+            say(f"{SUITE}: {case} measured in {time.perf_counter() - t0:.0f} s")
     return results
 
 
+def profile(device: torch.device, step: str = "distilbert",
+            impls: tuple[str, ...] = ("kdfast, live teacher", HANDWRITTEN), *, shape: str = "default",
+            row_limit: int = 25) -> str:
+    """Where each row's step time goes: torch.profiler's operator table (by self CPU time) of one
+    step of each of ``impls`` of the recipe step ``step`` at ``shape``, each after its step 0 and a
+    warm-up step, in one process on the same teacher, student and batch as :func:`run`."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    if step not in STEPS or shape not in SHAPES:
+        raise ValueError(f"step must be one of {STEPS} and shape one of {sorted(SHAPES)}, got {step!r}, {shape!r}")
+    sh = SHAPES[shape]
+    tables = []
+    with tempfile.TemporaryDirectory(prefix="kdfast-e2e-profile-") as tmp, _quiet_transformers():
+        tmp = Path(tmp)
+        tdir = _teacher_dir(tmp / "teacher", {**sh["teacher"], "max_position_embeddings": max(512, sh["seq"])})
+        corpus = _corpus(tmp / "corpus.txt", 2 * sh["batch"] + 1, sh["seq"])
+        rows, tokens = _recipe_rows(step, tdir, corpus, tmp / step, sh, sh["batch"], sh["seq"], device,
+                                    torch.float32, compile_baseline=False, use_textbrewer=False)
+        missing = set(impls) - {r.impl for r in rows}
+        if missing:
+            raise ValueError(f"impls: {sorted(missing)} are not rows of {step}; rows: {[r.impl for r in rows]}")
+        for r in rows:
+            if r.impl not in impls:
+                continue
+            r.step()
+            r.step()
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                t0 = time.perf_counter()
+                r.step()
+                ms = (time.perf_counter() - t0) * 1e3
+            tables.append(f"== {step} {sh['batch']}x{sh['seq']}: {r.impl}: one step {ms:.0f} ms under the profiler "
+                          f"({tokens} tokens)\n"
+                          + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=row_limit))
+    return "\n\n".join(tables)
+
+
+def _ratio(r: Result, ref: Result, key: str) -> float | None:
+    """tokens/s of ``r`` over ``ref``'s for ``key`` (tok_s_best or tok_s_median), None if either is missing."""
+    ours, theirs = r.extra.get(key), ref.extra.get(key)
+    return ours / theirs if ours and theirs else None
+
+
 def report(results: list[Result]) -> str:
-    """The table: per case and row, tokens/s (best and median round), speed-up and memory ratio
-    against the row's reference (the hand-written step with the same objective), the step-0 loss
-    and whether it matches the reference's."""
-    header = (f"{'case':<40} {'impl':<30} {'KD rows':<17} {'tok/s best':>10} {'median':>8} {'speed-up':>8} "
-              f"{'peak MB':>8} {'mem ratio':>9} {'step-0 loss':>12}  loss matches ref")
+    """The table: per case and row, tokens/s (best and median round), speed-up (best and median)
+    and memory ratio against the row's reference (the hand-written step with the same objective),
+    the step-0 loss and whether it matches the reference's; then :func:`bar_lines`."""
+    header = (f"{'case':<40} {'impl':<32} {'KD rows':<17} {'tok/s best':>10} {'median':>8} {'speed-up':>8} "
+              f"{'median':>7} {'peak MB':>8} {'mem ratio':>9} {'step-0 loss':>12}  loss matches ref")
     lines = [header, "-" * len(header)]
     by_case: dict[str, dict[str, Result]] = {}
     for r in results:
@@ -604,17 +698,78 @@ def report(results: list[Result]) -> str:
             x = r.extra
             ref = rows.get(x.get("ref")) if x.get("ref") else None
             best, med = x.get("tok_s_best"), x.get("tok_s_median")
-            speed = mem = "-"
-            if ref is not None and best and ref.extra.get("tok_s_best"):
-                speed = f"{best / ref.extra['tok_s_best']:.2f}x"
-            if ref is not None and r.peak_bytes and ref.peak_bytes:
-                mem = f"{ref.peak_bytes / r.peak_bytes:.2f}x"
+            speed = speed_med = mem = "-"
+            if ref is not None:
+                speed, speed_med = (f"{v:.2f}x" if v else "-" for v in (_ratio(r, ref, "tok_s_best"),
+                                                                        _ratio(r, ref, "tok_s_median")))
+                if r.peak_bytes and ref.peak_bytes:
+                    mem = f"{ref.peak_bytes / r.peak_bytes:.2f}x"
             loss = f"{x['loss0']:.6g}" if x.get("loss0") is not None else "-"
             peak = f"{r.peak_bytes / 2**20:.0f}" if r.peak_bytes is not None else "-"
             tail = x.get("loss_match", "-") + (f"  [{r.note}]" if r.note else "")
-            lines.append(f"{case:<40} {r.impl:<30} {x.get('kd_rows', '-'):<17} "
+            lines.append(f"{case:<40} {r.impl:<32} {x.get('kd_rows', '-'):<17} "
                          f"{f'{best:.0f}' if best else '-':>10} {f'{med:.0f}' if med else '-':>8} {speed:>8} "
-                         f"{peak:>8} {mem:>9} {loss:>12}  {tail}")
-    lines.append("speed-up and mem ratio: against the row's reference (the hand-written step with the same KD rows; "
-                 "the rows from the cache against the hand-written live step); tokens = real tokens of the batch")
-    return "\n".join(lines)
+                         f"{speed_med:>7} {peak:>8} {mem:>9} {loss:>12}  {tail}")
+    lines.append("speed-up (best round, median round) and mem ratio: against the row's reference (the hand-written "
+                 "step with the same KD rows; the rows from the cache against the hand-written live step); "
+                 "tokens = real tokens of the batch")
+    bars = bar_lines(results)
+    return "\n".join(lines + (["", "bars (issue 13, CPU):", *bars] if bars else []))
+
+
+# Issue 13's CPU bars: (recipe step, kdfast row, the row it is compared with, speed-up, memory ratio),
+# set for the default shapes (BERT-base-shaped teacher, batch 8; TinyBERT's at L = 512, other
+# lengths reported against the same numbers); other shapes are not judged.
+BAR_SHAPE = "teacher 12x768"
+BARS = (
+    ("distilbert", "kdfast, live teacher, masked KD", f"{HANDWRITTEN}, masked KD", 1.25, 3.0),
+    ("distilbert", "kdfast, live teacher", HANDWRITTEN, 1.15, 3.0),
+    ("distilbert", "kdfast, from the cache", f"{HANDWRITTEN}, masked KD", 2.0, None),
+    ("distilbert", "kdfast, from the cache", HANDWRITTEN, 2.0, None),
+    ("tinybert", "kdfast, live teacher", HANDWRITTEN, 1.2, 3.0),
+    ("tinybert", "kdfast, live teacher", "TextBrewer GeneralDistiller", 1.2, 3.0),
+    ("tinybert", "kdfast, from the cache", HANDWRITTEN, 3.0, None),
+    ("tinybert", "kdfast, from the cache", "TextBrewer GeneralDistiller", 3.0, None),
+)
+
+
+def bar_lines(results: list[Result]) -> list[str]:
+    """One line per bar of :data:`BARS` whose rows were measured: the speed-up of tokens/s in the
+    best and the median round and the memory ratio, each against its target, "met" or "NOT met"
+    (speed judged on the best round, the one least disturbed by other load; the median is shown
+    beside it). Nothing is judged if the two rows' step-0 losses disagree, nor at other shapes
+    than the bars' (:data:`BAR_SHAPE`, batch 8)."""
+    by_case: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_case.setdefault(r.case, {})[r.impl] = r
+    lines = []
+    for step, impl, ref_impl, speed_bar, mem_bar in BARS:
+        for case, rows in by_case.items():
+            r, ref = rows.get(impl), rows.get(ref_impl)
+            if (not case.startswith(step + " 8x") or not case.endswith(BAR_SHAPE) or r is None or ref is None
+                    or not r.ms or not ref.ms):
+                continue
+            at_bar = step != "tinybert" or case.startswith("tinybert 8x512 ")
+            where = f"{case}{'' if at_bar else ' (reported; the bar is at L = 512)'}: {impl} vs {ref_impl}:"
+            if str(r.extra.get("loss_match", "")).startswith("NO"):
+                lines.append(f"{where} not judged, the step-0 losses differ ({r.extra['loss_match']})")
+                continue
+            best, med = _ratio(r, ref, "tok_s_best"), _ratio(r, ref, "tok_s_median")
+            text = (f"{where} speed {best:.2f}x best, {med:.2f}x median "
+                    f"(>= {speed_bar}x: {'met' if best >= speed_bar else 'NOT met'})")
+            if mem_bar is not None:
+                if r.peak_bytes and ref.peak_bytes:
+                    mem = ref.peak_bytes / r.peak_bytes
+                    text += f"; memory {mem:.2f}x less (>= {mem_bar}x: {'met' if mem >= mem_bar else 'NOT met'})"
+                else:
+                    text += f"; memory not measured (>= {mem_bar}x: not judged)"
+            lines.append(text)
+    return lines
+
+
+def run_suite(opts: BenchOptions) -> Table:
+    """``kdfast bench --suites e2e``: :func:`run` on ``opts.e2e_steps`` (default all), with the first
+    of ``opts.dtypes`` (fp32, or bf16 autocast), as :func:`report` prints it."""
+    results = run(opts.device, quick=opts.quick, dtype=opts.dtypes[0], repeat=opts.repeat,
+                  steps=opts.e2e_steps or STEPS, compile_baseline=opts.compile_baseline, progress=opts.progress)
+    return Table(results, report(results))

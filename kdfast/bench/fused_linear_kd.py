@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast.benchmarking import Entry, Result, measure_all
+from kdfast.bench import BenchOptions, Progress, Table
+from kdfast.benchmarking import Entry, Result, format_table, measure_all
 
 SUITE = "flkd"
 VOCAB = 30522
@@ -143,7 +144,7 @@ def _unavailable(why: str):
 
 
 def run(device: torch.device, tokens: tuple[int, int] | None = None, *, student_hiddens=STUDENT_HIDDENS,
-        repeat: int = 3, warmup: int = 1, vocab: int = VOCAB) -> list[Result]:
+        repeat: int = 3, warmup: int = 1, vocab: int = VOCAB, progress: Progress | None = None) -> list[Result]:
     """Time and peak memory per student width. ``tokens`` = (batch, length); default 32 x 128 on a
     GPU and 8 x 128 on a CPU (eager's full-vocabulary GEMMs over 4096 tokens take ~10 s a step on
     a 2-core CPU)."""
@@ -152,6 +153,12 @@ def run(device: torch.device, tokens: tuple[int, int] | None = None, *, student_
     results: list[Result] = []
     for d_s in student_hiddens:
         ents = entries(device, tokens, d_s, vocab=vocab)
-        results += measure_all(ents, device, repeat=repeat, warmup=warmup)
+        results += measure_all(ents, device, repeat=repeat, warmup=warmup, progress=progress)
         del ents
     return results
+
+
+def run_suite(opts: BenchOptions) -> Table:
+    """``kdfast bench --suites fused_linear_kd``: :func:`run` at ``opts.tokens`` (batch x length)."""
+    results = run(opts.device, opts.tokens, repeat=opts.repeat, progress=opts.progress)
+    return Table(results, format_table(results))

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast.benchmarking import Entry, Result, copy_bandwidth_gbs, measure_all
+from kdfast.bench import BenchOptions, Progress, Table
+from kdfast.benchmarking import Entry, Result, copy_bandwidth_gbs, format_table, measure_all
 
 SUITE = "kd_loss"
 
@@ -101,15 +102,30 @@ def entries(device: torch.device, N: int, V: int, dtype: torch.dtype, temperatur
     return out, notes
 
 
+def default_sizes(device: torch.device, quick: bool) -> list[tuple[int, int]]:
+    """(rows, vocab) cases of ``kdfast bench``: one with ``quick``, the larger of two otherwise."""
+    if device.type == "cuda":
+        return [(16384, 30522)] if quick else [(4096, 30522), (16384, 30522)]
+    return [(1024, 30522)] if quick else [(256, 30522), (1024, 30522)]
+
+
 def run(device: torch.device, sizes: list[tuple[int, int]], dtypes: list[torch.dtype], *, temperature: float = 2.0,
-        repeat: int = 5, compile_baseline: bool = True) -> list[Result]:
+        repeat: int = 5, compile_baseline: bool = True, progress: Progress | None = None) -> list[Result]:
     copy_bw = copy_bandwidth_gbs(device) if device.type == "cuda" else None
     results: list[Result] = []
     for N, V in sizes:
         for dtype in dtypes:
             ents, notes = entries(device, N, V, dtype, temperature, compile_baseline)
-            results += measure_all(ents, device, repeat=repeat, copy_bw_gbs=copy_bw) + notes
+            results += measure_all(ents, device, repeat=repeat, copy_bw_gbs=copy_bw, progress=progress) + notes
             del ents
     if copy_bw:
         results.append(Result(SUITE, "device", "copy bandwidth", None, None, note=f"{copy_bw:.0f} GB/s"))
     return results
+
+
+def run_suite(opts: BenchOptions) -> Table:
+    """``kdfast bench --suites kd_loss``: every size of ``opts.sizes`` (default :func:`default_sizes`) and dtype."""
+    sizes = list(opts.sizes) if opts.sizes else default_sizes(opts.device, opts.quick)
+    results = run(opts.device, sizes, list(opts.dtypes), repeat=opts.repeat, compile_baseline=opts.compile_baseline,
+                  progress=opts.progress)
+    return Table(results, format_table(results))

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertModel, MobileBertModel
 
-from kdfast.benchmarking import Entry, Result, measure_all, time_ms
+from kdfast.bench import BenchOptions, Progress, Table
+from kdfast.benchmarking import Entry, Result, format_table, measure_all, time_ms
 from kdfast.models import KDMobileBert, distilbert_from_teacher, mobilebert_config, tinybert_config
 from kdfast.models.fused import disable_fused_kernels, enable_fused_kernels
 
@@ -26,7 +27,7 @@ def _inputs(batch: int, seq: int, vocab: int, device: torch.device):
     return ids, mask
 
 
-def run(device: torch.device, *, repeat: int = 5, seq: int = 128) -> list[Result]:
+def run(device: torch.device, *, repeat: int = 5, seq: int = 128, progress: Progress | None = None) -> list[Result]:
     torch.manual_seed(0)
     bert = BertModel(BertConfig(), add_pooling_layer=False).to(device).eval()
     models = {
@@ -51,7 +52,7 @@ def run(device: torch.device, *, repeat: int = 5, seq: int = 128) -> list[Result
         return step
 
     entries = [Entry(SUITE, case, name, infer(m)) for name, m in models.items()]
-    results = measure_all(entries, device, repeat=repeat)
+    results = measure_all(entries, device, repeat=repeat, progress=progress)
     base = results[0].ms
     for r in results:
         if r.ms and r.impl in CLAIMS:
@@ -93,7 +94,10 @@ def run(device: torch.device, *, repeat: int = 5, seq: int = 128) -> list[Result
                        "max_grad_diff/max_grad": f"{g_diff / g_scale:.1e}"}
 
     case8 = f"fwd+bwd b=8 L={seq}"
-    train = measure_all([Entry(SUITE, case8, name, fn) for name, fn in steps.items()], device, repeat=repeat)
+    train = measure_all([Entry(SUITE, case8, name, fn) for name, fn in steps.items()], device, repeat=repeat,
+                        progress=progress)
+    if progress is not None:
+        progress(f"{SUITE}: {case8}: {repeat} interleaved rounds")
     # The CPU here is shared: also time the three interleaved, round-robin, and compare the fastest rounds.
     best = dict.fromkeys(steps, float("inf"))
     for _ in range(repeat):
@@ -104,3 +108,9 @@ def run(device: torch.device, *, repeat: int = 5, seq: int = 128) -> list[Result
                    "interleaved_best_ms": f"{best[r.impl]:.0f}",
                    "interleaved_speedup": f"{best['MobileBERT (transformers)'] / best[r.impl]:.2f}x"}
     return results + train
+
+
+def run_suite(opts: BenchOptions) -> Table:
+    """``kdfast bench --suites models``: :func:`run`, ratios against transformers' MobileBERT."""
+    results = run(opts.device, repeat=opts.repeat, progress=opts.progress)
+    return Table(results, format_table(results, baseline="MobileBERT (transformers)"))

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from kdfast.benchmarking import Entry, Result, measure_all
+from kdfast.bench import BenchOptions, Progress, Table
+from kdfast.benchmarking import Entry, Result, format_table, measure_all
 from kdfast.train.optim import Lamb
 
 SUITE = "optim"
@@ -27,7 +28,7 @@ def _groups(params: list[torch.nn.Parameter]) -> list[dict]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
-def run(device: torch.device, *, repeat: int = 5) -> list[Result]:
+def run(device: torch.device, *, repeat: int = 5, progress: Progress | None = None) -> list[Result]:
     """Median ``step()`` time and peak memory of AdamW (the default is "eager") and Lamb, in one process."""
     torch.manual_seed(0)
     optimizers = {"eager": lambda ps: torch.optim.AdamW(_groups(ps), lr=1e-4),
@@ -38,6 +39,12 @@ def run(device: torch.device, *, repeat: int = 5) -> list[Result]:
         params = _bert_base_params(device)
         n = sum(p.numel() for p in params)
         entries.append(Entry(SUITE, f"step, {n / 1e6:.0f}M params fp32", name, make(params).step))
-    results = measure_all(entries, device, repeat=repeat)
+    results = measure_all(entries, device, repeat=repeat, progress=progress)
     results[0].note = "torch.optim.AdamW"
     return results
+
+
+def run_suite(opts: BenchOptions) -> Table:
+    """``kdfast bench --suites optim``: :func:`run`, ratios against AdamW's default implementation."""
+    results = run(opts.device, repeat=opts.repeat, progress=opts.progress)
+    return Table(results, format_table(results))
