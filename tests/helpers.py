@@ -38,3 +38,8 @@ def backends_of(op: str) -> list[str]:
     from tests.conftest import CPU_BACKENDS
 
     return [b for b in CPU_BACKENDS if b in registry.impls(op)]
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    """:func:`assert_close` at the logit-row tolerances (:data:`TOL_LOGITS`)."""
+    assert_close(actual, expected, dtype, what, tol=TOL_LOGITS)

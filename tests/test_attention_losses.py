@@ -13,21 +13,11 @@ import kdfast
 from tests.reference import attention_kl_reference, attention_mse_reference, attention_scores_reference
 from tests.conftest import CPU_BACKENDS
 from tests.helpers import assert_close, backends_of, make_mask
+from tests.inputs import make_scores
 
 FLASH_BACKENDS = backends_of("attention_transfer")   # flash_attention_transfer
 MAP_BACKENDS = backends_of("score_mse_fwd")          # attention_mse_loss
 KL_MAP_BACKENDS = backends_of("attention_kl_maps")   # attention_kl_loss
-
-
-def make_scores(B, H, L, dtype, mask=None, fill=None):
-    """Correlated student / teacher scores; the additive mask (``fill``, default finfo.min) applied to both."""
-    t = torch.randn(B, H, L, L, dtype=torch.float64) * 3
-    s = 0.6 * t + torch.randn(B, H, L, L, dtype=torch.float64) * 2
-    if mask is not None:
-        fill = torch.finfo(dtype).min if fill is None else fill
-        add = torch.zeros(mask.shape, dtype=torch.float64).masked_fill(~mask, fill)[:, None, None, :]
-        s, t = s + add, t + add
-    return s.to(dtype).clamp_min(torch.finfo(dtype).min), t.to(dtype).clamp_min(torch.finfo(dtype).min)
 
 
 def scattered_mask(B, L):

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.test_kd_loss import assert_close, reference_loss_and_grad
+from tests.helpers import assert_logits_close as assert_close
+from tests.inputs import reference_loss_and_grad
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,8 @@ import kdfast
 from tests.reference import kd_loss_reference, sparse_kd_loss_reference
 from kdfast.losses.fused_linear_kd import default_chunk_size
 from tests.helpers import backends_of
+from tests.inputs import LEAD, V, dense_logits
+from tests.inputs import lm_head_inputs as make_inputs
 
 # fp16 / bf16 hidden/weights only on cpu/torch (the interpreter's half arithmetic is not what a GPU does)
 DTYPES = {"triton": [torch.float32], "cpu": [torch.float32, torch.float16, torch.bfloat16],
@@ -18,36 +20,10 @@ TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-3, 2e-3), torch.bfloat16:
 CPU_BACKENDS = backends_of("kd_rows")  # the kernels it runs on its chunks: every registered backend here
 SPARSE_BACKENDS = backends_of("sparse_kd_rows")
 
-V = 97
-D_S, D_T = 24, 40
-LEAD = (3, 7)  # 21 tokens
-
-
-def make_inputs(dtype, *, bias=True, lead=LEAD, d_s=D_S, d_t=D_T, vocab=V, mask_frac=0.4):
-    """Student/teacher hidden states and heads (teacher fp32), labels with ignored rows, a mask."""
-    n = 1
-    for x in lead:
-        n *= x
-    h_s = torch.randn(*lead, d_s, dtype=torch.float64).to(dtype)
-    w_s = (torch.randn(vocab, d_s, dtype=torch.float64) * d_s**-0.5 * 3).to(dtype)
-    b_s = (torch.randn(vocab, dtype=torch.float64) * 0.5).to(dtype) if bias else None
-    h_t = torch.randn(*lead, d_t)
-    w_t = torch.randn(vocab, d_t) * d_t**-0.5 * 3
-    b_t = torch.randn(vocab) * 0.5 if bias else None
-    labels = torch.randint(0, vocab, (n,))
-    labels[torch.randperm(n)[: int(n * mask_frac)]] = -100
-    mask = torch.ones(n, dtype=torch.bool)
-    mask[torch.randperm(n)[: n // 7]] = False
-    return h_s, w_s, b_s, h_t, w_t, b_t, labels.reshape(lead), mask.reshape(lead)
 
 
 def leaves(*xs):
     return [None if x is None else x.detach().clone().requires_grad_() for x in xs]
-
-
-def dense_logits(h, w, b):
-    out = h.double() @ w.double().t()
-    return out if b is None else out + b.double()
 
 
 def run_ours(h_s, w_s, b_s, grad_scale=1.0, **kw):

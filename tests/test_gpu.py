@@ -28,7 +28,8 @@ from tests.reference import (
     hidden_mse_reference,
     sparse_kd_loss_reference,
 )
-from tests.test_kd_loss import assert_close, make_inputs, reference_loss_and_grad
+from tests.helpers import assert_logits_close as assert_close
+from tests.inputs import logit_inputs as make_inputs, reference_loss_and_grad
 from tests.tiny_teacher import save_tiny_bert_teacher
 
 ON_GPU = torch.cuda.is_available()
@@ -118,7 +119,7 @@ def test_logit_kd_inplace_and_all_masked(backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 @pytest.mark.parametrize("form", ["topk_lse", "topk", "sampled"])
 def test_sparse_kd_matches_reference(dtype, form):
-    from tests.test_sparse_kd import make_inputs as sparse_inputs
+    from tests.inputs import sparse_teacher_inputs as sparse_inputs
 
     N, V, K = (301, 30522, 64) if ON_GPU else (19, 97, 8)
     s, ids, vals, labels, mask, extra = sparse_inputs(N, V, K, form, 2.0, dtype)
@@ -138,14 +139,14 @@ def test_sparse_kd_matches_reference(dtype, form):
 # --- fused linear KD --------------------------------------------------------------------------------
 
 def _flkd_inputs(dtype, lead, d_s=48, d_t=64, V=30522 if ON_GPU else 97):
-    from tests.test_fused_linear_kd import make_inputs as flkd_inputs
+    from tests.inputs import lm_head_inputs as flkd_inputs
 
     h_s, w_s, b_s, h_t, w_t, b_t, labels, mask = flkd_inputs(dtype, lead=lead, d_s=d_s, d_t=d_t, vocab=V)
     return h_s, w_s, b_s, h_t.to(dtype), w_t.to(dtype), b_t.to(dtype), labels, mask, V
 
 
 def _flkd_reference(h_s, w_s, b_s, fn):
-    from tests.test_fused_linear_kd import dense_logits
+    from tests.inputs import dense_logits
 
     h, w, b = (x.detach().double().requires_grad_() for x in (h_s, w_s, b_s))
     loss = fn(dense_logits(h, w, b))
@@ -163,7 +164,7 @@ def test_fused_linear_kd_dense_teacher(backend, dtype):
     fp32-accurate and the gradients within one rounding to the head's dtype."""
     from tests.reference import kd_loss_reference
     from kdfast.losses.fused_linear_kd import low_precision_gemm_path
-    from tests.test_fused_linear_kd import dense_logits
+    from tests.inputs import dense_logits
 
     assert low_precision_gemm_path(DEV, dtype) == (ON_GPU and dtype in (F16, BF16))
     h_s, w_s, b_s, h_t, w_t, b_t, labels, mask, V = _flkd_inputs(dtype, (5, 67) if ON_GPU else (3, 7))
@@ -183,7 +184,7 @@ def test_fused_linear_kd_dense_teacher(backend, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids(DTYPES))
 def test_fused_linear_kd_sparse_teacher(dtype):
-    from tests.test_fused_linear_kd import dense_logits
+    from tests.inputs import dense_logits
 
     h_s, w_s, b_s, h_t, w_t, b_t, labels, mask, V = _flkd_inputs(dtype, (5, 67) if ON_GPU else (3, 7))
     t = dense_logits(h_t, w_t, b_t).float()
@@ -246,7 +247,7 @@ ATT_TOL = {F32: (1e-4, 1e-6), F16: (1e-2, 1e-4), BF16: (3e-2, 1e-3)}
 @pytest.mark.parametrize("H_t,H_s", [(4, 4), (4, 2), (2, 4)])
 def test_flash_attention_transfer_from_qk(dtype, loss, H_t, H_s):
     from tests.helpers import make_mask
-    from tests.test_head_mapping import grouped_reference, make_qk
+    from tests.inputs import grouped_reference, make_qk
 
     B, L, ds, dt = (2, 333, 32, 64) if ON_GPU else (2, 19, 8, 16)
     q_s, k_s, q_t, k_t = (x.to(dtype) for x in make_qk(B, H_s, H_t, L, ds, dt))
@@ -271,7 +272,7 @@ MAP_CASES = [(loss, b) for loss, names in MAP_BACKENDS.items() for b in names]
 @pytest.mark.parametrize("loss,backend", MAP_CASES)
 def test_attention_losses_on_score_maps(dtype, loss, backend):
     from tests.helpers import make_mask
-    from tests.test_attention_losses import make_scores
+    from tests.inputs import make_scores
 
     B, H, L = (2, 4, 200) if ON_GPU else (2, 2, 13)
     mask = make_mask(B, L)

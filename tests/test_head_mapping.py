@@ -9,45 +9,16 @@ import torch
 import kdfast
 from tests.reference import (
     attention_kl_reference,
-    attention_mse_reference,
     attention_scores_reference,
     teacher_heads_reference,
 )
 from kdfast.losses import map_teacher_heads
 from tests.helpers import assert_close, backends_of, make_mask
+from tests.inputs import REFS, additive, grouped_reference, make_qk
 
-REFS = {"kl": attention_kl_reference, "mse": attention_mse_reference}
 MAP_FNS = {"kl": kdfast.attention_kl_loss, "mse": kdfast.attention_mse_loss}
 FLASH_BACKENDS = backends_of("attention_transfer")
 HEADS = [(12, 4), (4, 12), (12, 12)]
-
-
-def make_qk(B, H_s, H_t, L, ds, dt):
-    """Student Q / K correlated with the mean of each teacher group (or with its teacher head)."""
-    q_t = torch.randn(B, H_t, L, dt, dtype=torch.float64)
-    k_t = torch.randn(B, H_t, L, dt, dtype=torch.float64)
-    proj = torch.randn(dt, ds, dtype=torch.float64) / dt**0.5
-    q_base = teacher_heads_reference(q_t @ proj, H_s)   # per-head mean / repeat works on any [B, H, ...]
-    k_base = teacher_heads_reference(k_t @ proj, H_s)
-    q_s = q_base + 0.5 * torch.randn(B, H_s, L, ds, dtype=torch.float64)
-    k_s = k_base + 0.5 * torch.randn(B, H_s, L, ds, dtype=torch.float64)
-    return tuple(x.float() for x in (q_s, k_s, q_t, k_t))
-
-
-def additive(scores, mask):
-    """The additive key mask of eager attention: finfo.min of the scores' dtype at padded keys."""
-    return scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
-
-
-def grouped_reference(q_s, k_s, q_t, k_t, mask, loss, scale_s, scale_t):
-    """Float64: the teacher's scores per head, averaged (or repeated) explicitly, then the map loss."""
-    q = q_s.detach().double().requires_grad_()
-    k = k_s.detach().double().requires_grad_()
-    s = attention_scores_reference(q, k, scale_s, mask)
-    t = additive(teacher_heads_reference(attention_scores_reference(q_t, k_t, scale_t), q_s.shape[1]), mask)
-    value = REFS[loss](s, t, mask)
-    value.backward()
-    return value.detach(), q.grad, k.grad
 
 
 @pytest.mark.parametrize("H_t,H_s", HEADS)

@@ -2,46 +2,21 @@
 
 from __future__ import annotations
 
-from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kdfast
-from tests.reference import kd_loss_reference
-from tests.helpers import TOL_LOGITS, backends_of
-from tests.helpers import assert_close as _assert_close
-
-assert_close = partial(_assert_close, tol=TOL_LOGITS)
+from tests.helpers import assert_logits_close as assert_close
+from tests.helpers import backends_of
+from tests.inputs import logit_inputs as make_inputs, reference_loss_and_grad
 CPU_BACKENDS = backends_of("kd_rows")  # every registered kd_rows backend that runs here
 
 # Triton under the interpreter computes in numpy with fp32 loads; bf16 arithmetic in the
 # interpreter is unreliable, so bf16 runs on the C++ CPU kernel and torch here, Triton on GPU.
 DTYPES = {"triton": [torch.float32, torch.float16], "cpu": [torch.float32, torch.float16, torch.bfloat16],
           "torch": [torch.float32, torch.float16, torch.bfloat16]}
-
-
-def make_inputs(N, V, dtype, *, scale=4.0, masked=True, lead=None):
-    """Fresh random logits (never zeros), labels with ignored rows, a mask with zero rows."""
-    s = (torch.randn(N, V, dtype=torch.float64) * scale).to(dtype)
-    t = (torch.randn(N, V, dtype=torch.float64) * scale + 0.5 * s.double()).to(dtype)
-    labels = torch.randint(0, V, (N,))
-    mask = torch.ones(N, dtype=torch.bool)
-    if masked and N > 3:
-        labels[torch.randperm(N)[: N // 5]] = -100
-        mask[torch.randperm(N)[: N // 6]] = False
-    if lead is not None:
-        s, t = s.reshape(*lead, V), t.reshape(*lead, V)
-        labels, mask = labels.reshape(lead), mask.reshape(lead)
-    return s, t, labels, mask
-
-
-def reference_loss_and_grad(s, t, grad_scale=1.0, **kw):
-    sd = s.detach().double().requires_grad_()
-    loss = kd_loss_reference(sd, t.double(), **kw)
-    (loss.sum() * grad_scale).backward()
-    return loss.detach(), sd.grad
 
 
 def run(s, t, grad_scale=1.0, **kw):

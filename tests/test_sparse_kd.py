@@ -3,43 +3,19 @@
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import pytest
 import torch
 
 import kdfast
 from tests.reference import kd_loss_reference, sparse_kd_loss_reference
-from tests.helpers import TOL_LOGITS, backends_of
-from tests.helpers import assert_close as _assert_close
-
-assert_close = partial(_assert_close, tol=TOL_LOGITS)
+from tests.helpers import assert_logits_close as assert_close
+from tests.helpers import backends_of
+from tests.inputs import sparse_teacher_inputs as make_inputs
 
 # every registered sparse_kd_rows backend that runs here (no compiled C++ kernel yet: Triton, torch)
 BACKENDS = backends_of("sparse_kd_rows")
 FORMS = ["topk", "topk_lse", "sampled"]  # topk without / with the teacher's log-normaliser
-
-
-def make_inputs(N, V, K, form, T, dtype=torch.float32, *, masked=True, scale=4.0, lead=None):
-    """Student logits, the teacher sparsified in the stored form, labels and mask with uncounted rows."""
-    s = (torch.randn(N, V, dtype=torch.float64) * scale).to(dtype)
-    t = torch.randn(N, V, dtype=torch.float64) * scale + 0.5 * s.double()
-    if form == "sampled":
-        ids, vals = kdfast.sparsify_teacher_logits(t, K, mode="sampled", temperature=T)
-        extra = {"mode": "sampled"}
-    else:
-        ids, vals, lse = kdfast.sparsify_teacher_logits(t, K, temperature=T)
-        extra = {"mode": "topk", "teacher_logsumexp": lse} if form == "topk_lse" else {"mode": "topk"}
-    labels = torch.randint(0, V, (N,))
-    mask = torch.ones(N, dtype=torch.bool)
-    if masked and N > 3:
-        labels[torch.randperm(N)[: N // 5]] = -100
-        mask[torch.randperm(N)[: N // 6]] = False
-    if lead is not None:
-        s, ids, vals, labels, mask = (x.reshape(*lead, *x.shape[1:]) for x in (s, ids, vals, labels, mask))
-        if "teacher_logsumexp" in extra:
-            extra["teacher_logsumexp"] = extra["teacher_logsumexp"].reshape(lead)
-    return s, ids, vals, labels, mask, extra
 
 
 def run(s, ids, vals, grad_scale=1.0, **kw):
