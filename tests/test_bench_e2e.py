@@ -88,8 +88,8 @@ def test_progress_names_every_recipe_step_and_row(results):
     for step in e2e.STEPS:
         assert any(line.startswith(f"e2e: {step} 2x32 (") for line in PROGRESS), PROGRESS
         assert any(line.startswith(f"e2e: {step} 2x32 teacher") and "measured in" in line for line in PROGRESS)
-    for r in results:
-        assert any(line.strip().startswith(f"{r.impl}: step 0") for line in PROGRESS), r.impl
+    for r in results:  # a peer that is not installed (TextBrewer in CI's fresh venv) says so instead
+        assert any(line.strip().startswith((f"{r.impl}: step 0", f"{r.impl}: not run: ")) for line in PROGRESS), r.impl
     assert not any("compiles" in line for line in PROGRESS)  # no compiled row in this run
 
 

@@ -532,6 +532,7 @@ def _measure(rows: list[_Row], device: torch.device, repeat: int, memory: bool, 
     ``repeat`` alternated rounds, then peak memory. A row that fails reports why in its row."""
     for r in rows:  # step 0 of each row: every row starts from the same weights
         if r.step is None:
+            say(f"  {r.impl}: not run: {r.error}")
             continue
         say(f"  {r.impl}: step 0 and a warm-up step{' (compiles)' if 'compile' in r.impl else ''}")
         t0 = time.perf_counter()
