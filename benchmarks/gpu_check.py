@@ -48,10 +48,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # (step, limit in seconds on a GPU, limit in the dry run). The GPU limits add up to the budget.
-STEPS = [("environment", 15, 60), ("wheels", 20, 30), ("build", 130, 30), ("backends", 20, 60),
-         ("tests", 110, 150), ("bench-kd_loss", 50, 60), ("bench-attention", 50, 60), ("bench-hidden", 35, 60),
-         ("bench-fused_linear_kd", 50, 60)]
-BENCH_SUITES = ("kd_loss", "attention", "hidden", "fused_linear_kd")
+STEPS = [("environment", 15, 60), ("wheels", 20, 30), ("build", 125, 30), ("backends", 20, 60),
+         ("tests", 90, 150), ("bench-kd_loss", 50, 60), ("bench-attention", 50, 60), ("bench-hidden", 35, 60),
+         ("bench-fused_linear_kd", 50, 60), ("bench-e2e", 25, 90)]
+BENCH_SUITES = ("kd_loss", "attention", "hidden", "fused_linear_kd", "e2e")
+# Issue 13's GPU row: whole recipe steps at batch 32 x 512 in bf16 autocast (no torch.compile row: its
+# compile alone would take the step's time), DistilBERT first; tiny shapes in the dry run.
+E2E_STEPS = ("distilbert", "tinybert")
 # The bars' shapes on a GPU; tiny ones for the dry run (same code paths, bars read off them too).
 SHAPES = {
     False: {"kd": (16384, 30522, "bfloat16"), "attention": (32, 12, 512, 64), "map_L": 128,
@@ -130,6 +133,22 @@ def bench_worker(suite: str, dry: bool, jsonl: Path, seconds: float) -> int:
         def emit(r):
             out.write(json.dumps(asdict(r)) + "\n")
             out.flush()
+
+        if suite == "e2e":  # whole steps: one recipe at a time, each written as soon as it is measured
+            from kdfast.bench import e2e
+
+            for step in E2E_STEPS:
+                if deadline - time.monotonic() < 3:
+                    emit(Result(suite, f"{step} 32x512", "every row", None, None,
+                                note="skipped: the step's time ran out"))
+                    continue
+                kw = (dict(shape="tiny", repeat=1, memory=False) if dry
+                      else dict(batch=32, seq=512, long_seq=0, dtype=torch.bfloat16, repeat=3))
+                results = e2e.run(device, steps=(step,), compile_baseline=False, use_textbrewer=not dry, **kw)
+                for r in results:
+                    emit(r)
+                print(f"\n{step} whole step (e2e):\n{e2e.report(results)}", flush=True)
+            return 0
 
         if copy_bw and suite == "kd_loss":
             emit(Result(suite, "device", "copy bandwidth", None, None, note=f"{copy_bw:.0f} GB/s"))
