@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-from kdfast.backend import BACKENDS, BackendStatus, backends, triton_interpreter
+from kdfast.backend import BACKENDS, BackendStatus, backend_status, triton_interpreter
 
 KERNEL_BACKENDS = tuple(b for b in BACKENDS if b != "auto")  # ("triton", "cuda", "cpu", "torch")
 _AUTO_ORDER = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}
@@ -115,7 +115,7 @@ def status(op: str, backend: str) -> BackendStatus:
     """Whether ``op`` can run on ``backend`` in this process, and why not."""
     if backend not in impls(op):
         return BackendStatus(False, "no kernel registered")
-    return backends()[backend]
+    return backend_status()[backend]
 
 
 def matrix() -> dict[str, dict[str, BackendStatus]]:
@@ -139,6 +139,20 @@ def format_matrix() -> str:
     return "\n".join(lines)
 
 
+class BackendReport(dict):
+    """``{name: BackendStatus}``; printed, it shows the backends and the op x backend matrix."""
+
+    def __str__(self) -> str:
+        lines = [f"{name:<7} {'yes' if st.available else 'no ':<4} {st.reason}" for name, st in self.items()]
+        return "\n".join([*lines, "", format_matrix()])
+
+
+def backends() -> BackendReport:
+    """Report every backend: ``{name: BackendStatus(available, reason)}``; ``print()`` it for the
+    op x backend matrix (which kernel each op has on each backend, and why one is missing)."""
+    return BackendReport(backend_status())
+
+
 def _runs_on(impl: Impl, device: torch.device) -> bool:
     if impl.backend == "torch":
         return True
@@ -160,7 +174,7 @@ def resolve(op: str, backend: str, device: torch.device, dtype: torch.dtype | No
     table = _OPS.get(op)
     if table is None:
         table = impls(op)
-    usable = backends()
+    usable = backend_status()
     if backend == "auto":
         for name in _AUTO_ORDER.get(device.type, ("torch",)):
             impl = table.get(name)
