@@ -5,14 +5,14 @@ Per recipe step (``distilbert``; ``tinybert`` general distillation; ``mobilebert
 transfer of its last layer, ``mobilebert-pkt``, and its pre-training distillation,
 ``mobilebert-pretrain``):
 
-- **kdfast, live teacher** and **kdfast, from the cache**: the recipe's own step. The recipe
-  (:func:`kdfast.train.recipes.run_recipe`) is run for real with ``teacher.source`` live or
-  cache (the cache is built by the recipe, with kdfast's cache writer, in a temporary
-  directory), and the :class:`kdfast.train.distiller.Distiller` it hands its step loss to is
-  captured instead of trained (DistilBERT's live step twice: KD on every real token, its live
-  default, and with ``kd_rows=masked``); the timed step is the Distiller's: zero grads, ``step_loss``
-  under its autocast setting, backward, gradient clipping, its optimizer. Whatever the recipe's
-  step does (today: full logits; later: ``fused_linear_kd_loss``) is what gets measured.
+- **kdfast, live teacher** and **kdfast, from the cache**: the recipe's own step. The recipe's
+  plan (:func:`kdfast.train.recipes.recipe_plan`) is built for real with ``teacher.source`` live
+  or cache (the cache is built by the plan, with kdfast's cache writer, in a temporary
+  directory), and its stage is taken untrained (DistilBERT's live step twice: KD on every real
+  token, its live default, and with ``kd_rows=masked``); the timed step is the training loop's:
+  zero grads, the stage's step loss under its autocast setting, backward, gradient clipping, the
+  stage's optimizer (:func:`kdfast.train.optim.build_optimizer`). Whatever the recipe's step
+  does is what gets measured.
 - **hand-written**: the same objective written the way the original scripts and today's users
   write it, on ``transformers`` models with the same weights. DistilBERT: full logits,
   ``log_softmax`` + ``KLDivLoss(batchmean) * T^2`` over the selected rows, ``CrossEntropyLoss``,
@@ -106,81 +106,39 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 # ---- the recipe's own step --------------------------------------------------------------------
 
-class _Captured(Exception):
-    """Stops a recipe run once the Distiller of the wanted stage exists."""
-
-
-@contextlib.contextmanager
-def _capturing_distillers(stop_at: int):
-    """While inside, ``Distiller.train`` records the Distiller instead of training (returning no
-    history, so the recipe moves on to its next stage) and stops the recipe at the ``stop_at``-th."""
-    from kdfast.train.distiller import Distiller
-
-    seen: list = []
-    original = Distiller.train
-
-    def capture(self, *args, **kwargs):
-        seen.append(self)
-        if len(seen) >= stop_at:
-            raise _Captured
-        return []
-
-    Distiller.train = capture
-    try:
-        yield seen
-    finally:
-        Distiller.train = original
-
-
-def recipe_distiller(name: str, overrides: dict, stage: int = 1):
-    """The Distiller that ``kdfast distill --recipe name`` builds for its ``stage``-th stage
-    (1-based), with the recipe's student, step loss, optimizer and data, untrained; and the
-    recipe's settings. Seeded, so that a live and a cached run start from the same student."""
-    from kdfast.train.recipes import recipe_config, run_recipe
+def recipe_stage(name: str, overrides: dict, stage: int = 1):
+    """The ``stage``-th stage (1-based) of the plan that ``kdfast distill --recipe name`` runs
+    (:func:`kdfast.train.recipes.recipe_plan`): the recipe's student, step loss, data and train
+    config, untrained; and the recipe's settings. Seeded, so that a live and a cached plan start
+    from the same student."""
+    from kdfast.train.recipes import recipe_config, recipe_plan
 
     cfg = recipe_config(name, overrides=overrides)
     torch.manual_seed(0)
-    with _capturing_distillers(stage) as seen:
-        try:
-            run_recipe(name, cfg)
-        except _Captured:
-            pass
-    if len(seen) < stage:
-        raise RuntimeError(f"recipe {name} ran {len(seen)} stages, not {stage}")
-    return seen[stage - 1], cfg
+    plan = recipe_plan(name, cfg)
+    if len(plan) < stage:
+        raise RuntimeError(f"recipe {name} plans {len(plan)} stages, not {stage}")
+    return plan[stage - 1], cfg
 
 
-def _modules_in(fn, depth: int = 3) -> list[nn.Module]:
-    """nn.Modules a step-loss closure holds (the live teacher, loss modules), through nested closures."""
-    found = []
-    values = list(getattr(fn, "__defaults__", None) or ())  # e.g. ``def step_loss(batch, loss_fn=loss_fn)``
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            values.append(cell.cell_contents)
-        except ValueError:  # a cell not filled yet
-            continue
-    for value in values:
-        if isinstance(value, nn.Module):
-            found.append(value)
-        elif callable(value) and depth > 0 and hasattr(value, "__closure__"):
-            found += _modules_in(value, depth - 1)
-    return found
-
-
-def _recipe_row(impl: str, kd_rows: str, distiller, batch: dict, device: torch.device, dtype: torch.dtype,
+def _recipe_row(impl: str, kd_rows: str, stage, batch: dict, device: torch.device, dtype: torch.dtype,
                 ref: str, from_cache: bool) -> _Row:
+    from kdfast.train.optim import build_optimizer
+
     # The recipes build on the CPU; parameters move in place, so the optimizer keeps them.
-    for m in [distiller.student, distiller.extra, *_modules_in(distiller.step_loss)]:
-        m.to(device).eval()
+    for m in (stage.model, stage.loss, stage.teacher):
+        if m is not None:
+            m.to(device).eval()
     batch = {k: v.to(device) for k, v in batch.items()}
-    opt, cfg = distiller.opt, distiller.cfg
+    cfg = stage.config
+    opt = build_optimizer(stage.parameters(), cfg)  # the optimizer run_plan trains the stage with
     params = [p for g in opt.param_groups for p in g["params"]]
 
-    def step() -> torch.Tensor:  # the body of Distiller.train's loop, one batch, no accumulation
+    def step() -> torch.Tensor:  # one step of the training loop, one batch, no accumulation
         opt.zero_grad(set_to_none=False)
         with _autocast(device, dtype):
-            loss, terms = distiller.step_loss(batch)
-        _ = [float(v) for v in terms.values()]  # the Distiller reads every term each step (a host sync)
+            loss, terms = stage.loss(batch)
+        _ = [float(v) for v in terms.values()]  # the trainer reads every term each step (a host sync)
         loss.backward()
         if cfg.max_grad_norm:
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -206,12 +164,14 @@ def _compiled(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]
         return refused
 
 
-def _plain_step(loss_fn: Callable[[], torch.Tensor], params: list, distiller, device: torch.device,
+def _plain_step(loss_fn: Callable[[], torch.Tensor], params: list, stage, device: torch.device,
                 dtype: torch.dtype, *, compile_: bool = False) -> Callable[[], torch.Tensor]:
-    """A training step around ``loss_fn`` with the recipe's optimizer class, lr and clipping."""
-    cfg = distiller.cfg
+    """A training step around ``loss_fn`` with the recipe stage's optimizer class, lr and clipping."""
+    from kdfast.train.optim import OPTIMIZERS
+
+    cfg = stage.config
     params = [p for p in params if p.requires_grad]
-    opt = type(distiller.opt)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     forward = _compiled(loss_fn) if compile_ else loss_fn
 
     def step() -> torch.Tensor:
@@ -347,7 +307,7 @@ def _mobilebert_pretrain_loss(student, teacher, batch: dict, pre) -> Callable[[]
 
 
 def _textbrewer_tinybert_step(student: ScoresBert, teacher: ScoresBert, projections: nn.ModuleDict,
-                              layer_map: dict, batch: dict, cfg, distiller, device, dtype, tmp: Path):
+                              layer_map: dict, batch: dict, cfg, stage, device, dtype, tmp: Path):
     from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
 
     d_s, d_t = student.bert.config.hidden_size, teacher.bert.config.hidden_size
@@ -366,7 +326,7 @@ def _textbrewer_tinybert_step(student: ScoresBert, teacher: ScoresBert, projecti
         proj.load_state_dict(projections[str(m)].state_dict())
     params = list(student.parameters()) + [p for proj in tb.projs if proj is not None for p in proj.parameters()]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    return _plain_step(lambda: tb.train_on_batch(inputs, {})[0], params, distiller, device, dtype)
+    return _plain_step(lambda: tb.train_on_batch(inputs, {})[0], params, stage, device, dtype)
 
 
 # ---- one recipe step, every way -----------------------------------------------------------------
@@ -429,7 +389,7 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
     for run_name, extra in sources.items():
         overrides = {**base, "out_dir": str(tmp / f"{step_name}-{run_name}"),
                      "teacher.source": run_name.split("-")[0], **extra}
-        runs[run_name] = recipe_distiller(name, overrides, stage)
+        runs[run_name] = recipe_stage(name, overrides, stage)
     (live, cfg), (cached, _) = runs["live"], runs["cache"]
     # one batch for every row: the cache's (its masked inputs and labels; the live step uses them as
     # given), a full one: with padding, the hand-written objectives (which count padded positions, as
@@ -439,7 +399,7 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
         raise RuntimeError(f"{step_name}: no batch of {batch_size} full rows of {seq} tokens in the corpus")
     batch = {k: cache_batch[k] for k in ("input_ids", "attention_mask", "labels") if k in cache_batch}
     dev_batch = {k: v.to(device) for k, v in batch.items()}
-    initial = copy.deepcopy(live.student).eval()  # before any step: the hand-written rows start here
+    initial = copy.deepcopy(live.model).eval()  # before any step: the hand-written rows start here
 
     rows = []
     if name == "distilbert":
@@ -463,12 +423,12 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
     elif name == "tinybert":
         from kdfast.models import uniform_layer_map
 
-        layer_map = uniform_layer_map(shape["teacher"]["num_hidden_layers"], live.student.config.num_hidden_layers)
+        layer_map = uniform_layer_map(shape["teacher"]["num_hidden_layers"], live.model.config.num_hidden_layers)
         rows += [_recipe_row("kdfast, live teacher", "-", live, batch, device, dtype, HANDWRITTEN, False),
                  _recipe_row("kdfast, from the cache", "-", cached, cache_batch, device, dtype, HANDWRITTEN, True)]
         teacher = ScoresBert(AutoModel.from_pretrained(tdir, local_files_only=True).to(device).eval())
         teacher.requires_grad_(False)
-        projections = live.extra.projections
+        projections = live.loss.criterion.projections
         variants = [(HANDWRITTEN, False, False), (f"{HANDWRITTEN} + torch.compile", True, False),
                     ("TextBrewer GeneralDistiller", False, True)]
         for impl, compiled, brewer in variants:
