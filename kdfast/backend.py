@@ -4,9 +4,9 @@
   was set before kdfast was imported, which is how the tests run them);
 - ``cuda``: the CUDA C++ kernels of ``kdfast._C`` (built when nvcc was found), on CUDA tensors;
 - ``cpu``: the vectorised C++ kernels of ``kdfast._C``, on CPU tensors;
-- ``torch``: eager PyTorch (each family's ``kdfast/ops/<family>/torch.py``), anywhere.
+- ``torch``: eager PyTorch (each family's eager module, e.g. ``kdfast/ops/hidden_rows/eager.py``), anywhere.
 
-This module probes which backends are built and usable in this process (:func:`backends`); which
+This module probes which backends are built and usable in this process (:func:`backend_status`); which
 backend runs a given op, ``auto`` included, is decided in one place, :mod:`kdfast.ops.registry`
 (which also holds :func:`kdfast.backends`, the report of both).
 """
