@@ -5,6 +5,6 @@ backend), all registering into :mod:`kdfast.ops.registry`, which alone decides w
 The user-facing losses in :mod:`kdfast.losses` sit on top of :func:`~kdfast.ops.registry.dispatch`.
 """
 
-from kdfast.ops.registry import dispatch, impls, register, resolve
+from kdfast.ops.registry import dispatch, impls, register, resolve, select
 
-__all__ = ["dispatch", "impls", "register", "resolve"]
+__all__ = ["dispatch", "impls", "register", "resolve", "select"]

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdfast.ops import registry
 from kdfast.train.distiller import Distiller, TrainConfig
 
-__all__ = ["Plan", "Stage", "StageLoss", "distillation_step", "distillation_term_losses", "held_out_eval", "loss_backend",
-           "run_plan", "run_stage", "term_backends"]
+__all__ = ["Plan", "Stage", "StageLoss", "distillation_step", "distillation_term_losses", "held_out_eval",
+           "loss_backend", "run_plan", "run_stage", "term_backends"]
 
 
 class StageLoss(nn.Module):
@@ -126,7 +127,8 @@ def run_stage(stage: Stage, *, resume: bool = False, allow_changed_settings: boo
     first and last logged records: loss, terms, lr, tokens/s), ``tokens_per_s`` (median over the
     logged records), ``seconds`` (wall time of the stage), ``eval`` / ``eval_first`` (the last and
     first held-out evaluations, or None), ``history`` (every logged record), ``backends`` (where
-    the loss declares its terms: :func:`term_backends`) and ``stage.report``'s entries."""
+    the loss declares its terms: the backend each ran on, :func:`term_backends`) and
+    ``stage.report``'s entries."""
     config = stage.config
     device = next(stage.model.parameters()).device
     eval_fn = held_out_eval(stage.loss, stage.held_out, device, config.seed, progress=config.progress)
@@ -134,7 +136,8 @@ def run_stage(stage: Stage, *, resume: bool = False, allow_changed_settings: boo
     distiller = Distiller(stage.model, stage.loss, stage.data, config, extra=stage.loss, trainable=trainable,
                           eval_fn=eval_fn, settings=stage.settings)
     t0 = time.perf_counter()
-    history = distiller.train(resume=resume, allow_changed_settings=allow_changed_settings)
+    with registry.record() as ran:  # the backends the stage's ops actually ran on
+        history = distiller.train(resume=resume, allow_changed_settings=allow_changed_settings)
     seconds = time.perf_counter() - t0
     rates = [h["tokens_per_s"] for h in history if h.get("tokens_per_s")]
     entry = {"name": stage.name, "steps": config.steps, "out_dir": config.out_dir,
@@ -144,7 +147,7 @@ def run_stage(stage: Stage, *, resume: bool = False, allow_changed_settings: boo
              "eval_first": distiller.eval_history[0] if distiller.eval_history else None,
              "history": history}
     if stage.loss.terms:
-        entry["backends"] = term_backends(stage.loss.terms, device)
+        entry["backends"] = term_backends(stage.loss.terms, device, ran=ran)
     return {**stage.report, **entry}
 
 
@@ -193,7 +196,6 @@ def loss_backend(loss: str, device: torch.device, backend: str = "auto", dtype: 
     ``device``: its op (:data:`kdfast.losses.LOSS_OPS`) resolved by the op registry, as the loss
     resolves it; ``"torch"`` for the eager ``cross_entropy`` term."""
     from kdfast.losses import LOSS_OPS
-    from kdfast.ops import registry
 
     if loss == "cross_entropy":
         return "torch"
@@ -202,10 +204,22 @@ def loss_backend(loss: str, device: torch.device, backend: str = "auto", dtype: 
     return registry.resolve(LOSS_OPS[loss], backend, device, dtype, what=loss)
 
 
-def term_backends(term_losses: dict[str, str], device: torch.device, backend: str = "auto") -> dict[str, dict]:
-    """``{term: {"loss": name, "backend": resolved}}`` for a stage's ``{term: kdfast loss name}``
-    (what ``report.json`` and the printed table show)."""
-    return {term: {"loss": loss, "backend": loss_backend(loss, device, backend)} for term, loss in term_losses.items()}
+def term_backends(term_losses: dict[str, str], device: torch.device, backend: str = "auto",
+                  ran: dict[str, set[str]] | None = None) -> dict[str, dict]:
+    """``{term: {"loss": name, "backend": ...}}`` for a stage's ``{term: kdfast loss name}`` (what
+    ``report.json`` and the printed table show): the backend(s) its op ran on, from ``ran``
+    (:func:`kdfast.ops.registry.record`), joined with "+" when it ran on several; for a term
+    whose op did not run (no step trained), the one the registry selects for ``backend`` and
+    float32 inputs on ``device``."""
+    from kdfast.losses import LOSS_OPS
+
+    def where(loss: str) -> str:
+        op = LOSS_OPS.get(loss)
+        if ran and op in ran:
+            return "+".join(sorted(ran[op]))
+        return loss_backend(loss, device, backend)
+
+    return {term: {"loss": loss, "backend": where(loss)} for term, loss in term_losses.items()}
 
 
 def format_backends(backends: dict[str, dict]) -> str:

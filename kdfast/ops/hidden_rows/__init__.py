@@ -84,13 +84,6 @@ def _(s, t, w, eps, need_grad):
     return rows, (torch.empty_like(s) if need_grad else s.new_empty(0))
 
 
-def cosine_rows_triton(s: Tensor, t: Tensor, w: Tensor, eps: float, need_grad: bool) -> tuple[Tensor, Tensor]:
-    """``cosine_rows`` on Triton for rows up to ``MAX_COSINE_WIDTH`` wide, in torch beyond."""
-    if s.shape[-1] > MAX_COSINE_WIDTH:
-        return _eager.cosine_rows_torch(s, t, w, eps, need_grad)
-    return cosine_triton_op(s, t, w, eps, need_grad)
-
-
 if _extension()[0] is not None:
     # shapes of the C++ ops (torch.ops.kdfast.*) for torch.compile / meta tensors
 
@@ -114,9 +107,11 @@ def cosine_rows_cpu(s: Tensor, t: Tensor, w: Tensor, eps: float, need_grad: bool
 
 
 register("hidden_mse_epilogue", "torch", _eager.mse_epilogue_torch)
-register("hidden_mse_epilogue", "triton", mse_epilogue_triton_op, aot_configs=_TRITON_AOT)
+# float64 asked of the Triton kernels (which compute in float32) runs torch, as documented by the losses
+register("hidden_mse_epilogue", "triton", mse_epilogue_triton_op, aot_configs=_TRITON_AOT, fallback="torch")
 register("hidden_mse_epilogue", "cpu", mse_epilogue_cpu)
 register("cosine_rows", "torch", _eager.cosine_rows_torch)
-register("cosine_rows", "triton", cosine_rows_triton, aot_configs=_TRITON_AOT)
+register("cosine_rows", "triton", cosine_triton_op, aot_configs=_TRITON_AOT, max_cols=MAX_COSINE_WIDTH,
+         fallback="torch")
 register("cosine_rows", "cpu", cosine_rows_cpu)
 register("feature_map", "torch", _eager.feature_map_torch)
