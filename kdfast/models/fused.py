@@ -308,3 +308,6 @@ def enable_fused_kernels(backend: str = "auto") -> None:
 def disable_fused_kernels() -> None:
     """Restore the eager ``attention_inputs``, ``bias_residual_nonorm`` and ``stacked_ffn``."""
     _mb.set_kernel_backend(None)
+
+
+_mb.install_fused_functions(fused_attention_inputs, fused_stacked_ffn, fused_bias_residual_nonorm)
