@@ -25,7 +25,8 @@ one place:
 What ran is what :func:`select` returned: inside :func:`record`, every selection is noted, which
 is how a run's report names the backend each term actually ran on. Resolution reads only dicts
 filled at import, so ``torch.compile(fullgraph=True)`` traces through :func:`select` and treats
-the choice as a constant (a compiled function's selections are noted while it is traced).
+the choice as a constant (a compiled function's selections are not noted: a report then names the
+backend the registry selects for its float32 inputs).
 """
 
 from __future__ import annotations
@@ -232,8 +233,9 @@ def select(op: str, backend: str, like: torch.Tensor | None = None, *, device: t
     if device is None:
         raise ValueError(f"select({op!r}) needs a tensor or a device")
     impl = _select(op, backend, device, dtype, cols, what or op)
-    for ran in _RECORDERS:
-        ran.setdefault(op, set()).add(impl.backend)
+    if _RECORDERS and not torch.compiler.is_compiling():  # a traced graph holds no Python side effects
+        for ran in _RECORDERS:
+            ran.setdefault(op, set()).add(impl.backend)
     return impl
 
 
