@@ -451,11 +451,11 @@ class RecipeRun:
 
     def plan(self, stages: list, student: nn.Module, *, teacher_layers: int, student_info: dict,
              report: dict | None = None, save=None, then=None):
-        """The run's :class:`~kdfast.train.stage.Plan`: after the stages, the student (by ``save(path)``,
-        default its ``save_pretrained``) and the tokenizer are saved to ``<out_dir>/student``, ``then(report)`` may add
-        to the report (e.g. task distillation), and ``report.json`` is written with the teacher,
-        the student (``student_info`` beside its directory and parameter count), ``report``'s
-        entries, the stages and the timing."""
+        """The run's :class:`~kdfast.train.stage.Plan`: after the stages, the student (by
+        ``save(path)``, default its ``save_pretrained``) and the tokenizer are saved to
+        ``<out_dir>/student``, ``then(report)`` may add to the report (e.g. task distillation), and
+        ``report.json`` is written with the teacher, the student (``student_info`` beside its
+        directory and parameter count), ``report``'s entries, the stages and the timing."""
         from kdfast.models import count
         from kdfast.models.teachers import teacher_params
         from kdfast.train.stage import Plan
