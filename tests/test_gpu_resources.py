@@ -153,7 +153,7 @@ out = []
 for arch in (80, 90):
     c = triton.compile(ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in ce}}, constexprs=ce),
                        target=GPUTarget("cuda", arch, 32), options={"num_warps": nw})
-    row = gr.triton_row(fn.__name__, "probe", arch, c)
+    row = gr.triton_row(fn.__name__, "probe", arch, c, gr.ptxas_verbose(c.asm["ptx"], arch))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(c.asm["cubin"]); f.flush()
         res = subprocess.run([sys.argv[1], "--dump-resource-usage", f.name], capture_output=True, text=True).stdout

@@ -170,7 +170,8 @@ def recipe_step(step: str, batch: int, seq: int, tokens: int, teacher: dict, stu
     projects its layers and embeddings (5 x 2 d_s d_t per token, x 3); exp = 2 x rows x V for KD.
     bytes = 48 B per student parameter (fp32 weights read in forward and backward, gradients written,
     the norm's pass over them, AdamW reading p, g, m, v and writing p, m, v, the grads zeroed) + 4 B per
-    live teacher parameter. Activations are not counted, and the floor is max over the step's totals,
+    live teacher parameter. Activations and the encoders' own soft-max exponentials (under a tenth of the
+    GEMM floor at these shapes) are not counted, and the floor is max over the step's totals,
     so it is a loose lower bound: the step's kernels one after another cannot beat it."""
     L_t, d_t, f_t = teacher["layers"], teacher["d"], teacher["ffn"]
     L_s, d_s, f_s = student["layers"], student["d"], student["ffn"]
@@ -284,7 +285,7 @@ def floor_extra(work: Work | None, ms: float | None, device: str) -> dict:
     """The fields a row carries: floor_ms per GPU, the bound, and x_floor (measured / floor) on a known GPU."""
     if work is None:
         return {}
-    out = {"floor_ms": {k: round(work.floor_ms(g), 5) for k, g in GPUS.items()},
+    out = {"floor_ms": {k: float(f"{work.floor_ms(g):.4g}") for k, g in GPUS.items()},
            "floor_bound": {k: work.bound(g) for k, g in GPUS.items()}}
     key = gpu_for_device(device)
     if key and ms:
@@ -305,7 +306,7 @@ def format_floors(rows: list[dict], device: str) -> str:
         ms = r.get("ms")
         ratio = f"{ms / fl[key]:.2f}x ({GPUS[key].name})" if key and ms else "-"
         lines.append(f"{r['suite']:<10} {r['case'][:44]:<44} {r['impl'][:34]:<34} "
-                     f"{f'{ms:.3f}' if ms else '-':>9} {fl['h100']:>10.4f} {fl['h200']:>10.4f} "
+                     f"{f'{ms:.3f}' if ms else '-':>9} {fl['h100']:>10.4g} {fl['h200']:>10.4g} "
                      f"{r['extra']['floor_bound'][key or 'h100']:<8} {ratio:>14}")
     return "\n".join(lines)
 

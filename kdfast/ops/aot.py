@@ -1,8 +1,9 @@
 """Compile every Triton kernel configuration for real GPU targets, without a GPU; report their resources.
 
-``python -m kdfast.ops.aot [--arch 90 80]`` runs ``triton.compile`` on each entry of the
-``AOT_CONFIGS`` that every Triton implementation in the op registry names for ``GPUTarget("cuda", arch, 32)``: type errors, bad
-layouts, shared-memory overflow and other failures that the interpreter lets pass show up here.
+``python -m kdfast.ops.aot [--arch 90 80] [--jobs N]`` runs ``triton.compile`` on each entry of the
+``AOT_CONFIGS`` that every Triton implementation in the op registry names for ``GPUTarget("cuda", arch,
+32)``: type errors, bad layouts, shared-memory overflow and other failures that the interpreter lets
+pass show up here.
 ``--report [PATH]`` also runs ``ptxas -v`` on each compiled configuration's PTX and ``nvcc -Xptxas -v``
 on the CUDA C++ kernels, prints registers, spills, shared memory and occupancy per kernel and
 architecture (:mod:`kdfast.ops.gpu_resources`) and writes the table to PATH (default
@@ -29,6 +30,7 @@ from kdfast.ops.gpu_resources import (
     cuda_rows,
     find_nvcc,
     format_report,
+    triton_ptxas_log,
     triton_row,
 )
 
@@ -69,10 +71,11 @@ def all_configs() -> list[tuple]:
 _CONFIGS: list[tuple] | None = None  # per process: the pool's workers enumerate once each
 
 
-def compile_one(index: int, arch: int, report: bool = False) -> tuple[str, str, float, dict | None]:
+def compile_one(index: int, arch: int, report: bool = False) -> tuple[str, str, float, float, dict | None]:
     """Compile configuration ``index`` of :func:`all_configs` for ``arch``; returns (kernel, configuration
-    label, seconds, its resource row as a dict when ``report``, read from the ptxas log Triton prints
-    while building the cubin, or from ptxas run again on its PTX when the cubin came from the cache)."""
+    label, seconds compiling, seconds reading its resources, its resource row as a dict when ``report``:
+    read from the ptxas log Triton prints while building the cubin, kept beside Triton's cache for the
+    runs that find the cubin there, see :func:`~kdfast.ops.gpu_resources.triton_ptxas_log`)."""
     global _CONFIGS
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: ahead-of-time compilation needs the real JIT functions")
@@ -96,23 +99,27 @@ def compile_one(index: int, arch: int, report: bool = False) -> tuple[str, str, 
     if limit is not None and shared > limit:
         raise RuntimeError(f"{fn.__name__} [{label}] sm_{arch}: needs {shared} bytes of shared memory, the limit "
                            f"is {limit}: the launch would fail")
-    row = triton_row(fn.__name__, label, arch, compiled, log.getvalue()).to_dict() if report else None
-    return fn.__name__, label, time.perf_counter() - t0, row
+    t1 = time.perf_counter()
+    row = (triton_row(fn.__name__, label, arch, compiled, triton_ptxas_log(compiled, arch, log.getvalue())).to_dict()
+           if report else None)
+    return fn.__name__, label, t1 - t0, time.perf_counter() - t1, row
 
 
-def compile_all(archs: list[int], verbose: bool = False, report: bool = False, jobs: int = 1) -> list[dict | None]:
+def compile_all(archs: list[int], verbose: bool = False, report: bool = False,
+                jobs: int = 1) -> list[tuple[dict | None, float, float]]:
     """Compile every configuration for every arch, over ``jobs`` processes; one entry per cubin produced:
-    its resource row (a dict) with ``report``, else None."""
+    (its resource row as a dict with ``report``, else None; seconds compiling; seconds reading resources)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: ahead-of-time compilation needs the real JIT functions")
     tasks = [(i, arch) for i in range(len(all_configs())) for arch in archs]
     out = []
 
     def done(arch, result):
-        name, label, seconds, row = result
-        out.append(row)
+        name, label, seconds, report_s, row = result
+        out.append((row, seconds, report_s))
         if verbose:
-            print(f"sm_{arch} {name} [{label}] {seconds:.2f}s", flush=True)
+            print(f"sm_{arch} {name} [{label}] compile {seconds:.2f}s" + (f", resources {report_s:.2f}s"
+                                                                           if report else ""), flush=True)
 
     if jobs <= 1:
         for i, arch in tasks:
@@ -153,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdfast.ops.aot: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    rows = compile_all(args.arch, args.verbose, report=args.report is not None, jobs=args.jobs)
+    done = compile_all(args.arch, args.verbose, report=args.report is not None, jobs=args.jobs)
+    rows = [row for row, _, _ in done]
     print(f"compiled {len(rows)} Triton kernel configurations for sm_{', sm_'.join(map(str, args.arch))} "
-          f"in {time.perf_counter() - t0:.1f}s ({args.jobs} process{'es' if args.jobs > 1 else ''})")
+          f"in {time.perf_counter() - t0:.1f}s ({args.jobs} process{'es' if args.jobs > 1 else ''}; "
+          f"summed over configurations: {sum(d[1] for d in done):.0f}s compiling"
+          + (f", {sum(d[2] for d in done):.0f}s reading resources: ptxas runs again only for a cubin "
+             "from Triton's cache without its kept log)" if args.report is not None else ")"))
     if args.report is None:
         return 0
     rows = [KernelResources(**r) for r in rows]

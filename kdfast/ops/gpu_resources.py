@@ -22,6 +22,7 @@ C++ kernel (``tests/test_gpu_resources.py`` holds it to :data:`MIN_WARPS_PER_SM`
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -230,16 +231,35 @@ def ptxas_verbose(ptx: str, arch: int, fp_fusion: bool = True) -> str:
     return p.stdout + p.stderr
 
 
-def triton_row(fn_name: str, config: str, arch: int, compiled, ptxas_log: str = "") -> KernelResources:
-    """The report row of one ``triton.compile`` result (``compiled.asm['ptx']``, its metadata).
+def triton_ptxas_log(compiled, arch: int, printed: str = "") -> str:
+    """The ``ptxas -v`` log of ``compiled``'s cubin: ``printed`` (what Triton printed while building it)
+    when it holds the kernel, else the copy kept beside Triton's cache for this very cubin (by its
+    sha256), else ptxas run again on the PTX with Triton's options; kept there for the next run."""
+    from triton import knobs
 
-    ``ptxas_log``: the ``ptxas -v`` log Triton printed while it built this cubin, when it did (a compile
-    served from Triton's cache prints none): then ptxas is not run again."""
+    name = compiled.metadata.name
+    keep = Path(knobs.cache.dir) / "kdfast-ptxas" / (hashlib.sha256(compiled.asm["cubin"]).hexdigest() + ".log")
+    if any(k.name == name for k in parse_ptxas_verbose(printed)):
+        log = printed
+    elif keep.exists():
+        return keep.read_text()
+    else:
+        log = ptxas_verbose(compiled.asm["ptx"], arch, getattr(compiled.metadata, "enable_fp_fusion", True))
+    try:
+        keep.parent.mkdir(parents=True, exist_ok=True)
+        tmp = keep.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(log)
+        tmp.replace(keep)
+    except OSError:  # a read-only cache: the figures stand, only the next run pays ptxas again
+        pass
+    return log
+
+
+def triton_row(fn_name: str, config: str, arch: int, compiled, ptxas_log: str) -> KernelResources:
+    """The report row of one ``triton.compile`` result from its cubin's ``ptxas -v`` log
+    (:func:`triton_ptxas_log`) and its metadata (warps, shared memory)."""
     md = compiled.metadata
     mine = [k for k in parse_ptxas_verbose(ptxas_log) if k.name == md.name]
-    if len(mine) != 1:
-        log = ptxas_verbose(compiled.asm["ptx"], arch, getattr(md, "enable_fp_fusion", True))
-        mine = [k for k in parse_ptxas_verbose(log) if k.name == md.name]
     if len(mine) != 1:
         raise RuntimeError(f"ptxas -v printed no single entry {md.name!r} for {fn_name} [{config}] sm_{arch}")
     k = mine[0]
