@@ -117,10 +117,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_alternating(fns: dict[str, object], device: torch.device, repeat: int) -> dict[str, list[float]]:
-    """Milliseconds of each call, the implementations alternating round by round (one warm-up call each)."""
-    for fn in fns.values():
-        fn()
+def time_alternating(fns: dict[str, object], device: torch.device, repeat: int,
+                     peaks: dict[str, int | None] | None = None) -> dict[str, list[float]]:
+    """Milliseconds of each call, the implementations alternating round by round after one warm-up
+    call each; with ``peaks``, the warm-up call is the one whose peak extra memory is measured
+    (:func:`kdfast.benchmarking.peak_memory_bytes`), so a slow peer runs once less."""
+    for name, fn in fns.items():
+        if peaks is None:
+            fn()
+        else:
+            peaks[name] = peak_memory_bytes(fn, device)
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
@@ -183,12 +189,15 @@ def run(device: torch.device, *, lengths=LENGTHS, window: int = WINDOW, B: int =
                             continue
                     runnable[name] = _step(fn, q_s, k_s, q_t, k_t)
                 progress(f"{SUITE}: {case}: timing {', '.join(runnable)}")
-                times = time_alternating(runnable, device, repeat)
-                for name, fn in runnable.items():
+                peaks: dict[str, int | None] = {}
+                times = time_alternating(runnable, device, repeat, peaks)
+                for name in runnable:
                     r = rows[name]
                     r.ms = statistics.median(times[name])
                     r.extra.update(best_ms=min(times[name]), median_ms=r.ms)
-                    r.peak_bytes = peak_memory_bytes(fn, device)
+                    r.peak_bytes = peaks[name]
+                    progress(f"{SUITE}: {case}: {name}: best {min(times[name]):.1f} ms, median {r.ms:.1f} ms, "
+                             f"peak {(r.peak_bytes or 0) / 2**20:.1f} MiB")
                     key = f"{name} {loss} {'global' if w is None else 'local'}"
                     if name in peers and key not in per_map and r.peak_bytes:
                         per_map[key] = r.peak_bytes / map_bytes
@@ -248,3 +257,21 @@ def run_suite(opts: BenchOptions) -> Table:
         return Table(results, report(results, cap_bytes=4 << 20))
     results = run(opts.device, repeat=opts.repeat, progress=opts.progress)
     return Table(results, report(results))
+
+
+def entries(device: torch.device, lengths=(4096, 8192), *, window: int = WINDOW, B: int = 1, H: int = 12,
+            dh: int = 64, dtype: torch.dtype = torch.float32, suite: str = "attention") -> list:
+    """The rows ``make gpu-check`` measures (:class:`kdfast.benchmarking.Entry`): eager against
+    kdfast flash, KL and MSE, one global and one local layer at each length (no memory cap: a GPU
+    holds eager's maps at these lengths)."""
+    from kdfast.benchmarking import Entry
+
+    out = []
+    for L in lengths:
+        q_s, k_s, q_t, k_t = _inputs(B, H, L, dh, dtype, device)
+        for layer, w in (("global", None), (f"local w={window}", window)):
+            for loss in LOSSES:
+                case = f"{loss.upper()} B={B} H={H} L={L} {layer}"
+                out += [Entry(suite, case, "eager", _step(eager_loss(loss, w), q_s, k_s, q_t, k_t)),
+                        Entry(suite, case, "kdfast flash", _step(kdfast_loss(loss, w), q_s, k_s, q_t, k_t))]
+    return out

@@ -409,7 +409,7 @@ def flash_attention_transfer(
     the materialised form uses to spot an additive mask; here the mask is explicit).
 
     Memory: O(B H L) for the Triton kernels (two log-sum-exps per row) and the ``cpu`` C++
-    kernel (plus one strip of at most 2^15 scores per model and thread), O(B H L C) for the
+    kernel (plus one strip of at most 2^18 scores per model and thread), O(B H L C) for the
     ``torch`` backend, which works on C query rows at a time (C B H L <= 2^19, C >= 16).
 
     Args:

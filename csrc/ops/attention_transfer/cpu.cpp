@@ -49,8 +49,11 @@
 namespace kdfast {
 namespace {
 
-// Elements of one score strip (BM x L) per model and thread: 128 KiB in fp32, L2-resident.
-constexpr int64_t kStripElems = 1 << 15;
+// Elements of one score strip (BM x L) per model and thread: 1 MiB in fp32. Up to L = 4,096 a strip
+// holds 64 query rows; a longer row shrinks it (32 rows at 8,192), rather than down to 4 rows, so
+// that the GEMMs stay wide enough for their fixed cost and the packed keys' re-reads per block to
+// be spread over many rows.
+constexpr int64_t kStripElems = 1 << 18;
 constexpr int64_t kMaxBlockRows = 64;
 
 // c[m, n] = alpha a[m, k] b[k, n] + beta c[m, n] on strided views of scratch buffers (the
