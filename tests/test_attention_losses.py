@@ -472,8 +472,7 @@ def test_flash_gradcheck(backend):
 @pytest.mark.parametrize("threads", [1, 3, 4])
 def test_flash_cpu_any_split_of_query_blocks(threads):
     """The C++ kernel splits (b, h, query block) items into one range per thread; a range may end,
-    start or lie inside a (b, h), whose dK then comes from per-range partial sums. L = 700 also
-    shrinks the query block below 64 rows (score strip <= 2^15 elements)."""
+    start or lie inside a (b, h), whose dK then comes from per-range partial sums."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -156,30 +156,31 @@ def _textbrewer_available() -> bool:
 
 
 def run(device: torch.device, *, lengths=LENGTHS, window: int = WINDOW, B: int = 1, H: int = 12, dh: int = 64,
-        dtype: torch.dtype = torch.float32, repeat: int = 3, cap_bytes: int = CAP_BYTES,
-        progress: Progress = no_progress) -> list[Result]:
+        dtype: torch.dtype = torch.float32, repeat: int = 3, cap_bytes: int = CAP_BYTES, losses=LOSSES,
+        peers: bool = True, progress: Progress = no_progress) -> list[Result]:
     """Every (L, layer, loss) case; Result.extra holds best_ms, median_ms and the estimate of a
-    map-based peer's bytes; ``note`` says "out of memory ..." or "not installed" where it did not run."""
+    map-based peer's bytes; ``note`` says "out of memory ..." or "not installed" where it did not run.
+    ``peers=False`` times kdfast alone (its local layer against its global one)."""
     results: list[Result] = []
-    brewer = _textbrewer_available()
+    brewer = peers and _textbrewer_available()
     per_map: dict[str, float] = {}  # peer -> measured peak / map bytes at the first length
     for L in sorted(lengths):
         q_s, k_s, q_t, k_t = _inputs(B, H, L, dh, dtype, device)
         map_bytes = B * H * L * L * torch.finfo(dtype).bits // 8
         for layer, w in (("global", None), (f"local w={window}", window)):
-            for loss in LOSSES:
+            for loss in losses:
                 case = f"{loss.upper()} L={L} {layer}"
-                peers = {"eager": eager_loss(loss, w)}
+                maps = {"eager": eager_loss(loss, w)} if peers else {}
                 if brewer:
-                    peers["textbrewer"] = textbrewer_loss(loss, w)
-                impls = {**peers, "kdfast flash": kdfast_loss(loss, w)}
+                    maps["textbrewer"] = textbrewer_loss(loss, w)
+                impls = {**maps, "kdfast flash": kdfast_loss(loss, w)}
                 rows = {name: Result(SUITE, case, name, None, None) for name in impls}
-                if not brewer:
+                if peers and not brewer:
                     results.append(Result(SUITE, case, "textbrewer", None, None, note="not installed"))
                 runnable = {}
                 for name, fn in impls.items():
                     key = f"{name} {loss} {'global' if w is None else 'local'}"
-                    if name in peers and key in per_map:
+                    if name in maps and key in per_map:
                         estimate = per_map[key] * map_bytes
                         rows[name].extra["estimate_bytes"] = int(estimate)
                         if estimate > cap_bytes:
@@ -199,7 +200,7 @@ def run(device: torch.device, *, lengths=LENGTHS, window: int = WINDOW, B: int =
                     progress(f"{SUITE}: {case}: {name}: best {min(times[name]):.1f} ms, median {r.ms:.1f} ms, "
                              f"peak {(r.peak_bytes or 0) / 2**20:.1f} MiB")
                     key = f"{name} {loss} {'global' if w is None else 'local'}"
-                    if name in peers and key not in per_map and r.peak_bytes:
+                    if name in maps and key not in per_map and r.peak_bytes:
                         per_map[key] = r.peak_bytes / map_bytes
                 results.extend(rows.values())
         del q_s, k_s, q_t, k_t
