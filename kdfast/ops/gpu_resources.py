@@ -326,11 +326,24 @@ def demangle(names: list[str]) -> dict[str, str]:
     if not tool or not names:
         return {n: n for n in names}
     out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    short = {}
-    for n, d in zip(names, out):
-        d = re.sub(r"\(.*\)$", "", d).split("::")[-1] if d and d != n else n
-        short[n] = re.sub(r"^void ", "", d)
-    return short
+    return {n: _short_name(d) if d and d != n else n for n, d in zip(names, out)}
+
+
+def _short_name(demangled: str) -> str:
+    """'void ns::(anonymous namespace)::k<T>(T const*, long)' -> 'k<T>': the last name, without arguments."""
+    d, depth = demangled.removeprefix("void "), 0
+    if d.endswith(")"):
+        for i in range(len(d) - 1, -1, -1):
+            depth += (d[i] == ")") - (d[i] == "(")
+            if depth == 0:
+                d = d[:i]
+                break
+    start = 0
+    for i, c in enumerate(d):
+        depth += (c in "<(") - (c in ">)")
+        if depth == 0 and d.startswith("::", i):
+            start = i + 2
+    return d[start:]
 
 
 def cuda_rows(archs: list[int], nvcc: str | None = None, sources: list[Path] | None = None) -> list[KernelResources]:
