@@ -183,7 +183,9 @@ def test_triton_figures_are_those_of_the_cubin_triton_built():
         assert m, item["cuobjdump"]
         reg, _, shared, local = map(int, m.groups())
         row = item["row"]
-        assert row["registers"] == reg and row["smem_static"] == shared, (item["arch"], row, m.group(0))
+        # sm_90 cubins count the 1 KB the driver reserves per block in their shared memory; ptxas does not
+        reserved = gr.ARCH_LIMITS[item["arch"]].smem_reserved_per_block if item["arch"] >= 90 else 0
+        assert row["registers"] == reg and row["smem_static"] == shared - reserved, (item["arch"], row, m.group(0))
         assert row["spill_stores"] == 0 and local == 0
 
 
