@@ -78,8 +78,9 @@ SPILL_ALLOWED: dict[str, tuple[int, str]] = {
         48000, "attention transfer from Q/K: four Q/K tiles and the student and teacher score tiles live per "
                "program; at BLOCK_M = 64 the fp32 'ieee' products, and the bf16 heads of 128-256, need more "
                "than 255 registers; the fp32 dq kernel at 4 warps is squeezed to 32 registers by ptxas and "
-               "spills 31-47 KB (stored + loaded) per thread. Stays until the family retunes its tiles (BLOCK_M = 32 or 8 warps "
-               "for fp32 and wide heads); the GPU check's attention rows are fp32 at dh = 64."),
+               "spills 31-47 KB (stored + loaded) per thread. Stays until the family retunes its tiles "
+               "(BLOCK_M = 32 or 8 warps for fp32 and wide heads); the GPU check's attention rows are fp32 "
+               "at dh = 64."),
     r"^kd_fwd_bwd_kernel\[.* BLOCK_V=16384 SINGLE_BLOCK=1 w32\]": (
         720, "logit KD with the whole 16,384-wide block in one program of 1,024 threads: 65,536 registers "
              "/ 1,024 threads caps each at 64, and the online soft-max state of 16 elements per thread "
