@@ -59,8 +59,9 @@ E2E_STEPS = ("distilbert", "tinybert")
 # The bars' shapes on a GPU; tiny ones for the dry run (same code paths, bars read off them too).
 SHAPES = {
     False: {"kd": (16384, 30522, "bfloat16"), "attention": (32, 12, 512, 64), "map_L": 128,
+            "long_context": ((4096, 8192), 64),
             "hidden": (4096, 312, 768), "flkd": ((32, 128), 30522, ("bfloat16", "float32"), (768,))},
-    True: {"kd": (64, 500, "float32"), "attention": (2, 2, 24, 8), "map_L": 16,
+    True: {"kd": (64, 500, "float32"), "attention": (2, 2, 24, 8), "map_L": 16, "long_context": ((40,), 8),
            "hidden": (64, 24, 40), "flkd": ((2, 16), 300, ("float32",), (32,))},
 }
 
@@ -79,6 +80,7 @@ def _bench_groups(suite: str, device, dry: bool):
     from kdfast.bench import attention as att
     from kdfast.bench import fused_linear_kd as flkd
     from kdfast.bench import kd_loss as kd
+    from kdfast.bench import long_context
 
     shapes, compile_rows = SHAPES[dry], not dry
     if suite == "kd_loss":
@@ -89,6 +91,9 @@ def _bench_groups(suite: str, device, dry: bool):
         B, H, L, dh = shapes["attention"]
         yield "attention from Q/K", att._attention_entries(device, B, H, L, dh, compile_baseline=compile_rows), []
         yield "score-map MSE", att._map_mse_entries(device, B, H, shapes["map_L"], dh), []
+        lengths, window = shapes["long_context"]
+        yield (f"long context, one layer from Q/K, global and local (w={window})",
+               long_context.entries(device, lengths, window=window, H=2 if dry else 12, dh=8 if dry else 64), [])
     elif suite == "hidden":
         n, d_s, d_t = shapes["hidden"]
         yield "hidden MSE and cosine", att._hidden_entries(device, tokens=n, d_s=d_s, d_t=d_t,
@@ -124,7 +129,7 @@ def bench_worker(suite: str, dry: bool, jsonl: Path, seconds: float) -> int:
 
     import torch
 
-    from kdfast.benchmarking import Result, copy_bandwidth_gbs, format_table, measure_all
+    from kdfast.bench.timing import Result, copy_bandwidth_gbs, format_table, measure_all
 
     deadline = time.monotonic() + seconds
     device = torch.device("cpu" if dry else "cuda")
@@ -196,7 +201,7 @@ def floors_table(results, device_name: str) -> str:
 def render_tables(rows: list[dict]) -> str:
     """The tables of every measured row, grouped by suite (rendered from the rows, so that a step cut
     short still shows what it measured)."""
-    from kdfast.benchmarking import Result, format_table
+    from kdfast.bench.timing import Result, format_table
 
     text = []
     for suite in dict.fromkeys(r["suite"] for r in rows):

@@ -70,7 +70,7 @@ def test_dry_run_measured_every_suite_and_read_the_bars(dry_run):
     rows = json.loads((out / "bench-cpu-dry-run.json").read_text())["rows"]
     for suite, case in (("kd_loss", "N=64 V=500"), ("attention", "KL B=2 H=2 L=24"),
                         ("attention", "map MSE"), ("attention", "hidden MSE"), ("attention", "cosine"),
-                        ("flkd", "d_s=32 float32")):
+                        ("flkd", "d_s=32 float32"), ("attention", "L=40 global"), ("attention", "L=40 local w=8")):
         got = [r for r in rows if r["suite"] == suite and case in r["case"]]
         impls = {r["impl"] for r in got if r["ms"] and r["ms"] > 0}
         assert "eager" in impls and any(i.startswith("kdfast") for i in impls), (suite, case, got)
