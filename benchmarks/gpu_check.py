@@ -184,7 +184,9 @@ def with_floor(r, device_name: str, dry: bool):
     on an H100 / H200, measured / floor."""
     from kdfast.bench.roofline import floor_extra, work_for_row
 
-    work = work_for_row(r.suite, r.case, r.impl, r.extra, vocab=SHAPES[dry]["flkd"][1])
+    # the long-context rows' labels carry no head width: theirs is the attention rows' (64; 8 in the dry run)
+    work = work_for_row(r.suite, r.case, r.impl, r.extra, vocab=SHAPES[dry]["flkd"][1],
+                        head_dim=SHAPES[dry]["attention"][3])
     r.extra = {**r.extra, **floor_extra(work, r.ms, device_name)}
     return r
 

@@ -100,7 +100,8 @@ def test_dry_run_prints_the_floor_of_every_row(dry_run):
     for r in rows:
         fl = r["extra"].get("floor_ms")
         assert fl and set(fl) == {"h100", "h200"} and fl["h200"] <= fl["h100"] and fl["h200"] > 0, r
-        work = work_for_row(r["suite"], r["case"], r["impl"], r["extra"], vocab=gpu_check.SHAPES[True]["flkd"][1])
+        work = work_for_row(r["suite"], r["case"], r["impl"], r["extra"], vocab=gpu_check.SHAPES[True]["flkd"][1],
+                            head_dim=gpu_check.SHAPES[True]["attention"][3])
         assert fl["h100"] == pytest.approx(work.floor_ms(GPUS["h100"]), rel=1e-3), r
         assert "x_floor" not in r["extra"], r
     table = (out / "bench-cpu-dry-run.txt").read_text()

@@ -64,8 +64,9 @@ def test_every_triton_configuration_compiles_for_sm90_and_sm80_and_is_reported(r
 def test_no_configuration_a_launcher_picks_spills_or_starves_an_sm(report):
     _, _, rows = report
     assert gr.problems(rows) == []
-    for key in gr.SPILL_ALLOWED:  # an allowance names a configuration that exists and says why
-        assert any(r.key == key for r in rows) and gr.SPILL_ALLOWED[key].strip(), key
+    for pattern, (most, why) in gr.SPILL_ALLOWED.items():  # each allowance still matches a spill, says why
+        assert any(re.search(pattern, r.key) and r.spill_stores + r.spill_loads for r in rows), pattern
+        assert most > 0 and len(why) > 40, pattern
 
 
 @needs_nvcc
@@ -88,7 +89,9 @@ def test_report_file_holds_every_row_and_a_summary_per_arch(report):
         assert r.key in text
     for arch in (80, 90):
         line = next(x for x in text.splitlines() if x.startswith(f"sm_{arch}: "))
-        assert "most registers" in line and "spills: none" in line and "lowest occupancy" in line
+        assert "most registers" in line and "spills: " in line and "lowest occupancy" in line
+        spilling = [r for r in rows if r.arch == arch and r.spill_stores + r.spill_loads]
+        assert (f"spills: {len(spilling)} configurations" if spilling else "spills: none") in line
 
 
 _SPILL_CU = r"""
@@ -127,8 +130,12 @@ def test_ptxas_figures_on_real_output_catch_a_spilling_kernel(tmp_path):
         assert light.warps_per_sm == gr.occupancy(arch, 256, light.registers, light.smem_static).warps_per_sm
     flagged = gr.problems(rows, spill_allowed={})
     assert len(flagged) == 2 and all("heavy" in x and "spills" in x for x in flagged)
-    assert gr.problems(rows, spill_allowed={by["heavy", 80].key: "measured faster than the 32-register build"}) == []
-    assert gr.problems(rows, min_warps=65, spill_allowed={"heavy[spill.cu]": "x"})  # above any SM's warps
+    most = max(r.spill_stores + r.spill_loads for r in rows)
+    allow = {re.escape(by["heavy", 80].key): (most, "measured faster than the 32-register build")}
+    assert gr.problems(rows, spill_allowed=allow) == []
+    tight = {re.escape(by["heavy", 80].key): (most - 1, "a bound below what it spills")}
+    assert len(gr.problems(rows, spill_allowed=tight)) >= 1
+    assert gr.problems(rows, min_warps=65, spill_allowed=allow)  # above any SM's warps
 
 
 def _cuobjdump() -> str | None:
@@ -176,7 +183,9 @@ def test_triton_figures_are_those_of_the_cubin_triton_built():
         assert m, item["cuobjdump"]
         reg, _, shared, local = map(int, m.groups())
         row = item["row"]
-        assert row["registers"] == reg and row["smem_static"] == shared, (item["arch"], row, m.group(0))
+        # sm_90 cubins count the 1 KB the driver reserves per block in their shared memory; ptxas does not
+        reserved = gr.ARCH_LIMITS[item["arch"]].smem_reserved_per_block if item["arch"] >= 90 else 0
+        assert row["registers"] == reg and row["smem_static"] == shared - reserved, (item["arch"], row, m.group(0))
         assert row["spill_stores"] == 0 and local == 0
 
 

@@ -93,6 +93,10 @@ def test_every_row_label_of_the_gpu_check_gets_its_floor():
     assert win.flops == rl.work_for_row("attention", "KL B=2 H=3 L=4096 dh=64 window=64").flops
     assert win.flops < rl.work_for_row("attention", "KL B=2 H=3 L=4096 dh=64").flops
     assert rl.work_for_row("attention", "MSE B=2 H=3 L=64 dh=8 bfloat16").flop_unit == "bf16"
+    local = rl.work_for_row("attention", "KL B=2 H=3 L=4096 local w=64", head_dim=64)  # the long-context labels
+    assert local.flops == win.flops
+    assert rl.work_for_row("attention", "KL B=2 H=3 L=4096 global").flops == rl.attention_qk(2, 3, 4096, 64, 64,
+                                                                                            "kl").flops
     cached = rl.work_for_row("e2e", "distilbert 8x128 teacher 12x768", "kdfast, from the cache", {"kd_rows": "masked"})
     live = rl.work_for_row("e2e", "distilbert 8x128 teacher 12x768", "kdfast, live teacher", {"kd_rows": "masked"})
     assert cached.flops < live.flops  # no teacher forward

@@ -230,19 +230,21 @@ def _e2e_models(step: str, t_layers: int, t_d: int) -> tuple[dict, dict] | None:
 
 
 def work_for_row(suite: str, case: str, impl: str = "", extra: dict | None = None, *, vocab: int = 30522,
-                 teacher_hidden: int = 768) -> Work | None:
+                 teacher_hidden: int = 768, head_dim: int = 64) -> Work | None:
     """The :class:`Work` of one benchmark row (suites kd_loss, attention, flkd, e2e of
     ``benchmarks/gpu_check.py``), from its case label; ``vocab`` and ``teacher_hidden``: the fused
-    linear KD case's (its label does not carry them). None for a row this model does not know."""
+    linear KD case's, ``head_dim``: an attention case's without ``dh=`` (the long-context rows: ``"KL
+    B=1 H=12 L=4096 local w=64"``), as their labels do not carry them. None for a row this model does
+    not know."""
     kv, extra = _kv(case), extra or {}
     try:
         if suite == "kd_loss" and "N" in kv and "V" in kv:
             return logit_kd(int(kv["N"]), int(kv["V"]), _dtype(case), producer="+producer" in case)
         if suite == "attention":
             if re.match(r"(KL|MSE) ", case):
-                w = kv.get("w", kv.get("window"))
-                return attention_qk(int(kv["B"]), int(kv["H"]), int(kv["L"]), int(kv["dh"]), int(kv["dh"]),
-                                    case.split()[0], _dtype(case), int(w) if w else None)
+                w, dh = kv.get("w", kv.get("window")), int(kv.get("dh", head_dim))
+                return attention_qk(int(kv["B"]), int(kv["H"]), int(kv["L"]), dh, dh, case.split()[0], _dtype(case),
+                                    int(w) if w else None)
             if case.startswith("map MSE"):
                 return score_map_mse(int(kv["B"]), int(kv["H"]), int(kv["L"]), _dtype(case))
             m = re.match(r"hidden MSE N=(\d+) (\d+)->(\d+)", case)
@@ -312,14 +314,15 @@ def format_floors(rows: list[dict], device: str) -> str:
 
 
 # The GPU check's rows at the GPU's shapes (benchmarks/gpu_check.py SHAPES; attention also at L = 4,096 and
-# 8,192, global and with a 64-token window), for the table in benchmarks/README.md.
+# 8,192, one layer of 12 heads, global and with a 64-token window), for the table in benchmarks/README.md.
 README_ROWS = [
     ("kd_loss", "N=16384 V=30522 bfloat16", "", {}),
     ("kd_loss", "N=16384 V=30522 bfloat16 +producer", "", {}),
     ("flkd", "32x128 tok (614 masked) d_s=768 bfloat16", "", {}),
     ("flkd", "32x128 tok (614 masked) d_s=768 float32", "", {}),
-    *[("attention", f"{loss} B=32 H=12 L={L} dh=64{w}", "", {})
-      for L in (512, 4096, 8192) for w in ("", " w=64") for loss in ("KL", "MSE")],
+    *[("attention", f"{loss} B=32 H=12 L=512 dh=64", "", {}) for loss in ("KL", "MSE")],
+    *[("attention", f"{loss} B=1 H=12 L={L} {layer}", "", {})  # the long-context rows (d_head 64)
+      for L in (4096, 8192) for layer in ("global", "local w=64") for loss in ("KL", "MSE")],
     ("attention", "map MSE B=32 H=12 L=128", "", {}),
     ("attention", "hidden MSE N=4096 312->768", "", {}),
     ("attention", "cosine N=4096 d=768", "", {}),

@@ -19,6 +19,7 @@ import importlib
 import io
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -105,13 +106,16 @@ def compile_one(index: int, arch: int, report: bool = False) -> tuple[str, str, 
     return fn.__name__, label, t1 - t0, time.perf_counter() - t1, row
 
 
-def compile_all(archs: list[int], verbose: bool = False, report: bool = False,
-                jobs: int = 1) -> list[tuple[dict | None, float, float]]:
-    """Compile every configuration for every arch, over ``jobs`` processes; one entry per cubin produced:
-    (its resource row as a dict with ``report``, else None; seconds compiling; seconds reading resources)."""
+def compile_all(archs: list[int], verbose: bool = False, report: bool = False, jobs: int = 1,
+                kernel: str | None = None) -> list[tuple[dict | None, float, float]]:
+    """Compile every configuration (of the kernels whose name matches the regular expression ``kernel``,
+    when given) for every arch, over ``jobs`` processes; one entry per cubin produced: (its resource row
+    as a dict with ``report``, else None; seconds compiling; seconds reading resources)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: ahead-of-time compilation needs the real JIT functions")
-    tasks = [(i, arch) for i in range(len(all_configs())) for arch in archs]
+    configs = all_configs()
+    tasks = [(i, arch) for i in range(len(configs)) for arch in archs
+             if kernel is None or re.search(kernel, configs[i][0].__name__)]
     out = []
 
     def done(arch, result):
@@ -150,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(default benchmarks/results/gpu-resources-sm80-sm90.txt)")
     ap.add_argument("--json", metavar="PATH", help="with --report: also write the rows as JSON")
     ap.add_argument("-j", "--jobs", type=int, default=1, help="compile in this many processes (default 1)")
+    ap.add_argument("--kernel", metavar="REGEX", help="only the kernels whose name matches (the report is then "
+                                                      "partial: not for benchmarks/results)")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     unknown = [a for a in args.arch if a not in ARCH_LIMITS]
@@ -160,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kdfast.ops.aot: --jobs must be >= 1, got {args.jobs}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    done = compile_all(args.arch, args.verbose, report=args.report is not None, jobs=args.jobs)
+    done = compile_all(args.arch, args.verbose, report=args.report is not None, jobs=args.jobs, kernel=args.kernel)
     rows = [row for row, _, _ in done]
     print(f"compiled {len(rows)} Triton kernel configurations for sm_{', sm_'.join(map(str, args.arch))} "
           f"in {time.perf_counter() - t0:.1f}s ({args.jobs} process{'es' if args.jobs > 1 else ''}; "

@@ -69,9 +69,26 @@ ARCH_LIMITS: dict[int, ArchLimits] = {
 # from its own warps: below 4 resident warps a scheduler has nothing to issue at all, every cycle.
 MIN_WARPS_PER_SM = 4
 
-# Configurations allowed to spill, with the reason each stays ("kernel[config]" -> reason). Empty:
-# no configuration a launcher can pick spills.
-SPILL_ALLOWED: dict[str, str] = {}
+# Configurations that spill today, each group with the most bytes (stores + loads per thread, on either
+# architecture) it may spill and why it stays: a regular expression over "kernel[config]" -> (bytes,
+# reason). A spill outside these, or above its bound, fails tests/test_gpu_resources.py; an entry that no
+# longer matches a spilling configuration fails it too, so the list only shrinks as the kernels are fixed.
+SPILL_ALLOWED: dict[str, tuple[int, str]] = {
+    r"^_at_(fwd|dq|dk)_kernel\[": (
+        48000, "attention transfer from Q/K: four Q/K tiles and the student and teacher score tiles live per "
+               "program; at BLOCK_M = 64 the fp32 'ieee' products, and the bf16 heads of 128-256, need more "
+               "than 255 registers; the fp32 dq kernel at 4 warps is squeezed to 32 registers by ptxas and "
+               "spills 31-47 KB (stored + loaded) per thread. Stays until the family retunes its tiles "
+               "(BLOCK_M = 32 or 8 warps for fp32 and wide heads); the GPU check's attention rows are fp32 "
+               "at dh = 64."),
+    r"^kd_fwd_bwd_kernel\[.* BLOCK_V=16384 SINGLE_BLOCK=1 w32\]": (
+        720, "logit KD with the whole 16,384-wide block in one program of 1,024 threads: 65,536 registers "
+             "/ 1,024 threads caps each at 64, and the online soft-max state of 16 elements per thread "
+             "spills 44-376 B. Stays until the launcher's single-block path uses 16 warps (128 registers)."),
+    r"^(_cosine_kernel|relu_bwd_colsum_kernel|nonorm_fwd_kernel|sparse_kd_fwd_bwd_kernel)\[": (
+        80, "a few words of spill (4-40 B stored) at 64-80 registers in 128-256-thread programs: one or two "
+            "values around a reduction, read once per row; retune with the kernel's next change."),
+}
 
 
 @dataclass
@@ -310,11 +327,24 @@ def demangle(names: list[str]) -> dict[str, str]:
     if not tool or not names:
         return {n: n for n in names}
     out = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    short = {}
-    for n, d in zip(names, out):
-        d = re.sub(r"\(.*\)$", "", d).split("::")[-1] if d and d != n else n
-        short[n] = re.sub(r"^void ", "", d)
-    return short
+    return {n: _short_name(d) if d and d != n else n for n, d in zip(names, out)}
+
+
+def _short_name(demangled: str) -> str:
+    """'void ns::(anonymous namespace)::k<T>(T const*, long)' -> 'k<T>': the last name, without arguments."""
+    d, depth = demangled.removeprefix("void "), 0
+    if d.endswith(")"):
+        for i in range(len(d) - 1, -1, -1):
+            depth += (d[i] == ")") - (d[i] == "(")
+            if depth == 0:
+                d = d[:i]
+                break
+    start = 0
+    for i, c in enumerate(d):
+        depth += (c in "<(") - (c in ">)")
+        if depth == 0 and d.startswith("::", i):
+            start = i + 2
+    return d[start:]
 
 
 def cuda_rows(archs: list[int], nvcc: str | None = None, sources: list[Path] | None = None) -> list[KernelResources]:
@@ -353,14 +383,16 @@ def cuda_rows(archs: list[int], nvcc: str | None = None, sources: list[Path] | N
 # --- the table and its bars ----------------------------------------------------------------------
 
 def problems(rows: list[KernelResources], min_warps: int = MIN_WARPS_PER_SM,
-             spill_allowed: dict[str, str] | None = None) -> list[str]:
-    """One line per row that spills (not in ``spill_allowed``), or holds fewer than ``min_warps``
-    resident warps (or no block) per SM."""
+             spill_allowed: dict[str, tuple[int, str]] | None = None) -> list[str]:
+    """One line per row that spills without an entry of ``spill_allowed`` (default :data:`SPILL_ALLOWED`)
+    whose pattern matches its key and whose bound holds its stores + loads, or holds fewer than
+    ``min_warps`` resident warps (or no block) per SM."""
     allowed = SPILL_ALLOWED if spill_allowed is None else spill_allowed
     out = []
     for r in rows:
         where = f"sm_{r.arch} {r.source} {r.key}"
-        if (r.spill_stores or r.spill_loads) and r.key not in allowed:
+        spilled = r.spill_stores + r.spill_loads
+        if spilled and not any(re.search(p, r.key) and spilled <= most for p, (most, _) in allowed.items()):
             out.append(f"{where}: spills {r.spill_stores} B stored / {r.spill_loads} B loaded "
                        f"({r.registers} registers)")
         if r.blocks_per_sm < 1 or r.warps_per_sm < min_warps:
@@ -376,10 +408,13 @@ def summary(rows: list[KernelResources]) -> list[str]:
         rs = [r for r in rows if r.arch == arch]
         worst = max(rs, key=lambda r: r.registers)
         low = min(rs, key=lambda r: (r.warps_per_sm, r.occupancy))
-        spills = [r for r in rs if r.spill_stores or r.spill_loads]
+        spills = sorted((r for r in rs if r.spill_stores or r.spill_loads),
+                        key=lambda r: -(r.spill_stores + r.spill_loads))
         lines.append(f"sm_{arch}: {len(rs)} kernel configurations; most registers {worst.registers}/thread "
                      f"({worst.key}, {worst.threads} threads); spills: "
-                     + (", ".join(f"{r.key} {r.spill_stores}/{r.spill_loads} B" for r in spills) or "none")
+                     + (f"{len(spills)} configurations ({', '.join(sorted({r.kernel for r in spills}))}), the most "
+                        f"{spills[0].spill_stores}/{spills[0].spill_loads} B stored/loaded per thread "
+                        f"({spills[0].key})" if spills else "none")
                      + f"; lowest occupancy {low.warps_per_sm} warps/SM = {100 * low.occupancy:.1f}% "
                        f"({low.key}, limited by {low.limiter})")
     return lines
