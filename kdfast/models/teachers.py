@@ -13,11 +13,13 @@ __all__ = ["TEACHER_ARCHITECTURES", "check_teacher_architecture", "load_teacher"
 
 def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "", remedy: str | None = None) -> nn.Module:
     """The teacher, frozen and in eval mode: ``AutoModelForMaskedLM`` when ``mlm_head`` (refusing
-    a checkpoint whose ``cls.predictions`` weights are missing, e.g. a sentence encoder, rather
-    than training against a randomly initialised head), else ``AutoModel``. That error ends with
+    a checkpoint whose masked-LM head weights are missing, e.g. a sentence encoder, rather
+    than training against a randomly initialised head), else ``AutoModel``. Any architecture
+    but those :func:`check_teacher_architecture` accepts is refused first, from ``config.json``. That error ends with
     ``remedy``, by default "set <needed_by> to 0"."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
+    check_teacher_architecture(path)
     if mlm_head:
         from transformers.utils import logging as hf_logging
 
@@ -27,8 +29,12 @@ def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "", remedy: str
             model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
         finally:
             hf_logging.set_verbosity(verbosity)
-        missing = sorted(k for k in info["missing_keys"] if ".predictions." in f".{k}"
-                         and not k.endswith("decoder.weight"))  # the decoder is tied to the embeddings
+        # the head's weights are those outside the encoder (BERT's cls.*, RoBERTa's lm_head.*,
+        # ModernBERT's head.* / decoder.*, ...); the decoder weight is tied to the embeddings
+        encoder = model.base_model_prefix + "."
+        missing = sorted(k for k in info["missing_keys"] if not k.startswith(encoder)
+                         and not k.endswith("decoder.weight") and not k.endswith("vocab_projector.weight")
+                         and not k.endswith("generator_lm_head.weight"))
         if missing:
             raise ValueError(f"teacher {path} has no MLM head (its checkpoint lacks {', '.join(missing[:3])}"
                              f"{', ...' if len(missing) > 3 else ''}): the logit / MLM terms would train against "
