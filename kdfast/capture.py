@@ -27,9 +27,17 @@ Conventions (the same for every supported model):
   ``output_attentions`` costs): one ``[B, H, L, L]`` tensor per layer,
   ``q k^T / sqrt(d_head) + m``, the pre-softmax scores of the eager attention path, where ``m``
   is the additive form of the mask the layer received: 0 where a key is attended and
-  ``torch.finfo(dtype).min`` where it is masked (padding), as ``transformers``' eager attention
-  adds it; softmax over the last axis gives ``output_attentions``. With no mask (no padding),
-  ``m = 0``.
+  ``torch.finfo(dtype).min`` where it is masked (padding; outside a sliding-window layer's band;
+  across packed sequences), as ``transformers``' eager attention adds it; softmax over the last
+  axis gives ``output_attentions``. With no mask (no padding), ``m = 0``.
+- ``windows``: per layer ``None`` (global attention) or the half-width ``w`` of a sliding-window
+  layer (ModernBERT's local layers), whose query ``i`` attends key ``j`` only when ``|i - j| <= w``.
+
+ModernBERT (``transformers`` >= 5.1): its queries and keys come out of one fused ``Wqkv`` and are
+rotated inside the attention's ``forward``; the capture splits the projection and applies the
+model's own rotary function to it with the ``position_embeddings`` the layer receives, so ``q`` /
+``k`` are what the attention multiplies. ``hidden_states`` follow ``output_hidden_states``: the last
+one is the output of the model's ``final_norm``.
 
 Each forward pass inside the block replaces what the previous one captured (the first layer
 starting marks a new pass); the captured tensors stay readable after the block.
@@ -50,8 +58,8 @@ from torch import Tensor, nn
 
 __all__ = ["Captured", "SUPPORTED_MODELS", "capture", "check_supported"]
 
-SUPPORTED_MODELS = ("transformers BERT, RoBERTa, DistilBERT and MobileBERT models (any head), "
-                    "kdfast.models.KDMobileBert / KDMobileBertForMaskedLM")
+SUPPORTED_MODELS = ("transformers BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT, MobileBERT and ModernBERT models "
+                    "(any head), kdfast.models.KDMobileBert / KDMobileBertForMaskedLM")
 
 
 @dataclass
@@ -60,11 +68,12 @@ class _Layer:
 
     block: nn.Module  # input of the first / output of each gives the hidden states
     attention: nn.Module  # self-attention: receives the mask
-    query: nn.Module | None  # Linear giving q [B, L, H * d_head]; None for KDMobileBert (see _Hooks)
-    key: nn.Module | None
+    query: nn.Module | None  # Linear giving q [B, L, H * d_head]; None for KDMobileBert (see _wrap_attend)
+    key: nn.Module | None  # None for ModernBERT too: query is then its fused Wqkv
     heads: int
     head_dim: int
     scale: float
+    window: int | None = None  # half-width w of a sliding-window layer's band |i - j| <= w; None: global
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -78,6 +87,7 @@ def _layers(model: nn.Module, argument: str = "model") -> tuple[list[_Layer], bo
     """The layers of a supported model, and whether it is a kdfast MobileBERT (captured through
     its ``attend`` method, because its fused kernels may skip the query / key modules). An
     unsupported class raises ValueError naming ``argument``."""
+    from kdfast.models import modernbert
     from kdfast.models.mobilebert import KDMobileBert, KDMobileBertForMaskedLM
 
     if isinstance(model, (KDMobileBert, KDMobileBertForMaskedLM)):
@@ -89,14 +99,27 @@ def _layers(model: nn.Module, argument: str = "model") -> tuple[list[_Layer], bo
     try:
         from transformers.models.bert.modeling_bert import BertPreTrainedModel
         from transformers.models.distilbert.modeling_distilbert import DistilBertPreTrainedModel
+        from transformers.models.electra.modeling_electra import ElectraPreTrainedModel
         from transformers.models.mobilebert.modeling_mobilebert import MobileBertPreTrainedModel
         from transformers.models.roberta.modeling_roberta import RobertaPreTrainedModel
+        from transformers.models.xlm_roberta.modeling_xlm_roberta import XLMRobertaPreTrainedModel
     except ImportError:  # no transformers: only kdfast's own models can be captured
         hf: tuple = ()
         distil: tuple = ()
     else:
-        hf = (BertPreTrainedModel, RobertaPreTrainedModel, MobileBertPreTrainedModel)
+        hf = (BertPreTrainedModel, RobertaPreTrainedModel, XLMRobertaPreTrainedModel, ElectraPreTrainedModel,
+              MobileBertPreTrainedModel)
         distil = (DistilBertPreTrainedModel,)
+
+    if modernbert.is_modernbert(model) and hasattr(model, "base_model"):
+        modernbert.check_layout(model, argument)
+        windows = modernbert.attention_windows(model.config)
+        layers = []
+        for blk, window in zip(model.base_model.layers, windows):
+            attn = blk.attn
+            layers.append(_Layer(blk, attn, attn.Wqkv, None, model.config.num_attention_heads, attn.head_dim,
+                                 attn.head_dim ** -0.5, window))
+        return layers, False
 
     if hf and isinstance(model, hf):
         layers = []
@@ -132,9 +155,11 @@ class Captured:
     the conventions). Fields that were not asked for raise ``ValueError`` naming the argument
     to set; reading before a complete forward pass raises ``RuntimeError``."""
 
-    def __init__(self, model_name: str, n_layers: int, hidden_states: bool, qk: bool, scores: bool) -> None:
+    def __init__(self, model_name: str, n_layers: int, hidden_states: bool, qk: bool, scores: bool,
+                 windows: tuple[int | None, ...] | None = None) -> None:
         self._model_name = model_name
         self._n_layers = n_layers
+        self._windows = tuple(windows) if windows is not None else (None,) * n_layers
         self._want = {"hidden_states": hidden_states, "qk": qk, "scores": scores}
         self._passes = 0
         self._reset()
@@ -151,6 +176,14 @@ class Captured:
     def num_layers(self) -> int:
         """Number of transformer layers of the captured model."""
         return self._n_layers
+
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Per layer, its attention geometry: ``None`` for a global layer, else the half-width ``w``
+        of a sliding-window layer, whose query ``i`` sees key ``j`` only when ``|i - j| <= w``
+        (ModernBERT's local layers: ``w = local_attention // 2``). Known before any forward pass;
+        what the attention-transfer losses take as ``window=``."""
+        return self._windows
 
     def _field(self, values: list, flag: str, name: str) -> tuple[Tensor, ...]:
         if not self._want[flag]:
@@ -220,8 +253,9 @@ def capture(model: nn.Module, *, hidden_states: bool = True, qk: bool = False,
     exits, also on an exception.
 
     Args:
-        model: a ``transformers`` BERT, RoBERTa, DistilBERT or MobileBERT (base model or any head,
-            also wrapped in DistributedDataParallel), or ``kdfast.models.KDMobileBert`` /
+        model: a ``transformers`` BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT, MobileBERT or
+            ModernBERT (base model or any head, also wrapped in DistributedDataParallel; ModernBERT
+            from ``transformers`` >= 5.1), or ``kdfast.models.KDMobileBert`` /
             ``KDMobileBertForMaskedLM`` (fused kernels or not).
         hidden_states, qk, scores: what to record.
         num_layers: record only the first ``num_layers`` transformer layers (default: all), for a
@@ -230,8 +264,11 @@ def capture(model: nn.Module, *, hidden_states: bool = True, qk: bool = False,
             (``hidden_states``: ``num_layers + 1`` tensors).
 
     Raises:
-        ValueError naming ``model`` for any other model class, or the flag that is not a bool,
-        ``num_layers`` outside ``[1, the model's layer count]``, or when nothing is asked for.
+        ValueError naming ``model`` for any other model class (and
+        :class:`kdfast.models.modernbert.UnsupportedModernBert` for a ModernBERT of an older
+        ``transformers``), or the flag that is not a bool, ``num_layers`` outside
+        ``[1, the model's layer count]``, ``scores=True`` on a ModernBERT whose attention is
+        neither ``eager`` nor ``sdpa``, or when nothing is asked for.
     """
     hidden_states = _check_flag("hidden_states", hidden_states)
     qk = _check_flag("qk", qk)
@@ -243,16 +280,24 @@ def capture(model: nn.Module, *, hidden_states: bool = True, qk: bool = False,
     inner = _unwrap(model)
     layers, kd_mobilebert = _layers(inner)
     name = type(inner).__name__
+    all_layers = len(layers)
     if num_layers is not None:
         if isinstance(num_layers, bool) or not isinstance(num_layers, int) or not 1 <= num_layers <= len(layers):
             raise ValueError(f"num_layers must be an int in [1, {len(layers)}] ({name} has {len(layers)} layers), "
                              f"got {num_layers!r}")
         layers = layers[:num_layers]
+    fused_qkv = layers[0].key is None and layers[0].query is not None  # ModernBERT's Wqkv
+    if scores and fused_qkv:
+        impl = getattr(inner.config, "_attn_implementation", None)
+        if impl not in ("eager", "sdpa"):
+            # flash / flex attention get the window as an argument, not in the mask the scores add
+            raise ValueError(f"scores: {name} runs attn_implementation={impl!r}; kdfast.capture(scores=True) "
+                             "reads ModernBERT's masks under 'eager' or 'sdpa' (model.set_attn_implementation)")
     if scores and any(getattr(spec.attention, "is_causal", False) for spec in layers):
         # SDPA may get no mask and apply causality itself: the scores here would miss it
         raise ValueError(f"scores: {name} is configured as a causal decoder (is_decoder=True); "
                          "kdfast.capture(scores=True) supports bidirectional encoders only")
-    cap = Captured(name, len(layers), hidden_states, qk, scores)
+    cap = Captured(name, len(layers), hidden_states, qk, scores, tuple(spec.window for spec in layers))
     want_qk = qk or scores
     removers: list[Callable[[], None]] = []
 
@@ -268,7 +313,9 @@ def capture(model: nn.Module, *, hidden_states: bool = True, qk: bool = False,
         return hook
 
     def record_qk(i, spec: _Layer, q: Tensor, k: Tensor, mask: object) -> None:
-        qh, kh = _heads(q, spec.heads, spec.head_dim), _heads(k, spec.heads, spec.head_dim)
+        # [B, L, H * d_head] projections, or ModernBERT's [B, H, L, d_head] already split and rotated
+        qh = q if q.dim() == 4 else _heads(q, spec.heads, spec.head_dim)
+        kh = k if k.dim() == 4 else _heads(k, spec.heads, spec.head_dim)
         cap._q[i], cap._k[i] = qh, kh
         if scores:
             s = torch.matmul(qh, kh.transpose(-1, -2)) * spec.scale
@@ -280,14 +327,19 @@ def capture(model: nn.Module, *, hidden_states: bool = True, qk: bool = False,
         if hidden_states:
             for i, spec in enumerate(layers):
                 removers.append(spec.block.register_forward_hook(on_layer_output(i)).remove)
+            if fused_qkv and len(layers) == all_layers:
+                # output_hidden_states ends with ModernBERT's final_norm output, not the last layer's
+                removers.append(inner.base_model.final_norm.register_forward_hook(
+                    on_layer_output(len(layers) - 1)).remove)
         if want_qk and kd_mobilebert:
             # its attention_inputs kernel may compute q / k in one fused GEMM without calling
             # sa.query / sa.key; attend() always receives them, unscaled
             for i, spec in enumerate(layers):
                 removers.append(_wrap_attend(spec.attention, lambda q, k, mask, i=i, spec=spec: record_qk(i, spec, q, k, mask)))
         elif want_qk:
+            hook = _hook_fused_qkv if fused_qkv else _hook_projections
             for i, spec in enumerate(layers):
-                removers.extend(_hook_projections(spec, lambda q, k, mask, i=i, spec=spec: record_qk(i, spec, q, k, mask)))
+                removers.extend(hook(spec, lambda q, k, mask, i=i, spec=spec: record_qk(i, spec, q, k, mask)))
         yield cap
     finally:
         for remove in reversed(removers):
@@ -334,6 +386,32 @@ def _hook_projections(spec: _Layer, on_qk: Callable[[Tensor, Tensor, object], No
     return [spec.attention.register_forward_pre_hook(on_attention, with_kwargs=True).remove,
             spec.query.register_forward_hook(on_query).remove,
             spec.key.register_forward_hook(on_key).remove]
+
+
+def _hook_fused_qkv(spec: _Layer, on_qk: Callable[[Tensor, Tensor, object], None]) -> list[Callable[[], None]]:
+    """Hooks on a ModernBERT attention (its mask and rotary ``position_embeddings`` arguments) and
+    its fused ``Wqkv``: q and k split into heads ``[B, H, L, d_head]`` and rotated by the model's
+    own rotary function, as its ``forward`` does next."""
+    from kdfast.models.modernbert import rotary
+
+    signature = inspect.signature(spec.attention.forward)
+    rotate = rotary(spec.attention)
+    seen: dict[str, object] = {}
+
+    def on_attention(module, args, kwargs):
+        bound = signature.bind_partial(*args, **kwargs).arguments
+        seen["mask"] = bound.get("attention_mask")
+        seen["rope"] = bound.get("position_embeddings")
+
+    def on_qkv(module, args, output):
+        b, length, _ = output.shape
+        q, k, _v = output.view(b, length, 3, spec.heads, spec.head_dim).unbind(dim=2)
+        cos, sin = seen["rope"]
+        q, k = rotate(q.transpose(1, 2), k.transpose(1, 2), cos, sin, unsqueeze_dim=1)
+        on_qk(q, k, seen.get("mask"))
+
+    return [spec.attention.register_forward_pre_hook(on_attention, with_kwargs=True).remove,
+            spec.query.register_forward_hook(on_qkv).remove]
 
 
 def check_supported(model: nn.Module, argument: str = "model") -> None:

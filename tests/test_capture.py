@@ -10,13 +10,18 @@ from transformers import (
     BertConfig,
     BertForMaskedLM,
     BertModel,
+    DebertaV2Config,
+    DebertaV2Model,
     DistilBertConfig,
     DistilBertForMaskedLM,
     ElectraConfig,
+    ElectraForMaskedLM,
     ElectraModel,
     MobileBertForMaskedLM,
     RobertaConfig,
     RobertaForSequenceClassification,
+    XLMRobertaConfig,
+    XLMRobertaForMaskedLM,
 )
 
 import kdfast
@@ -46,6 +51,14 @@ BUILDERS = {
                                                     intermediate_size=23, **COMMON)),
     "roberta": lambda: RobertaForSequenceClassification(RobertaConfig(
         hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=29, pad_token_id=1,
+        **COMMON)),
+    "xlm-roberta": lambda: XLMRobertaForMaskedLM(XLMRobertaConfig(
+        hidden_size=21, num_hidden_layers=2, num_attention_heads=3, intermediate_size=29, pad_token_id=1, **COMMON)),
+    "electra-generator": lambda: ElectraForMaskedLM(ElectraConfig(
+        embedding_size=10, hidden_size=24, num_hidden_layers=2, num_attention_heads=4, intermediate_size=29,
+        **COMMON)),
+    "electra-base-model": lambda: ElectraModel(ElectraConfig(
+        embedding_size=24, hidden_size=24, num_hidden_layers=3, num_attention_heads=3, intermediate_size=17,
         **COMMON)),
     "distilbert": lambda: DistilBertForMaskedLM(DistilBertConfig(
         vocab_size=VOCAB, dim=24, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=40,
@@ -318,10 +331,11 @@ def test_an_interrupted_forward_is_reported_not_returned_half_filled():
 
 def test_errors_name_the_argument():
     model = build("bert")
-    electra = ElectraModel(ElectraConfig(vocab_size=VOCAB, embedding_size=8, hidden_size=16, num_hidden_layers=1,
-                                         num_attention_heads=2, intermediate_size=9))
-    with pytest.raises(ValueError, match=r"model: kdfast.capture does not support ElectraModel; it supports .*BERT"):
-        with kdfast.capture(electra):
+    deberta = DebertaV2Model(DebertaV2Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=9))
+    with pytest.raises(ValueError, match=r"model: kdfast.capture does not support DebertaV2Model; it supports .*"
+                                         r"ELECTRA.*ModernBERT"):
+        with kdfast.capture(deberta):
             pass
     with pytest.raises(ValueError, match="does not support Linear"):
         with kdfast.capture(torch.nn.Linear(2, 2)):

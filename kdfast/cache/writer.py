@@ -33,6 +33,7 @@ from kdfast.cache.format import (
 )
 from kdfast.capture import capture
 from kdfast.data import check_data_files, check_max_length, files_sha256, load_texts, mask_tokens, pack_texts
+from kdfast.models.teachers import check_teacher_architecture
 
 HIDDEN_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
 
@@ -230,6 +231,7 @@ def build_cache(
     teacher_path = Path(teacher_dir)
     if not (teacher_path / "config.json").is_file():
         raise ValueError(f"teacher {teacher_dir} is not a local model directory (no config.json)")
+    check_teacher_architecture(teacher_path, "teacher")  # from config.json, before any work
     check_max_length(max_length, teacher_path)  # else an IndexError inside the teacher's first batch
 
     from transformers import AutoConfig

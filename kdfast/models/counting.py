@@ -1,4 +1,5 @@
-"""Parameter and FLOP counts for BERT, DistilBERT and MobileBERT models, reproducing the papers' tables.
+"""Parameter and FLOP counts for BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT, MobileBERT and
+ModernBERT models, reproducing the papers' tables.
 
 Conventions (they reproduce the seed tables; see ``tests/models/test_counting.py`` for the tolerances):
 
@@ -35,6 +36,15 @@ against ``torch.utils.flop_counter.FlopCounterMode`` on the real transformers mo
   2%. Counting the shared key/query bottleneck (512->128) twice, once for Q and once for K, would give 5.79B
   (+1.5%) and leaves MobileBERT-TINY unchanged (it has no shared bottleneck); we do not do that because the
   model computes it once.
+
+**ModernBERT**: the same conventions (base ``ModernBertModel``: embeddings, layers, final norm; no
+pooler). Per layer the fused ``Wqkv`` (3 d^2), ``Wo`` (d^2) and the GeGLU MLP (``Wi`` d x 2 d_i,
+``Wo`` d_i x d). A global layer's scores and context cost ``2 L^2 d`` multiply-adds; a local layer
+(window half-width w, query i sees keys |i - j| <= w) only ``2 P d`` with P the number of pairs in
+the band, ``P = L (2w + 1) - w (w + 1)`` for L > w: what a sliding-window kernel computes (eager
+attention computes the full L x L product and masks it; ``flops_attention_dense`` gives that
+count). RoBERTa / XLM-RoBERTa count as BERT; ELECTRA adds its embedding projection (e x d per token
+when e != d) and has no pooler.
 """
 
 from __future__ import annotations
@@ -42,14 +52,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["count", "flops", "param_counts"]
+__all__ = ["band_pairs", "count", "flops", "param_counts"]
+
+
+_ARCHS = ("bert", "roberta", "xlm-roberta", "electra", "mobilebert", "distilbert", "modernbert")
 
 
 def _arch(config) -> str:
     model_type = getattr(config, "model_type", None)
-    if model_type in ("bert", "mobilebert", "distilbert"):
+    if model_type in _ARCHS:
         return model_type
-    raise ValueError(f"model_or_config must be a BERT, DistilBERT or MobileBERT model or config, got {model_type!r}")
+    raise ValueError(f"model_or_config must be a BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT, MobileBERT or "
+                     f"ModernBERT model or config, got {model_type!r}")
+
+
+def band_pairs(seq_len: int, window: int | None) -> int:
+    """The (query, key) pairs with ``|i - j| <= window`` among ``seq_len`` tokens (``seq_len^2`` for
+    ``None``, a global layer): ``L (2w + 1) - w (w + 1)`` when ``L > w``."""
+    n = int(seq_len)
+    if window is None or window >= n - 1:
+        return n * n
+    w = int(window)
+    return n * (2 * w + 1) - w * (w + 1)
 
 
 def _unique_numel(params) -> int:
@@ -68,13 +92,9 @@ def _base_from_config(config) -> nn.Module:
             from .mobilebert import KDMobileBert
 
             return KDMobileBert(config)
-        if arch == "bert":
-            from transformers import BertModel
+        from transformers import AutoModel
 
-            return BertModel(config)
-        from transformers import DistilBertModel
-
-        return DistilBertModel(config)
+        return AutoModel.from_config(config)
 
 
 def _split_base(model: nn.Module):
@@ -82,7 +102,8 @@ def _split_base(model: nn.Module):
         base = getattr(model, attr, None)
         if isinstance(base, nn.Module):
             return base
-    return model
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, nn.Module) else model
 
 
 def param_counts(model_or_config) -> dict:
@@ -95,6 +116,8 @@ def param_counts(model_or_config) -> dict:
         model = base = _base_from_config(model_or_config)
     total = _unique_numel(base.parameters())
     embeddings = _unique_numel(base.embeddings.parameters())
+    if hasattr(base, "embeddings_project"):  # ELECTRA's projection of small embeddings to the hidden width
+        embeddings += _unique_numel(base.embeddings_project.parameters())
     head = _unique_numel(model.parameters()) - total
     return {"params": total, "params_embeddings": embeddings, "params_non_embedding": total - embeddings,
             "params_head": head}
@@ -112,11 +135,23 @@ def flops(config, seq_len: int = 128) -> dict:
         attention = layers * 2 * n * n * d
         pooler, emb = 0, 0
         head = n * (d * d + d * vocab)
-    elif arch == "bert":
+    elif arch in ("bert", "roberta", "xlm-roberta", "electra"):
         d, inter, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
-        per_token = layers * (4 * d * d + 2 * d * inter)
+        e = getattr(config, "embedding_size", d) if arch == "electra" else d
+        emb = e * d if e != d else 0  # ELECTRA's embeddings_project
+        per_token = emb + layers * (4 * d * d + 2 * d * inter)
         attention = layers * 2 * n * n * d
-        pooler, emb = d * d, 0
+        pooler = 0 if arch == "electra" else d * d
+        head = n * (d * d + d * vocab)
+    elif arch == "modernbert":
+        from .modernbert import attention_windows
+
+        d, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
+        windows = attention_windows(config)
+        per_token = len(windows) * (4 * d * d + 3 * d * inter)
+        attention = sum(2 * band_pairs(n, w) * d for w in windows)
+        dense = len(windows) * 2 * n * n * d
+        pooler = 0
         head = n * (d * d + d * vocab)
     else:
         d, e, vocab = config.hidden_size, config.embedding_size, config.vocab_size
@@ -140,18 +175,21 @@ def flops(config, seq_len: int = 128) -> dict:
         pooler = d * d if config.classifier_activation else 0
         head = n * (d * d + d * vocab)
     linear = 2 * (n * per_token + pooler)
-    return {"flops": linear + 2 * attention, "flops_attention": 2 * attention, "flops_linear": linear,
-            "flops_head": 2 * head, "seq_len": n}
+    dense = attention if arch != "modernbert" else dense
+    return {"flops": linear + 2 * attention, "flops_attention": 2 * attention, "flops_attention_dense": 2 * dense,
+            "flops_linear": linear, "flops_head": 2 * head, "seq_len": n}
 
 
 def count(model_or_config, seq_len: int = 128) -> dict:
-    """Parameters and forward FLOPs of a BERT / DistilBERT / MobileBERT model or config.
+    """Parameters and forward FLOPs of a BERT / RoBERTa / XLM-RoBERTa / ELECTRA / DistilBERT /
+    MobileBERT / ModernBERT model or config.
 
-    ``model_or_config``: a ``transformers`` config (``BertConfig``, ``DistilBertConfig``,
-    ``MobileBertConfig``) or a model (``transformers`` Bert/DistilBert/MobileBert models with or without
-    heads, ``KDMobileBert``, ``KDMobileBertForMaskedLM``). Returns a dict with ``arch``, ``params``,
-    ``params_embeddings``, ``params_non_embedding``, ``params_head``, ``flops``, ``flops_attention``,
-    ``flops_linear``, ``flops_head`` and ``seq_len``; conventions in the module docstring.
+    ``model_or_config``: a ``transformers`` config (``BertConfig``, ``ModernBertConfig``, ...) or a
+    model (``transformers`` models of those families with or without heads, ``KDMobileBert``,
+    ``KDMobileBertForMaskedLM``). Returns a dict with ``arch``, ``params``, ``params_embeddings``,
+    ``params_non_embedding``, ``params_head``, ``flops``, ``flops_attention`` (a ModernBERT local
+    layer's band only), ``flops_attention_dense`` (every layer's full L x L), ``flops_linear``,
+    ``flops_head`` and ``seq_len``; conventions in the module docstring.
     """
     config = model_or_config.config if isinstance(model_or_config, nn.Module) else model_or_config
     out = {"arch": _arch(config)}

@@ -1,14 +1,16 @@
-"""Student builders: DistilBERT-style layer selection from a BERT teacher, TinyBERT-style narrow BERTs.
+"""Student builders: DistilBERT-style layer selection from a teacher, TinyBERT-style narrow students.
 
-Both return plain ``transformers`` models (``BertForMaskedLM``), so ``save_pretrained`` /
-``from_pretrained`` and every downstream ``transformers`` tool work on them unchanged.
+Both return plain ``transformers`` masked-LM models (``BertForMaskedLM``, ``RobertaForMaskedLM``,
+``ModernBertForMaskedLM``, ...), so ``save_pretrained`` / ``AutoModelForMaskedLM.from_pretrained``
+and every downstream ``transformers`` tool work on them unchanged.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["DISTILBERT_LAYERS", "distilbert_from_teacher", "tinybert", "tinybert_config", "TINYBERT_PRESETS"]
+__all__ = ["DISTILBERT_LAYERS", "distilbert_from_teacher", "tinybert", "tinybert_config", "tinybert_student",
+           "TINYBERT_PRESETS"]
 
 #: DistilBERT's choice for a 12-layer teacher: every other layer, keeping the first and the last.
 DISTILBERT_LAYERS = (0, 2, 4, 7, 9, 11)
@@ -33,77 +35,125 @@ def _validate_layers(layers, n_teacher: int) -> tuple[int, ...]:
     return chosen
 
 
-def distilbert_from_teacher(bert, layers=DISTILBERT_LAYERS):
-    """A DistilBERT-style student initialised from a BERT teacher.
+#: where each teacher family keeps its list of layers, under its base model
+_LAYER_LISTS = ("encoder.layer", "transformer.layer", "layers")
 
-    ``bert`` is a ``transformers.BertForMaskedLM`` or ``BertModel``; ``layers`` are the 0-based teacher
-    layers to keep, in order (default: DistilBERT's ``(0, 2, 4, 7, 9, 11)`` for a 12-layer teacher).
-    Returns a new ``transformers.BertForMaskedLM`` with ``len(layers)`` layers (teacher unchanged), on the
-    teacher's device and dtype, where
 
-    * embeddings (word, position, LayerNorm) are copies of the teacher's;
+def _layer_list(model) -> str:
+    """The state-dict prefix of ``model``'s list of transformer layers (``bert.encoder.layer``,
+    ``distilbert.transformer.layer``, ``model.layers`` ...)."""
+    names = {module: name for name, module in model.named_modules()}
+    base = model.base_model
+    for path in _LAYER_LISTS:
+        module = base
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, torch.nn.ModuleList):
+            return names[module]
+    raise ValueError(f"teacher: no list of transformer layers found in {type(model).__name__}")
+
+
+def _n_layers(config) -> int:
+    return config.n_layers if config.model_type == "distilbert" else config.num_hidden_layers
+
+
+def distilbert_from_teacher(teacher, layers=DISTILBERT_LAYERS):
+    """A DistilBERT-style student initialised from a teacher: the same architecture with
+    ``len(layers)`` of its layers.
+
+    ``teacher`` is a ``transformers`` BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT, MobileBERT or
+    ModernBERT model, masked-LM or base (or another head, whose encoder is used);
+    ``layers`` are the 0-based teacher layers to keep, in order (default: DistilBERT's
+    ``(0, 2, 4, 7, 9, 11)`` for a 12-layer teacher). Returns a new masked-LM model of the teacher's
+    family (``AutoModelForMaskedLM`` of its configuration with the layer count changed; the teacher
+    is unchanged), on the teacher's device and dtype, where
+
+    * embeddings are copies of the teacher's;
     * student layer ``i`` is a copy of teacher layer ``layers[i]`` (identical parameters, so identical
       function);
-    * the MLM head (transform, bias, tied decoder) is copied when the teacher has one. For a ``BertModel``
-      teacher the head's transform is freshly initialised, the decoder is tied to the copied word
-      embeddings and the bias is zero. The teacher's pooler is not used (a masked-LM model has none).
+    * the MLM head is copied when the teacher has one. For another teacher the head's transform is
+      freshly initialised, the decoder is tied to the copied word embeddings (where the family ties
+      them) and its bias is zero.
 
-    Token types: DistilBERT has no token-type embeddings. We set ``type_vocab_size=1`` and keep the
-    teacher's **row 0** (rather than zeroing the table): row 0 is what the teacher added to every
-    single-segment input during pre-training, so keeping it makes the student's embedding output equal to
-    the teacher's for ``token_type_ids == 0`` (the distillation setting) and the copied layers see the
-    input distribution they were trained on. Zeroing it would shift every embedding by a constant vector
-    the copied LayerNorm never saw. Inputs must then use token type 0 only (omit ``token_type_ids``).
+    ModernBERT: student layer ``i`` keeps teacher layer ``layers[i]``'s attention type (global, or
+    local with the teacher's window) and rotary settings: the student's configuration lists them in
+    ``layer_types`` (its ``global_attn_every_n_layers`` pattern would not hold for, e.g., every other
+    layer), which ``save_pretrained`` / ``from_pretrained`` keep. ModernBERT's first layer has no
+    attention LayerNorm (its input is the normalised embedding), so ``layers`` must start at 0.
 
-    Raises ``ValueError`` (naming ``layers``) if ``layers`` is empty, not ints, out of range, not unique
-    or not increasing.
+    Token types (BERT, ELECTRA, MobileBERT): DistilBERT has no token-type embeddings. We set
+    ``type_vocab_size=1`` and keep the teacher's **row 0** (rather than zeroing the table): row 0 is
+    what the teacher added to every single-segment input during pre-training, so keeping it makes the
+    student's embedding output equal to the teacher's for ``token_type_ids == 0`` (the distillation
+    setting) and the copied layers see the input distribution they were trained on. Inputs must then
+    use token type 0 only (omit ``token_type_ids``).
+
+    Raises ``ValueError`` naming ``teacher`` for another architecture, or ``layers`` if it is empty,
+    not ints, out of range, not unique or not increasing (or does not start at 0 for ModernBERT).
     """
-    from transformers import BertForMaskedLM, BertModel
+    from transformers import AutoModelForMaskedLM, PreTrainedModel
 
-    if isinstance(bert, BertForMaskedLM):
-        teacher_sd = bert.state_dict()
-    elif isinstance(bert, BertModel):
-        teacher_sd = {f"bert.{k}": v for k, v in bert.state_dict().items()}
-    else:
-        raise TypeError(f"bert must be a transformers BertForMaskedLM or BertModel, got {type(bert).__name__}")
-    tcfg = bert.config
-    chosen = _validate_layers(layers, tcfg.num_hidden_layers)
+    from .modernbert import is_modernbert, layer_types
+    from .teachers import check_teacher_architecture
+
+    if not isinstance(teacher, PreTrainedModel):
+        raise ValueError(f"teacher must be a transformers model, got {type(teacher).__name__}")
+    check_teacher_architecture(teacher)
+    tcfg = teacher.config
+    chosen = _validate_layers(layers, _n_layers(tcfg))
+    modern = is_modernbert(tcfg)
+    if modern and chosen[0] != 0:
+        raise ValueError(f"layers must start at 0 for a ModernBERT teacher (its first layer alone has no attention "
+                         f"LayerNorm), got {chosen}")
 
     cfg_dict = tcfg.to_dict()
-    cfg_dict.update(num_hidden_layers=len(chosen), type_vocab_size=1)
+    cfg_dict["n_layers" if tcfg.model_type == "distilbert" else "num_hidden_layers"] = len(chosen)
+    if "type_vocab_size" in cfg_dict:
+        cfg_dict["type_vocab_size"] = 1
+    if modern:
+        types = layer_types(tcfg)
+        cfg_dict["layer_types"] = [types[i] for i in chosen]
     for key in ("architectures", "_name_or_path"):
         cfg_dict.pop(key, None)
     scfg = type(tcfg).from_dict(cfg_dict)
     if getattr(tcfg, "_attn_implementation", None):
         scfg._attn_implementation = tcfg._attn_implementation
 
-    ref = next(bert.parameters())
+    ref = next(teacher.parameters())
     with torch.device(ref.device):  # build where the teacher lives (GPU, CPU or meta for counting)
-        student = BertForMaskedLM(scfg)
+        student = AutoModelForMaskedLM.from_config(scfg)
     student.to(ref.dtype)
 
+    if type(teacher) is type(student):
+        teacher_sd, t_list = teacher.state_dict(), _layer_list(teacher)
+    else:  # a base model or another head: its encoder, under the masked-LM model's prefix
+        prefix = student.base_model_prefix
+        teacher_sd = {f"{prefix}.{k}": v for k, v in teacher.base_model.state_dict().items()}
+        t_list = f"{prefix}.{_layer_list(teacher.base_model)}"
+    s_list = _layer_list(student)
     new_sd = {}
     for key in student.state_dict():
         src = key
-        if key.startswith("bert.encoder.layer."):
-            idx, rest = key[len("bert.encoder.layer."):].split(".", 1)
-            src = f"bert.encoder.layer.{chosen[int(idx)]}.{rest}"
+        if key.startswith(s_list + "."):
+            idx, rest = key[len(s_list) + 1:].split(".", 1)
+            src = f"{t_list}.{chosen[int(idx)]}.{rest}"
         if src not in teacher_sd:
-            continue  # MLM head of a BertModel teacher: keep the fresh init (decoder tied below)
+            continue  # the MLM head of a teacher without one: fresh (decoder tied below)
         value = teacher_sd[src]
-        if key == "bert.embeddings.token_type_embeddings.weight":
+        if key.endswith("token_type_embeddings.weight"):
             value = value[:1]
         new_sd[key] = value.detach().clone()
     missing, unexpected = student.load_state_dict(new_sd, strict=False)
-    bad = [k for k in missing if not k.startswith("cls.")]
-    if bad or unexpected:
-        raise RuntimeError(f"weight copy mismatch: missing {bad}, unexpected {unexpected}")
-    if missing:  # BertModel teacher: make sure the decoder is the (copied) word embedding and bias is zero
+    base_missing = [k for k in missing if k.startswith(student.base_model_prefix + ".")]
+    if base_missing or unexpected:
+        raise RuntimeError(f"weight copy mismatch: missing {base_missing}, unexpected {unexpected}")
+    if missing:  # a teacher without an MLM head: decoder tied to the copied embeddings, head biases zero
+        student.tie_weights()
         with torch.no_grad():
-            if getattr(scfg, "tie_word_embeddings", True):
-                student.cls.predictions.decoder.weight = student.bert.embeddings.word_embeddings.weight
-            student.cls.predictions.bias.zero_()
-    return student.train(bert.training)
+            for key in missing:
+                if key.endswith("bias"):
+                    student.get_parameter(key).zero_()
+    return student.train(teacher.training)
 
 
 TINYBERT_PRESETS = {
@@ -128,3 +178,58 @@ def tinybert(name: str = "tinybert-4", **overrides):
     from transformers import BertForMaskedLM
 
     return BertForMaskedLM(tinybert_config(name, **overrides))
+
+
+#: what a TinyBERT-style student takes over from a ModernBERT teacher's configuration (besides its
+#: layer types): vocabulary, special tokens, positions, window, rotary and normalisation settings
+_MODERNBERT_INHERITED = ("vocab_size", "max_position_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
+                         "cls_token_id", "sep_token_id", "local_attention", "rope_parameters", "norm_eps", "norm_bias",
+                         "attention_bias", "mlp_bias", "hidden_activation", "classifier_activation", "decoder_bias",
+                         "tie_word_embeddings")
+
+
+def tinybert_student(teacher_config, name: str = "tinybert-4", **overrides):
+    """A randomly initialised TinyBERT-style narrow student for a teacher, in the teacher's form.
+
+    * ModernBERT teacher: a ``ModernBertForMaskedLM`` with the preset's widths (``"tinybert-4"``:
+      d = 312, d_i = 1200, 12 heads; ``overrides`` may change them and ``num_hidden_layers``) and the
+      teacher's vocabulary, special tokens, positions, window (``local_attention``) and rotary
+      settings. Student layer ``m`` (1-based) takes the attention type of teacher layer
+      ``g(m) = m N / M``, the layer :func:`kdfast.models.uniform_layer_map` pairs it with, so that
+      every attention pair compares the same band (``layer_types`` in its configuration; M must
+      divide N).
+    * any other teacher: :func:`tinybert` (a ``BertForMaskedLM``) with the teacher's vocabulary,
+      positions, pad token and token-type count (1 where the teacher has none, e.g. DistilBERT,
+      ModernBERT).
+
+    Raises ValueError for an unknown preset, widths the heads do not divide (or, for ModernBERT,
+    an odd head width, which rotary embeddings cannot rotate), or a layer count not dividing N.
+    """
+    from .modernbert import is_modernbert, layer_types
+
+    if name not in TINYBERT_PRESETS:
+        raise ValueError(f"name must be one of {sorted(TINYBERT_PRESETS)}, got {name!r}")
+    shape = {**TINYBERT_PRESETS[name], **overrides}
+    heads, width = shape["num_attention_heads"], shape["hidden_size"]
+    if width % heads:
+        raise ValueError(f"hidden_size {width} must be divisible by num_attention_heads {heads}")
+    if not is_modernbert(teacher_config):
+        inherited = dict(vocab_size=teacher_config.vocab_size,
+                         max_position_embeddings=teacher_config.max_position_embeddings,
+                         type_vocab_size=getattr(teacher_config, "type_vocab_size", 1),
+                         pad_token_id=getattr(teacher_config, "pad_token_id", 0) or 0)
+        return tinybert(name, **{**inherited, **overrides})
+
+    from transformers import ModernBertConfig, ModernBertForMaskedLM
+
+    if (width // heads) % 2:
+        raise ValueError(f"hidden_size / num_attention_heads = {width // heads} must be even for a ModernBERT "
+                         "student (rotary embeddings rotate pairs of dimensions)")
+    n_t, n_s = teacher_config.num_hidden_layers, shape["num_hidden_layers"]
+    if n_t % n_s:
+        raise ValueError(f"num_hidden_layers {n_s} must divide the teacher's {n_t} (uniform layer map)")
+    types = layer_types(teacher_config)
+    step = n_t // n_s
+    config = {k: getattr(teacher_config, k) for k in _MODERNBERT_INHERITED if hasattr(teacher_config, k)}
+    config.update(shape, layer_types=[types[(m + 1) * step - 1] for m in range(n_s)])
+    return ModernBertForMaskedLM(ModernBertConfig(**config))

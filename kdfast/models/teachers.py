@@ -8,16 +8,18 @@ from pathlib import Path
 
 from torch import nn
 
-__all__ = ["load_teacher", "teacher_params"]
+__all__ = ["TEACHER_ARCHITECTURES", "check_teacher_architecture", "load_teacher", "teacher_params"]
 
 
 def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "", remedy: str | None = None) -> nn.Module:
     """The teacher, frozen and in eval mode: ``AutoModelForMaskedLM`` when ``mlm_head`` (refusing
-    a checkpoint whose ``cls.predictions`` weights are missing, e.g. a sentence encoder, rather
-    than training against a randomly initialised head), else ``AutoModel``. That error ends with
+    a checkpoint whose masked-LM head weights are missing, e.g. a sentence encoder, rather
+    than training against a randomly initialised head), else ``AutoModel``. Any architecture
+    but those :func:`check_teacher_architecture` accepts is refused first, from ``config.json``. That error ends with
     ``remedy``, by default "set <needed_by> to 0"."""
     from transformers import AutoModel, AutoModelForMaskedLM
 
+    check_teacher_architecture(path)
     if mlm_head:
         from transformers.utils import logging as hf_logging
 
@@ -27,8 +29,12 @@ def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "", remedy: str
             model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
         finally:
             hf_logging.set_verbosity(verbosity)
-        missing = sorted(k for k in info["missing_keys"] if ".predictions." in f".{k}"
-                         and not k.endswith("decoder.weight"))  # the decoder is tied to the embeddings
+        # the head's weights are those outside the encoder (BERT's cls.*, RoBERTa's lm_head.*,
+        # ModernBERT's head.* / decoder.*, ...); the decoder weight is tied to the embeddings
+        encoder = model.base_model_prefix + "."
+        missing = sorted(k for k in info["missing_keys"] if not k.startswith(encoder)
+                         and not k.endswith("decoder.weight") and not k.endswith("vocab_projector.weight")
+                         and not k.endswith("generator_lm_head.weight"))
         if missing:
             raise ValueError(f"teacher {path} has no MLM head (its checkpoint lacks {', '.join(missing[:3])}"
                              f"{', ...' if len(missing) > 3 else ''}): the logit / MLM terms would train against "
@@ -46,3 +52,43 @@ def teacher_params(path: Path) -> int:
     from kdfast.models.counting import count
 
     return int(count(AutoConfig.from_pretrained(path, local_files_only=True))["params"])
+
+
+#: the teacher architectures every recipe, the cache and ``kdfast eval`` accept: ``model_type`` -> name
+TEACHER_ARCHITECTURES = {"bert": "BERT", "roberta": "RoBERTa", "xlm-roberta": "XLM-RoBERTa", "electra": "ELECTRA",
+                         "distilbert": "DistilBERT", "mobilebert": "MobileBERT", "modernbert": "ModernBERT"}
+
+
+def _model_type(source) -> tuple[str | None, str]:
+    """(``model_type``, how to name ``source``) of a model, a configuration or a model directory
+    (read from its ``config.json`` alone: nothing is loaded)."""
+    import json
+
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path} is not a local model directory with a readable config.json ({e})") from None
+        return (config.get("model_type") if isinstance(config, dict) else None), str(path)
+    if isinstance(source, nn.Module):
+        config = getattr(source, "config", None)
+        return getattr(config, "model_type", None), type(source).__name__
+    return getattr(source, "model_type", None), type(source).__name__
+
+
+def check_teacher_architecture(source, argument: str = "teacher") -> str:
+    """The architecture name (``"BERT"``, ..., ``"ModernBERT"``) of a teacher given as a model (base
+    or any head), a ``transformers`` configuration or a local model directory, whose
+    ``model_type`` is one of :data:`TEACHER_ARCHITECTURES`: BERT, RoBERTa, XLM-RoBERTa, ELECTRA,
+    DistilBERT, MobileBERT and ModernBERT (kdfast's own MobileBERT counts as MobileBERT). Reads only
+    the configuration, so that a recipe can refuse a teacher before any work.
+
+    Raises a one-line ``ValueError`` naming ``argument``, the architecture found and the accepted
+    ones, for any other (DeBERTa-v2, GPT-2, ...)."""
+    model_type, what = _model_type(source)
+    if model_type in TEACHER_ARCHITECTURES:
+        return TEACHER_ARCHITECTURES[model_type]
+    accepted = ", ".join(TEACHER_ARCHITECTURES.values())
+    raise ValueError(f"{argument}: {what} is a {model_type or 'model without a model_type'} model; kdfast distils "
+                     f"from {accepted} teachers only")

@@ -99,7 +99,10 @@ def _load_classifier(model_dir: str, task: GlueTask, name: str = "model_dir"):
 def _load_teacher(teacher_dir: str, task: GlueTask):
     from transformers import AutoModelForSequenceClassification
 
+    from kdfast.models.teachers import check_teacher_architecture
+
     _check_model_dir("teacher_dir", teacher_dir)
+    check_teacher_architecture(teacher_dir, "teacher_dir")
     try:
         teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:

@@ -103,9 +103,15 @@ def test_layers_validation(teacher, layers):
         distilbert_from_teacher(teacher, layers=layers)
 
 
-def test_rejects_non_bert():
-    with pytest.raises(TypeError, match="bert"):
+def test_rejects_other_models_naming_the_teacher():
+    from transformers import DebertaV2Config, DebertaV2ForMaskedLM
+
+    with pytest.raises(ValueError, match="teacher must be a transformers model, got Linear"):
         distilbert_from_teacher(torch.nn.Linear(2, 2))
+    deberta = DebertaV2ForMaskedLM(DebertaV2Config(vocab_size=VOCAB, hidden_size=8, num_hidden_layers=2,
+                                                   num_attention_heads=2, intermediate_size=8))
+    with pytest.raises(ValueError, match="^teacher: DebertaV2ForMaskedLM is a deberta-v2 model; kdfast distils from"):
+        distilbert_from_teacher(deberta, layers=(0,))
 
 
 def test_tinybert_configs():

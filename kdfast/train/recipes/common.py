@@ -38,12 +38,14 @@ def prepare_run(cfg) -> Path:
     ``data.max_length`` against its positions; then seed every generator, before any random
     initialisation (students, projections, heads, masking). Returns the teacher directory."""
     from kdfast.data import check_max_length
+    from kdfast.models.teachers import check_teacher_architecture
     from kdfast.train.distiller import check_out_dir, seed_everything
     from kdfast.train.recipes.config import validate_config
 
     validate_config(cfg)
     check_out_dir(cfg.out_dir)
     tdir = teacher_dir(cfg.teacher)
+    check_teacher_architecture(tdir, "teacher.dir")
     check_max_length(cfg.data.max_length, tdir, "data.max_length", minimum=8)
     seed_everything(cfg.train.seed)
     return tdir
@@ -283,25 +285,46 @@ class LMHead:
 
 
 def encoder_of(model: nn.Module, argument: str = "model") -> nn.Module:
-    """The headless encoder of a masked-LM model (``bert`` of a ``transformers`` BERT,
-    ``mobilebert`` of :class:`kdfast.models.KDMobileBertForMaskedLM`); ValueError naming
-    ``argument`` for another class."""
-    for attr in ("bert", "mobilebert"):
-        if isinstance(getattr(model, attr, None), nn.Module) and hasattr(model, "cls"):
-            return getattr(model, attr)
-    raise ValueError(f"{argument}: a {type(model).__name__} has no BERT-style masked-LM head (cls.predictions); "
-                     "the fused LM-head terms support transformers' BertForMaskedLM and kdfast's "
-                     "KDMobileBertForMaskedLM")
+    """The headless encoder of a masked-LM model (``bert`` of a ``transformers`` BERT, ``model`` of
+    a ModernBERT, ``roberta`` / ``electra`` / ``distilbert`` / ``mobilebert`` of theirs, and of
+    :class:`kdfast.models.KDMobileBertForMaskedLM`); ValueError naming ``argument`` for another
+    class."""
+    if isinstance(getattr(model, "mobilebert", None), nn.Module) and hasattr(model, "cls"):
+        return model.mobilebert
+    if type(model).__name__.endswith("ForMaskedLM") and getattr(model, "base_model", model) is not model:
+        return model.base_model
+    raise ValueError(f"{argument}: a {type(model).__name__} has no masked-LM head; the fused LM-head terms support "
+                     "the masked-LM models of BERT, RoBERTa, XLM-RoBERTa, ELECTRA, DistilBERT, MobileBERT and "
+                     "ModernBERT, and kdfast's KDMobileBertForMaskedLM")
 
 
 def lm_head(model: nn.Module, argument: str = "model") -> LMHead:
-    """The :class:`LMHead` of a ``transformers`` ``BertForMaskedLM`` or a kdfast
-    ``KDMobileBertForMaskedLM`` (its current parameters: call it inside the step, after the
+    """The :class:`LMHead` (transform, decoder weight and bias) of a masked-LM model of a family
+    :func:`encoder_of` accepts (its current parameters: call it inside the step, after the
     optimizer's last update); ValueError naming ``argument`` for another class."""
     encoder_of(model, argument)
-    pred = model.cls.predictions
-    weight = pred.output_weight() if hasattr(pred, "output_weight") else pred.decoder.weight
-    return LMHead(pred.transform, weight, pred.decoder.bias)
+    if hasattr(model, "cls"):  # BERT, MobileBERT (transformers' and kdfast's)
+        pred = model.cls.predictions
+        if hasattr(pred, "output_weight"):
+            weight = pred.output_weight()
+        elif type(pred).__name__ == "MobileBertLMPredictionHead":  # logits = h [E_dec^T; dense]
+            weight = torch.cat([pred.decoder.weight.t(), pred.dense.weight], 0).t()
+        else:
+            weight = pred.decoder.weight
+        bias = pred.decoder.bias if pred.decoder.bias is not None else getattr(pred, "bias", None)
+        return LMHead(pred.transform, weight, bias)
+    kind = model.config.model_type
+    if kind in ("roberta", "xlm-roberta"):
+        head = model.lm_head
+        return LMHead(nn.Sequential(head.dense, nn.GELU(), head.layer_norm), head.decoder.weight, head.decoder.bias)
+    if kind == "electra":
+        return LMHead(model.generator_predictions, model.generator_lm_head.weight, model.generator_lm_head.bias)
+    if kind == "distilbert":
+        return LMHead(nn.Sequential(model.vocab_transform, model.activation, model.vocab_layer_norm),
+                      model.vocab_projector.weight, model.vocab_projector.bias)
+    if kind == "modernbert":
+        return LMHead(model.head, model.decoder.weight, model.decoder.bias)
+    raise ValueError(f"{argument}: no LM head known for a {type(model).__name__}")
 
 
 def _empty_loss(*tensors: torch.Tensor) -> torch.Tensor:

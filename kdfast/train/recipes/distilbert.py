@@ -88,7 +88,7 @@ def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: tor
 
         loss = alpha_kd KD + alpha_mlm MLM + alpha_cos (1 - cos(h_s^last, h_t^last))
 
-    (module docstring), KD over ``cfg.kd_rows``. ``teacher``: a ``transformers`` BERT (with its
+    (module docstring), KD over ``cfg.kd_rows``. ``teacher``: a ``transformers`` masked-LM model (with its
     MLM head when ``alpha_kd`` > 0), or None to read the teacher from cache batches (masked
     ``input_ids``, ``labels``, top-k logits ``topk_ids`` / ``topk_values`` / ``topk_lse`` and
     ``hidden_{n_teacher_layers}``). ``masker`` masks live batches (:class:`common.Masker`)."""
@@ -101,7 +101,7 @@ def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: tor
     if cached:
         source = CachedTeacher(n_teacher_layers)
     else:
-        source = LiveTeacher(common.encoder_of(teacher, "teacher") if cfg.alpha_kd else getattr(teacher, "bert", teacher))
+        source = LiveTeacher(teacher.base_model)
         if cfg.alpha_kd:
             t_head = common.lm_head(teacher, "teacher")
 

@@ -105,22 +105,19 @@ def student_layers(n_teacher: int, preset_layers: int) -> int:
 
 
 def build_student(settings: TinyBertStudent, teacher_config):
-    from kdfast.models import tinybert
-    from kdfast.models.students import TINYBERT_PRESETS
+    """:func:`kdfast.models.students.tinybert_student` of the teacher: a BERT, or for a ModernBERT
+    teacher a ModernBERT whose layers take the attention types of the teacher layers they map to."""
+    from kdfast.models.students import TINYBERT_PRESETS, tinybert_student
 
     preset = TINYBERT_PRESETS[settings.preset]
     overrides = {k: getattr(settings, k) for k in ("hidden_size", "intermediate_size", "num_attention_heads")
                  if getattr(settings, k) is not None}
     overrides["num_hidden_layers"] = settings.num_hidden_layers or student_layers(
         teacher_config.num_hidden_layers, preset["num_hidden_layers"])
-    heads = overrides.get("num_attention_heads", preset["num_attention_heads"])
-    width = overrides.get("hidden_size", preset["hidden_size"])
-    if width % heads:
-        raise ValueError(f"student.hidden_size {width} must be divisible by student.num_attention_heads {heads}")
-    return tinybert(settings.preset, vocab_size=teacher_config.vocab_size,
-                    max_position_embeddings=teacher_config.max_position_embeddings,
-                    type_vocab_size=teacher_config.type_vocab_size,
-                    pad_token_id=getattr(teacher_config, "pad_token_id", 0), **overrides)
+    try:
+        return tinybert_student(teacher_config, settings.preset, **overrides)
+    except ValueError as e:
+        raise ValueError(f"student: {e}") from None
 
 
 def plan(cfg: TinyBertRecipe) -> Plan:
@@ -130,6 +127,7 @@ def plan(cfg: TinyBertRecipe) -> Plan:
     from transformers import AutoConfig
 
     from kdfast.models import uniform_layer_map
+    from kdfast.models.modernbert import attention_windows
 
     run = common.RecipeRun(cfg, NAME)
     tconf = AutoConfig.from_pretrained(run.tdir, local_files_only=True)
@@ -145,9 +143,14 @@ def plan(cfg: TinyBertRecipe) -> Plan:
         raise ValueError(f"student.num_attention_heads ({heads_s}) and the teacher's ({heads_t}) must divide one "
                          f"another for the attention term (or set alpha_attention to 0)")
     weights = {"hidden": cfg.alpha_hidden, "attention": cfg.alpha_attention}
+    # ModernBERT's local layers: each attention pair compares its band (the student's layers take
+    # the types of the teacher layers they map to, so the pairs' windows agree)
+    t_windows, s_windows = attention_windows(tconf), attention_windows(student.config)
+    windows = dict(teacher_windows=t_windows, student_windows=s_windows) \
+        if any(w is not None for w in t_windows + s_windows) else {}
     loss_fn = kdfast.DistillationLoss(layer_map, weights, student_hidden_size=student.config.hidden_size,
                                       teacher_hidden_size=tconf.hidden_size, attention="mse",
-                                      attention_source="qk", qk_prescaled=QK_PRESCALED)
+                                      attention_source="qk", qk_prescaled=QK_PRESCALED, **windows)
     want_qk = bool(cfg.alpha_attention)
     caches = run.sources(logits="none", temperature=1.0,
                          layers=sorted(set(layer_map.values())) if cfg.alpha_hidden else [], qk=want_qk)
@@ -158,7 +161,7 @@ def plan(cfg: TinyBertRecipe) -> Plan:
         live = load_teacher(run.tdir, mlm_head=False)
         teacher = LiveTeacher(live, qk=want_qk)
     # the encoder alone: general distillation uses no logits, and the MLM head's [B, L, V] would be waste
-    s_encoder = getattr(student, "bert", student)
+    s_encoder = student.base_model
     step_loss = distillation_step(loss_fn, lambda batch, inputs: capture_outputs(s_encoder, inputs, qk=want_qk),
                                          teacher)
     stage = run.stage("general", student, step_loss, cfg.steps, run.out / "general", teacher=live)
