@@ -13,7 +13,7 @@ from .mobilebert import (
     stacked_ffn,
 )
 from .fused import disable_fused_kernels, enable_fused_kernels
-from .students import distilbert_from_teacher, tinybert, tinybert_config
+from .students import distilbert_from_teacher, tinybert, tinybert_config, tinybert_student
 
 __all__ = [
     "KDMobileBert",
@@ -30,5 +30,6 @@ __all__ = [
     "stacked_ffn",
     "tinybert",
     "tinybert_config",
+    "tinybert_student",
     "uniform_layer_map",
 ]
