@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -217,3 +218,73 @@ def mask_row_weights(mask: Tensor | None, lead: torch.Size, device: torch.device
         raise ValueError(f"mask must be a bool, integer or float tensor, got {mask.dtype}")
     w = row_weights(mask.reshape(-1) != 0, "mean", acc)
     return w / per_row if per_row != 1 else w
+
+
+def explain_non_finite(loss: Tensor, inputs: list[tuple[str, Tensor | None]] | Callable[[], list],
+                       what: str = "loss") -> None:
+    """Refuse a non-finite ``loss`` by naming its cause (only where `value_checks_enabled`).
+
+    The one failure-path check of the losses whose kernels do not look at values: when ``loss``
+    has a NaN or Inf, the first of ``inputs`` (teacher side first, then student side; ``None``
+    entries skipped) that holds one is named in a ValueError; if every input is finite the loss
+    overflowed, and the error says so. A finite ``loss`` costs one host read (CPU tensors: free).
+    Callers pass only the rows that count where they can (``inputs`` may be a function that
+    gathers them: it runs on the failure path only), so padding may hold anything.
+    """
+    if not value_checks_enabled(loss) or bool(torch.isfinite(loss).all()):
+        return
+    name_non_finite(inputs() if callable(inputs) else inputs, what)
+
+
+def name_non_finite(inputs: list[tuple[str, Tensor | None]], what: str = "loss") -> None:
+    """Raise the ValueError of `explain_non_finite` for a loss known not to be finite."""
+    for name, x in inputs:
+        if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"{name} contains NaN or Inf")
+    raise ValueError(f"the {what} is not finite although every input is: overflow (check the magnitudes "
+                     f"of {', '.join(n for n, x in inputs if x is not None)})")
+
+
+def check_lse_temperature(values: Tensor, lse: Tensor, temperature: float, vocab: int) -> None:
+    """A top-k teacher's ``lse`` must be logsumexp(t / T) at this ``temperature`` (a value check).
+
+    ``values`` [n, K]: the teacher's K largest raw logits of each counted row, ``lse`` [n]. Every
+    logit outside the kept ids is at most the row's smallest kept one, so at temperature T, with
+    y = values / T:
+
+        lse_K = logsumexp(y) <= lse <= logaddexp(lse_K, log(V - K) + min y)
+
+    An ``lse`` outside these bounds (beyond the fp16 rounding of stored values) was computed at
+    another temperature: ValueError naming ``temperature`` and ``teacher_logsumexp``.
+    """
+    if lse.numel() == 0:
+        return
+    y = values.to(torch.float32) / temperature
+    K = y.shape[-1]
+    lse_k = torch.logsumexp(y, -1)
+    upper = lse_k if vocab <= K else torch.logaddexp(lse_k, math.log(vocab - K) + y.min(-1).values)
+    tol = 2e-3 * (1.0 + y.abs().amax(-1))  # fp16-stored values: 2^-11 relative each
+    lse = lse.to(torch.float32)
+    bad = (lse < lse_k - tol) | (lse > upper + tol)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        raise ValueError(f"teacher_logsumexp does not belong to temperature={temperature:g}: a row's stored "
+                         f"{float(lse[r]):.4g} lies outside [{float(lse_k[r]):.4g}, {float(upper[r]):.4g}], the "
+                         f"range of logsumexp(t / T) for its top-k values at this T; it was computed at another "
+                         f"temperature (pass the temperature it was stored at, or recompute it)")
+
+
+def counted_tokens(named: list[tuple[str, Tensor]], mask: Tensor | None,
+                   maps: bool = False) -> list[tuple[str, Tensor]]:
+    """For `explain_non_finite`: [B, H, L, ...] attention tensors with the padded tokens of the
+    [B, L] ``mask`` (nonzero = real) zeroed: as query rows, and with ``maps`` ([B, H, L, L]) also
+    as key columns. ``mask`` None: the tensors unchanged."""
+    if mask is None:
+        return named
+    real = mask != 0
+    keep = real[:, None, :, None]
+    out = []
+    for name, x in named:
+        x = x.masked_fill(~keep, 0)
+        out.append((name, x.masked_fill(~real[:, None, None, :], 0) if maps else x))
+    return out
