@@ -38,6 +38,7 @@ from transformers import Trainer, TrainerCallback
 from kdfast.cache.format import MANIFEST, CacheError
 from kdfast.cache.reader import TeacherCache, _concat
 from kdfast.capture import SUPPORTED_MODELS, Captured, _layers, _unwrap, capture
+from kdfast.integrations._checks import check_student_fits_teacher, save_teacher_tokenizer
 from kdfast.losses._checks import check_nonnegative
 from kdfast.losses.distillation import DistillationLoss
 from kdfast.losses.sparse_kd import sparse_kd_loss
@@ -297,6 +298,9 @@ class DistillationTrainer(Trainer):
             _layers(self.accelerator.unwrap_model(self.model), "model")
         if cache is not None:
             self._check_student_fits_cache(cache, self.accelerator.unwrap_model(self.model))
+        else:
+            check_student_fits_teacher(teacher, self.accelerator.unwrap_model(self.model), distillation_loss,
+                                       hidden=self._want_hidden, layers=self._captures)
         self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
         if cache is None:
             teacher.requires_grad_(False)
@@ -522,13 +526,21 @@ class DistillationTrainer(Trainer):
         return self.accelerator.clip_grad_norm_([*model.parameters(), *self.distillation_loss.parameters()],
                                                 self.args.max_grad_norm)
 
+    def _save_tokenizer(self, directory: str) -> None:
+        """Save the teacher's tokenizer beside the student when the Trainer saved none (no
+        ``processing_class`` and no collator tokenizer): the student reads the teacher's token ids."""
+        if self.processing_class is None and getattr(self.data_collator, "tokenizer", None) is None:
+            save_teacher_tokenizer(directory, self.teacher if self.teacher_cache is None else self.teacher_cache)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
+        directory = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            self._save_tokenizer(directory)
         own = self.distillation_loss.state_dict()
         if self.args.should_save and own:
             from safetensors.torch import save_file
 
-            directory = output_dir if output_dir is not None else self.args.output_dir
             save_file({k: v.detach().contiguous().cpu() for k, v in own.items()},
                       os.path.join(directory, PROJECTIONS_FILE), metadata={"format": "pt"})
 
