@@ -44,11 +44,16 @@ from torch import nn
 from kdfast.cache.format import atomic_write_bytes, fsync_dir, sha256_file
 from kdfast.train.distributed import barrier, mean_across_ranks, rank_and_world
 from kdfast.train.optim import Lamb
+from kdfast.train.run_guard import (StopSignals, check_no_previous_run, prune_checkpoints, record_seconds, run_lock,
+                                    seconds_before)
 
 StepLoss = Callable[[dict], tuple[torch.Tensor, dict[str, float]]]
 
 #: ``TrainConfig.optimizer`` -> class; both take param groups with their own ``weight_decay``.
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "lamb": Lamb}
+
+#: the most optimizer steps a run may ask for: more is a typo (the schedule would stretch over it)
+MAX_STEPS = 10**9
 
 CHECKPOINT_FORMAT = "kdfast-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -59,7 +64,7 @@ CHECKPOINT_RE = re.compile(r"step-\d{7}")
 STALE_TMP_RE = re.compile(r"\.(step-\d{7}|latest)\.tmp-(\d+)")
 #: TrainConfig fields that change how a run is shown, logged or checkpointed, not what it trains
 #: (evaluation runs on forked RNG states): a resume may change them
-BOOKKEEPING = ("progress", "out_dir", "log_every", "checkpoint_every", "eval_every")
+BOOKKEEPING = ("progress", "out_dir", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints")
 #: seeds are passed to ``torch.manual_seed`` and mixed with the epoch by the batch sources
 MAX_SEED = 2**32 - 1
 
@@ -127,6 +132,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 0  # keep only the newest this many checkpoints (0: all)
     bf16: bool | None = None  # None: on when the student is on a GPU
     out_dir: str = "runs/kdfast"
     progress: bool = True
@@ -135,9 +141,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # every number is type- and range-checked: a NaN, inf or "2" would otherwise train silently wrong
-        for name, minimum in (("steps", 1), ("grad_accum", 1), ("log_every", 1), ("checkpoint_every", 0),
-                              ("eval_every", 0)):
+        for name, minimum in (("grad_accum", 1), ("log_every", 1), ("checkpoint_every", 0), ("eval_every", 0),
+                              ("keep_checkpoints", 0)):
             check_int(name, getattr(self, name), minimum)
+        check_int("steps", self.steps, 1, MAX_STEPS)
         check_int("seed", self.seed, 0, MAX_SEED)
         check_finite("lr", self.lr, positive=True)
         for name in ("weight_decay", "warmup", "max_grad_norm"):
@@ -508,6 +515,26 @@ class Distiller:
 
     def train(self, resume: bool = False, on_log: Callable[[dict], None] | None = None, *,
               allow_changed_settings: bool = False) -> list[dict]:
+        """:meth:`_train` holding ``out_dir`` (:func:`kdfast.train.run_guard.run_lock`: a second run
+        into it is refused) with SIGINT / SIGTERM deferred to the end of the current step, which
+        then writes a checkpoint and raises :class:`kdfast.train.run_guard.RunInterrupted`. A fresh
+        run (not ``resume``) into a folder that holds a previous run raises
+        :class:`kdfast.train.run_guard.RunExistsError`."""
+        check_out_dir(self.out)
+        with run_lock(self.out), StopSignals() as self._stop:
+            if not resume and self.rank == 0:
+                check_no_previous_run(self.out, "out_dir")
+            self._clock = (time.perf_counter(), seconds_before(self.out) if resume else 0.0)
+            return self._train(resume, on_log, allow_changed_settings=allow_changed_settings)
+
+    @property
+    def seconds(self) -> float:
+        """Wall seconds of training so far, over every interrupted and resumed part of the run."""
+        start, before = getattr(self, "_clock", (time.perf_counter(), 0.0))
+        return before + time.perf_counter() - start
+
+    def _train(self, resume: bool = False, on_log: Callable[[dict], None] | None = None, *,
+               allow_changed_settings: bool = False) -> list[dict]:
         """Run until ``config.steps`` optimizer steps; returns the logged records.
 
         Steps are counted from 1 (the number of optimizer steps done): ``metrics.jsonl``, the
@@ -609,14 +636,24 @@ class Distiller:
                         self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     self._evaluate(metrics)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint()
+                    self._checkpoint()
+                if self._stop.signum is not None and self.step < cfg.steps:
+                    raise self._stop.interrupted(self.step, cfg.steps, self._checkpoint())
         finally:
             if metrics is not None:
                 metrics.close()
             if bar is not None:
                 bar.close()
-        self.save_checkpoint()
+        self._checkpoint()
         return self.history
+
+    def _checkpoint(self) -> Path:
+        """:meth:`save_checkpoint`, then only the newest ``keep_checkpoints`` kept."""
+        path = self.save_checkpoint()
+        if self.rank == 0:
+            record_seconds(self.out / "checkpoints", self.step, self.seconds)
+            prune_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
+        return path
 
 
     def _evaluate(self, metrics) -> None:

@@ -4,13 +4,13 @@ evaluation and the report entry behave alike everywhere."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from kdfast.train.distiller import Distiller, StepLoss, TrainConfig
+from kdfast.train.distiller import Distiller, StepLoss, TrainConfig, read_metrics
 
 __all__ = ["held_out_eval", "run_stage"]
 
@@ -59,13 +59,14 @@ def run_stage(name: str, model: nn.Module, step_loss: StepLoss, data, config: Tr
     eval_fn = held_out_eval(step_loss, held_out, device, config.seed, progress=config.progress)
     distiller = Distiller(model, step_loss, data, config, extra=extra, trainable=trainable, eval_fn=eval_fn,
                           settings=settings)
-    t0 = time.perf_counter()
-    history = distiller.train(resume=resume, allow_changed_settings=allow_changed_settings)
-    seconds = time.perf_counter() - t0
+    distiller.train(resume=resume, allow_changed_settings=allow_changed_settings)
+    # the whole run's records and time, also when it was interrupted and resumed
+    history, evals = (read_metrics(Path(config.out_dir) / "metrics.jsonl") if distiller.rank == 0
+                      else (distiller.history, distiller.eval_history))  # only rank 0 writes the file
+    seconds = distiller.seconds
     rates = [h["tokens_per_s"] for h in history if h.get("tokens_per_s")]
     return {"name": name, "steps": config.steps, "out_dir": config.out_dir,
             "first": history[0] if history else None, "last": history[-1] if history else None,
             "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None, "seconds": round(seconds, 2),
-            "eval": distiller.eval_history[-1] if distiller.eval_history else None,
-            "eval_first": distiller.eval_history[0] if distiller.eval_history else None,
+            "eval": evals[-1] if evals else None, "eval_first": evals[0] if evals else None,
             "history": history}

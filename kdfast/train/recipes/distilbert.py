@@ -170,6 +170,7 @@ def run(cfg: DistilBertRecipe, *, resume: bool = False, allow_changed_settings: 
     except ValueError as e:
         raise ValueError(f"student_layers: {e}") from None
     n_s = len(layers)
+    common.check_student_size(cfg, student, tdir)
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()

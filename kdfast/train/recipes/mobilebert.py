@@ -262,6 +262,7 @@ def run(cfg: MobileBertRecipe, *, resume: bool = False, allow_changed_settings: 
     tokenizer = AutoTokenizer.from_pretrained(tdir, local_files_only=True)
     scfg = student_config(cfg.student, tconf)
     student = KDMobileBertForMaskedLM(scfg)
+    common.check_student_size(cfg, student, tdir)
     n = tconf.num_hidden_layers
     pkt, pre = cfg.pkt, cfg.pretrain
     cached = cfg.teacher.source == "cache"

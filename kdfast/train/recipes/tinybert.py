@@ -139,6 +139,7 @@ def run(cfg: TinyBertRecipe, *, resume: bool = False, allow_changed_settings: bo
     tconf = AutoConfig.from_pretrained(tdir, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(tdir, local_files_only=True)
     student = build_student(cfg.student, tconf)
+    common.check_student_size(cfg, student, tdir)
     n_t, n_s = tconf.num_hidden_layers, student.config.num_hidden_layers
     try:
         layer_map = uniform_layer_map(n_t, n_s)
