@@ -155,3 +155,17 @@ def test_save_model_without_any_tokenizer_to_save_warns(tmp_path):
     with pytest.warns(UserWarning, match="has no tokenizer.*processing_class"):
         trainer.save_model(str(tmp_path / "s"))
     assert (tmp_path / "s" / "config.json").is_file()
+
+
+def test_eval_progress_bar_names_its_stage_not_distil(teacher_dir, tmp_path, capfd):
+    """Whatever reaches the terminal (file descriptors, as transformers' logging writes there): the
+    bar is the fine-tuning's, and no load report for the head kdfast adds on purpose."""
+    d = tmp_path / "model"
+    _student().save_pretrained(d)
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(d)
+    sst2 = write_sst2(tmp_path / "sst2", n_train=32, n_dev=16)
+    rc = main(["eval", "--task", "sst2", "--model", str(d), "--data-dir", str(sst2), "--out", str(tmp_path / "e"),
+               "--epochs", "1", "--batch-size", "16"])
+    err = capfd.readouterr().err
+    assert rc == 0 and "finetune:" in err and "distil:" not in err
+    assert "LOAD REPORT" not in err and "newly initialized" not in err

@@ -64,7 +64,8 @@ CHECKPOINT_RE = re.compile(r"step-\d{7}")
 STALE_TMP_RE = re.compile(r"\.(step-\d{7}|latest)\.tmp-(\d+)")
 #: TrainConfig fields that change how a run is shown, logged or checkpointed, not what it trains
 #: (evaluation runs on forked RNG states): a resume may change them
-BOOKKEEPING = ("progress", "out_dir", "log_every", "checkpoint_every", "eval_every", "keep_checkpoints")
+BOOKKEEPING = ("progress", "progress_label", "out_dir", "log_every", "checkpoint_every", "eval_every",
+               "keep_checkpoints")
 #: seeds are passed to ``torch.manual_seed`` and mixed with the epoch by the batch sources
 MAX_SEED = 2**32 - 1
 
@@ -136,6 +137,7 @@ class TrainConfig:
     bf16: bool | None = None  # None: on when the student is on a GPU
     out_dir: str = "runs/kdfast"
     progress: bool = True
+    progress_label: str = "distil"  # the progress bar's label
     eval_every: int = 0  # run the Distiller's eval_fn every this many steps (0: never)
     optimizer: str = "adamw"  # "adamw" | "lamb"
 
@@ -569,7 +571,7 @@ class Distiller:
         if cfg.progress and self.rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="distil", dynamic_ncols=True)
+            bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc=cfg.progress_label, dynamic_ncols=True)
         self.student.train()
         t_last, tokens = time.perf_counter(), 0
         tok_rate = None  # tokens/s of the last logging window, shown on the progress bar

@@ -222,7 +222,7 @@ def _train_stage(name: str, model: nn.Module, step_loss, data: TokenBatches, epo
     entry (``history`` holds every logged record) with the epochs, batch size and lr."""
     steps = epochs * data.num_batches()
     cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, seed=seed,
-                      log_every=max(1, steps // 50), out_dir=str(out_dir), progress=progress)
+                      log_every=max(1, steps // 50), out_dir=str(out_dir), progress=progress, progress_label=name)
     entry = stage.run_stage(name, model, step_loss, data, cfg, extra=extra, resume=resume)
     return {"epochs": epochs, "batch_size": data.batch_size, "lr": lr, **entry}
 

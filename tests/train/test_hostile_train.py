@@ -346,7 +346,13 @@ def test_metrics_hold_no_step_twice_after_a_resume(finished):
         f.write('{"step": 5, "loss"')  # a torn last line
     fresh().train(resume=True)
     assert metric_steps(out) == [1, 2, 3, 4]
-    fresh().train()  # a fresh run into the same directory starts the record afresh
+    with pytest.raises(ValueError, match="holds a previous run"):  # never overwritten silently
+        fresh().train()
+    assert metric_steps(out) == [1, 2, 3, 4]
+    from kdfast.train.run_guard import remove_previous_run
+
+    remove_previous_run(out)  # what --overwrite does: then a fresh run starts the record afresh
+    fresh().train()
     assert metric_steps(out) == [1, 2, 3, 4]
 
 

@@ -244,3 +244,19 @@ def test_a_student_larger_than_its_teacher_is_refused_unless_asked(tiny, tmp_pat
     assert "its teacher's" in line and "teacher.allow_larger_student=true" in line
     assert not (tmp_path / "a" / "general").exists()
     assert main([*args, "--out", str(tmp_path / "b"), "--set", "teacher.allow_larger_student=true"]) == 0
+
+
+def test_a_cache_dir_of_another_runs_texts_is_refused_and_left_as_it_was(tiny, tmp_path, capsys):
+    cache = tmp_path / "shared-cache"
+    run = ["distill", "--recipe", "distilbert", "--teacher", str(tiny / "teacher"), "--data", str(tiny / "train.txt"),
+           "--no-progress", "--steps", "1", "--set", "student_layers=[0, 3]", "--set", "data.max_length=16",
+           "--set", "train.batch_size=4", "--set", "train.eval_every=0", "--set", "teacher.source=cache",
+           "--set", f"teacher.cache_dir={cache}"]
+    assert main([*run, "--out", str(tmp_path / "a"), "--set", "data.max_texts=24"]) == 0
+    before = snapshot(cache)
+    assert main([*run, "--out", str(tmp_path / "b"), "--set", "data.max_texts=24"]) == 0  # the same: reused
+    assert snapshot(cache) == before
+    capsys.readouterr()
+    assert main([*run, "--out", str(tmp_path / "c"), "--set", "data.max_texts=30"]) == 2
+    assert "holds the train cache of other texts" in one_line_error(capsys, "distill")
+    assert snapshot(cache) == before

@@ -192,7 +192,14 @@ def prepare_cache(cfg, tdir: Path, train: list[str], held_out: list[str], *, log
         if not texts:
             caches.append(None)
             continue
-        corpus = write_corpus(data_dir / f"{name}.txt", texts)
+        corpus = data_dir / f"{name}.txt"
+        wanted = "\n".join(t.replace("\n", " ") for t in texts) + "\n"  # what write_corpus writes
+        if corpus.is_file() and (root / name / "manifest.json").is_file() and corpus.read_text() != wanted:
+            # another run's cache of other texts: its corpus file is not rewritten under it
+            raise ValueError(f"teacher.cache_dir {root} holds the {name} cache of other texts (another run's); "
+                             "kdfast never writes inside a cache it did not create for this run: point "
+                             "teacher.cache_dir elsewhere, or leave it unset")
+        corpus = write_corpus(corpus, texts)
         packing = cfg.data.packing and name == "train"  # held-out evaluation stays one row per text
         bs = min(16, len(texts))
         build_cache(str(tdir), [str(corpus)], str(root / name), logits=logits, hidden="fp16" if layers else "none",
