@@ -35,13 +35,14 @@ shard but the last holding exactly ``rows_per_shard`` rows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from kdfast.fileio import atomic_write_bytes, fsync_dir, sha256_file, sha256_files  # noqa: F401  (re-exported)
 
 FORMAT = "kdfast-teacher-cache"
 VERSION = 1
@@ -59,23 +60,6 @@ class CacheError(ValueError):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_files(paths: list[Path]) -> str:
-    """One digest over several files (names and contents), order-independent of the caller."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda p: p.name):
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -296,25 +280,3 @@ def is_kdfast_leftover(path: Path, listed: set[str]) -> bool:
         return False
     return TEMP_RE.fullmatch(path.name) is not None or (SHARD_RE.fullmatch(path.name) is not None
                                                          and path.name not in listed)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: leave no torn temporary behind
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
