@@ -198,7 +198,9 @@ class DistillationTrainer(Trainer):
     their gradients are zeroed after every optimizer step. ``save_model`` and every
     checkpoint write them beside the student as ``kd_projections.safetensors`` (the student's own
     ``save_pretrained`` files hold the student only); ``resume_from_checkpoint`` reads them back
-    (:func:`load_projections`). Gradient accumulation is the Trainer's: the loss is a per-batch
+    (:func:`load_projections`). Without a ``processing_class`` they also get the teacher's
+    tokenizer (the student reads the teacher's token ids), or a warning when it cannot be found.
+    Gradient accumulation is the Trainer's: the loss is a per-batch
     mean that the Trainer divides by the accumulation steps. Each training log adds
     ``kd_<term>``, the unweighted terms averaged over the micro-batches since the last log (and
     ``student_loss`` when weighted), so every ``report_to`` integration receives them.
@@ -240,7 +242,11 @@ class DistillationTrainer(Trainer):
         not a DistillationLoss or set up for pre-scaled queries or ``output_attentions``,
         ``student_loss_weight`` negative or not finite, ``compute_loss_func`` given, an
         ``optimizers`` optimizer without the projections; at a step, ``student_loss_weight``
-        with a student that returned no loss. With a cache: ``teacher`` not a finished cache,
+        with a student that returned no loss. With a live teacher, before any step
+        (:func:`kdfast.integrations._checks.check_student_fits_teacher`): ``teacher`` the same
+        module as ``model``, ``model`` with a smaller vocabulary than the teacher's (another one
+        with a logits term) or another width than ``student_hidden_size``, a ``layer_map`` beyond
+        either model's layers. With a cache: ``teacher`` not a finished cache,
         ``distillation_loss`` needing hidden states, Q / K or logits the cache does not hold (or
         attention from score maps, or another temperature than the cache's logits), projections
         to another width than the cache's teacher, ``model`` of another width (without

@@ -233,11 +233,18 @@ def explain_non_finite(loss: Tensor, inputs: list[tuple[str, Tensor | None]] | C
     name_non_finite(inputs() if callable(inputs) else inputs, what)
 
 
-def name_non_finite(inputs: list[tuple[str, Tensor | None]], what: str = "loss") -> None:
-    """Raise the ValueError of `explain_non_finite` for a loss known not to be finite."""
+def check_all_finite(inputs: list[tuple[str, Tensor | None]]) -> None:
+    """ValueError naming the first of ``inputs`` (``None`` skipped) that holds a NaN or Inf (a value
+    check: one host read per tensor). For parameters such as a projection matrix, where an Inf can
+    turn into a -inf logit that a soft-max loss accepts as probability 0."""
     for name, x in inputs:
         if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise ValueError(f"{name} contains NaN or Inf")
+
+
+def name_non_finite(inputs: list[tuple[str, Tensor | None]], what: str = "loss") -> None:
+    """Raise the ValueError of `explain_non_finite` for a loss known not to be finite."""
+    check_all_finite(inputs)
     raise ValueError(f"the {what} is not finite although every input is: overflow (check the magnitudes "
                      f"of {', '.join(n for n, x in inputs if x is not None)})")
 

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from kdfast.losses._autograd import scale_stored_grad
 from kdfast.losses._checks import (KD_ROWS, acc_dtype, check_choice, check_nonnegative, check_row_tensor, check_tensor,
-                                   check_temperature, explain_non_finite,
+                                   check_all_finite, check_temperature, explain_non_finite,
                                    value_checks_enabled)
 from kdfast.losses.kd import KINDS
 from kdfast.losses.sparse_kd import TOPK_MAX_TEMPERATURE, check_sparse_teacher_rows, check_teacher_ids
@@ -417,9 +417,9 @@ def fused_linear_kd_loss(
         sparse_mode / kd_rows, ``kd_rows="masked"`` without labels, both ``kd_rows`` and
         ``restrict_to_masked``, bad chunk_size; and, where the value checks run
         (:func:`kdfast.losses._checks.value_checks_enabled`: CPU tensors, CUDA on request),
-        labels or sparse ids out of [0, V), NaN / Inf in the counted rows of ``teacher_hidden``,
-        in ``teacher_weight`` or ``teacher_bias`` (looked for when the loss is not finite), or in
-        the sparse teacher's values.
+        labels or sparse ids out of [0, V), NaN / Inf in the counted rows of either side's hidden
+        states, weight or bias (looked for when the loss is not finite), in the sparse teacher's
+        values, or a sparse teacher's logsumexp computed at another temperature.
     """
     student_hidden, student_weight, student_bias = _check_linear("student", student_hidden, student_weight,
                                                                  student_bias)
@@ -507,6 +507,9 @@ def fused_linear_kd_loss(
         if student_bias is not None:
             z = z + student_bias.sum() * 0
         return z.to(acc)
+    if checks:  # O(V d): an Inf weight could give a -inf logit, a valid "probability 0", and no error
+        check_all_finite([("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias),
+                          ("student_weight", student_weight), ("student_bias", student_bias)])
     if labels_flat is not None:
         lab = rows_of(labels_flat, 1).squeeze(1)
         lab_mlm = lab[:n_mlm]  # the rows whose label is read

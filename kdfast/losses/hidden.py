@@ -214,7 +214,8 @@ def hidden_mse_loss(
 
     Raises:
         ValueError naming the argument: shapes, width mismatch without a projection, dtype,
-        device, mask shape, backend.
+        device, mask shape, backend; where the value checks run, NaN / Inf in a counted row of
+        either side (looked for when the loss is not finite).
     """
     _check_states(student_hidden, teacher_hidden, same_width=False)
     d_s, d_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
@@ -337,7 +338,8 @@ def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | N
         Scalar loss, float32 (float64 for float64 input); gradient to ``student_hidden`` only.
 
     Raises:
-        ValueError naming the argument: shapes, width mismatch, dtype, device, mask shape, backend.
+        ValueError naming the argument: shapes, width mismatch, dtype, device, mask shape, backend;
+        where the value checks run, NaN / Inf in a counted row of either side.
     """
     _check_states(student_hidden, teacher_hidden, same_width=True)
     eps = check_positive("eps", eps)

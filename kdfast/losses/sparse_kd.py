@@ -178,8 +178,10 @@ def sparse_kd_loss(
 
     Raises:
         ValueError naming the argument: shape / dtype / device mismatch of ids or values, ids
-        out of [0, V), K > V, repeated ids in topk mode, temperature outside its range, NaN or Inf in
-        ``teacher_values`` / ``teacher_logsumexp``, negative or all-zero sampled counts, unknown
+        out of [0, V), K > V, repeated ids in topk mode, temperature outside its range, a negative
+        alpha, NaN or Inf in ``teacher_values`` / ``teacher_logsumexp`` (or, when the loss is not
+        finite, in ``student_logits``), a ``teacher_logsumexp`` computed at another temperature
+        (:func:`kdfast.losses._checks.check_lse_temperature`), negative or all-zero sampled counts, unknown
         mode / reduction / kd_rows / backend, ``kd_rows="masked"`` without labels.
     """
     student_logits = check_tensor("student_logits", student_logits, min_dim=1)
