@@ -12,6 +12,11 @@ from torch import Tensor
 from kdfast.ops.dtypes import acc_dtype  # noqa: F401  (the losses' accumulation dtype, from the ops below them)
 
 
+class NonFiniteInputError(ValueError):
+    """A loss input holds a NaN or Inf where it counts (or the loss overflowed); the message names
+    the input. A training loop reports it with the step it happened at."""
+
+
 def check_tensor(name: str, x: object, *, min_dim: int = 1, floating: bool = True) -> Tensor:
     if not isinstance(x, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -139,16 +144,16 @@ def check_logit_rows(teacher: Tensor, student: Tensor | None, teacher_name: str 
     student may not be -inf where the teacher has mass (the KL would be infinite).
     """
     if bool(torch.isnan(teacher).any() | (teacher == float("inf")).any()):
-        raise ValueError(f"{teacher_name} contains NaN or +Inf in counted rows")
+        raise NonFiniteInputError(f"{teacher_name} contains NaN or +Inf in counted rows")
     if bool((teacher == float("-inf")).all(-1).any()):
-        raise ValueError(f"{teacher_name} has a counted row that is -inf everywhere (no distribution)")
+        raise NonFiniteInputError(f"{teacher_name} has a counted row that is -inf everywhere (no distribution)")
     if student is None:
         return
     if bool(torch.isnan(student).any() | (student == float("inf")).any()):
-        raise ValueError(f"{student_name} contains NaN or +Inf in counted rows")
+        raise NonFiniteInputError(f"{student_name} contains NaN or +Inf in counted rows")
     if bool(((student == float("-inf")) & (teacher > float("-inf"))).any()):
-        raise ValueError(f"{student_name} is -inf where {teacher_name} gives probability > 0: the KL is infinite")
-    raise ValueError(f"the loss of {student_name} against {teacher_name} is not finite (overflow: check the "
+        raise NonFiniteInputError(f"{student_name} is -inf where {teacher_name} gives probability > 0: the KL is infinite")
+    raise NonFiniteInputError(f"the loss of {student_name} against {teacher_name} is not finite (overflow: check the "
                      f"magnitudes of the logits, temperature and alphas)")
 
 
@@ -239,13 +244,13 @@ def check_all_finite(inputs: list[tuple[str, Tensor | None]]) -> None:
     turn into a -inf logit that a soft-max loss accepts as probability 0."""
     for name, x in inputs:
         if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"{name} contains NaN or Inf")
+            raise NonFiniteInputError(f"{name} contains NaN or Inf")
 
 
 def name_non_finite(inputs: list[tuple[str, Tensor | None]], what: str = "loss") -> None:
     """Raise the ValueError of `explain_non_finite` for a loss known not to be finite."""
     check_all_finite(inputs)
-    raise ValueError(f"the {what} is not finite although every input is: overflow (check the magnitudes "
+    raise NonFiniteInputError(f"the {what} is not finite although every input is: overflow (check the magnitudes "
                      f"of {', '.join(n for n, x in inputs if x is not None)})")
 
 

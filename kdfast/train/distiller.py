@@ -46,6 +46,7 @@ from kdfast.train.checkpoint import (  # noqa: F401  (CheckpointError, finished_
     finished_run,
     read_metrics,
 )
+from kdfast.losses._checks import NonFiniteInputError
 from kdfast.train.distributed import mean_across_ranks, rank_and_world
 from kdfast.train.optim import OPTIMIZERS, build_optimizer
 from kdfast.train.run_guard import (StopSignals, check_no_previous_run, prune_checkpoints, record_seconds, run_lock,
@@ -316,8 +317,11 @@ class Distiller(Checkpointing):
                     batch = self._next_batch()
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                        loss, terms = self.step_loss(batch)
+                    try:
+                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                            loss, terms = self.step_loss(batch)
+                    except NonFiniteInputError as e:  # a loss refused a NaN / Inf: say at which step
+                        raise NonFiniteError(f"step {self.step + 1}: {e}") from None
                     values = {**{k: float(v) for k, v in terms.items()}, "loss": loss.detach().item()}
                     if bad_term is None:
                         bad_term = next(((k, v) for k, v in values.items() if not math.isfinite(v)), None)

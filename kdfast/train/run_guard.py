@@ -66,11 +66,15 @@ _held_guard = threading.Lock()
 
 @contextmanager
 def run_lock(out: str | os.PathLike, name: str = "out_dir") -> Iterator[Path]:
-    """Hold an exclusive lock on the folder ``out`` (created if absent) while the block runs;
-    RunBusyError naming ``name`` when another process holds it. Re-entrant in one process."""
+    """Hold an exclusive lock on the folder ``out`` while the block runs; RunBusyError naming
+    ``name`` when another process holds it. Re-entrant in one process. A folder it creates is
+    removed again if the block leaves it empty (a run refused before any work writes nothing)."""
     import fcntl
 
     path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is an existing file, not a directory")
+    created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
     key = os.path.realpath(path)
     with _held_guard:
@@ -93,6 +97,8 @@ def run_lock(out: str | os.PathLike, name: str = "out_dir") -> Iterator[Path]:
             _held[key][1] -= 1
             if _held[key][1] == 0:
                 os.close(_held.pop(key)[0])  # releases the lock
+                if created and path.is_dir() and not any(path.iterdir()):
+                    path.rmdir()  # a run refused before any work leaves no folder behind
 
 
 # --- never overwrite a run silently -------------------------------------------------------------
