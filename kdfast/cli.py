@@ -111,10 +111,10 @@ def _fail(command: str, error: BaseException) -> int:
 def _in_out_dir(command: str, out: str, args: argparse.Namespace, work: Callable[[], int]) -> int:
     """Run ``work`` as the one run of ``out``: refused in one line when another run holds it, or
     when it holds a previous run and neither ``--resume`` (which says where it continues) nor
-    ``--overwrite`` (which first removes only what kdfast wrote there) was given. SIGINT / SIGTERM
+    ``--overwrite`` (which first removes only what kdfast wrote there) was given (``work`` says
+    where a ``--resume`` continues: :func:`_say_resume_point`). SIGINT / SIGTERM
     end the current step, write a checkpoint and exit 128 + the signal with one line."""
-    from kdfast.train.run_guard import (RunInterrupted, check_no_previous_run, remove_previous_run, resume_point,
-                                        run_lock)
+    from kdfast.train.run_guard import RunInterrupted, check_no_previous_run, remove_previous_run, run_lock
 
     try:
         if args.resume and args.overwrite:
@@ -125,9 +125,7 @@ def _in_out_dir(command: str, out: str, args: argparse.Namespace, work: Callable
                 if removed:
                     print(f"--overwrite: removed the previous run's {len(removed)} files and folders in {out}",
                           flush=True)
-            elif args.resume:
-                print(resume_point(out), flush=True)
-            else:
+            elif not args.resume:
                 check_no_previous_run(out)
             return work()
     except RunInterrupted as e:
@@ -135,6 +133,14 @@ def _in_out_dir(command: str, out: str, args: argparse.Namespace, work: Callable
         return e.exit_code
     except (ValueError, OSError) as e:  # a busy or used --out; bad input from work() is reported there
         return _fail(command, e)
+
+
+def _say_resume_point(args: argparse.Namespace, out: str) -> None:
+    """With ``--resume``: one line saying where the run continues, or that there is nothing to resume."""
+    if args.resume:
+        from kdfast.train.run_guard import resume_point
+
+        print(resume_point(out), flush=True)
 
 
 def _check_output_file(flag: str, path: str) -> None:
@@ -280,6 +286,7 @@ def _demo(args: argparse.Namespace) -> int:
         if step is not None:
             print(f"run in {args.out} already finished at step {step}; nothing to do")
             return 0
+    _say_resume_point(args, args.out)
     try:
         report = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                           lr=args.lr, seed=args.seed, progress=not args.no_progress, resume=args.resume,
@@ -319,6 +326,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                 if step is not None:
                     print(f"run in {cfg.out_dir} already finished at step {step}; nothing to do")
                     return 0
+            _say_resume_point(args, cfg.out_dir)
             report = run_recipe(args.recipe, cfg, resume=args.resume,
                                 allow_changed_settings=args.allow_changed_settings)
         except (ValueError, OSError) as e:  # CacheError, CheckpointError, NonFiniteError are ValueErrors; a full disk
@@ -365,6 +373,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace, task, out: str) -> int:
     from pathlib import Path
 
+    _say_resume_point(args, out)
     try:
         common = {k: v for k, v in (("batch_size", args.batch_size), ("max_length", args.max_length),
                                      ("seed", args.seed), ("max_train_examples", args.max_train_examples))
@@ -402,7 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     from kdfast.train.distiller import MAX_SEED, MAX_STEPS
 
     count, count0 = _int_at_least(1), _int_at_least(0)
-    steps = _int_at_least(1, MAX_STEPS)
+
+    def steps(text: str) -> int:  # >= 1, and at most MAX_STEPS: more is a typo (the schedule would stretch over it)
+        value = count(text)
+        if value > MAX_STEPS:
+            raise argparse.ArgumentTypeError(f"must be <= {MAX_STEPS}, got {value}")
+        return value
+
+    steps.__name__ = "int"
     seed = _int_at_least(0, MAX_SEED)
     positive = _finite_float(positive=True)
     fmt = {"formatter_class": _HelpFormatter}

@@ -646,7 +646,7 @@ def test_distill_resume_with_a_changed_lr_applies_it(tiny, tmp_path, capsys):
 @pytest.mark.parametrize("args, match", [
     (["--lr", "inf"], "--lr: must be finite"),
     (["--lr", "nan"], "--lr: must be finite"),
-    (["--steps", "0"], r"--steps: must be in \[1, 1000000000\]"),
+    (["--steps", "0"], "--steps: must be >= 1"),
     (["--seed", "-1"], r"--seed: must be in \[0, "),
     (["--batch-size", "0"], "--batch-size: must be >= 1"),
 ])

@@ -108,7 +108,7 @@ def test_resume_says_where_it_resumes_or_that_there_is_nothing(tiny, tmp_path, f
 def test_steps_beyond_a_billion_are_a_usage_error(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(distill_args(tiny, tmp_path / "o", steps=10**20))
-    assert e.value.code == 2 and "--steps: must be in [1, 1000000000]" in capsys.readouterr().err
+    assert e.value.code == 2 and "--steps: must be <= 1000000000" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     from kdfast.train import TrainConfig
 
