@@ -265,7 +265,7 @@ def record_seconds(checkpoints: str | os.PathLike, step: int, seconds: float) ->
     """Store the training seconds up to the checkpoint of ``step`` (beside the checkpoints)."""
     import json
 
-    from kdfast.cache.format import atomic_write_bytes
+    from kdfast.fileio import atomic_write_bytes
 
     path = Path(checkpoints) / SECONDS_FILE
     table = _seconds_table(path)
