@@ -108,6 +108,41 @@ def _fail(command: str, error: BaseException) -> int:
     return 2
 
 
+def _in_out_dir(command: str, out: str, args: argparse.Namespace, work: Callable[[], int]) -> int:
+    """Run ``work`` as the one run of ``out``: refused in one line when another run holds it, or
+    when it holds a previous run and neither ``--resume`` (which says where it continues) nor
+    ``--overwrite`` (which first removes only what kdfast wrote there) was given (``work`` says
+    where a ``--resume`` continues: :func:`_say_resume_point`). SIGINT / SIGTERM
+    end the current step, write a checkpoint and exit 128 + the signal with one line."""
+    from kdfast.train.run_guard import RunInterrupted, check_no_previous_run, remove_previous_run, run_lock
+
+    try:
+        if args.resume and args.overwrite:
+            raise ValueError("--resume continues the run in --out and --overwrite removes it: give one of them")
+        with run_lock(out, "--out"):
+            if args.overwrite:
+                removed = remove_previous_run(out)
+                if removed:
+                    print(f"--overwrite: removed the previous run's {len(removed)} files and folders in {out}",
+                          flush=True)
+            elif not args.resume:
+                check_no_previous_run(out)
+            return work()
+    except RunInterrupted as e:
+        print(f"kdfast {command}: {e}", file=sys.stderr)
+        return e.exit_code
+    except (ValueError, OSError) as e:  # a busy or used --out; bad input from work() is reported there
+        return _fail(command, e)
+
+
+def _say_resume_point(args: argparse.Namespace, out: str) -> None:
+    """With ``--resume``: one line saying where the run continues, or that there is nothing to resume."""
+    if args.resume:
+        from kdfast.train.run_guard import resume_point
+
+        print(resume_point(out), flush=True)
+
+
 def _check_output_file(flag: str, path: str) -> None:
     """ValueError unless ``path`` can be written as a file: its folder exists and it is no directory
     (checked before a long run, not after it)."""
@@ -237,6 +272,10 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    return _in_out_dir("demo", args.out, args, lambda: _demo(args))
+
+
+def _demo(args: argparse.Namespace) -> int:
     from kdfast.train.demo import format_report, run_demo
     from kdfast.train.distiller import finished_run
 
@@ -247,6 +286,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if step is not None:
             print(f"run in {args.out} already finished at step {step}; nothing to do")
             return 0
+    _say_resume_point(args, args.out)
     try:
         report = run_demo(args.out, steps=args.steps, batch_size=args.batch_size, max_length=args.max_length,
                           lr=args.lr, seed=args.seed, progress=not args.no_progress, resume=args.resume,
@@ -273,20 +313,29 @@ def cmd_distill(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(config_to_dict(cfg), sort_keys=False).rstrip(), flush=True)
         if args.print_config:
             return 0
-        if args.resume:  # before any work: a finished run is reported, not rebuilt (its report.json stays)
-            from kdfast.train.distiller import finished_run
-            from kdfast.train.recipes.common import run_settings
-
-            step = finished_run(cfg.out_dir, run_settings(cfg))
-            if step is not None:
-                print(f"run in {cfg.out_dir} already finished at step {step}; nothing to do")
-                return 0
-        report = run_recipe(args.recipe, cfg, resume=args.resume, allow_changed_settings=args.allow_changed_settings)
-    except (ValueError, OSError) as e:  # CacheError, CheckpointError, NonFiniteError are ValueErrors; a full disk
+    except (ValueError, OSError) as e:
         return _fail("distill", e)
-    print()
-    print(format_report(report))
-    return 0
+
+    def work() -> int:
+        try:
+            if args.resume:  # before any work: a finished run is reported, not rebuilt (its report.json stays)
+                from kdfast.train.distiller import finished_run
+                from kdfast.train.recipes.common import run_settings
+
+                step = finished_run(cfg.out_dir, run_settings(cfg))
+                if step is not None:
+                    print(f"run in {cfg.out_dir} already finished at step {step}; nothing to do")
+                    return 0
+            _say_resume_point(args, cfg.out_dir)
+            report = run_recipe(args.recipe, cfg, resume=args.resume,
+                                allow_changed_settings=args.allow_changed_settings)
+        except (ValueError, OSError) as e:  # CacheError, CheckpointError, NonFiniteError are ValueErrors; a full disk
+            return _fail("distill", e)
+        print()
+        print(format_report(report))
+        return 0
+
+    return _in_out_dir("distill", cfg.out_dir, args, work)
 
 
 def _format_eval_table(report: dict) -> str:
@@ -316,10 +365,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             if path is not None and not Path(path).is_dir():
                 raise ValueError(f"{flag} {path!r} is not a directory")
         out = args.out or f"runs/eval-{task.name}"
+    except (ValueError, OSError) as e:
+        return _fail("eval", e)
+    return _in_out_dir("eval", out, args, lambda: _eval(args, task, out))
+
+
+def _eval(args: argparse.Namespace, task, out: str) -> int:
+    from pathlib import Path
+
+    _say_resume_point(args, out)
+    try:
         common = {k: v for k, v in (("batch_size", args.batch_size), ("max_length", args.max_length),
                                      ("seed", args.seed), ("max_train_examples", args.max_train_examples))
                   if v is not None}
         common["progress"] = not args.no_progress
+        common["resume"] = args.resume
         if args.teacher is None:
             from kdfast.train.task import finetune_and_eval
 
@@ -348,13 +408,23 @@ def build_parser() -> argparse.ArgumentParser:
     from kdfast import __version__
     from kdfast.bench import SUITES
     from kdfast.bench.e2e import STEPS as E2E_STEPS
-    from kdfast.train.distiller import MAX_SEED
+    from kdfast.train.distiller import MAX_SEED, MAX_STEPS
 
     count, count0 = _int_at_least(1), _int_at_least(0)
+
+    def steps(text: str) -> int:  # >= 1, and at most MAX_STEPS: more is a typo (the schedule would stretch over it)
+        value = count(text)
+        if value > MAX_STEPS:
+            raise argparse.ArgumentTypeError(f"must be <= {MAX_STEPS}, got {value}")
+        return value
+
+    steps.__name__ = "int"
     seed = _int_at_least(0, MAX_SEED)
     positive = _finite_float(positive=True)
     fmt = {"formatter_class": _HelpFormatter}
     no_progress_help = "no progress bars: neither kdfast's nor those of transformers and datasets"
+    overwrite_help = ("start over: first remove what an earlier run wrote in --out (checkpoints, metrics, report, "
+                      "saved models; a teacher cache and files kdfast did not write stay)")
     ap = argparse.ArgumentParser(prog="kdfast", description="Compiled-kernel knowledge distillation for BERT models",
                                  **fmt)
     ap.add_argument("--version", action="version", version=f"kdfast {__version__}", help="print the version and exit")
@@ -414,12 +484,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cache)
     d = sub.add_parser("demo", help="distil the embedded MiniLM teacher into 3 layers on Python's own docs", **fmt)
     d.add_argument("--out", default="runs/demo", help="output directory (cache, checkpoints, student, report)")
-    d.add_argument("--steps", type=count, default=150, help="optimizer steps")
+    d.add_argument("--steps", type=steps, default=150, help="optimizer steps")
     d.add_argument("--batch-size", type=count, default=16, help="paragraphs per step")
     d.add_argument("--max-length", type=_int_at_least(8), default=128, help="tokens per paragraph")
     d.add_argument("--lr", type=positive, default=1e-4, help="peak learning rate (AdamW, linear warm-up and decay)")
     d.add_argument("--seed", type=seed, default=0, help="seed of the student, data order and masking")
     d.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    d.add_argument("--overwrite", action="store_true", help=overwrite_help)
     d.add_argument("--allow-changed-settings", action="store_true",
                    help="with --resume: accept a checkpoint written with other settings and train on with these")
     d.add_argument("--no-progress", action="store_true", help=no_progress_help)
@@ -437,10 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--teacher", help="local teacher directory (teacher.dir; default: the embedded all-MiniLM-L6-v2)")
     r.add_argument("--data", nargs="+", help="local text files (data.files; default: Python's documentation prose)")
     r.add_argument("--out", help="output directory (out_dir; default: runs/RECIPE)")
-    r.add_argument("--steps", type=count, help="steps of every stage (distilbert/tinybert: steps; mobilebert: "
+    r.add_argument("--steps", type=steps, help="steps of every stage (distilbert/tinybert: steps; mobilebert: "
                                                "pkt.steps_per_layer and pretrain.steps; default: the recipe's or "
                                                "--config's)")
     r.add_argument("--resume", action="store_true", help="continue from the newest checkpoints in the output directory")
+    r.add_argument("--overwrite", action="store_true", help=overwrite_help)
     r.add_argument("--allow-changed-settings", action="store_true",
                    help="with --resume: accept checkpoints written with other settings and train on with these "
                         "(otherwise a change is refused, naming the changed keys)")
@@ -472,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "for single sentences, 128 for pairs)")
     e.add_argument("--max-train-examples", type=count, help="use only the first N training examples (default: all)")
     e.add_argument("--seed", type=seed, help="seed of the head, data order and dropout (default 0)")
+    e.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints in --out")
+    e.add_argument("--overwrite", action="store_true", help=overwrite_help)
     e.add_argument("--no-progress", action="store_true", help=no_progress_help)
     e.set_defaults(func=cmd_eval)
     k = sub.add_parser("backends", help="which kernel backends are built and usable here", **fmt)
@@ -491,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
             code = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
         return code
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop (which stops after its step instead)
+        print(f"kdfast {args.command}: interrupted", file=sys.stderr)
+        return 128 + 2
     except BrokenPipeError:  # `kdfast ... | head`: the reader left; stop quietly as SIGPIPE would
         import os
 

@@ -501,3 +501,148 @@ def test_distillation_dropped_probability_check_with_grouped_teacher_heads():
     dropped[1, 0, 4, 1] = 0.0
     with pytest.raises(ValueError, match="attention dropout"):
         crit({"attentions": (dropped,)}, {"attentions": (teacher,)})
+
+
+# --- one input contract for every public loss ---------------------------------------------------
+# Every public loss refuses the same careless inputs the same way: a ValueError naming the argument.
+# Each entry: the loss, its valid keyword arguments (fresh random values, odd sizes), the float
+# tensors whose NaN / Inf it must name (value checks on: the default for CPU tensors), the weights
+# that must be >= 0, and the (student, teacher) pairs that must share a dtype.
+
+def _contract_cases() -> dict:
+    g = torch.Generator().manual_seed(23)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    B, H, L, d, Vc = 2, 2, 5, 6, 11
+    t = r(3, Vc) * 3
+    ids, vals, lse = kdfast.sparsify_teacher_logits(t, 4, temperature=2.0)
+    return {
+        "kd_loss": (kdfast.kd_loss, lambda: dict(student_logits=r(3, Vc), teacher_logits=r(3, Vc), temperature=2.0,
+                                                 labels=torch.tensor([1, -100, 4]), alpha_mlm=0.5),
+                    ["teacher_logits", "student_logits"], ["alpha_kd", "alpha_mlm"],
+                    [("student_logits", "teacher_logits")]),
+        "sparse_kd_loss": (kdfast.sparse_kd_loss,
+                           lambda: dict(student_logits=r(3, Vc), teacher_ids=ids.clone(), teacher_values=vals.float(),
+                                        teacher_logsumexp=lse.clone(), temperature=2.0,
+                                        labels=torch.tensor([1, -100, 4]), alpha_mlm=0.5),
+                           ["teacher_values", "teacher_logsumexp", "student_logits"], ["alpha_kd", "alpha_mlm"], []),
+        "fused_linear_kd_loss": (kdfast.fused_linear_kd_loss,
+                                 lambda: dict(student_hidden=r(3, d), student_weight=r(Vc, d), teacher_hidden=r(3, d + 1),
+                                              teacher_weight=r(Vc, d + 1), student_bias=r(Vc), teacher_bias=r(Vc),
+                                              temperature=2.0, labels=torch.tensor([1, -100, 4]), alpha_mlm=0.5),
+                                 ["teacher_hidden", "teacher_weight", "teacher_bias", "student_hidden",
+                                  "student_weight", "student_bias"], ["alpha_kd", "alpha_mlm"], []),
+        "attention_kl_loss": (kdfast.attention_kl_loss,
+                              lambda: dict(student_scores=r(B, H, L, L), teacher_scores=r(B, H, L, L)),
+                              ["teacher_scores", "student_scores"], [], [("student_scores", "teacher_scores")]),
+        "attention_mse_loss": (kdfast.attention_mse_loss,
+                               lambda: dict(student_scores=r(B, H, L, L), teacher_scores=r(B, H, L, L)),
+                               ["teacher_scores", "student_scores"], [], [("student_scores", "teacher_scores")]),
+        "flash_attention_transfer": (kdfast.flash_attention_transfer,
+                                     lambda: dict(q_s=r(B, H, L, 4), k_s=r(B, H, L, 4), q_t=r(B, H, L, 3),
+                                                  k_t=r(B, H, L, 3)),
+                                     ["q_t", "k_t", "q_s", "k_s"], [], [("q_s", "q_t"), ("q_s", "k_s")]),
+        "hidden_mse_loss": (kdfast.hidden_mse_loss,
+                            lambda: dict(student_hidden=r(B, L, d), teacher_hidden=r(B, L, d + 1),
+                                         proj_weight=r(d + 1, d), proj_bias=r(d + 1)),
+                            ["teacher_hidden", "student_hidden", "proj_weight", "proj_bias"], [],
+                            [("student_hidden", "teacher_hidden")]),
+        "cosine_loss": (kdfast.cosine_loss, lambda: dict(student_hidden=r(B, L, d), teacher_hidden=r(B, L, d)),
+                        ["teacher_hidden", "student_hidden"], [], [("student_hidden", "teacher_hidden")]),
+        "feature_map_loss": (kdfast.feature_map_loss,
+                             lambda: dict(student_hidden=r(B, L, d), teacher_hidden=r(B, L, d)),
+                             ["teacher_hidden", "student_hidden"], ["beta_mean", "beta_var"],
+                             [("student_hidden", "teacher_hidden")]),
+    }
+
+
+CONTRACT = _contract_cases()
+
+
+def _contract_backends(loss: str) -> list[str]:
+    if loss == "feature_map_loss":
+        return ["torch"]
+    return [b for b in BACKENDS if not (b == "cpu" and loss == "sparse_kd_loss")]
+
+
+@pytest.mark.parametrize("loss", list(CONTRACT))
+def test_contract_valid_inputs_give_a_finite_loss(loss):
+    fn, make, *_ = CONTRACT[loss]
+    for be in _contract_backends(loss):
+        assert torch.isfinite(fn(**make(), backend=be)), (loss, be)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("loss", list(CONTRACT))
+def test_contract_non_finite_inputs_are_named(loss, bad):
+    """A NaN / Inf in a counted element of any float input: ValueError naming that input, never a NaN loss."""
+    fn, make, finite, _, _ = CONTRACT[loss]
+    for be in _contract_backends(loss):
+        for arg in finite:
+            kw = make()
+            kw[arg].view(-1)[1] = bad
+            with pytest.raises(ValueError, match=rf"^{arg} "):
+                fn(**kw, backend=be)
+
+
+@pytest.mark.parametrize("loss", list(CONTRACT))
+def test_contract_negative_weights_and_non_tensors_are_refused(loss):
+    fn, make, finite, weights, _ = CONTRACT[loss]
+    for w in weights:
+        for bad in (-1.0, float("nan"), "1"):
+            with pytest.raises(ValueError, match=w):
+                fn(**{**make(), w: bad})
+    for arg in finite:
+        kw = make()
+        kw[arg] = kw[arg].tolist()
+        with pytest.raises(ValueError, match=arg):
+            fn(**kw)
+        kw = make()
+        kw[arg] = kw[arg].to(torch.int32)
+        with pytest.raises(ValueError, match=arg):
+            fn(**kw)
+
+
+@pytest.mark.parametrize("loss", [name for name in CONTRACT if CONTRACT[name][4]])
+def test_contract_dtype_and_shape_mismatches_are_named(loss):
+    fn, make, _, _, pairs = CONTRACT[loss]
+    for student, teacher in pairs:
+        kw = make()
+        kw[teacher] = kw[teacher].double()
+        with pytest.raises(ValueError, match=teacher):
+            fn(**kw)
+        kw = make()
+        kw[teacher] = kw[teacher][..., :-1, :] if kw[teacher].dim() > 2 else kw[teacher][:-1]
+        with pytest.raises(ValueError, match=f"{teacher}|{student}"):
+            fn(**kw)
+
+
+@pytest.mark.parametrize("module, kwargs", [
+    (kdfast.KDLoss, dict(alpha_kd=-1.0)), (kdfast.KDLoss, dict(alpha_mlm=-0.5)),
+    (kdfast.SparseKDLoss, dict(alpha_kd=-1.0)), (kdfast.FusedLinearKDLoss, dict(alpha_mlm=-1.0)),
+])
+def test_contract_loss_modules_refuse_negative_alphas(module, kwargs):
+    with pytest.raises(ValueError, match=next(iter(kwargs))):
+        module(**kwargs)
+    with pytest.raises(ValueError, match=r"weights\['logits'\]"):
+        kdfast.DistillationLoss({1: 1}, {"logits": -1.0})
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "cpu"])
+@pytest.mark.parametrize("stored, used", [(0.454, 0.248), (0.248, 0.454), (1.0, 2.0), (2.0, 1.0)])
+def test_sparse_teacher_at_another_temperature_than_its_lse_is_refused(backend, stored, used):
+    """The cache stores logsumexp(t / T) at its own T: using it at another T is a silent wrong loss
+    unless refused. Both the sparse loss and the fused linear loss with a sparse teacher refuse it."""
+    g = torch.Generator().manual_seed(int(stored * 1000))
+    t = torch.randn(6, 50, generator=g) * 3
+    s = torch.randn(6, 50, generator=g)
+    ids, vals, lse = kdfast.sparsify_teacher_logits(t, 8, temperature=stored)
+    assert torch.isfinite(kdfast.sparse_kd_loss(s, ids, vals, teacher_logsumexp=lse, temperature=stored,
+                                                backend=backend))
+    with pytest.raises(ValueError, match="teacher_logsumexp.*temperature"):
+        kdfast.sparse_kd_loss(s, ids, vals, teacher_logsumexp=lse, temperature=used, backend=backend)
+    h, w = torch.randn(6, 7, generator=g), torch.randn(50, 7, generator=g)
+    with pytest.raises(ValueError, match="teacher_logsumexp.*temperature"):
+        kdfast.fused_linear_kd_loss(h, w, teacher_sparse=(ids, vals, lse), temperature=used, backend=backend)

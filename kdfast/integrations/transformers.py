@@ -38,6 +38,7 @@ from transformers import Trainer, TrainerCallback
 from kdfast.cache.format import MANIFEST, CacheError
 from kdfast.cache.reader import TeacherCache
 from kdfast.capture import SUPPORTED_MODELS, Captured, capture, check_supported
+from kdfast.integrations._checks import check_student_fits_teacher, save_teacher_tokenizer
 from kdfast.losses._checks import check_nonnegative
 from kdfast.losses.distillation import DistillationLoss
 from kdfast.losses.sparse_kd import sparse_kd_loss
@@ -197,7 +198,9 @@ class DistillationTrainer(Trainer):
     their gradients are zeroed after every optimizer step. ``save_model`` and every
     checkpoint write them beside the student as ``kd_projections.safetensors`` (the student's own
     ``save_pretrained`` files hold the student only); ``resume_from_checkpoint`` reads them back
-    (:func:`load_projections`). Gradient accumulation is the Trainer's: the loss is a per-batch
+    (:func:`load_projections`). Without a ``processing_class`` they also get the teacher's
+    tokenizer (the student reads the teacher's token ids), or a warning when it cannot be found.
+    Gradient accumulation is the Trainer's: the loss is a per-batch
     mean that the Trainer divides by the accumulation steps. Each training log adds
     ``kd_<term>``, the unweighted terms averaged over the micro-batches since the last log (and
     ``student_loss`` when weighted), so every ``report_to`` integration receives them.
@@ -239,7 +242,11 @@ class DistillationTrainer(Trainer):
         not a DistillationLoss or set up for pre-scaled queries or ``output_attentions``,
         ``student_loss_weight`` negative or not finite, ``compute_loss_func`` given, an
         ``optimizers`` optimizer without the projections; at a step, ``student_loss_weight``
-        with a student that returned no loss. With a cache: ``teacher`` not a finished cache,
+        with a student that returned no loss. With a live teacher, before any step
+        (:func:`kdfast.integrations._checks.check_student_fits_teacher`): ``teacher`` the same
+        module as ``model``, ``model`` with a smaller vocabulary than the teacher's (another one
+        with a logits term) or another width than ``student_hidden_size``, a ``layer_map`` beyond
+        either model's layers. With a cache: ``teacher`` not a finished cache,
         ``distillation_loss`` needing hidden states, Q / K or logits the cache does not hold (or
         attention from score maps, or another temperature than the cache's logits), projections
         to another width than the cache's teacher, ``model`` of another width (without
@@ -301,6 +308,9 @@ class DistillationTrainer(Trainer):
             check_supported(self.accelerator.unwrap_model(self.model), "model")
         if cache is not None:
             self._check_student_fits_cache(cache, self.accelerator.unwrap_model(self.model))
+        else:
+            check_student_fits_teacher(teacher, self.accelerator.unwrap_model(self.model), distillation_loss,
+                                       hidden=self._want_hidden, layers=self._captures)
         self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
         if cache is None:
             teacher.requires_grad_(False)
@@ -512,13 +522,21 @@ class DistillationTrainer(Trainer):
         return self.accelerator.clip_grad_norm_([*model.parameters(), *self.distillation_loss.parameters()],
                                                 self.args.max_grad_norm)
 
+    def _save_tokenizer(self, directory: str) -> None:
+        """Save the teacher's tokenizer beside the student when the Trainer saved none (no
+        ``processing_class`` and no collator tokenizer): the student reads the teacher's token ids."""
+        if self.processing_class is None and getattr(self.data_collator, "tokenizer", None) is None:
+            save_teacher_tokenizer(directory, self.teacher if self.teacher_cache is None else self.teacher_cache)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict)
+        directory = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            self._save_tokenizer(directory)
         own = self.distillation_loss.state_dict()
         if self.args.should_save and own:
             from safetensors.torch import save_file
 
-            directory = output_dir if output_dir is not None else self.args.output_dir
             save_file({k: v.detach().contiguous().cpu() for k, v in own.items()},
                       os.path.join(directory, PROJECTIONS_FILE), metadata={"format": "pt"})
 

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from kdfast.ops.dtypes import acc_dtype  # noqa: F401  (the losses' accumulation dtype, from the ops below them)
+
+
+class NonFiniteInputError(ValueError):
+    """A loss input holds a NaN or Inf where it counts (or the loss overflowed); the message names
+    the input. A training loop reports it with the step it happened at."""
 
 
 def check_tensor(name: str, x: object, *, min_dim: int = 1, floating: bool = True) -> Tensor:
@@ -138,16 +144,16 @@ def check_logit_rows(teacher: Tensor, student: Tensor | None, teacher_name: str 
     student may not be -inf where the teacher has mass (the KL would be infinite).
     """
     if bool(torch.isnan(teacher).any() | (teacher == float("inf")).any()):
-        raise ValueError(f"{teacher_name} contains NaN or +Inf in counted rows")
+        raise NonFiniteInputError(f"{teacher_name} contains NaN or +Inf in counted rows")
     if bool((teacher == float("-inf")).all(-1).any()):
-        raise ValueError(f"{teacher_name} has a counted row that is -inf everywhere (no distribution)")
+        raise NonFiniteInputError(f"{teacher_name} has a counted row that is -inf everywhere (no distribution)")
     if student is None:
         return
     if bool(torch.isnan(student).any() | (student == float("inf")).any()):
-        raise ValueError(f"{student_name} contains NaN or +Inf in counted rows")
+        raise NonFiniteInputError(f"{student_name} contains NaN or +Inf in counted rows")
     if bool(((student == float("-inf")) & (teacher > float("-inf"))).any()):
-        raise ValueError(f"{student_name} is -inf where {teacher_name} gives probability > 0: the KL is infinite")
-    raise ValueError(f"the loss of {student_name} against {teacher_name} is not finite (overflow: check the "
+        raise NonFiniteInputError(f"{student_name} is -inf where {teacher_name} gives probability > 0: the KL is infinite")
+    raise NonFiniteInputError(f"the loss of {student_name} against {teacher_name} is not finite (overflow: check the "
                      f"magnitudes of the logits, temperature and alphas)")
 
 
@@ -214,3 +220,80 @@ def mask_row_weights(mask: Tensor | None, lead: torch.Size, device: torch.device
         raise ValueError(f"mask must be a bool, integer or float tensor, got {mask.dtype}")
     w = row_weights(mask.reshape(-1) != 0, "mean", acc)
     return w / per_row if per_row != 1 else w
+
+
+def explain_non_finite(loss: Tensor, inputs: list[tuple[str, Tensor | None]] | Callable[[], list],
+                       what: str = "loss") -> None:
+    """Refuse a non-finite ``loss`` by naming its cause (only where `value_checks_enabled`).
+
+    The one failure-path check of the losses whose kernels do not look at values: when ``loss``
+    has a NaN or Inf, the first of ``inputs`` (teacher side first, then student side; ``None``
+    entries skipped) that holds one is named in a ValueError; if every input is finite the loss
+    overflowed, and the error says so. A finite ``loss`` costs one host read (CPU tensors: free).
+    Callers pass only the rows that count where they can (``inputs`` may be a function that
+    gathers them: it runs on the failure path only), so padding may hold anything.
+    """
+    if not value_checks_enabled(loss) or bool(torch.isfinite(loss).all()):
+        return
+    name_non_finite(inputs() if callable(inputs) else inputs, what)
+
+
+def check_all_finite(inputs: list[tuple[str, Tensor | None]]) -> None:
+    """ValueError naming the first of ``inputs`` (``None`` skipped) that holds a NaN or Inf (a value
+    check: one host read per tensor). For parameters such as a projection matrix, where an Inf can
+    turn into a -inf logit that a soft-max loss accepts as probability 0."""
+    for name, x in inputs:
+        if x is not None and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            raise NonFiniteInputError(f"{name} contains NaN or Inf")
+
+
+def name_non_finite(inputs: list[tuple[str, Tensor | None]], what: str = "loss") -> None:
+    """Raise the ValueError of `explain_non_finite` for a loss known not to be finite."""
+    check_all_finite(inputs)
+    raise NonFiniteInputError(f"the {what} is not finite although every input is: overflow (check the magnitudes "
+                     f"of {', '.join(n for n, x in inputs if x is not None)})")
+
+
+def check_lse_temperature(values: Tensor, lse: Tensor, temperature: float, vocab: int) -> None:
+    """A top-k teacher's ``lse`` must be logsumexp(t / T) at this ``temperature`` (a value check).
+
+    ``values`` [n, K]: the teacher's K largest raw logits of each counted row, ``lse`` [n]. Every
+    logit outside the kept ids is at most the row's smallest kept one, so at temperature T, with
+    y = values / T:
+
+        lse_K = logsumexp(y) <= lse <= logaddexp(lse_K, log(V - K) + min y)
+
+    An ``lse`` outside these bounds (beyond the fp16 rounding of stored values) was computed at
+    another temperature: ValueError naming ``temperature`` and ``teacher_logsumexp``.
+    """
+    if lse.numel() == 0:
+        return
+    y = values.to(torch.float32) / temperature
+    K = y.shape[-1]
+    lse_k = torch.logsumexp(y, -1)
+    upper = lse_k if vocab <= K else torch.logaddexp(lse_k, math.log(vocab - K) + y.min(-1).values)
+    tol = 2e-3 * (1.0 + y.abs().amax(-1))  # fp16-stored values: 2^-11 relative each
+    lse = lse.to(torch.float32)
+    bad = (lse < lse_k - tol) | (lse > upper + tol)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        raise ValueError(f"teacher_logsumexp does not belong to temperature={temperature:g}: a row's stored "
+                         f"{float(lse[r]):.4g} lies outside [{float(lse_k[r]):.4g}, {float(upper[r]):.4g}], the "
+                         f"range of logsumexp(t / T) for its top-k values at this T; it was computed at another "
+                         f"temperature (pass the temperature it was stored at, or recompute it)")
+
+
+def counted_tokens(named: list[tuple[str, Tensor]], mask: Tensor | None,
+                   maps: bool = False) -> list[tuple[str, Tensor]]:
+    """For `explain_non_finite`: [B, H, L, ...] attention tensors with the padded tokens of the
+    [B, L] ``mask`` (nonzero = real) zeroed: as query rows, and with ``maps`` ([B, H, L, L]) also
+    as key columns. ``mask`` None: the tensors unchanged."""
+    if mask is None:
+        return named
+    real = mask != 0
+    keep = real[:, None, :, None]
+    out = []
+    for name, x in named:
+        x = x.masked_fill(~keep, 0)
+        out.append((name, x.masked_fill(~real[:, None, None, :], 0) if maps else x))
+    return out

@@ -60,6 +60,9 @@ from kdfast.losses._checks import (
     check_positive,
     check_same_dtype_device,
     check_tensor,
+    counted_tokens,
+    explain_non_finite,
+    name_non_finite,
     value_checks_enabled,
 )
 from kdfast.ops import registry
@@ -251,8 +254,20 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
     name = registry.select(SCORE_MSE_FWD_OP, backend, student_scores, what="attention_mse_loss").backend
     dev = student_scores.device
     mask_i8 = m.to(torch.int8).contiguous() if m is not None else torch.zeros(1, dtype=torch.int8, device=dev)
-    return _ScoreMSEFunction.apply(student_scores.contiguous(), teacher_scores.detach().contiguous(), mask_i8,
+    loss = _ScoreMSEFunction.apply(student_scores.contiguous(), teacher_scores.detach().contiguous(), mask_i8,
                                    threshold, m is not None, w, name)
+
+    def counted() -> list[tuple[str, Tensor]]:  # at or below threshold: masked, not a bad value
+        return counted_tokens([("teacher_scores", teacher_scores.masked_fill(teacher_scores <= threshold, 0)),
+                               ("student_scores", student_scores.detach().masked_fill(
+                                   student_scores.detach() <= threshold, 0))], m, maps=True)
+
+    if value_checks_enabled(loss):
+        # a NaN compares false with the threshold, so the kernels drop it: look for one as well
+        named = counted()
+        if not bool(torch.isfinite(loss)) or any(bool(torch.isnan(x).any()) for _, x in named):
+            name_non_finite(named)
+    return loss
 
 
 def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None, *,
@@ -453,8 +468,11 @@ def flash_attention_transfer(
     else:
         count = H * key_valid.sum().to(acc)
     row_weight = key_valid.to(acc) / count.clamp_min(1)
-    return _StoredGradLossFunction.apply(FLASH_OP, name, 2, torch.is_grad_enabled(), q_s, k_s, q_t, k_t, key_valid,
-                                         row_weight, scale_s, scale_t, loss == "mse", w)
+    out = _StoredGradLossFunction.apply(FLASH_OP, name, 2, torch.is_grad_enabled(), q_s, k_s, q_t, k_t, key_valid,
+                                        row_weight, scale_s, scale_t, loss == "mse", w)
+    explain_non_finite(out, lambda: counted_tokens([("q_t", q_t), ("k_t", k_t), ("q_s", q_s.detach()),
+                                                    ("k_s", k_s.detach())], m))
+    return out
 
 
 def split_relation_heads(x: Tensor, relation_heads: int, name: str = "x") -> Tensor:

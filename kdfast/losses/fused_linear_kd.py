@@ -59,8 +59,9 @@ import torch
 from torch import Tensor, nn
 
 from kdfast.losses._autograd import scale_stored_grad
-from kdfast.losses._checks import (KD_ROWS, acc_dtype, check_choice, check_number, check_row_tensor, check_tensor,
-                                   check_temperature, value_checks_enabled)
+from kdfast.losses._checks import (KD_ROWS, acc_dtype, check_choice, check_nonnegative, check_row_tensor, check_tensor,
+                                   check_all_finite, check_temperature, explain_non_finite,
+                                   value_checks_enabled)
 from kdfast.losses.kd import KINDS
 from kdfast.losses.sparse_kd import TOPK_MAX_TEMPERATURE, check_sparse_teacher_rows, check_teacher_ids
 from kdfast.ops import logit_kd, registry
@@ -416,9 +417,9 @@ def fused_linear_kd_loss(
         sparse_mode / kd_rows, ``kd_rows="masked"`` without labels, both ``kd_rows`` and
         ``restrict_to_masked``, bad chunk_size; and, where the value checks run
         (:func:`kdfast.losses._checks.value_checks_enabled`: CPU tensors, CUDA on request),
-        labels or sparse ids out of [0, V), NaN / Inf in the counted rows of ``teacher_hidden``,
-        in ``teacher_weight`` or ``teacher_bias`` (looked for when the loss is not finite), or in
-        the sparse teacher's values.
+        labels or sparse ids out of [0, V), NaN / Inf in the counted rows of either side's hidden
+        states, weight or bias (looked for when the loss is not finite), in the sparse teacher's
+        values, or a sparse teacher's logsumexp computed at another temperature.
     """
     student_hidden, student_weight, student_bias = _check_linear("student", student_hidden, student_weight,
                                                                  student_bias)
@@ -427,7 +428,7 @@ def fused_linear_kd_loss(
     V = student_weight.shape[0]
     topk_teacher = isinstance(teacher_sparse, (tuple, list)) and len(teacher_sparse) == 3
     temperature = check_temperature(temperature, high=TOPK_MAX_TEMPERATURE if topk_teacher else None)
-    alpha_kd, alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
+    alpha_kd, alpha_mlm = check_nonnegative("alpha_kd", alpha_kd), check_nonnegative("alpha_mlm", alpha_mlm)
     check_choice("kind", kind, KINDS)
     kd_rows = _kd_rows_argument(kd_rows, restrict_to_masked, labels is not None)
     if teacher_hidden is None and teacher_sparse is None:
@@ -506,6 +507,9 @@ def fused_linear_kd_loss(
         if student_bias is not None:
             z = z + student_bias.sum() * 0
         return z.to(acc)
+    if checks:  # O(V d): an Inf weight could give a -inf logit, a valid "probability 0", and no error
+        check_all_finite([("teacher_weight", teacher_weight), ("teacher_bias", teacher_bias),
+                          ("student_weight", student_weight), ("student_bias", student_bias)])
     if labels_flat is not None:
         lab = rows_of(labels_flat, 1).squeeze(1)
         lab_mlm = lab[:n_mlm]  # the rows whose label is read
@@ -530,7 +534,7 @@ def fused_linear_kd_loss(
         if lse is not None:
             lse_g = rows_of(lse.detach(), 1).squeeze(1).to(acc).contiguous()
         if checks:
-            check_sparse_teacher_rows(ids_g, vals_g, lse_g, V, sparse_mode)
+            check_sparse_teacher_rows(ids_g, vals_g, lse_g, V, sparse_mode, temperature)
         else:
             ids_g = ids_g.clamp(0, V - 1)  # unchecked ids stay in bounds
         sparse = (ids_g, vals_g, lse_g, sparse_mode == "sampled")
@@ -541,11 +545,10 @@ def fused_linear_kd_loss(
     loss = _FusedLinearKDFunction.apply(h_s, student_weight, student_bias, h_t, w_t, b_t, sparse, lab, row_weight,
                                         temperature, float(alpha_kd), alpha_mlm_rows, n_mlm, kind == "soft_ce",
                                         kernel, int(C), torch.is_grad_enabled(), lowp_s, lowp_t)
-    if checks and sparse is None and not bool(torch.isfinite(loss)):
-        # Only on the failure path: is the teacher to blame? (a NaN / Inf student gives a NaN loss as eager does)
-        for arg, x in (("teacher_hidden", h_t), ("teacher_weight", w_t), ("teacher_bias", b_t)):
-            if x is not None and not bool(torch.isfinite(x).all()):
-                raise ValueError(f"{arg} contains NaN or Inf" + (" in counted rows" if arg == "teacher_hidden" else ""))
+    if checks:  # only on the failure path: which input is to blame (the counted rows)
+        explain_non_finite(loss, [("teacher_hidden", h_t), ("teacher_weight", w_t), ("teacher_bias", b_t),
+                                  ("student_hidden", h_s), ("student_weight", student_weight),
+                                  ("student_bias", student_bias)])
     return loss
 
 
@@ -562,7 +565,7 @@ class FusedLinearKDLoss(nn.Module):
                  sparse_mode: str | None = None, backend: str = "auto") -> None:
         super().__init__()
         self.temperature = check_temperature(temperature, high=TOPK_MAX_TEMPERATURE if sparse_mode == "topk" else None)
-        self.alpha_kd, self.alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
+        self.alpha_kd, self.alpha_mlm = check_nonnegative("alpha_kd", alpha_kd), check_nonnegative("alpha_mlm", alpha_mlm)
         self.kind = check_choice("kind", kind, KINDS)
         if kd_rows is not None:
             if restrict_to_masked is not None:

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from kdfast.losses._autograd import scale_stored_grad
-from kdfast.losses._checks import acc_dtype, check_same_dtype_device, check_tensor, mask_row_weights
+from kdfast.losses._checks import (acc_dtype, check_nonnegative, check_positive, check_same_dtype_device, check_tensor,
+                                   explain_non_finite, mask_row_weights)
 from kdfast.ops import hidden_rows as _hidden_rows  # noqa: F401  (registers the family's ops)
 from kdfast.ops import registry
 
@@ -50,6 +51,21 @@ def _check_states(student_hidden: Tensor, teacher_hidden: Tensor, same_width: bo
     check_same_dtype_device("student_hidden", student_hidden, "teacher_hidden", teacher_hidden)
     if student_hidden.numel() == 0 or teacher_hidden.numel() == 0:
         raise ValueError(f"student_hidden is empty (shape {tuple(student_hidden.shape)})")
+
+
+def _counted_inputs(w: Tensor, named: list[tuple[str, Tensor | None]], width_rows: bool = True):
+    """For `explain_non_finite`: the rows of the [..., d] states that count (``w != 0`` over the
+    flattened rows), the other tensors (projections) whole; evaluated on the failure path only."""
+    def gather() -> list[tuple[str, Tensor | None]]:
+        keep = (w != 0).reshape(-1)
+        out = []
+        for name, x in named:
+            if x is not None and name.endswith("_hidden") and width_rows:
+                rows = x.reshape(-1, x.shape[-1])
+                x = rows[keep.repeat(rows.shape[0] // keep.numel())] if rows.shape[0] % keep.numel() == 0 else rows
+            out.append((name, x))
+        return out
+    return gather
 
 
 def _rows(x: Tensor) -> Tensor:
@@ -198,7 +214,8 @@ def hidden_mse_loss(
 
     Raises:
         ValueError naming the argument: shapes, width mismatch without a projection, dtype,
-        device, mask shape, backend.
+        device, mask shape, backend; where the value checks run, NaN / Inf in a counted row of
+        either side (looked for when the loss is not finite).
     """
     _check_states(student_hidden, teacher_hidden, same_width=False)
     d_s, d_t = student_hidden.shape[-1], teacher_hidden.shape[-1]
@@ -234,13 +251,19 @@ def hidden_mse_loss(
     epilogue = registry.select("hidden_mse_epilogue", backend, student_hidden, what="hidden_mse_loss").fn
     if layered:  # every layer counts the same tokens, normalised on its own
         chunk_rows = max(16, CHUNK_ELEMS // (n_layers * d_t))
-        return _HiddenMSEFunction.apply(student_hidden.reshape(n_layers, -1, d_s).contiguous(),
+        loss = _HiddenMSEFunction.apply(student_hidden.reshape(n_layers, -1, d_s).contiguous(),
                                         teacher_hidden.detach().reshape(n_layers, -1, d_t).contiguous(),
                                         proj_weight, proj_bias, w.expand(n_layers, -1), epilogue, chunk_rows,
                                         torch.is_grad_enabled(), mask is not None)
-    chunk_rows = max(16, CHUNK_ELEMS // d_t)
-    return _HiddenMSEFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), proj_weight, proj_bias,
-                                    w, epilogue, chunk_rows, torch.is_grad_enabled(), mask is not None)
+    else:
+        chunk_rows = max(16, CHUNK_ELEMS // d_t)
+        loss = _HiddenMSEFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), proj_weight, proj_bias,
+                                        w, epilogue, chunk_rows, torch.is_grad_enabled(), mask is not None)
+    explain_non_finite(loss, _counted_inputs(w, [("teacher_hidden", teacher_hidden.detach()),
+                                                 ("student_hidden", student_hidden.detach()),
+                                                 ("proj_weight", None if proj_weight is None else proj_weight.detach()),
+                                                 ("proj_bias", None if proj_bias is None else proj_bias.detach())]))
+    return loss
 
 
 class HiddenMSELoss(nn.Module):
@@ -315,21 +338,20 @@ def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | N
         Scalar loss, float32 (float64 for float64 input); gradient to ``student_hidden`` only.
 
     Raises:
-        ValueError naming the argument: shapes, width mismatch, dtype, device, mask shape, backend.
+        ValueError naming the argument: shapes, width mismatch, dtype, device, mask shape, backend;
+        where the value checks run, NaN / Inf in a counted row of either side.
     """
     _check_states(student_hidden, teacher_hidden, same_width=True)
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError):
-        raise ValueError(f"eps must be a number, got {eps!r}") from None
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0, got {eps!r}")
+    eps = check_positive("eps", eps)
     dev = student_hidden.device
     acc = acc_dtype(student_hidden.dtype)
     w = mask_row_weights(mask, student_hidden.shape[:-1], dev, acc)
     kernel = registry.select("cosine_rows", backend, student_hidden, what="cosine_loss").fn
-    return _CosineFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), w, eps, kernel,
+    loss = _CosineFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), w, eps, kernel,
                                  torch.is_grad_enabled())
+    explain_non_finite(loss, _counted_inputs(w, [("teacher_hidden", teacher_hidden.detach()),
+                                                 ("student_hidden", student_hidden.detach())]))
+    return loss
 
 
 # --- MobileBERT feature-map transfer -------------------------------------------------------------
@@ -372,14 +394,12 @@ def feature_map_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tenso
     dev = student_hidden.device
     acc = acc_dtype(student_hidden.dtype)
     feature_map = registry.select("feature_map", backend, student_hidden, what="feature_map_loss").fn
-    for name, v, positive in (("eps", eps, True), ("beta_mean", beta_mean, False), ("beta_var", beta_var, False)):
-        try:
-            fv = float(v)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a number, got {v!r}") from None
-        if not (fv > 0 if positive else fv >= 0) or fv != fv:
-            raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {v!r}")
+    eps = check_positive("eps", eps)
+    beta_mean, beta_var = check_nonnegative("beta_mean", beta_mean), check_nonnegative("beta_var", beta_var)
     d = student_hidden.shape[-1]
     w = mask_row_weights(mask, student_hidden.shape[:-1], dev, acc)   # 1 / |C| on counted rows
-    return feature_map(student_hidden.reshape(-1, d), teacher_hidden.detach().reshape(-1, d), w, float(eps),
-                       float(beta_mean), float(beta_var))
+    loss = feature_map(student_hidden.reshape(-1, d), teacher_hidden.detach().reshape(-1, d), w, eps, beta_mean,
+                       beta_var)
+    explain_non_finite(loss, _counted_inputs(w, [("teacher_hidden", teacher_hidden.detach()),
+                                                 ("student_hidden", student_hidden.detach())]))
+    return loss

@@ -22,7 +22,7 @@ from kdfast.losses._checks import (
     acc_dtype,
     check_choice,
     check_logit_rows,
-    check_number,
+    check_nonnegative,
     check_row_tensor,
     check_same_dtype_device,
     check_temperature,
@@ -148,7 +148,7 @@ def kd_loss(
 
     Raises:
         ValueError naming the argument: shape / vocabulary / dtype / device mismatch,
-        temperature outside [1e-2, 1e4], a NaN / Inf / non-number alpha, labels out of range,
+        temperature outside [1e-2, 1e4], a negative, NaN / Inf or non-number alpha, labels out of range,
         unknown kind / reduction / kd_rows / backend, ``kd_rows="masked"`` without labels, float64 inputs with ``backend="triton"``, NaN or
         +Inf in the counted rows of ``teacher_logits`` or a row that is -inf everywhere (-inf
         entries are valid: probability 0). Value checks run as `set_value_checks` says.
@@ -161,8 +161,8 @@ def kd_loss(
                          f"student_logits {tuple(student_logits.shape)}")
     check_same_dtype_device("student_logits", student_logits, "teacher_logits", teacher_logits)
     temperature = check_temperature(temperature)
-    alpha_kd = check_number("alpha_kd", alpha_kd)
-    alpha_mlm = check_number("alpha_mlm", alpha_mlm)
+    alpha_kd = check_nonnegative("alpha_kd", alpha_kd)
+    alpha_mlm = check_nonnegative("alpha_mlm", alpha_mlm)
     check_choice("kind", kind, KINDS)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("kd_rows", kd_rows, KD_ROWS)
@@ -225,7 +225,7 @@ class KDLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.temperature = check_temperature(temperature)
-        self.alpha_kd, self.alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
+        self.alpha_kd, self.alpha_mlm = check_nonnegative("alpha_kd", alpha_kd), check_nonnegative("alpha_mlm", alpha_mlm)
         self.kind = check_choice("kind", kind, KINDS)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.kd_rows = check_choice("kd_rows", kd_rows, KD_ROWS)

@@ -41,10 +41,12 @@ from kdfast.losses._checks import (
     KD_ROWS,
     acc_dtype,
     check_choice,
-    check_number,
+    check_lse_temperature,
+    check_nonnegative,
     check_row_tensor,
     check_temperature,
     check_tensor,
+    explain_non_finite,
     row_weights,
     select_logit_rows,
     value_checks_enabled,
@@ -176,15 +178,17 @@ def sparse_kd_loss(
 
     Raises:
         ValueError naming the argument: shape / dtype / device mismatch of ids or values, ids
-        out of [0, V), K > V, repeated ids in topk mode, temperature outside its range, NaN or Inf in
-        ``teacher_values`` / ``teacher_logsumexp``, negative or all-zero sampled counts, unknown
+        out of [0, V), K > V, repeated ids in topk mode, temperature outside its range, a negative
+        alpha, NaN or Inf in ``teacher_values`` / ``teacher_logsumexp`` (or, when the loss is not
+        finite, in ``student_logits``), a ``teacher_logsumexp`` computed at another temperature
+        (:func:`kdfast.losses._checks.check_lse_temperature`), negative or all-zero sampled counts, unknown
         mode / reduction / kd_rows / backend, ``kd_rows="masked"`` without labels.
     """
     student_logits = check_tensor("student_logits", student_logits, min_dim=1)
     check_choice("mode", mode, MODES)
     temperature = check_temperature(temperature, high=TOPK_MAX_TEMPERATURE if mode == "topk" else None)
-    alpha_kd = check_number("alpha_kd", alpha_kd)
-    alpha_mlm = check_number("alpha_mlm", alpha_mlm)
+    alpha_kd = check_nonnegative("alpha_kd", alpha_kd)
+    alpha_mlm = check_nonnegative("alpha_mlm", alpha_mlm)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("kd_rows", kd_rows, KD_ROWS)
     V = student_logits.shape[-1]
@@ -231,7 +235,8 @@ def sparse_kd_loss(
     labels_flat, counted, mlm_rows = select_logit_rows(kd_rows, labels, mask, N, V, ignore_index, alpha_mlm, device,
                                                        checks)
     if checks:
-        check_sparse_teacher_rows(ids2d[counted], vals2d[counted], None if lse1d is None else lse1d[counted], V, mode)
+        check_sparse_teacher_rows(ids2d[counted], vals2d[counted], None if lse1d is None else lse1d[counted], V, mode,
+                                  temperature)
     else:
         # unchecked (GPU default, set_value_checks): a row with an id outside [0, V) is dropped,
         # never gathered from
@@ -247,12 +252,16 @@ def sparse_kd_loss(
     loss = _SparseKDFunction.apply(student2d, ids2d, vals2d, lse1d, labels_flat.contiguous(), row_weight, mlm_weight,
                                    temperature, alpha_kd, alpha_mlm, mode == "sampled", kernel,
                                    reduction != "none")
+    if checks:  # only on the failure path: the teacher rows were checked above, so the student is to blame
+        explain_non_finite(loss, lambda: [("student_logits", student2d.detach()[counted])])
     return loss if reduction != "none" else loss.reshape(lead)
 
 
-def check_sparse_teacher_rows(ids: Tensor, vals: Tensor, lse: Tensor | None, V: int, mode: str) -> None:
+def check_sparse_teacher_rows(ids: Tensor, vals: Tensor, lse: Tensor | None, V: int, mode: str,
+                              temperature: float) -> None:
     """Value checks of a sparse teacher's counted rows (N x K work, never N x V): ids in [0, V), finite
-    values and log-normaliser, distinct top-k ids, non-negative sampled counts with a positive sum."""
+    values and log-normaliser, distinct top-k ids, a log-normaliser that belongs to ``temperature``
+    (`check_lse_temperature`), non-negative sampled counts with a positive sum."""
     if ids.numel() == 0:
         return
     out = (ids < 0) | (ids >= V)
@@ -268,6 +277,8 @@ def check_sparse_teacher_rows(ids: Tensor, vals: Tensor, lse: Tensor | None, V: 
             if bool((srt[:, 1:] == srt[:, :-1]).any()):
                 raise ValueError("teacher_ids must be distinct within a row in mode='topk' (repeats are only "
                                  "meaningful in mode='sampled')")
+        if lse is not None:
+            check_lse_temperature(vals, lse, temperature, V)
     else:
         if bool((vals < 0).any()):
             raise ValueError("teacher_values (sampled counts / weights) must be >= 0")
@@ -289,7 +300,7 @@ class SparseKDLoss(nn.Module):
         super().__init__()
         self.mode = check_choice("mode", mode, MODES)
         self.temperature = check_temperature(temperature, high=TOPK_MAX_TEMPERATURE if mode == "topk" else None)
-        self.alpha_kd, self.alpha_mlm = check_number("alpha_kd", alpha_kd), check_number("alpha_mlm", alpha_mlm)
+        self.alpha_kd, self.alpha_mlm = check_nonnegative("alpha_kd", alpha_kd), check_nonnegative("alpha_mlm", alpha_mlm)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self.kd_rows = check_choice("kd_rows", kd_rows, KD_ROWS)
         self.ignore_index, self.backend = ignore_index, backend

@@ -38,6 +38,7 @@ state dicts are identical.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable, NamedTuple, Sequence
 
@@ -657,7 +658,9 @@ class LMPredictionHead(nn.Module):
         super().__init__()
         self.embedding_size = config.embedding_size
         self.transform = PredictionHeadTransform(config)
-        self.dense = nn.Linear(config.vocab_size, config.hidden_size - config.embedding_size, bias=False)
+        with warnings.catch_warnings():  # hidden_size == embedding_size leaves this block empty, on purpose
+            warnings.filterwarnings("ignore", "Initializing zero-element tensors is a no-op")
+            self.dense = nn.Linear(config.vocab_size, config.hidden_size - config.embedding_size, bias=False)
         self.decoder = nn.Linear(config.embedding_size, config.vocab_size, bias=True)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.decoder.bias = self.bias

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-__all__ = ["TEACHER_ARCHITECTURES", "check_teacher_architecture", "load_teacher", "teacher_params"]
+__all__ = ["TEACHER_ARCHITECTURES", "check_teacher_architecture", "load_quietly", "load_teacher", "teacher_params"]
 
 
 def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "", remedy: str | None = None) -> nn.Module:
@@ -21,14 +21,7 @@ def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "", remedy: str
 
     check_teacher_architecture(path)
     if mlm_head:
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the missing head is reported below, in one line
-        try:
-            model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        model, info = load_quietly(AutoModelForMaskedLM, path)  # the missing head is reported below, in one line
         # the head's weights are those outside the encoder (BERT's cls.*, RoBERTa's lm_head.*,
         # ModernBERT's head.* / decoder.*, ...); the decoder weight is tied to the embeddings
         encoder = model.base_model_prefix + "."
@@ -40,9 +33,32 @@ def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "", remedy: str
                              f"{', ...' if len(missing) > 3 else ''}): the logit / MLM terms would train against "
                              f"random weights; {remedy or f'set {needed_by} to 0'} or use a teacher with an MLM head")
     else:
-        model = AutoModel.from_pretrained(path, local_files_only=True)
+        model, _ = load_quietly(AutoModel, path, fresh=("pooler.",))  # an MLM checkpoint has no pooler: unused
     model.eval().requires_grad_(False)
     return model
+
+
+def load_quietly(auto_class, path, *, fresh: tuple[str, ...] = (), **kwargs) -> tuple[nn.Module, dict]:
+    """``auto_class.from_pretrained(path, local_files_only=True, **kwargs)`` without transformers'
+    load report, and its loading info. Weights kdfast initialises on purpose (keys containing one
+    of ``fresh``, e.g. a task head) pass silently; any other weight missing from the checkpoint is
+    named in one warning. Weights of the checkpoint the model does not use (an MLM head under a
+    base model) are expected and not reported."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model, info = auto_class.from_pretrained(path, local_files_only=True, output_loading_info=True, **kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(k for k in info.get("missing_keys", ()) if not any(f in k for f in fresh))
+    if missing and auto_class.__name__ != "AutoModelForMaskedLM":  # load_teacher says that one in its own words
+        warnings.warn(f"{path}: {len(missing)} weights are not in the checkpoint and start random "
+                      f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})", stacklevel=3)
+    return model, info
 
 
 def teacher_params(path: Path) -> int:

@@ -46,14 +46,21 @@ from kdfast.train.checkpoint import (  # noqa: F401  (CheckpointError, finished_
     finished_run,
     read_metrics,
 )
+from kdfast.losses._checks import NonFiniteInputError
 from kdfast.train.distributed import mean_across_ranks, rank_and_world
 from kdfast.train.optim import OPTIMIZERS, build_optimizer
+from kdfast.train.run_guard import (StopSignals, check_no_previous_run, prune_checkpoints, record_seconds, run_lock,
+                                    seconds_before)
 
 StepLoss = Callable[[dict], tuple[torch.Tensor, dict[str, float]]]
 
+#: the most optimizer steps a run may ask for: more is a typo (the schedule would stretch over it)
+MAX_STEPS = 10**9
+
 #: TrainConfig fields that change how a run is shown, logged or checkpointed, not what it trains
 #: (evaluation runs on forked RNG states): a resume may change them
-BOOKKEEPING = ("progress", "out_dir", "log_every", "checkpoint_every", "eval_every")
+BOOKKEEPING = ("progress", "progress_label", "out_dir", "log_every", "checkpoint_every", "eval_every",
+               "keep_checkpoints")
 #: seeds are passed to ``torch.manual_seed`` and mixed with the epoch by the batch sources
 MAX_SEED = 2**32 - 1
 
@@ -113,17 +120,20 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 0  # keep only the newest this many checkpoints (0: all)
     bf16: bool | None = None  # None: on when the student is on a GPU
     out_dir: str = "runs/kdfast"
     progress: bool = True
+    progress_label: str = "distil"  # the progress bar's label
     eval_every: int = 0  # run the Distiller's eval_fn every this many steps (0: never)
     optimizer: str = "adamw"  # "adamw" | "lamb"
 
     def __post_init__(self) -> None:
         # every number is type- and range-checked: a NaN, inf or "2" would otherwise train silently wrong
-        for name, minimum in (("steps", 1), ("grad_accum", 1), ("log_every", 1), ("checkpoint_every", 0),
-                              ("eval_every", 0)):
+        for name, minimum in (("grad_accum", 1), ("log_every", 1), ("checkpoint_every", 0), ("eval_every", 0),
+                              ("keep_checkpoints", 0)):
             check_int(name, getattr(self, name), minimum)
+        check_int("steps", self.steps, 1, MAX_STEPS)
         check_int("seed", self.seed, 0, MAX_SEED)
         check_finite("lr", self.lr, positive=True)
         for name in ("weight_decay", "warmup", "max_grad_norm"):
@@ -240,6 +250,26 @@ class Distiller(Checkpointing):
 
     def train(self, resume: bool = False, on_log: Callable[[dict], None] | None = None, *,
               allow_changed_settings: bool = False) -> list[dict]:
+        """:meth:`_train` holding ``out_dir`` (:func:`kdfast.train.run_guard.run_lock`: a second run
+        into it is refused) with SIGINT / SIGTERM deferred to the end of the current step, which
+        then writes a checkpoint and raises :class:`kdfast.train.run_guard.RunInterrupted`. A fresh
+        run (not ``resume``) into a folder that holds a previous run raises
+        :class:`kdfast.train.run_guard.RunExistsError`."""
+        check_out_dir(self.out)
+        with run_lock(self.out), StopSignals() as self._stop:
+            if not resume and self.rank == 0:
+                check_no_previous_run(self.out, "out_dir")
+            self._clock = (time.perf_counter(), seconds_before(self.out) if resume else 0.0)
+            return self._train(resume, on_log, allow_changed_settings=allow_changed_settings)
+
+    @property
+    def seconds(self) -> float:
+        """Wall seconds of training so far, over every interrupted and resumed part of the run."""
+        start, before = getattr(self, "_clock", (time.perf_counter(), 0.0))
+        return before + time.perf_counter() - start
+
+    def _train(self, resume: bool = False, on_log: Callable[[dict], None] | None = None, *,
+               allow_changed_settings: bool = False) -> list[dict]:
         """Run until ``config.steps`` optimizer steps; returns the logged records.
 
         Steps are counted from 1 (the number of optimizer steps done): ``metrics.jsonl``, the
@@ -274,7 +304,7 @@ class Distiller(Checkpointing):
         if cfg.progress and self.rank == 0:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc="distil", dynamic_ncols=True)
+            bar = tqdm(total=cfg.steps, initial=self.step, unit="step", desc=cfg.progress_label, dynamic_ncols=True)
         self.student.train()
         t_last, tokens = time.perf_counter(), 0
         tok_rate = None  # tokens/s of the last logging window, shown on the progress bar
@@ -287,8 +317,11 @@ class Distiller(Checkpointing):
                     batch = self._next_batch()
                     batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                     tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                        loss, terms = self.step_loss(batch)
+                    try:
+                        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                            loss, terms = self.step_loss(batch)
+                    except NonFiniteInputError as e:  # a loss refused a NaN / Inf: say at which step
+                        raise NonFiniteError(f"step {self.step + 1}: {e}") from None
                     values = {**{k: float(v) for k, v in terms.items()}, "loss": loss.detach().item()}
                     if bad_term is None:
                         bad_term = next(((k, v) for k, v in values.items() if not math.isfinite(v)), None)
@@ -341,14 +374,24 @@ class Distiller(Checkpointing):
                         self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     self._evaluate(metrics)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
-                    self.save_checkpoint()
+                    self._checkpoint()
+                if self._stop.signum is not None and self.step < cfg.steps:
+                    raise self._stop.interrupted(self.step, cfg.steps, self._checkpoint())
         finally:
             if metrics is not None:
                 metrics.close()
             if bar is not None:
                 bar.close()
-        self.save_checkpoint()
+        self._checkpoint()
         return self.history
+
+    def _checkpoint(self) -> Path:
+        """:meth:`save_checkpoint`, then only the newest ``keep_checkpoints`` kept."""
+        path = self.save_checkpoint()
+        if self.rank == 0:
+            record_seconds(self.out / "checkpoints", self.step, self.seconds)
+            prune_checkpoints(self.out / "checkpoints", self.cfg.keep_checkpoints)
+        return path
 
 
     def _evaluate(self, metrics) -> None:

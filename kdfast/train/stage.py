@@ -11,16 +11,16 @@ own, e.g. to time its step (``kdfast bench --suites e2e``).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from kdfast.ops import registry
-from kdfast.train.distiller import Distiller, TrainConfig
+from kdfast.train.distiller import Distiller, TrainConfig, read_metrics
 
 __all__ = ["Plan", "Stage", "StageLoss", "distillation_step", "distillation_term_losses", "held_out_eval",
            "loss_backend", "run_plan", "run_stage", "term_backends"]
@@ -135,16 +135,17 @@ def run_stage(stage: Stage, *, resume: bool = False, allow_changed_settings: boo
     trainable = stage.trainable() if stage.trainable is not None else None
     distiller = Distiller(stage.model, stage.loss, stage.data, config, extra=stage.loss, trainable=trainable,
                           eval_fn=eval_fn, settings=stage.settings)
-    t0 = time.perf_counter()
     with registry.record() as ran:  # the backends the stage's ops actually ran on
-        history = distiller.train(resume=resume, allow_changed_settings=allow_changed_settings)
-    seconds = time.perf_counter() - t0
+        distiller.train(resume=resume, allow_changed_settings=allow_changed_settings)
+    # the whole run's records and time, also when it was interrupted and resumed
+    history, evals = (read_metrics(Path(config.out_dir) / "metrics.jsonl") if distiller.rank == 0
+                      else (distiller.history, distiller.eval_history))  # only rank 0 writes the file
+    seconds = distiller.seconds
     rates = [h["tokens_per_s"] for h in history if h.get("tokens_per_s")]
     entry = {"name": stage.name, "steps": config.steps, "out_dir": config.out_dir,
              "first": history[0] if history else None, "last": history[-1] if history else None,
              "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None, "seconds": round(seconds, 2),
-             "eval": distiller.eval_history[-1] if distiller.eval_history else None,
-             "eval_first": distiller.eval_history[0] if distiller.eval_history else None,
+             "eval": evals[-1] if evals else None, "eval_first": evals[0] if evals else None,
              "history": history}
     if stage.loss.terms:
         entry["backends"] = term_backends(stage.loss.terms, device, ran=ran)

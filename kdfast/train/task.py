@@ -64,15 +64,39 @@ def _model_inputs(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, Tenso
 
 # ---- models --------------------------------------------------------------------------------------
 
+# A tokenizer needs its vocabulary: one of these (the rest of TOKENIZER_FILES is configuration).
+# A folder without one still "loads" a tokenizer of a few special tokens that maps every word to
+# [UNK], so it is refused instead.
+VOCABULARY_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                    "tokenizer.model")
+
+
 def _load_tokenizer(*model_dirs: str):
+    """The tokenizer of the first of ``model_dirs`` that holds one (a vocabulary file, one of
+    ``VOCABULARY_FILES``); ValueError naming the folders and the files missing from them."""
     from transformers import AutoTokenizer
 
     for d in model_dirs:
+        if not any((Path(d) / name).is_file() for name in VOCABULARY_FILES):
+            continue
         try:
             return AutoTokenizer.from_pretrained(d, local_files_only=True)
         except (OSError, ValueError):
             continue
-    raise ValueError(f"no tokenizer found in {' or '.join(repr(d) for d in model_dirs)}")
+    raise ValueError(f"no usable tokenizer in {' or '.join(repr(d) for d in model_dirs)}: none of "
+                     f"{', '.join(VOCABULARY_FILES)} is there (save the tokenizer the model was trained with "
+                     f"beside it: tokenizer.save_pretrained(folder))")
+
+
+def _check_tokenizer_fits(tokenizer, model: nn.Module, name: str, model_dir: str) -> None:
+    """Warn when the tokenizer's vocabulary is far smaller than the model's (under half): most of
+    the model's embedding rows would never be read, a sign of another model's tokenizer."""
+    import warnings
+
+    vocab = getattr(model.config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) < vocab // 2:
+        warnings.warn(f"{name} {model_dir!r}: its tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                      f"{vocab}; is it the tokenizer the model was trained with?", stacklevel=3)
 
 
 def _check_model_dir(name: str, path: str) -> None:
@@ -85,15 +109,19 @@ def _load_classifier(model_dir: str, task: GlueTask, name: str = "model_dir"):
     head; a classifier with another label count gets its head replaced."""
     from transformers import AutoModelForSequenceClassification
 
+    from kdfast.models.teachers import load_quietly
+
     _check_model_dir(name, model_dir)
     labels = task.labels or ("score",)
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=task.num_labels, local_files_only=True, ignore_mismatched_sizes=True,
+    try:  # the classification head (and a pooler an MLM checkpoint lacks) start fresh by design
+        model, _ = load_quietly(
+            AutoModelForSequenceClassification, model_dir, fresh=("classifier.", "pooler.", "score.", "pre_classifier."),
+            num_labels=task.num_labels, ignore_mismatched_sizes=True,
             problem_type="regression" if task.is_regression else "single_label_classification",
             id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"{name} {model_dir!r}: cannot load a sequence classifier ({e})") from None
+    return model
 
 
 def _load_teacher(teacher_dir: str, task: GlueTask):
@@ -186,7 +214,8 @@ def _stage(name: str, model: nn.Module, step_loss: stage.StageLoss, data: TokenB
     logged record) also gives the epochs, batch size and lr."""
     steps = epochs * data.num_batches()
     cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, seed=seed,
-                      log_every=max(1, steps // 50), out_dir=str(out_dir), progress=progress)
+                      log_every=max(1, steps // 50), out_dir=str(out_dir), progress=progress,
+                      progress_label=name)
     return stage.Stage(name, model, step_loss, data, cfg, teacher=teacher,
                        report={"epochs": epochs, "batch_size": data.batch_size, "lr": lr})
 
@@ -242,6 +271,7 @@ def finetune_and_eval(model_dir: str, task: str, data_dir: str, out_dir: str, *,
     tokenizer = _load_tokenizer(model_dir)
     seed_everything(seed)  # before the fresh head's initialisation
     model = _load_classifier(model_dir, spec)
+    _check_tokenizer_fits(tokenizer, model, "model_dir", model_dir)
     enc_train = encode_examples(tokenizer, spec, train, max_length)
     enc_devs = {s: encode_examples(tokenizer, spec, ex, max_length) for s, ex in devs.items()}
 
@@ -347,6 +377,7 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
     teacher = _load_teacher(teacher_dir, spec)
     seed_everything(seed)  # before the fresh head's and the projections' initialisation
     student = _load_classifier(student_dir, spec, "student_dir")
+    _check_tokenizer_fits(tokenizer, student, "student_dir", student_dir)
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ValueError(f"student_dir vocabulary ({student.config.vocab_size}) differs from teacher_dir's "
                          f"({teacher.config.vocab_size}): task distillation needs a shared tokenizer")

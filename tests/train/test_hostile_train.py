@@ -346,7 +346,13 @@ def test_metrics_hold_no_step_twice_after_a_resume(finished):
         f.write('{"step": 5, "loss"')  # a torn last line
     fresh().train(resume=True)
     assert metric_steps(out) == [1, 2, 3, 4]
-    fresh().train()  # a fresh run into the same directory starts the record afresh
+    with pytest.raises(ValueError, match="holds a previous run"):  # never overwritten silently
+        fresh().train()
+    assert metric_steps(out) == [1, 2, 3, 4]
+    from kdfast.train.run_guard import remove_previous_run
+
+    remove_previous_run(out)  # what --overwrite does: then a fresh run starts the record afresh
+    fresh().train()
     assert metric_steps(out) == [1, 2, 3, 4]
 
 
@@ -542,7 +548,8 @@ def test_full_disk_is_one_line_exit_2(tiny, tmp_path, capsys, monkeypatch):
     (["train.lr=.inf"], "train.lr must be a finite number, got inf"),
     (["train.lr=.nan"], "train.lr must be a finite number, got nan"),
     (["train.lr=1e39"], r"step 1: the optimizer's update overflows"),  # finite, but not as a float32 step
-    (["train.lr=1e37"], r"step 2: the (loss|gradient)"),  # finite steps to ~1e38 weights: step 2 overflows
+    # finite steps to ~1e38 weights: step 2 overflows (the fused loss names the student's states that did)
+    (["train.lr=1e37"], r"step 2: (the (loss|gradient)|student_hidden contains NaN or Inf)"),
 ])
 def test_non_finite_training_is_one_line_exit_2_and_writes_no_student(tiny, tmp_path, capsys, sets, match):
     out = tmp_path / "o"

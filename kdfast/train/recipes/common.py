@@ -28,7 +28,8 @@ from kdfast.train.recipes.config import (
 
 #: recipe settings that change how a run is shown, logged, checkpointed or where it is written, not
 #: what it trains: a resume may change them
-BOOKKEEPING = ("progress", "out_dir", "train.log_every", "train.checkpoint_every", "train.eval_every")
+BOOKKEEPING = ("progress", "out_dir", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+               "train.eval_every")
 
 
 def prepare_run(cfg) -> Path:
@@ -49,6 +50,18 @@ def prepare_run(cfg) -> Path:
     check_max_length(cfg.data.max_length, tdir, "data.max_length", minimum=8)
     seed_everything(cfg.train.seed)
     return tdir
+
+
+def check_student_size(cfg, student, tdir: Path) -> None:
+    """Refuse, before any training, a student with more parameters than its teacher unless
+    ``teacher.allow_larger_student`` (a misread setting, not a distillation)."""
+    from kdfast.models import count
+    from kdfast.models.teachers import teacher_params
+
+    s, t = int(count(student)["params"]), teacher_params(tdir)
+    if s > t and not cfg.teacher.allow_larger_student:
+        raise ValueError(f"student: {s / 1e6:.2f}M parameters, {s / t:.1f}x its teacher's {t / 1e6:.2f}M; make it "
+                         "smaller (the student.* settings) or set teacher.allow_larger_student=true")
 
 
 def run_settings(cfg) -> dict:
@@ -143,6 +156,9 @@ def prepare_cache(cfg, tdir: Path, train: list[str], held_out: list[str], *, log
     from kdfast.defaults import write_corpus
 
     root = Path(cfg.teacher.cache_dir) if cfg.teacher.cache_dir else Path(cfg.out_dir) / "teacher-cache"
+    if (root / "manifest.json").is_file():  # a cache built on its own (kdfast cache build): reused, never written
+        return reuse_cache(cfg, root, tdir, held_out, logits=logits, temperature=temperature, layers=layers,
+                           qk=qk), None
     data_dir = root / "texts"  # beside the cache: another run with the same cache_dir and texts reuses it
     data_dir.mkdir(parents=True, exist_ok=True)
     caches = []
@@ -150,7 +166,14 @@ def prepare_cache(cfg, tdir: Path, train: list[str], held_out: list[str], *, log
         if not texts:
             caches.append(None)
             continue
-        corpus = write_corpus(data_dir / f"{name}.txt", texts)
+        corpus = data_dir / f"{name}.txt"
+        wanted = "\n".join(t.replace("\n", " ") for t in texts) + "\n"  # what write_corpus writes
+        if corpus.is_file() and (root / name / "manifest.json").is_file() and corpus.read_text() != wanted:
+            # another run's cache of other texts: its corpus file is not rewritten under it
+            raise ValueError(f"teacher.cache_dir {root} holds the {name} cache of other texts (another run's); "
+                             "kdfast never writes inside a cache it did not create for this run: point "
+                             "teacher.cache_dir elsewhere, or leave it unset")
+        corpus = write_corpus(corpus, texts)
         packing = cfg.data.packing and name == "train"  # held-out evaluation stays one row per text
         bs = min(16, len(texts))
         build_cache(str(tdir), [str(corpus)], str(root / name), logits=logits, hidden="fp16" if layers else "none",
@@ -161,6 +184,50 @@ def prepare_cache(cfg, tdir: Path, train: list[str], held_out: list[str], *, log
         caches.append(TeacherCache(str(root / name), expect_teacher_sha256=teacher_weights_sha256(tdir),
                                    expect_tokenizer_sha256=tokenizer_sha256(tdir)))
     return caches[0], caches[1]
+
+
+def reuse_cache(cfg, root: Path, tdir: Path, held_out: list[str], *, logits: str, temperature: float,
+                layers: list[int], qk: bool):
+    """The cache in ``root`` (``teacher.cache_dir`` naming a cache built on its own) as this run's
+    training cache, when it holds what this run would build (same teacher and tokenizer by their
+    hashes, the data files by theirs, every text, the same length, packing, logits, masking, and
+    at least the hidden-state and Q / K layers needed); else ValueError naming every difference.
+    Nothing is written inside it."""
+    from kdfast.cache import TeacherCache, teacher_weights_sha256, tokenizer_sha256
+    from kdfast.data import files_sha256
+
+    where = f"teacher.cache_dir {root}"
+    try:
+        cache = TeacherCache(str(root), expect_teacher_sha256=teacher_weights_sha256(tdir),
+                             expect_tokenizer_sha256=tokenizer_sha256(tdir))
+    except ValueError as e:  # CacheError: another teacher or tokenizer, a torn or unfinished cache
+        raise ValueError(f"{where}: {' '.join(str(e).split())}") from None
+    s = cache.settings
+    mode, _, k = logits.partition(":")
+    want = {"data": files_sha256(cfg.data.files)[:12] if cfg.data.files else "the built-in corpus",
+            "max_length": cfg.data.max_length, "packing": cfg.data.packing, "logits.mode": mode,
+            "logits.k": int(k) if k else 0}
+    have = {"data": s["data"]["sha256"][:12], "max_length": s["max_length"], "packing": s["packing"],
+            "logits.mode": s["logits"]["mode"], "logits.k": s["logits"]["k"]}
+    if mode != "none":
+        want.update({"logits.temperature": temperature,
+                     "mlm.probability": getattr(getattr(cfg, "mlm", None), "probability", 0.15),
+                     "mlm.seed": cfg.train.seed})
+        have.update({"logits.temperature": s["logits"]["temperature"],
+                     "mlm.probability": (s["mlm"] or {}).get("probability"), "mlm.seed": (s["mlm"] or {}).get("seed")})
+    differ = [f"{key} {have[key]} (this run: {want[key]})" for key in want if have[key] != want[key]]
+    missing = sorted(set(layers) - set((s["hidden"] or {}).get("layers", [])))
+    if missing:
+        differ.append(f"hidden-state layers {missing} are not stored")
+    if qk and not s["qk"]:
+        differ.append("no Q / K stored (build it with --qk)")
+    if held_out or cfg.data.max_texts is not None:
+        differ.append("it holds every text, so set data.held_out_every=0 and leave data.max_texts unset")
+    if differ:
+        raise ValueError(f"{where} is a cache built for other settings ({'; '.join(differ)}); kdfast never writes "
+                         "inside a cache it did not create: build one with these settings, or leave "
+                         "teacher.cache_dir unset")
+    return cache
 
 
 def data_sources(cfg, tokenizer, train: list[str], held_out: list[str], caches: tuple | None):
@@ -202,8 +269,8 @@ def train_config(settings: TrainSettings, steps: int, out_dir: Path, progress: b
     kwargs = dict(steps=steps, lr=lr if lr is not None else settings.lr, weight_decay=settings.weight_decay,
                   warmup=settings.warmup, max_grad_norm=settings.max_grad_norm, grad_accum=settings.grad_accum,
                   seed=settings.seed, log_every=min(settings.log_every, steps),
-                  checkpoint_every=settings.checkpoint_every, eval_every=settings.eval_every, out_dir=str(out_dir),
-                  progress=progress)
+                  checkpoint_every=settings.checkpoint_every, keep_checkpoints=settings.keep_checkpoints,
+                  eval_every=settings.eval_every, out_dir=str(out_dir), progress=progress)
     optimizer = settings.optimizer
     if "optimizer" in {f.name for f in dataclasses.fields(TrainConfig)}:
         if optimizer is not None or preferred_optimizer is not None:

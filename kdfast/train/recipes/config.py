@@ -31,12 +31,15 @@ class TeacherSettings:
     """Where the teacher comes from. ``dir``: a local ``save_pretrained`` directory (default: the
     embedded all-MiniLM-L6-v2); ``source``: ``live`` (run frozen, in eval mode, under no_grad) or
     ``cache`` (targets read from a ``kdfast.cache`` built once into ``cache_dir``, default
-    ``<out_dir>/teacher-cache``); ``topk``: logits kept per masked token in the cache."""
+    ``<out_dir>/teacher-cache``); ``topk``: logits kept per masked token in the cache;
+    ``allow_larger_student``: accept a student with more parameters than the teacher (refused by
+    default, before any work: distillation compresses)."""
 
     dir: str | None = None
     source: str = "live"
     cache_dir: str | None = None
     topk: int = 32
+    allow_larger_student: bool = False
 
     def validate(self) -> None:
         if self.source not in ("live", "cache"):
@@ -103,6 +106,7 @@ class TrainSettings:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0
+    keep_checkpoints: int = 0  # keep only the newest this many checkpoints of each stage (0: all)
     eval_every: int = 50
     optimizer: str | None = None
 
@@ -110,7 +114,7 @@ class TrainSettings:
         for name in ("batch_size", "grad_accum", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "eval_every", "warmup", "weight_decay", "max_grad_norm"):
+        for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "warmup", "weight_decay", "max_grad_norm"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:

@@ -153,6 +153,7 @@ def plan(cfg: DistilBertRecipe) -> Plan:
         student = distilbert_from_teacher(teacher, layers=layers)
     except ValueError as e:
         raise ValueError(f"student_layers: {e}") from None
+    common.check_student_size(cfg, student, run.tdir)
     if cached and not cfg.alpha_kd and not cfg.alpha_mlm:
         raise ValueError("teacher.source=cache with alpha_kd = alpha_mlm = 0 would cache unmasked text: "
                          "the cosine-only run needs teacher.source=live (or the demo)")

@@ -260,6 +260,7 @@ def plan(cfg: MobileBertRecipe) -> Plan:
     tconf = AutoConfig.from_pretrained(run.tdir, local_files_only=True)
     scfg = student_config(cfg.student, tconf)
     student = KDMobileBertForMaskedLM(scfg)
+    common.check_student_size(cfg, student, run.tdir)
     n = tconf.num_hidden_layers
     pkt, pre = cfg.pkt, cfg.pretrain
     need_head = pre.steps > 0

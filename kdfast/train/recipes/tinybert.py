@@ -132,6 +132,7 @@ def plan(cfg: TinyBertRecipe) -> Plan:
     run = common.RecipeRun(cfg, NAME)
     tconf = AutoConfig.from_pretrained(run.tdir, local_files_only=True)
     student = build_student(cfg.student, tconf)
+    common.check_student_size(cfg, student, run.tdir)
     n_t, n_s = tconf.num_hidden_layers, student.config.num_hidden_layers
     try:
         layer_map = uniform_layer_map(n_t, n_s)
