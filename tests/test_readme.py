@@ -61,6 +61,7 @@ def commands(body: str) -> list[str]:
     out: list[str] = []
     for line in body.splitlines():
         code = line.split(" #", 1)[0].rstrip() if not line.lstrip().startswith("#") else ""
+        code = code.removesuffix("\\").rstrip()  # a shell line continued on the next
         if not code.strip():
             continue
         if code[0].isspace() and out:
