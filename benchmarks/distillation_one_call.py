@@ -22,7 +22,7 @@ import time
 import torch
 
 import kdfast
-from kdfast.benchmarking import peak_memory_bytes
+from kdfast.bench.timing import peak_memory_bytes
 
 def make_outputs(B, L, n, n_t, d_s, d_t, H, dh_s, dh_t):
     """Dict outputs of an n-layer student and an n_t-layer teacher (pre-scaled Q, K and score maps)."""

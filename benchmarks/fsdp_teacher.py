@@ -10,7 +10,7 @@ import copy
 import torch
 from transformers import BertConfig, BertForMaskedLM
 
-from kdfast.benchmarking import time_ms
+from kdfast.bench.timing import time_ms
 from kdfast.train.distributed import init_distributed, parameter_bytes, shard_teacher
 
 

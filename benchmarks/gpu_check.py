@@ -123,7 +123,7 @@ def bench_worker(suite: str, dry: bool, jsonl: Path, seconds: float) -> int:
 
     import torch
 
-    from kdfast.benchmarking import Result, copy_bandwidth_gbs, format_table, measure_all
+    from kdfast.bench.timing import Result, copy_bandwidth_gbs, format_table, measure_all
 
     deadline = time.monotonic() + seconds
     device = torch.device("cpu" if dry else "cuda")
@@ -173,7 +173,7 @@ def bench_worker(suite: str, dry: bool, jsonl: Path, seconds: float) -> int:
 def render_tables(rows: list[dict]) -> str:
     """The tables of every measured row, grouped by suite (rendered from the rows, so that a step cut
     short still shows what it measured)."""
-    from kdfast.benchmarking import Result, format_table
+    from kdfast.bench.timing import Result, format_table
 
     text = []
     for suite in dict.fromkeys(r["suite"] for r in rows):

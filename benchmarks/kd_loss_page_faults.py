@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from kdfast.benchmarking import time_ms
+from kdfast.bench.timing import time_ms
 
 
 def main() -> None:

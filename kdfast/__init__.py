@@ -5,7 +5,7 @@
     kdfast.backends()   # which backends are built and usable here, and why not
 """
 
-from kdfast.backend import backends
+from kdfast.ops.registry import backends
 from kdfast.capture import Captured, capture
 from kdfast.losses._checks import set_value_checks  # noqa: F401  (the GPU host-sync switch, README)
 from kdfast.losses import (

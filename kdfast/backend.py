@@ -4,10 +4,11 @@
   was set before kdfast was imported, which is how the tests run them);
 - ``cuda``: the CUDA C++ kernels of ``kdfast._C`` (built when nvcc was found), on CUDA tensors;
 - ``cpu``: the vectorised C++ kernels of ``kdfast._C``, on CPU tensors;
-- ``torch``: eager PyTorch (each family's ``kdfast/ops/<family>/torch.py``), anywhere.
+- ``torch``: eager PyTorch (each family's eager module, e.g. ``kdfast/ops/hidden_rows/eager.py``), anywhere.
 
-This module probes which backends are built and usable in this process (:func:`backends`); which
-backend runs a given op, ``auto`` included, is decided in one place, :mod:`kdfast.ops.registry`.
+This module probes which backends are built and usable in this process (:func:`backend_status`); which
+backend runs a given op, ``auto`` included, is decided in one place, :mod:`kdfast.ops.registry`
+(which also holds :func:`kdfast.backends`, the report of both).
 """
 
 from __future__ import annotations
@@ -78,17 +79,7 @@ def _probe() -> dict[str, BackendStatus]:
 _STATUS: dict[str, BackendStatus] = _probe()
 
 
-class BackendReport(dict):
-    """``{name: BackendStatus}``; printed, it shows the backends and the op x backend matrix."""
-
-    def __str__(self) -> str:
-        from kdfast.ops.registry import format_matrix
-
-        lines = [f"{name:<7} {'yes' if st.available else 'no ':<4} {st.reason}" for name, st in self.items()]
-        return "\n".join([*lines, "", format_matrix()])
-
-
-def backends() -> BackendReport:
-    """Report every backend: ``{name: BackendStatus(available, reason)}``; ``print()`` it for the
-    op x backend matrix (which kernel each op has on each backend, and why one is missing)."""
-    return BackendReport(_STATUS)
+def backend_status() -> dict[str, BackendStatus]:
+    """``{name: BackendStatus(available, reason)}`` of every kernel backend, probed once at import
+    (:func:`kdfast.backends` prints it with the op x backend matrix of :mod:`kdfast.ops.registry`)."""
+    return _STATUS

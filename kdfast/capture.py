@@ -48,7 +48,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Captured", "SUPPORTED_MODELS", "capture"]
+__all__ = ["Captured", "SUPPORTED_MODELS", "capture", "check_supported"]
 
 SUPPORTED_MODELS = ("transformers BERT, RoBERTa, DistilBERT and MobileBERT models (any head), "
                     "kdfast.models.KDMobileBert / KDMobileBertForMaskedLM")
@@ -334,3 +334,9 @@ def _hook_projections(spec: _Layer, on_qk: Callable[[Tensor, Tensor, object], No
     return [spec.attention.register_forward_pre_hook(on_attention, with_kwargs=True).remove,
             spec.query.register_forward_hook(on_query).remove,
             spec.key.register_forward_hook(on_key).remove]
+
+
+def check_supported(model: nn.Module, argument: str = "model") -> None:
+    """Return quietly when :func:`capture` supports ``model`` (wrapped in DistributedDataParallel or
+    not), else raise the ValueError that names ``argument`` and the supported classes."""
+    _layers(_unwrap(model), argument)

@@ -12,7 +12,7 @@ import torch
 
 from kdfast import bench
 from kdfast.bench import BenchOptions, Table
-from kdfast.benchmarking import Result
+from kdfast.bench.timing import Result
 from kdfast.cli import main
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kdfast.bench import e2e
-from kdfast.benchmarking import Result
+from kdfast.bench.timing import Result
 
 ROOT = Path(__file__).resolve().parents[1]
 

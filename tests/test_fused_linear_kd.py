@@ -327,7 +327,7 @@ def test_validation_errors_name_the_argument():
 
 def test_bench_suite_runs_on_a_small_shape():
     from kdfast.bench import fused_linear_kd as bench
-    from kdfast.benchmarking import format_table
+    from kdfast.bench.timing import format_table
 
     res = bench.run(torch.device("cpu"), (2, 16), student_hiddens=(32,), repeat=1, warmup=0, vocab=300)
     assert {r.impl.split(" liger")[0] for r in res} >= {"eager", "eager gathered"}

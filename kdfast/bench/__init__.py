@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kdfast.benchmarking import Result
+from kdfast.bench.timing import Result
 
 Progress = Callable[[str], None]
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kdfast.bench import BenchOptions, Progress, Table, no_progress
-from kdfast.benchmarking import Result, format_table
+from kdfast.bench.timing import Result, format_table
 from kdfast.cache import CacheDataset, Prefetcher, TeacherCache, build_cache
 from kdfast.defaults import minilm_teacher_dir, pydoc_paragraphs, write_corpus
 

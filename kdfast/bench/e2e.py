@@ -5,14 +5,14 @@ Per recipe step (``distilbert``; ``tinybert`` general distillation; ``mobilebert
 transfer of its last layer, ``mobilebert-pkt``, and its pre-training distillation,
 ``mobilebert-pretrain``):
 
-- **kdfast, live teacher** and **kdfast, from the cache**: the recipe's own step. The recipe
-  (:func:`kdfast.train.recipes.run_recipe`) is run for real with ``teacher.source`` live or
-  cache (the cache is built by the recipe, with kdfast's cache writer, in a temporary
-  directory), and the :class:`kdfast.train.distiller.Distiller` it hands its step loss to is
-  captured instead of trained (DistilBERT's live step twice: KD on every real token, its live
-  default, and with ``kd_rows=masked``); the timed step is the Distiller's: zero grads, ``step_loss``
-  under its autocast setting, backward, gradient clipping, its optimizer. Whatever the recipe's
-  step does (today: full logits; later: ``fused_linear_kd_loss``) is what gets measured.
+- **kdfast, live teacher** and **kdfast, from the cache**: the recipe's own step. The recipe's
+  plan (:func:`kdfast.train.recipes.recipe_plan`) is built for real with ``teacher.source`` live
+  or cache (the cache is built by the plan, with kdfast's cache writer, in a temporary
+  directory), and its stage is taken untrained (DistilBERT's live step twice: KD on every real
+  token, its live default, and with ``kd_rows=masked``); the timed step is the training loop's:
+  zero grads, the stage's step loss under its autocast setting, backward, gradient clipping, the
+  stage's optimizer (:func:`kdfast.train.optim.build_optimizer`). Whatever the recipe's step
+  does is what gets measured.
 - **hand-written**: the same objective written the way the original scripts and today's users
   write it, on ``transformers`` models with the same weights. DistilBERT: full logits,
   ``log_softmax`` + ``KLDivLoss(batchmean) * T^2`` over the selected rows, ``CrossEntropyLoss``,
@@ -42,7 +42,7 @@ Timing: one warm-up step per row, then ``repeat`` rounds that run every row once
 tokens/s from the best and the median round (tokens = real tokens of the batch: the recipes pack
 the corpus into full rows and the first batch of full rows is taken, so that the hand-written
 objectives, which count padded positions as the original scripts do, equal the recipes'). Peak memory: one more step measured by
-:func:`kdfast.benchmarking.peak_memory_bytes`, with gradients and optimizer state already
+:func:`kdfast.bench.timing.peak_memory_bytes`, with gradients and optimizer state already
 allocated (grads are zeroed, not freed), so it is the peak beyond parameters, gradients and
 optimizer state.
 """
@@ -60,11 +60,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from kdfast.bench import BenchOptions, Progress, Table, no_progress
-from kdfast.benchmarking import Result, peak_memory_bytes, time_ms
+from kdfast.bench import e2e_baselines as hand
+from kdfast.bench.timing import Result, peak_memory_bytes, time_ms
 
 SUITE = "e2e"
 STEPS = ("distilbert", "tinybert", "mobilebert-pkt", "mobilebert-pretrain")
@@ -100,87 +99,41 @@ class _Row:
     error: str = ""
 
 
-def _autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-
-
 # ---- the recipe's own step --------------------------------------------------------------------
 
-class _Captured(Exception):
-    """Stops a recipe run once the Distiller of the wanted stage exists."""
-
-
-@contextlib.contextmanager
-def _capturing_distillers(stop_at: int):
-    """While inside, ``Distiller.train`` records the Distiller instead of training (returning no
-    history, so the recipe moves on to its next stage) and stops the recipe at the ``stop_at``-th."""
-    from kdfast.train.distiller import Distiller
-
-    seen: list = []
-    original = Distiller.train
-
-    def capture(self, *args, **kwargs):
-        seen.append(self)
-        if len(seen) >= stop_at:
-            raise _Captured
-        return []
-
-    Distiller.train = capture
-    try:
-        yield seen
-    finally:
-        Distiller.train = original
-
-
-def recipe_distiller(name: str, overrides: dict, stage: int = 1):
-    """The Distiller that ``kdfast distill --recipe name`` builds for its ``stage``-th stage
-    (1-based), with the recipe's student, step loss, optimizer and data, untrained; and the
-    recipe's settings. Seeded, so that a live and a cached run start from the same student."""
-    from kdfast.train.recipes import recipe_config, run_recipe
+def recipe_stage(name: str, overrides: dict, stage: int = 1):
+    """The ``stage``-th stage (1-based) of the plan that ``kdfast distill --recipe name`` runs
+    (:func:`kdfast.train.recipes.recipe_plan`): the recipe's student, step loss, data and train
+    config, untrained; and the recipe's settings. Seeded, so that a live and a cached plan start
+    from the same student."""
+    from kdfast.train.recipes import recipe_config, recipe_plan
 
     cfg = recipe_config(name, overrides=overrides)
     torch.manual_seed(0)
-    with _capturing_distillers(stage) as seen:
-        try:
-            run_recipe(name, cfg)
-        except _Captured:
-            pass
-    if len(seen) < stage:
-        raise RuntimeError(f"recipe {name} ran {len(seen)} stages, not {stage}")
-    return seen[stage - 1], cfg
+    plan = recipe_plan(name, cfg)
+    if len(plan) < stage:
+        raise RuntimeError(f"recipe {name} plans {len(plan)} stages, not {stage}")
+    return plan[stage - 1], cfg
 
 
-def _modules_in(fn, depth: int = 3) -> list[nn.Module]:
-    """nn.Modules a step-loss closure holds (the live teacher, loss modules), through nested closures."""
-    found = []
-    values = list(getattr(fn, "__defaults__", None) or ())  # e.g. ``def step_loss(batch, loss_fn=loss_fn)``
-    for cell in getattr(fn, "__closure__", None) or ():
-        try:
-            values.append(cell.cell_contents)
-        except ValueError:  # a cell not filled yet
-            continue
-    for value in values:
-        if isinstance(value, nn.Module):
-            found.append(value)
-        elif callable(value) and depth > 0 and hasattr(value, "__closure__"):
-            found += _modules_in(value, depth - 1)
-    return found
-
-
-def _recipe_row(impl: str, kd_rows: str, distiller, batch: dict, device: torch.device, dtype: torch.dtype,
+def _recipe_row(impl: str, kd_rows: str, stage, batch: dict, device: torch.device, dtype: torch.dtype,
                 ref: str, from_cache: bool) -> _Row:
+    from kdfast.train.optim import build_optimizer
+
     # The recipes build on the CPU; parameters move in place, so the optimizer keeps them.
-    for m in [distiller.student, distiller.extra, *_modules_in(distiller.step_loss)]:
-        m.to(device).eval()
+    for m in (stage.model, stage.loss, stage.teacher):
+        if m is not None:
+            m.to(device).eval()
     batch = {k: v.to(device) for k, v in batch.items()}
-    opt, cfg = distiller.opt, distiller.cfg
+    cfg = stage.config
+    opt = build_optimizer(stage.parameters(), cfg)  # the optimizer run_plan trains the stage with
     params = [p for g in opt.param_groups for p in g["params"]]
 
-    def step() -> torch.Tensor:  # the body of Distiller.train's loop, one batch, no accumulation
+    def step() -> torch.Tensor:  # one step of the training loop, one batch, no accumulation
         opt.zero_grad(set_to_none=False)
-        with _autocast(device, dtype):
-            loss, terms = distiller.step_loss(batch)
-        _ = [float(v) for v in terms.values()]  # the Distiller reads every term each step (a host sync)
+        with hand.autocast(device, dtype):
+            loss, terms = stage.loss(batch)
+        _ = [float(v) for v in terms.values()]  # the trainer reads every term each step (a host sync)
         loss.backward()
         if cfg.max_grad_norm:
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
@@ -189,184 +142,6 @@ def _recipe_row(impl: str, kd_rows: str, distiller, batch: dict, device: torch.d
         return loss.detach()
 
     return _Row(impl, kd_rows, step, ref=ref, from_cache=from_cache)
-
-
-def _compiled(loss_fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """``torch.compile(loss_fn)`` (it compiles on its first call, step 0); where torch.compile itself
-    refuses (e.g. a Python it does not support), a function that raises that error, so that the row
-    reports it instead of the suite stopping."""
-    try:
-        return torch.compile(loss_fn)
-    except Exception as ex:
-        error = ex
-
-        def refused() -> torch.Tensor:
-            raise error
-
-        return refused
-
-
-def _plain_step(loss_fn: Callable[[], torch.Tensor], params: list, distiller, device: torch.device,
-                dtype: torch.dtype, *, compile_: bool = False) -> Callable[[], torch.Tensor]:
-    """A training step around ``loss_fn`` with the recipe's optimizer class, lr and clipping."""
-    cfg = distiller.cfg
-    params = [p for p in params if p.requires_grad]
-    opt = type(distiller.opt)(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    forward = _compiled(loss_fn) if compile_ else loss_fn
-
-    def step() -> torch.Tensor:
-        opt.zero_grad(set_to_none=False)
-        with _autocast(device, dtype):
-            loss = forward()
-        loss.backward()
-        if cfg.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        opt.step()
-        return loss.detach()
-
-    return step
-
-
-# ---- hand-written objectives ------------------------------------------------------------------
-
-def _kl_batchmean(s_logits: torch.Tensor, t_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The original scripts' KD: KLDivLoss(batchmean)(log_softmax(s / T), softmax(t / T)) * T^2."""
-    return nn.KLDivLoss(reduction="batchmean")(F.log_softmax(s_logits / temperature, dim=-1),
-                                               F.softmax(t_logits / temperature, dim=-1)) * temperature ** 2
-
-
-def _distilbert_loss(student, teacher, batch: dict, cfg, masked_only: bool) -> Callable[[], torch.Tensor]:
-    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-
-    def loss_fn() -> torch.Tensor:
-        s = student(input_ids=ids, attention_mask=am, output_hidden_states=True)
-        with torch.no_grad():
-            t = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True)
-        rows = labels != -100 if masked_only else am.bool()
-        vocab = s.logits.shape[-1]
-        loss = cfg.alpha_kd * _kl_batchmean(s.logits[rows].view(-1, vocab), t.logits[rows].view(-1, vocab),
-                                            cfg.temperature)
-        loss = loss + cfg.alpha_mlm * nn.CrossEntropyLoss(ignore_index=-100)(s.logits.view(-1, vocab), labels.view(-1))
-        real = am.bool()
-        s_h, t_h = s.hidden_states[-1][real], t.hidden_states[-1][real]
-        return loss + cfg.alpha_cos * nn.CosineEmbeddingLoss()(s_h, t_h, s_h.new_ones(s_h.shape[0]))
-
-    return loss_fn
-
-
-class ScoresBert(nn.Module):
-    """A ``transformers`` BERT that also returns every layer's pre-softmax attention scores
-    q k^T / sqrt(dh) + the additive mask, [B, H, L, L] (what TinyBERT's modified BERT returns),
-    from hooks on the query and key projections."""
-
-    def __init__(self, bert: nn.Module) -> None:
-        super().__init__()
-        self.bert = bert
-        self._q: list = []
-        self._k: list = []
-        for layer in bert.encoder.layer:
-            layer.attention.self.query.register_forward_hook(lambda m, a, y: self._q.append(y))
-            layer.attention.self.key.register_forward_hook(lambda m, a, y: self._k.append(y))
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
-        self._q, self._k = [], []
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        heads = self.bert.config.num_attention_heads
-        additive = (1.0 - attention_mask[:, None, None, :].to(out.hidden_states[0].dtype)) * -10000.0
-        scores = []
-        for q, k in zip(self._q, self._k):
-            b, length, d = q.shape
-            q = q.view(b, length, heads, d // heads).transpose(1, 2)
-            k = k.view(b, length, heads, d // heads).transpose(1, 2)
-            scores.append(q @ k.transpose(-1, -2) * (d // heads) ** -0.5 + additive)
-        return {"hidden_states": out.hidden_states, "scores": scores, "inputs_mask": attention_mask}
-
-
-def _tinybert_loss(student: ScoresBert, teacher: ScoresBert, projections: nn.ModuleDict, layer_map: dict,
-                   batch: dict, cfg) -> Callable[[], torch.Tensor]:
-    ids, am = batch["input_ids"], batch["attention_mask"]
-    mse = nn.MSELoss()
-
-    def loss_fn() -> torch.Tensor:
-        s = student(ids, am)
-        with torch.no_grad():
-            t = teacher(ids, am)
-        loss = 0.0
-        for m, g in layer_map.items():
-            loss = loss + cfg.alpha_hidden * mse(projections[str(m)](s["hidden_states"][m]), t["hidden_states"][g])
-            if m >= 1:  # TinyBERT's code: masked scores (<= -1e2) set to 0 on both sides
-                s_att, t_att = s["scores"][m - 1], t["scores"][g - 1]
-                s_att = torch.where(s_att <= -1e2, torch.zeros_like(s_att), s_att)
-                t_att = torch.where(t_att <= -1e2, torch.zeros_like(t_att), t_att)
-                loss = loss + cfg.alpha_attention * mse(s_att, t_att)
-        return loss
-
-    return loss_fn
-
-
-def _feature_map_mse(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
-    """MobileBERT's feature-map transfer, written out: MSE of the layer-normalised maps plus the
-    per-token mean and variance discrepancies (the split the paper reports as more stable)."""
-    d = hs.shape[-1]
-    loss = F.mse_loss(F.layer_norm(hs, (d,), eps=1e-5), F.layer_norm(ht, (d,), eps=1e-5))
-    loss = loss + (hs.mean(-1) - ht.mean(-1)).pow(2).mean()
-    return loss + (hs.var(-1, unbiased=False) - ht.var(-1, unbiased=False)).abs().mean()
-
-
-def _mobilebert_pkt_loss(student, teacher, layer: int, batch: dict, pkt) -> Callable[[], torch.Tensor]:
-    ids, am = batch["input_ids"], batch["attention_mask"]
-
-    def loss_fn() -> torch.Tensor:
-        s = student(input_ids=ids, attention_mask=am, output_hidden_states=True, output_attentions=True)
-        with torch.no_grad():
-            t = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True, output_attentions=True)
-        loss = pkt.alpha_feature_map * _feature_map_mse(s.hidden_states[layer], t.hidden_states[layer])
-        a_s, a_t = s.attentions[layer - 1], t.attentions[layer - 1]
-        b, h, length, _ = a_s.shape
-        log_t = a_t.clamp_min(1e-30).log()  # teacher head groups: softmax of their mean log-probabilities
-        log_t = F.log_softmax(log_t.view(b, h, -1, length, length).mean(2), dim=-1)
-        log_s = a_s.clamp_min(1e-30).log()
-        kl = F.kl_div(log_s.reshape(-1, length), log_t.reshape(-1, length), reduction="batchmean", log_target=True)
-        return loss + pkt.alpha_attention * kl
-
-    return loss_fn
-
-
-def _mobilebert_pretrain_loss(student, teacher, batch: dict, pre) -> Callable[[], torch.Tensor]:
-    ids, am, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-
-    def loss_fn() -> torch.Tensor:
-        s = student(input_ids=ids, attention_mask=am).logits
-        with torch.no_grad():
-            t = teacher(input_ids=ids, attention_mask=am).logits
-        rows, vocab = labels != -100, s.shape[-1]
-        loss = pre.alpha_kd * _kl_batchmean(s[rows].view(-1, vocab), t[rows].view(-1, vocab), pre.temperature)
-        return loss + pre.alpha_mlm * nn.CrossEntropyLoss(ignore_index=-100)(s.view(-1, vocab), labels.view(-1))
-
-    return loss_fn
-
-
-def _textbrewer_tinybert_step(student: ScoresBert, teacher: ScoresBert, projections: nn.ModuleDict,
-                              layer_map: dict, batch: dict, cfg, distiller, device, dtype, tmp: Path):
-    from textbrewer import DistillationConfig, GeneralDistiller, TrainingConfig
-
-    d_s, d_t = student.bert.config.hidden_size, teacher.bert.config.hidden_size
-    matches = [{"layer_T": g, "layer_S": m, "feature": "hidden", "loss": "hidden_mse", "weight": cfg.alpha_hidden,
-                "proj": ["linear", d_s, d_t]} for m, g in layer_map.items()]
-    matches += [{"layer_T": g - 1, "layer_S": m - 1, "feature": "attention", "loss": "attention_mse",
-                 "weight": cfg.alpha_attention} for m, g in layer_map.items() if m >= 1]
-    dc = DistillationConfig(temperature=1, hard_label_weight=0, kd_loss_weight=0, intermediate_matches=matches)
-    tc = TrainingConfig(device=device, output_dir=str(tmp / "textbrewer"), log_dir=None)
-
-    def adaptor(batch, out):
-        return {"hidden": out["hidden_states"], "attention": out["scores"], "inputs_mask": out["inputs_mask"]}
-
-    tb = GeneralDistiller(tc, dc, teacher, student, adaptor, adaptor)
-    for proj, m in zip(tb.projs, layer_map):  # start from the recipe's projections
-        proj.load_state_dict(projections[str(m)].state_dict())
-    params = list(student.parameters()) + [p for proj in tb.projs if proj is not None for p in proj.parameters()]
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    return _plain_step(lambda: tb.train_on_batch(inputs, {})[0], params, distiller, device, dtype)
 
 
 # ---- one recipe step, every way -----------------------------------------------------------------
@@ -429,7 +204,7 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
     for run_name, extra in sources.items():
         overrides = {**base, "out_dir": str(tmp / f"{step_name}-{run_name}"),
                      "teacher.source": run_name.split("-")[0], **extra}
-        runs[run_name] = recipe_distiller(name, overrides, stage)
+        runs[run_name] = recipe_stage(name, overrides, stage)
     (live, cfg), (cached, _) = runs["live"], runs["cache"]
     # one batch for every row: the cache's (its masked inputs and labels; the live step uses them as
     # given), a full one: with padding, the hand-written objectives (which count padded positions, as
@@ -439,7 +214,7 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
         raise RuntimeError(f"{step_name}: no batch of {batch_size} full rows of {seq} tokens in the corpus")
     batch = {k: cache_batch[k] for k in ("input_ids", "attention_mask", "labels") if k in cache_batch}
     dev_batch = {k: v.to(device) for k, v in batch.items()}
-    initial = copy.deepcopy(live.student).eval()  # before any step: the hand-written rows start here
+    initial = copy.deepcopy(live.model).eval()  # before any step: the hand-written rows start here
 
     rows = []
     if name == "distilbert":
@@ -456,25 +231,25 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
             if compiled and not compile_baseline:
                 continue
             student = copy.deepcopy(initial).to(device)
-            step = _plain_step(_distilbert_loss(student, teacher, dev_batch, cfg, masked), list(student.parameters()),
-                               live, device, dtype, compile_=compiled)
+            step = hand.plain_step(hand.distilbert_loss(student, teacher, dev_batch, cfg, masked),
+                                   list(student.parameters()), live, device, dtype, compile_=compiled)
             rows.append(_Row(impl, "masked" if masked else "all real tokens", step,
                              ref=HANDWRITTEN if compiled else None))
     elif name == "tinybert":
         from kdfast.models import uniform_layer_map
 
-        layer_map = uniform_layer_map(shape["teacher"]["num_hidden_layers"], live.student.config.num_hidden_layers)
+        layer_map = uniform_layer_map(shape["teacher"]["num_hidden_layers"], live.model.config.num_hidden_layers)
         rows += [_recipe_row("kdfast, live teacher", "-", live, batch, device, dtype, HANDWRITTEN, False),
                  _recipe_row("kdfast, from the cache", "-", cached, cache_batch, device, dtype, HANDWRITTEN, True)]
-        teacher = ScoresBert(AutoModel.from_pretrained(tdir, local_files_only=True).to(device).eval())
+        teacher = hand.ScoresBert(AutoModel.from_pretrained(tdir, local_files_only=True).to(device).eval())
         teacher.requires_grad_(False)
-        projections = live.extra.projections
+        projections = live.loss.criterion.projections
         variants = [(HANDWRITTEN, False, False), (f"{HANDWRITTEN} + torch.compile", True, False),
                     ("TextBrewer GeneralDistiller", False, True)]
         for impl, compiled, brewer in variants:
             if (compiled and not compile_baseline) or (brewer and not use_textbrewer):
                 continue
-            student = ScoresBert(copy.deepcopy(initial.bert).to(device))
+            student = hand.ScoresBert(copy.deepcopy(initial.bert).to(device))
             projs = copy.deepcopy(projections).to(device)
             if brewer:
                 try:
@@ -483,12 +258,12 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
                     rows.append(_Row(impl, "-", None, ref=HANDWRITTEN,
                                      error="not installed (pip install --no-deps textbrewer tensorboardX protobuf)"))
                     continue
-                step = _textbrewer_tinybert_step(student, teacher, projs, layer_map, dev_batch, cfg, live, device,
-                                                 dtype, tmp)
+                step = hand.textbrewer_tinybert_step(student, teacher, projs, layer_map, dev_batch, cfg, live,
+                                                     device, dtype, tmp)
             else:
-                step = _plain_step(_tinybert_loss(student, teacher, projs, layer_map, dev_batch, cfg),
-                                   list(student.parameters()) + list(projs.parameters()), live, device, dtype,
-                                   compile_=compiled)
+                step = hand.plain_step(hand.tinybert_loss(student, teacher, projs, layer_map, dev_batch, cfg),
+                                       list(student.parameters()) + list(projs.parameters()), live, device, dtype,
+                                       compile_=compiled)
             rows.append(_Row(impl, "-", step, ref=HANDWRITTEN if impl != HANDWRITTEN else None))
     else:
         from kdfast.train.recipes.mobilebert import pkt_groups
@@ -512,11 +287,11 @@ def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dic
                 student.set_attn_implementation("eager")
                 groups = pkt_groups(student, layer, cfg.pkt.lower_lr_scale)
                 params = [p for g in groups for p in g["params"]]
-                loss_fn = _mobilebert_pkt_loss(student, teacher, layer, dev_batch, cfg.pkt)
+                loss_fn = hand.mobilebert_pkt_loss(student, teacher, layer, dev_batch, cfg.pkt)
             else:
                 params = list(student.parameters())
-                loss_fn = _mobilebert_pretrain_loss(student, teacher, dev_batch, cfg.pretrain)
-            rows.append(_Row(impl, kd_rows, _plain_step(loss_fn, params, live, device, dtype, compile_=compiled),
+                loss_fn = hand.mobilebert_pretrain_loss(student, teacher, dev_batch, cfg.pretrain)
+            rows.append(_Row(impl, kd_rows, hand.plain_step(loss_fn, params, live, device, dtype, compile_=compiled),
                              ref=HANDWRITTEN if compiled else None))
     return rows, int(batch["attention_mask"].sum())
 

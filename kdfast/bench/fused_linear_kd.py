@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast.bench import BenchOptions, Progress, Table
-from kdfast.benchmarking import Entry, Result, format_table, measure_all
+from kdfast.bench.timing import Entry, Result, format_table, measure_all
 
 SUITE = "flkd"
 VOCAB = 30522

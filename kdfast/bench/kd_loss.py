@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast.bench import BenchOptions, Progress, Table
-from kdfast.benchmarking import Entry, Result, copy_bandwidth_gbs, format_table, measure_all
+from kdfast.bench.timing import Entry, Result, copy_bandwidth_gbs, format_table, measure_all
 
 SUITE = "kd_loss"
 

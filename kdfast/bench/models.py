@@ -10,7 +10,7 @@ import torch
 from transformers import BertConfig, BertModel, MobileBertModel
 
 from kdfast.bench import BenchOptions, Progress, Table
-from kdfast.benchmarking import Entry, Result, format_table, measure_all, time_ms
+from kdfast.bench.timing import Entry, Result, format_table, measure_all, time_ms
 from kdfast.models import KDMobileBert, distilbert_from_teacher, mobilebert_config, tinybert_config
 from kdfast.models.fused import disable_fused_kernels, enable_fused_kernels
 

@@ -8,7 +8,7 @@ import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from kdfast.bench import BenchOptions, Progress, Table
-from kdfast.benchmarking import Entry, Result, format_table, measure_all
+from kdfast.bench.timing import Entry, Result, format_table, measure_all
 from kdfast.train.optim import Lamb
 
 SUITE = "optim"

@@ -45,13 +45,14 @@ shard but the last holding exactly ``rows_per_shard`` rows.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from kdfast.fileio import atomic_write_bytes, fsync_dir, sha256_file, sha256_files  # noqa: F401  (re-exported)
 
 FORMAT = "kdfast-teacher-cache"
 VERSION = 1
@@ -78,23 +79,6 @@ def shard_name(index: int) -> str:
 def record_name(index: int) -> str:
     """The ``.done`` record of shard ``index`` (a finished shard not yet in the manifest)."""
     return f"shard-{index:05d}.done"
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sha256_files(paths: list[Path]) -> str:
-    """One digest over several files (names and contents), order-independent of the caller."""
-    h = hashlib.sha256()
-    for p in sorted(paths, key=lambda p: p.name):
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -367,25 +351,3 @@ def write_record(cache_dir: str | os.PathLike, index: int, info: ShardInfo) -> N
     """Atomically write shard ``index``'s ``.done`` record (after the shard itself is in place)."""
     data = json.dumps({"rows": info.rows, "tokens": info.tokens, "sha256": info.sha256}).encode()
     atomic_write_bytes(Path(cache_dir) / record_name(index), data)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # a full disk, an interrupt: leave no torn temporary behind
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)

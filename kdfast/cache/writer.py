@@ -173,7 +173,7 @@ def _library_progress_bars(enabled: bool) -> Iterator[None]:
 
 def _load_teacher(teacher_path: Path, mode: str):
     """The frozen teacher; with stored logits it must have a trained MLM head (checked as the recipes check it)."""
-    from kdfast.train.recipes.common import load_teacher
+    from kdfast.models.teachers import load_teacher
 
     remedy = "build with logits='none' (--logits none)"
     try:

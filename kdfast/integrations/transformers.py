@@ -36,11 +36,12 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from kdfast.cache.format import MANIFEST, CacheError
-from kdfast.cache.reader import TeacherCache, _concat
-from kdfast.capture import SUPPORTED_MODELS, Captured, _layers, _unwrap, capture
+from kdfast.cache.reader import TeacherCache
+from kdfast.capture import SUPPORTED_MODELS, Captured, capture, check_supported
 from kdfast.losses._checks import check_nonnegative
 from kdfast.losses.distillation import DistillationLoss
 from kdfast.losses.sparse_kd import sparse_kd_loss
+from kdfast.train.teacher import CachedTeacher
 
 __all__ = ["Captured", "DistillationTrainer", "PROJECTIONS_FILE", "SUPPORTED_MODELS", "capture", "load_projections"]
 
@@ -137,7 +138,8 @@ class _CacheCollator:
             row = int(feature[CACHE_ROW])
             shard = bisect.bisect_right(self.starts, row) - 1
             by_shard.setdefault(shard, []).append(row - self.starts[shard])
-        batch = _concat([self.cache.read_rows(shard, torch.tensor(rows)) for shard, rows in sorted(by_shard.items())])
+        parts = [self.cache.read_rows(shard, torch.tensor(rows)) for shard, rows in sorted(by_shard.items())]
+        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         inputs = {k: batch.pop(k) for k in ("input_ids", "attention_mask", "labels") if k in batch}
         return {**inputs, "kd_teacher": batch}
 
@@ -276,9 +278,11 @@ class DistillationTrainer(Trainer):
                                  "unscaled queries")
         self._captures = self._want_hidden or self._attention is not None
         if self._captures and cache is None:
-            _layers(_unwrap(teacher), "teacher")
+            check_supported(teacher, "teacher")
         self.teacher = None if cache is not None else teacher
         self.teacher_cache = cache
+        # the cached teacher's hidden states, Q / K (split into heads) and sparse logits, as the recipes read them
+        self._cached_teacher = CachedTeacher.for_cache(cache) if cache is not None else None
         self.distillation_loss = distillation_loss
         self.student_loss_weight = weight
         self._term_sums: dict[str, Tensor] = {}
@@ -294,7 +298,7 @@ class DistillationTrainer(Trainer):
                 self._dense_loss.weights = {k: v for k, v in distillation_loss.weights.items() if k != "logits"}
         super().__init__(*args, **kwargs)
         if self._captures:
-            _layers(self.accelerator.unwrap_model(self.model), "model")
+            check_supported(self.accelerator.unwrap_model(self.model), "model")
         if cache is not None:
             self._check_student_fits_cache(cache, self.accelerator.unwrap_model(self.model))
         self.loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by the accumulation steps
@@ -370,20 +374,6 @@ class DistillationTrainer(Trainer):
         if self.teacher_cache is not None and CACHE_ROW not in self._signature_columns:
             self._signature_columns.append(CACHE_ROW)  # the Trainer would drop the row index as an unused column
 
-    def _cached_outputs(self, cached: dict[str, Tensor]) -> dict[str, Any]:
-        """A cache batch's teacher targets as DistillationLoss takes them: ``hidden_states`` (None
-        at the layers not cached) and unscaled ``q`` / ``k`` split into heads, [B, H, L, dh]."""
-        teacher = self.teacher_cache.settings["teacher"]
-        n_layers, heads = teacher["num_hidden_layers"], teacher["num_attention_heads"]
-        fields: dict[str, Any] = {}
-        if self._want_hidden:
-            fields["hidden_states"] = [cached.get(f"hidden_{l}") for l in range(n_layers + 1)]
-        if self._attention == "qk":
-            for name in ("q", "k"):
-                fields[name] = tuple(cached[f"{name}_{l}"].unflatten(-1, (heads, -1)).transpose(1, 2)
-                                     for l in range(1, n_layers + 1))
-        return fields
-
     def _sparse_logit_term(self, logits: Tensor | None, cached: dict[str, Tensor], labels: Tensor) -> Tensor:
         """:func:`kdfast.sparse_kd_loss` of the masked rows' student logits against the cached sparse teacher."""
         if logits is None:
@@ -403,7 +393,7 @@ class DistillationTrainer(Trainer):
                      mask: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """``distillation_loss`` against the cached teacher: its dense terms through the loss
         itself, the logits term from the sparse logits."""
-        loss, terms = self._dense_loss(student, self._cached_outputs(cached), mask) if self._dense_loss else (None, {})
+        loss, terms = self._dense_loss(student, self._cached_teacher(cached), mask) if self._dense_loss else (None, {})
         if "logits" in self.distillation_loss.weights:
             kd = self._sparse_logit_term(student.get("logits"), cached, labels)
             weighted = self.distillation_loss.weights["logits"] * kd

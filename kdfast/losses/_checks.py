@@ -8,6 +8,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from kdfast.ops.dtypes import acc_dtype  # noqa: F401  (the losses' accumulation dtype, from the ops below them)
+
 
 def check_tensor(name: str, x: object, *, min_dim: int = 1, floating: bool = True) -> Tensor:
     if not isinstance(x, Tensor):
@@ -147,11 +149,6 @@ def check_logit_rows(teacher: Tensor, student: Tensor | None, teacher_name: str 
         raise ValueError(f"{student_name} is -inf where {teacher_name} gives probability > 0: the KL is infinite")
     raise ValueError(f"the loss of {student_name} against {teacher_name} is not finite (overflow: check the "
                      f"magnitudes of the logits, temperature and alphas)")
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the kernels accumulate in: float64 for float64 inputs, float32 for every other."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # Which rows the KD term of a logit loss counts (issue 14: an explicit choice, never implied by labels).

@@ -142,7 +142,7 @@ class _ScoreMSEFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s, t, mask, threshold, has_mask, backend):
-        sums, counts = registry.impls(SCORE_MSE_FWD_OP)[backend].fn(s, t, mask, threshold, has_mask)
+        sums, counts = registry.select(SCORE_MSE_FWD_OP, backend, s).fn(s, t, mask, threshold, has_mask)
         n = counts.sum().clamp_min(1)  # int64: B H L^2 may exceed fp32's exact integers
         ctx.save_for_backward(s, t, mask, n)
         ctx.threshold, ctx.has_mask, ctx.backend = threshold, has_mask, backend
@@ -153,7 +153,7 @@ class _ScoreMSEFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         s, t, mask, n = ctx.saved_tensors
         coef = (grad_out.to(torch.float64) / n.to(torch.float64)).to(acc_dtype(s.dtype)).reshape(1)
-        grad = registry.impls(SCORE_MSE_BWD_OP)[ctx.backend].fn(s, t, mask, coef, ctx.threshold, ctx.has_mask)
+        grad = registry.select(SCORE_MSE_BWD_OP, ctx.backend, s).fn(s, t, mask, coef, ctx.threshold, ctx.has_mask)
         return grad, None, None, None, None, None
 
 
@@ -206,8 +206,7 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
         threshold = float(threshold)
     except (TypeError, ValueError):
         raise ValueError(f"threshold must be a number, got {threshold!r}") from None
-    name = registry.resolve(SCORE_MSE_FWD_OP, backend, student_scores.device, student_scores.dtype,
-                            what="attention_mse_loss")
+    name = registry.select(SCORE_MSE_FWD_OP, backend, student_scores, what="attention_mse_loss").backend
     dev = student_scores.device
     mask_i8 = m.to(torch.int8).contiguous() if m is not None else torch.zeros(1, dtype=torch.int8, device=dev)
     return _ScoreMSEFunction.apply(student_scores.contiguous(), teacher_scores.detach().contiguous(), mask_i8,
@@ -257,7 +256,7 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
     s = student_scores
     m = _check_token_mask("mask", mask, B, L, s.device)
     t, _ = map_teacher_heads(teacher_scores.detach(), H, name="teacher_scores")
-    name = registry.resolve(MAPS_KL_OP, backend, s.device, s.dtype, what="attention_kl_loss")
+    name = registry.select(MAPS_KL_OP, backend, s, what="attention_kl_loss").backend
     acc = acc_dtype(s.dtype)
     if m is None:
         row_weight = torch.full((B, L), 1.0 / (B * H * L), dtype=acc, device=s.device)
@@ -279,7 +278,7 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
 
 class _StoredGradLossFunction(torch.autograd.Function):
     """Sum of the loss rows of a registered op that returns them with the gradients of their sum:
-    ``impls(op)[backend].fn(*args, need_grad) -> (rows, d/d args[0], ..., d/d args[n_diff - 1])``
+    ``select(op, backend, args[0]).fn(*args, need_grad) -> (rows, d/d args[0], ..., d/d args[n_diff - 1])``
     (the student's tensors come first in ``args``; with ``need_grad`` false the gradients are empty).
     Backward only scales the stored gradients (the teacher is frozen)."""
 
@@ -287,7 +286,7 @@ class _StoredGradLossFunction(torch.autograd.Function):
     def forward(ctx, op, backend, n_diff, grad_enabled, *args):
         # grad mode is always off inside forward: the caller says whether it was on
         need_grad = grad_enabled and any(ctx.needs_input_grad[4 + i] for i in range(n_diff))
-        rows, *grads = registry.impls(op)[backend].fn(*args, need_grad)
+        rows, *grads = registry.select(op, backend, args[0]).fn(*args, need_grad)
         ctx.save_for_backward(*grads)
         ctx.n_args = len(args)
         return rows.to(acc_dtype(args[0].dtype)).sum()
@@ -387,7 +386,7 @@ def flash_attention_transfer(
     k_t, _ = map_teacher_heads(k_t.detach(), H, kind="qk", name="k_t")
     scale_t /= group  # concatenated group heads sum the group's scores; 1/g makes it their mean
     m = _check_token_mask("key_mask", key_mask, B, L, q_s.device)
-    name = registry.resolve(FLASH_OP, backend, q_s.device, q_s.dtype, what="flash_attention_transfer")
+    name = registry.select(FLASH_OP, backend, q_s, what="flash_attention_transfer").backend
     key_valid = torch.ones(B, L, dtype=torch.bool, device=q_s.device) if m is None else m
     acc = acc_dtype(q_s.dtype)
     n = key_valid.sum(1).to(acc)

@@ -29,7 +29,7 @@ def _field(outputs, name: str):
 
 
 def _layer_map(layer_map) -> dict[int, int]:
-    from kdfast.models.layer_map import uniform_layer_map
+    from kdfast.losses.layer_map import uniform_layer_map
 
     if isinstance(layer_map, tuple) and len(layer_map) == 2 and all(isinstance(v, int) for v in layer_map):
         return uniform_layer_map(*layer_map)

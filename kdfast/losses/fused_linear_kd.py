@@ -478,7 +478,7 @@ def fused_linear_kd_loss(
     mlm_subset = alpha_mlm != 0 and not masked_only
     selective = mask is not None or masked_only or mlm_subset
     acc = acc_dtype(student_hidden.dtype)
-    _, kernel = registry.implementation(op, backend, device, acc, what="fused_linear_kd_loss")  # runs on acc logits
+    kernel = registry.select(op, backend, device=device, dtype=acc, what="fused_linear_kd_loss").fn  # on acc logits
     if selective:
         counted = torch.ones(N, dtype=torch.bool, device=device)
         if masked_only:

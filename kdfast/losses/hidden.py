@@ -23,6 +23,8 @@ only (differentiated by autograd).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -55,19 +57,10 @@ def _rows(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-def _row_kernel(op: str, backend: str, device: torch.device, dtype: torch.dtype, what: str) -> str:
-    """The registry's backend for ``op``, except that float64 input with an explicit ``"triton"`` runs
-    torch (as these losses documented before the registry: the Triton kernels compute in fp32)."""
-    if backend == "triton" and dtype == torch.float64:
-        registry.resolve(op, backend, device, None, what=what)  # still refuses a Triton that cannot run here
-        return "torch"
-    return registry.resolve(op, backend, device, dtype, what=what)
-
-
 # --- TinyBERT hidden MSE through a projection ----------------------------------------------------
 
 def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tensor | None, w: Tensor,
-                       backend: str, need: tuple[bool, bool, bool], chunk_rows: int, masked: bool = True
+                       epilogue: Callable, need: tuple[bool, bool, bool], chunk_rows: int, masked: bool = True
                        ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """Chunked fused projection + MSE over n layers at once: returns (loss, dh_s, dW_p, db_p).
 
@@ -76,11 +69,10 @@ def hidden_mse_fwd_bwd(hs: Tensor, ht: Tensor, weight: Tensor | None, bias: Tens
     the accumulation dtype (``masked``: some may be 0). The loss is sum_l sum_r w_lr |Y_lr -
     h_t,lr|^2. ``need`` says which of (dh_s, dW_p, db_p) to compute (the others come back
     None, as do those of absent parameters). Each chunk takes ``chunk_rows`` rows of every
-    layer: one batched GEMM for all layers, one epilogue (the ``hidden_mse_epilogue`` op on the
-    resolved ``backend``) over the n * chunk_rows rows. dh_s has ``hs``'s dtype, dW_p / db_p the
+    layer: one batched GEMM for all layers, one ``epilogue`` (the ``hidden_mse_epilogue`` op's
+    implementation the registry selected) over the n * chunk_rows rows. dh_s has ``hs``'s dtype, dW_p / db_p the
     parameters' dtypes.
     """
-    epilogue = registry.impls("hidden_mse_epilogue")[backend].fn
     acc = w.dtype
     n, N, d_t = hs.shape[0], hs.shape[1], ht.shape[-1]
     W = weight.to(acc) if weight is not None else None
@@ -130,14 +122,14 @@ class _HiddenMSEFunction(torch.autograd.Function):
     ``weight`` [n, d_t, d_s], ``w`` [n, N]); the gradients come back in the inputs' shapes."""
 
     @staticmethod
-    def forward(ctx, hs, ht, weight, bias, w, backend, chunk_rows, grad_enabled, masked):
+    def forward(ctx, hs, ht, weight, bias, w, epilogue, chunk_rows, grad_enabled, masked):
         need = tuple(grad_enabled and bool(ctx.needs_input_grad[i]) for i in (0, 2, 3))
         layered = hs.dim() == 3
         as_layers = (lambda x: x) if layered else (lambda x: x.unsqueeze(0) if x is not None else None)
         # the GEMMs accumulate in fp32 whatever autocast region the loss is called from
         with torch.autocast(hs.device.type, enabled=False):
             loss, dh, dW, db = hidden_mse_fwd_bwd(as_layers(hs), as_layers(ht), as_layers(weight), as_layers(bias),
-                                                  as_layers(w), backend, need, chunk_rows, masked)
+                                                  as_layers(w), epilogue, need, chunk_rows, masked)
         dh, dW, db = (g.view(x.shape) if g is not None else None for g, x in ((dh, hs), (dW, weight), (db, bias)))
         ctx.has = (dh is not None, dW is not None, db is not None)
         ctx.save_for_backward(*(g for g in (dh, dW, db) if g is not None))
@@ -239,16 +231,16 @@ def hidden_mse_loss(
     acc = acc_dtype(student_hidden.dtype)
     lead = student_hidden.shape[1:-1] if layered else student_hidden.shape[:-1]
     w = mask_row_weights(mask, lead, dev, acc, per_row=d_t)
-    name = _row_kernel("hidden_mse_epilogue", backend, dev, student_hidden.dtype, "hidden_mse_loss")
+    epilogue = registry.select("hidden_mse_epilogue", backend, student_hidden, what="hidden_mse_loss").fn
     if layered:  # every layer counts the same tokens, normalised on its own
         chunk_rows = max(16, CHUNK_ELEMS // (n_layers * d_t))
         return _HiddenMSEFunction.apply(student_hidden.reshape(n_layers, -1, d_s).contiguous(),
                                         teacher_hidden.detach().reshape(n_layers, -1, d_t).contiguous(),
-                                        proj_weight, proj_bias, w.expand(n_layers, -1), name, chunk_rows,
+                                        proj_weight, proj_bias, w.expand(n_layers, -1), epilogue, chunk_rows,
                                         torch.is_grad_enabled(), mask is not None)
     chunk_rows = max(16, CHUNK_ELEMS // d_t)
     return _HiddenMSEFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), proj_weight, proj_bias,
-                                    w, name, chunk_rows, torch.is_grad_enabled(), mask is not None)
+                                    w, epilogue, chunk_rows, torch.is_grad_enabled(), mask is not None)
 
 
 class HiddenMSELoss(nn.Module):
@@ -284,9 +276,9 @@ class HiddenMSELoss(nn.Module):
 
 class _CosineFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, s, t, w, eps, backend, grad_enabled):
+    def forward(ctx, s, t, w, eps, kernel, grad_enabled):
         need_grad = grad_enabled and bool(ctx.needs_input_grad[0])
-        rows, g = registry.impls("cosine_rows")[backend].fn(s, t, w, eps, need_grad)
+        rows, g = kernel(s, t, w, eps, need_grad)
         ctx.save_for_backward(g)
         return rows.to(w.dtype).sum()
 
@@ -335,8 +327,8 @@ def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | N
     dev = student_hidden.device
     acc = acc_dtype(student_hidden.dtype)
     w = mask_row_weights(mask, student_hidden.shape[:-1], dev, acc)
-    name = _row_kernel("cosine_rows", backend, dev, student_hidden.dtype, "cosine_loss")
-    return _CosineFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), w, eps, name,
+    kernel = registry.select("cosine_rows", backend, student_hidden, what="cosine_loss").fn
+    return _CosineFunction.apply(_rows(student_hidden), _rows(teacher_hidden.detach()), w, eps, kernel,
                                  torch.is_grad_enabled())
 
 
@@ -379,8 +371,7 @@ def feature_map_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tenso
     _check_states(student_hidden, teacher_hidden, same_width=True)
     dev = student_hidden.device
     acc = acc_dtype(student_hidden.dtype)
-    _, feature_map = registry.implementation("feature_map", backend, dev, student_hidden.dtype,
-                                             what="feature_map_loss")
+    feature_map = registry.select("feature_map", backend, student_hidden, what="feature_map_loss").fn
     for name, v, positive in (("eps", eps, True), ("beta_mean", beta_mean, False), ("beta_var", beta_var, False)):
         try:
             fv = float(v)

@@ -6,7 +6,7 @@ needed); backward only scales the stored gradient by the upstream gradient, and 
 that when the upstream gradient is exactly 1 (eager mode: ``loss.backward()`` on the loss).
 
 The kernels are the ``kd_rows`` op of :mod:`kdfast.ops.logit_kd` (Triton, CUDA C++, CPU C++ and
-eager torch), chosen by :func:`kdfast.ops.registry.implementation`. The compiled and Triton
+eager torch), chosen by :func:`kdfast.ops.registry.select`. The compiled and Triton
 kernels are ``torch.library`` ops with fake (meta) implementations, so
 ``torch.compile(fullgraph=True)`` traces through :func:`kd_loss`.
 """
@@ -159,8 +159,7 @@ def kd_loss(
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if alpha_mlm != 0 and labels is None:
         raise ValueError("labels are required when alpha_mlm != 0")
-    _, kernel = registry.implementation(logit_kd.OP, backend, student_logits.device, student_logits.dtype,
-                                        what="kd_loss")
+    kernel = registry.select(logit_kd.OP, backend, student_logits, what="kd_loss").fn
     checks = value_checks_enabled(student_logits)
 
     # Rows of the kernel: [N, V] views with a unit column stride (copied only if they lack it).

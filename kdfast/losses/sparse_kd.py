@@ -213,7 +213,7 @@ def sparse_kd_loss(
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if alpha_mlm != 0 and labels is None:
         raise ValueError("labels are required when alpha_mlm != 0")
-    _, kernel = registry.implementation(sparse_kd_ops.OP, backend, device, student_logits.dtype, what="sparse_kd_loss")
+    kernel = registry.select(sparse_kd_ops.OP, backend, student_logits, what="sparse_kd_loss").fn
     checks = value_checks_enabled(student_logits)
 
     student2d = student_logits.reshape(-1, V)

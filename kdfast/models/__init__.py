@@ -1,7 +1,7 @@
 """Model builders for distillation: MobileBERT blocks, DistilBERT/TinyBERT students, layer maps, counting."""
 
 from .counting import count
-from .layer_map import uniform_layer_map
+from kdfast.losses.layer_map import uniform_layer_map
 from .mobilebert import (
     KDMobileBert,
     KDMobileBertForMaskedLM,

@@ -60,7 +60,7 @@ class _Ops(NamedTuple):
 def _ops(backend: str, x: Tensor, what: str) -> _Ops:
     """The registry's implementations of the three ops for tensors like ``x`` (``what``: the public name
     named by the errors of an explicit ``backend`` that cannot run them)."""
-    return _Ops(*(registry.implementation(op, backend, x.device, x.dtype, what=what)[1] for op in _Ops._fields))
+    return _Ops(*(registry.select(op, backend, x, what=what).fn for op in _Ops._fields))
 
 
 def _rows(t: Tensor, d: int) -> Tensor:
@@ -308,3 +308,6 @@ def enable_fused_kernels(backend: str = "auto") -> None:
 def disable_fused_kernels() -> None:
     """Restore the eager ``attention_inputs``, ``bias_residual_nonorm`` and ``stacked_ffn``."""
     _mb.set_kernel_backend(None)
+
+
+_mb.install_fused_functions(fused_attention_inputs, fused_stacked_ffn, fused_bias_residual_nonorm)

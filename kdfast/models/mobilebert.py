@@ -72,6 +72,23 @@ CAPTURE_KINDS = frozenset({"hidden", "scores", "attentions", "qk"})
 # None: the eager functions below (transformers' arithmetic, bit for bit); a backend name: the fused
 # functions of kdfast.models.fused on that backend ("auto" resolved per call by kdfast.ops.registry).
 _kernel_backend: str | None = None
+# the fused functions (attention_inputs, stacked_ffn, bias_residual_nonorm), installed by
+# kdfast.models.fused when it is imported (kdfast.models imports it): this module does not import it
+_fused: tuple[Callable, Callable, Callable] | None = None
+
+
+def install_fused_functions(attention_inputs: Callable, stacked_ffn: Callable, bias_residual_nonorm: Callable) -> None:
+    """Called by :mod:`kdfast.models.fused`: the functions a block runs once :func:`set_kernel_backend`
+    names a backend (each takes this module's arguments plus ``backend=``)."""
+    global _fused
+    _fused = (attention_inputs, stacked_ffn, bias_residual_nonorm)
+
+
+def _fused_functions() -> tuple[Callable, Callable, Callable]:
+    if _fused is None:
+        raise RuntimeError("the fused MobileBERT kernels are not installed: import kdfast.models (which imports "
+                           "kdfast.models.fused) before setting a kernel backend")
+    return _fused
 
 
 def set_kernel_backend(backend: str | None) -> str | None:
@@ -177,9 +194,7 @@ def _nonorm_epilogue(x, bias, residual, gamma, beta):
     """:func:`bias_residual_nonorm`, fused on the backend set by :func:`set_kernel_backend`."""
     if _kernel_backend is None:
         return bias_residual_nonorm(x, bias, residual, gamma, beta)
-    from kdfast.models.fused import fused_bias_residual_nonorm
-
-    return fused_bias_residual_nonorm(x, bias, residual, gamma, beta, backend=_kernel_backend)
+    return _fused_functions()[2](x, bias, residual, gamma, beta, backend=_kernel_backend)
 
 
 def _block_steps() -> tuple[Callable, Callable]:
@@ -187,11 +202,10 @@ def _block_steps() -> tuple[Callable, Callable]:
     set by :func:`set_kernel_backend`."""
     if _kernel_backend is None:
         return attention_inputs, stacked_ffn
-    from kdfast.models import fused
-
+    fused_attention_inputs, fused_stacked_ffn, _ = _fused_functions()
     backend = _kernel_backend
-    return (lambda layer, hidden: fused.fused_attention_inputs(layer, hidden, backend=backend),
-            lambda *args, **kwargs: fused.fused_stacked_ffn(*args, **kwargs, backend=backend))
+    return (lambda layer, hidden: fused_attention_inputs(layer, hidden, backend=backend),
+            lambda *args, **kwargs: fused_stacked_ffn(*args, **kwargs, backend=backend))
 
 
 # --------------------------------------------------------------------------------------------------

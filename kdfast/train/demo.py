@@ -34,6 +34,7 @@ from kdfast.train.plot import plot_stage_losses
 from kdfast.train.teacher import CachedTeacher, capture_outputs, model_inputs
 
 STUDENT_LAYERS = (1, 3, 5)  # teacher layers copied into the student (0-based)
+TEACHER_LAYERS = 6  # all-MiniLM-L6-v2's
 
 
 #: the kdfast loss of each logged term (``report.json``'s ``backends`` says where each ran)
@@ -106,18 +107,27 @@ def latency_ms(model, seq: int = 128, repeat: int = 10) -> float:
 def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 16, max_length: int = 128,
              lr: float = 1e-4, seed: int = 0, progress: bool = True, resume: bool = False,
              max_paragraphs: int | None = None, allow_changed_settings: bool = False) -> dict:
-    """Run the demo (module docstring); ``max_paragraphs`` keeps only the first paragraphs (tests).
+    """Run the demo (module docstring): :func:`demo_plan` through :func:`kdfast.train.stage.run_plan`.
 
-    Every argument is checked before any work (ValueError naming it); ``resume`` continues from
-    the checkpoint in ``out_dir``, refusing one written with other settings unless
-    ``allow_changed_settings``. The same arguments give the same student (seeded before any
-    random draw)."""
+    ``resume`` continues from the checkpoint in ``out_dir``, refusing one written with other
+    settings unless ``allow_changed_settings``. Returns the report (also ``report.json``)."""
+    plan = demo_plan(out_dir, steps=steps, batch_size=batch_size, max_length=max_length, lr=lr, seed=seed,
+                     progress=progress, max_paragraphs=max_paragraphs)
+    return stage.run_plan(plan, resume=resume, allow_changed_settings=allow_changed_settings)
+
+
+def demo_plan(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 16, max_length: int = 128,
+              lr: float = 1e-4, seed: int = 0, progress: bool = True, max_paragraphs: int | None = None) -> stage.Plan:
+    """The demo's plan: its one stage, ``distil`` (the cache built, the student initialised), and
+    the evaluation and report after it; ``max_paragraphs`` keeps only the first paragraphs (tests).
+
+    Every argument is checked before any work (ValueError naming it). The same arguments give the
+    same student (seeded before any random draw)."""
     from transformers import AutoModel, AutoTokenizer
 
     from kdfast.data import check_max_length
-    from kdfast.models import count, distilbert_from_teacher
+    from kdfast.models import distilbert_from_teacher
     from kdfast.train.distiller import check_int, check_out_dir, seed_everything
-    from kdfast.train.recipes.common import term_backends
 
     t_start = time.perf_counter()
     out = check_out_dir(out_dir, "out_dir")
@@ -141,7 +151,6 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
         raise ValueError(f"batch_size {batch_size} exceeds the {len(train)} training paragraphs")
     corpus = write_corpus(out / "train.txt", train)
 
-    n_teacher_layers = 6
     layer_map = {0: 0, **{i + 1: l + 1 for i, l in enumerate(STUDENT_LAYERS)}}
     t0 = time.perf_counter()
     build_cache(str(teacher_dir), [str(corpus)], str(out / "cache"), logits="none", hidden="fp16",
@@ -167,8 +176,26 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
         targets = {t: t_hidden[t] for t in layer_map.values()}
         return hidden_distillation_loss(hs, targets, inputs["attention_mask"], layer_map)
 
-    trained = stage.run_stage("distil", student, step_loss, CachedBatches(cache, batch_size, seed=seed), cfg,
-                              resume=resume, settings=settings, allow_changed_settings=allow_changed_settings)
+    distil = stage.Stage("distil", student, stage.StageLoss(step_loss, terms=TERM_LOSSES),
+                         CachedBatches(cache, batch_size, seed=seed), cfg, settings=settings)
+
+    def finish(entries: list[dict]) -> dict:
+        return _evaluate_and_report(out, entries[0], teacher=teacher, student=student, init_state=init_state,
+                                    tokenizer=tokenizer, train=train, held_out=held_out, cache=cache,
+                                    cache_s=cache_s, t_start=t_start, progress=progress, layer_map=layer_map,
+                                    max_length=max_length,
+                                    config={"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed})
+
+    return stage.Plan([distil], finish)
+
+
+def _evaluate_and_report(out, trained: dict, *, teacher, student, init_state, tokenizer, train, held_out, cache,
+                         cache_s: float, t_start: float, progress: bool, layer_map: dict, max_length: int,
+                         config: dict) -> dict:
+    """After training: save the student, evaluate teacher, untrained and trained student on the
+    held-out paragraphs, write ``report.json`` and ``loss.png``; returns the report."""
+    from kdfast.models import count, distilbert_from_teacher
+
     history, train_s = trained["history"], trained["seconds"]
     student.save_pretrained(out / "student")
     tokenizer.save_pretrained(out / "student")
@@ -189,7 +216,7 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
 
     first, last = history[0], history[-1]
     report = {
-        "teacher": {"name": "all-MiniLM-L6-v2", "layers": n_teacher_layers, "params": params_t,
+        "teacher": {"name": "all-MiniLM-L6-v2", "layers": TEACHER_LAYERS, "params": params_t,
                     "latency_ms_b1_L128": lat_t, "retrieval_accuracy": acc_t},
         "student": {"layers": len(STUDENT_LAYERS), "init_from_teacher_layers": list(STUDENT_LAYERS),
                     "params": params_s, "latency_ms_b1_L128": lat_s,
@@ -201,8 +228,8 @@ def run_demo(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int = 
                  "cache_tokens": cache.manifest.tokens},
         "timing_s": {"cache_build": round(cache_s, 1), "train": round(train_s, 1),
                      "total": round(time.perf_counter() - t_start, 1)},
-        "config": {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "layer_map": layer_map},
-        "backends": term_backends(TERM_LOSSES, next(student.parameters()).device),
+        "config": {**config, "layer_map": layer_map},
+        "backends": trained["backends"],
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plot_stage_losses([("demo", out)], out / "loss.png", title="kdfast demo: distilling all-MiniLM-L6-v2 into 3 layers")
@@ -230,7 +257,7 @@ def format_report(r: dict) -> str:
              "-" * (sum(w) + 28)]
     lines += [f"{a:<{w[0]}} {b:<{w[1]}} {c:<{w[2]}} {d}" for a, b, c, d in rows]
     if r.get("backends"):
-        from kdfast.train.recipes.common import format_backends
+        from kdfast.train.stage import format_backends
 
         lines.append(f"loss terms ran on: {format_backends(r['backends'])}")
     tm = r["timing_s"]

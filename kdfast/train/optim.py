@@ -89,3 +89,41 @@ def _lamb_update(w: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Ten
     # a tensor, not .item(): no host sync per parameter on a GPU
     trust = torch.where((w_norm > 0) & (u_norm > 0), phi / u_norm, torch.ones_like(w_norm))
     w.sub_(update.mul_(trust * group["lr"]))
+
+
+#: ``TrainConfig.optimizer`` -> class; both take param groups with their own ``weight_decay``.
+OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {"adamw": torch.optim.AdamW, "lamb": Lamb}
+
+
+def build_optimizer(params: list, config) -> torch.optim.Optimizer:
+    """The optimizer the Distiller trains ``params`` with: ``config.optimizer`` (AdamW or LAMB) at
+    ``config.lr``, matrices decayed by ``config.weight_decay`` and vectors not; ``params`` are
+    parameters or groups ``{"params": [...], "lr_scale": s}`` (trained at ``s * config.lr``).
+    ValueError when there is nothing to train."""
+    if not params:
+        raise ValueError("nothing to train: no parameter requires a gradient")
+    return OPTIMIZERS[config.optimizer](_decay_groups(params, config.weight_decay, config.lr), lr=config.lr)
+
+
+def _decay_groups(params: list, weight_decay: float, lr: float) -> list[dict]:
+    """Optimizer param groups: matrices decayed, vectors (biases, norms) not; each input group
+    ``{"params": [...], "lr_scale": s}`` (or a bare parameter) keeps its learning rate s * lr."""
+    groups = []
+    entries = [p for p in params if isinstance(p, dict)]
+    bare = [p for p in params if not isinstance(p, dict)]
+    if bare:
+        entries.append({"params": bare})
+    for entry in entries:
+        unknown = set(entry) - {"params", "lr_scale"}
+        if unknown:
+            raise ValueError(f"trainable param groups take 'params' and 'lr_scale', got {sorted(unknown)}")
+        scale = float(entry.get("lr_scale", 1.0))
+        if not scale > 0:
+            raise ValueError(f"trainable lr_scale must be > 0 (leave frozen parameters out), got {scale}")
+        ps = list(entry["params"])
+        for wd, sel in ((weight_decay, [p for p in ps if p.dim() >= 2]), (0.0, [p for p in ps if p.dim() < 2])):
+            if sel:
+                groups.append({"params": sel, "weight_decay": wd, "lr": lr * scale})
+    if not groups:
+        raise ValueError("nothing to train: the trainable groups hold no parameter")
+    return groups

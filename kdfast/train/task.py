@@ -176,16 +176,16 @@ def _check_training_numbers(seed: int, warmup: float, weight_decay: float) -> No
     check_finite("weight_decay", weight_decay, 0.0)
 
 
-def _train_stage(name: str, model: nn.Module, step_loss, data: TokenBatches, epochs: int, lr: float, out_dir: Path,
-                 *, seed: int, warmup: float, weight_decay: float, progress: bool, resume: bool,
-                 extra: nn.Module | None = None) -> dict:
-    """``epochs`` passes over ``data`` through :func:`kdfast.train.stage.run_stage`; its report
-    entry (``history`` holds every logged record) with the epochs, batch size and lr."""
+def _stage(name: str, model: nn.Module, step_loss: stage.StageLoss, data: TokenBatches, epochs: int, lr: float,
+           out_dir: Path, *, seed: int, warmup: float, weight_decay: float, progress: bool,
+           teacher: nn.Module | None = None) -> stage.Stage:
+    """The stage of ``epochs`` passes over ``data``; its report entry (``history`` holds every
+    logged record) also gives the epochs, batch size and lr."""
     steps = epochs * data.num_batches()
     cfg = TrainConfig(steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay, seed=seed,
                       log_every=max(1, steps // 50), out_dir=str(out_dir), progress=progress)
-    entry = stage.run_stage(name, model, step_loss, data, cfg, extra=extra, resume=resume)
-    return {"epochs": epochs, "batch_size": data.batch_size, "lr": lr, **entry}
+    return stage.Stage(name, model, step_loss, data, cfg, teacher=teacher,
+                       report={"epochs": epochs, "batch_size": data.batch_size, "lr": lr})
 
 
 def _save(model: nn.Module, tokenizer, path: Path) -> None:
@@ -248,21 +248,24 @@ def finetune_and_eval(model_dir: str, task: str, data_dir: str, out_dir: str, *,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trained = _train_stage("finetune", model, step_loss, _batches(enc_train, batch_size, seed), epochs, lr,
-                           out / "train", seed=seed, warmup=warmup, weight_decay=weight_decay, progress=progress,
-                           resume=resume)
-    _save(model, tokenizer, out / "model")
-    report = {
-        "task": spec.name, "model_dir": str(out / "model"),
-        "metrics": evaluate(model, spec, enc_devs, eval_batch_size),
-        "majority": _majority_metrics(spec, train, devs),
-        "train": {"examples": len(train), **trained},
-        "config": {"source_model": str(model_dir), "data_dir": str(data_dir), "epochs": epochs, "lr": lr,
-                   "batch_size": batch_size, "max_length": max_length, "seed": seed,
-                   "max_train_examples": max_train_examples, "warmup": warmup, "weight_decay": weight_decay},
-    }
-    _write_report(report, out)
-    return report
+    finetune = _stage("finetune", model, stage.StageLoss(step_loss), _batches(enc_train, batch_size, seed), epochs,
+                      lr, out / "train", seed=seed, warmup=warmup, weight_decay=weight_decay, progress=progress)
+
+    def finish(entries: list[dict]) -> dict:
+        _save(model, tokenizer, out / "model")
+        report = {
+            "task": spec.name, "model_dir": str(out / "model"),
+            "metrics": evaluate(model, spec, enc_devs, eval_batch_size),
+            "majority": _majority_metrics(spec, train, devs),
+            "train": {"examples": len(train), **entries[0]},
+            "config": {"source_model": str(model_dir), "data_dir": str(data_dir), "epochs": epochs, "lr": lr,
+                       "batch_size": batch_size, "max_length": max_length, "seed": seed,
+                       "max_train_examples": max_train_examples, "warmup": warmup, "weight_decay": weight_decay},
+        }
+        _write_report(report, out)
+        return report
+
+    return stage.run_plan(stage.Plan([finetune], finish), resume=resume)
 
 
 def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, out_dir: str, *,
@@ -349,11 +352,12 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
     data = _batches(enc_train, batch_size, seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(seed=seed, warmup=warmup, weight_decay=weight_decay, progress=progress, resume=resume)
+    options = dict(seed=seed, warmup=warmup, weight_decay=weight_decay, progress=progress, teacher=teacher)
+    stages = []
 
     # step A: intermediate layers
     weights = {"hidden": hidden_weight, "attention": attention_weight}
-    stage_a, criterion = None, None
+    criterion = None
     if intermediate_epochs:
         heads_s, heads_t = student.config.num_attention_heads, teacher.config.num_attention_heads
         if attention_weight and max(heads_s, heads_t) % min(heads_s, heads_t):  # caught before any training
@@ -365,16 +369,12 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
             weights, student_hidden_size=student.config.hidden_size, teacher_hidden_size=teacher.config.hidden_size,
             attention="mse", attention_source="qk", qk_prescaled=QK_PRESCALED)
         teacher_layers = LiveTeacher(teacher, qk=True)
-
-        def intermediate_loss(batch):
-            inputs = _model_inputs(student, batch)
-            out_s = capture_outputs(student, inputs, qk=True)
-            out_t = teacher_layers(batch, _model_inputs(teacher, batch))
-            loss, terms = criterion(out_s, out_t, inputs["attention_mask"])
-            return loss, {k: float(v) for k, v in terms.items()}
-
-        stage_a = _train_stage("intermediate", student, intermediate_loss, data, intermediate_epochs,
-                               intermediate_lr, out / "intermediate", extra=criterion, **common)
+        intermediate_loss = stage.distillation_step(
+            criterion, lambda batch, inputs: capture_outputs(student, inputs, qk=True),
+            lambda batch, inputs: teacher_layers(batch, _model_inputs(teacher, batch)),
+            inputs=lambda batch: _model_inputs(student, batch))
+        stages.append(_stage("intermediate", student, intermediate_loss, data, intermediate_epochs, intermediate_lr,
+                             out / "intermediate", **options))
 
     # step B: prediction layer
     teacher_logits = LiveTeacher(teacher, hidden_states=False)
@@ -386,29 +386,32 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
             return kdfast.hidden_mse_loss(z_s, z_t), {}
         return kdfast.kd_loss(z_s, z_t, temperature=temperature, kind="soft_ce"), {}
 
-    stage_b = (_train_stage("prediction", student, prediction_loss, data, prediction_epochs, prediction_lr,
-                            out / "prediction", **common) if prediction_epochs else None)
-    _save(student, tokenizer, out / "student")
-    from kdfast.train.recipes.common import distillation_term_losses, term_backends
+    if prediction_epochs:
+        terms = {"prediction": "hidden_mse_loss" if spec.is_regression else "kd_loss"}
+        stages.append(_stage("prediction", student, stage.StageLoss(prediction_loss, terms=terms), data,
+                             prediction_epochs, prediction_lr, out / "prediction", **options))
 
-    device = next(student.parameters()).device
-    backends = {"intermediate": term_backends(distillation_term_losses(criterion), device) if criterion else None,
-                "prediction": term_backends({"prediction": "hidden_mse_loss" if spec.is_regression else "kd_loss"},
-                                            device) if prediction_epochs else None}
-    report = {
-        "task": spec.name, "model_dir": str(out / "student"),
-        "metrics": evaluate(student, spec, enc_devs, eval_batch_size),
-        "teacher_metrics": evaluate(teacher, spec, enc_devs, eval_batch_size),
-        "majority": _majority_metrics(spec, train, devs),
-        "train": {"examples": len(train), "intermediate": stage_a, "prediction": stage_b},
-        "backends": backends,
-        "config": {"teacher_dir": str(teacher_dir), "student_dir": str(student_dir), "data_dir": str(data_dir),
-                   "intermediate_epochs": intermediate_epochs, "intermediate_lr": intermediate_lr,
-                   "prediction_epochs": prediction_epochs, "prediction_lr": prediction_lr,
-                   "batch_size": batch_size, "max_length": max_length, "temperature": temperature,
-                   "weights": weights, "layer_map": criterion.layer_map if criterion is not None else None,
-                   "seed": seed,
-                   "max_train_examples": max_train_examples, "warmup": warmup, "weight_decay": weight_decay},
-    }
-    _write_report(report, out)
-    return report
+    def finish(entries: list[dict]) -> dict:
+        trained = {e["name"]: e for e in entries}
+        _save(student, tokenizer, out / "student")
+        report = {
+            "task": spec.name, "model_dir": str(out / "student"),
+            "metrics": evaluate(student, spec, enc_devs, eval_batch_size),
+            "teacher_metrics": evaluate(teacher, spec, enc_devs, eval_batch_size),
+            "majority": _majority_metrics(spec, train, devs),
+            "train": {"examples": len(train), "intermediate": trained.get("intermediate"),
+                      "prediction": trained.get("prediction")},
+            "backends": {name: trained[name].get("backends") if name in trained else None
+                         for name in ("intermediate", "prediction")},
+            "config": {"teacher_dir": str(teacher_dir), "student_dir": str(student_dir), "data_dir": str(data_dir),
+                       "intermediate_epochs": intermediate_epochs, "intermediate_lr": intermediate_lr,
+                       "prediction_epochs": prediction_epochs, "prediction_lr": prediction_lr,
+                       "batch_size": batch_size, "max_length": max_length, "temperature": temperature,
+                       "weights": weights, "layer_map": criterion.layer_map if criterion is not None else None,
+                       "seed": seed,
+                       "max_train_examples": max_train_examples, "warmup": warmup, "weight_decay": weight_decay},
+        }
+        _write_report(report, out)
+        return report
+
+    return stage.run_plan(stage.Plan(stages, finish), resume=resume)

@@ -1,6 +1,6 @@
 import pytest
 
-from kdfast.models.layer_map import uniform_layer_map
+from kdfast.losses.layer_map import uniform_layer_map
 
 
 @pytest.mark.parametrize("n_teacher,n_student,expected", [

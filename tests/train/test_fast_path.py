@@ -307,17 +307,18 @@ def test_demo_loss_equals_the_old_formula(dtype):
 
 def test_term_backends_resolve_as_the_losses_do():
     from kdfast.ops import registry
+    from kdfast.train import stage
 
     cpu = torch.device("cpu")
-    got = common.term_backends({"kd_mlm": "fused_linear_kd_loss", "kd": "fused_linear_kd_loss[sparse]",
+    got = stage.term_backends({"kd_mlm": "fused_linear_kd_loss", "kd": "fused_linear_kd_loss[sparse]",
                                 "cos": "cosine_loss", "feature_map": "feature_map_loss"}, cpu)
     assert got["kd_mlm"] == {"loss": "fused_linear_kd_loss", "backend": registry.resolve("kd_rows", "auto", cpu)}
     assert got["kd"]["backend"] == "torch"  # no compiled sparse kernel: auto on CPU is torch
     assert got["cos"]["backend"] == registry.resolve("cosine_rows", "auto", cpu)
     assert got["feature_map"]["backend"] == "torch"
-    assert common.term_backends({"cos": "cosine_loss"}, cpu, "torch")["cos"]["backend"] == "torch"
+    assert stage.term_backends({"cos": "cosine_loss"}, cpu, "torch")["cos"]["backend"] == "torch"
     with pytest.raises(ValueError, match="not one of kdfast's losses"):
-        common.loss_backend("mse", cpu)
+        stage.loss_backend("mse", cpu)
 
 
 def run_cli(tiny, recipe, out, *extra):

@@ -369,13 +369,13 @@ def test_stale_temporaries_are_cleaned_and_nothing_else(finished):
 
 
 def test_full_disk_during_a_checkpoint_leaves_no_temporary(tmp_path, monkeypatch):
-    import kdfast.train.distiller as distiller
+    import kdfast.train.checkpoint as checkpoint
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
 
     d, _ = make_run(tmp_path, checkpoint_every=2)
-    monkeypatch.setattr(distiller, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)
     with pytest.raises(OSError, match="No space left"):
         d.train()
     ckpts = tmp_path / "run" / "checkpoints"
@@ -527,12 +527,12 @@ def test_bench_json_into_a_missing_folder_is_refused_before_benchmarking(tmp_pat
 
 
 def test_full_disk_is_one_line_exit_2(tiny, tmp_path, capsys, monkeypatch):
-    import kdfast.train.distiller as distiller
+    import kdfast.train.checkpoint as checkpoint
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(args[1]))
 
-    monkeypatch.setattr(distiller, "save_file", full)
+    monkeypatch.setattr(checkpoint, "save_file", full)
     rc = distill(tiny, "tinybert", tmp_path / "o", steps=1)
     assert rc == 2 and "No space left on device" in one_line_error(capsys, "distill")
     assert not (tmp_path / "o" / "student").exists()

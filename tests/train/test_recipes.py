@@ -172,15 +172,15 @@ def test_headless_teacher_runs_the_terms_that_need_no_head(tiny, tmp_path):
 def test_mobilebert_pkt_freezes_or_slows_lower_layers(tiny, scale, monkeypatch, tmp_path):
     """During stage l the layers below l change only when lower_lr_scale > 0; layers above l never."""
     from kdfast.train import stage
-    from kdfast.train.recipes import mobilebert
+    from kdfast.train.recipes import run_recipe
 
     snapshots = {}
     real = stage.run_stage
 
-    def spy(name, student, *args, **kwargs):
-        before = {k: v.detach().clone() for k, v in student.state_dict().items()}
-        res = real(name, student, *args, **kwargs)
-        snapshots[name] = (before, {k: v.detach().clone() for k, v in student.state_dict().items()})
+    def spy(st, **kwargs):
+        before = {k: v.detach().clone() for k, v in st.model.state_dict().items()}
+        res = real(st, **kwargs)
+        snapshots[st.name] = (before, {k: v.detach().clone() for k, v in st.model.state_dict().items()})
         return res
 
     monkeypatch.setattr(stage, "run_stage", spy)
@@ -190,7 +190,7 @@ def test_mobilebert_pkt_freezes_or_slows_lower_layers(tiny, scale, monkeypatch, 
         f"pkt.lower_lr_scale={scale}", "progress=false", "train.warmup=0"],
         {"teacher.dir": str(tiny / "teacher"), "data.files": [str(tiny / "train.txt")], "steps": 2,
          "out_dir": str(tmp_path / "m")})
-    mobilebert.run(cfg)
+    run_recipe("mobilebert", cfg)
 
     def changed(before, after, prefix):
         keys = [k for k in before if k.startswith(prefix)]

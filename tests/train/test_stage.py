@@ -1,6 +1,6 @@
-"""The one stage runner: every driver (demo, the three recipes, fine-tuning and task distillation)
-trains through kdfast.train.stage.run_stage and reports the entry it returns; task distillation's
-teacher Q/K are kdfast.capture's."""
+"""The one runner: every driver (demo, the three recipes, fine-tuning and task distillation) builds
+a plan of stages and trains it through kdfast.train.stage.run_plan, reporting the entries
+run_stage returns; task distillation's teacher Q/K are kdfast.capture's."""
 
 import pytest
 import torch
@@ -10,18 +10,34 @@ from kdfast.train import stage
 from tests.train.glue_data import save_tiny_bert, write_sst2
 
 
+class _Calls(list):
+    """(name, steps, entry) per trained stage; ``plans``: the stage names of each plan run."""
+
+    plans: list
+
+
 @pytest.fixture
 def stages(monkeypatch):
-    """Every run_stage call as (name, steps, returned entry), the real runner doing the work."""
-    calls = []
-    real = stage.run_stage
+    """Every stage trained, as (name, steps, returned entry), the real runner doing the work; each
+    must come from a plan that run_plan runs (``plans`` holds them)."""
+    calls, plans = _Calls(), []
+    real_plan, real_stage = stage.run_plan, stage.run_stage
 
-    def spy(name, model, step_loss, data, config, **kwargs):
-        entry = real(name, model, step_loss, data, config, **kwargs)
-        calls.append((name, config.steps, entry))
+    def spy_plan(plan, **kwargs):
+        assert isinstance(plan, stage.Plan) and all(isinstance(st, stage.Stage) for st in plan)
+        assert all(isinstance(st.loss, torch.nn.Module) for st in plan)
+        plans.append([st.name for st in plan])
+        return real_plan(plan, **kwargs)
+
+    def spy_stage(st, **kwargs):
+        assert plans and st.name in plans[-1], "a stage trained outside run_plan"
+        entry = real_stage(st, **kwargs)
+        calls.append((st.name, st.config.steps, entry))
         return entry
 
-    monkeypatch.setattr(stage, "run_stage", spy)
+    monkeypatch.setattr(stage, "run_plan", spy_plan)
+    monkeypatch.setattr(stage, "run_stage", spy_stage)
+    calls.plans = plans
     return calls
 
 
@@ -41,7 +57,8 @@ def test_run_stage_reports_the_run_and_evaluates_held_out(tmp_path):
     held = TokenBatches(ids[:4], torch.ones_like(ids[:4]), 4, shuffle=False, rank=0, world_size=1)
     config = TrainConfig(steps=6, lr=1e-2, warmup=0.0, log_every=2, eval_every=3, out_dir=str(tmp_path / "s"),
                          progress=False)
-    entry = stage.run_stage("fit", model, step_loss, data, config, held_out=lambda: held.batches(0))
+    entry = stage.run_stage(stage.Stage("fit", model, stage.StageLoss(step_loss), data, config,
+                                        held_out=lambda: held.batches(0)))
     assert entry["name"] == "fit" and entry["steps"] == 6 and entry["out_dir"] == str(tmp_path / "s")
     assert [h["step"] for h in entry["history"]] == [1, 2, 4, 6]  # step 1, then every log_every
     assert entry["first"] is entry["history"][0] and entry["last"] is entry["history"][-1]
@@ -71,6 +88,7 @@ def test_recipes_run_every_stage_through_the_runner(tiny, tmp_path, stages, reci
                         {"teacher.dir": str(tiny / "teacher"), "data.files": [str(tiny / "train.txt")], "steps": 1,
                          "out_dir": str(tmp_path / "run")})
     report = run_recipe(recipe, cfg)
+    assert stages.plans == [STAGES[recipe]]
     assert [name for name, _, _ in stages] == STAGES[recipe] and all(steps == 1 for _, steps, _ in stages)
     assert len(report["stages"]) == len(stages)
     for reported, (_, _, entry) in zip(report["stages"], stages):
@@ -85,7 +103,7 @@ def test_demo_runs_through_the_runner(tmp_path, stages, monkeypatch):
     monkeypatch.setattr(demo, "mean_pooled", lambda model, tokenizer, texts: torch.ones(len(texts), 4) / 2)
     report = demo.run_demo(str(tmp_path / "demo"), steps=2, batch_size=4, max_length=16, max_paragraphs=15,
                            progress=False)
-    assert [(name, steps) for name, steps, _ in stages] == [("distil", 2)]
+    assert [(name, steps) for name, steps, _ in stages] == [("distil", 2)] and stages.plans == [["distil"]]
     entry = stages[0][2]
     assert report["loss"] == {"first": entry["first"], "last": entry["last"]} and entry["last"]["step"] == 2
     assert {"hidden_mse", "cos"} <= set(entry["last"])
@@ -102,7 +120,7 @@ def test_finetuning_and_task_distillation_run_through_the_runner_on_captured_tea
     opts = dict(batch_size=16, seed=0, progress=False, max_train_examples=32)
     tuned = finetune_and_eval(str(save_tiny_bert(tmp_path / "bert")), "sst2", str(data), str(tmp_path / "ft"),
                               epochs=1, lr=1e-3, **opts)
-    assert [(name, steps) for name, steps, _ in stages] == [("finetune", 2)]
+    assert [(name, steps) for name, steps, _ in stages] == [("finetune", 2)] and stages.plans == [["finetune"]]
     assert tuned["train"]["history"] is stages[0][2]["history"] and tuned["train"]["epochs"] == 1
 
     given = []
@@ -118,6 +136,7 @@ def test_finetuning_and_task_distillation_run_through_the_runner_on_captured_tea
     r = task_distill(tuned["model_dir"], str(student), "sst2", str(data), str(tmp_path / "td"),
                      intermediate_epochs=1, prediction_epochs=1, **opts)
     assert [(name, steps) for name, steps, _ in stages[1:]] == [("intermediate", 2), ("prediction", 2)]
+    assert stages.plans[1:] == [["intermediate", "prediction"]]
     assert r["train"]["intermediate"]["history"] is stages[1][2]["history"]
     assert r["train"]["prediction"]["history"] is stages[2][2]["history"]
 

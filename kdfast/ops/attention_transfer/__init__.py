@@ -55,9 +55,9 @@ import torch  # noqa: E402
 from torch import Tensor
 
 from kdfast import backend as _backend
-from kdfast.losses._checks import acc_dtype
+from kdfast.ops.dtypes import acc_dtype
 from kdfast.ops.logit_kd import OP as KD_ROWS_OP
-from kdfast.ops.registry import impls, register
+from kdfast.ops.registry import register, select
 
 FLASH_OP = "attention_transfer"
 MAPS_KL_OP = "attention_kl_maps"
@@ -115,7 +115,7 @@ def _maps_kl_on_kd_rows(backend: str):
         weights = row_weight[:, None, :].expand(B, H, L).reshape(-1).contiguous()
         labels = torch.zeros(s2.shape[0], dtype=torch.int64, device=s.device)
         grad = torch.empty(s2.shape, dtype=s.dtype, device=s.device)
-        rows = impls(KD_ROWS_OP)[backend].fn(s2, t2, labels, weights, grad, 1.0, 1.0, 0.0, False)
+        rows = select(KD_ROWS_OP, backend, s2).fn(s2, t2, labels, weights, grad, 1.0, 1.0, 0.0, False)
         return rows.view(B, H, L), (grad.view(B, H, L, L) if need_grad else s.new_empty(0))
 
     run.__name__ = run.__qualname__ = f"attention_kl_maps_on_kd_rows_{backend}"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kdfast.losses._checks import acc_dtype
+from kdfast.ops.dtypes import acc_dtype
 
 
 def attention_transfer_fwd_bwd_torch(

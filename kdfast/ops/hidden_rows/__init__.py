@@ -15,7 +15,7 @@ dtype); the op reads each row of Y once with the teacher row h_t (``t`` [C, D], 
     rows_r = w_r sum_j (Y_rj - h_t,rj)^2           (returned, [C])
     y_rj  <- dY_rj = 2 w_r (Y_rj - h_t,rj)        (in place: Y turns into dY, never kept for backward)
 
-Backends: ``torch`` (:mod:`.torch`), ``triton`` (:mod:`.triton`, custom op
+Backends: ``torch`` (:mod:`.eager`), ``triton`` (:mod:`.triton`, custom op
 ``kdfast::hidden_mse_epilogue_triton``; float32 ``y``), ``cpu`` (``torch.ops.kdfast.hidden_mse_epilogue``,
 ``csrc/ops/hidden_rows/cpu.cpp``; float32 / float64 ``y``).
 
@@ -38,23 +38,21 @@ on counted rows, per row mu_r, var_r (biased) over the d units and n_r = (h_r - 
 Backend: ``torch`` only, differentiated by autograd.
 
 Where the pieces live: this file (the contract, the Triton custom ops and their fakes, the fakes of the
-compiled ops, the registrations), :mod:`.torch`, :mod:`.triton` (with ``AOT_CONFIGS``), the C++ kernels
+compiled ops, the registrations), :mod:`.eager`, :mod:`.triton` (with ``AOT_CONFIGS``), the C++ kernels
 in ``csrc/ops/hidden_rows/cpu.cpp`` (which registers their schemas itself), the float64 oracles in
 ``tests/reference.py``, the tests in ``tests/test_hidden_losses.py`` (run over every registered backend).
 """
 
 from __future__ import annotations
 
-# before ``import torch``: importing the submodule binds the package attribute ``torch`` to it
-from kdfast.ops.hidden_rows import torch as _eager  # noqa: I001
+import torch
+from torch import Tensor
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+from kdfast.backend import _extension
+from kdfast.ops.hidden_rows import eager as _eager
+from kdfast.ops.registry import register
 
-from kdfast.backend import _extension  # noqa: E402
-from kdfast.ops.registry import register  # noqa: E402
-
-# The Triton cosine kernel keeps a whole row in registers; wider rows run the torch implementation.
+# The Triton cosine kernel keeps a whole row in registers: the registry runs wider rows on torch.
 MAX_COSINE_WIDTH = 8192
 _TRITON_AOT = "kdfast.ops.hidden_rows.triton:AOT_CONFIGS"
 
@@ -86,13 +84,6 @@ def _(s, t, w, eps, need_grad):
     return rows, (torch.empty_like(s) if need_grad else s.new_empty(0))
 
 
-def cosine_rows_triton(s: Tensor, t: Tensor, w: Tensor, eps: float, need_grad: bool) -> tuple[Tensor, Tensor]:
-    """``cosine_rows`` on Triton for rows up to ``MAX_COSINE_WIDTH`` wide, in torch beyond."""
-    if s.shape[-1] > MAX_COSINE_WIDTH:
-        return _eager.cosine_rows_torch(s, t, w, eps, need_grad)
-    return cosine_triton_op(s, t, w, eps, need_grad)
-
-
 if _extension()[0] is not None:
     # shapes of the C++ ops (torch.ops.kdfast.*) for torch.compile / meta tensors
 
@@ -116,9 +107,11 @@ def cosine_rows_cpu(s: Tensor, t: Tensor, w: Tensor, eps: float, need_grad: bool
 
 
 register("hidden_mse_epilogue", "torch", _eager.mse_epilogue_torch)
-register("hidden_mse_epilogue", "triton", mse_epilogue_triton_op, aot_configs=_TRITON_AOT)
+# float64 asked of the Triton kernels (which compute in float32) runs torch, as documented by the losses
+register("hidden_mse_epilogue", "triton", mse_epilogue_triton_op, aot_configs=_TRITON_AOT, fallback="torch")
 register("hidden_mse_epilogue", "cpu", mse_epilogue_cpu)
 register("cosine_rows", "torch", _eager.cosine_rows_torch)
-register("cosine_rows", "triton", cosine_rows_triton, aot_configs=_TRITON_AOT)
+register("cosine_rows", "triton", cosine_triton_op, aot_configs=_TRITON_AOT, max_cols=MAX_COSINE_WIDTH,
+         fallback="torch")
 register("cosine_rows", "cpu", cosine_rows_cpu)
 register("feature_map", "torch", _eager.feature_map_torch)

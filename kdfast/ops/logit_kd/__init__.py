@@ -47,7 +47,7 @@ import torch as _torch
 from torch import Tensor
 
 from kdfast.backend import _extension
-from kdfast.losses._checks import acc_dtype
+from kdfast.ops.dtypes import acc_dtype
 from kdfast.ops.logit_kd.torch import kd_rows_torch
 from kdfast.ops.registry import register
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast.losses._checks import acc_dtype
+from kdfast.ops.dtypes import acc_dtype
 
 
 def _p_phi(log_p: Tensor, p: Tensor, u: Tensor) -> Tensor:

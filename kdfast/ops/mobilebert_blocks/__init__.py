@@ -19,7 +19,7 @@ On rows of width D (``x``, ``residual``, ``dy``, ``h``, ``dh``: [N, D] with unit
 
     dh <- dh * [h > 0],  db = sum dh
 
-Backends: ``torch`` (:mod:`.torch`, any dtype), ``triton`` (:mod:`.triton` with ``AOT_CONFIGS``; fp32 / fp16 /
+Backends: ``torch`` (:mod:`.eager`, any dtype), ``triton`` (:mod:`.triton` with ``AOT_CONFIGS``; fp32 / fp16 /
 bf16, column sums accumulated in fp32), ``cpu`` (``torch.ops.kdfast.nonorm_fwd`` / ``nonorm_bwd`` /
 ``relu_bwd_colsum``, ``csrc/ops/mobilebert_blocks/cpu.cpp``, which registers their schemas itself; float32 /
 float64).
@@ -29,14 +29,12 @@ transformers), ``tests/test_gpu.py`` (the compiled Triton kernels).
 
 from __future__ import annotations
 
-# before ``import torch``: importing the submodule binds the package attribute ``torch`` to it
-from kdfast.ops.mobilebert_blocks import torch as _eager  # noqa: I001
+import torch
+from torch import Tensor
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from kdfast.backend import _extension  # noqa: E402
-from kdfast.ops.registry import register  # noqa: E402
+from kdfast.backend import _extension
+from kdfast.ops.mobilebert_blocks import eager as _eager
+from kdfast.ops.registry import register
 
 # the C++ kernels are written for these (the others run torch under "auto")
 CPU_DTYPES = (torch.float32, torch.float64)

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch import Tensor
 
 from kdfast import backend as _backend
-from kdfast.losses._checks import acc_dtype
+from kdfast.ops.dtypes import acc_dtype
 from kdfast.ops.registry import register
 
 FWD_OP = "score_mse_fwd"

@@ -29,7 +29,7 @@ gradient 0, whatever m_r); labels are read where alpha_mlm m_r != 0 only.
 
 Where each backend lives:
 
-- ``torch``: :mod:`kdfast.ops.sparse_kd.torch` (eager PyTorch, any device and float dtype);
+- ``torch``: :mod:`kdfast.ops.sparse_kd.eager` (eager PyTorch, any device and float dtype);
 - ``triton``: :mod:`kdfast.ops.sparse_kd.triton` (one program per row, float32 math), wrapped here as
   the ``torch.library`` op ``kdfast::sparse_kd_fwd_bwd_triton`` with its fake.
 
@@ -41,18 +41,16 @@ implementations with :mod:`kdfast.ops.registry`; it does not import triton.
 
 from __future__ import annotations
 
-# ``torch`` inside this package is the torch.py backend module once it is imported: the library
-# is ``_torch`` here.
-import torch as _torch
+import torch
 from torch import Tensor
 
 from kdfast.ops.registry import register
-from kdfast.ops.sparse_kd.torch import sparse_kd_rows_torch
+from kdfast.ops.sparse_kd.eager import sparse_kd_rows_torch
 
 OP = "sparse_kd_rows"
 
 
-@_torch.library.custom_op("kdfast::sparse_kd_fwd_bwd_triton", mutates_args=("grad",))
+@torch.library.custom_op("kdfast::sparse_kd_fwd_bwd_triton", mutates_args=("grad",))
 def _sparse_kd_fwd_bwd_triton(student: Tensor, ids: Tensor, values: Tensor, teacher_lse: Tensor, labels: Tensor,
                               row_weight: Tensor, grad: Tensor, temperature: float, alpha_kd: float,
                               alpha_mlm: float, sampled: bool, has_lse: bool, mlm_weight: Tensor | None = None) -> Tensor:
@@ -65,7 +63,7 @@ def _sparse_kd_fwd_bwd_triton(student: Tensor, ids: Tensor, values: Tensor, teac
 @_sparse_kd_fwd_bwd_triton.register_fake
 def _(student, ids, values, teacher_lse, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, sampled,
       has_lse, mlm_weight=None):
-    return student.new_empty(student.shape[0], dtype=_torch.float32)
+    return student.new_empty(student.shape[0], dtype=torch.float32)
 
 
 def sparse_kd_rows_triton(student: Tensor, ids: Tensor, values: Tensor, teacher_lse: Tensor | None, labels: Tensor,

@@ -1,5 +1,6 @@
 """The three distillation recipes (``kdfast distill --recipe NAME``), each a settings dataclass
-with the papers' defaults and a ``run(cfg) -> report``:
+with the papers' defaults and a ``plan(cfg) -> Plan`` (its list of
+:class:`~kdfast.train.stage.Stage`), which :func:`kdfast.train.stage.run_plan` runs:
 
 - ``distilbert``: :mod:`kdfast.train.recipes.distilbert`
 - ``tinybert``: :mod:`kdfast.train.recipes.tinybert`
@@ -38,11 +39,21 @@ def recipe_config(name: str, config: str | None = None, sets: list[str] | tuple 
     return load_config(getattr(mod, _CLASSES[name]), config, sets, overrides)
 
 
+def recipe_plan(name: str, cfg):
+    """The :class:`~kdfast.train.stage.Plan` of recipe ``name`` with settings ``cfg``: its stages
+    (``recipe_plan(name, cfg)[i]``: model, step loss, data, train config), built and ready to run;
+    building it checks the settings, seeds, loads the teacher and builds the teacher cache."""
+    return _module(name).plan(cfg)
+
+
 def run_recipe(name: str, cfg, *, resume: bool = False, allow_changed_settings: bool = False) -> dict:
-    """Run recipe ``name`` with settings ``cfg`` (from :func:`recipe_config`); returns its report.
+    """Run recipe ``name`` with settings ``cfg`` (from :func:`recipe_config`): its plan
+    (:func:`recipe_plan`) through :func:`kdfast.train.stage.run_plan`; returns its report.
     ``resume``: continue from the checkpoints in ``cfg.out_dir``, refusing ones written with other
     settings unless ``allow_changed_settings`` (then the new settings apply from there on)."""
-    return _module(name).run(cfg, resume=resume, allow_changed_settings=allow_changed_settings)
+    from kdfast.train import stage
+
+    return stage.run_plan(recipe_plan(name, cfg), resume=resume, allow_changed_settings=allow_changed_settings)
 
 
-__all__ = ["CONFIG_DIR", "RECIPES", "config_to_dict", "recipe_config", "run_recipe"]
+__all__ = ["CONFIG_DIR", "RECIPES", "config_to_dict", "recipe_config", "recipe_plan", "run_recipe"]

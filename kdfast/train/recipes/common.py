@@ -1,8 +1,10 @@
-"""What the three recipes share: teacher and corpus loading, the MLM-head check, the teacher cache
-and the batch sources, the Distiller configuration, the LM-head terms, the report.
+"""What the three recipes share: the start of every plan (:class:`RecipeRun`: settings checked,
+seeded, corpus, tokenizer, teacher cache and batch sources, stages, the report), the Distiller
+configuration, the LM-head terms and the terms of a :class:`kdfast.DistillationLoss` stage.
 
-Teacher outputs come from :mod:`kdfast.train.teacher` (live or cached, one shape, unscaled Q/K)
-and every stage runs through :func:`kdfast.train.stage.run_stage`.
+Teacher outputs come from :mod:`kdfast.train.teacher` (live or cached, one shape, unscaled Q/K),
+teachers are loaded by :mod:`kdfast.models.teachers`, and every plan runs through
+:func:`kdfast.train.stage.run_plan`.
 """
 
 from __future__ import annotations
@@ -10,12 +12,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings
+from kdfast.train.recipes.config import (
+    DataSettings,
+    MaskingSettings,
+    TeacherSettings,
+    TrainSettings,
+    config_to_dict,
+)
 
 #: recipe settings that change how a run is shown, logged, checkpointed or where it is written, not
 #: what it trains: a resume may change them
@@ -42,8 +51,6 @@ def prepare_run(cfg) -> Path:
 
 def run_settings(cfg) -> dict:
     """The settings a recipe's checkpoints store and a resume compares (all but :data:`BOOKKEEPING`)."""
-    from kdfast.train.recipes.config import config_to_dict
-
     settings = config_to_dict(cfg)
     for key in BOOKKEEPING:
         *parents, leaf = key.split(".")
@@ -79,42 +86,6 @@ def load_corpus(data: DataSettings) -> tuple[list[str], list[str]]:
     if not train:
         raise ValueError("data: no training text left")
     return train, held_out
-
-
-def load_teacher(path: Path, *, mlm_head: bool, needed_by: str = "", remedy: str | None = None) -> nn.Module:
-    """The teacher, frozen and in eval mode: ``AutoModelForMaskedLM`` when ``mlm_head`` (refusing
-    a checkpoint whose ``cls.predictions`` weights are missing, e.g. a sentence encoder, rather
-    than training against a randomly initialised head), else ``AutoModel``. That error ends with
-    ``remedy``, by default "set <needed_by> to 0"."""
-    from transformers import AutoModel, AutoModelForMaskedLM
-
-    if mlm_head:
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # the missing head is reported below, in one line
-        try:
-            model, info = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True, output_loading_info=True)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        missing = sorted(k for k in info["missing_keys"] if ".predictions." in f".{k}"
-                         and not k.endswith("decoder.weight"))  # the decoder is tied to the embeddings
-        if missing:
-            raise ValueError(f"teacher {path} has no MLM head (its checkpoint lacks {', '.join(missing[:3])}"
-                             f"{', ...' if len(missing) > 3 else ''}): the logit / MLM terms would train against "
-                             f"random weights; {remedy or f'set {needed_by} to 0'} or use a teacher with an MLM head")
-    else:
-        model = AutoModel.from_pretrained(path, local_files_only=True)
-    model.eval().requires_grad_(False)
-    return model
-
-
-def teacher_params(path: Path) -> int:
-    from transformers import AutoConfig
-
-    from kdfast.models import count
-
-    return int(count(AutoConfig.from_pretrained(path, local_files_only=True))["params"])
 
 
 def tokenize(tokenizer, texts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,10 +212,6 @@ def train_config(settings: TrainSettings, steps: int, out_dir: Path, progress: b
     return TrainConfig(**kwargs)
 
 
-def terms_of(loss_terms: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in loss_terms.items()}
-
-
 def write_report(out_dir: Path, report: dict) -> Path:
     """``report.json`` and ``loss.png`` (every stage's logged terms, :func:`kdfast.train.plot.plot_stage_losses`)."""
     from kdfast.train.plot import plot_stage_losses
@@ -274,6 +241,8 @@ def format_report(report: dict) -> str:
         rate = f"{st['tokens_per_s']:.0f}" if st["tokens_per_s"] else "-"
         lines.append(f"{st['name']:<22} {st['steps']:>6} {loss:<22} {rate:>10} {ev:>18}  {terms}")
         if st.get("backends"):
+            from kdfast.train.stage import format_backends
+
             lines.append(f"{'':<22} terms ran on: {format_backends(st['backends'])}")
     lines.append(f"total {report['timing_s']['total']} s (teacher set-up and cache {report['timing_s'].get('cache', 0)} s); "
                  f"report: {report['out_dir']}/report.json")
@@ -421,39 +390,89 @@ def lm_distillation_loss(student_hidden: torch.Tensor, student_head: LMHead, lab
     return call(kd_mask, alpha_kd, alpha_mlm, mlm_subset=True)
 
 
-# --- which backend each term runs on --------------------------------------------------------------
+# --- what the three recipes' plans share -----------------------------------------------------------
 
-def loss_backend(loss: str, device: torch.device, backend: str = "auto", dtype: torch.dtype = torch.float32) -> str:
-    """The backend kdfast's public loss ``loss`` runs on for ``backend`` and inputs of ``dtype`` on
-    ``device``: its op (:data:`kdfast.losses.LOSS_OPS`) resolved by the op registry, as the loss
-    resolves it; ``"torch"`` for the eager ``cross_entropy`` term."""
-    from kdfast.losses import LOSS_OPS
-    from kdfast.ops import registry
-
-    if loss == "cross_entropy":
-        return "torch"
-    if loss not in LOSS_OPS:
-        raise ValueError(f"loss {loss!r} is not one of kdfast's losses known here")
-    return registry.resolve(LOSS_OPS[loss], backend, device, dtype, what=loss)
+def lm_terms(alpha_kd: float, alpha_mlm: float, cached: bool) -> dict[str, str]:
+    """``{logged term: kdfast loss}`` of the LM-head terms (:func:`lm_distillation_loss`): ``kd_mlm``
+    (both weighted: one fused call), ``kd`` or ``mlm`` (the eager cross-entropy)."""
+    if alpha_kd:
+        return {"kd_mlm" if alpha_mlm else "kd": f"fused_linear_kd_loss{'[sparse]' if cached else ''}"}
+    return {"mlm": "cross_entropy"} if alpha_mlm else {}
 
 
-def term_backends(term_losses: dict[str, str], device: torch.device, backend: str = "auto") -> dict[str, dict]:
-    """``{term: {"loss": name, "backend": resolved}}`` for a stage's ``{term: kdfast loss name}``
-    (what ``report.json`` and the printed table show)."""
-    return {term: {"loss": loss, "backend": loss_backend(loss, device, backend)} for term, loss in term_losses.items()}
+class RecipeRun:
+    """What every recipe's ``plan(cfg)`` starts from, done once here: the settings checked and
+    every generator seeded (:func:`prepare_run`), the corpus split, the teacher's tokenizer, the
+    teacher caches and batch sources (:meth:`sources`), one stage per call of :meth:`stage`, and
+    the :class:`~kdfast.train.stage.Plan` whose ``finish`` saves the student and tokenizer to
+    ``<out_dir>/student`` and writes ``report.json`` (:meth:`plan`)."""
 
+    def __init__(self, cfg, recipe: str) -> None:
+        from transformers import AutoTokenizer
 
-def distillation_term_losses(loss_fn) -> dict[str, str]:
-    """``{term: kdfast loss name}`` of a :class:`kdfast.DistillationLoss` (the losses its
-    ``forward`` calls for each weighted term; attention per its ``attention_source``, ``auto``
-    counted as ``qk``, which is what the recipes feed it)."""
-    attention = {"qk": "flash_attention_transfer", "auto": "flash_attention_transfer"}.get(
-        loss_fn.attention_source, "attention_mse_loss" if loss_fn.attention == "mse" else "attention_kl_loss")
-    names = {"hidden": "hidden_mse_loss", "cosine": "cosine_loss", "feature_map": "feature_map_loss",
-             "attention": attention, "logits": "kd_loss"}
-    return {term: names[term] for term in loss_fn.weights}
+        self.t_start = time.perf_counter()
+        self.cfg, self.recipe, self.out = cfg, recipe, Path(cfg.out_dir)
+        self.tdir = prepare_run(cfg)  # checked and seeded before any random initialisation
+        self.settings = run_settings(cfg)
+        self.train, self.held_out = load_corpus(cfg.data)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tdir, local_files_only=True)
+        self.cached = cfg.teacher.source == "cache"
+        self.cache_s = 0.0
+        self.caches = None
+        self.source = self.held = None
 
+    def sources(self, **cache_options) -> tuple:
+        """Create ``out_dir``; build (or reopen) the teacher caches when ``teacher.source`` is
+        ``cache`` (``cache_options``: :func:`prepare_cache`'s), timed as the report's
+        ``timing_s.cache``; then the training and held-out batch sources (:func:`data_sources`).
+        Returns the caches (None for a live teacher)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        if self.cached:
+            self.caches = prepare_cache(self.cfg, self.tdir, self.train, self.held_out, **cache_options)
+        self.cache_s = time.perf_counter() - t0
+        self.source, self.held = data_sources(self.cfg, self.tokenizer, self.train, self.held_out, self.caches)
+        return self.caches
 
-def format_backends(backends: dict[str, dict]) -> str:
-    """``kd_mlm fused_linear_kd_loss (cpu), cos cosine_loss (cpu)``."""
-    return ", ".join(f"{term} {b['loss']} ({b['backend']})" for term, b in backends.items())
+    def masker(self, vocab_size: int) -> Masker:
+        """MLM masking of live batches over this run's training rows."""
+        ids, am = training_rows(self.tokenizer, self.train, self.cfg.data)
+        return Masker(self.cfg.mlm, self.tokenizer, vocab_size, ids, am)
+
+    def stage(self, name: str, model: nn.Module, loss, steps: int, out_dir: Path, *, teacher: nn.Module | None = None,
+              trainable=None, lr: float | None = None, preferred_optimizer: str | None = None):
+        """A :class:`~kdfast.train.stage.Stage` on this run's batch sources and settings."""
+        from kdfast.train.stage import Stage
+
+        config = train_config(self.cfg.train, steps, out_dir, self.cfg.progress, lr=lr,
+                              preferred_optimizer=preferred_optimizer)
+        return Stage(name, model, loss, self.source, config, held_out=self.held, teacher=teacher, trainable=trainable,
+                     settings=self.settings)
+
+    def plan(self, stages: list, student: nn.Module, *, teacher_layers: int, student_info: dict,
+             report: dict | None = None, save=None, then=None):
+        """The run's :class:`~kdfast.train.stage.Plan`: after the stages, the student (by
+        ``save(path)``, default its ``save_pretrained``) and the tokenizer are saved to
+        ``<out_dir>/student``, ``then(report)`` may add to the report (e.g. task distillation), and
+        ``report.json`` is written with the teacher, the student (``student_info`` beside its
+        directory and parameter count), ``report``'s entries, the stages and the timing."""
+        from kdfast.models import count
+        from kdfast.models.teachers import teacher_params
+        from kdfast.train.stage import Plan
+
+        def finish(entries: list[dict]) -> dict:
+            student_dir = self.out / "student"
+            (save or student.save_pretrained)(student_dir)
+            self.tokenizer.save_pretrained(student_dir)
+            out = {"recipe": self.recipe, "out_dir": str(self.out), "config": config_to_dict(self.cfg),
+                   "teacher": {"dir": str(self.tdir), "source": self.cfg.teacher.source,
+                               "params": teacher_params(self.tdir), "layers": teacher_layers},
+                   "student": {"dir": str(student_dir), "params": int(count(student)["params"]), **student_info},
+                   **(report or {}), "stages": entries, "timing_s": {"cache": round(self.cache_s, 2)}}
+            if then is not None:
+                then(out)
+            out["timing_s"]["total"] = round(time.perf_counter() - self.t_start, 2)
+            write_report(self.out, out)
+            return out
+
+        return Plan(stages, finish)

@@ -25,16 +25,15 @@ about 4K sequences per batch) and max_length (512 there) are sized for the embed
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
-from kdfast.train import stage
+from kdfast.models.teachers import load_teacher
 from kdfast.train.recipes import common
-from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings, config_to_dict
+from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings
+from kdfast.train.stage import Plan, StageLoss
 from kdfast.train.teacher import CachedTeacher, LiveTeacher
 
 NAME = "distilbert"
@@ -82,23 +81,10 @@ def every_other_layer(n_teacher: int) -> list[int]:
     return [int(i * (n_teacher - 1) / (m - 1) + 0.5) for i in range(m)]
 
 
-def term_losses(cfg: DistilBertRecipe) -> dict[str, str]:
-    """``{logged term: the kdfast loss computing it}`` of the step (:func:`make_step_loss`)."""
-    terms = {}
-    if cfg.alpha_kd:
-        sparse = "[sparse]" if cfg.teacher.source == "cache" else ""
-        terms["kd_mlm" if cfg.alpha_mlm else "kd"] = f"fused_linear_kd_loss{sparse}"
-    elif cfg.alpha_mlm:
-        terms["mlm"] = "cross_entropy"
-    if cfg.alpha_cos:
-        terms["cos"] = "cosine_loss"
-    return terms
-
-
 def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: torch.nn.Module | None = None, *,
                    masker: Callable | None = None, n_teacher_layers: int,
-                   backend: str = "auto") -> Callable[[dict], tuple[torch.Tensor, dict[str, float]]]:
-    r"""The recipe's step: ``batch -> (loss, {term: float})`` with
+                   backend: str = "auto") -> StageLoss:
+    r"""The recipe's step loss: ``batch -> (loss, {term: float})`` with
 
         loss = alpha_kd KD + alpha_mlm MLM + alpha_cos (1 - cos(h_s^last, h_t^last))
 
@@ -143,68 +129,41 @@ def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: tor
             total, terms["cos"] = total + cfg.alpha_cos * value, float(value.detach())
         return total, terms
 
-    return step_loss
+    terms = common.lm_terms(cfg.alpha_kd, cfg.alpha_mlm, cached)
+    if cfg.alpha_cos:
+        terms["cos"] = "cosine_loss"
+    return StageLoss(step_loss, terms=terms)
 
 
-def run(cfg: DistilBertRecipe, *, resume: bool = False, allow_changed_settings: bool = False) -> dict:
-    """Distil the teacher into a DistilBERT-style student; returns the report (also ``report.json``)."""
-    from transformers import AutoTokenizer
+def plan(cfg: DistilBertRecipe) -> Plan:
+    """The recipe's one stage, ``distil``: the student initialised from every other teacher layer,
+    trained on :func:`make_step_loss` (live teacher or cache); its plan saves the student and
+    writes the report (also ``report.json``)."""
+    from kdfast.models import distilbert_from_teacher
 
-    from kdfast.models import count, distilbert_from_teacher
-
-    t_start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    tdir = common.prepare_run(cfg)  # checked and seeded before any random initialisation
-    stage_opts = dict(settings=common.run_settings(cfg), allow_changed_settings=allow_changed_settings)
-    train, held_out = common.load_corpus(cfg.data)
-    cached = cfg.teacher.source == "cache"
+    run = common.RecipeRun(cfg, NAME)
+    cached = run.cached
     # the KD term needs the teacher's MLM head; so does a cache (it stores logits to mask its inputs)
-    teacher = common.load_teacher(tdir, mlm_head=bool(cfg.alpha_kd) or cached,
-                                  needed_by="alpha_kd" if not cached else "alpha_kd and alpha_mlm (or use "
-                                  "teacher.source=live)")
-    tokenizer = AutoTokenizer.from_pretrained(tdir, local_files_only=True)
+    teacher = load_teacher(run.tdir, mlm_head=bool(cfg.alpha_kd) or cached,
+                           needed_by="alpha_kd" if not cached else "alpha_kd and alpha_mlm (or use "
+                           "teacher.source=live)")
     n_t = teacher.config.num_hidden_layers
     layers = cfg.student_layers if cfg.student_layers is not None else every_other_layer(n_t)
     try:
         student = distilbert_from_teacher(teacher, layers=layers)
     except ValueError as e:
         raise ValueError(f"student_layers: {e}") from None
-    n_s = len(layers)
-    out.mkdir(parents=True, exist_ok=True)
-
-    t0 = time.perf_counter()
-    caches = None
+    if cached and not cfg.alpha_kd and not cfg.alpha_mlm:
+        raise ValueError("teacher.source=cache with alpha_kd = alpha_mlm = 0 would cache unmasked text: "
+                         "the cosine-only run needs teacher.source=live (or the demo)")
+    # with alpha_kd = 0 the cache still masks (1 logit kept) so that the MLM labels exist
+    run.sources(logits=f"topk:{cfg.teacher.topk if cfg.alpha_kd else 1}", temperature=cfg.temperature,
+                layers=[n_t] if cfg.alpha_cos else [], qk=False)
     if cached:
-        if not cfg.alpha_kd and not cfg.alpha_mlm:
-            raise ValueError("teacher.source=cache with alpha_kd = alpha_mlm = 0 would cache unmasked text: "
-                             "the cosine-only run needs teacher.source=live (or the demo)")
-        # with alpha_kd = 0 the cache still masks (1 logit kept) so that the MLM labels exist
-        caches = common.prepare_cache(cfg, tdir, train, held_out, logits=f"topk:{cfg.teacher.topk if cfg.alpha_kd else 1}",
-                                      temperature=cfg.temperature, layers=[n_t] if cfg.alpha_cos else [], qk=False)
         teacher = None  # the cache replaces it: its weights only initialised the student
-    cache_s = time.perf_counter() - t0
-    source, held = common.data_sources(cfg, tokenizer, train, held_out, caches)
-    masker = None
-    if not cached:
-        ids, am = common.training_rows(tokenizer, train, cfg.data)
-        masker = common.Masker(cfg.mlm, tokenizer, student.config.vocab_size, ids, am)
-
+    masker = None if cached else run.masker(student.config.vocab_size)
     step_loss = make_step_loss(cfg, student, teacher, masker=masker, n_teacher_layers=n_t)
-
-    tc = common.train_config(cfg.train, cfg.steps, out, cfg.progress)
-    entry = stage.run_stage("distil", student, step_loss, source, tc, held_out=held, resume=resume, **stage_opts)
-    entry["backends"] = common.term_backends(term_losses(cfg), next(student.parameters()).device)
-    student.save_pretrained(out / "student")
-    tokenizer.save_pretrained(out / "student")
-    report = {
-        "recipe": NAME, "out_dir": str(out), "config": config_to_dict(cfg),
-        "teacher": {"dir": str(tdir), "source": cfg.teacher.source, "params": common.teacher_params(tdir),
-                    "layers": n_t},
-        "student": {"dir": str(out / "student"), "params": int(count(student)["params"]), "layers": n_s,
-                    "init_from_teacher_layers": list(layers)},
-        "kd_rows": common.resolve_kd_rows(cfg.kd_rows, cached),
-        "stages": [entry],
-        "timing_s": {"cache": round(cache_s, 2), "total": round(time.perf_counter() - t_start, 2)},
-    }
-    common.write_report(out, report)
-    return report
+    stage = run.stage("distil", student, step_loss, cfg.steps, run.out, teacher=teacher)
+    return run.plan([stage], student, teacher_layers=n_t,
+                    student_info={"layers": len(layers), "init_from_teacher_layers": list(layers)},
+                    report={"kd_rows": common.resolve_kd_rows(cfg.kd_rows, cached)})

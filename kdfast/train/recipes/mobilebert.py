@@ -41,18 +41,17 @@ embedded corpus (the paper used 4096-sequence batches).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from kdfast.train import stage
+from kdfast.models.teachers import load_teacher
 from kdfast.train.recipes import common
-from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings, config_to_dict
-from kdfast.train.teacher import QK_PRESCALED, CachedTeacher, CapturedOutputs, LiveTeacher, model_inputs
+from kdfast.train.recipes.config import DataSettings, MaskingSettings, TeacherSettings, TrainSettings
+from kdfast.train.stage import Plan, StageLoss, distillation_step
+from kdfast.train.teacher import QK_PRESCALED, CachedTeacher, CapturedOutputs, LiveTeacher
 
 NAME = "mobilebert"
 STEP_KEYS = ("pkt.steps_per_layer", "pretrain.steps")
@@ -211,8 +210,8 @@ def pkt_groups(model, layer: int, lower_lr_scale: float) -> list[dict]:
 
 def make_pretrain_step_loss(settings: PretrainSettings, student: torch.nn.Module,
                             teacher: torch.nn.Module | None = None, *, masker: Callable | None = None,
-                            backend: str = "auto") -> Callable[[dict], tuple[torch.Tensor, dict[str, float]]]:
-    r"""Stage 2's step: ``batch -> (loss, {"kd_mlm": float})`` with
+                            backend: str = "auto") -> StageLoss:
+    r"""Stage 2's step loss: ``batch -> (loss, {"kd_mlm": float})`` with
 
         loss = alpha_kd T^2 KL(p_t || p_s) over ``settings.kd_rows`` + alpha_mlm CE(s, labels) over the masked tokens
 
@@ -243,97 +242,69 @@ def make_pretrain_step_loss(settings: PretrainSettings, student: torch.nn.Module
             teacher_sparse=sparse, backend=backend)
         return total, {"kd_mlm": float(total.detach())}
 
-    return step_loss
+    # logged as one term, whichever of KD and MLM it holds
+    (loss,) = common.lm_terms(settings.alpha_kd, settings.alpha_mlm, cached).values()
+    return StageLoss(step_loss, terms={"kd_mlm": loss})
 
 
-def run(cfg: MobileBertRecipe, *, resume: bool = False, allow_changed_settings: bool = False) -> dict:
-    """Progressive knowledge transfer, then pre-training distillation; returns the report."""
+def plan(cfg: MobileBertRecipe) -> Plan:
+    """One stage per layer of progressive knowledge transfer (``pkt layer l``), then pre-training
+    distillation (``pretrain distill``); its plan saves the student (as a ``transformers``
+    MobileBERT) and writes the report."""
     import kdfast
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    from kdfast.models import KDMobileBertForMaskedLM, count
+    from kdfast.models import KDMobileBertForMaskedLM
 
-    t_start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    tdir = common.prepare_run(cfg)  # checked and seeded before any random initialisation
-    stage_opts = dict(settings=common.run_settings(cfg), allow_changed_settings=allow_changed_settings)
-    train, held_out = common.load_corpus(cfg.data)
-    tconf = AutoConfig.from_pretrained(tdir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(tdir, local_files_only=True)
+    run = common.RecipeRun(cfg, NAME)
+    tconf = AutoConfig.from_pretrained(run.tdir, local_files_only=True)
     scfg = student_config(cfg.student, tconf)
     student = KDMobileBertForMaskedLM(scfg)
     n = tconf.num_hidden_layers
     pkt, pre = cfg.pkt, cfg.pretrain
-    cached = cfg.teacher.source == "cache"
     need_head = pre.steps > 0
-    out.mkdir(parents=True, exist_ok=True)
-
-    t0 = time.perf_counter()
-    caches, teacher = None, None
     want_qk = bool(pkt.steps_per_layer and pkt.alpha_attention)
-    if cached:
-        if need_head:  # refuse a headless teacher before its random head is cached
-            common.load_teacher(tdir, mlm_head=True, needed_by="pretrain.steps")
-        caches = common.prepare_cache(cfg, tdir, train, held_out,
-                                      logits=f"topk:{cfg.teacher.topk}" if need_head else "none",
-                                      temperature=pre.temperature, layers=list(range(n + 1)) if pkt.steps_per_layer else [],
-                                      qk=want_qk)
+    if run.cached and need_head:  # refuse a headless teacher before its random head is cached
+        load_teacher(run.tdir, mlm_head=True, needed_by="pretrain.steps")
+    caches = run.sources(logits=f"topk:{cfg.teacher.topk}" if need_head else "none", temperature=pre.temperature,
+                         layers=list(range(n + 1)) if pkt.steps_per_layer else [], qk=want_qk)
+    teacher = None
+    if run.cached:
         teacher_source = CachedTeacher.for_cache(caches[0])
     else:
-        teacher = common.load_teacher(tdir, mlm_head=need_head, needed_by="pretrain.steps")
+        teacher = load_teacher(run.tdir, mlm_head=need_head, needed_by="pretrain.steps")
         # the encoder alone: stage 1 needs no logits (a teacher loaded with its head for stage 2
         # would otherwise project every token onto the vocabulary here)
         teacher_source = LiveTeacher(getattr(teacher, "bert", teacher), qk=want_qk)
-    cache_s = time.perf_counter() - t0
-    source, held = common.data_sources(cfg, tokenizer, train, held_out, caches)
-    masker = None
-    if not cached and need_head:
-        ids, am = common.training_rows(tokenizer, train, cfg.data)
-        masker = common.Masker(cfg.mlm, tokenizer, tconf.vocab_size, ids, am)
+    masker = run.masker(tconf.vocab_size) if not run.cached and need_head else None
 
     stages = []
-    device = next(student.parameters()).device
     for layer in range(1, n + 1) if pkt.steps_per_layer else ():
         loss_fn = kdfast.DistillationLoss({layer: layer}, {"feature_map": pkt.alpha_feature_map,
                                                            "attention": pkt.alpha_attention},
                                           attention="kl", attention_source="qk", qk_prescaled=QK_PRESCALED)
 
-        def step_loss(batch, layer=layer, loss_fn=loss_fn):
-            ids, am = batch["input_ids"], batch["attention_mask"]
-            s_out = forward_to_layer(student.mobilebert, ids, am, layer)
-            total, terms = loss_fn(s_out, teacher_source(batch, model_inputs(batch)), am)
-            return total, common.terms_of(terms)
+        def student_outputs(batch, inputs, layer=layer):
+            return forward_to_layer(student.mobilebert, batch["input_ids"], batch["attention_mask"], layer)
 
-        groups = pkt_groups(student, layer, pkt.lower_lr_scale)
-        tc = common.train_config(cfg.train, pkt.steps_per_layer, out / f"pkt-layer{layer:02d}", cfg.progress,
-                                 lr=pkt.lr, preferred_optimizer="lamb")
-        stages.append(stage.run_stage(f"pkt layer {layer}", student, step_loss, source, tc, held_out=held,
-                                      trainable=groups, resume=resume, **stage_opts))
-        stages[-1]["backends"] = common.term_backends(common.distillation_term_losses(loss_fn), device)
-    student.requires_grad_(True)
+        stages.append(run.stage(f"pkt layer {layer}", student, distillation_step(loss_fn, student_outputs,
+                                                                                        teacher_source),
+                                pkt.steps_per_layer, run.out / f"pkt-layer{layer:02d}", teacher=teacher,
+                                trainable=lambda layer=layer: pkt_groups(student, layer, pkt.lower_lr_scale),
+                                lr=pkt.lr, preferred_optimizer="lamb"))
 
     if pre.steps:
-        step_loss = make_pretrain_step_loss(pre, student, teacher, masker=masker)
+        def every_parameter():
+            student.requires_grad_(True)
 
-        tc = common.train_config(cfg.train, pre.steps, out / "pretrain", cfg.progress, lr=pre.lr,
-                                 preferred_optimizer="lamb")
-        stages.append(stage.run_stage("pretrain distill", student, step_loss, source, tc, held_out=held,
-                                      resume=resume, **stage_opts))
-        sparse = "[sparse]" if cached else ""
-        stages[-1]["backends"] = common.term_backends({"kd_mlm": f"fused_linear_kd_loss{sparse}"}, device)
+        stages.append(run.stage("pretrain distill", student, make_pretrain_step_loss(pre, student, teacher,
+                                                                                     masker=masker),
+                                pre.steps, run.out / "pretrain", teacher=teacher, trainable=every_parameter,
+                                lr=pre.lr, preferred_optimizer="lamb"))
 
-    student_dir = out / "student"
-    student.to_transformers().save_pretrained(student_dir)
-    tokenizer.save_pretrained(student_dir)
-    report = {
-        "recipe": NAME, "out_dir": str(out), "config": config_to_dict(cfg),
-        "teacher": {"dir": str(tdir), "source": cfg.teacher.source, "params": common.teacher_params(tdir),
-                    "layers": n},
-        "student": {"dir": str(student_dir), "params": int(count(student)["params"]), "layers": n,
-                    "hidden_size": scfg.hidden_size, "intra_bottleneck_size": scfg.intra_bottleneck_size,
-                    "num_attention_heads": scfg.num_attention_heads},
-        "stages": stages,
-        "timing_s": {"cache": round(cache_s, 2), "total": round(time.perf_counter() - t_start, 2)},
-    }
-    common.write_report(out, report)
-    return report
+    return run.plan(stages, student, teacher_layers=n,
+                    save=lambda path: student.to_transformers().save_pretrained(path),
+                    student_info={"layers": n, "hidden_size": scfg.hidden_size,
+                                  "intra_bottleneck_size": scfg.intra_bottleneck_size,
+                                  "num_attention_heads": scfg.num_attention_heads})
+

@@ -23,14 +23,13 @@ distillation used 256 x 128-token batches for 3 epochs of a large corpus).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from kdfast.train import stage
+from kdfast.models.teachers import load_teacher
 from kdfast.train.recipes import common
-from kdfast.train.recipes.config import DataSettings, TeacherSettings, TrainSettings, config_to_dict
-from kdfast.train.teacher import QK_PRESCALED, CachedTeacher, LiveTeacher, capture_outputs, model_inputs
+from kdfast.train.recipes.config import DataSettings, TeacherSettings, TrainSettings
+from kdfast.train.stage import Plan, distillation_step
+from kdfast.train.teacher import QK_PRESCALED, CachedTeacher, LiveTeacher, capture_outputs
 
 NAME = "tinybert"
 STEP_KEYS = ("steps",)
@@ -124,20 +123,16 @@ def build_student(settings: TinyBertStudent, teacher_config):
                     pad_token_id=getattr(teacher_config, "pad_token_id", 0), **overrides)
 
 
-def run(cfg: TinyBertRecipe, *, resume: bool = False, allow_changed_settings: bool = False) -> dict:
-    """General distillation (and task distillation with a ``task`` section); returns the report."""
+def plan(cfg: TinyBertRecipe) -> Plan:
+    """The ``general`` stage (and, with a ``task`` section, task distillation after it, from the
+    saved student); its plan saves the student and writes the report."""
     import kdfast
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    from kdfast.models import count, uniform_layer_map
+    from kdfast.models import uniform_layer_map
 
-    t_start = time.perf_counter()
-    out = Path(cfg.out_dir)
-    tdir = common.prepare_run(cfg)  # checked and seeded before any random initialisation
-    stage_opts = dict(settings=common.run_settings(cfg), allow_changed_settings=allow_changed_settings)
-    train, held_out = common.load_corpus(cfg.data)
-    tconf = AutoConfig.from_pretrained(tdir, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(tdir, local_files_only=True)
+    run = common.RecipeRun(cfg, NAME)
+    tconf = AutoConfig.from_pretrained(run.tdir, local_files_only=True)
     student = build_student(cfg.student, tconf)
     n_t, n_s = tconf.num_hidden_layers, student.config.num_hidden_layers
     try:
@@ -153,54 +148,30 @@ def run(cfg: TinyBertRecipe, *, resume: bool = False, allow_changed_settings: bo
     loss_fn = kdfast.DistillationLoss(layer_map, weights, student_hidden_size=student.config.hidden_size,
                                       teacher_hidden_size=tconf.hidden_size, attention="mse",
                                       attention_source="qk", qk_prescaled=QK_PRESCALED)
-    out.mkdir(parents=True, exist_ok=True)
-    cached = cfg.teacher.source == "cache"
     want_qk = bool(cfg.alpha_attention)
-    t0 = time.perf_counter()
-    caches = None
-    if cached:
-        caches = common.prepare_cache(cfg, tdir, train, held_out, logits="none", temperature=1.0,
-                                      layers=sorted(set(layer_map.values())) if cfg.alpha_hidden else [], qk=want_qk)
+    caches = run.sources(logits="none", temperature=1.0,
+                         layers=sorted(set(layer_map.values())) if cfg.alpha_hidden else [], qk=want_qk)
+    live = None
+    if run.cached:
         teacher = CachedTeacher.for_cache(caches[0])
     else:
-        teacher = LiveTeacher(common.load_teacher(tdir, mlm_head=False), qk=want_qk)
-    cache_s = time.perf_counter() - t0
-    source, held = common.data_sources(cfg, tokenizer, train, held_out, caches)
+        live = load_teacher(run.tdir, mlm_head=False)
+        teacher = LiveTeacher(live, qk=want_qk)
     # the encoder alone: general distillation uses no logits, and the MLM head's [B, L, V] would be waste
     s_encoder = getattr(student, "bert", student)
+    step_loss = distillation_step(loss_fn, lambda batch, inputs: capture_outputs(s_encoder, inputs, qk=want_qk),
+                                         teacher)
+    stage = run.stage("general", student, step_loss, cfg.steps, run.out / "general", teacher=live)
 
-    def step_loss(batch):
-        inputs = model_inputs(batch)
-        total, terms = loss_fn(capture_outputs(s_encoder, inputs, qk=want_qk), teacher(batch, inputs),
-                               inputs["attention_mask"])
-        return total, common.terms_of(terms)
-
-    tc = common.train_config(cfg.train, cfg.steps, out / "general", cfg.progress)
-    stages = [stage.run_stage("general", student, step_loss, source, tc, held_out=held, extra=loss_fn,
-                              resume=resume, **stage_opts)]
-    stages[0]["backends"] = common.term_backends(common.distillation_term_losses(loss_fn),
-                                                 next(student.parameters()).device)
-    student_dir = out / "student"
-    student.save_pretrained(student_dir)
-    tokenizer.save_pretrained(student_dir)
-    report = {
-        "recipe": NAME, "out_dir": str(out), "config": config_to_dict(cfg),
-        "teacher": {"dir": str(tdir), "source": cfg.teacher.source, "params": common.teacher_params(tdir),
-                    "layers": n_t},
-        "student": {"dir": str(student_dir), "params": int(count(student)["params"]), "layers": n_s,
-                    "hidden_size": student.config.hidden_size},
-        "layer_map": layer_map, "stages": stages,
-        "timing_s": {"cache": round(cache_s, 2)},
-    }
-    if cfg.task.name is not None:
+    def task_distillation(report: dict) -> None:
         try:
             from kdfast.train.task import task_distill
         except ImportError as e:
             raise ValueError(f"task: task distillation needs kdfast.train.task.task_distill, which this build "
                              f"lacks ({e}); remove the task section to run general distillation only") from None
-        task_out = out / "task"
-        report["task"] = task_distill(cfg.task.teacher_dir, str(student_dir), cfg.task.name, cfg.task.data_dir,
-                                      str(task_out), **cfg.task.options)
-    report["timing_s"]["total"] = round(time.perf_counter() - t_start, 2)
-    common.write_report(out, report)
-    return report
+        report["task"] = task_distill(cfg.task.teacher_dir, report["student"]["dir"], cfg.task.name,
+                                      cfg.task.data_dir, str(run.out / "task"), **cfg.task.options)
+
+    return run.plan([stage], student, teacher_layers=n_t,
+                    student_info={"layers": n_s, "hidden_size": student.config.hidden_size},
+                    report={"layer_map": layer_map}, then=task_distillation if cfg.task.name is not None else None)

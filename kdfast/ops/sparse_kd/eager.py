@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdfast.losses._checks import acc_dtype
+from kdfast.ops.dtypes import acc_dtype
 
 
 def sparse_kd_rows_torch(

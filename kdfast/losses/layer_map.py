@@ -1,4 +1,5 @@
-"""Layer maps between teacher and student."""
+"""Layer maps between teacher and student (the layer_map of :class:`kdfast.DistillationLoss`; also
+:func:`kdfast.models.uniform_layer_map`)."""
 
 from __future__ import annotations
 
