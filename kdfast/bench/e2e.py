@@ -181,8 +181,8 @@ def _corpus(path: Path, n_texts: int, seq: int) -> Path:
 def _head_bytes(stage) -> str:
     """'N B/token': what the head cache behind ``stage`` stores per real token for its logits."""
     cache = stage.data.ds.cache
-    modes = cache.info()["logits_bytes_per_token"]
-    return f"{modes[f'head:{cache.settings['logits']['dtype']}']:.0f} B/token"
+    mode = "head:" + cache.settings["logits"]["dtype"]
+    return f"{cache.info()['logits_bytes_per_token'][mode]:.0f} B/token"
 
 
 def _recipe_rows(step_name: str, tdir: Path, corpus: Path, tmp: Path, shape: dict, batch_size: int, seq: int,
