@@ -142,6 +142,19 @@ def _grad_chunk(s, t, offs, label, inv_t, lse_s, lse_t, lse_1, coef_kd, coef_mlm
 
 
 @triton.jit
+def row_mlm(labels_ptr, mw_ptr, row, w, alpha_mlm, HAS_MLM: tl.constexpr, MLM_WEIGHT: tl.constexpr):
+    """(alpha_mlm of the row relative to its weight w, its label): alpha_mlm m_r / w_r with MLM row
+    weights (MLM_WEIGHT), else alpha_mlm; the label is 0 (never read) on a row whose MLM term is 0."""
+    a_mlm = alpha_mlm
+    if MLM_WEIGHT:
+        a_mlm = alpha_mlm * (tl.load(mw_ptr + row).to(tl.float32) / w)
+    label = 0
+    if HAS_MLM:
+        label = tl.where(a_mlm != 0.0, tl.load(labels_ptr + row), 0)
+    return a_mlm, label
+
+
+@triton.jit
 def kd_fwd_bwd_kernel(
     s_ptr, s_stride, t_ptr, t_stride, g_ptr, g_stride, labels_ptr, w_ptr, loss_ptr, mw_ptr,
     V, temperature, alpha_kd, alpha_mlm,
@@ -160,13 +173,7 @@ def kd_fwd_bwd_kernel(
         tl.store(loss_ptr + row, 0.0)
     else:
         inv_t = 1.0 / temperature
-        # the row's MLM coefficient relative to w: alpha_mlm m_r / w_r (MLM_WEIGHT), else alpha_mlm
-        a_mlm = alpha_mlm
-        if MLM_WEIGHT:
-            a_mlm = alpha_mlm * (tl.load(mw_ptr + row).to(tl.float32) / w)
-        label = 0
-        if HAS_MLM:
-            label = tl.where(a_mlm != 0.0, tl.load(labels_ptr + row), 0)  # an unlabelled row reads nothing
+        a_mlm, label = row_mlm(labels_ptr, mw_ptr, row, w, alpha_mlm, HAS_MLM, MLM_WEIGHT)
         if SINGLE_BLOCK:
             valid = offs < V
             s = tl.load(s_row + offs, mask=valid, other=-float("inf")).to(tl.float32)

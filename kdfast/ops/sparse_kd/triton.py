@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast.ops.logit_kd.triton import zero_row
+from kdfast.ops.logit_kd.triton import row_mlm, zero_row
 
 
 @triton.jit
@@ -76,13 +76,7 @@ def sparse_kd_fwd_bwd_kernel(
         tl.store(loss_ptr + row, 0.0)
     else:
         inv_t = 1.0 / temperature
-        # the row's MLM coefficient relative to w: alpha_mlm m_r / w_r (MLM_WEIGHT), else alpha_mlm
-        a_mlm = alpha_mlm
-        if MLM_WEIGHT:
-            a_mlm = alpha_mlm * (tl.load(mw_ptr + row).to(tl.float32) / w)
-        label = 0
-        if HAS_MLM:
-            label = tl.where(a_mlm != 0.0, tl.load(labels_ptr + row), 0)  # an unlabelled row reads nothing
+        a_mlm, label = row_mlm(labels_ptr, mw_ptr, row, w, alpha_mlm, HAS_MLM, MLM_WEIGHT)
 
         # 1. student statistics over the full row
         if SINGLE_BLOCK:
