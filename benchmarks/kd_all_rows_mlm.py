@@ -39,7 +39,8 @@ def main() -> None:
     labels = torch.full((N,), -100, dtype=torch.long, device=device)
     picked = torch.randperm(N, device=device)[: int(0.15 * N)]
     labels[picked] = torch.randint(0, V, (picked.numel(),), device=device)
-    name, kernel = registry.implementation(logit_kd.OP, args.backend, device, torch.float32, what="bench")
+    impl = registry.select(logit_kd.OP, args.backend, device=device, dtype=torch.float32, cols=V, what="bench")
+    name, kernel = impl.backend, impl.fn
 
     def kd_only():
         s.grad = None
