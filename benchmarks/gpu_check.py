@@ -12,7 +12,8 @@ transformers), in the repository root:
 5. ``tests``: ``tests/test_gpu.py`` (every kernel family and backend that claims CUDA, fp32/fp16/bf16
    against float64, one distillation step live and cached);
 6. ``bench-*``: the GPU benchmark suites at the bars' shapes, each against eager and ``torch.compile``
-   (and Liger-Kernel / TextBrewer where installed) in the same process;
+   (and Liger-Kernel / TextBrewer where installed) in the same process; every row beside its roofline
+   floor on an H100 and an H200 (:mod:`kdfast.bench.roofline`) and, on either, measured / floor;
 7. ``bars``: every bar of issue 11 read off the measured rows (met / missed / not measured).
 
 Each step runs in its own process with its own time limit, carved out of one budget (480 s by
@@ -22,8 +23,8 @@ one runs; the exit status is 1 if any step failed. Everything lands in ``$GPU_CH
 
     gpu-check-<device>.log       every step's command and output, in order
     tests-<device>.txt           the pytest report of step 5
-    bench-<device>.txt           the printed tables of step 6
-    bench-<device>.json          every measured row (suite, case, impl, ms, peak bytes, notes)
+    bench-<device>.txt           the printed tables of step 6, the floors
+    bench-<device>.json          every measured row (suite, case, impl, ms, peak bytes, notes, floors)
     summary-<device>.json        per step: status, seconds, limit; the bars; versions
 
 ``--dry-run`` (``make gpu-check DRY_RUN=1``) runs the same steps here on the CPU: no wheel install and
@@ -58,8 +59,9 @@ E2E_STEPS = ("distilbert", "tinybert")
 # The bars' shapes on a GPU; tiny ones for the dry run (same code paths, bars read off them too).
 SHAPES = {
     False: {"kd": (16384, 30522, "bfloat16"), "attention": (32, 12, 512, 64), "map_L": 128,
+            "long_context": ((4096, 8192), 64),
             "hidden": (4096, 312, 768), "flkd": ((32, 128), 30522, ("bfloat16", "float32"), (768,))},
-    True: {"kd": (64, 500, "float32"), "attention": (2, 2, 24, 8), "map_L": 16,
+    True: {"kd": (64, 500, "float32"), "attention": (2, 2, 24, 8), "map_L": 16, "long_context": ((40,), 8),
            "hidden": (64, 24, 40), "flkd": ((2, 16), 300, ("float32",), (32,))},
 }
 
@@ -78,6 +80,7 @@ def _bench_groups(suite: str, device, dry: bool):
     from kdfast.bench import attention as att
     from kdfast.bench import fused_linear_kd as flkd
     from kdfast.bench import kd_loss as kd
+    from kdfast.bench import long_context
 
     shapes, compile_rows = SHAPES[dry], not dry
     if suite == "kd_loss":
@@ -88,6 +91,9 @@ def _bench_groups(suite: str, device, dry: bool):
         B, H, L, dh = shapes["attention"]
         yield "attention from Q/K", att._attention_entries(device, B, H, L, dh, compile_baseline=compile_rows), []
         yield "score-map MSE", att._map_mse_entries(device, B, H, shapes["map_L"], dh), []
+        lengths, window = shapes["long_context"]
+        yield (f"long context, one layer from Q/K, global and local (w={window})",
+               long_context.entries(device, lengths, window=window, H=2 if dry else 12, dh=8 if dry else 64), [])
     elif suite == "hidden":
         n, d_s, d_t = shapes["hidden"]
         yield "hidden MSE and cosine", att._hidden_entries(device, tokens=n, d_s=d_s, d_t=d_t,
@@ -129,9 +135,10 @@ def bench_worker(suite: str, dry: bool, jsonl: Path, seconds: float) -> int:
     device = torch.device("cpu" if dry else "cuda")
     copy_bw = copy_bandwidth_gbs(device) if device.type == "cuda" else None
     repeat, warmup = (1, 0) if dry else (5, 2)
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu"
     with open(jsonl, "a") as out:
         def emit(r):
-            out.write(json.dumps(asdict(r)) + "\n")
+            out.write(json.dumps(asdict(with_floor(r, device_name, dry))) + "\n")
             out.flush()
 
         if suite == "e2e":  # whole steps: one recipe at a time, each written as soon as it is measured
@@ -148,6 +155,7 @@ def bench_worker(suite: str, dry: bool, jsonl: Path, seconds: float) -> int:
                 for r in results:
                     emit(r)
                 print(f"\n{step} whole step (e2e):\n{e2e.report(results)}", flush=True)
+                print(floors_table(results, device_name), flush=True)
             return 0
 
         if copy_bw and suite == "kd_loss":
@@ -164,10 +172,30 @@ def bench_worker(suite: str, dry: bool, jsonl: Path, seconds: float) -> int:
             for r in notes:
                 emit(r)
             print(f"\n{title} ({suite}):\n{format_table(results + notes)}", flush=True)
+            print(floors_table(results, device_name), flush=True)
             del entries
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return 0
+
+
+def with_floor(r, device_name: str, dry: bool):
+    """``r`` (a Result) with its roofline floor on each GPU in ``extra`` (kdfast.bench.roofline) and,
+    on an H100 / H200, measured / floor."""
+    from kdfast.bench.roofline import floor_extra, work_for_row
+
+    work = work_for_row(r.suite, r.case, r.impl, r.extra, vocab=SHAPES[dry]["flkd"][1])
+    r.extra = {**r.extra, **floor_extra(work, r.ms, device_name)}
+    return r
+
+
+def floors_table(results, device_name: str) -> str:
+    """The floor column of measured rows: each row's floor on an H100 and an H200, measured / floor."""
+    from dataclasses import asdict
+
+    from kdfast.bench.roofline import format_floors
+
+    return "roofline floors (ms):\n" + format_floors([asdict(r) for r in results], device_name)
 
 
 def render_tables(rows: list[dict]) -> str:
@@ -431,9 +459,13 @@ def main(argv: list[str] | None = None) -> int:
     bars = evaluate_bars(rows, SHAPES[dry])
     run.say("\n=== bars " + "=" * 56 + "\n" + format_bars(bars))
     sys.path.insert(0, str(ROOT))
+    from kdfast.bench.roofline import format_floors
+
+    floors = "roofline floors (ms), measured / floor:\n" + format_floors(rows, gpu_name or "cpu")
+    run.say("\n=== floors " + "=" * 54 + "\n" + floors)
     bench_txt.write_text(f"kdfast gpu-check on {gpu_name or 'the CPU (dry run: tiny shapes, not a measurement)'}; "
                          "ratios against eager in the same process\n\n" + render_tables(rows)
-                         + "\n\nbars (issue 11):\n" + format_bars(bars) + "\n")
+                         + "\n\n" + floors + "\n\nbars (issue 11):\n" + format_bars(bars) + "\n")
     failed = [s["step"] for s in run.steps
               if s["status"] in ("failed", "timed out") or s.get("reason", "").startswith("out of time")]
     summary = {"device": gpu_name or "cpu (dry run)", "dry_run": dry, "versions": versions, "budget_s": args.budget,

@@ -145,19 +145,35 @@ def sparse_kd_loss_reference(
                         student_logits.shape[:-1])
 
 
+def band_reference(L: int, window: int | None, device: torch.device | str = "cpu") -> Tensor:
+    """[L, L] bool, element (i, j) True when key j is in query i's band |i - j| <= window (every
+    element for window None: a global layer), built entry by entry."""
+    out = torch.ones(L, L, dtype=torch.bool, device=device)
+    if window is not None:
+        for i in range(L):
+            for j in range(L):
+                out[i, j] = abs(i - j) <= window
+    return out
+
+
 def attention_mse_reference(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None,
-                            threshold: float = -1e2) -> Tensor:
+                            threshold: float = -1e2, window: int | None = None) -> Tensor:
     """Float64 oracle of :func:`kdfast.attention_mse_loss` (TinyBERT attention loss).
 
     Element (b, h, i, j) of the [B, H, L, L] score maps is counted unless
     ``student <= threshold`` or ``teacher <= threshold`` (an additive mask was applied there),
-    or ``mask[b, i] == 0`` or ``mask[b, j] == 0`` (padding as query or as key). Uncounted
+    or ``mask[b, i] == 0`` or ``mask[b, j] == 0`` (padding as query or as key), or (with
+    ``window``) |i - j| > window. Uncounted
     elements are set to 0 in both maps. Returns sum (s - t)^2 / (number of counted elements),
     0 when nothing is counted. Differentiable by autograd.
     """
     s = student_scores.double()
     t = teacher_scores.double()
-    counted = (s > threshold) & (t > threshold)
+    # out-of-band elements are never looked at (they may hold anything, NaN included)
+    band = band_reference(s.shape[-1], window, s.device)
+    s = torch.where(band, s, torch.zeros_like(s))
+    t = torch.where(band, t, torch.zeros_like(t))
+    counted = (s > threshold) & (t > threshold) & band
     if mask is not None:
         m = mask.bool()
         counted = counted & m[:, None, :, None] & m[:, None, None, :]
@@ -166,13 +182,15 @@ def attention_mse_reference(student_scores: Tensor, teacher_scores: Tensor, mask
     return ((s - t) ** 2).sum() / counted.sum().clamp_min(1)
 
 
-def attention_kl_reference(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None) -> Tensor:
+def attention_kl_reference(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None,
+                           window: int | None = None) -> Tensor:
     """Float64 oracle of :func:`kdfast.attention_kl_loss` (MiniLM / MobileBERT attention transfer).
 
     For each query row (b, h, i) with ``mask[b, i] != 0`` (every row when ``mask`` is None):
-    A_t = softmax_j(teacher), A_s = softmax_j(student) over the keys j with ``mask[b, j] != 0``,
-    row loss = sum_j A_t,j (log A_t,j - log A_s,j). Returns the mean over counted rows (0 when
-    there are none). Differentiable by autograd.
+    A_t = softmax_j(teacher), A_s = softmax_j(student) over the keys j with ``mask[b, j] != 0``
+    (and, with ``window``, |i - j| <= window: a local layer's band; the other keys have
+    probability 0 and are never looked at), row loss = sum_j A_t,j (log A_t,j - log A_s,j).
+    Returns the mean over counted rows (0 when there are none). Differentiable by autograd.
     """
     s = student_scores.double()
     t = teacher_scores.double()
@@ -184,6 +202,7 @@ def attention_kl_reference(student_scores: Tensor, teacher_scores: Tensor, mask:
     else:
         keys = torch.ones_like(s, dtype=torch.bool)
         rows = torch.ones(B, H, L, dtype=torch.bool, device=s.device)
+    keys = keys & band_reference(L, window, s.device)
     # rows with no key at all (a fully padded sequence) are not counted: keep them finite
     live = rows & keys.any(-1)
     neg_inf = torch.full_like(s, -float("inf"))
@@ -212,15 +231,20 @@ def teacher_heads_reference(teacher_scores: Tensor, student_heads: int) -> Tenso
     return torch.stack(heads, dim=1)
 
 
-def attention_scores_reference(q: Tensor, k: Tensor, scale: float, key_mask: Tensor | None = None) -> Tensor:
+def attention_scores_reference(q: Tensor, k: Tensor, scale: float, key_mask: Tensor | None = None,
+                               window: int | None = None) -> Tensor:
     """Materialised float64 scores ``scale * q @ k^T`` plus the additive key mask (``finfo.min``
-    at ``key_mask == 0``, as transformers' eager attention): what :func:`kdfast.flash_attention_transfer`
-    computes without ever storing."""
+    at ``key_mask == 0``, as transformers' eager attention, and, with ``window``, outside the
+    band |i - j| <= window, as ModernBERT's local layers): what
+    :func:`kdfast.flash_attention_transfer` computes without ever storing."""
     scores = scale * (q.double() @ k.double().transpose(-1, -2))
     if key_mask is not None:
         add = torch.zeros(key_mask.shape, dtype=scores.dtype, device=scores.device)
         add = add.masked_fill(~key_mask.bool(), torch.finfo(torch.float64).min)
         scores = scores + add[:, None, None, :]
+    if window is not None:
+        band = band_reference(scores.shape[-1], window, scores.device)
+        scores = scores.masked_fill(~band, torch.finfo(torch.float64).min)
     return scores
 
 

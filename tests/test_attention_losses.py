@@ -143,17 +143,19 @@ def test_score_mse_cpu_ops_bad_arguments():
     m = torch.ones(2, 5, dtype=torch.int8)
     coef = torch.ones(1)
     cases = [
-        (fwd, (s[0], s[0], m, -1e2, True), r"s must be \[B, H, L, L\]"),
-        (fwd, (s[..., :4], s[..., :4], m, -1e2, True), r"s must be \[B, H, L, L\]"),
-        (fwd, (s, s[:, :2], m, -1e2, True), "t has shape"),
-        (fwd, (s, s.double(), m, -1e2, True), "t has dtype"),
-        (fwd, (s.long(), s.long(), m, -1e2, True), "s must be float32"),
-        (fwd, (s, s, m.bool(), -1e2, True), "mask must be an int8"),
-        (fwd, (s, s, m[:, :4], -1e2, True), r"mask must have shape \[B, L\]"),
-        (bwd, (s, s, m, coef, -1e2, True), None),
-        (bwd, (s, s, m[:1], coef, -1e2, True), r"mask must have shape \[B, L\]"),
-        (bwd, (s, s, m, torch.ones(2), -1e2, True), "coef must be a one-element"),
-        (bwd, (s, s, m, torch.ones(1, dtype=torch.int64), -1e2, True), "coef must be a one-element"),
+        (fwd, (s[0], s[0], m, -1e2, True, -1), r"s must be \[B, H, L, L\]"),
+        (fwd, (s[..., :4], s[..., :4], m, -1e2, True, -1), r"s must be \[B, H, L, L\]"),
+        (fwd, (s, s, m, -1e2, True, -2), "window must be >= 0"),
+        (bwd, (s, s, m, coef, -1e2, True, -3), "window must be >= 0"),
+        (fwd, (s, s[:, :2], m, -1e2, True, -1), "t has shape"),
+        (fwd, (s, s.double(), m, -1e2, True, -1), "t has dtype"),
+        (fwd, (s.long(), s.long(), m, -1e2, True, -1), "s must be float32"),
+        (fwd, (s, s, m.bool(), -1e2, True, -1), "mask must be an int8"),
+        (fwd, (s, s, m[:, :4], -1e2, True, -1), r"mask must have shape \[B, L\]"),
+        (bwd, (s, s, m, coef, -1e2, True, -1), None),
+        (bwd, (s, s, m[:1], coef, -1e2, True, -1), r"mask must have shape \[B, L\]"),
+        (bwd, (s, s, m, torch.ones(2), -1e2, True, -1), "coef must be a one-element"),
+        (bwd, (s, s, m, torch.ones(1, dtype=torch.int64), -1e2, True, -1), "coef must be a one-element"),
     ]
     for op, args, match in cases:
         if match is None:
@@ -161,7 +163,7 @@ def test_score_mse_cpu_ops_bad_arguments():
             continue
         with pytest.raises(ValueError, match=match):
             op(*args)
-    fwd(s, s, torch.zeros(1, dtype=torch.int8), -1e2, False)  # without a mask, any int8 placeholder
+    fwd(s, s, torch.zeros(1, dtype=torch.int8), -1e2, False, -1)  # without a mask, any int8 placeholder
 
 # the interpreter is slow: Triton on the two extreme maskings only
 KL_CASES = [(b, m) for b in KL_MAP_BACKENDS for m in ("none", "mask", "additive", "both")
@@ -257,8 +259,10 @@ def test_attention_kl_maps_cpu_op_bad_arguments():
     ]
     for args, match in cases:
         with pytest.raises(ValueError, match=match):
-            op(*args, True)
-    rows, grad = op(s, s, kv, w, False)
+            op(*args, -1, True)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        op(s, s, kv, w, -2, True)
+    rows, grad = op(s, s, kv, w, -1, False)
     assert rows.shape == (2, 3, 5) and grad.numel() == 0
 
 
@@ -508,9 +512,11 @@ def test_flash_cpu_bad_arguments_name_the_argument():
     ]
     for args, match in cases:
         with pytest.raises(ValueError, match=match):
-            op(*args, 0.5, 0.5, False, True)
+            op(*args, 0.5, 0.5, False, -1, True)
     with pytest.raises(ValueError, match="scale_s must be > 0"):
-        op(q_s, k_s, q_t, k_t, kv, w, 0.0, 0.5, False, True)
+        op(q_s, k_s, q_t, k_t, kv, w, 0.0, 0.5, False, -1, True)
+    with pytest.raises(ValueError, match="window must be >= 0"):
+        op(q_s, k_s, q_t, k_t, kv, w, 0.5, 0.5, False, -2, True)
 
 
 def test_flash_bad_arguments():

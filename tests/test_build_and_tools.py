@@ -45,16 +45,6 @@ def test_auto_backend_resolution():
         registry.resolve("kd_rows", "cpu", torch.device("meta"))
 
 
-def test_triton_kernels_compile_for_sm90_and_sm80():
-    """Real triton.compile for GPU targets (no GPU needed): catches what the interpreter lets pass."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run([sys.executable, "-m", "kdfast.ops.aot", "--arch", "90", "80"], env=env,
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled" in out.stdout
-
-
 def test_cli_backends_and_small_bench():
     out = subprocess.run([sys.executable, "-m", "kdfast.cli", "backends"], capture_output=True, text=True)
     assert out.returncode == 0 and "cpu" in out.stdout

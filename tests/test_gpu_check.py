@@ -16,6 +16,8 @@ SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import gpu_check  # noqa: E402
 
+from kdfast.bench.roofline import GPUS  # noqa: E402
+
 FILES = ("gpu-check-cpu-dry-run.log", "tests-cpu-dry-run.txt", "bench-cpu-dry-run.txt", "bench-cpu-dry-run.json",
          "summary-cpu-dry-run.json")
 
@@ -68,7 +70,7 @@ def test_dry_run_measured_every_suite_and_read_the_bars(dry_run):
     rows = json.loads((out / "bench-cpu-dry-run.json").read_text())["rows"]
     for suite, case in (("kd_loss", "N=64 V=500"), ("attention", "KL B=2 H=2 L=24"),
                         ("attention", "map MSE"), ("attention", "hidden MSE"), ("attention", "cosine"),
-                        ("flkd", "d_s=32 float32")):
+                        ("flkd", "d_s=32 float32"), ("attention", "L=40 global"), ("attention", "L=40 local w=8")):
         got = [r for r in rows if r["suite"] == suite and case in r["case"]]
         impls = {r["impl"] for r in got if r["ms"] and r["ms"] > 0}
         assert "eager" in impls and any(i.startswith("kdfast") for i in impls), (suite, case, got)
@@ -85,6 +87,31 @@ def test_dry_run_measured_every_suite_and_read_the_bars(dry_run):
     table = (out / "bench-cpu-dry-run.txt").read_text()
     assert "stale table" not in table and "bars (issue 11)" in table and "KL B=2 H=2 L=24" in table
     assert "attention from Q/K (attention):" in (out / "gpu-check-cpu-dry-run.log").read_text()  # the workers' tables
+
+
+def test_dry_run_prints_the_floor_of_every_row(dry_run):
+    """Every row carries its roofline floor on an H100 and an H200 (kdfast.bench.roofline) and the tables
+    show it; measured / floor only on one of those GPUs, so not here."""
+    from kdfast.bench.roofline import work_for_row
+
+    out, _ = dry_run
+    rows = json.loads((out / "bench-cpu-dry-run.json").read_text())["rows"]
+    assert rows
+    for r in rows:
+        fl = r["extra"].get("floor_ms")
+        assert fl and set(fl) == {"h100", "h200"} and fl["h200"] <= fl["h100"] and fl["h200"] > 0, r
+        work = work_for_row(r["suite"], r["case"], r["impl"], r["extra"], vocab=gpu_check.SHAPES[True]["flkd"][1])
+        assert fl["h100"] == pytest.approx(work.floor_ms(GPUS["h100"]), rel=1e-3), r
+        assert "x_floor" not in r["extra"], r
+    table = (out / "bench-cpu-dry-run.txt").read_text()
+    floors = table[table.index("roofline floors (ms), measured / floor:"):table.index("bars (issue 11)")]
+    assert "H100 floor" in floors and "H200 floor" in floors
+    lines = floors.splitlines()
+    for r in rows:
+        assert any(r["case"][:44] in x and r["impl"][:34] in x and f"{r['extra']['floor_ms']['h100']:.4g}" in x
+                   for x in lines), r
+    log = (out / "gpu-check-cpu-dry-run.log").read_text()
+    assert log.count("roofline floors (ms):") >= len(gpu_check.BENCH_SUITES) and "=== floors " in log
 
 
 def test_without_a_gpu_the_real_run_refuses_in_one_line(tmp_path):

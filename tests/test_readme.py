@@ -1,4 +1,4 @@
-"""Every command and code block of README.md works as written.
+"""Every command and code block of README.md and the user guide (docs/guide.md) works as written.
 
 - ``make`` targets named anywhere in the README exist in the Makefile and ``make -n`` accepts them
   as written (they are not run: they set up a venv, run the whole suite or need a GPU).
@@ -22,6 +22,7 @@ import random
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,7 @@ from tests.train.glue_data import FILLER, NEGATIVE, POSITIVE, sentiment_sentence
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+GUIDE = ROOT / "docs" / "guide.md"
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str, str]]:
@@ -69,6 +71,8 @@ def commands(body: str) -> list[str]:
 
 
 BLOCKS = fenced_blocks(README.read_text())
+#: the user guide's blocks: synopses and reference Python, checked like the README's
+GUIDE_BLOCKS = fenced_blocks(GUIDE.read_text())
 
 
 def test_the_readme_has_the_newcomers_sections_in_order():
@@ -76,13 +80,34 @@ def test_the_readme_has_the_newcomers_sections_in_order():
     assert headings[:3] == ["Quickstart with your own teacher", "What is in it", "Benchmarks"]
     assert headings[-1] == "Layout"
     assert (ROOT / "benchmarks" / "README.md").is_file() and "benchmarks/README.md" in README.read_text()
+    assert "docs/guide.md" in README.read_text() and "docs/api.md" in README.read_text()
+
+
+def test_the_readme_is_a_users_guide_of_at_most_250_lines():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    assert not re.search(r"\bissue #?\d+|\bsessions?\b|load average|\blent\b", text, re.I)
+
+
+def test_the_api_reference_is_what_the_code_says():
+    """docs/api.md is generated from the docstrings; `python docs/make_api.py` rewrites it."""
+    check = subprocess.run([sys.executable, str(ROOT / "docs" / "make_api.py"), "--check"], cwd=ROOT,
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr.strip()
+
+
+def test_links_to_files_in_the_repository_resolve():
+    for doc in (README, GUIDE):
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", doc.read_text()):
+            if "://" not in target:
+                assert (doc.parent / target).exists(), f"{doc.name}: link to {target} does not resolve"
 
 
 def test_make_targets_exist_and_make_dry_runs_them():
-    text = README.read_text()
+    text = README.read_text() + GUIDE.read_text()
     invocations = set(re.findall(r"(?:^|`|\$ )((?:[A-Z_]+=\S+ )*make [a-z][a-z-]*(?: [A-Z_]+=\S+)*)", text, re.M))
-    for lang, body, _ in BLOCKS:
-        if lang == "bash":
+    for lang, body, _ in BLOCKS + GUIDE_BLOCKS:
+        if lang in ("bash", "text"):
             invocations |= {c for c in commands(body) if c.startswith("make ")}
     targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
     assert {"demo", "test", "gpu-check"} <= {re.search(r"make ([a-z-]+)", i).group(1) for i in invocations}
@@ -120,8 +145,9 @@ def _subparser(parser, words: list[str]):
 def test_every_kdfast_option_in_the_readme_is_spelt_as_the_command_defines_it():
     """Synopses, the Quickstart's commands and inline commands: each ``--flag`` exactly (argparse
     would also accept an abbreviation when the Quickstart runs)."""
-    inline = [("prose", " ".join(span.split())) for span in re.findall(r"`(kdfast [^`]+)`", README.read_text())]
-    listed = [(section, command) for lang, body, section in BLOCKS if lang in ("text", "bash")
+    inline = [("prose", " ".join(span.split())) for doc in (README, GUIDE)
+              for span in re.findall(r"`(kdfast [^`]+)`", doc.read_text())]
+    listed = [(section, command) for lang, body, section in BLOCKS + GUIDE_BLOCKS if lang in ("text", "bash")
               for command in commands(body)]
     checked = 0
     for section, command in listed + inline:
@@ -129,7 +155,7 @@ def test_every_kdfast_option_in_the_readme_is_spelt_as_the_command_defines_it():
             parser, rest = _subparser(build_parser(), command.split()[1:])
             assert parser.prog != "kdfast", f"README ({section}): `{command}`: no such subcommand"
             known = {s for a in parser._actions for s in a.option_strings}
-            for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", " ".join(rest)):
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(rest)):
                 assert flag in known, f"README ({section}): `{command}`: {parser.prog} has no option {flag}"
                 checked += 1
     assert checked >= 40 and len(inline) >= 5  # synopses of demo, cache, bench, distill, eval; the Quickstart; prose
@@ -229,7 +255,7 @@ def _inputs() -> dict:
 
 def test_reference_python_blocks_run():
     ran = 0
-    for lang, body, section in BLOCKS:
+    for lang, body, section in BLOCKS + GUIDE_BLOCKS:
         if lang != "python" or section.startswith("Quickstart"):
             continue
         if "under torchrun" in body:

@@ -16,6 +16,17 @@ padded token is excluded both as a key (a column of the map) and as a query (a r
 query rows attend to real keys in BERT, but their attention is never used for anything, so
 distilling it only adds noise.
 
+Local (sliding-window) layers. Every loss takes ``window``: None (default) for global attention,
+an int w >= 0 for a local layer whose query i attends only to the keys j with |i - j| <= w
+(ModernBERT's local layers with ``local_attention`` = 128 have w = 64; positions are the row's
+indices 0 .. L - 1, packed rows included). A key outside the band is not part of the row at all,
+as in the model: probability 0 in both distributions, no MSE term, no gradient, and the mean is
+over the counted elements inside the band. The kernels visit only the key tiles that meet the
+band, so a local layer costs O(L w) instead of O(L^2) (:mod:`kdfast.ops.attention_transfer`). A
+window of L - 1 or more is the global layer. Teacher and student are compared on one band: a
+student layer whose window differs from its teacher layer's is a mismatch that
+:class:`kdfast.DistillationLoss` refuses unless the term's window is given explicitly.
+
 Head counts. Teacher and student may have different head counts H_t and H_s when one divides
 the other (:func:`map_teacher_heads`, used by all three losses):
 
@@ -52,7 +63,7 @@ from kdfast.losses._checks import (
     value_checks_enabled,
 )
 from kdfast.ops import registry
-from kdfast.ops.attention_transfer import FLASH_OP, MAPS_KL_OP
+from kdfast.ops.attention_transfer import FLASH_OP, MAPS_KL_OP, band_mask
 from kdfast.ops.score_mse import BWD_OP as SCORE_MSE_BWD_OP
 from kdfast.ops.score_mse import FWD_OP as SCORE_MSE_FWD_OP
 
@@ -119,6 +130,32 @@ def map_teacher_heads(teacher: Tensor, student_heads: int, *, kind: str = "score
                      f"Q / K / V into a common number of heads).")
 
 
+def check_window(name: str, window) -> int:
+    """``window`` (None or an int >= 0) as the ops take it: -1 for None (global attention), else w.
+
+    Raises:
+        ValueError naming ``name`` for anything else (a bool, a float, a negative int).
+    """
+    if window is None:
+        return -1
+    if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+        raise ValueError(f"{name} must be None (global attention) or an int >= 0 (the band |i - j| <= {name}), "
+                         f"got {window!r}")
+    return int(window)
+
+
+def band_counts(key_valid: Tensor, window: int) -> Tensor:
+    """[B, L]: for each position i, the number of valid keys j with |i - j| <= window (all valid keys
+    of the row for window = -1), from one cumulative sum: O(B L)."""
+    B, L = key_valid.shape
+    c = torch.zeros(B, L + 1, dtype=torch.int64, device=key_valid.device)
+    c[:, 1:] = key_valid.to(torch.int64).cumsum(1)
+    if window < 0:
+        return c[:, L:].expand(B, L)
+    pos = torch.arange(L, device=key_valid.device)
+    return c[:, (pos + window + 1).clamp_max(L)] - c[:, (pos - window).clamp_min(0)]
+
+
 def _check_token_mask(name: str, mask: Tensor | None, B: int, L: int, device: torch.device) -> Tensor | None:
     """A [B, L] token mask (bool, int or float; nonzero = keep) -> bool, or None."""
     if mask is None:
@@ -141,11 +178,11 @@ class _ScoreMSEFunction(torch.autograd.Function):
     backward reads them again and recomputes the gradient (:mod:`kdfast.ops.score_mse`)."""
 
     @staticmethod
-    def forward(ctx, s, t, mask, threshold, has_mask, backend):
-        sums, counts = registry.select(SCORE_MSE_FWD_OP, backend, s).fn(s, t, mask, threshold, has_mask)
+    def forward(ctx, s, t, mask, threshold, has_mask, window, backend):
+        sums, counts = registry.select(SCORE_MSE_FWD_OP, backend, s).fn(s, t, mask, threshold, has_mask, window)
         n = counts.sum().clamp_min(1)  # int64: B H L^2 may exceed fp32's exact integers
         ctx.save_for_backward(s, t, mask, n)
-        ctx.threshold, ctx.has_mask, ctx.backend = threshold, has_mask, backend
+        ctx.threshold, ctx.has_mask, ctx.window, ctx.backend = threshold, has_mask, window, backend
         acc = acc_dtype(s.dtype)
         return sums.to(acc).sum() / n.to(acc)
 
@@ -153,12 +190,13 @@ class _ScoreMSEFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         s, t, mask, n = ctx.saved_tensors
         coef = (grad_out.to(torch.float64) / n.to(torch.float64)).to(acc_dtype(s.dtype)).reshape(1)
-        grad = registry.select(SCORE_MSE_BWD_OP, ctx.backend, s).fn(s, t, mask, coef, ctx.threshold, ctx.has_mask)
-        return grad, None, None, None, None, None
+        grad = registry.select(SCORE_MSE_BWD_OP, ctx.backend, s).fn(s, t, mask, coef, ctx.threshold, ctx.has_mask,
+                                                                    ctx.window)
+        return grad, None, None, None, None, None, None
 
 
 def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None, *,
-                       threshold: float = -1e2, backend: str = "auto") -> Tensor:
+                       threshold: float = -1e2, window: int | None = None, backend: str = "auto") -> Tensor:
     r"""TinyBERT attention loss: MSE between pre-softmax attention scores, per head.
 
     With s, t the [B, H, L, L] student / teacher scores (after the additive mask, if any), an
@@ -166,7 +204,9 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
 
     - ``s <= threshold`` or ``t <= threshold`` (the additive mask put it there: TinyBERT's
       ``where(score <= -1e2, 0, score)``), or
-    - ``mask[b, i] == 0`` or ``mask[b, j] == 0`` (padding as query row or as key column).
+    - ``mask[b, i] == 0`` or ``mask[b, j] == 0`` (padding as query row or as key column), or
+    - ``window`` = w is given and |i - j| > w (a local layer: the key is outside the band; only
+      the band of each row is read).
 
     Uncounted elements are set to 0 in both maps, and
 
@@ -184,6 +224,7 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
             divisor of H), same dtype and device. Computed in float32 (float64 for float64 input).
         mask: optional [B, L] token mask (nonzero = keep).
         threshold: scores at or below it count as masked.
+        window: None (global attention) or an int w >= 0: only |i - j| <= w is compared.
         backend: ``auto`` (Triton on CUDA tensors when it works, the C++ kernel on CPU tensors
             when ``kdfast._C`` is built, else torch), ``triton``, ``cpu`` or ``torch``: each runs
             the two row kernels of :mod:`kdfast.ops.score_mse` (forward keeps nothing but per-row
@@ -196,9 +237,10 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
 
     Raises:
         ValueError naming the argument: shape / dtype / device mismatch, head counts of which
-        neither divides the other, mask shape, backend.
+        neither divides the other, mask shape, window, backend.
     """
     _check_maps(student_scores, teacher_scores)
+    w = check_window("window", window)
     B, H, L, _ = student_scores.shape
     m = _check_token_mask("mask", mask, B, L, student_scores.device)
     teacher_scores, _ = map_teacher_heads(teacher_scores.detach(), H, name="teacher_scores")
@@ -210,18 +252,19 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
     dev = student_scores.device
     mask_i8 = m.to(torch.int8).contiguous() if m is not None else torch.zeros(1, dtype=torch.int8, device=dev)
     return _ScoreMSEFunction.apply(student_scores.contiguous(), teacher_scores.detach().contiguous(), mask_i8,
-                                   threshold, m is not None, name)
+                                   threshold, m is not None, w, name)
 
 
 def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None, *,
-                      backend: str = "auto") -> Tensor:
+                      window: int | None = None, backend: str = "auto") -> Tensor:
     r"""Attention-distribution transfer (MobileBERT AT, MiniLM): KL(A_t || A_s) per query row.
 
     For each counted query row (b, h, i) (``mask[b, i] != 0``; every row when ``mask`` is None),
-    over the keys K_b = {j : mask[b, j] != 0} (all keys when ``mask`` is None):
+    over the keys K_bi = {j : mask[b, j] != 0} (all keys when ``mask`` is None; with ``window`` = w
+    only those with |i - j| <= w, and only they are read):
 
-        A_t = softmax_{j in K_b}(t_bhi.),   A_s = softmax_{j in K_b}(s_bhi.)
-        kl_bhi = sum_{j in K_b} A_t,j (log A_t,j - log A_s,j)
+        A_t = softmax_{j in K_bi}(t_bhi.),   A_s = softmax_{j in K_bi}(s_bhi.)
+        kl_bhi = sum_{j in K_bi} A_t,j (log A_t,j - log A_s,j)
         loss = sum_{counted rows} kl_bhi / (number of counted rows)       (0 with none)
 
     gradient d loss / d s_bhij = (A_s,j - A_t,j) / (number of counted rows). A teacher with
@@ -240,18 +283,21 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
         student_scores, teacher_scores: [B, H, L, L] and [B, H_t, L, L] pre-softmax scores (H_t a
             multiple or a divisor of H), same dtype and device.
         mask: optional [B, L] token mask (nonzero = keep).
+        window: None (global attention) or an int w >= 0: each row over |i - j| <= w only.
         backend: ``auto`` / ``triton`` / ``cuda`` / ``cpu`` / ``torch``.
 
     Returns:
-        Scalar loss, float32 (float64 for float64 input); gradient to ``student_scores`` only.
+        Scalar loss, float32 (float64 for float64 input); gradient to ``student_scores`` only
+        (0 outside the band).
 
     Raises:
         ValueError naming the argument: shape / dtype / device mismatch, head counts of which
-        neither divides the other, mask shape, backend (float64 maps with ``backend="triton"``);
-        NaN or +Inf in the teacher's counted rows, or a row that is -inf everywhere (-inf
-        scores are valid: one-hot attention rows).
+        neither divides the other, mask shape, window, backend (float64 maps with
+        ``backend="triton"``); NaN or +Inf in the teacher's counted rows, or a row that is -inf
+        everywhere (-inf scores are valid: one-hot attention rows).
     """
     _check_maps(student_scores, teacher_scores)
+    w = check_window("window", window)
     B, H, L, _ = student_scores.shape
     s = student_scores
     m = _check_token_mask("mask", mask, B, L, s.device)
@@ -262,14 +308,17 @@ def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tens
         row_weight = torch.full((B, L), 1.0 / (B * H * L), dtype=acc, device=s.device)
     else:
         row_weight = m.to(acc) / (H * m.sum()).clamp_min(1).to(acc)
-    loss = _StoredGradLossFunction.apply(MAPS_KL_OP, name, 1, torch.is_grad_enabled(), s, t, m, row_weight)
+    loss = _StoredGradLossFunction.apply(MAPS_KL_OP, name, 1, torch.is_grad_enabled(), s, t, m, row_weight, w)
     if value_checks_enabled(s) and not bool(torch.isfinite(loss)):
-        # Only on the failure path: say which input is to blame, on the counted rows over the valid keys.
+        # Only on the failure path: say which input is to blame, on the counted rows over their keys.
         keys = torch.ones(B, L, dtype=torch.bool, device=s.device) if m is None else m
         fill = torch.finfo(s.dtype).min
         counted = keys[:, None, :].expand(B, H, L)
-        check_logit_rows(t.masked_fill(~keys[:, None, None, :], fill)[counted],
-                         s.detach().masked_fill(~keys[:, None, None, :], fill)[counted],
+        off = ~keys[:, None, None, :]
+        band = band_mask(L, w, s.device)
+        if band is not None:
+            off = off | ~band
+        check_logit_rows(t.masked_fill(off, fill)[counted], s.detach().masked_fill(off, fill)[counted],
                          "teacher_scores", "student_scores")
     return loss
 
@@ -327,6 +376,7 @@ def flash_attention_transfer(
     loss: str = "kl",
     scale_s: float | None = None,
     scale_t: float | None = None,
+    window: int | None = None,
     backend: str = "auto",
 ) -> Tensor:
     r"""Attention transfer from queries and keys, without ever storing an L x L map.
@@ -337,14 +387,20 @@ def flash_attention_transfer(
     q_t,j k_t,j^T, computed as one head of width g dt (:func:`map_teacher_heads`; for ``kl`` this
     is softmax of the mean score, not the mean of the probabilities, see the module docstring);
     when H = g H_t, teacher head j is the target of student heads j g, ..., j g + g - 1. A token mask ``key_mask`` [B, L] removes padded tokens as keys *and* as query rows
-    (see the module docstring). With K_b the valid keys and n_b = |K_b|:
+    (see the module docstring). With K_b the valid keys, n_b = |K_b|, and the keys of query row
+    i K_bi = K_b (global, ``window=None``) or K_bi = {j in K_b : |i - j| <= w} (``window`` = w, a
+    local layer: keys outside the band are not part of the row, probability 0), N = H sum_b
+    sum_{i in K_b} |K_bi| (= H sum_b n_b^2 for a global layer):
 
         kl  (default; MiniLM, MobileBERT AT):
-            loss = 1 / (H sum_b n_b) sum_{b,h, i in K_b} sum_{j in K_b} A_t,ij (log A_t,ij - log A_s,ij),
-            A = softmax over j in K_b;  d loss / d s_ij = (A_s,ij - A_t,ij) / (H sum_b n_b)
+            loss = 1 / (H sum_b n_b) sum_{b,h, i in K_b} sum_{j in K_bi} A_t,ij (log A_t,ij - log A_s,ij),
+            A = softmax over j in K_bi;  d loss / d s_ij = (A_s,ij - A_t,ij) / (H sum_b n_b)
         mse (TinyBERT):
-            loss = 1 / (H sum_b n_b^2) sum_{b,h, i,j in K_b} (s_ij - t_ij)^2;
-            d loss / d s_ij = 2 (s_ij - t_ij) / (H sum_b n_b^2)
+            loss = 1 / N sum_{b,h, i in K_b, j in K_bi} (s_ij - t_ij)^2;
+            d loss / d s_ij = 2 (s_ij - t_ij) / N
+
+    and d loss / d s_ij = 0 for j outside K_bi. A local layer visits only the key tiles that meet
+    the band: O(B H L w (ds + dt)) work instead of O(B H L^2 (ds + dt)).
 
     and dq_s = scale_s dS k_s, dk_s = scale_s dS^T q_s. This equals :func:`attention_kl_loss`
     / :func:`attention_mse_loss` of the materialised scores plus the additive mask, with
@@ -352,7 +408,7 @@ def flash_attention_transfer(
     the materialised form uses to spot an additive mask; here the mask is explicit).
 
     Memory: O(B H L) for the Triton kernels (two log-sum-exps per row) and the ``cpu`` C++
-    kernel (plus one strip of at most 2^15 scores per model and thread), O(B H L C) for the
+    kernel (plus one strip of at most 2^18 scores per model and thread), O(B H L C) for the
     ``torch`` backend, which works on C query rows at a time (C B H L <= 2^19, C >= 16).
 
     Args:
@@ -363,6 +419,8 @@ def flash_attention_transfer(
         loss: ``"kl"`` or ``"mse"``.
         scale_s, scale_t: score scales, default 1/sqrt(dh) of each model. Pass 1.0 for queries
             that are already pre-scaled (e.g. ``kdfast.models`` ``capture=("qk",)`` output).
+        window: None (global attention, the default) or an int w >= 0: the band |i - j| <= w
+            of a local (sliding-window) layer, e.g. 64 for ModernBERT's ``local_attention=128``.
         backend: ``auto`` (Triton on CUDA tensors when it works, the C++ kernel on CPU tensors
             when ``kdfast._C`` is built, else torch), ``triton``, ``cpu`` or ``torch``; ``cuda``
             has no kernel for this loss and raises.
@@ -374,9 +432,10 @@ def flash_attention_transfer(
     Raises:
         ValueError naming the argument: rank / shape / dtype / device mismatch, head counts of
         which neither divides the other, key_mask shape or device, unknown loss or backend,
-        scale <= 0.
+        scale <= 0, window not None or an int >= 0.
     """
     _check_qk(q_s, k_s, q_t, k_t)
+    w = check_window("window", window)
     check_choice("loss", loss, LOSSES)
     B, H, L, ds = q_s.shape
     dt = q_t.shape[-1]
@@ -389,11 +448,13 @@ def flash_attention_transfer(
     name = registry.select(FLASH_OP, backend, q_s, what="flash_attention_transfer").backend
     key_valid = torch.ones(B, L, dtype=torch.bool, device=q_s.device) if m is None else m
     acc = acc_dtype(q_s.dtype)
-    n = key_valid.sum(1).to(acc)
-    count = H * (n * n).sum() if loss == "mse" else H * n.sum()
+    if loss == "mse":  # counted (i, j) pairs: H sum_b n_b^2 for a global layer
+        count = H * (band_counts(key_valid, w) * key_valid).sum().to(acc)
+    else:
+        count = H * key_valid.sum().to(acc)
     row_weight = key_valid.to(acc) / count.clamp_min(1)
     return _StoredGradLossFunction.apply(FLASH_OP, name, 2, torch.is_grad_enabled(), q_s, k_s, q_t, k_t, key_valid,
-                                         row_weight, scale_s, scale_t, loss == "mse")
+                                         row_weight, scale_s, scale_t, loss == "mse", w)
 
 
 def split_relation_heads(x: Tensor, relation_heads: int, name: str = "x") -> Tensor:

@@ -45,6 +45,30 @@ def _layer_map(layer_map) -> dict[int, int]:
     return dict(sorted(out.items()))
 
 
+def _layer_windows(name: str, windows) -> tuple[dict[int, int | None], bool]:
+    """Per-layer windows (a sequence over the model's attention layers, 0-based, or a {layer: window}
+    dict) -> ({layer: window}, whether every layer must be listed: true for a sequence), each None
+    (global) or an int >= 0; None: every layer global."""
+    from kdfast.losses.attention import check_window
+
+    if windows is None:
+        return {}, False
+    if isinstance(windows, Mapping):
+        items = list(windows.items())
+    elif isinstance(windows, (list, tuple)):
+        items = list(enumerate(windows))
+    else:
+        raise ValueError(f"{name} must be a sequence (one window per attention layer) or a {{layer: window}} dict, "
+                         f"got {type(windows).__name__}")
+    out = {}
+    for layer, w in items:
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"{name} keys must be attention-layer indices (ints >= 0), got {layer!r}")
+        check_window(f"{name}[{layer}]", w)
+        out[layer] = w
+    return out, not isinstance(windows, Mapping)
+
+
 def _stack(tensors: list[Tensor]) -> Tensor:
     """Layers stacked along a new leading dimension (a view for a single layer)."""
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
@@ -84,6 +108,19 @@ class DistillationLoss(nn.Module):
         ``scores``: pre-softmax maps -> :func:`kdfast.attention_mse_loss` / ``attention_kl_loss``;
         ``attentions``: the probabilities ``transformers`` returns with ``output_attentions``:
         ``mse`` compares the probabilities, ``kl`` uses log-probabilities as scores (KL(A_t || A_s));
+      Local (sliding-window) layers: ``teacher_windows`` / ``student_windows`` give each attention
+      layer's window (0-based layer index l, the layer whose output is hidden state l + 1; a
+      sequence with one entry per layer, or a ``{layer: window}`` dict; each None for a global
+      layer or an int w >= 0 for the band |i - j| <= w, e.g. 64 for ModernBERT's
+      ``local_attention=128``; None for the whole argument: every layer global). A mapped pair
+      compares its two layers on their common band, passed to the attention loss as ``window``.
+      When the two layers' windows differ (a local teacher layer against a global student layer,
+      or two different bands), the two distributions are not comparable and construction raises a
+      one-line ValueError naming the pair, unless ``windows`` gives that pair's window explicitly
+      (``{student hidden index m: None or w}``): both sides are then compared on that band
+      (for example ``windows={2: 64}`` distils a global student layer on the teacher's band only).
+      Students built by :mod:`kdfast.models` from a teacher keep each copied layer's window, so
+      their pairs agree;
     - ``logits`` (once, not per layer): :func:`kdfast.kd_loss` at ``temperature`` (``batchmean``,
       T^2-scaled KL); the padded tokens are left out, for [B, L, V] logits and for flattened
       [B * L, V] ones (row-major token order); any other mask shape raises ValueError.
@@ -119,16 +156,20 @@ class DistillationLoss(nn.Module):
 
     Raises:
         ValueError naming the argument: bad ``layer_map`` / ``weights`` / ``temperature`` /
-        ``attention`` / ``attention_source``; at call time a missing output field, a layer
+        ``attention`` / ``attention_source`` / windows (not None or an int >= 0; a mapped layer
+        missing from a windows sequence; a pair whose windows differ); at call time a missing output field, a layer
         index out of range, or hidden widths that differ without a projection.
     """
 
     def __init__(self, layer_map, weights: Mapping[str, float], temperature: float = 1.0, *,
                  student_hidden_size: int | None = None, teacher_hidden_size: int | None = None,
                  attention: str = "mse", attention_source: str = "auto", qk_prescaled: bool = True,
-                 projection_bias: bool = True, stack_layers: bool = False, backend: str = "auto") -> None:
+                 projection_bias: bool = True, stack_layers: bool = False,
+                 teacher_windows=None, student_windows=None, windows: Mapping[int, int | None] | None = None,
+                 backend: str = "auto") -> None:
         super().__init__()
         self.layer_map = _layer_map(layer_map)
+        self.pair_windows = self._pair_windows(teacher_windows, student_windows, windows)
         if not isinstance(weights, Mapping):
             raise ValueError(f"weights must be a dict {{term: weight}} over {TERMS}, got {weights!r}")
         self.weights = {}
@@ -157,6 +198,45 @@ class DistillationLoss(nn.Module):
                                                          bias=projection_bias)
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _pair_windows(self, teacher_windows, student_windows, windows) -> dict[int, int | None]:
+        """{student hidden index m: window} of every attention pair (m >= 1) of the layer map."""
+        from kdfast.losses.attention import check_window
+
+        tw = _layer_windows("teacher_windows", teacher_windows)
+        sw = _layer_windows("student_windows", student_windows)
+        explicit = {}
+        if windows is not None:
+            if not isinstance(windows, Mapping):
+                raise ValueError(f"windows must be a {{student hidden index: window}} dict, got {windows!r}")
+            for m, w in windows.items():
+                if isinstance(m, bool) or not isinstance(m, int) or m not in self.layer_map or m < 1:
+                    raise ValueError(f"windows has key {m!r}, which is not a student index >= 1 of layer_map "
+                                     f"{sorted(self.layer_map)}")
+                check_window(f"windows[{m}]", w)
+                explicit[m] = w
+
+        def layer_window(table: tuple[dict, bool], name: str, layer: int):
+            windows_of, every_layer = table
+            if every_layer and layer not in windows_of:
+                raise ValueError(f"{name} has {len(windows_of)} entries but layer_map uses attention layer {layer}")
+            return windows_of.get(layer)  # a dict lists only the local layers
+
+        out = {}
+        for m, g in self.layer_map.items():
+            if m < 1 or g < 1:
+                continue
+            if m in explicit:
+                out[m] = explicit[m]
+                continue
+            w_s = layer_window(sw, "student_windows", m - 1)
+            w_t = layer_window(tw, "teacher_windows", g - 1)
+            if w_s != w_t:
+                raise ValueError(f"layer_map pair {m}: {g} compares student attention layer {m - 1} (window {w_s}) "
+                                 f"with teacher attention layer {g - 1} (window {w_t}); give the pair's band in "
+                                 f"windows={{{m}: ...}} to compare both on it")
+            out[m] = w_t
+        return out
 
     @staticmethod
     def _tuple(outputs, name: str, who: str) -> tuple:
@@ -251,19 +331,21 @@ class DistillationLoss(nn.Module):
             ks = self._pairs(self._tuple(student_outputs, "k", "student_outputs"),
                              self._tuple(teacher_outputs, "k", "teacher_outputs"), "k", offset=1)
             scale = 1.0 if self.qk_prescaled else None
+            windows = [self.pair_windows[m] for m, _, _ in qs]
             layers = [(q_s, k_s, q_t, k_t) for (_, q_s, q_t), (_, k_s, k_t) in zip(qs, ks)]
 
-            def term(q_s, k_s, q_t, k_t, m):
+            def term(q_s, k_s, q_t, k_t, m, window):
                 return flash_attention_transfer(q_s, k_s, q_t, k_t, m, loss=self.attention, scale_s=scale,
-                                                scale_t=scale, backend=self.backend)
+                                                scale_t=scale, window=window, backend=self.backend)
         else:
-            layers = [(a_s, a_t) for _, a_s, a_t in
-                      self._pairs(self._tuple(student_outputs, src, "student_outputs"),
-                                  self._tuple(teacher_outputs, src, "teacher_outputs"), src, offset=1)]
+            pairs = self._pairs(self._tuple(student_outputs, src, "student_outputs"),
+                                self._tuple(teacher_outputs, src, "teacher_outputs"), src, offset=1)
+            windows = [self.pair_windows[m] for m, _, _ in pairs]
+            layers = [(a_s, a_t) for _, a_s, a_t in pairs]
 
-            def term(a_s, a_t, m):
+            def term(a_s, a_t, m, window):
                 if self.attention == "mse":
-                    return attention_mse_loss(a_s, a_t, m, backend=self.backend)
+                    return attention_mse_loss(a_s, a_t, m, window=window, backend=self.backend)
                 if src == "attentions":  # probabilities -> log-probabilities as scores
                     # the teacher's target is > 0 where every probability of its head group is
                     # (map_teacher_heads averages log-probabilities): map that indicator to the student's heads
@@ -276,17 +358,18 @@ class DistillationLoss(nn.Module):
                     fill = torch.finfo(a_s.dtype).min
                     a_s = torch.where(a_s > 0, a_s.clamp_min(torch.finfo(a_s.dtype).tiny).log(), fill)
                     a_t = torch.where(a_t > 0, a_t.clamp_min(torch.finfo(a_t.dtype).tiny).log(), fill)
-                return attention_kl_loss(a_s, a_t, m, backend=self.backend)
+                return attention_kl_loss(a_s, a_t, m, window=window, backend=self.backend)
         if not layers:
             raise ValueError("layer_map has no pair with a student index >= 1: no attention layer to transfer")
         per_layer_counts = src == "scores" and self.attention == "mse"
-        uniform = len({tuple((tuple(x.shape), x.dtype) for x in layer) for layer in layers}) == 1
+        uniform = len({tuple((tuple(x.shape), x.dtype) for x in layer) for layer in layers}) == 1 \
+            and len(set(windows)) == 1
         if self.stack_layers and len(layers) > 1 and uniform and not per_layer_counts:
             n = len(layers)
-            return n * term(*(_cat(xs) for xs in zip(*layers)), _repeat_mask(mask, n))
+            return n * term(*(_cat(xs) for xs in zip(*layers)), _repeat_mask(mask, n), windows[0])
         total = None
-        for layer in layers:
-            value = term(*layer, mask)
+        for layer, window in zip(layers, windows):
+            value = term(*layer, mask, window)
             total = value if total is None else total + value
         return total
 
@@ -346,4 +429,5 @@ class DistillationLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"layer_map={self.layer_map}, weights={self.weights}, temperature={self.temperature}, "
-                f"attention={self.attention!r}, attention_source={self.attention_source!r}")
+                f"attention={self.attention!r}, attention_source={self.attention_source!r}"
+                + (f", windows={self.pair_windows}" if any(w is not None for w in self.pair_windows.values()) else ""))

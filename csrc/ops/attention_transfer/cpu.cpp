@@ -6,6 +6,8 @@
 //   kl:  row_i = sum_j A_t,ij (log A_t,ij - log A_s,ij),  dS_ij = w_i (A_s,ij - A_t,ij)
 //   mse: row_i = sum_j (s_ij - t_ij)^2,                    dS_ij = 2 w_i (s_ij - t_ij)
 //   dq_s = scale_s dS k_s,  dk_s = scale_s dS^T q_s
+// window >= 0 restricts every row to the band |i - j| <= window (keys outside it are not part of
+// the row: probability 0, no loss, no gradient); window = -1 is global attention.
 // Returns (loss rows w_i row_i [B, H, L] in the accumulation dtype, dq_s, dk_s in the inputs'
 // dtype; the last two empty unless need_grad). Padded keys and uncounted rows are never read.
 //
@@ -14,11 +16,15 @@
 // gathered into packed fp32 (fp64) buffers, so padding is never read and never multiplied
 // (0 * NaN) and masked keys cost nothing. Then, holding one BM x n_keys strip of each model's
 // scores per thread (BM shrinks as L grows: the strip stays within kStripElems, never L x L):
+//   0. with a window, only the packed keys whose positions lie in [first row - window, last row
+//      + window] are part of the strip (found by binary search in the sorted valid positions),
+//      so a local layer costs O(L window), and each row of the strip is cut to its own band;
 //   1. S = scale_s Qs Ks^T, T = scale_t Qt Kt^T                      (two library GEMMs)
 //   2. per row, two passes over the strip in cache: the row maxima, then the exponentials,
 //      sums, loss and dS written over S (the logit-KD row of rows_cpu.h at T = 1, or the
 //      squared-error row for mse)
-//   3. dQ = scale_s dS Ks (written out), dK += scale_s dS^T Qs (packed accumulator).
+//   3. dQ = scale_s dS Ks (written out), dK += scale_s dS^T Qs (packed accumulator), dS being 0
+//      outside each row's band.
 // Keeping the strip instead of re-forming it (the Triton kernel recomputes its register tiles
 // for the gradient pass) saves two of the six GEMMs.
 //
@@ -43,8 +49,11 @@
 namespace kdfast {
 namespace {
 
-// Elements of one score strip (BM x L) per model and thread: 128 KiB in fp32, L2-resident.
-constexpr int64_t kStripElems = 1 << 15;
+// Elements of one score strip (BM x L) per model and thread: 1 MiB in fp32. Up to L = 4,096 a strip
+// holds 64 query rows; a longer row shrinks it (32 rows at 8,192), rather than down to 4 rows, so
+// that the GEMMs stay wide enough for their fixed cost and the packed keys' re-reads per block to
+// be spread over many rows.
+constexpr int64_t kStripElems = 1 << 18;
 constexpr int64_t kMaxBlockRows = 64;
 
 // c[m, n] = alpha a[m, k] b[k, n] + beta c[m, n] on strided views of scratch buffers (the
@@ -68,7 +77,7 @@ struct PartialDk {
 template <typename scalar_t>
 void run_kernel(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
                 const bool* key_valid, const kd_acc_t<scalar_t>* row_weight, double scale_s, double scale_t,
-                bool mse, bool need_grad, at::Tensor& loss_rows, at::Tensor& dq, at::Tensor& dk) {
+                bool mse, int64_t window, bool need_grad, at::Tensor& loss_rows, at::Tensor& dq, at::Tensor& dk) {
   using acc_t = kd_acc_t<scalar_t>;
   const int64_t B = q_s.size(0), H = q_s.size(1), L = q_s.size(2), DS = q_s.size(3), DT = q_t.size(3);
   const Rows<scalar_t> qs_rows(q_s), ks_rows(k_s), qt_rows(q_t), kt_rows(k_t);
@@ -78,7 +87,11 @@ void run_kernel(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
   const acc_t sc_s = static_cast<acc_t>(scale_s), sc_t = static_cast<acc_t>(scale_t);
   const KdParams kl_params{1.0, 1.0, 0.0, false};
 
-  const int64_t BM = std::clamp<int64_t>(kStripElems / L, 1, kMaxBlockRows);
+  // a strip spans at most BM - 1 + 2 window + 1 keys of a local layer
+  const bool banded = window >= 0 && window < L - 1;
+  const int64_t width = banded ? std::min<int64_t>(L, kMaxBlockRows + 2 * window) : L;
+  const int64_t BM = std::clamp<int64_t>(kStripElems / width, 1, kMaxBlockRows);
+  const int64_t strip_cols = banded ? std::min<int64_t>(L, BM + 2 * window) : L;
   const int64_t nqb = (L + BM - 1) / BM;
   const int64_t items = B * H * nqb;
   const int64_t n_ranges = std::max<int64_t>(1, std::min<int64_t>(items, at::get_num_threads()));
@@ -101,7 +114,8 @@ void run_kernel(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
   at::parallel_for(0, n_ranges, 1, [&](int64_t r_begin, int64_t r_end) {
     std::vector<int64_t> key_idx, q_idx(BM);
     key_idx.reserve(L);
-    std::vector<acc_t> ks(L * DS), kt(L * DT), qs(BM * DS), qt(BM * DT), s(BM * L), t(BM * L), es(L), et(L);
+    std::vector<acc_t> ks(L * DS), kt(L * DT), qs(BM * DS), qt(BM * DT), s(BM * strip_cols),
+        t(BM * strip_cols), es(strip_cols), et(strip_cols);
     std::vector<acc_t> dq_blk(need_grad ? BM * DS : 0), dk_acc(need_grad ? L * DS : 0);
     for (int64_t range = r_begin; range < r_end; ++range) {
       const int64_t i_begin = range * items / n_ranges, i_end = (range + 1) * items / n_ranges;
@@ -144,24 +158,48 @@ void run_kernel(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
           q_idx[M++] = l;
         }
         if (M == 0) continue;
-        const int64_t n = n_keys;
+        // the strip's keys: packed indices [k0, k0 + n) (every valid key of a global layer)
+        int64_t k0 = 0, n = n_keys;
+        if (banded) {
+          const auto first = std::lower_bound(key_idx.begin(), key_idx.end(), q_idx[0] - window);
+          const auto last = std::upper_bound(key_idx.begin(), key_idx.end(), q_idx[M - 1] + window);
+          k0 = first - key_idx.begin();
+          n = last - first;
+          if (n == 0) continue;  // no valid key near any row of the block: loss 0, gradient 0
+        }
+        const acc_t* ks_k = ks.data() + k0 * DS;
+        const acc_t* kt_k = kt.data() + k0 * DT;
         // S = scale_s Qs Ks^T, T = scale_t Qt Kt^T  (Ks^T: the packed keys read column-wise)
-        gemm<acc_t>(M, n, DS, sc_s, qs.data(), {DS, 1}, ks.data(), {1, DS}, acc_t(0), s.data(), n);
-        gemm<acc_t>(M, n, DT, sc_t, qt.data(), {DT, 1}, kt.data(), {1, DT}, acc_t(0), t.data(), n);
+        gemm<acc_t>(M, n, DS, sc_s, qs.data(), {DS, 1}, ks_k, {1, DS}, acc_t(0), s.data(), n);
+        gemm<acc_t>(M, n, DT, sc_t, qt.data(), {DT, 1}, kt_k, {1, DT}, acc_t(0), t.data(), n);
         for (int64_t m = 0; m < M; ++m) {
           const acc_t w = row_weight[b * L + q_idx[m]];
           acc_t* srow = s.data() + m * n;
           const acc_t* trow = t.data() + m * n;
+          // the row's own band within the strip: [lo, hi)
+          int64_t lo = 0, hi = n;
+          if (banded) {
+            const auto keys_begin = key_idx.begin() + k0, keys_end = keys_begin + n;
+            lo = std::lower_bound(keys_begin, keys_end, q_idx[m] - window) - keys_begin;
+            hi = std::upper_bound(keys_begin, keys_end, q_idx[m] + window) - keys_begin;
+            std::fill(srow, srow + lo, acc_t(0));  // dS = 0 outside the band
+            std::fill(srow + hi, srow + n, acc_t(0));
+          }
+          if (hi <= lo) {  // no valid key in the band: no loss, no gradient
+            loss_p[bh * L + q_idx[m]] = 0;
+            std::fill(srow, srow + n, acc_t(0));
+            continue;
+          }
           // dS is written over the student's scores (both row functions allow it)
-          const acc_t loss = mse ? mse_row<acc_t>(srow, trow, n, w)
-                                 : kd_row<acc_t, false, false>(srow, trow, srow, n, 0, w, kl_params, es.data(),
-                                                               et.data(), nullptr);
+          const acc_t loss = mse ? mse_row<acc_t>(srow + lo, trow + lo, hi - lo, w)
+                                 : kd_row<acc_t, false, false>(srow + lo, trow + lo, srow + lo, hi - lo, 0, w,
+                                                               kl_params, es.data(), et.data(), nullptr);
           loss_p[bh * L + q_idx[m]] = loss;
         }
         if (!need_grad) continue;
         // dQ = scale_s dS Ks;  dK += scale_s dS^T Qs
-        gemm<acc_t>(M, DS, n, sc_s, s.data(), {n, 1}, ks.data(), {DS, 1}, acc_t(0), dq_blk.data(), DS);
-        gemm<acc_t>(n, DS, M, sc_s, s.data(), {1, n}, qs.data(), {DS, 1}, acc_t(1), dk_acc.data(), DS);
+        gemm<acc_t>(M, DS, n, sc_s, s.data(), {n, 1}, ks_k, {DS, 1}, acc_t(0), dq_blk.data(), DS);
+        gemm<acc_t>(n, DS, M, sc_s, s.data(), {1, n}, qs.data(), {DS, 1}, acc_t(1), dk_acc.data() + k0 * DS, DS);
         for (int64_t m = 0; m < M; ++m) at::vec::convert(dq_blk.data() + m * DS, dq_p + (bh * L + q_idx[m]) * DS, DS);
       }
       finish_segment();
@@ -205,8 +243,10 @@ void check_key_valid_and_row_weight(const char* op, const at::Tensor& key_valid,
 }
 
 void check_args(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
-                const at::Tensor& key_valid, const at::Tensor& row_weight, double scale_s, double scale_t) {
+                const at::Tensor& key_valid, const at::Tensor& row_weight, double scale_s, double scale_t,
+                int64_t window) {
   constexpr const char* op = "attention_transfer_fwd_bwd";
+  TORCH_CHECK_VALUE(window >= -1, op, ": window must be >= 0 (or -1: global attention), got ", window);
   const std::pair<const char*, const at::Tensor*> inputs[] = {{"q_s", &q_s}, {"k_s", &k_s}, {"q_t", &q_t},
                                                               {"k_t", &k_t}};
   for (const auto& [name, x] : inputs) {
@@ -237,8 +277,8 @@ at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(3) == 1 ? x :
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_fwd_bwd_cpu(
     const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& q_t, const at::Tensor& k_t,
     const at::Tensor& key_valid, const at::Tensor& row_weight, double scale_s, double scale_t, bool mse,
-    bool need_grad) {
-  check_args(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t);
+    int64_t window, bool need_grad) {
+  check_args(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, window);
   // the GEMMs below run on scratch views: keep autograd out of them
   at::AutoDispatchBelowADInplaceOrView guard;
   const at::Tensor qs = unit_last_stride(q_s), ks = unit_last_stride(k_s);
@@ -249,7 +289,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_fwd_bwd_cpu(
   at::Tensor dk = need_grad ? at::zeros(k_s.sizes(), k_s.options()) : at::empty({0}, k_s.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q_s.scalar_type(), "attention_transfer_fwd_bwd_cpu", [&] {
     run_kernel<scalar_t>(qs, ks, qt, kt, kv.const_data_ptr<bool>(), rw.const_data_ptr<kd_acc_t<scalar_t>>(), scale_s,
-                         scale_t, mse, need_grad, loss_rows, dq, dk);
+                         scale_t, mse, window, need_grad, loss_rows, dq, dk);
   });
   return {loss_rows, dq, dk};
 }
@@ -262,6 +302,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_transfer_fwd_bwd_cpu(
 // K_b of each row (b, h, i):
 //   row = w_i sum_{j in K_b} A_t,j (log A_t,j - log A_s,j),   A = softmax over j in K_b,
 //   grad_j = w_i (A_s,j - A_t,j) on K_b, 0 on the other keys and on uncounted rows,
+// where, for window >= 0, K_b holds only the valid keys with |i - j| <= window (read alone: a row
+// of a local layer costs O(window)); window = -1: every valid key,
 // the logit-KD row of rows_cpu.h at T = 1 (with its small-KL form) run on the valid keys only:
 // padded keys are never read, so no masked copy of either map is made. Returns (loss rows
 // [B, H, L] in the accumulation dtype, grad [B, H, L, L] contiguous in the maps' dtype, or an empty
@@ -271,8 +313,8 @@ namespace {
 
 template <typename scalar_t>
 void attention_kl_maps_kernel(const at::Tensor& s, const at::Tensor& t, const bool* key_valid,
-                              const kd_acc_t<scalar_t>* row_weight, bool need_grad, at::Tensor& loss_rows,
-                              at::Tensor& grad) {
+                              const kd_acc_t<scalar_t>* row_weight, int64_t window, bool need_grad,
+                              at::Tensor& loss_rows, at::Tensor& grad) {
   using acc_t = kd_acc_t<scalar_t>;
   const int64_t B = s.size(0), H = s.size(1), L = s.size(2);
   const Rows<scalar_t> s_rows(s), t_rows(t);
@@ -288,46 +330,59 @@ void attention_kl_maps_kernel(const at::Tensor& s, const at::Tensor& t, const bo
     const int64_t n = static_cast<int64_t>(keys[b].size());
     prefix[b] = n == 0 || keys[b][n - 1] == n - 1;
   }
-  at::parallel_for(0, B * H * L, row_grain(L), [&](int64_t begin, int64_t end) {
+  const bool banded = window >= 0 && window < L - 1;
+  const int64_t width = banded ? std::min<int64_t>(L, 2 * window + 1) : L;
+  at::parallel_for(0, B * H * L, row_grain(width), [&](int64_t begin, int64_t end) {
     // e^{x - m} of both rows (+ kd_row's unused third), then the packed / widened rows and gradient
-    std::vector<acc_t> scratch(6 * L);
-    acc_t *es = scratch.data(), *et = es + L, *e1 = et + L, *xs = e1 + L, *xt = xs + L, *xg = xt + L;
+    std::vector<acc_t> scratch(6 * width);
+    acc_t *es = scratch.data(), *et = es + width, *e1 = et + width, *xs = e1 + width, *xt = xs + width,
+          *xg = xt + width;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (H * L), h = r / L % H, i = r % L;
       const acc_t w = row_weight[b * L + i];
       scalar_t* g_row = need_grad ? g_p + r * L : nullptr;
-      const int64_t n = static_cast<int64_t>(keys[b].size());
-      if (w == 0 || n == 0) {  // uncounted row: no loss, no gradient, never read
+      // the row's keys: valid keys keys[b][k0 .. k1) (positions j0 .. j1 in place for a prefix), those
+      // within the band |i - j| <= window when there is one
+      const auto& kb = keys[b];
+      int64_t k0 = 0, k1 = static_cast<int64_t>(kb.size());
+      if (banded) {
+        k0 = std::lower_bound(kb.begin(), kb.end(), i - window) - kb.begin();
+        k1 = std::upper_bound(kb.begin(), kb.end(), i + window) - kb.begin();
+      }
+      const int64_t n = k1 - k0;
+      if (w == 0 || n <= 0) {  // uncounted row: no loss, no gradient, never read
         loss_p[r] = 0;
         if (g_row) std::fill(g_row, g_row + L, scalar_t(0));
         continue;
       }
       const scalar_t* s_in = s_rows.at(b, h, i);
       const scalar_t* t_in = t_rows.at(b, h, i);
+      const int64_t j0 = prefix[b] ? k0 : 0;  // (a prefix's packed index is its position)
       const acc_t *sr, *tr;
       acc_t* g;
       bool direct_g = false;
-      if (prefix[b]) {  // keys 0 .. n-1: the row itself (widened for fp16 / bf16)
-        sr = widen_row<acc_t>(s_in, n, xs);
-        tr = widen_row<acc_t>(t_in, n, xt);
+      if (prefix[b]) {  // keys j0 .. j0 + n - 1: the row itself (widened for fp16 / bf16)
+        sr = widen_row<acc_t>(s_in + j0, n, xs);
+        tr = widen_row<acc_t>(t_in + j0, n, xt);
         direct_g = std::is_same_v<scalar_t, acc_t> && g_row != nullptr;
       } else {  // scattered valid keys: packed
         for (int64_t k = 0; k < n; ++k) {
-          xs[k] = static_cast<acc_t>(s_in[keys[b][k]]);
-          xt[k] = static_cast<acc_t>(t_in[keys[b][k]]);
+          xs[k] = static_cast<acc_t>(s_in[kb[k0 + k]]);
+          xt[k] = static_cast<acc_t>(t_in[kb[k0 + k]]);
         }
         sr = xs;
         tr = xt;
       }
-      g = direct_g ? reinterpret_cast<acc_t*>(g_row) : xg;
+      g = direct_g ? reinterpret_cast<acc_t*>(g_row + j0) : xg;
       loss_p[r] = kd_row<acc_t, false, false>(sr, tr, g, n, 0, w, kl_params, es, et, e1);
       if (!g_row) continue;
       if (prefix[b]) {
-        if (!direct_g) at::vec::convert(xg, g_row, n);
-        std::fill(g_row + n, g_row + L, scalar_t(0));
+        if (!direct_g) at::vec::convert(xg, g_row + j0, n);
+        std::fill(g_row, g_row + j0, scalar_t(0));
+        std::fill(g_row + j0 + n, g_row + L, scalar_t(0));
       } else {
         std::fill(g_row, g_row + L, scalar_t(0));
-        for (int64_t k = 0; k < n; ++k) g_row[keys[b][k]] = static_cast<scalar_t>(xg[k]);
+        for (int64_t k = 0; k < n; ++k) g_row[kb[k0 + k]] = static_cast<scalar_t>(xg[k]);
       }
     }
   });
@@ -337,8 +392,10 @@ void attention_kl_maps_kernel(const at::Tensor& s, const at::Tensor& t, const bo
 
 std::tuple<at::Tensor, at::Tensor> attention_kl_maps_fwd_bwd_cpu(const at::Tensor& s_in, const at::Tensor& t_in,
                                                                  const at::Tensor& key_valid,
-                                                                 const at::Tensor& row_weight, bool need_grad) {
+                                                                 const at::Tensor& row_weight, int64_t window,
+                                                                 bool need_grad) {
   constexpr const char* op = "attention_kl_maps_fwd_bwd";
+  TORCH_CHECK_VALUE(window >= -1, op, ": window must be >= 0 (or -1: global attention), got ", window);
   TORCH_CHECK_VALUE(s_in.dim() == 4 && s_in.size(2) == s_in.size(3), op, ": s must be [B, H, L, L], got shape ",
                     s_in.sizes());
   TORCH_CHECK_VALUE(t_in.sizes() == s_in.sizes(), op, ": t has shape ", t_in.sizes(), " but s has shape ",
@@ -359,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor> attention_kl_maps_fwd_bwd_cpu(const at::Tenso
                               : at::empty({0}, s.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.scalar_type(), "attention_kl_maps_fwd_bwd_cpu", [&] {
     attention_kl_maps_kernel<scalar_t>(s, t, kv.const_data_ptr<bool>(), rw.const_data_ptr<kd_acc_t<scalar_t>>(),
-                                       need_grad, loss_rows, grad);
+                                       window, need_grad, loss_rows, grad);
   });
   return {loss_rows, grad};
 }
@@ -368,14 +425,16 @@ std::tuple<at::Tensor, at::Tensor> attention_kl_maps_fwd_bwd_cpu(const at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // Flash attention transfer from Q and K (KL or score MSE): loss rows [B, H, L] and, when need_grad,
-  // the gradients of their sum with respect to q_s and k_s; never an L x L map.
+  // the gradients of their sum with respect to q_s and k_s; never an L x L map. window >= 0: each
+  // row sees only the keys j with |i - j| <= window; -1: every key.
   m.def(
       "attention_transfer_fwd_bwd(Tensor q_s, Tensor k_s, Tensor q_t, Tensor k_t, Tensor key_valid, "
-      "Tensor row_weight, float scale_s, float scale_t, bool mse, bool need_grad) -> (Tensor, Tensor, Tensor)");
+      "Tensor row_weight, float scale_s, float scale_t, bool mse, int window, bool need_grad) -> "
+      "(Tensor, Tensor, Tensor)");
   // Attention KL on materialised [B, H, L, L] score maps over the valid keys: loss rows [B, H, L] and,
   // when need_grad, the gradient of their sum with respect to s (no masked copy of either map).
-  m.def("attention_kl_maps_fwd_bwd(Tensor s, Tensor t, Tensor key_valid, Tensor row_weight, bool need_grad) "
-        "-> (Tensor, Tensor)");
+  m.def("attention_kl_maps_fwd_bwd(Tensor s, Tensor t, Tensor key_valid, Tensor row_weight, int window, "
+        "bool need_grad) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {

@@ -9,6 +9,8 @@
 // score_mse_bwd: d loss / d s = 2 coef (s - t) on counted elements, 0 elsewhere, [B, H, L, L]
 //   contiguous in s's dtype; coef is a one-element float32 / float64 tensor (upstream gradient /
 //   total count).
+// window >= 0 counts only the elements of the band |i - j| <= window, and reads nothing else of the
+// row (the gradient is 0 outside it); window = -1: the whole row.
 // Rows of masked query tokens are never read (they may hold anything).
 //
 // Same split as the Triton kernels: forward keeps nothing but a sum and a count per score row,
@@ -59,7 +61,9 @@ std::pair<at::vec::Vectorized<acc_t>, at::vec::Vectorized<acc_t>> counted_diff(
   return {(sv - tv) & on, on};
 }
 
-void check_maps(const char* op, const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask, bool has_mask) {
+void check_maps(const char* op, const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask, bool has_mask,
+                int64_t window) {
+  TORCH_CHECK_VALUE(window >= -1, op, ": window must be >= 0 (or -1: the whole row), got ", window);
   TORCH_CHECK_VALUE(s.dim() == 4 && s.size(2) == s.size(3), op, ": s must be [B, H, L, L], got shape ", s.sizes());
   TORCH_CHECK_VALUE(t.sizes() == s.sizes(), op, ": t has shape ", t.sizes(), " but s has shape ", s.sizes());
   TORCH_CHECK_VALUE(is_kernel_float_dtype(s.scalar_type()), op,
@@ -76,19 +80,21 @@ void check_maps(const char* op, const at::Tensor& s, const at::Tensor& t, const 
   }
 }
 
-// The row walk both ops share: f(r, s row, t row, key-keep row, spare) for every row
-// r = (b, h, i) whose query token is kept, skip(r) for the others. Rows come widened to acc_t;
-// for fp16 / bf16, spare is one more row of per-task scratch (null otherwise).
+// The row walk both ops share: f(r, j0, n, s row, t row, key-keep row, spare) for every row
+// r = (b, h, i) whose query token is kept, skip(r) for the others. The rows cover the columns
+// [j0, j0 + n): the band of a windowed map, the whole row otherwise, and are passed from column
+// j0 on, widened to acc_t; for fp16 / bf16, spare is one more row of per-task scratch (null otherwise).
 template <typename scalar_t, typename F, typename Skip>
-void for_each_row(const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask, bool has_mask, F&& f,
-                  Skip&& skip) {
+void for_each_row(const at::Tensor& s, const at::Tensor& t, const at::Tensor& mask, bool has_mask, int64_t window,
+                  F&& f, Skip&& skip) {
   using acc_t = kd_acc_t<scalar_t>;
   constexpr bool kWiden = !std::is_same_v<scalar_t, acc_t>;
   const int64_t B = s.size(0), H = s.size(1), L = s.size(2);
   const Rows<scalar_t> s_rows(s), t_rows(t);
   const std::vector<acc_t> keep = key_keep_rows<acc_t>(mask, has_mask, B, L);
   const int8_t* m = has_mask ? mask.const_data_ptr<int8_t>() : nullptr;
-  at::parallel_for(0, B * H * L, row_grain(L), [&](int64_t begin, int64_t end) {
+  const int64_t width = window >= 0 ? std::min<int64_t>(L, 2 * window + 1) : L;
+  at::parallel_for(0, B * H * L, row_grain(width), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(kWiden ? 3 * L : 0);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t b = r / (H * L), h = r / L % H, i = r % L;
@@ -96,9 +102,11 @@ void for_each_row(const at::Tensor& s, const at::Tensor& t, const at::Tensor& ma
         skip(r);
         continue;
       }
-      const acc_t* sr = widen_row<acc_t>(s_rows.at(b, h, i), L, scratch.data());
-      const acc_t* tr = widen_row<acc_t>(t_rows.at(b, h, i), L, scratch.data() + (kWiden ? L : 0));
-      f(r, sr, tr, keep.data() + (has_mask ? b * L : 0), kWiden ? scratch.data() + 2 * L : nullptr);
+      const int64_t j0 = window >= 0 ? std::max<int64_t>(0, i - window) : 0;
+      const int64_t n = (window >= 0 ? std::min<int64_t>(L, i + window + 1) : L) - j0;
+      const acc_t* sr = widen_row<acc_t>(s_rows.at(b, h, i) + j0, n, scratch.data());
+      const acc_t* tr = widen_row<acc_t>(t_rows.at(b, h, i) + j0, n, scratch.data() + (kWiden ? L : 0));
+      f(r, j0, n, sr, tr, keep.data() + (has_mask ? b * L : 0) + j0, kWiden ? scratch.data() + 2 * L : nullptr);
     }
   });
 }
@@ -108,8 +116,9 @@ at::Tensor unit_last_stride(const at::Tensor& x) { return x.stride(3) == 1 ? x :
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> score_mse_fwd_cpu(const at::Tensor& s_in, const at::Tensor& t_in,
-                                                     const at::Tensor& mask_in, double threshold, bool has_mask) {
-  check_maps("score_mse_fwd", s_in, t_in, mask_in, has_mask);
+                                                     const at::Tensor& mask_in, double threshold, bool has_mask,
+                                                     int64_t window) {
+  check_maps("score_mse_fwd", s_in, t_in, mask_in, has_mask, window);
   const at::Tensor s = unit_last_stride(s_in), t = unit_last_stride(t_in), mask = mask_in.contiguous();
   const int64_t L = s.size(2), rows = s.size(0) * s.size(1) * L;
   const auto acc_type = s.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -124,11 +133,11 @@ std::tuple<at::Tensor, at::Tensor> score_mse_fwd_cpu(const at::Tensor& s_in, con
     const Vec thr(static_cast<acc_t>(threshold)), one(1);
     auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v); };
     for_each_row<scalar_t>(
-        s, t, mask, has_mask,
-        [&](int64_t r, const acc_t* sr, const acc_t* tr, const acc_t* keep, acc_t*) {
+        s, t, mask, has_mask, window,
+        [&](int64_t r, int64_t, int64_t n, const acc_t* sr, const acc_t* tr, const acc_t* keep, acc_t*) {
           Vec v_sum(0), v_cnt(0);
-          for (int64_t j = 0; j < L; j += kW) {
-            const auto [d, on] = counted_diff<acc_t>(sr, tr, keep, j, std::min(kW, L - j), thr);
+          for (int64_t j = 0; j < n; j += kW) {
+            const auto [d, on] = counted_diff<acc_t>(sr, tr, keep, j, std::min(kW, n - j), thr);
             v_sum = at::vec::fmadd(d, d, v_sum);
             v_cnt += on & one;  // 1 in counted lanes: exact, a lane counts at most L / kW < 2^24
           }
@@ -144,9 +153,9 @@ std::tuple<at::Tensor, at::Tensor> score_mse_fwd_cpu(const at::Tensor& s_in, con
 }
 
 at::Tensor score_mse_bwd_cpu(const at::Tensor& s_in, const at::Tensor& t_in, const at::Tensor& mask_in,
-                             const at::Tensor& coef, double threshold, bool has_mask) {
+                             const at::Tensor& coef, double threshold, bool has_mask, int64_t window) {
   constexpr const char* op = "score_mse_bwd";
-  check_maps(op, s_in, t_in, mask_in, has_mask);
+  check_maps(op, s_in, t_in, mask_in, has_mask, window);
   TORCH_CHECK_VALUE(coef.numel() == 1 && (coef.scalar_type() == at::kFloat || coef.scalar_type() == at::kDouble) &&
                         coef.device().is_cpu(),
                     op, ": coef must be a one-element float32 or float64 CPU tensor, got ", coef.scalar_type(), " ",
@@ -163,16 +172,19 @@ at::Tensor score_mse_bwd_cpu(const at::Tensor& s_in, const at::Tensor& t_in, con
     scalar_t* g_p = grad.mutable_data_ptr<scalar_t>();
     const Vec thr(static_cast<acc_t>(threshold)), two_coef(static_cast<acc_t>(2 * coef_value));
     for_each_row<scalar_t>(
-        s, t, mask, has_mask,
-        [&](int64_t r, const acc_t* sr, const acc_t* tr, const acc_t* keep, acc_t* spare) {
+        s, t, mask, has_mask, window,
+        [&](int64_t r, int64_t j0, int64_t n, const acc_t* sr, const acc_t* tr, const acc_t* keep, acc_t* spare) {
           // fp16 / bf16: the row is computed in acc_t and narrowed once; fp32 / fp64 are written in
           // place (the cast only ever applies when scalar_t is acc_t)
-          acc_t* g = kWiden ? spare : reinterpret_cast<acc_t*>(g_p + r * L);
-          for (int64_t j = 0; j < L; j += kW) {
-            const int64_t n = std::min(kW, L - j);
-            (counted_diff<acc_t>(sr, tr, keep, j, n, thr).first * two_coef).store(g + j, n);
+          scalar_t* g_row = g_p + r * L;
+          acc_t* g = kWiden ? spare : reinterpret_cast<acc_t*>(g_row + j0);
+          for (int64_t j = 0; j < n; j += kW) {
+            const int64_t m = std::min(kW, n - j);
+            (counted_diff<acc_t>(sr, tr, keep, j, m, thr).first * two_coef).store(g + j, m);
           }
-          if constexpr (kWiden) at::vec::convert(g, g_p + r * L, L);
+          if constexpr (kWiden) at::vec::convert(g, g_row + j0, n);
+          std::fill(g_row, g_row + j0, scalar_t(0));  // outside the band
+          std::fill(g_row + j0 + n, g_row + L, scalar_t(0));
         },
         [&](int64_t r) { std::fill(g_p + r * L, g_p + (r + 1) * L, scalar_t(0)); });
   });
@@ -184,8 +196,11 @@ at::Tensor score_mse_bwd_cpu(const at::Tensor& s_in, const at::Tensor& t_in, con
 TORCH_LIBRARY_FRAGMENT(kdfast, m) {
   // TinyBERT score MSE on [B, H, L, L] maps, the Triton row kernels' contract: per-row sums of counted
   // squared differences and counts; then the gradient 2 coef (s - t) on counted elements, recomputed.
-  m.def("score_mse_fwd(Tensor s, Tensor t, Tensor mask, float threshold, bool has_mask) -> (Tensor, Tensor)");
-  m.def("score_mse_bwd(Tensor s, Tensor t, Tensor mask, Tensor coef, float threshold, bool has_mask) -> Tensor");
+  // window >= 0: only the band |i - j| <= window of each row; -1: the whole row.
+  m.def("score_mse_fwd(Tensor s, Tensor t, Tensor mask, float threshold, bool has_mask, int window) -> "
+        "(Tensor, Tensor)");
+  m.def("score_mse_bwd(Tensor s, Tensor t, Tensor mask, Tensor coef, float threshold, bool has_mask, "
+        "int window) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(kdfast, CPU, m) {

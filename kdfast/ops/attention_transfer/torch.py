@@ -11,14 +11,17 @@ from kdfast.ops.dtypes import acc_dtype
 
 def attention_transfer_fwd_bwd_torch(
     q_s: Tensor, k_s: Tensor, q_t: Tensor, k_t: Tensor, key_valid: Tensor, row_weight: Tensor,
-    scale_s: float, scale_t: float, mse: bool, need_grad: bool, chunk_elems: int = 1 << 19,
+    scale_s: float, scale_t: float, mse: bool, window: int, need_grad: bool, chunk_elems: int = 1 << 19,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The flash attention-transfer contract in eager PyTorch, in chunks of query rows.
 
     Inputs: q_s, k_s [B, H, L, ds], q_t, k_t [B, H, L, dt], ``key_valid`` [B, L] bool,
     ``row_weight`` [B, L] (w_i: 0 on uncounted query rows). Scores s = scale_s q_s k_s^T and
     t = scale_t q_t k_t^T are formed for ``C`` query rows at a time, C * B * H * L <=
-    ``chunk_elems`` (at least 4 rows), so memory is O(B H L C), never O(B H L^2).
+    ``chunk_elems`` (at least 4 rows), so memory is O(B H L C), never O(B H L^2). ``window`` = w >= 0
+    keeps only the keys with |i - j| <= w of each row i (-1: every key): a chunk of rows
+    [i0, i1) then forms its scores against the keys [i0 - w, i1 + w) alone, C <= 2 w + 2, so a
+    local layer costs O(B H L w).
 
     Returns ``(loss_rows [B, H, L], dq_s, dk_s)``: loss rows w_i * row_loss_i in float32
     (float64 for float64 input) and, when ``need_grad``, the gradients of their sum (empty
@@ -46,14 +49,24 @@ def attention_transfer_fwd_bwd_torch(
     loss_rows = torch.zeros(B, H, L, dtype=acc, device=q_s.device)
     dq = torch.zeros(q_s.shape, dtype=acc, device=q_s.device) if need_grad else q_s.new_empty(0)
     dk = torch.zeros(k_s.shape, dtype=acc, device=k_s.device) if need_grad else k_s.new_empty(0)
-    chunk = max(4, chunk_elems // max(1, B * H * L))
+    banded = 0 <= window < L - 1
+    if banded:
+        chunk = max(4, min(2 * window + 2, chunk_elems // max(1, B * H * min(L, 4 * window + 2))))
+    else:
+        chunk = max(4, chunk_elems // max(1, B * H * L))
+    pos = torch.arange(L, device=q_s.device)
     for i0 in range(0, L, chunk):
         i1 = min(L, i0 + chunk)
+        j0, j1 = (max(0, i0 - window), min(L, i1 + window)) if banded else (0, L)
         qs = torch.where(counted[:, :, i0:i1, None], q_s[:, :, i0:i1].to(acc), zero)  # [B, H, C, ds]
-        s = (qs @ ks.transpose(-1, -2)) * scale_s                     # [B, H, C, L]
-        t = (qt[:, :, i0:i1] @ kt.transpose(-1, -2)) * scale_t
+        ks_c = ks[:, :, j0:j1]
+        s = (qs @ ks_c.transpose(-1, -2)) * scale_s                   # [B, H, C, J]
+        t = (qt[:, :, i0:i1] @ kt[:, :, j0:j1].transpose(-1, -2)) * scale_t
         wc = w[:, :, i0:i1, None]
-        valid = counted[:, :, i0:i1, None] & kv
+        keys = kv[..., j0:j1]
+        if banded:
+            keys = keys & ((pos[i0:i1, None] - pos[None, j0:j1]).abs() <= window)
+        valid = counted[:, :, i0:i1, None] & keys
         if mse:
             diff = torch.where(valid, s - t, zero)
             del s, t
@@ -61,9 +74,9 @@ def attention_transfer_fwd_bwd_torch(
             ds = diff.mul_(2 * wc) if need_grad else None
         else:
             neg_inf = torch.full((), -float("inf"), dtype=acc, device=q_s.device)
-            log_ps = torch.where(kv, s, neg_inf).log_softmax(-1)
+            log_ps = torch.where(keys, s, neg_inf).log_softmax(-1)
             del s
-            log_pt = torch.where(kv, t, neg_inf).log_softmax(-1)
+            log_pt = torch.where(keys, t, neg_inf).log_softmax(-1)
             del t
             p_t = log_pt.exp()
             # p_t (log p_t - log p_s), written into log_pt's buffer; 0 at masked keys (0 * NaN otherwise)
@@ -73,10 +86,10 @@ def attention_transfer_fwd_bwd_torch(
             ds = torch.where(valid, log_ps.exp_().sub_(p_t).mul_(wc), zero) if need_grad else None
             del log_ps, p_t
         if need_grad:
-            dq[:, :, i0:i1] = (ds @ ks) * scale_s
+            dq[:, :, i0:i1] = (ds @ ks_c) * scale_s
             # accumulate in place: a temporary [B, H, L, d] per chunk would cost as much as dk itself
-            dk.view(B * H, L, -1).baddbmm_(ds.reshape(B * H, i1 - i0, L).transpose(1, 2),
-                                           qs.reshape(B * H, i1 - i0, -1), alpha=scale_s)
+            dk.view(B * H, L, -1)[:, j0:j1].baddbmm_(ds.reshape(B * H, i1 - i0, j1 - j0).transpose(1, 2),
+                                                     qs.reshape(B * H, i1 - i0, -1), alpha=scale_s)
         del ds
     loss_rows = torch.where(counted, w * loss_rows, zero)
     if need_grad:

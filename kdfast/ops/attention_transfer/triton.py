@@ -27,6 +27,11 @@ adds to contend on (L / BLOCK_M of them per element) and the result is determini
 bit, run to run. The price is recomputing the two score tiles once more (4 small GEMMs per tile
 instead of 2), which is cheap next to the memory traffic an L x L map would cost.
 
+Local layers (``window`` = w >= 0, ``HAS_WINDOW``): a query tile [i0, i0 + BLOCK_M) loops only over
+the key tiles that meet [i0 - w, i0 + BLOCK_M - 1 + w], and a key tile of the dK kernel only over
+the query tiles within w of it; inside a tile the band |i - j| <= w joins the key mask. The tiles
+outside the band are neither computed nor loaded: O(L w) work per (b, h) instead of O(L^2).
+
 Masked keys and uncounted query rows are loaded as zeros (their Q / K rows may hold anything,
 even NaN) and dropped with ``where`` (never multiplied by 0). Loads are widened to fp32 at once
 (the interpreter's bf16 arithmetic is wrong otherwise); fp32 inputs use IEEE fp32 dot products,
@@ -50,11 +55,31 @@ def _load_rows(ptr, offs, rows_on, offs_d, D):
 
 
 @triton.jit
+def _tile_range(start, BLOCK: tl.constexpr, BLOCK_OTHER: tl.constexpr, L, window, HAS_WINDOW: tl.constexpr):
+    """[lo, hi): the other axis's tiles (of BLOCK_OTHER) that meet the band of [start, start + BLOCK)."""
+    lo = 0
+    hi = L
+    if HAS_WINDOW:
+        lo = tl.maximum(start - window, 0) // BLOCK_OTHER * BLOCK_OTHER
+        hi = tl.minimum(start + BLOCK + window, L)
+    return lo, hi
+
+
+@triton.jit
+def _band_and(on, rows, cols, window, HAS_WINDOW: tl.constexpr):
+    """``on`` [len(rows), len(cols)] and, with a window, |i - j| <= window."""
+    if HAS_WINDOW:
+        d = rows[:, None] - cols[None, :]
+        on = on & (d <= window) & (d >= -window)
+    return on
+
+
+@triton.jit
 def _at_fwd_kernel(
     qs_ptr, ks_ptr, qt_ptr, kt_ptr, kv_ptr, w_ptr, lse_s_ptr, lse_t_ptr, loss_ptr,
-    L, H, DS, DT, scale_s, scale_t,
-    IS_MSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr,
-    BLOCK_DT: tl.constexpr, PRECISION: tl.constexpr,
+    L, H, DS, DT, scale_s, scale_t, window,
+    IS_MSE: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -73,20 +98,22 @@ def _at_fwd_kernel(
     z_s = tl.zeros([BLOCK_M], tl.float32)
     z_t = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M], tl.float32)
-    for start_n in range(0, L, BLOCK_N):
+    lo, hi = _tile_range(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, L, window, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_on = tl.load(kv_ptr + b * L + cols, mask=cols < L, other=0) != 0
         ks = _load_rows(ks_ptr + bh * L * DS, cols, col_on, offs_ds, DS)
         kt = _load_rows(kt_ptr + bh * L * DT, cols, col_on, offs_dt, DT)
         s = tl.dot(qs, tl.trans(ks), input_precision=PRECISION) * scale_s
         t = tl.dot(qt, tl.trans(kt), input_precision=PRECISION) * scale_t
+        on = _band_and(row_in[:, None] & col_on[None, :], offs_m, cols, window, HAS_WINDOW)
         if IS_MSE:
-            d = tl.where(col_on[None, :], s - t, 0.0)
+            d = tl.where(on, s - t, 0.0)
             acc += tl.sum(d * d, axis=1)
         else:
             diff = t - s  # finite: masked keys were loaded as zeros (-inf - -inf would be NaN)
-            s = tl.where(col_on[None, :], s, -float("inf"))
-            t = tl.where(col_on[None, :], t, -float("inf"))
+            s = tl.where(on, s, -float("inf"))
+            t = tl.where(on, t, -float("inf"))
             m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
             m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
             # a row with no valid key so far keeps max -inf: shift by 0 instead (e^{-inf - -inf} is NaN)
@@ -96,15 +123,18 @@ def _at_fwd_kernel(
             alpha_t = tl.exp(m_t - ref_t)
             e_t = tl.exp(t - ref_t[:, None])
             z_t = z_t * alpha_t + tl.sum(e_t, axis=1)
-            acc = acc * alpha_t + tl.sum(tl.where(col_on[None, :], e_t * diff, 0.0), axis=1)
+            acc = acc * alpha_t + tl.sum(tl.where(on, e_t * diff, 0.0), axis=1)
             m_s = m_s_new
             m_t = m_t_new
     if IS_MSE:
         row = acc
     else:
-        lse_s = m_s + tl.log(z_s)
-        lse_t = m_t + tl.log(z_t)
-        row = acc / z_t - lse_t + lse_s
+        # a row without any key (possible only with uncounted rows or a window over padding) gives
+        # z = 0: its loss is 0 and its lse never used (0 keeps them finite)
+        live = z_t > 0
+        lse_s = tl.where(live, m_s + tl.log(tl.where(live, z_s, 1.0)), 0.0)
+        lse_t = tl.where(live, m_t + tl.log(tl.where(live, z_t, 1.0)), 0.0)
+        row = tl.where(live, acc / tl.where(live, z_t, 1.0) - lse_t + lse_s, 0.0)
         tl.store(lse_s_ptr + bh * L + offs_m, lse_s, mask=row_in)
         tl.store(lse_t_ptr + bh * L + offs_m, lse_t, mask=row_in)
     tl.store(loss_ptr + bh * L + offs_m, tl.where(row_on, w * row, 0.0), mask=row_in)
@@ -113,9 +143,9 @@ def _at_fwd_kernel(
 @triton.jit
 def _at_dq_kernel(
     qs_ptr, ks_ptr, qt_ptr, kt_ptr, kv_ptr, w_ptr, lse_s_ptr, lse_t_ptr, dq_ptr,
-    L, H, DS, DT, scale_s, scale_t,
-    IS_MSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr,
-    BLOCK_DT: tl.constexpr, PRECISION: tl.constexpr,
+    L, H, DS, DT, scale_s, scale_t, window,
+    IS_MSE: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -133,7 +163,8 @@ def _at_dq_kernel(
         lse_s = tl.load(lse_s_ptr + bh * L + offs_m, mask=row_on, other=0.0)
         lse_t = tl.load(lse_t_ptr + bh * L + offs_m, mask=row_on, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_DS], tl.float32)
-    for start_n in range(0, L, BLOCK_N):
+    lo, hi = _tile_range(pid_m * BLOCK_M, BLOCK_M, BLOCK_N, L, window, HAS_WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_on = tl.load(kv_ptr + b * L + cols, mask=cols < L, other=0) != 0
         ks = _load_rows(ks_ptr + bh * L * DS, cols, col_on, offs_ds, DS)
@@ -144,7 +175,8 @@ def _at_dq_kernel(
             g = 2.0 * (s - t)
         else:
             g = tl.exp(s - lse_s[:, None]) - tl.exp(t - lse_t[:, None])
-        ds = tl.where(row_on[:, None] & col_on[None, :], w[:, None] * g, 0.0)
+        on = _band_and(row_on[:, None] & col_on[None, :], offs_m, cols, window, HAS_WINDOW)
+        ds = tl.where(on, w[:, None] * g, 0.0)
         dq += tl.dot(ds, ks, input_precision=PRECISION)
     dq = dq * scale_s
     tl.store(dq_ptr + bh * L * DS + offs_m[:, None] * DS + offs_ds[None, :], dq.to(dq_ptr.dtype.element_ty),
@@ -154,9 +186,9 @@ def _at_dq_kernel(
 @triton.jit
 def _at_dk_kernel(
     qs_ptr, ks_ptr, qt_ptr, kt_ptr, kv_ptr, w_ptr, lse_s_ptr, lse_t_ptr, dk_ptr,
-    L, H, DS, DT, scale_s, scale_t,
-    IS_MSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DS: tl.constexpr,
-    BLOCK_DT: tl.constexpr, PRECISION: tl.constexpr,
+    L, H, DS, DT, scale_s, scale_t, window,
+    IS_MSE: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_DS: tl.constexpr, BLOCK_DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -170,7 +202,8 @@ def _at_dk_kernel(
     ks = _load_rows(ks_ptr + bh * L * DS, offs_n, col_on, offs_ds, DS)
     kt = _load_rows(kt_ptr + bh * L * DT, offs_n, col_on, offs_dt, DT)
     dk = tl.zeros([BLOCK_N, BLOCK_DS], tl.float32)
-    for start_m in range(0, L, BLOCK_M):
+    lo, hi = _tile_range(pid_n * BLOCK_N, BLOCK_N, BLOCK_M, L, window, HAS_WINDOW)
+    for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         w = tl.load(w_ptr + b * L + rows, mask=rows < L, other=0.0).to(tl.float32)
         row_on = w != 0.0
@@ -185,7 +218,8 @@ def _at_dk_kernel(
             lse_s = tl.load(lse_s_ptr + bh * L + rows, mask=row_on, other=0.0)
             lse_t = tl.load(lse_t_ptr + bh * L + rows, mask=row_on, other=0.0)
             g = tl.exp(s - lse_s[None, :]) - tl.exp(t - lse_t[None, :])
-        ds = tl.where(col_on[:, None] & row_on[None, :], w[None, :] * g, 0.0)
+        on = _band_and(col_on[:, None] & row_on[None, :], offs_n, rows, window, HAS_WINDOW)
+        ds = tl.where(on, w[None, :] * g, 0.0)
         dk += tl.dot(ds, qs, input_precision=PRECISION)
     dk = dk * scale_s
     tl.store(dk_ptr + bh * L * DS + offs_n[:, None] * DS + offs_ds[None, :], dk.to(dk_ptr.dtype.element_ty),
@@ -222,14 +256,15 @@ def _precision(dtype: torch.dtype) -> str:
 def attention_transfer_fwd_bwd_triton(
     q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, key_valid: torch.Tensor,
     row_weight: torch.Tensor, scale_s: float, scale_t: float, mse: bool, need_grad: bool,
-    block: int | None = None,
+    block: int | None = None, window: int = -1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the three kernels on [B, H, L, d] inputs (made contiguous here).
 
     ``key_valid`` [B, L] bool, ``row_weight`` [B, L] (0 = uncounted query row). Returns
     ``(loss_rows [B, H, L] float32, dq_s, dk_s)`` as :func:`kdfast.ops.attention_transfer.torch.
     attention_transfer_fwd_bwd_torch` does (empty gradients when ``need_grad`` is false).
-    ``block`` overrides BLOCK_M = BLOCK_N (tests use it to exercise several tiles).
+    ``block`` overrides BLOCK_M = BLOCK_N (tests use it to exercise several tiles). ``window``:
+    -1 global, w >= 0 the band |i - j| <= w (only the tiles that meet it are visited).
     """
     B, H, L, DS = q_s.shape
     DT = q_t.shape[-1]
@@ -242,11 +277,12 @@ def attention_transfer_fwd_bwd_triton(
     lse_t = torch.empty(B, H, L, dtype=torch.float32, device=dev)
     bds, bdt = _block_d(DS), _block_d(DT)
     bm = block or (_block_m(bds, bdt, q_s.dtype) if q_s.is_cuda else BLOCK_INTERPRETER)
-    meta = dict(IS_MSE=bool(mse), BLOCK_M=bm, BLOCK_N=bm, BLOCK_DS=bds, BLOCK_DT=bdt,
+    has_window = 0 <= window < L - 1
+    meta = dict(IS_MSE=bool(mse), HAS_WINDOW=has_window, BLOCK_M=bm, BLOCK_N=bm, BLOCK_DS=bds, BLOCK_DT=bdt,
                 PRECISION=_precision(q_s.dtype), num_warps=_num_warps(bds, bdt))
     grid = (triton.cdiv(L, bm), B * H)
     args = (q_s, k_s, q_t, k_t, kv, w, lse_s, lse_t)
-    sizes = (L, H, DS, DT, float(scale_s), float(scale_t))
+    sizes = (L, H, DS, DT, float(scale_s), float(scale_t), int(window) if has_window else -1)
     _at_fwd_kernel[grid](*args, loss_rows, *sizes, **meta)
     if not need_grad:
         return loss_rows, q_s.new_empty(0), k_s.new_empty(0)
@@ -274,9 +310,10 @@ def _aot_points():
 
 
 def aot_configs():
-    """(kernel, signature, constexprs, num_warps) for kdfast.ops.aot: each point above x 3 kernels x 2 losses."""
-    for (dtype, (ds, dt)), fn, mse in itertools.product(
-        _aot_points(), (_at_fwd_kernel, _at_dq_kernel, _at_dk_kernel), (False, True),
+    """(kernel, signature, constexprs, num_warps) for kdfast.ops.aot: each point above x 3 kernels x 2 losses
+    x global / local."""
+    for (dtype, (ds, dt)), fn, mse, has_window in itertools.product(
+        _aot_points(), (_at_fwd_kernel, _at_dq_kernel, _at_dk_kernel), (False, True), (False, True),
     ):
         bds, bdt = _block_d(ds), _block_d(dt)
         tdt = TL_DTYPES[dtype]
@@ -285,10 +322,10 @@ def aot_configs():
             "qs_ptr": f"*{tdt}", "ks_ptr": f"*{tdt}", "qt_ptr": f"*{tdt}", "kt_ptr": f"*{tdt}", "kv_ptr": "*i8",
             "w_ptr": "*fp32", "lse_s_ptr": "*fp32", "lse_t_ptr": "*fp32",
             last: "*fp32" if fn is _at_fwd_kernel else f"*{tdt}",
-            "L": "i32", "H": "i32", "DS": "i32", "DT": "i32", "scale_s": "fp32", "scale_t": "fp32",
+            "L": "i32", "H": "i32", "DS": "i32", "DT": "i32", "scale_s": "fp32", "scale_t": "fp32", "window": "i32",
         }
         bm = _block_m(bds, bdt, dtype)
-        constexprs = {"IS_MSE": mse, "BLOCK_M": bm, "BLOCK_N": bm, "BLOCK_DS": bds, "BLOCK_DT": bdt,
+        constexprs = {"IS_MSE": mse, "HAS_WINDOW": has_window, "BLOCK_M": bm, "BLOCK_N": bm, "BLOCK_DS": bds, "BLOCK_DT": bdt,
                       "PRECISION": _precision(dtype)}
         yield fn, signature, constexprs, _num_warps(bds, bdt)
 

@@ -1,0 +1,265 @@
+"""Every Triton configuration compiled for sm_90 / sm_80 without a GPU (``python -m kdfast.ops.aot``), and
+its resources: no configuration a launcher can pick spills registers or holds fewer than
+MIN_WARPS_PER_SM warps per SM; the CUDA C++ kernels likewise. One compile serves both: the report
+reads the ptxas log Triton prints while it builds each cubin."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kdfast.ops import gpu_resources as gr
+
+ROOT = Path(__file__).resolve().parent.parent
+NVCC = gr.find_nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None or os.environ.get("KDFAST_NO_CUDA") == "1",
+                                reason="nvcc absent (or KDFAST_NO_CUDA=1): the CUDA C++ kernels are left out")
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu-resources")
+    t0 = time.monotonic()
+    jobs = str(min(4, os.cpu_count() or 1))  # the compiles are CPU-bound and independent
+    p = subprocess.run([sys.executable, "-m", "kdfast.ops.aot", "--arch", "90", "80", "--jobs", jobs, "--report",
+                        str(out / "report.txt"), "--json", str(out / "rows.json")], env=_env(), capture_output=True,
+                       text=True, timeout=1800)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    print(f"kdfast.ops.aot --report: {time.monotonic() - t0:.0f} s")
+    rows = [gr.KernelResources(**d) for d in json.loads((out / "rows.json").read_text())]
+    return p.stdout, (out / "report.txt").read_text(), rows
+
+
+def test_every_triton_configuration_compiles_for_sm90_and_sm80_and_is_reported(report):
+    from kdfast.ops.aot import describe, kernel_config_lists
+
+    stdout, _, rows = report
+    n = int(re.search(r"compiled (\d+) Triton kernel configurations", stdout).group(1))
+    expected = sorted(f"{fn.__name__}[{describe(sig, ce, nw)}]" for configs in kernel_config_lists()
+                      for fn, sig, ce, nw in configs())
+    assert n == 2 * len(expected) > 0
+    for arch in (80, 90):
+        keys = sorted(r.key for r in rows if r.source == "triton" and r.arch == arch)
+        assert keys == expected, arch  # every configuration once, under a label of its own
+    for r in rows:
+        assert r.registers > 0 and r.threads >= 32 and r.threads % 32 == 0, r
+
+
+def test_no_configuration_a_launcher_picks_spills_or_starves_an_sm(report):
+    _, _, rows = report
+    assert gr.problems(rows) == []
+    for key in gr.SPILL_ALLOWED:  # an allowance names a configuration that exists and says why
+        assert any(r.key == key for r in rows) and gr.SPILL_ALLOWED[key].strip(), key
+
+
+@needs_nvcc
+def test_cuda_kernels_are_reported_with_their_launch_bounds(report):
+    _, _, rows = report
+    cuda = [r for r in rows if r.source == "cuda"]
+    for src in gr.cuda_sources():
+        text = src.read_text()
+        assert gr.dynamic_smem_launches(text) == [], src  # the report counts static shared memory only
+        names = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", text))
+        for name in names:
+            for arch in (80, 90):
+                got = [r for r in cuda if r.arch == arch and r.kernel.split("<")[0] == name]
+                assert got and all(r.threads > 0 for r in got), (name, arch, cuda)
+
+
+def test_report_file_holds_every_row_and_a_summary_per_arch(report):
+    _, text, rows = report
+    for r in rows:
+        assert r.key in text
+    for arch in (80, 90):
+        line = next(x for x in text.splitlines() if x.startswith(f"sm_{arch}: "))
+        assert "most registers" in line and "spills: none" in line and "lowest occupancy" in line
+
+
+_SPILL_CU = r"""
+__global__ void __launch_bounds__(128, 16) heavy(const float* x, float* y, int n) {
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = x[threadIdx.x + i * n];
+#pragma unroll
+  for (int r = 0; r < 6; ++r)
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = acc[i] * acc[(i + r + 1) % 64] + acc[(i * 7 + r) % 64];
+  float s = 0.f;
+#pragma unroll
+  for (int i = 0; i < 64; ++i) s += acc[i] * (i + 1);
+  y[threadIdx.x] = s;
+}
+__global__ void __launch_bounds__(256) light(const float* x, float* y) { y[threadIdx.x] = 2.f * x[threadIdx.x]; }
+"""
+
+
+@needs_nvcc
+def test_ptxas_figures_on_real_output_catch_a_spilling_kernel(tmp_path):
+    """The report's CUDA path on a kernel squeezed into 32 registers (its launch bound asks for 16 blocks
+    of 128 threads per SM): ptxas spills it, the parser reads the spill bytes, and the check flags it
+    unless it is allowed with a reason."""
+    src = tmp_path / "spill.cu"
+    src.write_text(_SPILL_CU)
+    rows = gr.cuda_rows([80, 90], sources=[src])
+    by = {(r.kernel, r.arch): r for r in rows}
+    assert set(by) == {(k, a) for k in ("heavy", "light") for a in (80, 90)}, by
+    for arch in (80, 90):
+        heavy, light = by["heavy", arch], by["light", arch]
+        assert heavy.spill_stores > 0 and heavy.spill_loads > 0 and heavy.registers <= 32
+        assert light.spill_stores == light.spill_loads == 0
+        assert (heavy.threads, light.threads) == (128, 256)  # from the PTX's .maxntid
+        assert light.warps_per_sm == gr.occupancy(arch, 256, light.registers, light.smem_static).warps_per_sm
+    flagged = gr.problems(rows, spill_allowed={})
+    assert len(flagged) == 2 and all("heavy" in x and "spills" in x for x in flagged)
+    assert gr.problems(rows, spill_allowed={by["heavy", 80].key: "measured faster than the 32-register build"}) == []
+    assert gr.problems(rows, min_warps=65, spill_allowed={"heavy[spill.cu]": "x"})  # above any SM's warps
+
+
+def _cuobjdump() -> str | None:
+    try:
+        from triton import knobs
+
+        return knobs.nvidia.cuobjdump.path
+    except Exception:
+        return shutil.which("cuobjdump")
+
+
+_TRITON_PROBE = r"""
+import json, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from kdfast.ops import gpu_resources as gr
+from kdfast.ops.hidden_rows import triton as hr
+
+fn, sig, ce, nw = next(hr.aot_configs())
+out = []
+for arch in (80, 90):
+    c = triton.compile(ASTSource(fn=fn, signature={**sig, **{k: "constexpr" for k in ce}}, constexprs=ce),
+                       target=GPUTarget("cuda", arch, 32), options={"num_warps": nw})
+    row = gr.triton_row(fn.__name__, "probe", arch, c, gr.ptxas_verbose(c.asm["ptx"], arch))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(c.asm["cubin"]); f.flush()
+        res = subprocess.run([sys.argv[1], "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    out.append({"arch": arch, "row": row.to_dict(), "cuobjdump": res})
+print(json.dumps(out))
+"""
+
+
+def test_triton_figures_are_those_of_the_cubin_triton_built():
+    """ptxas -v on a configuration's PTX reads the same registers and shared memory as the cubin
+    Triton built (cuobjdump's resource usage, an independent reader)."""
+    tool = _cuobjdump()
+    if not tool or not os.path.exists(tool):
+        pytest.skip("no cuobjdump (Triton's bundled one or on PATH)")
+    p = subprocess.run([sys.executable, "-c", _TRITON_PROBE, tool], env=_env(), capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for item in json.loads(p.stdout.strip().splitlines()[-1]):
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", item["cuobjdump"])
+        assert m, item["cuobjdump"]
+        reg, _, shared, local = map(int, m.groups())
+        row = item["row"]
+        assert row["registers"] == reg and row["smem_static"] == shared, (item["arch"], row, m.group(0))
+        assert row["spill_stores"] == 0 and local == 0
+
+
+_OCC_MAIN = r"""
+#include <cstdio>
+#include <cuda_occupancy.h>
+int main() {
+  int major, minor, warps, blocks, threads, regs, barriers; long smem_sm, optin, smem;
+  while (scanf("%d %d %d %ld %ld %d %d %ld %d", &major, &minor, &warps, &smem_sm, &optin, &threads, &regs, &smem,
+               &barriers) == 9) {
+    cudaOccDeviceProp prop;
+    prop.computeMajor = major; prop.computeMinor = minor; prop.maxThreadsPerBlock = 1024;
+    prop.maxThreadsPerMultiprocessor = warps * 32; prop.regsPerBlock = 65536; prop.regsPerMultiprocessor = 65536;
+    prop.warpSize = 32; prop.sharedMemPerBlock = 48 * 1024; prop.sharedMemPerMultiprocessor = smem_sm;
+    prop.numSms = 100; prop.sharedMemPerBlockOptin = optin; prop.reservedSharedMemPerBlock = 1024;
+    cudaOccFuncAttributes attr;
+    attr.maxThreadsPerBlock = 1024; attr.numRegs = regs; attr.sharedSizeBytes = 0;
+    attr.shmemLimitConfig = FUNC_SHMEM_LIMIT_OPTIN; attr.maxDynamicSharedSizeBytes = optin;
+    attr.numBlockBarriers = barriers;
+    cudaOccDeviceState state;
+    cudaOccResult result;
+    cudaOccError err = cudaOccMaxActiveBlocksPerMultiprocessor(&result, &prop, &attr, &state, threads, smem);
+    printf("%d\n", err == CUDA_OCC_SUCCESS ? result.activeBlocksPerMultiprocessor : -1);
+  }
+}
+"""
+
+
+def test_occupancy_agrees_with_nvidias_calculator(tmp_path):
+    """kdfast's occupancy against cuda_occupancy.h (the CUDA Occupancy Calculator, host code) on random
+    block sizes, registers, shared memory and barriers, for every architecture in ARCH_LIMITS."""
+    header = next((Path(h) / "include" for h in ("/usr/local/cuda", os.environ.get("CUDA_HOME") or "/nonexistent")
+                   if (Path(h) / "include" / "cuda_occupancy.h").exists()), None)
+    if header is None and NVCC:
+        header = Path(NVCC).resolve().parent.parent / "include"
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if header is None or not (header / "cuda_occupancy.h").exists() or not cxx:
+        pytest.skip("no cuda_occupancy.h or no C++ compiler")
+    exe = tmp_path / "occ"
+    (tmp_path / "occ.cpp").write_text(_OCC_MAIN)
+    subprocess.run([cxx, "-O1", "-I", str(header), str(tmp_path / "occ.cpp"), "-o", str(exe)], check=True)
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    cases = []
+    for _ in range(3000):
+        arch = rng.choice(sorted(gr.ARCH_LIMITS))
+        a = gr.ARCH_LIMITS[arch]
+        threads = rng.choice([32 * rng.randint(1, 32), rng.randint(1, 1024)])
+        regs = rng.choice([0, rng.randint(1, 255), rng.randint(16, 96)])
+        smem = rng.choice([0, rng.randint(0, 4096), rng.randint(0, a.smem_per_block_optin + 2048)])
+        barriers = rng.choice([0, 1, 1, rng.randint(1, 16)])
+        cases.append((arch, threads, regs, smem, barriers))
+    lines = "\n".join(f"{arch // 10} {arch % 10} {gr.ARCH_LIMITS[arch].max_warps_per_sm} "
+                      f"{gr.ARCH_LIMITS[arch].smem_per_sm} {gr.ARCH_LIMITS[arch].smem_per_block_optin} "
+                      f"{t} {r} {s} {b}" for arch, t, r, s, b in cases)
+    got = subprocess.run([str(exe)], input=lines, capture_output=True, text=True, check=True).stdout.split()
+    assert len(got) == len(cases)
+    for (arch, t, r, s, b), ref in zip(cases, got):
+        ours = gr.occupancy(arch, t, r, s, b)
+        assert ours.blocks_per_sm == int(ref), (seed, arch, t, r, s, b, ours, ref)
+
+
+def test_nvcc_flags_are_those_setup_py_builds_with():
+    setup = (ROOT / "setup.py").read_text()
+    cmd = re.search(r'cmd = \[nvcc, "-c", str\(src\), "-o", str\(obj\), (.*?)\]', setup, re.S).group(1)
+    assert [f.strip().strip('"') for f in cmd.split(",") if f.strip().startswith('"')] == list(gr.NVCC_FLAGS)
+
+
+def test_dynamic_shared_memory_launches_are_found():
+    assert gr.dynamic_smem_launches("k<<<grid, 256, 0, stream>>>(a); k<<<g, b>>>(x);") == []
+    assert gr.dynamic_smem_launches("k<<<grid, 256, bytes, stream>>>(a);") == ["<<<grid, 256, bytes, stream>>>"]
+
+
+def test_parser_refuses_a_log_without_registers():
+    with pytest.raises(ValueError, match="no 'Used N registers'"):
+        gr.parse_ptxas_verbose("ptxas info    : Compiling entry function 'k' for 'sm_80'\n")
+    with pytest.raises(ValueError, match="arch must be one of"):
+        gr.occupancy(75, 128, 32, 0)
+
+
+def test_aot_refuses_an_unknown_arch_in_one_line():
+    p = subprocess.run([sys.executable, "-m", "kdfast.ops.aot", "--arch", "75", "--report"], env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2 and "--arch must be among" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
