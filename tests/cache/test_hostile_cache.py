@@ -473,7 +473,7 @@ def test_full_disk_mid_build_is_one_line_leaves_no_temporary_and_resumes(cache_d
 
     def fsync(fd):
         calls.append(fd)
-        if len(calls) == 11:  # two fsyncs per atomic write: manifest, (shard, manifest) x 2, then shard 3
+        if len(calls) == 15:  # two fsyncs per atomic write: manifest, (shard, record, manifest) x 2, then shard 3
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
