@@ -105,7 +105,9 @@ def main() -> None:
             time.sleep(0.2)
         proc.wait()
         dt = time.perf_counter() - t0
-        print(f"build: {rows} rows recorded in {dt:.0f} s ({'capped at --max-rows' if rows >= args.max_rows else 'complete'}); "
+        how = "capped at --max-rows" if rows >= args.max_rows else "complete" if proc.returncode == 0 else \
+            f"stopped, exit {proc.returncode}"
+        print(f"build: {rows} rows recorded in {dt:.0f} s ({how}); "
               f"peak RSS (VmHWM) of the builder {peak_kib / 2**20:.2f} GiB (bar: under 3 GB)")
     finally:
         if not args.keep:
