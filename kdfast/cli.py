@@ -228,6 +228,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 def cmd_cache(args: argparse.Namespace) -> int:
     from kdfast.cache import TeacherCache, build_cache
+    from kdfast.cache.ranks import current_ranks, init_from_env
 
     try:
         if args.cache_command == "build":
@@ -235,15 +236,26 @@ def cmd_cache(args: argparse.Namespace) -> int:
                 layers = [int(x) for x in args.layers.split(",")] if args.layers else None
             except ValueError:
                 raise ValueError(f"--layers must be comma-separated integers, got {args.layers!r}") from None
-            m = build_cache(args.teacher, args.data, args.out, layers=layers, logits=args.logits, hidden=args.hidden,
-                            qk=args.qk, max_length=args.max_length, batch_size=args.batch_size,
-                            rows_per_shard=args.rows_per_shard, temperature=args.temperature, seed=args.seed,
-                            text_column=args.text_column, progress=not args.no_progress, packing=args.packing)
-            print(f"cache {args.out}: {m.rows} rows, {m.tokens} tokens, {len(m.shards)} shards, complete")
+            joined = init_from_env()  # under torchrun: the ranks split the rows
+            try:
+                m = build_cache(args.teacher, args.data, args.out, layers=layers, logits=args.logits,
+                                hidden=args.hidden, qk=args.qk, max_length=args.max_length,
+                                batch_size=args.batch_size, rows_per_shard=args.rows_per_shard,
+                                temperature=args.temperature, seed=args.seed, text_column=args.text_column,
+                                progress=not args.no_progress, packing=args.packing)
+                if current_ranks().rank == 0:
+                    print(f"cache {args.out}: {m.rows} rows, {m.tokens} tokens, {len(m.shards)} shards, complete")
+            finally:
+                if joined:
+                    import torch.distributed
+
+                    torch.distributed.destroy_process_group()
             return 0
         cache = TeacherCache(args.cache, allow_incomplete=True)
         if args.cache_command == "verify":
             problems = cache.verify()
+            if args.same_as:
+                problems += cache.differences(TeacherCache(args.same_as, allow_incomplete=True))
             for p in problems:
                 print(f"PROBLEM {p}")
             print(f"{args.cache}: {'OK' if not problems else f'{len(problems)} problem(s)'} "
@@ -263,6 +275,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
             for name, b in info["bytes_per_token"].items():
                 print(f"  {name:<18} {b:10.2f}")
             print(f"  {'total':<18} {info['bytes_per_token_total']:10.2f}")
+            print("logits, bytes per token by mode (this cache's rows; * = this cache's mode, measured):")
+            mode = cache.settings["logits"]
+            mine = mode["mode"] if mode["mode"] == "none" else (
+                f"head:{mode['dtype']}" if mode["mode"] == "head" else f"{mode['mode']}:{mode['k']}")
+            for name, b in info["logits_bytes_per_token"].items():
+                print(f"  {name:<18} {b:10.2f}{'  *' if name == mine else ''}")
         return 0
     except BrokenPipeError:
         raise  # stdout closed by the reader (`| head`): main() ends quietly
@@ -456,11 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
     # numbers of cache build: build_cache checks them before any work (one-line "kdfast cache build: error:")
     cb = csub.add_parser("build", help="run the teacher once over local text and store its activations", **fmt)
     cb.add_argument("--teacher", required=True, help="local model directory (save_pretrained layout)")
-    cb.add_argument("--data", required=True, nargs="+", help="local text files (.txt lines, .json/.jsonl/.csv)")
+    cb.add_argument("--data", required=True, nargs="+",
+                    help="local files or directories of them (.txt lines, .json/.jsonl/.csv/.parquet/.arrow), "
+                         "streamed: memory does not grow with the corpus")
     cb.add_argument("--out", required=True, help="cache directory: new, empty, or a kdfast cache (a partial one is "
                                                  "resumed); nothing kdfast did not write is ever removed")
     cb.add_argument("--layers", help="comma-separated hidden-state indices (0 = embeddings); default all")
-    cb.add_argument("--logits", default="topk:8", help="topk:K | sampled:K | none")
+    cb.add_argument("--logits", default="topk:8",
+                    help="topk:K | sampled:K | head[:fp16|bf16|int8] (exact: the input of the teacher's output "
+                         "projection at every token, and the projection once) | none")
     cb.add_argument("--hidden", default="fp16", choices=["fp16", "bf16", "int8", "none"],
                     help="storage of the hidden states")
     cb.add_argument("--qk", action="store_true", help="also store each layer's query and key projections")
@@ -479,6 +501,10 @@ def build_parser() -> argparse.ArgumentParser:
                            ("info", "rows, tokens, bytes per token by field, teacher; exit 2 on a malformed cache")):
         cp = csub.add_parser(name, help=helptext, description=helptext, **fmt)
         cp.add_argument("cache", help="cache directory")
+        if name == "verify":
+            cp.add_argument("--same-as", metavar="DIR",
+                            help="also check that the cache holds exactly the rows and values of the cache in DIR "
+                                 "(e.g. one built by another number of processes)")
         if name == "info":
             cp.add_argument("--json", action="store_true", help="print the description as JSON")
     c.set_defaults(func=cmd_cache)

@@ -1,5 +1,6 @@
-"""Text data: loading local files with ``datasets``, tokenising, MLM masking, and the checks every
-command shares (data files that are not text, ``max_length`` beyond the model's positions)."""
+"""Text data: loading local files with ``datasets`` (whole, or streamed for corpora larger than
+memory), tokenising, packing, MLM masking, and the checks every command shares (data files that are
+not text, ``max_length`` beyond the model's positions)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from torch import Tensor
 
 # file extension -> the ``datasets`` builder that reads it (shared with kdfast.train.glue)
 DATASET_BUILDERS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".csv": "csv",
-                    ".tsv": "csv", ".parquet": "parquet"}
+                    ".tsv": "csv", ".parquet": "parquet", ".arrow": "arrow"}
+BINARY_BUILDERS = ("parquet", "arrow")  # not checked as UTF-8 text
 
 
 @contextmanager
@@ -83,7 +85,7 @@ def load_texts(files: list[str], text_column: str = "text") -> list[str]:
     if len(exts) != 1 or next(iter(exts)) not in DATASET_BUILDERS:
         raise ValueError(f"data files must share one extension among {sorted(DATASET_BUILDERS)}, got {sorted(exts)}")
     ext = next(iter(exts))
-    if DATASET_BUILDERS[ext] != "parquet":
+    if DATASET_BUILDERS[ext] not in BINARY_BUILDERS:
         for p in paths:
             check_text_file(p)
     names = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
@@ -274,3 +276,147 @@ def pack_texts(tokenizer, texts: list[str], max_length: int) -> tuple[Tensor, Te
     input_ids[-1, 1 + rest] = sep_id
     attention_mask[-1, :2 + rest] = 1
     return input_ids, attention_mask
+
+
+# --- streamed corpora ----------------------------------------------------------------------------
+
+def expand_data_paths(paths: list[str]) -> list[Path]:
+    """Files named by ``paths``, a directory standing for the files under it (recursively, sorted by
+    path) whose extension ``datasets`` reads (:data:`DATASET_BUILDERS`; hidden files skipped).
+    ValueError naming the path: missing, a directory with no such file, or files of several kinds."""
+    out: list[Path] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in DATASET_BUILDERS
+                           and not any(part.startswith(".") for part in f.relative_to(p).parts))
+            if not found:
+                raise ValueError(f"data directory {p} holds no data file ({', '.join(sorted(DATASET_BUILDERS))})")
+            out += found
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ValueError(f"data file {p} does not exist")
+    builders = {DATASET_BUILDERS.get(f.suffix.lower()) for f in out}
+    if None in builders or len(builders) != 1:
+        raise ValueError(f"data files must be of one kind among {sorted(DATASET_BUILDERS)}, got "
+                         f"{sorted({f.suffix.lower() or '(none)' for f in out})}")
+    return out
+
+
+def iter_texts(files: list[Path], text_column: str = "text") -> Iterator[str]:
+    """The non-blank texts of ``files`` (:func:`expand_data_paths`' output) in order, streamed through
+    ``datasets.load_dataset(..., streaming=True)``: memory does not grow with the corpus. Same texts,
+    same order as :func:`load_texts`. ValueError (one line) for a file that cannot be parsed, or a
+    ``text_column`` the data lacks."""
+    import datasets
+
+    builder = DATASET_BUILDERS[files[0].suffix.lower()]
+    if builder not in BINARY_BUILDERS:
+        for p in files:
+            check_text_file(p)
+    names = ", ".join(str(p) for p in files[:3]) + (", ..." if len(files) > 3 else "")
+    kwargs = {"delimiter": "\t"} if files[0].suffix.lower() == ".tsv" else {}
+    nonempty = [str(p) for p in files if p.stat().st_size]
+    if not nonempty:
+        return
+    with quiet_datasets():
+        try:
+            ds = datasets.load_dataset(builder, data_files=nonempty, split="train", streaming=True, **kwargs)
+            first = True
+            for example in ds:
+                if first:
+                    if text_column not in example:
+                        raise ValueError(f"text_column {text_column!r} not in the data's columns {sorted(example)}")
+                    first = False
+                t = example[text_column]
+                if isinstance(t, str) and t.strip():
+                    yield t
+        except ValueError as e:
+            if "text_column" in str(e):
+                raise
+            raise ValueError(f"data files {names} could not be read as {files[0].suffix}: {root_cause_line(e)}") \
+                from None
+        except Exception as e:  # datasets wraps each parser's own error type
+            raise ValueError(f"data files {names} could not be read as {files[0].suffix}: {root_cause_line(e)}") \
+                from None
+
+
+def iter_padded_rows(tokenizer, texts: Iterator[str], max_length: int, *, want=None,
+                     chunk: int = 256) -> Iterator[tuple[int, Tensor | None, Tensor | None]]:
+    """(row index, input_ids [L], attention_mask [L]) for each text, as ``tokenizer(texts,
+    padding="max_length", truncation=True)`` gives them, tokenised ``chunk`` texts at a time.
+    ``want(row) -> bool``: rows it refuses are yielded as (row, None, None), never tokenised."""
+    buf: list[tuple[int, str]] = []
+
+    def flush():
+        enc = tokenizer([t for _, t in buf], padding="max_length", truncation=True, max_length=max_length,
+                        return_tensors="pt")
+        for j, (r, _) in enumerate(buf):
+            yield r, enc["input_ids"][j], enc["attention_mask"][j]
+        buf.clear()
+
+    for row, text in enumerate(texts):
+        if want is not None and not want(row):
+            yield from flush() if buf else ()
+            yield row, None, None
+            continue
+        buf.append((row, text))
+        if len(buf) >= chunk:
+            yield from flush()
+    if buf:
+        yield from flush()
+
+
+def iter_packed_rows(tokenizer, texts: Iterator[str], max_length: int, *,
+                     chunk: int = 256) -> Iterator[tuple[int, Tensor, Tensor]]:
+    """The rows of :func:`pack_texts` (same ids, same order), from a stream of texts: only the current
+    row's tokens and ``chunk`` texts are held. ValueError when no text gives any token."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 3:
+        raise ValueError(f"max_length must be an int >= 3 to pack rows ([CLS] + tokens + [SEP]), got {max_length!r}")
+    cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
+    if cls_id is None or sep_id is None or pad_id is None:
+        raise ValueError("tokenizer must have [CLS], [SEP] and [PAD] tokens to pack rows")
+    body = max_length - 2
+    stream: list[int] = []
+    started, row = False, 0
+
+    def full_rows():
+        nonlocal stream, row
+        while len(stream) > body:  # a row is emitted once more tokens follow it: only the last may be short
+            ids = torch.tensor([cls_id, *stream[:body], sep_id], dtype=torch.int64)
+            stream = stream[body:]
+            yield row, ids, torch.ones(max_length, dtype=torch.int64)
+            row += 1
+
+    def docs(batch):
+        return [d for d in tokenizer(batch, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+                if d]
+
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) < chunk:
+            continue
+        for doc in docs(batch):
+            if started:
+                stream.append(sep_id)
+            stream.extend(doc)
+            started = True
+        batch.clear()
+        yield from full_rows()
+    for doc in docs(batch) if batch else ():
+        if started:
+            stream.append(sep_id)
+        stream.extend(doc)
+        started = True
+    yield from full_rows()
+    if not started:
+        raise ValueError("texts: nothing to pack (no text gives any token)")
+    ids = torch.full((max_length,), pad_id, dtype=torch.int64)
+    am = torch.zeros(max_length, dtype=torch.int64)
+    ids[0] = cls_id
+    ids[1:1 + len(stream)] = torch.tensor(stream, dtype=torch.int64)
+    ids[1 + len(stream)] = sep_id
+    am[:2 + len(stream)] = 1
+    yield row, ids, am

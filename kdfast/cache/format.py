@@ -4,6 +4,10 @@ A cache is a directory:
 
     manifest.json                    what is stored and the list of finished shards
     shard-00000.safetensors, ...     N examples each (safetensors: no pickle)
+    head.safetensors                 with ``logits: head`` only: the teacher's output projection,
+                                     ``weight`` [V, d] and ``bias`` [V] (its dtype), listed with its sha256
+    shard-00000.done, ...            while a build runs: a shard finished by one of its processes and
+                                     not yet listed (JSON: rows, tokens, sha256 of that shard)
 
 Fields of a shard (``N`` examples padded to ``max_length`` L, or with ``settings.packing`` rows packed
 full from texts joined by [SEP] (:func:`kdfast.data.pack_texts`), ``M`` MLM-masked positions):
@@ -17,14 +21,20 @@ full from texts joined by [SEP] (:func:`kdfast.data.pack_texts`), ``M`` MLM-mask
     topk_lse         fp32  [M]        logsumexp(t / T) of the full row at the cache's temperature
     sampled_ids      int32 [M, k]     or: ids drawn from softmax(t / T) with replacement,
     sampled_counts   fp16  [M, k]         their counts (see kdfast.sparsify_teacher_logits)
+    head_input       fp16/bf16 [N, L, d], or int8 + head_input_scale fp32 [N, L] (``logits: head``):
+                     the input of the teacher's output projection at every position, so that
+                     logits = head_input weight^T + bias exactly (up to the storage rounding)
     hidden_<l>       fp16/bf16 [N, L, d], or int8 [N, L, d] + hidden_<l>_scale fp32 [N, L]
                      (<l> is the index in ``output_hidden_states``: 0 = embeddings)
     q_<l>, k_<l>     fp16 [N, L, H * dh]  query / key projections of transformer layer <l> (1-based)
 
 A shard is written under a temporary name (``.shard-NNNNN.safetensors.tmp-PID``), fsynced,
-renamed, and only then entered in the manifest (itself replaced atomically) with its row count,
-token count and sha256. On resume, the only files deleted are those an interrupted write of
-kdfast's leaves: temporaries of that exact form and shard files the manifest does not list.
+renamed, and only then recorded: its ``.done`` record (written the same way) and, once every shard
+before it is listed, the manifest (itself replaced atomically) with its row count, token count and
+sha256. Shard ``i`` always holds rows ``[i * rows_per_shard, (i + 1) * rows_per_shard)``, whichever
+process built it, so a build by many processes (``torchrun``) writes the same files as one process.
+On resume, the only files deleted are those an interrupted write of kdfast's leaves: temporaries of
+that exact form, shard files neither listed nor recorded, and records of listed shards.
 Anything else in the directory (``.git/``, ``.gitignore``, notes) is never touched; a build
 refuses an output directory that is neither empty nor a kdfast cache.
 
@@ -49,8 +59,12 @@ VERSION = 1
 MANIFEST = "manifest.json"
 # match with .fullmatch: "$" would accept a trailing newline, "\d" non-ASCII digits
 SHARD_RE = re.compile(r"shard-[0-9]{5}\.safetensors")
-TEMP_RE = re.compile(r"\.(manifest\.json|shard-[0-9]{5}\.safetensors)\.tmp-[0-9]+")  # atomic_write_bytes' names
+RECORD_RE = re.compile(r"shard-[0-9]{5}\.done")
+HEAD_FILE = "head.safetensors"
+# atomic_write_bytes' names
+TEMP_RE = re.compile(r"\.(manifest\.json|head\.safetensors|shard-[0-9]{5}\.(safetensors|done))\.tmp-[0-9]+")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
+LOGIT_MODES = ("topk", "sampled", "none", "head")
 MAX_MANIFEST_BYTES = 64 << 20  # about 400k shards; a larger file is not one kdfast wrote
 
 
@@ -60,6 +74,11 @@ class CacheError(ValueError):
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
+
+
+def record_name(index: int) -> str:
+    """The ``.done`` record of shard ``index`` (a finished shard not yet in the manifest)."""
+    return f"shard-{index:05d}.done"
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -98,6 +117,7 @@ class Manifest:
     complete: bool = False
     format: str = FORMAT
     version: int = VERSION
+    head: dict | None = None  # logits "head": {"file": HEAD_FILE, "sha256": ...} once it is written
 
     @property
     def rows(self) -> int:
@@ -208,10 +228,16 @@ def validate_settings(settings: object, where: str) -> dict:
     batch = _int(s["batch_size"], where, "settings.batch_size", 1)
     per_shard = _int(s["rows_per_shard"], where, "settings.rows_per_shard", 1)
     _need(per_shard % batch == 0, where, f"settings.rows_per_shard {per_shard} is not a multiple of batch_size {batch}")
-    lg = _dict(s["logits"], where, "settings.logits", {"mode", "k", "temperature"})
-    _need(lg["mode"] in ("topk", "sampled", "none"), where,
-          f"settings.logits.mode must be 'topk', 'sampled' or 'none', got {_show(lg['mode'])}")
-    _int(lg["k"], where, "settings.logits.k", 0 if lg["mode"] == "none" else 1, 0 if lg["mode"] == "none" else None)
+    mode = s["logits"].get("mode") if isinstance(s["logits"], dict) else None
+    lg = _dict(s["logits"], where, "settings.logits",
+               {"mode", "k", "temperature"} | ({"dtype"} if mode == "head" else set()))
+    _need(lg["mode"] in LOGIT_MODES, where,
+          f"settings.logits.mode must be one of {', '.join(map(repr, LOGIT_MODES))}, got {_show(lg['mode'])}")
+    no_k = lg["mode"] in ("none", "head")
+    _int(lg["k"], where, "settings.logits.k", 0 if no_k else 1, 0 if no_k else None)
+    if lg["mode"] == "head":
+        _need(lg["dtype"] in ("fp16", "bf16", "int8"), where,
+              f"settings.logits.dtype must be 'fp16', 'bf16' or 'int8', got {_show(lg['dtype'])}")
     temp = lg["temperature"]
     _need(_is_number(temp) and math.isfinite(temp) and temp > 0, where,
           f"settings.logits.temperature must be a finite number > 0, got {_show(temp)}")
@@ -240,7 +266,8 @@ def validate_manifest(raw: object, where: str | os.PathLike) -> Manifest:
     fewer than ``rows_per_shard`` rows, more tokens than ``rows * max_length``. Row counts are
     checked against the shards themselves by the reader (:meth:`TeacherCache.check_row_counts`)."""
     where = str(where)
-    m = _dict(raw, where, "the manifest", {"format", "version", "settings", "shards", "complete"})
+    keys = {"format", "version", "settings", "shards", "complete"}
+    m = _dict(raw, where, "the manifest", keys | ({"head"} if isinstance(raw, dict) and "head" in raw else set()))
     _need(m["format"] == FORMAT, where, f"format {_show(m['format'])} is not {FORMAT!r}")
     if not (_is_int(m["version"]) and m["version"] == VERSION):
         raise CacheError(f"{where}: format version {_show(m['version'])} is not supported (want {VERSION})")
@@ -259,7 +286,14 @@ def validate_manifest(raw: object, where: str | os.PathLike) -> Manifest:
         _int(sh["tokens"], where, f"shards[{i}].tokens", 0, rows * L)
         _str(sh["sha256"], where, f"shards[{i}].sha256", SHA256_RE)
         shards.append(ShardInfo(file=sh["file"], rows=rows, tokens=sh["tokens"], sha256=sh["sha256"]))
-    return Manifest(settings=settings, shards=shards, complete=m["complete"])
+    head = m.get("head")
+    if head is not None:
+        _dict(head, where, "head", {"file", "sha256"})
+        _need(head["file"] == HEAD_FILE, where, f"head.file must be {HEAD_FILE!r}, got {_show(head['file'])}")
+        _str(head["sha256"], where, "head.sha256", SHA256_RE)
+    _need(head is not None or settings["logits"]["mode"] != "head" or not shards, where,
+          "logits mode 'head' with shards but no head entry")
+    return Manifest(settings=settings, shards=shards, complete=m["complete"], head=head)
 
 
 def shard_path(cache_dir: str | os.PathLike, name: str) -> Path:
@@ -273,10 +307,47 @@ def shard_path(cache_dir: str | os.PathLike, name: str) -> Path:
     return path
 
 
-def is_kdfast_leftover(path: Path, listed: set[str]) -> bool:
+def is_kdfast_leftover(path: Path, listed: set[str], recorded: set[str] = frozenset()) -> bool:
     """A plain file that only an interrupted write of kdfast's leaves in a cache directory: a
-    temporary of :func:`atomic_write_bytes` or a shard file not in ``listed`` (the manifest's)."""
+    temporary of :func:`atomic_write_bytes`, a shard file neither in ``listed`` (the manifest's) nor
+    in ``recorded`` (shards with a valid ``.done`` record, :func:`read_records`), or a record of a
+    listed shard or one that :func:`read_records` does not accept."""
     if path.is_symlink() or not path.is_file():
         return False
-    return TEMP_RE.fullmatch(path.name) is not None or (SHARD_RE.fullmatch(path.name) is not None
-                                                         and path.name not in listed)
+    if TEMP_RE.fullmatch(path.name) is not None:
+        return True
+    if SHARD_RE.fullmatch(path.name) is not None:
+        return path.name not in listed and path.name not in recorded
+    if RECORD_RE.fullmatch(path.name) is not None:
+        return path.name.replace(".done", ".safetensors") not in recorded
+    return False
+
+
+def read_records(cache_dir: str | os.PathLike, manifest: Manifest) -> dict[int, ShardInfo]:
+    """``{shard index: info}`` of the ``.done`` records of shards the manifest does not list yet,
+    whose record parses and whose shard file exists (its sha256 is checked where it is used)."""
+    out: dict[int, ShardInfo] = {}
+    per_shard, L = manifest.settings["rows_per_shard"], manifest.settings["max_length"]
+    for p in Path(cache_dir).iterdir():
+        if RECORD_RE.fullmatch(p.name) is None or p.is_symlink() or not p.is_file():
+            continue
+        index = int(p.name[6:11])
+        name = shard_name(index)
+        if index < len(manifest.shards) or not (Path(cache_dir) / name).is_file():
+            continue
+        try:
+            raw = json.loads(p.read_bytes()[:4096].decode("utf-8"))
+            _dict(raw, str(p), "the record", {"rows", "tokens", "sha256"})
+            rows = _int(raw["rows"], str(p), "rows", 1, per_shard)
+            _int(raw["tokens"], str(p), "tokens", 0, rows * L)
+            _str(raw["sha256"], str(p), "sha256", SHA256_RE)
+        except (UnicodeDecodeError, json.JSONDecodeError, CacheError):
+            continue
+        out[index] = ShardInfo(file=name, rows=rows, tokens=raw["tokens"], sha256=raw["sha256"])
+    return out
+
+
+def write_record(cache_dir: str | os.PathLike, index: int, info: ShardInfo) -> None:
+    """Atomically write shard ``index``'s ``.done`` record (after the shard itself is in place)."""
+    data = json.dumps({"rows": info.rows, "tokens": info.tokens, "sha256": info.sha256}).encode()
+    atomic_write_bytes(Path(cache_dir) / record_name(index), data)

@@ -20,7 +20,16 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import IterableDataset
 
-from kdfast.cache.format import CacheError, Manifest, ShardInfo, is_kdfast_leftover, sha256_file, shard_path
+from kdfast.cache.format import (
+    HEAD_FILE,
+    CacheError,
+    Manifest,
+    ShardInfo,
+    is_kdfast_leftover,
+    read_records,
+    sha256_file,
+    shard_path,
+)
 from kdfast.cache.writer import dequantize_int8
 
 PER_ROW = ("input_ids", "attention_mask", "labels")
@@ -51,6 +60,7 @@ class TeacherCache:
                              f"expected {expect_tokenizer_sha256[:12]}...)")
         self._verified: set[str] = set()
         self._rows_checked = False
+        self._head: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def __len__(self) -> int:
         return self.manifest.rows
@@ -67,6 +77,63 @@ class TeacherCache:
             return safe_open(str(path), framework="pt")
         except Exception as e:  # SafetensorError and OSError: a torn or foreign file
             raise CacheError(f"{info.file}: unreadable safetensors ({' '.join(str(e).split())[:200]})") from None
+
+    def head_projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(weight [V, d], bias [V] or None)`` of the teacher's output projection, stored once by a
+        ``logits: head`` cache (hash-checked on first use): the teacher's logits at a token are
+        ``head_input @ weight.T + bias``, what :func:`kdfast.fused_linear_kd_loss` takes as
+        ``teacher_weight`` / ``teacher_bias`` beside ``teacher_hidden`` = the batch's ``head_input``.
+        CacheError for a cache of another logits mode or an altered head file."""
+        if self._head is not None:
+            return self._head
+        if self.manifest.settings["logits"]["mode"] != "head" or self.manifest.head is None:
+            raise CacheError(f"{self.dir}: logits mode {self.manifest.settings['logits']['mode']!r} stores no "
+                             "output projection (build with --logits head)")
+        problems = self._head_problems()
+        if problems:
+            raise CacheError(f"{problems[0]} (run `kdfast cache verify {self.dir}`)")
+        with safe_open(str(self.dir / HEAD_FILE), framework="pt") as f:
+            weight = f.get_tensor("weight")
+            bias = f.get_tensor("bias") if "bias" in f.keys() else None
+        self._head = (weight, bias)
+        return self._head
+
+    def _head_problems(self) -> list[str]:
+        """The head file's faults: missing, hash, fields, shapes (empty for caches without a head)."""
+        if self.manifest.settings["logits"]["mode"] != "head":
+            return []
+        if self.manifest.head is None:
+            return [] if not self.manifest.shards else [f"{HEAD_FILE}: not listed in the manifest"]
+        path = self.dir / HEAD_FILE
+        if path.is_symlink() or not path.is_file():
+            return [f"{HEAD_FILE}: missing"]
+        digest = sha256_file(path)
+        if digest != self.manifest.head["sha256"]:
+            return [f"{HEAD_FILE}: sha256 {digest[:12]}... differs from the manifest's "
+                    f"{self.manifest.head['sha256'][:12]}..."]
+        t = self.manifest.settings["teacher"]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = set(f.keys())
+                if "weight" not in names or not names <= {"weight", "bias"}:
+                    return [f"{HEAD_FILE}: fields {sorted(names)}, expected weight (and bias)"]
+                shape = list(f.get_slice("weight").get_shape())
+                if len(shape) != 2 or shape[0] != t["vocab_size"]:
+                    return [f"{HEAD_FILE}: weight is {shape}, expected [{t['vocab_size']}, d]"]
+                if "bias" in names and list(f.get_slice("bias").get_shape()) != [t["vocab_size"]]:
+                    return [f"{HEAD_FILE}: bias is not [{t['vocab_size']}]"]
+                if not bool(torch.isfinite(f.get_tensor("weight")).all()):
+                    return [f"{HEAD_FILE}: weight holds NaN or Inf"]
+        except Exception as e:  # SafetensorError: a torn or foreign file
+            return [f"{HEAD_FILE}: unreadable ({' '.join(str(e).split())[:200]})"]
+        return []
+
+    def head_width(self) -> int | None:
+        """d of the stored head input (None without a head): the projection's input width."""
+        if self.manifest.settings["logits"]["mode"] != "head" or self.manifest.head is None:
+            return None
+        with safe_open(str(self.dir / HEAD_FILE), framework="pt") as f:
+            return int(f.get_slice("weight").get_shape()[1])
 
     def check_row_counts(self) -> None:
         """Each shard's rows, read from its header, equal the manifest's (memory of readers stays
@@ -94,7 +161,7 @@ class TeacherCache:
                 raise CacheError(f"{info.file} is torn or altered: sha256 {digest[:12]}... != manifest "
                                  f"{info.sha256[:12]}...")
             with self._open(info) as f:
-                problems = _header_problems(info, f, self.manifest.settings)
+                problems = _header_problems(info, f, self.manifest.settings, self.head_width())
             if problems:
                 raise CacheError(f"{problems[0]} (run `kdfast cache verify {self.dir}`)")
             self._verified.add(info.file)
@@ -133,7 +200,7 @@ class TeacherCache:
         if "labels" in batch:
             _check_range(batch["labels"].masked_fill(batch["labels"] == -100, 0), "labels (besides -100)", 0, V)
         for n in sorted(names):
-            if n.startswith(("hidden_", "q_", "k_")) and not n.endswith("_scale"):
+            if n.startswith(("hidden_", "q_", "k_", "head_input")) and not n.endswith("_scale"):
                 x = take(n)
                 if x.dtype == torch.int8:
                     scale = take(n + "_scale")
@@ -170,7 +237,7 @@ class TeacherCache:
         """Every problem found (empty list: the cache is sound, and reads without error): hashes,
         headers (fields, dtypes, shapes), token counts, every row's content through the reader's
         own checks, kdfast's leftover files, completeness."""
-        problems: list[str] = []
+        problems: list[str] = self._head_problems()
         s = self.manifest.settings
         listed = set()
         for i, info in enumerate(self.manifest.shards):
@@ -190,7 +257,7 @@ class TeacherCache:
                 continue
             try:
                 with self._open(info) as f:
-                    shard_problems = _header_problems(info, f, s)
+                    shard_problems = _header_problems(info, f, s, self.head_width())
                     if not shard_problems:
                         shard_problems = _whole_shard_problems(info, f)
                     if not shard_problems:
@@ -201,16 +268,40 @@ class TeacherCache:
             except Exception as e:  # a header the checks above let through but safetensors cannot read
                 shard_problems = [f"{info.file}: unreadable ({' '.join(str(e).split())[:200]})"]
             problems += shard_problems
+        recorded = set() if self.manifest.complete else {
+            i.file for i in read_records(self.dir, self.manifest).values()}  # finished, not yet listed
         for p in sorted(self.dir.iterdir()):
-            if is_kdfast_leftover(p, listed):
+            if is_kdfast_leftover(p, listed, recorded):
                 problems.append(f"{p.name}: not in the manifest (left by an interrupted write)")
         if not self.manifest.complete:
             problems.append(f"cache incomplete: {self.manifest.rows} rows written, build not finished")
         return problems
 
+    def differences(self, other: "TeacherCache") -> list[str]:
+        """How this cache differs from ``other`` in what it holds (empty: the same rows, masks and
+        values, shard by shard: settings, row and token counts, shard and head hashes). Two builds
+        of one corpus with the same settings and seed agree whatever the number of processes."""
+        a, b = self.manifest, other.manifest
+        out = []
+        keys = sorted(k for k in set(a.settings) | set(b.settings) if a.settings.get(k) != b.settings.get(k))
+        if keys:
+            out.append(f"settings differ from {other.dir}'s: {', '.join(keys)}")
+        if len(a.shards) != len(b.shards):
+            out.append(f"{len(a.shards)} shards, {other.dir} has {len(b.shards)}")
+        for x, y in zip(a.shards, b.shards):
+            if (x.rows, x.tokens, x.sha256) != (y.rows, y.tokens, y.sha256):
+                out.append(f"{x.file} differs from {other.dir}'s ({x.rows} vs {y.rows} rows, sha256 "
+                           f"{x.sha256[:12]}... vs {y.sha256[:12]}...)")
+        if (a.head or {}).get("sha256") != (b.head or {}).get("sha256"):
+            out.append(f"{HEAD_FILE} differs from {other.dir}'s")
+        return out
+
     def info(self) -> dict:
-        """Rows, tokens, bytes per (real, unpadded) token by field, teacher and settings."""
+        """Rows, tokens, bytes per (real, unpadded) token by field, teacher and settings, and
+        ``logits_bytes_per_token``: what the logit fields cost per token in each logits mode for
+        this cache's rows (measured for its own mode, computed from its shapes for the others)."""
         per_field: dict[str, int] = {}
+        n_masked = 0
         for info in self.manifest.shards:
             with self._open(info) as f:
                 for n in f.keys():
@@ -219,6 +310,11 @@ class TeacherCache:
                     for d in sl.get_shape():
                         numel *= d
                     per_field[n] = per_field.get(n, 0) + numel * _itemsize(sl.get_dtype())
+                if "labels" in f.keys():
+                    n_masked += int((f.get_tensor("labels") != -100).sum())
+        head_bytes = (self.dir / HEAD_FILE).stat().st_size if self.manifest.head is not None else 0
+        if head_bytes:
+            per_field[HEAD_FILE] = head_bytes
         tokens = max(self.manifest.tokens, 1)
         return {
             "rows": self.manifest.rows, "tokens": self.manifest.tokens, "shards": len(self.manifest.shards),
@@ -226,7 +322,35 @@ class TeacherCache:
             "bytes": sum(per_field.values()),
             "bytes_per_token": {n: round(b / tokens, 2) for n, b in sorted(per_field.items())},
             "bytes_per_token_total": round(sum(per_field.values()) / tokens, 2),
+            "logits_bytes_per_token": self._logits_modes(n_masked, per_field),
         }
+
+    def _logits_modes(self, n_masked: int, per_field: dict[str, int]) -> dict[str, float]:
+        """Bytes per real token of the logit fields in each mode (labels, offsets, sparse logits, head
+        input and the head file amortised over this cache's tokens), on this cache's rows."""
+        s = self.manifest.settings
+        rows, L, V = self.manifest.rows, s["max_length"], s["teacher"]["vocab_size"]
+        tokens = max(self.manifest.tokens, 1)
+        d = self.head_width() or s["teacher"]["hidden_size"]
+        k = s["logits"]["k"] or 8
+        if s["logits"]["mode"] == "none":  # no labels stored: the masking rate the cache would use
+            n_masked = round(tokens * 0.15)
+        labels, offsets = 4 * rows * L, 8 * (rows + len(self.manifest.shards))
+        head_file = V * d * 4 + V * 4
+        modes = {
+            "none": 0,
+            f"topk:{k}": labels + offsets + n_masked * (k * 6 + 4),
+            f"sampled:{k}": labels + offsets + n_masked * k * 6,
+            "head:fp16": labels + rows * L * d * 2 + head_file,
+            "head:bf16": labels + rows * L * d * 2 + head_file,
+            "head:int8": labels + rows * L * (d + 4) + head_file,
+        }
+        mine = {"topk": f"topk:{k}", "sampled": f"sampled:{k}", "none": "none"}.get(
+            s["logits"]["mode"], f"head:{s['logits'].get('dtype')}")
+        logit_fields = ("labels", "logit_offsets", "topk_ids", "topk_values", "topk_lse", "sampled_ids",
+                        "sampled_counts", "head_input", "head_input_scale", HEAD_FILE)
+        modes[mine] = sum(per_field.get(n, 0) for n in logit_fields)  # this cache's own: measured
+        return {m: round(b / tokens, 2) for m, b in modes.items()}
 
 
 def _itemsize(dtype: str) -> int:
@@ -257,12 +381,18 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
         raise CacheError(f"{name} holds NaN or Inf")
 
 
-def _expected_fields(info: ShardInfo, s: dict, n_sparse: int) -> dict[str, tuple[str, list[int]]]:
+def _expected_fields(info: ShardInfo, s: dict, n_sparse: int,
+                     head_width: int | None = None) -> dict[str, tuple[str, list[int]]]:
     """Field name -> (safetensors dtype, shape) of a shard as :func:`build_cache` writes it."""
     N, L, d = info.rows, s["max_length"], s["teacher"]["hidden_size"]
     fields = {"input_ids": ("I32", [N, L]), "attention_mask": ("U8", [N, L])}
     lg = s["logits"]
-    if lg["mode"] != "none":
+    if lg["mode"] == "head":
+        dtype = {"fp16": "F16", "bf16": "BF16", "int8": "I8"}[lg["dtype"]]
+        fields.update(labels=("I32", [N, L]), head_input=(dtype, [N, L, head_width or d]))
+        if dtype == "I8":
+            fields["head_input_scale"] = ("F32", [N, L])
+    elif lg["mode"] != "none":
         k = lg["k"]
         fields.update(labels=("I32", [N, L]), logit_offsets=("I64", [N + 1]))
         if lg["mode"] == "topk":
@@ -282,12 +412,12 @@ def _expected_fields(info: ShardInfo, s: dict, n_sparse: int) -> dict[str, tuple
     return fields
 
 
-def _header_problems(info: ShardInfo, f, s: dict) -> list[str]:
+def _header_problems(info: ShardInfo, f, s: dict, head_width: int | None = None) -> list[str]:
     """Fields missing or unexpected, or of another dtype or shape than the manifest implies (header only)."""
     names = set(f.keys())
     ids = "topk_ids" if s["logits"]["mode"] == "topk" else "sampled_ids"
-    n_sparse = f.get_slice(ids).get_shape()[0] if s["logits"]["mode"] != "none" and ids in names else 0
-    expected = _expected_fields(info, s, n_sparse)
+    n_sparse = f.get_slice(ids).get_shape()[0] if s["logits"]["mode"] in ("topk", "sampled") and ids in names else 0
+    expected = _expected_fields(info, s, n_sparse, head_width)
     problems = [f"{info.file}: field {n} missing" for n in sorted(set(expected) - names)]
     problems += [f"{info.file}: field {n} is not part of this cache's format" for n in sorted(names - set(expected))]
     for n in sorted(set(expected) & names):

@@ -10,12 +10,14 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 
 from kdfast.cache.format import (
+    HEAD_FILE,
     MANIFEST,
     SHARD_RE,
     CacheError,
@@ -25,14 +27,26 @@ from kdfast.cache.format import (
     _is_number,
     atomic_write_bytes,
     is_kdfast_leftover,
+    read_records,
     sha256_file,
     shard_name,
     teacher_weights_sha256,
     tokenizer_sha256,
     validate_settings,
+    write_record,
 )
 from kdfast.capture import capture
-from kdfast.data import check_data_files, check_max_length, files_sha256, load_texts, mask_tokens, pack_texts
+from kdfast.cache.head import capture_head_input, head_projection
+from kdfast.cache.ranks import current_ranks, finish, fold_records
+from kdfast.data import (
+    check_max_length,
+    expand_data_paths,
+    files_sha256,
+    iter_packed_rows,
+    iter_padded_rows,
+    iter_texts,
+    mask_tokens,
+)
 from kdfast.models.teachers import check_teacher_architecture
 
 HIDDEN_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.int8}
@@ -66,27 +80,38 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (q.float() * scale.float()[..., None]).to(dtype)
 
 
-def parse_logits_option(text: str) -> tuple[str, int]:
-    """``topk:K`` | ``sampled:K`` | ``none`` -> (mode, k)."""
+def parse_logits_option(text: str) -> tuple[str, int, str | None]:
+    """``topk:K`` | ``sampled:K`` | ``head`` | ``head:fp16|bf16|int8`` | ``none`` -> (mode, k, head storage dtype)."""
+    usage = "logits must be 'topk:K', 'sampled:K' (K >= 1), 'head', 'head:fp16', 'head:bf16', 'head:int8' or 'none'"
     if text == "none":
-        return "none", 0
+        return "none", 0, None
+    if text == "head" or (isinstance(text, str) and text.startswith("head:")):
+        dtype = text.partition(":")[2] or "fp16"
+        if dtype not in HIDDEN_DTYPES:
+            raise ValueError(f"{usage}, got {text!r}")
+        return "head", 0, dtype
     try:
         mode, k = text.split(":")
         k = int(k)
-    except ValueError:
-        raise ValueError(f"logits must be 'topk:K', 'sampled:K' or 'none', got {text!r}") from None
+    except (ValueError, AttributeError):
+        raise ValueError(f"{usage}, got {text!r}") from None
     if mode not in ("topk", "sampled") or k < 1:
-        raise ValueError(f"logits must be 'topk:K', 'sampled:K' or 'none' with K >= 1, got {text!r}")
-    return mode, k
+        raise ValueError(f"{usage}, got {text!r}")
+    return mode, k, None
 
 
 def _clean_orphans(cache_dir: Path, manifest: Manifest) -> list[str]:
     """Delete what an interrupted build left behind (and nothing else: ``.git/``, ``.env``,
-    ``shard-notes.md`` stay)."""
+    ``shard-notes.md`` stay): temporaries, shards neither listed nor recorded, records of listed
+    shards, and records whose shard does not hash to what they say (with that shard)."""
+    recorded = set()
+    for info in read_records(cache_dir, manifest).values():
+        if sha256_file(cache_dir / info.file) == info.sha256:
+            recorded.add(info.file)
     listed = {s.file for s in manifest.shards}
     removed = []
-    for p in cache_dir.iterdir():
-        if is_kdfast_leftover(p, listed):
+    for p in sorted(cache_dir.iterdir()):
+        if is_kdfast_leftover(p, listed, recorded):
             p.unlink()
             removed.append(p.name)
     return removed
@@ -203,9 +228,7 @@ def build_cache(
     """
     from transformers import AutoTokenizer
 
-    from kdfast.losses.sparse_kd import sparsify_teacher_logits
-
-    mode, k = parse_logits_option(logits)
+    mode, k, head_dtype = parse_logits_option(logits)
     if hidden not in (*HIDDEN_DTYPES, "none"):
         raise ValueError(f"hidden must be one of {[*HIDDEN_DTYPES, 'none']}, got {hidden!r}")
     for name, value, least in (("batch_size", batch_size, 1), ("rows_per_shard", rows_per_shard, 1),
@@ -227,7 +250,7 @@ def build_cache(
         raise ValueError(f"data_files must be a non-empty list of paths, got {data_files!r}")
     if layers is not None and (not isinstance(layers, (list, tuple)) or not all(_is_int(l) for l in layers)):
         raise ValueError(f"layers must be a list of integers, got {layers!r}")
-    check_data_files(data_files)  # hashed below, before load_texts reads (and checks) them
+    paths = expand_data_paths([str(f) for f in data_files])  # hashed below, then streamed
     teacher_path = Path(teacher_dir)
     if not (teacher_path / "config.json").is_file():
         raise ValueError(f"teacher {teacher_dir} is not a local model directory (no config.json)")
@@ -247,10 +270,10 @@ def build_cache(
                     "hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
                     "vocab_size": config.vocab_size},
         "tokenizer_sha256": tokenizer_sha256(teacher_path),
-        "data": {"files": [str(Path(f).resolve()) for f in data_files], "sha256": files_sha256(data_files),
+        "data": {"files": [str(p.resolve()) for p in paths], "sha256": files_sha256([str(p) for p in paths]),
                  "text_column": text_column},
         "max_length": max_length, "packing": packing, "batch_size": batch_size, "rows_per_shard": rows_per_shard,
-        "logits": {"mode": mode, "k": k, "temperature": temperature},
+        "logits": {"mode": mode, "k": k, "temperature": temperature, **({"dtype": head_dtype} if mode == "head" else {})},
         "mlm": {"probability": mlm_probability, "seed": seed} if mode != "none" else None,
         "hidden": {"layers": layers, "dtype": hidden} if hidden != "none" else None,
         "qk": {"layers": list(range(1, n_layers + 1))} if qk else None,
@@ -262,6 +285,7 @@ def build_cache(
     # Everything that can refuse the build runs before the first write, so a refused build leaves
     # nothing behind; a partial cache of the same settings resumes.
     out = Path(out_dir)
+    ranks = current_ranks()
     manifest = existing = _existing_manifest(out)
     if manifest is not None and manifest.settings != settings:
         if manifest.shards or manifest.complete:
@@ -273,116 +297,190 @@ def build_cache(
     if manifest is not None and manifest.complete:
         _clean_orphans(out, manifest)
         return manifest
-    for info in manifest.shards if manifest is not None else ():  # resume only over shards that are intact
+    for info in manifest.shards if manifest is not None and ranks.rank == 0 else ():  # resume over intact shards
         path = out / info.file
         if not path.is_file() or path.is_symlink() or sha256_file(path) != info.sha256:
             raise CacheError(f"{out_dir}: {info.file}, listed in the partial cache's manifest, is missing or "
                              "altered, so the build cannot resume over it; use another output directory")
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_path, local_files_only=True)
-    with _library_progress_bars(progress):
-        texts = load_texts(data_files, text_column)
-    if packing:
-        input_ids, attention_mask = pack_texts(tokenizer, texts, max_length)
-    else:
-        enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
-        input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
-    total = input_ids.shape[0]
-    if total == 0:
-        raise ValueError(f"data {', '.join(map(str, data_files))}: no text to cache")
-    if int(input_ids.max()) >= config.vocab_size:
-        raise ValueError(f"teacher {teacher_dir}: its tokenizer gives id {int(input_ids.max())}, beyond the model's "
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(f"teacher {teacher_dir}: its tokenizer has {len(tokenizer)} ids, beyond the model's "
                          f"vocab_size {config.vocab_size}")
     if mode != "none" and tokenizer.mask_token_id is None:
         raise ValueError(f"teacher {teacher_dir}: its tokenizer has no [MASK] token, so the inputs cannot be "
                          "MLM-masked for logits; build with logits='none'")
     with _library_progress_bars(progress):
+        if next(iter_texts(paths, text_column), None) is None:  # reads up to the first text only
+            raise ValueError(f"data {', '.join(map(str, data_files))}: no text to cache")
         teacher = _load_teacher(teacher_path, mode)
 
-    # Q/K through kdfast.capture, entered before the first write: a teacher class it does not
-    # support is refused with nothing written
-    qk_capture = ExitStack()
-    captured = qk_capture.enter_context(capture(teacher, hidden_states=False, qk=True)) if qk else None
+    # Q/K through kdfast.capture, the head input through a hook, entered before the first write: a
+    # teacher they do not support is refused with nothing written
+    hooks = ExitStack()
+    captured = hooks.enter_context(capture(teacher, hidden_states=False, qk=True)) if qk else None
+    head_in = hooks.enter_context(capture_head_input(teacher)) if mode == "head" else None
 
-    out.mkdir(parents=True, exist_ok=True)
-    lock = _lock_dir(out)
-    bar = None
+    lock, bar = None, None
     try:
-        on_disk = Manifest.load(out) if (out / MANIFEST).exists() else None
-        if (on_disk is None) != (existing is None) or (on_disk is not None and on_disk.to_json() != existing.to_json()):
-            raise CacheError(f"{out_dir} changed while this build started (another build?); run it again")
-        if manifest is None:
-            manifest = Manifest(settings=settings)
+        if ranks.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = _lock_dir(out)
+            on_disk = Manifest.load(out) if (out / MANIFEST).exists() else None
+            if (on_disk is None) != (existing is None) or (on_disk is not None
+                                                           and on_disk.to_json() != existing.to_json()):
+                raise CacheError(f"{out_dir} changed while this build started (another build?); run it again")
+            if manifest is None:
+                manifest = Manifest(settings=settings)
+            if mode == "head" and manifest.head is None:
+                manifest.head = _write_head(out, teacher)
             manifest.save(out)
-        _clean_orphans(out, manifest)
-        special = [i for i in tokenizer.all_special_ids]
-        ids_dtype = torch.int32
-
-        start_row = manifest.rows
+            _clean_orphans(out, manifest)
+            fold_records(out, manifest)
+        ranks.barrier()  # rank 0 has cleaned: every rank now sees the same finished shards
+        if ranks.rank != 0:
+            manifest = Manifest.load(out)
+        done = set(range(len(manifest.shards))) | set(read_records(out, manifest))
+        special = list(tokenizer.all_special_ids)
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, initial=start_row, unit="ex", desc="teacher cache", dynamic_ncols=True)
-        t0, written, tokens_done = time.perf_counter(), 0, 0
+            bar = tqdm(unit="ex", desc=f"teacher cache (rank {ranks.rank} of {ranks.world_size})"
+                       if ranks.world_size > 1 else "teacher cache", dynamic_ncols=True)
+        ctx = _BuildContext(teacher=teacher, tokenizer=tokenizer, config=config, mode=mode, k=k, hidden=hidden,
+                            layers=layers, temperature=temperature, mlm_probability=mlm_probability, seed=seed,
+                            special=special, captured=captured, head_in=head_in, head_dtype=head_dtype)
+
+        def want(row: int) -> bool:
+            shard = row // rows_per_shard
+            return ranks.owns(shard) and shard not in done
+
+        texts = iter_texts(paths, text_column)
+        rows = iter_packed_rows(tokenizer, texts, max_length) if packing else \
+            iter_padded_rows(tokenizer, texts, max_length, want=want)
+        total, pending, t0, tokens_done = 0, [], time.perf_counter(), 0
         with torch.no_grad():
-            for shard_start in range(start_row, total, rows_per_shard):
-                shard_rows = range(shard_start, min(shard_start + rows_per_shard, total))
-                parts: dict[str, list[torch.Tensor]] = {}
-                for b0 in range(shard_rows.start, shard_rows.stop, batch_size):
-                    ids = input_ids[b0:b0 + batch_size]
-                    am = attention_mask[b0:b0 + batch_size]
-                    batch: dict[str, torch.Tensor] = {}
-                    if mode != "none":
-                        gen = torch.Generator().manual_seed(seed * 1_000_003 + b0)  # per batch: resumable
-                        ids, labels = mask_tokens(ids, am, special_ids=special, mask_id=tokenizer.mask_token_id,
-                                                  vocab_size=config.vocab_size, probability=mlm_probability,
-                                                  generator=gen)
-                        batch["labels"] = labels.to(ids_dtype)
-                    out_t = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True)
-                    batch["input_ids"] = ids.to(ids_dtype)
-                    batch["attention_mask"] = am.to(torch.uint8)
-                    if mode != "none":
-                        sel = labels != -100
-                        rows_logits = out_t.logits[sel]  # [M, V], row-major over the batch
-                        batch["masked_per_row"] = sel.sum(-1)
-                        if mode == "topk":
-                            tid, tval, tlse = sparsify_teacher_logits(rows_logits, k, "topk", temperature)
-                            batch.update(topk_ids=tid, topk_values=tval, topk_lse=tlse)
-                        else:
-                            g = torch.Generator().manual_seed(seed * 1_000_003 + b0 + 1)
-                            sid, scount = sparsify_teacher_logits(rows_logits, k, "sampled", temperature, generator=g)
-                            batch.update(sampled_ids=sid, sampled_counts=scount)
-                    if hidden != "none":
-                        for l in layers:
-                            h = out_t.hidden_states[l]
-                            if hidden == "int8":
-                                q, s = quantize_int8(h)
-                                batch[f"hidden_{l}"], batch[f"hidden_{l}_scale"] = q, s
-                            else:
-                                batch[f"hidden_{l}"] = h.to(HIDDEN_DTYPES[hidden])
-                    if captured is not None:
-                        for l, (query, key) in enumerate(zip(captured.q, captured.k), start=1):
-                            batch[f"q_{l}"], batch[f"k_{l}"] = _stored_projection(query), _stored_projection(key)
-                    for name, v in batch.items():
-                        parts.setdefault(name, []).append(v)
-                    tokens_done += int(am.sum())
-                tensors = {name: torch.cat(v) for name, v in parts.items()}
-                if "masked_per_row" in tensors:
-                    counts = tensors.pop("masked_per_row")
-                    tensors["logit_offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-                info = write_shard(out, len(manifest.shards), tensors)
-                manifest.shards.append(info)
-                manifest.save(out)  # only now does the shard exist for readers and resumes
-                written += (out / info.file).stat().st_size
-                if bar is not None:
-                    dt = time.perf_counter() - t0
-                    bar.update(len(shard_rows))
-                    bar.set_postfix(tok_s=f"{tokens_done / dt:.0f}", MB=f"{written / 2**20:.1f}")
-        manifest.complete = True
-        manifest.save(out)
+            for row, ids, am in rows:
+                total = row + 1
+                if not want(row):
+                    continue
+                pending.append((ids, am))
+                if len(pending) == rows_per_shard or (row + 1) % rows_per_shard == 0:
+                    tokens_done += _build_shard(out, row // rows_per_shard, row + 1 - len(pending), pending, ctx,
+                                                batch_size)
+                    pending = []
+                    if ranks.rank == 0:
+                        fold_records(out, manifest)
+                    if bar is not None:
+                        bar.update(rows_per_shard)
+                        bar.set_postfix(tok_s=f"{tokens_done / (time.perf_counter() - t0):.0f}")
+            if pending:  # the corpus's last, short shard
+                _build_shard(out, (total - 1) // rows_per_shard, total - len(pending), pending, ctx, batch_size)
+        ranks.barrier()  # every rank has recorded its shards
+        if ranks.rank == 0:
+            finish(out, manifest, -(-total // rows_per_shard))
+        ranks.barrier()  # no rank returns before the cache is complete
+        if ranks.rank != 0:
+            manifest = Manifest.load(out)
     finally:
-        qk_capture.close()
+        hooks.close()
         if bar is not None:
             bar.close()
-        os.close(lock)  # releases the lock
+        if lock is not None:
+            os.close(lock)  # releases the lock
     return manifest
+
+
+@dataclass
+class _BuildContext:
+    """What building one shard needs, fixed for the whole build."""
+
+    teacher: torch.nn.Module
+    tokenizer: object
+    config: object
+    mode: str
+    k: int
+    hidden: str
+    layers: list[int]
+    temperature: float
+    mlm_probability: float
+    seed: int
+    special: list[int]
+    captured: object
+    head_in: object
+    head_dtype: str | None
+
+
+def _stored(batch: dict, name: str, x: torch.Tensor, dtype: str) -> None:
+    """``x`` as the cache stores it under ``name``: fp16 / bf16, or int8 with ``name``_scale."""
+    if dtype == "int8":
+        batch[name], batch[f"{name}_scale"] = quantize_int8(x)
+    else:
+        batch[name] = x.to(HIDDEN_DTYPES[dtype])
+
+
+def _teacher_batch(ids: torch.Tensor, am: torch.Tensor, b0: int, ctx: _BuildContext) -> dict[str, torch.Tensor]:
+    """The stored fields of the rows starting at global row ``b0``: masking and sampling are seeded
+    by ``b0`` and the seed alone, so any process building these rows writes the same values."""
+    from kdfast.losses.sparse_kd import sparsify_teacher_logits
+
+    batch: dict[str, torch.Tensor] = {}
+    mode = ctx.mode
+    if mode != "none":
+        gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + b0)  # per batch: resumable
+        ids, labels = mask_tokens(ids, am, special_ids=ctx.special, mask_id=ctx.tokenizer.mask_token_id,
+                                  vocab_size=ctx.config.vocab_size, probability=ctx.mlm_probability, generator=gen)
+        batch["labels"] = labels.to(torch.int32)
+    out_t = ctx.teacher(input_ids=ids, attention_mask=am, output_hidden_states=True)
+    batch["input_ids"] = ids.to(torch.int32)
+    batch["attention_mask"] = am.to(torch.uint8)
+    if mode in ("topk", "sampled"):
+        sel = labels != -100
+        rows_logits = out_t.logits[sel]  # [M, V], row-major over the batch
+        batch["masked_per_row"] = sel.sum(-1)
+        if mode == "topk":
+            tid, tval, tlse = sparsify_teacher_logits(rows_logits, ctx.k, "topk", ctx.temperature)
+            batch.update(topk_ids=tid, topk_values=tval, topk_lse=tlse)
+        else:
+            g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + b0 + 1)
+            sid, scount = sparsify_teacher_logits(rows_logits, ctx.k, "sampled", ctx.temperature, generator=g)
+            batch.update(sampled_ids=sid, sampled_counts=scount)
+    elif mode == "head":
+        _stored(batch, "head_input", ctx.head_in.value, ctx.head_dtype)
+    if ctx.hidden != "none":
+        for l in ctx.layers:
+            _stored(batch, f"hidden_{l}", out_t.hidden_states[l], ctx.hidden)
+    if ctx.captured is not None:
+        for l, (query, key) in enumerate(zip(ctx.captured.q, ctx.captured.k), start=1):
+            batch[f"q_{l}"], batch[f"k_{l}"] = _stored_projection(query), _stored_projection(key)
+    return batch
+
+
+def _build_shard(out: Path, index: int, first_row: int, rows: list, ctx: _BuildContext, batch_size: int) -> int:
+    """Run the teacher over one shard's rows (global rows ``first_row`` ..), write the shard and then
+    its ``.done`` record; the number of real tokens."""
+    ids_all = torch.stack([r[0] for r in rows])
+    am_all = torch.stack([r[1] for r in rows])
+    parts: dict[str, list[torch.Tensor]] = {}
+    for j in range(0, len(rows), batch_size):
+        batch = _teacher_batch(ids_all[j:j + batch_size], am_all[j:j + batch_size], first_row + j, ctx)
+        for name, v in batch.items():
+            parts.setdefault(name, []).append(v)
+    tensors = {name: torch.cat(v) for name, v in parts.items()}
+    if "masked_per_row" in tensors:
+        counts = tensors.pop("masked_per_row")
+        tensors["logit_offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+    info = write_shard(out, index, tensors)
+    write_record(out, index, info)
+    return info.tokens
+
+
+def _write_head(out: Path, teacher: torch.nn.Module) -> dict:
+    """Write ``head.safetensors`` (the output projection's weight and bias) atomically; its manifest entry."""
+    weight, bias = head_projection(teacher)
+    tensors = {"weight": weight.contiguous()}
+    if bias is not None:
+        tensors["bias"] = bias.contiguous()
+    data = safetensors_bytes(tensors)
+    atomic_write_bytes(out / HEAD_FILE, data)
+    return {"file": HEAD_FILE, "sha256": hashlib.sha256(data).hexdigest()}

@@ -348,7 +348,7 @@ class DistillationTrainer(Trainer):
             if logits["mode"] == "none":
                 raise ValueError(f"distillation_loss: its logits term needs the teacher's logits, and {where} keeps "
                                  "none (built with --logits none)")
-            if loss.temperature != logits["temperature"]:
+            if logits["mode"] != "head" and loss.temperature != logits["temperature"]:
                 raise ValueError(f"distillation_loss: temperature {loss.temperature} differs from the "
                                  f"{logits['temperature']} {where} stored its {logits['mode']} logits at; build the "
                                  "loss (or the cache) with the other")
@@ -403,6 +403,12 @@ class DistillationTrainer(Trainer):
                      mask: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """``distillation_loss`` against the cached teacher: its dense terms through the loss
         itself, the logits term from the sparse logits."""
+        if self.teacher_cache.settings["logits"]["mode"] == "head":  # exact: the live loss on the rebuilt logits
+            t_out = self._cached_teacher(cached)
+            weight, bias = (x if x is None else x.to(t_out.head_input.device, torch.float32)
+                            for x in self.teacher_cache.head_projection())
+            t_out.logits = torch.nn.functional.linear(t_out.head_input.float(), weight, bias)
+            return self.distillation_loss(student, t_out, mask)
         loss, terms = self._dense_loss(student, self._cached_teacher(cached), mask) if self._dense_loss else (None, {})
         if "logits" in self.distillation_loss.weights:
             kd = self._sparse_logit_term(student.get("logits"), cached, labels)

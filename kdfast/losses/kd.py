@@ -37,24 +37,6 @@ KINDS = ("kl", "soft_ce")
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
-def kd_and_mlm_passes(run, grad: Tensor, kd_weight: Tensor, mlm_weight: Tensor | None, alpha_kd: float,
-                      alpha_mlm: float) -> Tensor:
-    """Loss rows of a logit kernel whose KD and MLM terms may count different rows.
-
-    ``run(row_weight, grad, alpha_kd, alpha_mlm)`` runs the kernel once, writing its gradient into
-    ``grad``. ``mlm_weight`` None: one pass, both terms weighted by ``kd_weight``. Otherwise two:
-    the MLM term alone on ``mlm_weight`` into a scratch gradient, then the KD term alone on
-    ``kd_weight`` into ``grad`` (last, since ``grad`` may be the student's own buffer), summed.
-    """
-    if mlm_weight is None:
-        return run(kd_weight, grad, alpha_kd, alpha_mlm)
-    g_mlm = torch.empty_like(grad)
-    mlm_rows = run(mlm_weight, g_mlm, 0.0, alpha_mlm)
-    rows = run(kd_weight, grad, alpha_kd, 0.0) + mlm_rows
-    grad.add_(g_mlm)
-    return rows
-
-
 class _KDLossFunction(torch.autograd.Function):
     """Loss rows (or their sum) of 2-D logits; the gradient is produced by the forward kernel."""
 
@@ -63,9 +45,9 @@ class _KDLossFunction(torch.autograd.Function):
                 kernel, inplace, reduce):
         # In-place mode reuses the student logits buffer for the gradient (saves N x V memory).
         grad = student if inplace else torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        loss_rows = kd_and_mlm_passes(
-            lambda w, g, a_kd, a_mlm: kernel(student, teacher, labels, w, g, temperature, a_kd, a_mlm, soft_ce),
-            grad, row_weight, mlm_weight, alpha_kd, alpha_mlm)
+        # one pass: KD weighted by row_weight, MLM by mlm_weight (None: row_weight too)
+        loss_rows = kernel(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce,
+                           mlm_weight=mlm_weight)
         ctx.save_for_backward(grad)
         return loss_rows.sum() if reduce else loss_rows
 
@@ -115,9 +97,8 @@ def kd_loss(
     (a mean over an empty row set is 0; with ``"masked"`` K = M, one mean). Gradient:
     d kd_r / d s_j = T (q_j - p_j), d ce_r / d s_j = softmax(s)_j - [j = label_r].
     ``kl`` with ``batchmean`` equals ``T**2 * F.kl_div(log q, log p, reduction="batchmean",
-    log_target=True)`` over the rows K. One kernel pass computes both terms when they count the
-    same rows (``"masked"``, or no MLM term); ``"all"`` with an MLM term takes a second pass for
-    the MLM rows (:func:`kdfast.fused_linear_kd_loss` does both in one pass over projected chunks).
+    log_target=True)`` over the rows K. One kernel pass computes both terms, also when they count
+    different rows (``"all"`` with an MLM term: the kernel weights the MLM term per row).
 
     Args:
         student_logits, teacher_logits: [..., V] (e.g. [B, L, V] or [N, V]), same shape, dtype

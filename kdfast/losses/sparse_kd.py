@@ -51,7 +51,6 @@ from kdfast.losses._checks import (
     select_logit_rows,
     value_checks_enabled,
 )
-from kdfast.losses.kd import kd_and_mlm_passes
 from kdfast.ops import registry
 from kdfast.ops import sparse_kd as sparse_kd_ops
 
@@ -70,10 +69,9 @@ class _SparseKDFunction(torch.autograd.Function):
     def forward(ctx, student, ids, values, teacher_lse, labels, row_weight, mlm_weight, temperature, alpha_kd,
                 alpha_mlm, sampled, kernel, reduce):
         grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-        loss_rows = kd_and_mlm_passes(
-            lambda w, g, a_kd, a_mlm: kernel(student, ids, values, teacher_lse, labels, w, g, temperature, a_kd,
-                                             a_mlm, sampled),
-            grad, row_weight, mlm_weight, alpha_kd, alpha_mlm)
+        # one pass: KD weighted by row_weight, MLM by mlm_weight (None: row_weight too)
+        loss_rows = kernel(student, ids, values, teacher_lse, labels, row_weight, grad, temperature, alpha_kd,
+                           alpha_mlm, sampled, mlm_weight=mlm_weight)
         ctx.save_for_backward(grad)
         return loss_rows.sum() if reduce else loss_rows
 

@@ -55,6 +55,7 @@ class CapturedOutputs:
     k: tuple[Tensor, ...] | None = None
     logits: Tensor | None = None
     sparse_logits: tuple[Tensor, ...] | None = None
+    head_input: Tensor | None = None  # a ``logits: head`` cache's: the input of the teacher's output projection
 
 
 def model_inputs(batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -158,4 +159,6 @@ class CachedTeacher:
             out.sparse_logits = (batch["topk_ids"], batch["topk_values"], batch["topk_lse"])
         elif "sampled_ids" in batch:
             out.sparse_logits = (batch["sampled_ids"], batch["sampled_counts"])
+        if "head_input" in batch:
+            out.head_input = self._cast(batch["head_input"])
         return out

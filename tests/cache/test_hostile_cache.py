@@ -473,7 +473,7 @@ def test_full_disk_mid_build_is_one_line_leaves_no_temporary_and_resumes(cache_d
 
     def fsync(fd):
         calls.append(fd)
-        if len(calls) == 11:  # two fsyncs per atomic write: manifest, (shard, manifest) x 2, then shard 3
+        if len(calls) == 15:  # two fsyncs per atomic write: manifest, (shard, record, manifest) x 2, then shard 3
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_fsync(fd)
 
@@ -586,10 +586,10 @@ def test_out_with_a_foreign_or_future_manifest_is_refused_and_left_untouched(tin
     assert_foreign_intact(out)
 
 
-@pytest.mark.parametrize("data, says", [("missing.txt", "does not exist"), ("a-directory", "is a directory, not a file")])
+@pytest.mark.parametrize("data, says", [("missing.txt", "does not exist"), ("a-directory", "holds no data file")])
 def test_missing_or_directory_data_is_a_value_error_and_one_cli_line(tiny_teacher, tmp_path, capsys, data, says):
     (tmp_path / "a-directory").mkdir()
-    with pytest.raises(ValueError, match=f"data file .*{data} {says}"):
+    with pytest.raises(ValueError, match=f"data (file|directory) .*{data} {says}"):
         build_cache(str(tiny_teacher), [str(tmp_path / data)], str(tmp_path / "o"), **BUILD)
     code, _, err = run_cli(capsys, "cache", "build", "--teacher", str(tiny_teacher), "--data", str(tmp_path / data),
                            "--out", str(tmp_path / "o"), "--max-length", "16", "--no-progress")

@@ -73,9 +73,9 @@ __device__ float block_sum(float v) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     kd_fwd_bwd_kernel(const T* __restrict__ student, int64_t ss, const T* __restrict__ teacher, int64_t ts,
-                      const int64_t* __restrict__ labels, const float* __restrict__ row_weight, T* grad, int64_t gs,
-                      float* __restrict__ loss_rows, int64_t V, float temperature, float alpha_kd, float alpha_mlm,
-                      bool soft_ce) {
+                      const int64_t* __restrict__ labels, const float* __restrict__ row_weight,
+                      const float* __restrict__ mlm_weight, T* grad, int64_t gs, float* __restrict__ loss_rows,
+                      int64_t V, float temperature, float alpha_kd, float alpha_mlm_arg, bool soft_ce) {
   constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte load
   const int64_t row = blockIdx.x;
   const float w = row_weight[row];
@@ -88,6 +88,9 @@ __global__ void __launch_bounds__(kThreads)
     if (threadIdx.x == 0) loss_rows[row] = 0.f;
     return;
   }
+  // With MLM row weights m, the row's MLM coefficient relative to w is alpha_mlm m_r / w_r (0 on an
+  // unlabelled row: its label is never read and no T = 1 statistics are taken).
+  const float alpha_mlm = mlm_weight != nullptr ? alpha_mlm_arg * (mlm_weight[row] / w) : alpha_mlm_arg;
   const bool need_1 = kd_needs_t1_stats(temperature, alpha_mlm);
   const float inv_t = 1.f / temperature;
   const int64_t label = labels[row];
@@ -152,12 +155,12 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T>
 cudaError_t launch(const void* s, int64_t ss, const void* t, int64_t ts, const int64_t* labels, const float* w,
-                   void* g, int64_t gs, float* loss, int64_t n, int64_t V, float temperature, float alpha_kd,
-                   float alpha_mlm, int soft_ce, cudaStream_t stream) {
+                   const float* mw, void* g, int64_t gs, float* loss, int64_t n, int64_t V, float temperature,
+                   float alpha_kd, float alpha_mlm, int soft_ce, cudaStream_t stream) {
   if (n == 0) return cudaSuccess;
   if (n > 2147483647LL) return cudaErrorInvalidValue;
   kd_fwd_bwd_kernel<T><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
-      static_cast<const T*>(s), ss, static_cast<const T*>(t), ts, labels, w, static_cast<T*>(g), gs, loss, V,
+      static_cast<const T*>(s), ss, static_cast<const T*>(t), ts, labels, w, mw, static_cast<T*>(g), gs, loss, V,
       temperature, alpha_kd, alpha_mlm, soft_ce != 0);
   return cudaGetLastError();
 }
@@ -167,22 +170,23 @@ cudaError_t launch(const void* s, int64_t ss, const void* t, int64_t ts, const i
 
 extern "C" int kdfast_kd_fwd_bwd_cuda(const void* student, int64_t student_row_stride, const void* teacher,
                                       int64_t teacher_row_stride, const int64_t* labels, const float* row_weight,
-                                      void* grad, int64_t grad_row_stride, float* loss_rows, int64_t n_rows,
+                                      const float* mlm_weight, void* grad, int64_t grad_row_stride, float* loss_rows, int64_t n_rows,
                                       int64_t vocab, int dtype, float temperature, float alpha_kd, float alpha_mlm,
                                       int soft_ce, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
   switch (dtype) {
     case KDFAST_F32:
-      return kdfast::launch<float>(student, student_row_stride, teacher, teacher_row_stride, labels, row_weight, grad,
+      return kdfast::launch<float>(student, student_row_stride, teacher, teacher_row_stride, labels, row_weight,
+                                   mlm_weight, grad,
                                    grad_row_stride, loss_rows, n_rows, vocab, temperature, alpha_kd, alpha_mlm,
                                    soft_ce, st);
     case KDFAST_F16:
       return kdfast::launch<__half>(student, student_row_stride, teacher, teacher_row_stride, labels, row_weight,
-                                    grad, grad_row_stride, loss_rows, n_rows, vocab, temperature, alpha_kd,
+                                    mlm_weight, grad, grad_row_stride, loss_rows, n_rows, vocab, temperature, alpha_kd,
                                     alpha_mlm, soft_ce, st);
     case KDFAST_BF16:
       return kdfast::launch<__nv_bfloat16>(student, student_row_stride, teacher, teacher_row_stride, labels,
-                                           row_weight, grad, grad_row_stride, loss_rows, n_rows, vocab, temperature,
+                                           row_weight, mlm_weight, grad, grad_row_stride, loss_rows, n_rows, vocab, temperature,
                                            alpha_kd, alpha_mlm, soft_ce, st);
     default:
       return cudaErrorInvalidValue;

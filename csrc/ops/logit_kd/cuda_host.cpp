@@ -21,13 +21,15 @@ int cuda_dtype_code(at::ScalarType t) {
 
 at::Tensor kd_fwd_bwd_cuda(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& labels,
                            const at::Tensor& row_weight, at::Tensor& grad, double temperature, double alpha_kd,
-                           double alpha_mlm, bool soft_ce, int64_t cuda_stream) {
-  check_kd_args(student, teacher, labels, row_weight, grad, temperature, alpha_mlm);
+                           double alpha_mlm, bool soft_ce, int64_t cuda_stream,
+                           const std::optional<at::Tensor>& mlm_weight) {
+  check_kd_args(student, teacher, labels, row_weight, grad, temperature, alpha_mlm, mlm_weight);
   TORCH_CHECK_VALUE(student.is_cuda(), "kd_fwd_bwd (CUDA): tensors must be CUDA tensors, got ", student.device());
   at::Tensor loss_rows = at::empty({student.size(0)}, row_weight.options());
   const int err = kdfast_kd_fwd_bwd_cuda(
       student.const_data_ptr(), student.stride(0), teacher.const_data_ptr(), teacher.stride(0),
-      labels.const_data_ptr<int64_t>(), row_weight.const_data_ptr<float>(), grad.mutable_data_ptr(), grad.stride(0),
+      labels.const_data_ptr<int64_t>(), row_weight.const_data_ptr<float>(),
+      mlm_weight.has_value() ? mlm_weight->const_data_ptr<float>() : nullptr, grad.mutable_data_ptr(), grad.stride(0),
       loss_rows.mutable_data_ptr<float>(), student.size(0), student.size(1), cuda_dtype_code(student.scalar_type()),
       static_cast<float>(temperature), static_cast<float>(alpha_kd), static_cast<float>(alpha_mlm), soft_ce ? 1 : 0,
       reinterpret_cast<void*>(cuda_stream));

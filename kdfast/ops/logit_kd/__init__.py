@@ -3,20 +3,22 @@ r"""Kernel family ``logit_kd``: temperature KD + MLM over logit rows, loss and g
 Op ``kd_rows`` (the contract every backend implements)::
 
     fn(student [N, V], teacher [N, V], labels [N] int64, row_weight [N], grad [N, V],
-       temperature, alpha_kd, alpha_mlm, soft_ce) -> loss_rows [N]
+       temperature, alpha_kd, alpha_mlm, soft_ce, mlm_weight=None) -> loss_rows [N]
 
 For a row r with weight w_r != 0, student logits s, teacher logits t, T = temperature,
-p = softmax(t / T), q = softmax(s / T):
+p = softmax(t / T), q = softmax(s / T), and MLM weight m_r (``mlm_weight``; m = w when None):
 
     kl:      kd_r = sum_j p_j (log p_j - log q_j)          soft_ce: kd_r = -sum_j p_j log q_j
     ce_r     = logsumexp(s) - s[label_r]                    (hard-label MLM cross-entropy, T = 1)
-    loss_r   = w_r (alpha_kd T^2 kd_r + alpha_mlm ce_r)
-    grad_r,j = w_r (alpha_kd T (q_j - p_j) + alpha_mlm (softmax(s)_j - [j = label_r]))
+    loss_r   = w_r alpha_kd T^2 kd_r + m_r alpha_mlm ce_r
+    grad_r,j = w_r alpha_kd T (q_j - p_j) + m_r alpha_mlm (softmax(s)_j - [j = label_r])
 
 written into ``grad`` (which may be ``student`` itself: in-place mode), in the student's dtype;
 the loss rows are float32 (float64 for float64 inputs on the torch / C++ backends). A row with
-w_r = 0 is never read: loss 0, gradient 0. ``labels`` are read only when alpha_mlm != 0, and must
-then lie in [0, V) on every row with w_r != 0 (the losses check or drop them). A row whose KL is
+w_r = 0 is never read: loss 0, gradient 0, whatever m_r (so KD on every row plus MLM on the
+labelled ones is one pass: m nonzero on a subset of the rows where w is). ``labels`` are read only
+when alpha_mlm != 0, and must then lie in [0, V) on every row with w_r != 0 and m_r != 0 (the
+losses check or drop them). A row whose KL is
 below 1 is recomputed without cancellation as E_p[u] + log1p(E_p[e^{-u} - 1 + u] - E_p[u]),
 u = d - E_p[d], d = (t - s) / T (``csrc/common/kd_math.h``).
 
@@ -55,30 +57,33 @@ if _extension()[0] is not None:
 
     @_torch.library.register_fake("kdfast::kd_fwd_bwd")
     def _kd_fwd_bwd_fake(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce,
-                         cuda_stream=0):
+                         cuda_stream=0, mlm_weight=None):
         return student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
 
 
 @_torch.library.custom_op("kdfast::kd_fwd_bwd_triton", mutates_args=("grad",))
 def kd_rows_triton(student: Tensor, teacher: Tensor, labels: Tensor, row_weight: Tensor, grad: Tensor,
-                   temperature: float, alpha_kd: float, alpha_mlm: float, soft_ce: bool) -> Tensor:
+                   temperature: float, alpha_kd: float, alpha_mlm: float, soft_ce: bool,
+                   mlm_weight: Tensor | None = None) -> Tensor:
     """``kd_rows`` on the Triton kernel (:func:`kdfast.ops.logit_kd.triton.kd_fwd_bwd_triton`)."""
     from kdfast.ops.logit_kd.triton import kd_fwd_bwd_triton
 
-    return kd_fwd_bwd_triton(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce)
+    return kd_fwd_bwd_triton(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce,
+                             mlm_weight=mlm_weight)
 
 
 @kd_rows_triton.register_fake
-def _(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce):
+def _(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce, mlm_weight=None):
     return student.new_empty(student.shape[0], dtype=_torch.float32)
 
 
 def kd_rows_compiled(student: Tensor, teacher: Tensor, labels: Tensor, row_weight: Tensor, grad: Tensor,
-                     temperature: float, alpha_kd: float, alpha_mlm: float, soft_ce: bool) -> Tensor:
+                     temperature: float, alpha_kd: float, alpha_mlm: float, soft_ce: bool,
+                     mlm_weight: Tensor | None = None) -> Tensor:
     """``kd_rows`` on the compiled C++ op of the tensors' device (CPU, or CUDA on the current stream)."""
     stream = _torch.cuda.current_stream(student.device).cuda_stream if student.device.type == "cuda" else 0
     return _torch.ops.kdfast.kd_fwd_bwd(student, teacher, labels, row_weight, grad, temperature, alpha_kd,
-                                        alpha_mlm, soft_ce, stream)
+                                        alpha_mlm, soft_ce, stream, mlm_weight)
 
 
 register(OP, "torch", kd_rows_torch)

@@ -63,18 +63,22 @@ def kd_rows_torch(
     alpha_kd: float,
     alpha_mlm: float,
     soft_ce: bool,
+    mlm_weight: Tensor | None = None,
 ) -> Tensor:
     """The fused-kernel contract in eager PyTorch (the ``"torch"`` backend).
 
     Inputs are 2-D [N, V]; ``row_weight`` w [N] is 0 on uncounted rows. Returns loss rows
-    w * (alpha_kd T^2 kd + alpha_mlm ce) in float32 (float64 for float64 inputs) and writes
-    d(sum loss rows)/ds = w * (alpha_kd T (p_s - p_t) + alpha_mlm (softmax(s) - onehot)) into ``grad``.
+    w * alpha_kd T^2 kd + m * alpha_mlm ce in float32 (float64 for float64 inputs), m =
+    ``mlm_weight`` (``row_weight`` when None), and writes d(sum loss rows)/ds =
+    w alpha_kd T (p_s - p_t) + m alpha_mlm (softmax(s) - onehot) into ``grad``.
     """
     acc = acc_dtype(student.dtype)
     s = student.to(acc)
     t = teacher.to(acc)
     w = row_weight.to(acc)
     counted = w != 0
+    # per-row MLM factor relative to w: loss_r = w (alpha_kd T^2 kd + alpha_mlm (m / w) ce)
+    mlm_rel = None if mlm_weight is None else mlm_weight.to(acc) / torch.where(counted, w, 1)
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)
     p = log_p.exp()
@@ -86,10 +90,12 @@ def kd_rows_torch(
     g = alpha_kd * temperature * (log_q.exp() - p)
     rows = alpha_kd * temperature * (temperature * kd)
     if alpha_mlm:
-        safe = torch.where(counted, labels, 0)
+        a_mlm = alpha_mlm if mlm_rel is None else alpha_mlm * mlm_rel
+        safe = torch.where(counted if mlm_rel is None else counted & (mlm_rel != 0), labels, 0)
         log_q1 = F.log_softmax(s, dim=-1)
-        rows = rows - alpha_mlm * log_q1.gather(1, safe[:, None]).squeeze(1)
-        g = g + alpha_mlm * (log_q1.exp() - F.one_hot(safe, s.shape[1]).to(acc))
+        rows = rows - a_mlm * log_q1.gather(1, safe[:, None]).squeeze(1)
+        a_mlm_col = a_mlm if mlm_rel is None else a_mlm[:, None]
+        g = g + a_mlm_col * (log_q1.exp() - F.one_hot(safe, s.shape[1]).to(acc))
     # where(), not multiplication: uncounted rows may hold anything, even NaN.
     rows = torch.where(counted, w * rows, torch.zeros_like(rows))
     grad.copy_(torch.where(counted[:, None], w[:, None] * g, torch.zeros_like(g)))

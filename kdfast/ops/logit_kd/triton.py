@@ -9,7 +9,8 @@ logits s and teacher logits t, x = s/T and y = t/T:
    30522 <= 32768) is loaded once and kept in registers; a longer row is folded chunk by chunk.
 2. Loss: kd = A / Z_t + lse_s - lse_t (a row whose kd < 1 is recomputed in the small-KL form
    of csrc/common/kd_math.h, with one more read of the row), ce = lse_1 - s_label,
-   loss = w (alpha_kd T^2 kd + alpha_mlm ce).
+   loss = w (alpha_kd T^2 kd + alpha_mlm ce), with alpha_mlm scaled per row by m / w when an
+   MLM row weight m is given (KD on every row, MLM on the labelled ones, in the same pass).
 3. Gradient, known at once because the teacher is frozen:
    g_j = w (alpha_kd T (p_s,j - p_t,j) + alpha_mlm (q_j - [j = label])), written in the
    student's dtype (into the student buffer itself in in-place mode).
@@ -141,11 +142,24 @@ def _grad_chunk(s, t, offs, label, inv_t, lse_s, lse_t, lse_1, coef_kd, coef_mlm
 
 
 @triton.jit
+def row_mlm(labels_ptr, mw_ptr, row, w, alpha_mlm, HAS_MLM: tl.constexpr, MLM_WEIGHT: tl.constexpr):
+    """(alpha_mlm of the row relative to its weight w, its label): alpha_mlm m_r / w_r with MLM row
+    weights (MLM_WEIGHT), else alpha_mlm; the label is 0 (never read) on a row whose MLM term is 0."""
+    a_mlm = alpha_mlm
+    if MLM_WEIGHT:
+        a_mlm = alpha_mlm * (tl.load(mw_ptr + row).to(tl.float32) / w)
+    label = 0
+    if HAS_MLM:
+        label = tl.where(a_mlm != 0.0, tl.load(labels_ptr + row), 0)
+    return a_mlm, label
+
+
+@triton.jit
 def kd_fwd_bwd_kernel(
-    s_ptr, s_stride, t_ptr, t_stride, g_ptr, g_stride, labels_ptr, w_ptr, loss_ptr,
+    s_ptr, s_stride, t_ptr, t_stride, g_ptr, g_stride, labels_ptr, w_ptr, loss_ptr, mw_ptr,
     V, temperature, alpha_kd, alpha_mlm,
     SOFT_CE: tl.constexpr, HAS_MLM: tl.constexpr, NEED_T1: tl.constexpr, BLOCK_V: tl.constexpr,
-    SINGLE_BLOCK: tl.constexpr,
+    SINGLE_BLOCK: tl.constexpr, MLM_WEIGHT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -159,7 +173,7 @@ def kd_fwd_bwd_kernel(
         tl.store(loss_ptr + row, 0.0)
     else:
         inv_t = 1.0 / temperature
-        label = tl.load(labels_ptr + row) if HAS_MLM else 0
+        a_mlm, label = row_mlm(labels_ptr, mw_ptr, row, w, alpha_mlm, HAS_MLM, MLM_WEIGHT)
         if SINGLE_BLOCK:
             valid = offs < V
             s = tl.load(s_row + offs, mask=valid, other=-float("inf")).to(tl.float32)
@@ -220,10 +234,10 @@ def kd_fwd_bwd_kernel(
                 kd = a + log1p_accurate(b - a) - log1p_accurate(-q_out)
         loss = alpha_kd * temperature * (temperature * kd)
         coef_kd = w * alpha_kd * temperature
-        coef_mlm = w * alpha_mlm
+        coef_mlm = w * a_mlm
         if HAS_MLM:
             # read before the gradient (possibly written over the student row) is stored
-            loss += alpha_mlm * (lse_1 - tl.load(s_row + label).to(tl.float32))
+            loss += a_mlm * (lse_1 - tl.load(s_row + label).to(tl.float32))
         tl.store(loss_ptr + row, w * loss)
 
         if SINGLE_BLOCK:
@@ -260,11 +274,13 @@ def kd_fwd_bwd_triton(
     alpha_mlm: float,
     soft_ce: bool,
     block_v: int | None = None,
+    mlm_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch :func:`kd_fwd_bwd_kernel` on 2-D [N, V] inputs (unit column stride).
 
     Returns the weighted loss rows (float32) and writes the gradient into ``grad``.
-    ``block_v`` overrides the block size (tests use it to exercise the chunked path).
+    ``block_v`` overrides the block size (tests use it to exercise the chunked path);
+    ``mlm_weight`` [N] float32 weights the MLM term per row (the package contract).
     """
     N, V = student.shape
     loss_rows = torch.empty(N, dtype=torch.float32, device=student.device)
@@ -274,26 +290,30 @@ def kd_fwd_bwd_triton(
     bv = block_v or min(triton.next_power_of_2(V), cap)
     kd_fwd_bwd_kernel[(N,)](
         student, student.stride(0), teacher, teacher.stride(0), grad, grad.stride(0), labels, row_weight, loss_rows,
+        row_weight if mlm_weight is None else mlm_weight,
         V, float(temperature), float(alpha_kd), float(alpha_mlm),
         SOFT_CE=bool(soft_ce), HAS_MLM=alpha_mlm != 0, NEED_T1=alpha_mlm != 0 and temperature != 1,
-        BLOCK_V=bv, SINGLE_BLOCK=bv >= V, num_warps=_num_warps(bv),
+        BLOCK_V=bv, SINGLE_BLOCK=bv >= V, MLM_WEIGHT=mlm_weight is not None and alpha_mlm != 0,
+        num_warps=_num_warps(bv),
     )
     return loss_rows
 
 
 def aot_configs():
     """Every constexpr combination the launcher can pick, per logit dtype (for kdfast.ops.aot)."""
-    for dtype, soft_ce, (has_mlm, need_t1), single in itertools.product(
-        ("fp32", "fp16", "bf16"), (False, True), ((False, False), (True, False), (True, True)), (True, False)
+    for dtype, soft_ce, (has_mlm, need_t1, mlm_weight), single in itertools.product(
+        ("fp32", "fp16", "bf16"), (False, True),
+        ((False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True)),
+        (True, False)
     ):
         bv = MAX_BLOCK_V_GPU if single else 4096
         signature = {
             "s_ptr": f"*{dtype}", "s_stride": "i64", "t_ptr": f"*{dtype}", "t_stride": "i64",
             "g_ptr": f"*{dtype}", "g_stride": "i64", "labels_ptr": "*i64", "w_ptr": "*fp32", "loss_ptr": "*fp32",
-            "V": "i32", "temperature": "fp32", "alpha_kd": "fp32", "alpha_mlm": "fp32",
+            "mw_ptr": "*fp32", "V": "i32", "temperature": "fp32", "alpha_kd": "fp32", "alpha_mlm": "fp32",
         }
         constexprs = {"SOFT_CE": soft_ce, "HAS_MLM": has_mlm, "NEED_T1": need_t1, "BLOCK_V": bv,
-                      "SINGLE_BLOCK": single}
+                      "SINGLE_BLOCK": single, "MLM_WEIGHT": mlm_weight}
         yield kd_fwd_bwd_kernel, signature, constexprs, _num_warps(bv)
 
 

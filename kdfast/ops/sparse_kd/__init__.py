@@ -3,7 +3,7 @@ r"""Kernel family ``sparse_kd``: KD from a sparse teacher (top-k + rest bucket, 
 Op ``sparse_kd_rows`` (the contract every backend implements)::
 
     fn(student [N, V], ids [N, K] int64, values [N, K], teacher_lse [N] or None, labels [N] int64,
-       row_weight [N], grad [N, V], temperature, alpha_kd, alpha_mlm, sampled) -> loss_rows [N]
+       row_weight [N], grad [N, V], temperature, alpha_kd, alpha_mlm, sampled, mlm_weight=None) -> loss_rows [N]
 
 ``ids`` lie in [0, V) on every row (the caller gives uncounted rows in-range ids). Per row r with
 w_r != 0, x = s / T, lse_s = logsumexp(x), p_s,j = e^{x_j - lse_s}:
@@ -21,10 +21,11 @@ q_j = sum_{k: id_k = j} c_k / sum_k c_k,
 
     kd = sum_j q_j (log q_j - log p_s,j)      d kd / dx_j = p_s,j - q_j
 
-Both: loss_r = w_r (alpha_kd T^2 kd + alpha_mlm (logsumexp(s) - s[label_r])) and
-grad_r,j = w_r (alpha_kd T d kd / dx_j + alpha_mlm (softmax(s)_j - [j = label_r])), written into
-``grad`` in the student's dtype; loss rows float32 (float64 for float64 students on torch).
-Rows with w_r = 0 are not read (loss 0, gradient 0).
+Both, with m = ``mlm_weight`` (``row_weight`` when None): loss_r = w_r alpha_kd T^2 kd +
+m_r alpha_mlm (logsumexp(s) - s[label_r]) and grad_r,j = w_r alpha_kd T d kd / dx_j +
+m_r alpha_mlm (softmax(s)_j - [j = label_r]), written into ``grad`` in the student's dtype; loss
+rows float32 (float64 for float64 students on torch). Rows with w_r = 0 are not read (loss 0,
+gradient 0, whatever m_r); labels are read where alpha_mlm m_r != 0 only.
 
 Where each backend lives:
 
@@ -52,28 +53,28 @@ OP = "sparse_kd_rows"
 @torch.library.custom_op("kdfast::sparse_kd_fwd_bwd_triton", mutates_args=("grad",))
 def _sparse_kd_fwd_bwd_triton(student: Tensor, ids: Tensor, values: Tensor, teacher_lse: Tensor, labels: Tensor,
                               row_weight: Tensor, grad: Tensor, temperature: float, alpha_kd: float,
-                              alpha_mlm: float, sampled: bool, has_lse: bool) -> Tensor:
+                              alpha_mlm: float, sampled: bool, has_lse: bool, mlm_weight: Tensor | None = None) -> Tensor:
     from kdfast.ops.sparse_kd.triton import sparse_kd_fwd_bwd_triton
 
     return sparse_kd_fwd_bwd_triton(student, ids, values, teacher_lse if has_lse else None, labels, row_weight,
-                                    grad, temperature, alpha_kd, alpha_mlm, sampled)
+                                    grad, temperature, alpha_kd, alpha_mlm, sampled, mlm_weight=mlm_weight)
 
 
 @_sparse_kd_fwd_bwd_triton.register_fake
 def _(student, ids, values, teacher_lse, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, sampled,
-      has_lse):
+      has_lse, mlm_weight=None):
     return student.new_empty(student.shape[0], dtype=torch.float32)
 
 
 def sparse_kd_rows_triton(student: Tensor, ids: Tensor, values: Tensor, teacher_lse: Tensor | None, labels: Tensor,
                           row_weight: Tensor, grad: Tensor, temperature: float, alpha_kd: float, alpha_mlm: float,
-                          sampled: bool) -> Tensor:
+                          sampled: bool, mlm_weight: Tensor | None = None) -> Tensor:
     """``sparse_kd_rows`` on the Triton kernel (a custom op takes no optional tensor: ``has_lse`` says
     whether ``teacher_lse`` is real)."""
     has_lse = teacher_lse is not None
     lse = teacher_lse if has_lse else row_weight  # any float tensor: not read
     return _sparse_kd_fwd_bwd_triton(student, ids, values, lse, labels, row_weight, grad, temperature, alpha_kd,
-                                     alpha_mlm, sampled, has_lse)
+                                     alpha_mlm, sampled, has_lse, mlm_weight)
 
 
 register(OP, "torch", sparse_kd_rows_torch)

@@ -23,13 +23,14 @@ def sparse_kd_rows_torch(
     alpha_kd: float,
     alpha_mlm: float,
     sampled: bool,
+    mlm_weight: Tensor | None = None,
 ) -> Tensor:
     """The sparse-teacher kernel contract in eager PyTorch (the ``"torch"`` backend).
 
     student [N, V]; ids [N, K] int64 in [0, V) on every row (the caller sanitises uncounted
     rows); values [N, K]; teacher_lse [N] or None; row_weight w [N], 0 on uncounted rows.
-    Returns the loss rows w * (alpha_kd T^2 kd + alpha_mlm ce) in float32 (float64 for float64
-    student) and writes d(sum of loss rows)/ds into ``grad`` (closed form, see
+    Returns the loss rows w alpha_kd T^2 kd + m alpha_mlm ce (m = ``mlm_weight``, or w when None)
+    in float32 (float64 for float64 student) and writes d(sum of loss rows)/ds into ``grad`` (closed form, see
     :func:`kdfast.sparse_kd_loss`).
     """
     acc = acc_dtype(student.dtype)
@@ -71,10 +72,13 @@ def sparse_kd_rows_torch(
     rows = alpha_kd * T**2 * kd
     g = alpha_kd * T * g
     if alpha_mlm:
-        safe = torch.where(counted, labels, 0)
+        # the row's MLM coefficient relative to w: loss_r = w (alpha_kd T^2 kd + alpha_mlm (m / w) ce)
+        mlm_rel = None if mlm_weight is None else mlm_weight.to(acc) / torch.where(counted, w, 1)
+        a_mlm = alpha_mlm if mlm_rel is None else alpha_mlm * mlm_rel
+        safe = torch.where(counted if mlm_rel is None else counted & (mlm_rel != 0), labels, 0)
         log_q1 = F.log_softmax(s, dim=-1)
-        rows = rows - alpha_mlm * log_q1.gather(1, safe[:, None]).squeeze(1)
-        g = g + alpha_mlm * (log_q1.exp() - F.one_hot(safe, V).to(acc))
+        rows = rows - a_mlm * log_q1.gather(1, safe[:, None]).squeeze(1)
+        g = g + (a_mlm if mlm_rel is None else a_mlm[:, None]) * (log_q1.exp() - F.one_hot(safe, V).to(acc))
     rows = torch.where(counted, w * rows, torch.zeros_like(rows))
     grad.copy_(torch.where(counted[:, None], w[:, None] * g, torch.zeros_like(g)))
     return rows

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast.ops.logit_kd.triton import zero_row
+from kdfast.ops.logit_kd.triton import row_mlm, zero_row
 
 
 @triton.jit
@@ -61,9 +61,9 @@ def _dense_grad(s, offs, label, inv_t, lse_s, lse_r, p_r, lse_1, coef_kd, coef_m
 @triton.jit
 def sparse_kd_fwd_bwd_kernel(
     s_ptr, s_stride, ids_ptr, ids_stride, v_ptr, v_stride, lse_ptr, g_ptr, g_stride, labels_ptr, w_ptr, loss_ptr,
-    V, K, temperature, alpha_kd, alpha_mlm,
+    mw_ptr, V, K, temperature, alpha_kd, alpha_mlm,
     SAMPLED: tl.constexpr, HAS_REST: tl.constexpr, HAS_MLM: tl.constexpr, NEED_T1: tl.constexpr,
-    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
+    BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, SINGLE_BLOCK: tl.constexpr, MLM_WEIGHT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
@@ -76,7 +76,7 @@ def sparse_kd_fwd_bwd_kernel(
         tl.store(loss_ptr + row, 0.0)
     else:
         inv_t = 1.0 / temperature
-        label = tl.load(labels_ptr + row) if HAS_MLM else 0
+        a_mlm, label = row_mlm(labels_ptr, mw_ptr, row, w, alpha_mlm, HAS_MLM, MLM_WEIGHT)
 
         # 1. student statistics over the full row
         if SINGLE_BLOCK:
@@ -168,10 +168,10 @@ def sparse_kd_fwd_bwd_kernel(
         # 3. loss row
         loss = alpha_kd * temperature * temperature * kd
         if HAS_MLM:
-            loss += alpha_mlm * (lse_1 - tl.load(s_row + label).to(tl.float32))
+            loss += a_mlm * (lse_1 - tl.load(s_row + label).to(tl.float32))
         tl.store(loss_ptr + row, w * loss)
         coef_kd = w * alpha_kd * temperature
-        coef_mlm = w * alpha_mlm
+        coef_mlm = w * a_mlm
 
         # 4. gradient: dense part everywhere, then the kept ids
         if SINGLE_BLOCK:
@@ -218,11 +218,13 @@ def sparse_kd_fwd_bwd_triton(
     alpha_mlm: float,
     sampled: bool,
     block_v: int | None = None,
+    mlm_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch :func:`sparse_kd_fwd_bwd_kernel` on student [N, V], ids/values [N, K] (unit column strides).
 
     Returns the weighted loss rows (float32) and writes the gradient into ``grad``.
-    ``block_v`` overrides the block size (tests use it to exercise the chunked path).
+    ``block_v`` overrides the block size (tests use it to exercise the chunked path);
+    ``mlm_weight`` [N] float32 weights the MLM term per row (the package contract).
     """
     N, V = student.shape
     K = ids.shape[1]
@@ -235,29 +237,29 @@ def sparse_kd_fwd_bwd_triton(
     sparse_kd_fwd_bwd_kernel[(N,)](
         student, student.stride(0), ids, ids.stride(0), values, values.stride(0),
         teacher_lse if has_rest else row_weight, grad, grad.stride(0), labels, row_weight, loss_rows,
-        V, K, float(temperature), float(alpha_kd), float(alpha_mlm),
+        row_weight if mlm_weight is None else mlm_weight, V, K, float(temperature), float(alpha_kd), float(alpha_mlm),
         SAMPLED=bool(sampled), HAS_REST=has_rest, HAS_MLM=alpha_mlm != 0,
         NEED_T1=alpha_mlm != 0 and temperature != 1, BLOCK_V=bv, BLOCK_K=_block_k(K), SINGLE_BLOCK=bv >= V,
-        num_warps=_num_warps(bv),
+        MLM_WEIGHT=mlm_weight is not None and alpha_mlm != 0, num_warps=_num_warps(bv),
     )
     return loss_rows
 
 
 def aot_configs():
     """The constexpr combinations the launcher picks, per student dtype, fp16 teacher values (the cache's)."""
-    for dtype, (sampled, has_rest), (has_mlm, need_t1), single in itertools.product(
-        ("fp32", "fp16", "bf16"), ((False, False), (False, True), (True, False)), ((False, False), (True, True)),
-        (True, False),
+    for dtype, (sampled, has_rest), (has_mlm, need_t1, mlm_weight), single in itertools.product(
+        ("fp32", "fp16", "bf16"), ((False, False), (False, True), (True, False)),
+        ((False, False, False), (True, True, False), (True, True, True)), (True, False),
     ):
         bv = MAX_BLOCK_V_GPU if single else 4096
         signature = {
             "s_ptr": f"*{dtype}", "s_stride": "i64", "ids_ptr": "*i64", "ids_stride": "i64", "v_ptr": "*fp16",
             "v_stride": "i64", "lse_ptr": "*fp32", "g_ptr": f"*{dtype}", "g_stride": "i64", "labels_ptr": "*i64",
-            "w_ptr": "*fp32", "loss_ptr": "*fp32", "V": "i32", "K": "i32", "temperature": "fp32",
+            "w_ptr": "*fp32", "loss_ptr": "*fp32", "mw_ptr": "*fp32", "V": "i32", "K": "i32", "temperature": "fp32",
             "alpha_kd": "fp32", "alpha_mlm": "fp32",
         }
         constexprs = {"SAMPLED": sampled, "HAS_REST": has_rest, "HAS_MLM": has_mlm, "NEED_T1": need_t1,
-                      "BLOCK_V": bv, "BLOCK_K": 64, "SINGLE_BLOCK": single}
+                      "BLOCK_V": bv, "BLOCK_K": 64, "SINGLE_BLOCK": single, "MLM_WEIGHT": mlm_weight}
         yield sparse_kd_fwd_bwd_kernel, signature, constexprs, _num_warps(bv)
 
 

@@ -324,17 +324,18 @@ def format_report(report: dict) -> str:
 KD_ROWS = ("auto", "all", "masked")
 
 
-def resolve_kd_rows(setting: str, cached: bool, name: str = "kd_rows") -> str:
+def resolve_kd_rows(setting: str, cached: bool, name: str = "kd_rows", exact: bool = False) -> str:
     """``"all"`` (every real token) or ``"masked"`` (the MLM-masked tokens) from a recipe's
-    ``kd_rows`` setting: ``auto`` is ``all`` with a live teacher and ``masked`` from the cache,
-    which keeps the teacher's logits at the masked tokens only (``all`` from a cache is refused)."""
+    ``kd_rows`` setting: ``auto`` is ``all`` with a live teacher or an exact cache (``exact``:
+    ``teacher.logits=head``) and ``masked`` from a top-k cache, which keeps the teacher's logits at
+    the masked tokens only (``all`` from a top-k cache is refused)."""
     if setting not in KD_ROWS:
         raise ValueError(f"{name} must be one of {KD_ROWS}, got {setting!r}")
     if setting == "auto":
-        return "masked" if cached else "all"
-    if setting == "all" and cached:
-        raise ValueError(f"{name}=all needs teacher.source=live: the cache keeps the teacher's logits at the "
-                         f"masked tokens only (use {name}=masked or auto)")
+        return "masked" if cached and not exact else "all"
+    if setting == "all" and cached and not exact:
+        raise ValueError(f"{name}=all needs teacher.source=live or teacher.logits=head: a top-k cache keeps the "
+                         f"teacher's logits at the masked tokens only (use {name}=masked or auto)")
     return setting
 
 
@@ -349,6 +350,13 @@ class LMHead:
     transform: nn.Module
     weight: torch.Tensor
     bias: torch.Tensor | None
+
+
+def cached_lm_head(cache) -> LMHead:
+    """The teacher's output projection stored by a ``logits: head`` cache, as an :class:`LMHead` whose
+    transform is the identity: the cache's ``head_input`` is already the transform's output."""
+    weight, bias = cache.head_projection()
+    return LMHead(nn.Identity(), weight, bias)
 
 
 def encoder_of(model: nn.Module, argument: str = "model") -> nn.Module:
@@ -482,11 +490,13 @@ def lm_distillation_loss(student_hidden: torch.Tensor, student_head: LMHead, lab
 
 # --- what the three recipes' plans share -----------------------------------------------------------
 
-def lm_terms(alpha_kd: float, alpha_mlm: float, cached: bool) -> dict[str, str]:
+def lm_terms(alpha_kd: float, alpha_mlm: float, cached: bool, exact: bool = False) -> dict[str, str]:
     """``{logged term: kdfast loss}`` of the LM-head terms (:func:`lm_distillation_loss`): ``kd_mlm``
-    (both weighted: one fused call), ``kd`` or ``mlm`` (the eager cross-entropy)."""
+    (both weighted: one fused call), ``kd`` or ``mlm`` (the eager cross-entropy). From a top-k
+    cache the fused loss runs on the sparse teacher; from a head cache (``exact``) on the dense one,
+    as live."""
     if alpha_kd:
-        return {"kd_mlm" if alpha_mlm else "kd": f"fused_linear_kd_loss{'[sparse]' if cached else ''}"}
+        return {"kd_mlm" if alpha_mlm else "kd": f"fused_linear_kd_loss{'[sparse]' if cached and not exact else ''}"}
     return {"mlm": "cross_entropy"} if alpha_mlm else {}
 
 

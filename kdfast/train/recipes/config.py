@@ -31,14 +31,17 @@ class TeacherSettings:
     """Where the teacher comes from. ``dir``: a local ``save_pretrained`` directory (default: the
     embedded all-MiniLM-L6-v2); ``source``: ``live`` (run frozen, in eval mode, under no_grad) or
     ``cache`` (targets read from a ``kdfast.cache`` built once into ``cache_dir``, default
-    ``<out_dir>/teacher-cache``); ``topk``: logits kept per masked token in the cache;
-    ``allow_larger_student``: accept a student with more parameters than the teacher (refused by
-    default, before any work: distillation compresses)."""
+    ``<out_dir>/teacher-cache``); ``logits``: what the cache keeps of the teacher's logits, ``topk``
+    (``topk`` of them per masked token) or ``head`` / ``head:fp16|bf16|int8`` (exact: the input of
+    the teacher's output projection at every token, and the projection once, so that KD on every
+    real token runs from the cache); ``allow_larger_student``: accept a student with more
+    parameters than the teacher (refused by default, before any work: distillation compresses)."""
 
     dir: str | None = None
     source: str = "live"
     cache_dir: str | None = None
     topk: int = 32
+    logits: str = "topk"
     allow_larger_student: bool = False
 
     def validate(self) -> None:
@@ -46,6 +49,18 @@ class TeacherSettings:
             raise ValueError(f"source must be 'live' or 'cache', got {self.source!r}")
         if self.topk < 1:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
+        if self.logits not in ("topk", "head", "head:fp16", "head:bf16", "head:int8"):
+            raise ValueError(f"logits must be 'topk', 'head', 'head:fp16', 'head:bf16' or 'head:int8', "
+                             f"got {self.logits!r}")
+
+    @property
+    def exact(self) -> bool:
+        """Whether a cache of these settings holds the teacher's full logits (``logits: head``)."""
+        return self.source == "cache" and self.logits.startswith("head")
+
+    def cache_logits(self, topk: int | None = None) -> str:
+        """The ``logits`` option of :func:`kdfast.cache.build_cache` for these settings."""
+        return self.logits if self.logits.startswith("head") else f"topk:{self.topk if topk is None else topk}"
 
 
 @dataclass

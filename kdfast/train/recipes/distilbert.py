@@ -69,7 +69,7 @@ class DistilBertRecipe:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.alpha_kd or self.alpha_mlm or self.alpha_cos):
             raise ValueError("alpha_kd, alpha_mlm and alpha_cos are all 0: nothing to train")
-        common.resolve_kd_rows(self.kd_rows, self.teacher.source == "cache")
+        common.resolve_kd_rows(self.kd_rows, self.teacher.source == "cache", exact=self.teacher.exact)
 
 
 def every_other_layer(n_teacher: int) -> list[int]:
@@ -83,7 +83,7 @@ def every_other_layer(n_teacher: int) -> list[int]:
 
 def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: torch.nn.Module | None = None, *,
                    masker: Callable | None = None, n_teacher_layers: int,
-                   backend: str = "auto") -> StageLoss:
+                   backend: str = "auto", cached_head: common.LMHead | None = None) -> StageLoss:
     r"""The recipe's step loss: ``batch -> (loss, {term: float})`` with
 
         loss = alpha_kd KD + alpha_mlm MLM + alpha_cos (1 - cos(h_s^last, h_t^last))
@@ -91,13 +91,17 @@ def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: tor
     (module docstring), KD over ``cfg.kd_rows``. ``teacher``: a ``transformers`` masked-LM model (with its
     MLM head when ``alpha_kd`` > 0), or None to read the teacher from cache batches (masked
     ``input_ids``, ``labels``, top-k logits ``topk_ids`` / ``topk_values`` / ``topk_lse`` and
-    ``hidden_{n_teacher_layers}``). ``masker`` masks live batches (:class:`common.Masker`)."""
+    ``hidden_{n_teacher_layers}``). ``masker`` masks live batches (:class:`common.Masker`).
+    ``cached_head``: from a ``logits: head`` cache (:func:`common.cached_lm_head`), the teacher's
+    output projection; its batches' ``head_input`` then gives the teacher's exact logits at every
+    token, so KD runs on every real token (``kd_rows`` auto / all) as with a live teacher."""
     import kdfast
 
     cached = teacher is None
-    kd_rows = common.resolve_kd_rows(cfg.kd_rows, cached)
+    exact = cached_head is not None
+    kd_rows = common.resolve_kd_rows(cfg.kd_rows, cached, exact=exact)
     s_encoder = common.encoder_of(student, "student")
-    t_head = None
+    t_head = cached_head
     if cached:
         source = CachedTeacher(n_teacher_layers)
     else:
@@ -114,12 +118,13 @@ def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: tor
         h_s = s_encoder(input_ids=ids, attention_mask=am).last_hidden_state
         t_out = source(batch, {"input_ids": ids, "attention_mask": am})
         h_t = t_out.hidden_states[n_teacher_layers]  # the last layer's (None from a cache that kept no states)
-        sparse = t_out.sparse_logits if cfg.alpha_kd else None
+        sparse = t_out.sparse_logits if cfg.alpha_kd and not exact else None
+        head_in = t_out.head_input if exact else h_t  # what the teacher head's transform reads
         total, terms = 0.0, {}
         if cfg.alpha_kd or cfg.alpha_mlm:
             value = common.lm_distillation_loss(
                 h_s, common.lm_head(student, "student"), labels, am, kd_rows=kd_rows, temperature=cfg.temperature,
-                alpha_kd=cfg.alpha_kd, alpha_mlm=cfg.alpha_mlm, teacher_hidden=h_t, teacher_head=t_head,
+                alpha_kd=cfg.alpha_kd, alpha_mlm=cfg.alpha_mlm, teacher_hidden=head_in, teacher_head=t_head,
                 teacher_sparse=sparse, backend=backend)
             name = "kd_mlm" if cfg.alpha_kd and cfg.alpha_mlm else "kd" if cfg.alpha_kd else "mlm"
             weight = 1.0 if name == "kd_mlm" else cfg.alpha_kd or cfg.alpha_mlm  # kd_mlm is weighted as computed
@@ -129,7 +134,7 @@ def make_step_loss(cfg: DistilBertRecipe, student: torch.nn.Module, teacher: tor
             total, terms["cos"] = total + cfg.alpha_cos * value, float(value.detach())
         return total, terms
 
-    terms = common.lm_terms(cfg.alpha_kd, cfg.alpha_mlm, cached)
+    terms = common.lm_terms(cfg.alpha_kd, cfg.alpha_mlm, cached, exact)
     if cfg.alpha_cos:
         terms["cos"] = "cosine_loss"
     return StageLoss(step_loss, terms=terms)
@@ -158,13 +163,14 @@ def plan(cfg: DistilBertRecipe) -> Plan:
         raise ValueError("teacher.source=cache with alpha_kd = alpha_mlm = 0 would cache unmasked text: "
                          "the cosine-only run needs teacher.source=live (or the demo)")
     # with alpha_kd = 0 the cache still masks (1 logit kept) so that the MLM labels exist
-    run.sources(logits=f"topk:{cfg.teacher.topk if cfg.alpha_kd else 1}", temperature=cfg.temperature,
-                layers=[n_t] if cfg.alpha_cos else [], qk=False)
+    caches = run.sources(logits=cfg.teacher.cache_logits(None if cfg.alpha_kd else 1), temperature=cfg.temperature,
+                         layers=[n_t] if cfg.alpha_cos else [], qk=False)
     if cached:
         teacher = None  # the cache replaces it: its weights only initialised the student
     masker = None if cached else run.masker(student.config.vocab_size)
-    step_loss = make_step_loss(cfg, student, teacher, masker=masker, n_teacher_layers=n_t)
+    head = common.cached_lm_head(caches[0]) if cfg.teacher.exact else None
+    step_loss = make_step_loss(cfg, student, teacher, masker=masker, n_teacher_layers=n_t, cached_head=head)
     stage = run.stage("distil", student, step_loss, cfg.steps, run.out, teacher=teacher)
     return run.plan([stage], student, teacher_layers=n_t,
                     student_info={"layers": len(layers), "init_from_teacher_layers": list(layers)},
-                    report={"kd_rows": common.resolve_kd_rows(cfg.kd_rows, cached)})
+                    report={"kd_rows": common.resolve_kd_rows(cfg.kd_rows, cached, exact=cfg.teacher.exact)})

@@ -143,7 +143,8 @@ class MobileBertRecipe:
     def validate(self) -> None:
         if not (self.pkt.steps_per_layer or self.pretrain.steps):
             raise ValueError("pkt.steps_per_layer and pretrain.steps are both 0: nothing to train")
-        common.resolve_kd_rows(self.pretrain.kd_rows, self.teacher.source == "cache", "pretrain.kd_rows")
+        common.resolve_kd_rows(self.pretrain.kd_rows, self.teacher.source == "cache", "pretrain.kd_rows",
+                               exact=self.teacher.exact)
 
 
 def student_config(settings: MobileBertStudent, teacher_config):
@@ -210,17 +211,19 @@ def pkt_groups(model, layer: int, lower_lr_scale: float) -> list[dict]:
 
 def make_pretrain_step_loss(settings: PretrainSettings, student: torch.nn.Module,
                             teacher: torch.nn.Module | None = None, *, masker: Callable | None = None,
-                            backend: str = "auto") -> StageLoss:
+                            backend: str = "auto", cached_head: common.LMHead | None = None) -> StageLoss:
     r"""Stage 2's step loss: ``batch -> (loss, {"kd_mlm": float})`` with
 
         loss = alpha_kd T^2 KL(p_t || p_s) over ``settings.kd_rows`` + alpha_mlm CE(s, labels) over the masked tokens
 
     through :func:`common.lm_distillation_loss`. ``teacher``: a ``transformers`` BERT with its MLM
     head, or None to read cache batches (masked ``input_ids``, ``labels``, ``topk_ids`` /
-    ``topk_values`` / ``topk_lse``). ``masker`` masks live batches."""
+    ``topk_values`` / ``topk_lse``, or ``head_input`` with ``cached_head``, the projection of a
+    ``logits: head`` cache: exact logits at every token). ``masker`` masks live batches."""
     cached = teacher is None
-    kd_rows = common.resolve_kd_rows(settings.kd_rows, cached, "pretrain.kd_rows")
-    t_head = None
+    exact = cached_head is not None
+    kd_rows = common.resolve_kd_rows(settings.kd_rows, cached, "pretrain.kd_rows", exact=exact)
+    t_head = cached_head
     if cached:  # the student has the teacher's depth
         source = CachedTeacher(student.config.num_hidden_layers)
     else:
@@ -234,8 +237,8 @@ def make_pretrain_step_loss(settings: PretrainSettings, student: torch.nn.Module
             ids, labels = masker(batch["input_ids"], am)
         h_s = student.mobilebert(ids, am).last_hidden_state
         t_out = source(batch, {"input_ids": ids, "attention_mask": am})
-        h_t = None if cached else t_out.hidden_states[-1]
-        sparse = t_out.sparse_logits
+        h_t = t_out.head_input if exact else None if cached else t_out.hidden_states[-1]
+        sparse = None if exact else t_out.sparse_logits
         total = common.lm_distillation_loss(
             h_s, common.lm_head(student, "student"), labels, am, kd_rows=kd_rows, temperature=settings.temperature,
             alpha_kd=settings.alpha_kd, alpha_mlm=settings.alpha_mlm, teacher_hidden=h_t, teacher_head=t_head,
@@ -243,7 +246,7 @@ def make_pretrain_step_loss(settings: PretrainSettings, student: torch.nn.Module
         return total, {"kd_mlm": float(total.detach())}
 
     # logged as one term, whichever of KD and MLM it holds
-    (loss,) = common.lm_terms(settings.alpha_kd, settings.alpha_mlm, cached).values()
+    (loss,) = common.lm_terms(settings.alpha_kd, settings.alpha_mlm, cached, exact).values()
     return StageLoss(step_loss, terms={"kd_mlm": loss})
 
 
@@ -267,7 +270,7 @@ def plan(cfg: MobileBertRecipe) -> Plan:
     want_qk = bool(pkt.steps_per_layer and pkt.alpha_attention)
     if run.cached and need_head:  # refuse a headless teacher before its random head is cached
         load_teacher(run.tdir, mlm_head=True, needed_by="pretrain.steps")
-    caches = run.sources(logits=f"topk:{cfg.teacher.topk}" if need_head else "none", temperature=pre.temperature,
+    caches = run.sources(logits=cfg.teacher.cache_logits() if need_head else "none", temperature=pre.temperature,
                          layers=list(range(n + 1)) if pkt.steps_per_layer else [], qk=want_qk)
     teacher = None
     if run.cached:
@@ -298,8 +301,9 @@ def plan(cfg: MobileBertRecipe) -> Plan:
         def every_parameter():
             student.requires_grad_(True)
 
+        head = common.cached_lm_head(caches[0]) if cfg.teacher.exact else None
         stages.append(run.stage("pretrain distill", student, make_pretrain_step_loss(pre, student, teacher,
-                                                                                     masker=masker),
+                                                                                     masker=masker, cached_head=head),
                                 pre.steps, run.out / "pretrain", teacher=teacher, trainable=every_parameter,
                                 lr=pre.lr, preferred_optimizer="lamb"))
 
