@@ -51,7 +51,7 @@ rows and key blocks of BN columns, never stored):
         dQ_s[I] += scale_s dS K_s[J],  dK_s[J] += scale_s dS^T Q_s[I]
 
 Only the key blocks that meet the band of a query block are computed or read, so a local layer
-costs O(B H L w (ds + dt)) work and a global one O(B H L^2 (ds + dt)), both in O(B H L) memory. Backends: ``torch`` (:mod:`.torch`), ``triton`` (:mod:`.triton`, the custom op
+costs O(B H L w (ds + dt)) work and a global one O(B H L^2 (ds + dt)), both in O(B H L) memory. Backends: ``torch`` (:mod:`.eager`), ``triton`` (:mod:`.triton`, the custom op
 ``kdfast::attention_transfer_triton`` below), ``cpu`` (``torch.ops.kdfast.attention_transfer_fwd_bwd``,
 csrc/ops/attention_transfer/cpu.cpp).
 
@@ -80,16 +80,13 @@ module is imported inside the custom op on first use).
 
 from __future__ import annotations
 
-# The backend module first: importing it binds this package's name `torch` to it, and the
-# `import torch` below must come after, to rebind the name to PyTorch.
-from kdfast.ops.attention_transfer.torch import attention_transfer_fwd_bwd_torch
-
-import torch  # noqa: E402
+import torch
 from torch import Tensor
 
 from kdfast import backend as _backend
 from kdfast.ops.dtypes import acc_dtype
 from kdfast.ops.logit_kd import OP as KD_ROWS_OP
+from kdfast.ops.attention_transfer.eager import attention_transfer_fwd_bwd_torch
 from kdfast.ops.registry import register, select
 
 FLASH_OP = "attention_transfer"

@@ -261,7 +261,7 @@ def attention_transfer_fwd_bwd_triton(
     """Launch the three kernels on [B, H, L, d] inputs (made contiguous here).
 
     ``key_valid`` [B, L] bool, ``row_weight`` [B, L] (0 = uncounted query row). Returns
-    ``(loss_rows [B, H, L] float32, dq_s, dk_s)`` as :func:`kdfast.ops.attention_transfer.torch.
+    ``(loss_rows [B, H, L] float32, dq_s, dk_s)`` as :func:`kdfast.ops.attention_transfer.eager.
     attention_transfer_fwd_bwd_torch` does (empty gradients when ``need_grad`` is false).
     ``block`` overrides BLOCK_M = BLOCK_N (tests use it to exercise several tiles). ``window``:
     -1 global, w >= 0 the band |i - j| <= w (only the tiles that meet it are visited).

@@ -24,7 +24,7 @@ u = d - E_p[d], d = (t - s) / T (``csrc/common/kd_math.h``).
 
 Where each backend lives:
 
-- ``torch``: :mod:`kdfast.ops.logit_kd.torch` (eager PyTorch, any device, any float dtype);
+- ``torch``: :mod:`kdfast.ops.logit_kd.eager` (eager PyTorch, any device, any float dtype);
 - ``triton``: :mod:`kdfast.ops.logit_kd.triton` (one program per row; float32 math, so no float64),
   wrapped here as the ``torch.library`` op ``kdfast::kd_fwd_bwd_triton`` with its fake;
 - ``cpu`` / ``cuda``: the compiled op ``torch.ops.kdfast.kd_fwd_bwd``, whose fake is registered here.
@@ -41,27 +41,25 @@ op on chunks of projected logits. Importing this package registers the implement
 
 from __future__ import annotations
 
-# ``torch`` inside this package is the torch.py backend module once it is imported: the library
-# is ``_torch`` here.
-import torch as _torch
+import torch
 from torch import Tensor
 
 from kdfast.backend import _extension
 from kdfast.ops.dtypes import acc_dtype
-from kdfast.ops.logit_kd.torch import kd_rows_torch
+from kdfast.ops.logit_kd.eager import kd_rows_torch
 from kdfast.ops.registry import register
 
 OP = "kd_rows"
 
 if _extension()[0] is not None:
 
-    @_torch.library.register_fake("kdfast::kd_fwd_bwd")
+    @torch.library.register_fake("kdfast::kd_fwd_bwd")
     def _kd_fwd_bwd_fake(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce,
                          cuda_stream=0, mlm_weight=None):
         return student.new_empty(student.shape[0], dtype=acc_dtype(student.dtype))
 
 
-@_torch.library.custom_op("kdfast::kd_fwd_bwd_triton", mutates_args=("grad",))
+@torch.library.custom_op("kdfast::kd_fwd_bwd_triton", mutates_args=("grad",))
 def kd_rows_triton(student: Tensor, teacher: Tensor, labels: Tensor, row_weight: Tensor, grad: Tensor,
                    temperature: float, alpha_kd: float, alpha_mlm: float, soft_ce: bool,
                    mlm_weight: Tensor | None = None) -> Tensor:
@@ -74,15 +72,15 @@ def kd_rows_triton(student: Tensor, teacher: Tensor, labels: Tensor, row_weight:
 
 @kd_rows_triton.register_fake
 def _(student, teacher, labels, row_weight, grad, temperature, alpha_kd, alpha_mlm, soft_ce, mlm_weight=None):
-    return student.new_empty(student.shape[0], dtype=_torch.float32)
+    return student.new_empty(student.shape[0], dtype=torch.float32)
 
 
 def kd_rows_compiled(student: Tensor, teacher: Tensor, labels: Tensor, row_weight: Tensor, grad: Tensor,
                      temperature: float, alpha_kd: float, alpha_mlm: float, soft_ce: bool,
                      mlm_weight: Tensor | None = None) -> Tensor:
     """``kd_rows`` on the compiled C++ op of the tensors' device (CPU, or CUDA on the current stream)."""
-    stream = _torch.cuda.current_stream(student.device).cuda_stream if student.device.type == "cuda" else 0
-    return _torch.ops.kdfast.kd_fwd_bwd(student, teacher, labels, row_weight, grad, temperature, alpha_kd,
+    stream = torch.cuda.current_stream(student.device).cuda_stream if student.device.type == "cuda" else 0
+    return torch.ops.kdfast.kd_fwd_bwd(student, teacher, labels, row_weight, grad, temperature, alpha_kd,
                                         alpha_mlm, soft_ce, stream, mlm_weight)
 
 

@@ -24,7 +24,7 @@ Two ops, the row kernels of :func:`kdfast.attention_mse_loss`:
 
 Nothing but the inputs is kept between the two: the gradient is recomputed, since its scale (the
 total count) is known only once every row has been read. Rows of masked query tokens are never
-read (they may hold anything). Backends: ``torch`` (:mod:`.torch`), ``triton`` (:mod:`.triton`, one
+read (they may hold anything). Backends: ``torch`` (:mod:`.eager`), ``triton`` (:mod:`.triton`, one
 program per row; custom ops ``kdfast::score_mse_{fwd,bwd}_triton`` below), ``cpu``
 (``torch.ops.kdfast.score_mse_{fwd,bwd}``, csrc/ops/score_mse/cpu.cpp: at::vec within a row,
 at::parallel_for over rows; fp16 / bf16 widened to fp32). No CUDA C++ kernel.
@@ -34,15 +34,12 @@ Importing this package registers the implementations; it never imports triton.
 
 from __future__ import annotations
 
-# The backend module first: importing it binds this package's name `torch` to it, and the
-# `import torch` below must come after, to rebind the name to PyTorch.
-from kdfast.ops.score_mse.torch import score_mse_bwd_torch, score_mse_fwd_torch
-
-import torch  # noqa: E402
+import torch
 from torch import Tensor
 
 from kdfast import backend as _backend
 from kdfast.ops.dtypes import acc_dtype
+from kdfast.ops.score_mse.eager import score_mse_bwd_torch, score_mse_fwd_torch
 from kdfast.ops.registry import register
 
 FWD_OP = "score_mse_fwd"
