@@ -5,7 +5,8 @@ The extension is built with torch.utils.cpp_extension against whatever torch is 
 - csrc/bindings.cpp and each kernel family's csrc/ops/<family>/*.cpp are always compiled, vectorised
   for the build machine's widest instruction set that ATen supports (AVX-512, AVX2, or its portable
   default);
-- csrc/ops/<family>/*.cu and the shared CUDA runtime entry points in csrc/cuda/*.cu are compiled by nvcc, when it is found, into objects behind plain C launchers
+- csrc/ops/<family>/*.cu and the shared CUDA runtime entry points in csrc/cuda/*.cu are compiled by
+  nvcc, when it is found, into objects behind plain C launchers
   (no torch headers), linked in with the static CUDA runtime: the extension then imports on a
   machine without CUDA and runs the kernels on one with it.
 

@@ -24,6 +24,7 @@ import torch
 import kdfast
 from kdfast.bench.timing import peak_memory_bytes
 
+
 def make_outputs(B, L, n, n_t, d_s, d_t, H, dh_s, dh_t):
     """Dict outputs of an n-layer student and an n_t-layer teacher (pre-scaled Q, K and score maps)."""
     g = torch.Generator().manual_seed(0)

@@ -16,10 +16,10 @@ import itertools
 import os
 
 import torch
+from _toy import TEXT, load_teacher, make_student
 from safetensors.torch import save_file
 
 import kdfast
-from _toy import TEXT, load_teacher, make_student
 
 
 def main(argv: list[str] | None = None) -> None:

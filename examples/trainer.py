@@ -20,11 +20,11 @@ import argparse
 from pathlib import Path
 
 import torch
+from _toy import TEXT, load_teacher, make_student
 from datasets import Dataset
 from transformers import DataCollatorWithPadding, TrainingArguments
 
 import kdfast
-from _toy import TEXT, load_teacher, make_student
 from kdfast.integrations.transformers import DistillationTrainer
 
 

@@ -10,10 +10,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import kdfast
-from tests.reference import attention_kl_reference, attention_mse_reference, attention_scores_reference
 from tests.conftest import CPU_BACKENDS
 from tests.helpers import assert_close, backends_of, make_mask
 from tests.inputs import make_scores
+from tests.reference import attention_kl_reference, attention_mse_reference, attention_scores_reference
 
 FLASH_BACKENDS = backends_of("attention_transfer")   # flash_attention_transfer
 MAP_BACKENDS = backends_of("score_mse_fwd")          # attention_mse_loss

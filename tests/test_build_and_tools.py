@@ -25,8 +25,9 @@ def test_extension_builds_and_reports_backends():
 
 
 def test_cuda_kernels_are_linked_when_nvcc_exists():
-    from kdfast import _C
     import shutil
+
+    from kdfast import _C
 
     nvcc = shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")
     if os.environ.get("KDFAST_NO_CUDA") == "1" or not nvcc:

@@ -10,6 +10,8 @@ import torch
 import kdfast
 import kdfast.losses.attention as attention_mod
 import kdfast.losses.hidden as hidden_mod
+from tests.conftest import CPU_BACKENDS
+from tests.helpers import assert_close, make_mask
 from tests.reference import (
     attention_kl_reference,
     attention_mse_reference,
@@ -17,8 +19,6 @@ from tests.reference import (
     hidden_mse_reference,
     teacher_heads_reference,
 )
-from tests.conftest import CPU_BACKENDS
-from tests.helpers import assert_close, make_mask
 
 HIDDEN_BACKENDS = [b for b in ("triton", "torch") if b in CPU_BACKENDS]
 ATT_REFS = {"kl": attention_kl_reference, "mse": attention_mse_reference}

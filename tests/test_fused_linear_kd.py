@@ -6,11 +6,11 @@ import pytest
 import torch
 
 import kdfast
-from tests.reference import kd_loss_reference, sparse_kd_loss_reference
 from kdfast.losses.fused_linear_kd import default_chunk_size
 from tests.helpers import backends_of
 from tests.inputs import LEAD, V, dense_logits
 from tests.inputs import lm_head_inputs as make_inputs
+from tests.reference import kd_loss_reference, sparse_kd_loss_reference
 
 # fp16 / bf16 hidden/weights only on cpu/torch (the interpreter's half arithmetic is not what a GPU does)
 DTYPES = {"triton": [torch.float32], "cpu": [torch.float32, torch.float16, torch.bfloat16],

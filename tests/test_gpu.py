@@ -21,6 +21,9 @@ import pytest
 import torch
 
 import kdfast
+from tests.helpers import assert_logits_close as assert_close
+from tests.inputs import logit_inputs as make_inputs
+from tests.inputs import reference_loss_and_grad
 from tests.reference import (
     attention_kl_reference,
     attention_mse_reference,
@@ -28,8 +31,6 @@ from tests.reference import (
     hidden_mse_reference,
     sparse_kd_loss_reference,
 )
-from tests.helpers import assert_logits_close as assert_close
-from tests.inputs import logit_inputs as make_inputs, reference_loss_and_grad
 from tests.tiny_teacher import save_tiny_bert_teacher
 
 ON_GPU = torch.cuda.is_available()
@@ -162,9 +163,9 @@ FLKD_BACKENDS = [b for b in ("triton", "cuda") if _STATUS[b].available] if ON_GP
 def test_fused_linear_kd_dense_teacher(backend, dtype):
     """16-bit heads on a GPU take the fp32-output GEMM path (no fp32 copy of the weight); the loss is
     fp32-accurate and the gradients within one rounding to the head's dtype."""
-    from tests.reference import kd_loss_reference
     from kdfast.losses.fused_linear_kd import low_precision_gemm_path
     from tests.inputs import dense_logits
+    from tests.reference import kd_loss_reference
 
     assert low_precision_gemm_path(DEV, dtype) == (ON_GPU and dtype in (F16, BF16))
     h_s, w_s, b_s, h_t, w_t, b_t, labels, mask, V = _flkd_inputs(dtype, (5, 67) if ON_GPU else (3, 7))

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 import kdfast
+from kdfast.losses import map_teacher_heads
+from tests.helpers import assert_close, backends_of, make_mask
+from tests.inputs import REFS, additive, grouped_reference, make_qk
 from tests.reference import (
     attention_kl_reference,
     attention_scores_reference,
     teacher_heads_reference,
 )
-from kdfast.losses import map_teacher_heads
-from tests.helpers import assert_close, backends_of, make_mask
-from tests.inputs import REFS, additive, grouped_reference, make_qk
 
 MAP_FNS = {"kl": kdfast.attention_kl_loss, "mse": kdfast.attention_mse_loss}
 FLASH_BACKENDS = backends_of("attention_transfer")

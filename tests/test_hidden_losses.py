@@ -9,8 +9,8 @@ from torch.utils._pytree import tree_leaves
 
 import kdfast
 import kdfast.losses.hidden as hidden_mod
-from tests.reference import cosine_reference, feature_map_reference, hidden_mse_reference
 from tests.helpers import assert_close, backends_of, make_mask
+from tests.reference import cosine_reference, feature_map_reference, hidden_mse_reference
 
 # every registered backend of the family's ops that runs here (both ops have the same backends)
 HIDDEN_BACKENDS = backends_of("hidden_mse_epilogue")
@@ -307,7 +307,8 @@ def test_hidden_cpu_kernels_bad_arguments_name_the_argument():
 
 # --- DistilBERT cosine ---------------------------------------------------------------------------
 
-COS_CASES = [(b, d, L, m) for b in HIDDEN_BACKENDS for d in DTYPES.get(b, ALL_DTYPES) + ((torch.float64,) if b == "triton" else ())
+COS_CASES = [(b, d, L, m) for b in HIDDEN_BACKENDS
+             for d in DTYPES.get(b, ALL_DTYPES) + ((torch.float64,) if b == "triton" else ())
              for L in (37, 130) for m in (False, True)
              if d == torch.float32 or (L, m) == (37, True)]
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 
 import kdfast
-from tests import reference as R
 from kdfast.losses._autograd import scale_stored_grad
 from kdfast.losses._checks import TEMPERATURE_RANGE, set_value_checks
 from kdfast.losses.sparse_kd import TOPK_MAX_TEMPERATURE
+from tests import reference as R
 
 BACKENDS = [name for name in ("torch", "cpu", "triton") if kdfast.backends()[name].available]
 V = 37  # odd, not a multiple of any vector width
@@ -396,7 +396,6 @@ def test_scaling_the_stored_gradient_never_reads_a_device_scalar():
 def test_upstream_gradient_scales_every_stored_gradient(backend):
     g = torch.Generator().manual_seed(12)
     q = [torch.randn(1, 2, 5, 4, generator=g) for _ in range(4)]
-    hs, ht = torch.randn(2, 3, 6, generator=g), torch.randn(2, 3, 6, generator=g)
     losses = [
         lambda x: kdfast.flash_attention_transfer(x, q[1], q[2], q[3], backend=backend),
         lambda x: kdfast.cosine_loss(x.reshape(2, 5, 4), q[2].reshape(2, 5, 4), backend=backend),

@@ -3,11 +3,9 @@ teacher's, over every real token, with the teacher's head input rounded to the c
 
 import pytest
 import torch
-from transformers import BertForMaskedLM
+from transformers import BertForMaskedLM, TrainingArguments
 
 import kdfast
-from transformers import TrainingArguments
-
 from kdfast.cache import CacheDataset, TeacherCache, build_cache
 from kdfast.integrations.transformers import DistillationTrainer
 from kdfast.models import tinybert

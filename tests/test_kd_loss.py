@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +9,9 @@ import torch.nn.functional as F
 import kdfast
 from tests.helpers import assert_logits_close as assert_close
 from tests.helpers import backends_of
-from tests.inputs import logit_inputs as make_inputs, reference_loss_and_grad
+from tests.inputs import logit_inputs as make_inputs
+from tests.inputs import reference_loss_and_grad
+
 CPU_BACKENDS = backends_of("kd_rows")  # every registered kd_rows backend that runs here
 
 # Triton under the interpreter computes in numpy with fp32 loads; bf16 arithmetic in the

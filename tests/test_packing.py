@@ -155,10 +155,10 @@ def test_packed_cache_built_from_the_cli_reads_back_the_packed_rows(tiny, tmp_pa
 
 @pytest.mark.parametrize("source", ["live", "cache"])
 def test_a_recipe_trains_on_packed_rows_and_evaluates_paragraphs(tiny, tmp_path, source):
-    from kdfast.cache import TeacherCache
-    from kdfast.cli import main
     from transformers import AutoTokenizer
 
+    from kdfast.cache import TeacherCache
+    from kdfast.cli import main
     from kdfast.train.recipes import common
     from kdfast.train.recipes.config import DataSettings
 

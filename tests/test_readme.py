@@ -226,8 +226,9 @@ def _runnable(code: str) -> str:
 
 def _inputs() -> dict:
     """Small random inputs under the names the README's snippets use."""
-    from kdfast.models import tinybert
     from transformers import BertConfig, BertForMaskedLM
+
+    from kdfast.models import tinybert
 
     B, L, V, H, dh, d_s, d_t = 2, 7, 37, 2, 4, 12, 16
     mask = torch.ones(B, L, dtype=torch.long)

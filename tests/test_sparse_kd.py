@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import kdfast
-from tests.reference import kd_loss_reference, sparse_kd_loss_reference
 from tests.helpers import assert_logits_close as assert_close
 from tests.helpers import backends_of
 from tests.inputs import sparse_teacher_inputs as make_inputs
+from tests.reference import kd_loss_reference, sparse_kd_loss_reference
 
 # every registered sparse_kd_rows backend that runs here (no compiled C++ kernel yet: Triton, torch)
 BACKENDS = backends_of("sparse_kd_rows")

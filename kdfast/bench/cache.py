@@ -66,8 +66,9 @@ def run(device: torch.device, *, rows: int = 128, max_length: int = 128, batch_s
             info = TeacherCache(str(out)).info()
             fields = {k: v for k, v in info["bytes_per_token"].items()
                       if k not in ("input_ids", "attention_mask", "labels", "logit_offsets")}
-            r = Result(SUITE, "bytes/token", name, None, None,
-                       note=f"{sum(fields.values()):.1f} B/token (+{info['bytes_per_token_total'] - sum(fields.values()):.1f} inputs)")
+            stored = sum(fields.values())
+            inputs = info["bytes_per_token_total"] - stored
+            r = Result(SUITE, "bytes/token", name, None, None, note=f"{stored:.1f} B/token (+{inputs:.1f} inputs)")
             if teacher == teacher_dir:
                 r.extra = {"write": f"{info['tokens'] / dt:.0f} tok/s, {info['bytes'] / dt / 2**20:.1f} MiB/s"}
             results.append(r)

@@ -35,9 +35,9 @@ from kdfast.cache.format import (
     validate_settings,
     write_record,
 )
-from kdfast.capture import capture
 from kdfast.cache.head import capture_head_input, head_projection
 from kdfast.cache.ranks import current_ranks, finish, fold_records
+from kdfast.capture import capture
 from kdfast.data import (
     check_max_length,
     expand_data_paths,

@@ -32,5 +32,6 @@ LOSS_OPS = {
 __all__ = [
     "DistillationLoss", "FusedLinearKDLoss", "HiddenMSELoss", "KDLoss", "SparseKDLoss", "attention_kl_loss",
     "attention_mse_loss", "cosine_loss", "feature_map_loss", "flash_attention_transfer", "fused_linear_kd_loss",
-    "hidden_mse_loss", "kd_loss", "map_teacher_heads", "minilm_relation_loss", "split_relation_heads", "sparse_kd_loss", "sparsify_teacher_logits",
+    "hidden_mse_loss", "kd_loss", "map_teacher_heads", "minilm_relation_loss", "split_relation_heads", "sparse_kd_loss",
+    "sparsify_teacher_logits",
 ]

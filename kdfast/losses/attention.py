@@ -401,7 +401,8 @@ def flash_attention_transfer(
     score of the teacher heads G_h = {h g, ..., h g + g - 1}, t_h = (scale_t / g) sum_{j in G_h}
     q_t,j k_t,j^T, computed as one head of width g dt (:func:`map_teacher_heads`; for ``kl`` this
     is softmax of the mean score, not the mean of the probabilities, see the module docstring);
-    when H = g H_t, teacher head j is the target of student heads j g, ..., j g + g - 1. A token mask ``key_mask`` [B, L] removes padded tokens as keys *and* as query rows
+    when H = g H_t, teacher head j is the target of student heads j g, ..., j g + g - 1. A token mask
+    ``key_mask`` [B, L] removes padded tokens as keys *and* as query rows
     (see the module docstring). With K_b the valid keys, n_b = |K_b|, and the keys of query row
     i K_bi = K_b (global, ``window=None``) or K_bi = {j in K_b : |i - j| <= w} (``window`` = w, a
     local layer: keys outside the band are not part of the row, probability 0), N = H sum_b

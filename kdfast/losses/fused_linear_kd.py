@@ -59,9 +59,18 @@ import torch
 from torch import Tensor, nn
 
 from kdfast.losses._autograd import scale_stored_grad
-from kdfast.losses._checks import (KD_ROWS, acc_dtype, check_choice, check_nonnegative, check_row_tensor, check_tensor,
-                                   check_all_finite, check_temperature, explain_non_finite,
-                                   value_checks_enabled)
+from kdfast.losses._checks import (
+    KD_ROWS,
+    acc_dtype,
+    check_all_finite,
+    check_choice,
+    check_nonnegative,
+    check_row_tensor,
+    check_temperature,
+    check_tensor,
+    explain_non_finite,
+    value_checks_enabled,
+)
 from kdfast.losses.kd import KINDS
 from kdfast.losses.sparse_kd import TOPK_MAX_TEMPERATURE, check_sparse_teacher_rows, check_teacher_ids
 from kdfast.ops import logit_kd, registry

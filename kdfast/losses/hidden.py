@@ -29,8 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from kdfast.losses._autograd import scale_stored_grad
-from kdfast.losses._checks import (acc_dtype, check_nonnegative, check_positive, check_same_dtype_device, check_tensor,
-                                   explain_non_finite, mask_row_weights)
+from kdfast.losses._checks import (
+    acc_dtype,
+    check_nonnegative,
+    check_positive,
+    check_same_dtype_device,
+    check_tensor,
+    explain_non_finite,
+    mask_row_weights,
+)
 from kdfast.ops import hidden_rows as _hidden_rows  # noqa: F401  (registers the family's ops)
 from kdfast.ops import registry
 

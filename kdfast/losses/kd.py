@@ -130,7 +130,8 @@ def kd_loss(
     Raises:
         ValueError naming the argument: shape / vocabulary / dtype / device mismatch,
         temperature outside [1e-2, 1e4], a negative, NaN / Inf or non-number alpha, labels out of range,
-        unknown kind / reduction / kd_rows / backend, ``kd_rows="masked"`` without labels, float64 inputs with ``backend="triton"``, NaN or
+        unknown kind / reduction / kd_rows / backend, ``kd_rows="masked"`` without labels, float64
+        inputs with ``backend="triton"``, NaN or
         +Inf in the counted rows of ``teacher_logits`` or a row that is -inf everywhere (-inf
         entries are valid: probability 0). Value checks run as `set_value_checks` says.
     """

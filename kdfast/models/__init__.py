@@ -1,7 +1,9 @@
 """Model builders for distillation: MobileBERT blocks, DistilBERT/TinyBERT students, layer maps, counting."""
 
-from .counting import count
 from kdfast.losses.layer_map import uniform_layer_map
+
+from .counting import count
+from .fused import disable_fused_kernels, enable_fused_kernels
 from .mobilebert import (
     KDMobileBert,
     KDMobileBertForMaskedLM,
@@ -12,7 +14,6 @@ from .mobilebert import (
     set_kernel_backend,
     stacked_ffn,
 )
-from .fused import disable_fused_kernels, enable_fused_kernels
 from .students import distilbert_from_teacher, tinybert, tinybert_config, tinybert_student
 
 __all__ = [

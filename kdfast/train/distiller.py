@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from kdfast.losses._checks import NonFiniteInputError
 from kdfast.train.checkpoint import (  # noqa: F401  (CheckpointError, finished_run, read_metrics: re-exported)
     CheckpointError,
     Checkpointing,
@@ -46,11 +47,16 @@ from kdfast.train.checkpoint import (  # noqa: F401  (CheckpointError, finished_
     finished_run,
     read_metrics,
 )
-from kdfast.losses._checks import NonFiniteInputError
 from kdfast.train.distributed import mean_across_ranks, rank_and_world
 from kdfast.train.optim import OPTIMIZERS, build_optimizer
-from kdfast.train.run_guard import (StopSignals, check_no_previous_run, prune_checkpoints, record_seconds, run_lock,
-                                    seconds_before)
+from kdfast.train.run_guard import (
+    StopSignals,
+    check_no_previous_run,
+    prune_checkpoints,
+    record_seconds,
+    run_lock,
+    seconds_before,
+)
 
 StepLoss = Callable[[dict], tuple[torch.Tensor, dict[str, float]]]
 

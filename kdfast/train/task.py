@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from kdfast.data import check_max_length, model_positions
 from kdfast.losses._checks import check_positive
-from kdfast.train.data import TokenBatches
 from kdfast.train import stage
+from kdfast.train.data import TokenBatches
 from kdfast.train.distiller import MAX_SEED, TrainConfig, check_finite, check_int, check_out_dir, seed_everything
 from kdfast.train.glue import GlueTask, TaskExamples, compute_metrics, find_split_files, get_task, load_split
 from kdfast.train.teacher import QK_PRESCALED, LiveTeacher, capture_outputs

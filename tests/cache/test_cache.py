@@ -1,19 +1,26 @@
 """Teacher cache: contents equal the live teacher, resume after SIGKILL, refusal of bad caches."""
 
 import json
-from collections import Counter
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+from collections import Counter
 
 import pytest
 import torch
 
-from kdfast.cache import (CacheDataset, CacheError, Manifest, Prefetcher, TeacherCache, build_cache,
-                          dequantize_int8, quantize_int8, teacher_weights_sha256)
+from kdfast.cache import (
+    CacheDataset,
+    CacheError,
+    Manifest,
+    Prefetcher,
+    TeacherCache,
+    build_cache,
+    dequantize_int8,
+    quantize_int8,
+    teacher_weights_sha256,
+)
 
 BUILD = dict(max_length=24, batch_size=4, rows_per_shard=8, progress=False)
 

@@ -93,8 +93,14 @@ def test_fused_kd_from_the_head_cache_equals_the_live_step_on_rounded_input(head
 
 def test_head_projection_of_other_heads():
     """DistilBERT, RoBERTa and MobileBERT heads split as logits = head_input W^T + b."""
-    from transformers import (DistilBertConfig, DistilBertForMaskedLM, MobileBertConfig, MobileBertForMaskedLM,
-                              RobertaConfig, RobertaForMaskedLM)
+    from transformers import (
+        DistilBertConfig,
+        DistilBertForMaskedLM,
+        MobileBertConfig,
+        MobileBertForMaskedLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
 
     torch.manual_seed(0)
     models = [

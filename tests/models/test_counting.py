@@ -3,8 +3,15 @@
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import (BertConfig, BertForMaskedLM, BertModel, DistilBertConfig, DistilBertModel,
-                          MobileBertForMaskedLM, MobileBertModel)
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertModel,
+    DistilBertConfig,
+    DistilBertModel,
+    MobileBertForMaskedLM,
+    MobileBertModel,
+)
 
 from kdfast.models import count, distilbert_from_teacher, mobilebert_config, tinybert_config
 from kdfast.models.mobilebert import KDMobileBert, KDMobileBertForMaskedLM

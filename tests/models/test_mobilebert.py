@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 from transformers import MobileBertConfig, MobileBertForMaskedLM, MobileBertModel
 
-from kdfast.models import mobilebert as mb
 from kdfast.models import fused
+from kdfast.models import mobilebert as mb
 from kdfast.models.mobilebert import KDMobileBert, KDMobileBertForMaskedLM, mobilebert_config, set_kernel_backend
 
 # "no-trigram-equal-width" has a 0-row MLM block (hidden_size == embedding_size); torch warns when initialising it

@@ -7,9 +7,21 @@ kdfast.models.count on them against their state dicts and torch's FLOP counter."
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import (AutoModelForMaskedLM, DistilBertConfig, DistilBertForMaskedLM, ElectraConfig,
-                          ElectraForMaskedLM, ElectraForPreTraining, ModernBertConfig, ModernBertForMaskedLM,
-                          ModernBertModel, RobertaConfig, RobertaForMaskedLM, XLMRobertaConfig, XLMRobertaModel)
+from transformers import (
+    AutoModelForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    ElectraConfig,
+    ElectraForMaskedLM,
+    ElectraForPreTraining,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    ModernBertModel,
+    RobertaConfig,
+    RobertaForMaskedLM,
+    XLMRobertaConfig,
+    XLMRobertaModel,
+)
 
 from kdfast.models import count, distilbert_from_teacher, uniform_layer_map
 from kdfast.models.counting import band_pairs

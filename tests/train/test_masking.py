@@ -39,7 +39,7 @@ def test_frequent_tokens_masked_less_budget_and_80_10_10():
     w = token_mask_weights(counts, 0.7, SPECIAL)
     candidates = am.bool() & (ids > 2)
     chosen_per_token = torch.zeros(V, dtype=torch.double)
-    n_chosen, n_candidates, n_mask, n_keep, n_other = 0, 0, 0, 0, 0
+    n_chosen, n_candidates, n_mask, n_keep = 0, 0, 0, 0
     for seed in range(200):
         g = torch.Generator().manual_seed(1000 + seed)
         out, labels = mask_tokens(ids, am, special_ids=SPECIAL, mask_id=MASK, vocab_size=V, token_weights=w,

@@ -51,7 +51,8 @@ rows and key blocks of BN columns, never stored):
         dQ_s[I] += scale_s dS K_s[J],  dK_s[J] += scale_s dS^T Q_s[I]
 
 Only the key blocks that meet the band of a query block are computed or read, so a local layer
-costs O(B H L w (ds + dt)) work and a global one O(B H L^2 (ds + dt)), both in O(B H L) memory. Backends: ``torch`` (:mod:`.eager`), ``triton`` (:mod:`.triton`, the custom op
+costs O(B H L w (ds + dt)) work and a global one O(B H L^2 (ds + dt)), both in O(B H L) memory.
+Backends: ``torch`` (:mod:`.eager`), ``triton`` (:mod:`.triton`, the custom op
 ``kdfast::attention_transfer_triton`` below), ``cpu`` (``torch.ops.kdfast.attention_transfer_fwd_bwd``,
 csrc/ops/attention_transfer/cpu.cpp).
 
@@ -84,9 +85,9 @@ import torch
 from torch import Tensor
 
 from kdfast import backend as _backend
+from kdfast.ops.attention_transfer.eager import attention_transfer_fwd_bwd_torch
 from kdfast.ops.dtypes import acc_dtype
 from kdfast.ops.logit_kd import OP as KD_ROWS_OP
-from kdfast.ops.attention_transfer.eager import attention_transfer_fwd_bwd_torch
 from kdfast.ops.registry import register, select
 
 FLASH_OP = "attention_transfer"

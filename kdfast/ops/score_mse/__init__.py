@@ -39,8 +39,8 @@ from torch import Tensor
 
 from kdfast import backend as _backend
 from kdfast.ops.dtypes import acc_dtype
-from kdfast.ops.score_mse.eager import score_mse_bwd_torch, score_mse_fwd_torch
 from kdfast.ops.registry import register
+from kdfast.ops.score_mse.eager import score_mse_bwd_torch, score_mse_fwd_torch
 
 FWD_OP = "score_mse_fwd"
 BWD_OP = "score_mse_bwd"

@@ -60,7 +60,8 @@ STEP_KEYS = ("pkt.steps_per_layer", "pretrain.steps")
 @dataclass
 class MobileBertStudent:
     """Student shape; None: derived from the teacher (width = the teacher's hidden size, depth and
-    heads = 4 (the paper's) when the teacher's head count is a multiple of 4, else the teacher's, intra-bottleneck = width / 4 rounded down to a multiple of the heads,
+    heads = 4 (the paper's) when the teacher's head count is a multiple of 4, else the teacher's,
+    intra-bottleneck = width / 4 rounded down to a multiple of the heads,
     FFN = 4 x intra-bottleneck, embedding = min(128, width))."""
 
     intra_bottleneck_size: int | None = None
@@ -254,9 +255,9 @@ def plan(cfg: MobileBertRecipe) -> Plan:
     """One stage per layer of progressive knowledge transfer (``pkt layer l``), then pre-training
     distillation (``pretrain distill``); its plan saves the student (as a ``transformers``
     MobileBERT) and writes the report."""
-    import kdfast
     from transformers import AutoConfig
 
+    import kdfast
     from kdfast.models import KDMobileBertForMaskedLM
 
     run = common.RecipeRun(cfg, NAME)

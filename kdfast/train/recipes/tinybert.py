@@ -123,9 +123,9 @@ def build_student(settings: TinyBertStudent, teacher_config):
 def plan(cfg: TinyBertRecipe) -> Plan:
     """The ``general`` stage (and, with a ``task`` section, task distillation after it, from the
     saved student); its plan saves the student and writes the report."""
-    import kdfast
     from transformers import AutoConfig
 
+    import kdfast
     from kdfast.models import uniform_layer_map
     from kdfast.models.modernbert import attention_windows
 
