@@ -356,22 +356,6 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return _in_out_dir("distill", cfg.out_dir, args, work)
 
 
-def _format_eval_table(report: dict) -> str:
-    """One row per (dev split, metric): the model, and the teacher / majority-class baseline when known."""
-    teacher, majority = report.get("teacher_metrics"), report.get("majority")
-    head = f"{'split':<16} {'metric':<14} {'model':>8}"
-    head += f" {'teacher':>8}" if teacher else ""
-    head += f" {'majority':>9}" if majority else ""
-    lines = [head, "-" * len(head)]
-    for split, metrics in report["metrics"].items():
-        for name, value in metrics.items():
-            row = f"{split:<16} {name:<14} {value:>8.4f}"
-            row += f" {teacher[split][name]:>8.4f}" if teacher else ""
-            row += f" {majority[split][name]:>9.4f}" if majority else ""
-            lines.append(row)
-    return "\n".join(lines)
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -415,7 +399,9 @@ def _eval(args: argparse.Namespace, task, out: str) -> int:
         return _fail("eval", e)
     what = "task distillation" if args.teacher else "fine-tuning"
     print(f"{task.name}: {what} on {report['train']['examples']} examples; model saved to {report['model_dir']}")
-    print(_format_eval_table(report))
+    from kdfast.train.task import format_eval_table
+
+    print(format_eval_table(report))
     print(f"wrote {Path(out) / 'metrics.json'}")
     return 0
 

@@ -24,7 +24,7 @@ from kdfast.train.distiller import MAX_SEED, TrainConfig, check_finite, check_in
 from kdfast.train.glue import GlueTask, TaskExamples, compute_metrics, find_split_files, get_task, load_split
 from kdfast.train.teacher import QK_PRESCALED, LiveTeacher, capture_outputs
 
-__all__ = ["encode_examples", "evaluate", "finetune_and_eval", "load_task_data", "predict", "task_distill"]
+__all__ = ["encode_examples", "evaluate", "finetune_and_eval", "format_eval_table", "load_task_data", "predict", "task_distill"]
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -449,3 +449,19 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
         return report
 
     return stage.run_plan(stage.Plan(stages, finish), resume=resume)
+
+
+def format_eval_table(report: dict) -> str:
+    """One row per (dev split, metric): the model, and the teacher / majority-class baseline when known."""
+    teacher, majority = report.get("teacher_metrics"), report.get("majority")
+    head = f"{'split':<16} {'metric':<14} {'model':>8}"
+    head += f" {'teacher':>8}" if teacher else ""
+    head += f" {'majority':>9}" if majority else ""
+    lines = [head, "-" * len(head)]
+    for split, metrics in report["metrics"].items():
+        for name, value in metrics.items():
+            row = f"{split:<16} {name:<14} {value:>8.4f}"
+            row += f" {teacher[split][name]:>8.4f}" if teacher else ""
+            row += f" {majority[split][name]:>9.4f}" if majority else ""
+            lines.append(row)
+    return "\n".join(lines)
