@@ -263,11 +263,17 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
                                    student_scores.detach() <= threshold, 0))], m, maps=True)
 
     if value_checks_enabled(loss):
-        # a NaN compares false with the threshold, so the kernels drop it: look for one as well
-        named = counted()
-        if not bool(torch.isfinite(loss)) or any(bool(torch.isnan(x).any()) for _, x in named):
-            name_non_finite(named)
+        # a NaN compares false with the threshold, so the kernels drop it: look for one as well, one
+        # (b, h) map at a time (no masked copy of either map unless there is something to name)
+        if not bool(torch.isfinite(loss)) or _has_nan(teacher_scores) or _has_nan(student_scores.detach()):
+            name_non_finite(counted())
     return loss
+
+
+def _has_nan(scores: Tensor) -> bool:
+    """Whether [..., L, L] ``scores`` hold a NaN, read one [L, L] map at a time (a bool map of one
+    head, not of the whole batch)."""
+    return any(bool(torch.isnan(m).any()) for m in scores.reshape(-1, *scores.shape[-2:]))
 
 
 def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None, *,
