@@ -257,23 +257,44 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
     loss = _ScoreMSEFunction.apply(student_scores.contiguous(), teacher_scores.detach().contiguous(), mask_i8,
                                    threshold, m is not None, w, name)
 
-    def counted() -> list[tuple[str, Tensor]]:  # at or below threshold: masked, not a bad value
-        return counted_tokens([("teacher_scores", teacher_scores.masked_fill(teacher_scores <= threshold, 0)),
-                               ("student_scores", student_scores.detach().masked_fill(
-                                   student_scores.detach() <= threshold, 0))], m, maps=True)
+    band = None if w < 0 else _band(L, w, dev)  # w = -1: global
+
+    def counted() -> list[tuple[str, Tensor]]:  # at or below threshold, or outside the band: not compared
+        def kept(x: Tensor) -> Tensor:
+            x = x.masked_fill(x <= threshold, 0)
+            return x if band is None else x.masked_fill(~band, 0)
+
+        return counted_tokens([("teacher_scores", kept(teacher_scores)), ("student_scores", kept(student_scores.detach()))],
+                              m, maps=True)
 
     if value_checks_enabled(loss):
         # a NaN compares false with the threshold, so the kernels drop it: look for one as well, one
         # (b, h) map at a time (no masked copy of either map unless there is something to name)
-        if not bool(torch.isfinite(loss)) or _has_nan(teacher_scores) or _has_nan(student_scores.detach()):
+        if (not bool(torch.isfinite(loss)) or _has_nan(teacher_scores, m, band)
+                or _has_nan(student_scores.detach(), m, band)):
             name_non_finite(counted())
     return loss
 
 
-def _has_nan(scores: Tensor) -> bool:
-    """Whether [..., L, L] ``scores`` hold a NaN, read one [L, L] map at a time (a bool map of one
-    head, not of the whole batch)."""
-    return any(bool(torch.isnan(m).any()) for m in scores.reshape(-1, *scores.shape[-2:]))
+def _band(L: int, w: int, device: torch.device) -> Tensor:
+    """[L, L] bool: |i - j| <= w."""
+    i = torch.arange(L, device=device)
+    return (i[:, None] - i[None, :]).abs() <= w
+
+
+def _has_nan(scores: Tensor, mask: Tensor | None, band: Tensor | None) -> bool:
+    """Whether [B, H, L, L] ``scores`` hold a NaN where the loss counts them (query rows kept by
+    ``mask``, inside ``band``), read one [L, L] map at a time (a bool map of one head, not of the batch)."""
+    for b in range(scores.shape[0]):
+        keep = band
+        if mask is not None:
+            rows = mask[b].bool()[:, None]
+            keep = rows if keep is None else keep & rows
+        for head in scores[b]:
+            nan = torch.isnan(head) if keep is None else torch.isnan(head) & keep
+            if bool(nan.any()):
+                return True
+    return False
 
 
 def attention_kl_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Tensor | None = None, *,
