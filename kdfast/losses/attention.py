@@ -55,6 +55,7 @@ from torch import Tensor
 from kdfast.losses._autograd import scale_stored_grad
 from kdfast.losses._checks import (
     acc_dtype,
+    check_all_finite,
     check_choice,
     check_logit_rows,
     check_positive,
@@ -498,8 +499,13 @@ def flash_attention_transfer(
     row_weight = key_valid.to(acc) / count.clamp_min(1)
     out = _StoredGradLossFunction.apply(FLASH_OP, name, 2, torch.is_grad_enabled(), q_s, k_s, q_t, k_t, key_valid,
                                         row_weight, scale_s, scale_t, loss == "mse", w)
-    explain_non_finite(out, lambda: counted_tokens([("q_t", q_t), ("k_t", k_t), ("q_s", q_s.detach()),
-                                                    ("k_s", k_s.detach())], m))
+    def named() -> list[tuple[str, Tensor]]:
+        return counted_tokens([("q_t", q_t), ("k_t", k_t), ("q_s", q_s.detach()), ("k_s", k_s.detach())], m)
+
+    if value_checks_enabled(out) and bool(torch.isfinite(out)):
+        # a finite loss can still hide a NaN / Inf teacher row (a kernel's max skips a NaN): O(B H L d) to look
+        check_all_finite(named())
+    explain_non_finite(out, named)
     return out
 
 
