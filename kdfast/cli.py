@@ -101,7 +101,6 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-
 def _fail(command: str, error: BaseException) -> int:
     """Bad input, a full disk, a refused checkpoint: one line on stderr, exit status 2, no traceback."""
     print(f"kdfast {command}: error: {' '.join(str(error).split()) or type(error).__name__}", file=sys.stderr)
@@ -490,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "verify":
             cp.add_argument("--same-as", metavar="DIR",
                             help="also check that the cache holds exactly the rows and values of the cache in DIR "
-                                 "(e.g. one built by another number of processes)")
+                                 "(e.g. one built by another number of processes); default: no comparison")
         if name == "info":
             cp.add_argument("--json", action="store_true", help="print the description as JSON")
     c.set_defaults(func=cmd_cache)

@@ -149,7 +149,7 @@ def test_fused_restrict_to_masked_is_a_deprecated_alias():
                                   "FusedLinearKDLoss"])
 def test_bad_kd_rows_name_the_argument(call):
     s, t, labels, mask = make_rows()
-    ids, vals, lse = kdfast.sparsify_teacher_logits(t, K, temperature=2.0)
+    ids, vals, lse = kdfast.sparsify_teacher_logits(t, K)  # at T = 1, the calls' temperature
     h, w = torch.randn(N, 12), torch.randn(V, 12)
     calls = {
         "kd_loss": lambda **kw: kdfast.kd_loss(s, t, **kw),

@@ -363,7 +363,8 @@ def test_tinybert_student_with_fewer_heads_than_the_teacher(tiny, tmp_path):
 
         cfg = recipe_config("tinybert", None, ["student.hidden_size=15", "student.num_attention_heads=3",
                                                f"teacher.dir={tiny / 'teacher'}", f"out_dir={tmp_path / 'bad'}",
-                                               f"data.files=[{tiny / 'train.txt'}]", "data.max_length=16"])
+                                               f"data.files=[{tiny / 'train.txt'}]", "data.max_length=16",
+                                               "teacher.allow_larger_student=true"])  # the size check comes first
         run_recipe("tinybert", cfg)
 
 
