@@ -26,6 +26,7 @@ Distributed: under ``torchrun`` wrap the student in DDP before passing it (see
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -262,7 +263,9 @@ class Distiller(Checkpointing):
         run (not ``resume``) into a folder that holds a previous run raises
         :class:`kdfast.train.run_guard.RunExistsError`."""
         check_out_dir(self.out)
-        with run_lock(self.out), StopSignals() as self._stop:
+        # under torchrun the ranks share out_dir: rank 0, which writes it, holds the lock for all
+        lock = run_lock(self.out) if self.rank == 0 else contextlib.nullcontext()
+        with lock, StopSignals() as self._stop:
             if not resume and self.rank == 0:
                 check_no_previous_run(self.out, "out_dir")
             self._clock = (time.perf_counter(), seconds_before(self.out) if resume else 0.0)
