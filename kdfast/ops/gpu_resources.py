@@ -81,10 +81,11 @@ SPILL_ALLOWED: dict[str, tuple[int, str]] = {
                "spills 31-47 KB (stored + loaded) per thread. Stays until the family retunes its tiles "
                "(BLOCK_M = 32 or 8 warps for fp32 and wide heads); the GPU check's attention rows are fp32 "
                "at dh = 64."),
-    r"^kd_fwd_bwd_kernel\[.* BLOCK_V=16384 SINGLE_BLOCK=1 w32\]": (
-        720, "logit KD with the whole 16,384-wide block in one program of 1,024 threads: 65,536 registers "
+    r"^kd_fwd_bwd_kernel\[.* BLOCK_V=16384 SINGLE_BLOCK=1( MLM_WEIGHT=\d)? w32\]": (
+        800, "logit KD with the whole 16,384-wide block in one program of 1,024 threads: 65,536 registers "
              "/ 1,024 threads caps each at 64, and the online soft-max state of 16 elements per thread "
-             "spills 44-376 B. Stays until the launcher's single-block path uses 16 warps (128 registers)."),
+             "spills 44-376 B stored (782 B stored + loaded with the per-row MLM weight). Stays until the "
+             "launcher's single-block path uses 16 warps (128 registers)."),
     r"^(_cosine_kernel|relu_bwd_colsum_kernel|nonorm_fwd_kernel|sparse_kd_fwd_bwd_kernel)\[": (
         80, "a few words of spill (4-40 B stored) at 64-80 registers in 128-256-thread programs: one or two "
             "values around a reduction, read once per row; retune with the kernel's next change."),
