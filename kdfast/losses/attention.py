@@ -284,13 +284,15 @@ def _band(L: int, w: int, device: torch.device) -> Tensor:
 
 
 def _has_nan(scores: Tensor, mask: Tensor | None, band: Tensor | None) -> bool:
-    """Whether [B, H, L, L] ``scores`` hold a NaN where the loss counts them (query rows kept by
-    ``mask``, inside ``band``), read one [L, L] map at a time (a bool map of one head, not of the batch)."""
+    """Whether [B, H, L, L] ``scores`` hold a NaN where the loss counts them (query row and key both
+    kept by ``mask``, inside ``band``), read one [L, L] map at a time (a bool map of one head, not of
+    the batch)."""
     for b in range(scores.shape[0]):
         keep = band
         if mask is not None:
-            rows = mask[b].bool()[:, None]
-            keep = rows if keep is None else keep & rows
+            tokens = mask[b].bool()
+            pairs = tokens[:, None] & tokens[None, :]
+            keep = pairs if keep is None else keep & pairs
         for head in scores[b]:
             nan = torch.isnan(head) if keep is None else torch.isnan(head) & keep
             if bool(nan.any()):
