@@ -277,6 +277,19 @@ def attention_mse_loss(student_scores: Tensor, teacher_scores: Tensor, mask: Ten
     return loss
 
 
+def _qk_not_finite(tensors: tuple[Tensor, ...], mask: Tensor | None) -> bool:
+    """Whether any [B, H, L, d] tensor holds a NaN / Inf in a row ``mask`` [B, L] keeps, read one
+    (b, h) slice at a time: O(B H L d) reads and one [L, d] temporary, never a copy of the inputs."""
+    for x in tensors:
+        for b in range(x.shape[0]):
+            rows = None if mask is None else mask[b].bool()
+            for head in x[b]:
+                kept = head if rows is None else head[rows]
+                if not bool(torch.isfinite(kept).all()):
+                    return True
+    return False
+
+
 def _band(L: int, w: int, device: torch.device) -> Tensor:
     """[L, L] bool: |i - j| <= w."""
     i = torch.arange(L, device=device)
@@ -504,8 +517,8 @@ def flash_attention_transfer(
     def named() -> list[tuple[str, Tensor]]:
         return counted_tokens([("q_t", q_t), ("k_t", k_t), ("q_s", q_s.detach()), ("k_s", k_s.detach())], m)
 
-    if value_checks_enabled(out) and bool(torch.isfinite(out)):
-        # a finite loss can still hide a NaN / Inf teacher row (a kernel's max skips a NaN): O(B H L d) to look
+    if value_checks_enabled(out) and bool(torch.isfinite(out)) and _qk_not_finite((q_t, k_t, q_s, k_s), m):
+        # a finite loss can still hide a NaN / Inf teacher row (a kernel's max skips a NaN)
         check_all_finite(named())
     explain_non_finite(out, named)
     return out
