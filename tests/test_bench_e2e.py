@@ -150,7 +150,7 @@ def test_bar_lines_judge_each_bar_on_the_best_round():
     tiny = [line for line in lines if line.startswith("tinybert")]
     assert tiny == ["tinybert 8x512 teacher 12x768: kdfast, live teacher vs hand-written: not judged, the step-0 "
                     "losses differ (NO (1e-3))"]
-    assert "bars (issue 13, CPU):" in e2e.report(res)
+    assert "bars (CPU):" in e2e.report(res)
     # the bars are set at the default shapes: TinyBERT's at L = 512 (128 reported), nothing at other shapes
     res += [_row("tinybert 8x128 teacher 12x768", e2e.HANDWRITTEN, 50.0, 50.0, 400),
             _row("tinybert 8x128 teacher 12x768", "kdfast, live teacher", 60.0, 60.0, 300),

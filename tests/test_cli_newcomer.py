@@ -112,7 +112,7 @@ def test_bad_numbers_are_usage_errors_before_any_work(tmp_path, capsys, monkeypa
 
 
 def test_demo_steps_0_in_a_real_process_writes_nothing(tmp_path):
-    """The issue's case: the demo built its whole cache before refusing --steps 0."""
+    """The demo once built its whole cache before refusing --steps 0."""
     proc = subprocess.run([sys.executable, "-m", "kdfast.cli", "demo", "--steps", "0", "--out", str(tmp_path / "d")],
                           capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

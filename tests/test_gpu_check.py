@@ -74,7 +74,7 @@ def test_dry_run_measured_every_suite_and_read_the_bars(dry_run):
         got = [r for r in rows if r["suite"] == suite and case in r["case"]]
         impls = {r["impl"] for r in got if r["ms"] and r["ms"] > 0}
         assert "eager" in impls and any(i.startswith("kdfast") for i in impls), (suite, case, got)
-    for step in ("distilbert", "tinybert"):  # issue 13's GPU row: whole recipe steps, kdfast against hand-written
+    for step in ("distilbert", "tinybert"):  # the whole recipe steps, kdfast against hand-written
         got = {r["impl"]: r for r in rows if r["suite"] == "e2e" and r["case"].startswith(step)}
         assert {"kdfast, live teacher", "kdfast, from the cache", "hand-written"} <= set(got), (step, list(got))
         assert all(r["ms"] and r["ms"] > 0 for r in got.values()), got

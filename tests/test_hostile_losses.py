@@ -1,4 +1,4 @@
-"""Hostile and extreme-but-valid inputs to the losses (issue 12, numerics and masks; issue 11,
+"""Hostile and extreme-but-valid inputs to the losses (numerics, masks and the
 host-sync policy): every refusal is a ValueError naming the argument, every accepted input gives
 a finite result within the documented tolerance of a float64 reference computed here."""
 

@@ -1,4 +1,4 @@
-"""``kd_rows`` (issue 14): which rows the KD term counts is an explicit argument of every logit loss;
+"""``kd_rows``: which rows the KD term counts is an explicit argument of every logit loss;
 labels alone never change it. Float64 references for both settings, with and without MLM, on every
 registered backend that runs here."""
 

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import ast
-import inspect
 import random
 import re
 import shlex
@@ -213,17 +212,6 @@ def test_quickstart_runs_as_written(tmp_path, monkeypatch, capsys):
 
 # --- the reference Python blocks -------------------------------------------------------------------
 
-#: ``kd_rows=`` is being added to kd_loss / fused_linear_kd_loss by another change (issue: labels alone
-#: never restrict KD); until it is merged the blocks run without it. Once merged this is a no-op.
-PENDING_KD_ROWS = "kd_rows" not in inspect.signature(kdfast.kd_loss).parameters
-
-
-def _runnable(code: str) -> str:
-    if PENDING_KD_ROWS:
-        code = re.sub(r',\s*kd_rows="[a-z]+"', "", code)
-    return code
-
-
 def _inputs() -> dict:
     """Small random inputs under the names the README's snippets use."""
     from transformers import BertConfig, BertForMaskedLM
@@ -264,7 +252,7 @@ def test_reference_python_blocks_run():
             _names_are_kdfasts(body)
             continue
         namespace = _inputs()
-        exec(compile(_runnable(body), f"README.md ({section})", "exec"), namespace)
+        exec(compile(body, f"README.md ({section})", "exec"), namespace)
         loss = namespace.get("loss")
         assert isinstance(loss, torch.Tensor) and loss.dim() == 0 and bool(torch.isfinite(loss)), section
         ran += 1

@@ -176,8 +176,7 @@ def map_cases(backends, dtypes):
             if b != "triton" or w in (7, 20)]
 
 
-@pytest.mark.parametrize("backend,dtype,window,masking", map_cases(KL_MAP_BACKENDS, MAP_DTYPES))
-def test_attention_kl_maps_window(backend, dtype, window, masking):
+def check_map_window(loss_fn, reference, backend, dtype, window, masking, scale):
     """Out-of-band scores are never read: NaN there changes nothing; the gradient is 0 there."""
     B, H, L = 2, 3, 37
     mask = token_mask(masking, B, L)
@@ -185,30 +184,23 @@ def test_attention_kl_maps_window(backend, dtype, window, masking):
     band = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).abs() <= window
     dirty_s, dirty_t = s.masked_fill(~band, float("nan")), t.masked_fill(~band, float("nan"))
     x = dirty_s.clone().requires_grad_()
-    loss = kdfast.attention_kl_loss(x, dirty_t, mask, window=window, backend=backend)
-    loss.backward()
+    loss = loss_fn(x, dirty_t, mask, window=window, backend=backend)
+    (scale * loss).backward()
     sd = s.double().requires_grad_()
-    ref = attention_kl_reference(sd, t.double(), mask, window=window)
-    ref.backward()
+    ref = reference(sd, t.double(), mask, window=window)
+    (scale * ref).backward()
     check((loss.detach(), x.grad), (ref.detach(), sd.grad), dtype, ("loss", "grad"))
     assert not x.grad[..., ~band].any()
+
+
+@pytest.mark.parametrize("backend,dtype,window,masking", map_cases(KL_MAP_BACKENDS, MAP_DTYPES))
+def test_attention_kl_maps_window(backend, dtype, window, masking):
+    check_map_window(kdfast.attention_kl_loss, attention_kl_reference, backend, dtype, window, masking, 1.0)
 
 
 @pytest.mark.parametrize("backend,dtype,window,masking", map_cases(MSE_MAP_BACKENDS, MAP_DTYPES))
 def test_attention_mse_maps_window(backend, dtype, window, masking):
-    B, H, L = 2, 3, 37
-    mask = token_mask(masking, B, L)
-    s, t = make_scores(B, H, L, dtype, mask)
-    band = (torch.arange(L)[:, None] - torch.arange(L)[None, :]).abs() <= window
-    dirty_s, dirty_t = s.masked_fill(~band, float("nan")), t.masked_fill(~band, float("nan"))
-    x = dirty_s.clone().requires_grad_()
-    loss = kdfast.attention_mse_loss(x, dirty_t, mask, window=window, backend=backend)
-    (-1.5 * loss).backward()
-    sd = s.double().requires_grad_()
-    ref = attention_mse_reference(sd, t.double(), mask, window=window)
-    (-1.5 * ref).backward()
-    check((loss.detach(), x.grad), (ref.detach(), sd.grad), dtype, ("loss", "grad"))
-    assert not x.grad[..., ~band].any()
+    check_map_window(kdfast.attention_mse_loss, attention_mse_reference, backend, dtype, window, masking, -1.5)
 
 
 @pytest.mark.parametrize("loss", ["kl", "mse"])

@@ -506,10 +506,10 @@ def report(results: list[Result]) -> str:
                  "step with the same KD rows; the rows from the cache against the hand-written live step); "
                  "tokens = real tokens of the batch")
     bars = bar_lines(results)
-    return "\n".join(lines + (["", "bars (issue 13, CPU):", *bars] if bars else []))
+    return "\n".join(lines + (["", "bars (CPU):", *bars] if bars else []))
 
 
-# Issue 13's CPU bars: (recipe step, kdfast row, the row it is compared with, speed-up, memory ratio),
+# The CPU bars: (recipe step, kdfast row, the row it is compared with, speed-up, memory ratio),
 # set for the default shapes (BERT-base-shaped teacher, batch 8; TinyBERT's at L = 512, other
 # lengths reported against the same numbers); other shapes are not judged.
 BAR_SHAPE = "teacher 12x768"

@@ -157,7 +157,7 @@ def check_logit_rows(teacher: Tensor, student: Tensor | None, teacher_name: str 
                      f"magnitudes of the logits, temperature and alphas)")
 
 
-# Which rows the KD term of a logit loss counts (issue 14: an explicit choice, never implied by labels).
+# Which rows the KD term of a logit loss counts (an explicit choice, never implied by labels).
 KD_ROWS = ("all", "masked")
 
 

@@ -1,4 +1,4 @@
-"""The teacher cache under hostile and careless input (issue 12): ``--out`` owns only what kdfast
+"""The teacher cache under hostile and careless input: ``--out`` owns only what kdfast
 wrote, the manifest is a validated schema, a re-hashed shard that breaks an invariant is reported
 by ``verify`` and refused by the reader with a CacheError (never a raw RuntimeError /
 SafetensorError), a teacher without an MLM head is refused for logits, and the command line

@@ -1,4 +1,4 @@
-"""Issue 12, training / checkpoints / command line, under hostile and careless input: training stops
+"""Training, checkpoints and the command line under hostile and careless input: training stops
 at the first non-finite loss term or gradient and never writes NaN weights; settings refuse
 non-finite and wrongly typed numbers; a run is reproducible from its seed (every recipe and the
 demo); checkpoints are hashed and refused with a one-line reason when torn, altered, out of range,
