@@ -48,7 +48,7 @@ from kdfast.train.checkpoint import (  # noqa: F401  (CheckpointError, finished_
     finished_run,
     read_metrics,
 )
-from kdfast.train.distributed import mean_across_ranks, rank_and_world
+from kdfast.train.distributed import mean_across_ranks, rank_and_world, signal_on_any_rank
 from kdfast.train.optim import OPTIMIZERS, build_optimizer
 from kdfast.train.run_guard import (
     StopSignals,
@@ -384,8 +384,10 @@ class Distiller(Checkpointing):
                     self._evaluate(metrics)
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.steps:
                     self._checkpoint()
-                if self._stop.signum is not None and self.step < cfg.steps:
-                    raise self._stop.interrupted(self.step, cfg.steps, self._checkpoint())
+                if self.step < cfg.steps:
+                    self._stop.signum = signal_on_any_rank(self._stop.signum)
+                    if self._stop.signum is not None:
+                        raise self._stop.interrupted(self.step, cfg.steps, self._checkpoint())
         finally:
             if metrics is not None:
                 metrics.close()

@@ -50,13 +50,29 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def _collective_device() -> torch.device:
+    """Where a scalar collective's tensor must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
 def mean_across_ranks(value: float) -> float:
-    """The average of a scalar over ranks (for logging a global loss)."""
+    """The average of a scalar over ranks (for logging a global loss): (1 / W) sum_r value_r."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
+
+
+def signal_on_any_rank(signum: int | None) -> int | None:
+    """max_r signum_r over the ranks (None when no rank has one), so that every rank stops after the
+    same step when a signal reached only some of them (a collective one rank no longer joins would
+    hang the others). One rank: ``signum`` itself, no collective."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return signum
+    t = torch.tensor([signum or 0], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t) or None
 
 
 def barrier() -> None:

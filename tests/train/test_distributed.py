@@ -47,6 +47,21 @@ def test_two_ranks_equal_one_process_with_double_batch(tmp_path):
     assert (tmp_path / "run-w2" / "checkpoints" / "latest").is_file()
 
 
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """SIGINT reaches rank 1 alone during step 3: both ranks stop after step 3 (a rank that went on
+    would wait forever in DDP's all-reduce), rank 0 writes that step's checkpoint, both exit 130."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={_free_port()}", str(WORKER), str(tmp_path), "4", "1"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0  # the ranks exited 130: torchrun reports the run as failed
+    stops = [torch.load(tmp_path / f"stop-rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert [s["step"] for s in stops] == [3, 3], (stops, r.stderr[-2000:])
+    assert all(s["signum"] == 2 for s in stops)
+    assert "exitcode: 130" in r.stderr or "exitcode  : 130" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "run-w2" / "checkpoints" / "latest").read_text().strip().endswith("3")
+
+
 def test_sharded_teacher_equals_unsharded_and_trains_the_same_student(tmp_path):
     _run_one_then_two_ranks(FSDP_WORKER, tmp_path)
     single = torch.load(tmp_path / "fsdp-w1-rank0.pt", weights_only=True)
