@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "../common/kd_math.h"
@@ -154,6 +155,116 @@ acc_t kd_row(const acc_t* s, const acc_t* t, acc_t* g, int64_t V, int64_t label,
   for (; j < V; ++j) g[j] = es[j] * cs - et[j] * ct + (NEED_1 ? e1[j] * c1 : acc_t(0));
   if (a_mlm != 0) g[label] -= c.coef_mlm;
   return loss;
+}
+
+// KL(A_t || A_s) of one attention row at T = 1, for the flash attention transfer's score strips:
+// s, t the row's n student / teacher scores (finite: only real keys are passed), w its weight.
+// Returns w kl and writes the gradient g_j = w (A_s,j - A_t,j) over s; es, et are scratch rows of n.
+//
+// Three passes over the row, which stays in cache: (1) both maxima; (2) e^x and e^y (x = s - max s,
+// y = t - max t), kept in es / et, their sums Z_s, Z_t and A = sum e^y (y - x), so that
+// kl = A / Z_t + log Z_s - log Z_t; (3) the gradient. A row whose kl is below kKdStableBelow
+// (attention rows nearly always are) takes kd_math.h's small-KL form in that same third pass, from
+// the stored exponentials, with no further exponential:
+//   p_j = e^{y_j} / Z_t,  u_j = d_j - c (d_j = y_j - x_j, c = A / Z_t),  p_j e^{-u_j} = e^{x_j} e^c / Z_t,
+//   p_j phi(u_j) = p_j u_j^2 sum_k (-u_j)^k / (k + 2)!  for |u_j| <= kSeriesBelow (no cancellation),
+//                = p_j e^{-u_j} - p_j + p_j u_j         beyond it,
+// with kSeriesBelow = 2 in float (phi(u) >= 1.1 beyond it, so the direct form keeps its digits even
+// with exp_u20's 20 ulp in e^x and e^y: each term of b = sum p phi(u) within about 50 ulp) and 1/2
+// in double (kd_p_phi's split; the exponentials are then Sleef's, 1 ulp). Then
+// kl = a + log1p(b - a) - log1p(-Q_out), where a = sum p u enters at second order only.
+template <typename acc_t>
+acc_t attention_kl_row(acc_t* s, const acc_t* t, int64_t n, acc_t w, acc_t* es, acc_t* et) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t kW = Vec::size();
+  // float: 15 terms (truncation below 1e-8 relative at |u| = 2); double: kd_p_phi's 16 at |u| <= 1/2
+  constexpr bool kFloat = sizeof(acc_t) == 4;
+  constexpr int kTerms = kFloat ? 15 : 16;
+  const acc_t kSeriesBelow = kFloat ? acc_t(2) : acc_t(0.5);
+  auto hsum = [](const Vec& v) { return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, v); };
+  auto hmax = [](const Vec& v) {
+    return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, v);
+  };
+
+  // (1) maxima
+  Vec v_ms(-std::numeric_limits<acc_t>::infinity()), v_mt(v_ms);
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    v_ms = at::vec::maximum(v_ms, Vec::loadu(s + j));
+    v_mt = at::vec::maximum(v_mt, Vec::loadu(t + j));
+  }
+  acc_t max_s = hmax(v_ms), max_t = hmax(v_mt);
+  for (; j < n; ++j) {
+    max_s = std::max(max_s, s[j]);
+    max_t = std::max(max_t, t[j]);
+  }
+
+  // (2) exponentials and sums
+  const Vec ms(max_s), mt(max_t);
+  Vec v_zs(0), v_zt(0), v_acc(0);
+  for (j = 0; j + kW <= n; j += kW) {
+    const Vec x = Vec::loadu(s + j) - ms, y = Vec::loadu(t + j) - mt;
+    const Vec a = x.exp_u20(), b = y.exp_u20();
+    a.store(es + j);
+    b.store(et + j);
+    v_zs += a;
+    v_zt += b;
+    v_acc = at::vec::fmadd(b, y - x, v_acc);
+  }
+  acc_t z_s = hsum(v_zs), z_t = hsum(v_zt), acc = hsum(v_acc);
+  for (; j < n; ++j) {
+    const acc_t x = s[j] - max_s, y = t[j] - max_t;
+    es[j] = std::exp(x);
+    et[j] = std::exp(y);
+    z_s += es[j];
+    z_t += et[j];
+    acc += et[j] * (y - x);
+  }
+  const acc_t cm = acc / z_t, log_zs = std::log(z_s), log_zt = std::log(z_t);
+  const acc_t kl = cm + log_zs - log_zt;
+  const acc_t cs = w / z_s, ct = w / z_t;
+
+  // (3) the gradient ...
+  if (!(kl < acc_t(kKdStableBelow))) {
+    const Vec v_cs(cs), v_ct(ct);
+    for (j = 0; j + kW <= n; j += kW) (Vec::loadu(es + j) * v_cs - Vec::loadu(et + j) * v_ct).store(s + j);
+    for (; j < n; ++j) s[j] = es[j] * cs - et[j] * ct;
+    return w * kl;
+  }
+  // ... and the small-KL form (kd_math.h's names: d from kd_centred_diff, a, b, Q_out)
+  const acc_t dm = max_t - max_s, inv_zt = acc_t(1) / z_t, inv_zs = acc_t(1) / z_s;
+  const acc_t k_direct = std::exp(cm) * inv_zt;  // p e^{-u} = e^x e^c / Z_t
+  acc_t coef[kTerms];  // coef[k] = 1 / (k + 2)!
+  coef[0] = acc_t(0.5);
+  for (int k = 1; k < kTerms; ++k) coef[k] = coef[k - 1] / acc_t(k + 2);
+  const Vec v_cs(cs), v_ct(ct), v_dm(dm), v_abs_dm(std::abs(dm)), v_cm(cm), v_inv_zt(inv_zt), v_inv_zs(inv_zs),
+      v_k(k_direct), v_lim(kSeriesBelow), one(1), zero(0);
+  Vec v_a(0), v_b(0), v_q(0);
+  for (j = 0; j + kW <= n; j += kW) {
+    const Vec sv = Vec::loadu(s + j), tv = Vec::loadu(t + j), ea = Vec::loadu(es + j), eb = Vec::loadu(et + j);
+    const Vec yc = tv - mt, xc = sv - ms, ts = tv - sv;
+    const Vec close = (ts.abs() + v_abs_dm) <= (yc.abs() + xc.abs());
+    const Vec u = Vec::blendv(yc - xc, ts - v_dm, close) - v_cm;
+    const Vec p = eb * v_inv_zt;
+    const Vec live = p != zero;
+    const Vec neg_u = zero - u;
+    Vec poly(coef[kTerms - 1]);
+    for (int k = kTerms - 2; k >= 0; --k) poly = at::vec::fmadd(poly, neg_u, Vec(coef[k]));
+    const Vec pu = p * u;
+    const Vec series = pu * u * poly;
+    const Vec direct = at::vec::fmadd(ea, v_k, p * (u - one));
+    v_b += Vec::blendv(zero, Vec::blendv(direct, series, u.abs() <= v_lim), live);
+    v_a += pu;
+    v_q += Vec::blendv(ea * v_inv_zs, zero, live);
+    (ea * v_cs - eb * v_ct).store(s + j);
+  }
+  acc_t sum_a = hsum(v_a), sum_b = hsum(v_b), sum_q = hsum(v_q);
+  for (; j < n; ++j) {
+    kd_kl_small_add<acc_t>(kd_centred_diff(t[j] - s[j], t[j] - max_t, s[j] - max_s, dm), t[j] - max_t - log_zt,
+                           s[j] - max_s - log_zs, cm, sum_a, sum_b, sum_q);
+    s[j] = es[j] * cs - et[j] * ct;
+  }
+  return w * kd_kl_small(sum_a, sum_b, sum_q);
 }
 
 // Accumulation type: float, or double for fp64 inputs (row weights and loss rows use it too).

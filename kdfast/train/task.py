@@ -301,6 +301,26 @@ def finetune_and_eval(model_dir: str, task: str, data_dir: str, out_dir: str, *,
     return stage.run_plan(stage.Plan([finetune], finish), resume=resume)
 
 
+def _attention_windows(teacher: nn.Module, student: nn.Module, layer_map: dict[int, int]) -> dict:
+    """:class:`kdfast.DistillationLoss`'s window arguments for the score MSE of ``layer_map``'s pairs:
+    each model's per-layer windows (ModernBERT's local layers; every layer of other families is
+    global), and, for a pair whose two layers' windows differ, the narrower band (the scores both
+    layers compute), given explicitly. Empty when every layer of both is global."""
+    from kdfast.models.modernbert import attention_windows
+
+    t_windows, s_windows = attention_windows(teacher), attention_windows(student)
+    if all(w is None for w in t_windows + s_windows):
+        return {}
+    explicit = {}
+    for m, g in layer_map.items():
+        if not (isinstance(m, int) and isinstance(g, int) and 1 <= m <= len(s_windows) and 1 <= g <= len(t_windows)):
+            continue  # not an attention pair, or out of range: DistillationLoss says which
+        w_s, w_t = s_windows[m - 1], t_windows[g - 1]
+        if w_s != w_t:
+            explicit[m] = w_t if w_s is None else w_s if w_t is None else min(w_s, w_t)
+    return dict(teacher_windows=t_windows, student_windows=s_windows, windows=explicit or None)
+
+
 def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, out_dir: str, *,
                  intermediate_epochs: int = 20, intermediate_lr: float = 5e-5, prediction_epochs: int = 3,
                  prediction_lr: float = 3e-5, batch_size: int = 32, max_length: int | None = None,
@@ -326,7 +346,9 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
 
     with learned projections W_m (student width -> teacher width) and S the pre-softmax attention
     scores q k^T / sqrt(d_h) over real tokens, computed from the captured queries and keys by
-    :func:`kdfast.flash_attention_transfer` (no L x L map is stored).
+    :func:`kdfast.flash_attention_transfer` (no L x L map is stored). On ModernBERT's local
+    (sliding-window) layers a pair compares the scores of its band |i - j| <= w only, the narrower
+    band where the two layers' windows differ.
 
     Step B, prediction layer (``prediction_epochs``, ``prediction_lr``), with
     :func:`kdfast.kd_loss` ``kind="soft_ce"``:
@@ -397,11 +419,14 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
         if attention_weight and max(heads_s, heads_t) % min(heads_s, heads_t):  # caught before any training
             raise ValueError(f"attention_weight > 0 needs head counts where one divides the other: student_dir "
                              f"has {heads_s}, teacher_dir {heads_t} (or set attention_weight=0)")
+        from kdfast.models import uniform_layer_map
+
+        pairs = layer_map if layer_map is not None else uniform_layer_map(teacher.config.num_hidden_layers,
+                                                                           student.config.num_hidden_layers)
         criterion = kdfast.DistillationLoss(
-            layer_map if layer_map is not None
-            else (teacher.config.num_hidden_layers, student.config.num_hidden_layers),
-            weights, student_hidden_size=student.config.hidden_size, teacher_hidden_size=teacher.config.hidden_size,
-            attention="mse", attention_source="qk", qk_prescaled=QK_PRESCALED)
+            pairs, weights, student_hidden_size=student.config.hidden_size,
+            teacher_hidden_size=teacher.config.hidden_size, attention="mse", attention_source="qk",
+            qk_prescaled=QK_PRESCALED, **_attention_windows(teacher, student, pairs))
         teacher_layers = LiveTeacher(teacher, qk=True)
         intermediate_loss = stage.distillation_step(
             criterion, lambda batch, inputs: capture_outputs(student, inputs, qk=True),
@@ -442,6 +467,7 @@ def task_distill(teacher_dir: str, student_dir: str, task: str, data_dir: str, o
                        "prediction_epochs": prediction_epochs, "prediction_lr": prediction_lr,
                        "batch_size": batch_size, "max_length": max_length, "temperature": temperature,
                        "weights": weights, "layer_map": criterion.layer_map if criterion is not None else None,
+                       "attention_windows": criterion.pair_windows if criterion is not None else None,
                        "seed": seed,
                        "max_train_examples": max_train_examples, "warmup": warmup, "weight_decay": weight_decay},
         }

@@ -201,6 +201,38 @@ def test_cli_eval_with_teacher_runs_task_distillation(files, sst2_teacher, tmp_p
     assert (out / "student" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("student_layers,expected", [(4, {1: None, 2: 4, 3: None, 4: 4}), (2, {1: 4, 2: 4})])
+def test_cli_eval_with_a_modernbert_teacher_compares_local_layers_on_their_band(files, tmp_path, monkeypatch, capsys,
+                                                                               student_layers, expected):
+    """A ModernBERT teacher (layers global, local, global, local; local_attention 8: the band
+    |i - j| <= 4): the score MSE of every pair with a local layer runs on that band, not on the
+    whole L x L map; a global student layer against a local teacher layer on the teacher's band."""
+    import kdfast.losses.attention as attention
+    from tests.tiny_teachers import save_tiny_teacher
+    from tests.train.conftest import WORDS
+
+    # a BPE vocabulary learnt from other words: the task's words split into several tokens each
+    teacher = save_tiny_teacher(tmp_path / "teacher", "modernbert", WORDS)
+    student = save_tiny_teacher(tmp_path / "student", "modernbert", WORDS, layers=student_layers, seed=1)
+    seen, flash = [], attention.flash_attention_transfer
+
+    def spy(q_s, *args, window=None, **kw):
+        seen.append((window, q_s.shape[2]))
+        return flash(q_s, *args, window=window, **kw)
+
+    monkeypatch.setattr(attention, "flash_attention_transfer", spy)
+    out = tmp_path / "distil"
+    rc = main(["eval", "--task", "sst2", "--model", str(student), "--teacher", str(teacher),
+               "--data-dir", str(files["sst2"]), "--out", str(out), "--epochs", "1", "--intermediate-epochs", "1",
+               "--batch-size", "16", "--max-train-examples", "16", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    # step A's attention term ran on each pair's band (pairs of one window share a call), at lengths
+    # L > 2 w + 1, where the band is not the whole row
+    assert {w for w, _ in seen} == set(expected.values()) and min(length for _, length in seen) > 9
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["config"]["attention_windows"] == {str(m): w for m, w in expected.items()}
+
+
 @pytest.mark.parametrize("case, message", [
     ("unknown_task", "task must be one of"),
     ("missing_model", "--model .* is not a directory"),

@@ -19,10 +19,10 @@
 //   0. with a window, only the packed keys whose positions lie in [first row - window, last row
 //      + window] are part of the strip (found by binary search in the sorted valid positions),
 //      so a local layer costs O(L window), and each row of the strip is cut to its own band;
-//   1. S = scale_s Qs Ks^T, T = scale_t Qt Kt^T                      (two library GEMMs)
-//   2. per row, two passes over the strip in cache: the row maxima, then the exponentials,
-//      sums, loss and dS written over S (the logit-KD row of rows_cpu.h at T = 1, or the
-//      squared-error row for mse)
+//   1. S = scale_s Qs Ks^T, T = scale_t Qt Kt^T                      (two BLAS GEMMs)
+//   2. per row, passes over the strip in cache: loss and dS written over S (kl: rows_cpu.h's
+//      attention_kl_row, three passes: the maxima, the exponentials and sums, then dS with the
+//      small-KL form of a row whose KL is below 1 in the same pass; mse: the squared-error row)
 //   3. dQ = scale_s dS Ks (written out), dK += scale_s dS^T Qs (packed accumulator), dS being 0
 //      outside each row's band.
 // Keeping the strip instead of re-forming it (the Triton kernel recomputes its register tiles
@@ -56,16 +56,50 @@ namespace {
 constexpr int64_t kStripElems = 1 << 18;
 constexpr int64_t kMaxBlockRows = 64;
 
-// c[m, n] = alpha a[m, k] b[k, n] + beta c[m, n] on strided views of scratch buffers (the
-// library GEMM; beta = 0 never reads c).
+}  // namespace
+}  // namespace kdfast
+
+// The BLAS that torch itself calls (column-major Fortran interface, 32-bit sizes), where the library
+// torch links exports it (MKL, OpenBLAS); weak, so that a torch without it still loads this
+// extension, whose GEMMs then go through at::addmm_out.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace kdfast {
+namespace {
+
+// Row-major c[m, n] = alpha op(a) op(b) + beta c (op: 'N' as stored, 'T' transposed; a row-major
+// matrix has leading dimension lda, ldb, ldc; beta = 0 never reads c). Called once per query block
+// and model, up to four times: the BLAS directly (as column-major c^T = op(b)^T op(a)^T) where it
+// is exported, so that the small GEMMs of a local layer do not pay for tensors and dispatch.
 template <typename acc_t>
-void gemm(int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a, at::IntArrayRef a_strides, const acc_t* b,
-          at::IntArrayRef b_strides, acc_t beta, acc_t* c, int64_t ldc) {
+void gemm(char op_a, char op_b, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a, int64_t lda,
+          const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
+  constexpr bool kFloat = std::is_same_v<acc_t, float>;
+  if ((kFloat ? sgemm_ != nullptr : dgemm_ != nullptr) && std::max({m, n, k, lda, ldb, ldc}) <= INT32_MAX) {
+    const int im = static_cast<int>(m), in = static_cast<int>(n), ik = static_cast<int>(k);
+    const int ia = static_cast<int>(lda), ib = static_cast<int>(ldb), ic = static_cast<int>(ldc);
+    if constexpr (kFloat) {
+      sgemm_(&op_b, &op_a, &in, &im, &ik, &alpha, b, &ib, a, &ia, &beta, c, &ic);
+    } else {
+      dgemm_(&op_b, &op_a, &in, &im, &ik, &alpha, b, &ib, a, &ia, &beta, c, &ic);
+    }
+    return;
+  }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  at::Tensor ta = at::from_blob(const_cast<acc_t*>(a), {m, k}, a_strides, opts);
-  at::Tensor tb = at::from_blob(const_cast<acc_t*>(b), {k, n}, b_strides, opts);
+  // op(x) [rows, cols] of a row-major buffer with leading dimension ld
+  auto view = [&](const acc_t* x, char op, int64_t rows, int64_t cols, int64_t ld) {
+    return op == 'N' ? at::from_blob(const_cast<acc_t*>(x), {rows, cols}, {ld, 1}, opts)
+                     : at::from_blob(const_cast<acc_t*>(x), {rows, cols}, {1, ld}, opts);
+  };
   at::Tensor tc = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  at::addmm_out(tc, tc, ta, tb, beta, alpha);
+  at::addmm_out(tc, tc, view(a, op_a, m, k, lda), view(b, op_b, k, n, ldb), beta, alpha);
 }
 
 template <typename acc_t>
@@ -85,7 +119,6 @@ void run_kernel(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
   scalar_t* dq_p = need_grad ? dq.mutable_data_ptr<scalar_t>() : nullptr;
   scalar_t* dk_p = need_grad ? dk.mutable_data_ptr<scalar_t>() : nullptr;
   const acc_t sc_s = static_cast<acc_t>(scale_s), sc_t = static_cast<acc_t>(scale_t);
-  const KdParams kl_params{1.0, 1.0, 0.0, false};
 
   // a strip spans at most BM - 1 + 2 window + 1 keys of a local layer
   const bool banded = window >= 0 && window < L - 1;
@@ -170,8 +203,8 @@ void run_kernel(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
         const acc_t* ks_k = ks.data() + k0 * DS;
         const acc_t* kt_k = kt.data() + k0 * DT;
         // S = scale_s Qs Ks^T, T = scale_t Qt Kt^T  (Ks^T: the packed keys read column-wise)
-        gemm<acc_t>(M, n, DS, sc_s, qs.data(), {DS, 1}, ks_k, {1, DS}, acc_t(0), s.data(), n);
-        gemm<acc_t>(M, n, DT, sc_t, qt.data(), {DT, 1}, kt_k, {1, DT}, acc_t(0), t.data(), n);
+        gemm<acc_t>('N', 'T', M, n, DS, sc_s, qs.data(), DS, ks_k, DS, acc_t(0), s.data(), n);
+        gemm<acc_t>('N', 'T', M, n, DT, sc_t, qt.data(), DT, kt_k, DT, acc_t(0), t.data(), n);
         for (int64_t m = 0; m < M; ++m) {
           const acc_t w = row_weight[b * L + q_idx[m]];
           acc_t* srow = s.data() + m * n;
@@ -192,14 +225,13 @@ void run_kernel(const at::Tensor& q_s, const at::Tensor& k_s, const at::Tensor& 
           }
           // dS is written over the student's scores (both row functions allow it)
           const acc_t loss = mse ? mse_row<acc_t>(srow + lo, trow + lo, hi - lo, w)
-                                 : kd_row<acc_t, false, false>(srow + lo, trow + lo, srow + lo, hi - lo, 0, w,
-                                                               kl_params, es.data(), et.data(), nullptr);
+                                 : attention_kl_row<acc_t>(srow + lo, trow + lo, hi - lo, w, es.data(), et.data());
           loss_p[bh * L + q_idx[m]] = loss;
         }
         if (!need_grad) continue;
         // dQ = scale_s dS Ks;  dK += scale_s dS^T Qs
-        gemm<acc_t>(M, DS, n, sc_s, s.data(), {n, 1}, ks_k, {DS, 1}, acc_t(0), dq_blk.data(), DS);
-        gemm<acc_t>(n, DS, M, sc_s, s.data(), {1, n}, qs.data(), {DS, 1}, acc_t(1), dk_acc.data() + k0 * DS, DS);
+        gemm<acc_t>('N', 'N', M, DS, n, sc_s, s.data(), n, ks_k, DS, acc_t(0), dq_blk.data(), DS);
+        gemm<acc_t>('T', 'N', n, DS, M, sc_s, s.data(), n, qs.data(), DS, acc_t(1), dk_acc.data() + k0 * DS, DS);
         for (int64_t m = 0; m < M; ++m) at::vec::convert(dq_blk.data() + m * DS, dq_p + (bh * L + q_idx[m]) * DS, DS);
       }
       finish_segment();
