@@ -337,10 +337,8 @@ def corpus_blocks(files: list[Path], block_bytes: int = TEXT_BLOCK_BYTES) -> lis
         if ext == ".parquet":
             import pyarrow.parquet as pq
 
-            try:
+            with _read_errors(f, ".parquet"):
                 groups = pq.read_metadata(f).num_row_groups
-            except Exception as e:  # pyarrow's own error types
-                raise ValueError(f"data file {f} could not be read as .parquet: {root_cause_line(e)}") from None
             blocks += [CorpusBlock(f, i) for i in range(groups)]
         elif ext in SPLIT_BY_BYTES:
             blocks += [CorpusBlock(f, i, i * block_bytes, min(size, (i + 1) * block_bytes))
@@ -376,29 +374,36 @@ def iter_texts(files: list[Path], text_column: str = "text", block_bytes: int = 
         yield from iter_block_texts(block, text_column)
 
 
+class _MissingColumn(ValueError):
+    pass
+
+
 def _missing_column(text_column: str, columns) -> ValueError:
-    return ValueError(f"text_column {text_column!r} not in the data's columns {sorted(columns)}")
+    return _MissingColumn(f"text_column {text_column!r} not in the data's columns {sorted(columns)}")
+
+
+@contextmanager
+def _read_errors(file: Path, kind: str) -> Iterator[None]:
+    """Any parser's error (pyarrow's, pandas', ``datasets``' wrappers) as one ValueError naming ``file``."""
+    try:
+        yield
+    except _MissingColumn:
+        raise
+    except Exception as e:
+        raise ValueError(f"data file {file} could not be read as {kind}: {root_cause_line(e)}") from None
 
 
 def _parquet_texts(block: CorpusBlock, text_column: str) -> Iterator[str]:
     import pyarrow.parquet as pq
 
-    try:
+    with _read_errors(block.file, ".parquet"):
         pf = pq.ParquetFile(block.file)
         names = pf.schema_arrow.names
         if text_column not in names:
             raise _missing_column(text_column, names)
         batches = pf.iter_batches(batch_size=1024, row_groups=[block.part], columns=[text_column], use_threads=False)
         for batch in batches:
-            for t in batch.column(0).to_pylist():
-                if isinstance(t, str) and t.strip():
-                    yield t
-    except ValueError as e:
-        if "text_column" in str(e):
-            raise
-        raise ValueError(f"data file {block.file} could not be read as .parquet: {root_cause_line(e)}") from None
-    except Exception as e:  # pyarrow's own error types
-        raise ValueError(f"data file {block.file} could not be read as .parquet: {root_cause_line(e)}") from None
+            yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
 
 
 def _line_texts(block: CorpusBlock, text_column: str, json_lines: bool) -> Iterator[str]:
@@ -450,25 +455,18 @@ def _datasets_texts(file: Path, text_column: str) -> Iterator[str]:
     import datasets
 
     kwargs = {"delimiter": "\t"} if file.suffix.lower() == ".tsv" else {}
-    with quiet_datasets():
-        try:
-            ds = datasets.load_dataset(DATASET_BUILDERS[file.suffix.lower()], data_files=[str(file)], split="train",
-                                       streaming=True, **kwargs)
-            first = True
-            for example in ds:
-                if first:
-                    if text_column not in example:
-                        raise _missing_column(text_column, example)
-                    first = False
-                t = example[text_column]
-                if isinstance(t, str) and t.strip():
-                    yield t
-        except ValueError as e:
-            if "text_column" in str(e):
-                raise
-            raise ValueError(f"data file {file} could not be read as {file.suffix}: {root_cause_line(e)}") from None
-        except Exception as e:  # datasets wraps each parser's own error type
-            raise ValueError(f"data file {file} could not be read as {file.suffix}: {root_cause_line(e)}") from None
+    with quiet_datasets(), _read_errors(file, file.suffix):
+        ds = datasets.load_dataset(DATASET_BUILDERS[file.suffix.lower()], data_files=[str(file)], split="train",
+                                   streaming=True, **kwargs)
+        first = True
+        for example in ds:
+            if first:
+                if text_column not in example:
+                    raise _missing_column(text_column, example)
+                first = False
+            t = example[text_column]
+            if isinstance(t, str) and t.strip():
+                yield t
 
 
 def iter_padded_rows(tokenizer, texts: Iterator[str], max_length: int, *, want=None,
