@@ -7,8 +7,8 @@ Writes the corpus under /tmp (4 uncompressed files of ~1 KB texts in row groups 
 :func:`kdfast.bench.synthetic.write_parquet_corpus`), builds with the tiny BERT teacher of the tests
 (2 layers of 32, :func:`kdfast.bench.synthetic.save_tiny_bert_teacher`; hidden states of layer 2
 stored, top-2 logits, max_length 32, one padded row per text) in a child process, and samples the
-builder's VmHWM / VmRSS from /proc every 0.2 s: the resident set at each tenth of the rows shows
-whether memory grows with the corpus. ``--max-rows N`` stops the build once N rows are listed
+builder's VmHWM / VmRSS from /proc every 0.2 s: the resident set at each percent of the rows
+shows whether memory grows with the corpus. ``--max-rows N`` stops the build once N rows are listed
 (0: the whole corpus); ``--ranks N`` builds under torchrun (gloo) and reports the largest rank.
 Deletes the corpus and the cache afterwards unless ``--keep``.
 """
@@ -76,7 +76,7 @@ def main() -> None:
             if args.ranks > 1 else [sys.executable]
         t0 = time.perf_counter()
         proc = subprocess.Popen(launcher + cli)
-        peak_kib, rows, tenths = 0, 0, {}
+        peak_kib, rows, percents = 0, 0, {}
         while proc.poll() is None:
             pids = _builders(proc.pid)[1 if args.ranks > 1 else 0:]
             peak_kib = max([peak_kib, *(_status_kib(p, "VmHWM") for p in pids)])
@@ -85,9 +85,11 @@ def main() -> None:
                 rows = sum(s["rows"] for s in m["shards"])
             except (OSError, ValueError, KeyError):
                 pass
-            tenth = rows * 10 // n
-            if tenth not in tenths:
-                tenths[tenth] = max(_status_kib(p, "VmRSS") for p in pids) / 2**20
+            percent = rows * 100 // n
+            if percent not in percents:
+                percents[percent] = max(_status_kib(p, "VmRSS") for p in pids) / 2**20
+                print(f"  {rows} rows listed after {time.perf_counter() - t0:.0f} s: resident set "
+                      f"{percents[percent]:.2f} GiB, peak so far {peak_kib / 2**20:.2f} GiB", flush=True)
             if args.max_rows and rows >= args.max_rows:
                 proc.terminate()
                 break
@@ -98,8 +100,8 @@ def main() -> None:
             "complete" if proc.returncode == 0 else f"stopped, exit {proc.returncode}"
         if proc.returncode == 0:
             rows = _listed_rows(root / "cache")
-        print("resident set (GiB) at each tenth of the rows listed: " +
-              ", ".join(f"{t * 10}%: {v:.2f}" for t, v in sorted(tenths.items())))
+        print("resident set (GiB) at each percent of the rows listed: " +
+              ", ".join(f"{t}%: {v:.2f}" for t, v in sorted(percents.items())))
         print(f"build: {rows} rows of {n} texts in {dt:.0f} s ({how}, {args.ranks} process(es)); peak RSS "
               f"(VmHWM) of the builder {peak_kib / 2**20:.2f} GiB (bar: under 3 GB = 2.79 GiB)")
     finally:
