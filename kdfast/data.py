@@ -10,6 +10,7 @@ import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -304,42 +305,168 @@ def expand_data_paths(paths: list[str]) -> list[Path]:
     return out
 
 
-def iter_texts(files: list[Path], text_column: str = "text") -> Iterator[str]:
-    """The non-blank texts of ``files`` (:func:`expand_data_paths`' output) in order, streamed through
-    ``datasets.load_dataset(..., streaming=True)``: memory does not grow with the corpus. Same texts,
-    same order as :func:`load_texts`. ValueError (one line) for a file that cannot be parsed, or a
-    ``text_column`` the data lacks."""
-    import datasets
+TEXT_BLOCK_BYTES = 32 << 20  # default size of the byte blocks of text and JSON-lines files
+SPLIT_BY_BYTES = (".txt", ".text", ".jsonl")  # one record per line: a block starts at any line
 
-    builder = DATASET_BUILDERS[files[0].suffix.lower()]
-    if builder not in BINARY_BUILDERS:
+
+@dataclass(frozen=True)
+class CorpusBlock:
+    """One part of a corpus that is read without reading any other part: row group ``part`` of a
+    Parquet file; the lines of a text or JSON-lines file that start in bytes [``start``, ``stop``)
+    (block ``part`` of ``block_bytes``); or a whole file of another kind (Arrow, CSV, JSON)."""
+
+    file: Path
+    part: int
+    start: int = 0
+    stop: int = 0
+
+
+def corpus_blocks(files: list[Path], block_bytes: int = TEXT_BLOCK_BYTES) -> list[CorpusBlock]:
+    """The blocks of ``files`` (:func:`expand_data_paths`' output) in corpus order, from file sizes
+    and Parquet footers alone (no text is read): a deterministic function of the corpus and
+    ``block_bytes``, whatever reads it. Empty files have no block. ValueError for a Parquet file
+    whose footer cannot be read."""
+    if isinstance(block_bytes, bool) or not isinstance(block_bytes, int) or block_bytes < 1:
+        raise ValueError(f"block_bytes must be an int >= 1, got {block_bytes!r}")
+    blocks: list[CorpusBlock] = []
+    for f in files:
+        size = f.stat().st_size
+        ext = f.suffix.lower()
+        if not size:
+            continue
+        if ext == ".parquet":
+            import pyarrow.parquet as pq
+
+            with _read_errors(f, ".parquet"):
+                groups = pq.read_metadata(f).num_row_groups
+            blocks += [CorpusBlock(f, i) for i in range(groups)]
+        elif ext in SPLIT_BY_BYTES:
+            blocks += [CorpusBlock(f, i, i * block_bytes, min(size, (i + 1) * block_bytes))
+                       for i in range(-(-size // block_bytes))]
+        else:
+            blocks.append(CorpusBlock(f, 0, 0, size))
+    return blocks
+
+
+def iter_block_texts(block: CorpusBlock, text_column: str = "text") -> Iterator[str]:
+    """The non-blank texts of one :class:`CorpusBlock`, in order, reading only that block (and, for
+    a byte block, the end of the line its range cuts). Parquet and line blocks are read directly
+    (a row group through pyarrow; lines as ``datasets``' text and JSON loaders split them); other
+    kinds stream through ``datasets.load_dataset(..., streaming=True)``. ValueError (one line,
+    naming the file) for data that cannot be parsed, or a ``text_column`` the data lacks."""
+    ext = block.file.suffix.lower()
+    if ext == ".parquet":
+        yield from _parquet_texts(block, text_column)
+    elif ext in SPLIT_BY_BYTES:
+        yield from _line_texts(block, text_column, json_lines=ext == ".jsonl")
+    else:
+        yield from _datasets_texts(block.file, text_column)
+
+
+def iter_texts(files: list[Path], text_column: str = "text", block_bytes: int = TEXT_BLOCK_BYTES) -> Iterator[str]:
+    """The non-blank texts of ``files`` (:func:`expand_data_paths`' output) in order, block by block
+    (:func:`corpus_blocks`, :func:`iter_block_texts`): memory does not grow with the corpus. Same
+    texts, same order as :func:`load_texts`."""
+    if DATASET_BUILDERS[files[0].suffix.lower()] not in BINARY_BUILDERS:
         for p in files:
             check_text_file(p)
-    names = ", ".join(str(p) for p in files[:3]) + (", ..." if len(files) > 3 else "")
-    kwargs = {"delimiter": "\t"} if files[0].suffix.lower() == ".tsv" else {}
-    nonempty = [str(p) for p in files if p.stat().st_size]
-    if not nonempty:
-        return
-    with quiet_datasets():
-        try:
-            ds = datasets.load_dataset(builder, data_files=nonempty, split="train", streaming=True, **kwargs)
-            first = True
-            for example in ds:
-                if first:
-                    if text_column not in example:
-                        raise ValueError(f"text_column {text_column!r} not in the data's columns {sorted(example)}")
-                    first = False
-                t = example[text_column]
-                if isinstance(t, str) and t.strip():
-                    yield t
-        except ValueError as e:
-            if "text_column" in str(e):
-                raise
-            raise ValueError(f"data files {names} could not be read as {files[0].suffix}: {root_cause_line(e)}") \
-                from None
-        except Exception as e:  # datasets wraps each parser's own error type
-            raise ValueError(f"data files {names} could not be read as {files[0].suffix}: {root_cause_line(e)}") \
-                from None
+    for block in corpus_blocks(files, block_bytes):
+        yield from iter_block_texts(block, text_column)
+
+
+class _MissingColumn(ValueError):
+    pass
+
+
+def _missing_column(text_column: str, columns) -> ValueError:
+    return _MissingColumn(f"text_column {text_column!r} not in the data's columns {sorted(columns)}")
+
+
+@contextmanager
+def _read_errors(file: Path, kind: str) -> Iterator[None]:
+    """Any parser's error (pyarrow's, pandas', ``datasets``' wrappers) as one ValueError naming ``file``."""
+    try:
+        yield
+    except _MissingColumn:
+        raise
+    except Exception as e:
+        raise ValueError(f"data file {file} could not be read as {kind}: {root_cause_line(e)}") from None
+
+
+def _parquet_texts(block: CorpusBlock, text_column: str) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    with _read_errors(block.file, ".parquet"):
+        pf = pq.ParquetFile(block.file)
+        names = pf.schema_arrow.names
+        if text_column not in names:
+            raise _missing_column(text_column, names)
+        batches = pf.iter_batches(batch_size=1024, row_groups=[block.part], columns=[text_column], use_threads=False)
+        for batch in batches:
+            yield from (t for t in batch.column(0).to_pylist() if isinstance(t, str) and t.strip())
+
+
+def _line_texts(block: CorpusBlock, text_column: str, json_lines: bool) -> Iterator[str]:
+    """The texts of the lines starting in [start, stop): a text line split at universal newlines as
+    ``datasets``' text loader does, or one JSON object per line."""
+    first = True
+    with open(block.file, "rb") as f:
+        pos = block.start
+        if pos:  # the line that the previous block's range cut belongs to that block
+            f.seek(pos - 1)
+            pos += len(f.readline()) - 1
+        while pos < block.stop:
+            line = f.readline()
+            if not line:
+                break
+            offset, pos = pos, pos + len(line)
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"data file {block.file} is not UTF-8 text (byte 0x{line[e.start]:02x} at offset "
+                                 f"{offset + e.start})") from None
+            if not json_lines:
+                yield from (t for t in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if t.strip())
+                continue
+            if not text.strip():
+                continue
+            try:
+                record = json.loads(text)
+            except ValueError as e:
+                raise ValueError(f"data file {block.file} could not be read as .jsonl: the line at byte {offset}: "
+                                 f"{str(e)[:200]}") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"data file {block.file} could not be read as .jsonl: the line at byte {offset} "
+                                 f"is not a JSON object")
+            if first and text_column not in record:
+                raise _missing_column(text_column, record)
+            first = False
+            t = record.get(text_column)
+            if t is not None and not isinstance(t, str):
+                raise ValueError(f"data file {block.file} could not be read as .jsonl: the line at byte {offset} "
+                                 f"holds {type(t).__name__} in text_column {text_column!r}, not text")
+            if t is not None and t.strip():
+                yield t
+
+
+def _datasets_texts(file: Path, text_column: str) -> Iterator[str]:
+    """The non-blank texts of one file streamed through ``datasets`` (kinds whose records cannot
+    be located without reading the file from its start)."""
+    import datasets
+
+    kwargs = {"delimiter": "\t"} if file.suffix.lower() == ".tsv" else {}
+    with quiet_datasets(), _read_errors(file, file.suffix):
+        ds = datasets.load_dataset(DATASET_BUILDERS[file.suffix.lower()], data_files=[str(file)], split="train",
+                                   streaming=True, **kwargs)
+        first = True
+        for example in ds:
+            if first:
+                if text_column not in example:
+                    raise _missing_column(text_column, example)
+                first = False
+            t = example[text_column]
+            if isinstance(t, str) and t.strip():
+                yield t
 
 
 def iter_padded_rows(tokenizer, texts: Iterator[str], max_length: int, *, want=None,
@@ -368,10 +495,11 @@ def iter_padded_rows(tokenizer, texts: Iterator[str], max_length: int, *, want=N
         yield from flush()
 
 
-def iter_packed_rows(tokenizer, texts: Iterator[str], max_length: int, *,
-                     chunk: int = 256) -> Iterator[tuple[int, Tensor, Tensor]]:
+def iter_packed_rows(tokenizer, texts: Iterator[str], max_length: int, *, chunk: int = 256,
+                     allow_empty: bool = False) -> Iterator[tuple[int, Tensor, Tensor]]:
     """The rows of :func:`pack_texts` (same ids, same order), from a stream of texts: only the current
-    row's tokens and ``chunk`` texts are held. ValueError when no text gives any token."""
+    row's tokens and ``chunk`` texts are held. ValueError when no text gives any token, unless
+    ``allow_empty`` (then no row)."""
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 3:
         raise ValueError(f"max_length must be an int >= 3 to pack rows ([CLS] + tokens + [SEP]), got {max_length!r}")
     cls_id, sep_id, pad_id = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id
@@ -411,6 +539,8 @@ def iter_packed_rows(tokenizer, texts: Iterator[str], max_length: int, *,
         stream.extend(doc)
         started = True
     yield from full_rows()
+    if not started and allow_empty:
+        return
     if not started:
         raise ValueError("texts: nothing to pack (no text gives any token)")
     ids = torch.full((max_length,), pad_id, dtype=torch.int64)

@@ -6,8 +6,10 @@ A cache is a directory:
     shard-00000.safetensors, ...     N examples each (safetensors: no pickle)
     head.safetensors                 with ``logits: head`` only: the teacher's output projection,
                                      ``weight`` [V, d] and ``bias`` [V] (its dtype), listed with its sha256
-    shard-00000.done, ...            while a build runs: a shard finished by one of its processes and
-                                     not yet listed (JSON: rows, tokens, sha256 of that shard)
+    part-000003-00001.safetensors    while a build runs: shard 1 of corpus block 3, finished by one of
+    part-000003-00001.done           its processes and not yet listed, and its record (JSON: rows,
+                                     tokens, sha256); renamed to the next shard-NNNNN when listed
+    block-000003.done                while a build runs: every shard of block 3 is written (JSON: shards)
 
 Fields of a shard (``N`` examples padded to ``max_length`` L, or with ``settings.packing`` rows packed
 full from texts joined by [SEP] (:func:`kdfast.data.pack_texts`), ``M`` MLM-masked positions):
@@ -28,19 +30,25 @@ full from texts joined by [SEP] (:func:`kdfast.data.pack_texts`), ``M`` MLM-mask
                      (<l> is the index in ``output_hidden_states``: 0 = embeddings)
     q_<l>, k_<l>     fp16 [N, L, H * dh]  query / key projections of transformer layer <l> (1-based)
 
-A shard is written under a temporary name (``.shard-NNNNN.safetensors.tmp-PID``), fsynced,
-renamed, and only then recorded: its ``.done`` record (written the same way) and, once every shard
-before it is listed, the manifest (itself replaced atomically) with its row count, token count and
-sha256. Shard ``i`` always holds rows ``[i * rows_per_shard, (i + 1) * rows_per_shard)``, whichever
-process built it, so a build by many processes (``torchrun``) writes the same files as one process.
-On resume, the only files deleted are those an interrupted write of kdfast's leaves: temporaries of
-that exact form, shard files neither listed nor recorded, and records of listed shards.
+The corpus is cut into blocks (:func:`kdfast.data.corpus_blocks`: Parquet row groups, byte ranges of
+``settings.data.block_bytes`` of text and JSON-lines files, other files whole), a function of the
+corpus alone; each block's rows are made from its texts alone (packed rows never cross a block) and
+cut into shards of ``rows_per_shard`` rows, the last of a block possibly shorter. The shards are
+listed block by block, so the list, and every shard's rows, masks and values, do not depend on which
+process built which block: a build by many processes (``torchrun``) writes the same files as one.
+A part is written under a temporary name (``.part-BBBBBB-JJJJJ.safetensors.tmp-PID``), fsynced,
+renamed, and only then recorded: its ``.done`` record (written the same way); once every shard
+before it is listed, it is renamed to the next ``shard-NNNNN`` and listed in the manifest (itself
+replaced atomically) with its block, row count, token count and sha256; ``blocks_done`` counts the
+leading blocks listed whole. On resume, the only files deleted are those an interrupted write of
+kdfast's leaves: temporaries of that exact form, shard files not listed, parts not recorded, and
+records of listed parts and blocks.
 Anything else in the directory (``.git/``, ``.gitignore``, notes) is never touched; a build
 refuses an output directory that is neither empty nor a kdfast cache.
 
 ``manifest.json`` is validated as a schema before use (:func:`validate_manifest`): exact types
-(``"complete": "false"`` is not a bool), ranges, shard names ``shard-00000`` .. in order, each
-shard but the last holding exactly ``rows_per_shard`` rows.
+(``"complete": "false"`` is not a bool), ranges, shard names ``shard-00000`` .. in order, blocks in
+order, each shard but the last of its block holding exactly ``rows_per_shard`` rows.
 """
 
 from __future__ import annotations
@@ -55,14 +63,18 @@ from pathlib import Path
 from kdfast.fileio import atomic_write_bytes, fsync_dir, sha256_file, sha256_files  # noqa: F401  (re-exported)
 
 FORMAT = "kdfast-teacher-cache"
-VERSION = 1
+VERSION = 2  # 2: shards listed block by block (corpus blocks read by separate processes)
 MANIFEST = "manifest.json"
 # match with .fullmatch: "$" would accept a trailing newline, "\d" non-ASCII digits
 SHARD_RE = re.compile(r"shard-[0-9]{5}\.safetensors")
-RECORD_RE = re.compile(r"shard-[0-9]{5}\.done")
+PART_RE = re.compile(r"part-[0-9]{6}-[0-9]{5}\.safetensors")
+PART_RECORD_RE = re.compile(r"part-[0-9]{6}-[0-9]{5}\.done")
+BLOCK_RECORD_RE = re.compile(r"block-[0-9]{6}\.done")
+RECORD_RE = re.compile(r"(part-[0-9]{6}-[0-9]{5}|block-[0-9]{6})\.done")
 HEAD_FILE = "head.safetensors"
 # atomic_write_bytes' names
-TEMP_RE = re.compile(r"\.(manifest\.json|head\.safetensors|shard-[0-9]{5}\.(safetensors|done))\.tmp-[0-9]+")
+TEMP_RE = re.compile(r"\.(manifest\.json|head\.safetensors|part-[0-9]{6}-[0-9]{5}\.(safetensors|done)"
+                     r"|block-[0-9]{6}\.done)\.tmp-[0-9]+")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 LOGIT_MODES = ("topk", "sampled", "none", "head")
 MAX_MANIFEST_BYTES = 64 << 20  # about 400k shards; a larger file is not one kdfast wrote
@@ -76,9 +88,19 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.safetensors"
 
 
-def record_name(index: int) -> str:
-    """The ``.done`` record of shard ``index`` (a finished shard not yet in the manifest)."""
-    return f"shard-{index:05d}.done"
+def part_name(block: int, index: int) -> str:
+    """Shard ``index`` of corpus block ``block`` as its process writes it, before it is listed."""
+    return f"part-{block:06d}-{index:05d}.safetensors"
+
+
+def part_record_name(block: int, index: int) -> str:
+    """The ``.done`` record of a finished part not yet in the manifest."""
+    return f"part-{block:06d}-{index:05d}.done"
+
+
+def block_record_name(block: int) -> str:
+    """The ``.done`` record of a block whose every part is written (JSON: ``{"shards": n}``)."""
+    return f"block-{block:06d}.done"
 
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -106,6 +128,7 @@ class ShardInfo:
     rows: int
     tokens: int
     sha256: str
+    block: int = 0  # the corpus block its rows come from
 
 
 @dataclass
@@ -118,6 +141,18 @@ class Manifest:
     format: str = FORMAT
     version: int = VERSION
     head: dict | None = None  # logits "head": {"file": HEAD_FILE, "sha256": ...} once it is written
+    blocks_done: int = 0  # the leading corpus blocks whose every shard is listed
+
+    def listed_parts(self, block: int) -> int:
+        """How many shards of ``block`` are listed (all of a block before ``blocks_done``: unknown, -1)."""
+        if block < self.blocks_done:
+            return -1
+        n = 0
+        for s in reversed(self.shards):
+            if s.block != block:
+                break
+            n += 1
+        return n
 
     @property
     def rows(self) -> int:
@@ -218,11 +253,12 @@ def validate_settings(settings: object, where: str) -> dict:
     for key in ("hidden_size", "num_attention_heads", "vocab_size"):
         _int(t[key], where, f"settings.teacher.{key}", 1)
     _str(s["tokenizer_sha256"], where, "settings.tokenizer_sha256", SHA256_RE)
-    d = _dict(s["data"], where, "settings.data", {"files", "sha256", "text_column"})
+    d = _dict(s["data"], where, "settings.data", {"files", "sha256", "text_column", "block_bytes"})
     _need(isinstance(d["files"], list) and all(isinstance(f, str) for f in d["files"]), where,
           "settings.data.files must be a list of strings")
     _str(d["sha256"], where, "settings.data.sha256", SHA256_RE)
     _str(d["text_column"], where, "settings.data.text_column")
+    _int(d["block_bytes"], where, "settings.data.block_bytes", 1)
     _int(s["max_length"], where, "settings.max_length", 2)
     _need(isinstance(s["packing"], bool), where, f"settings.packing must be true or false, got {_show(s['packing'])}")
     batch = _int(s["batch_size"], where, "settings.batch_size", 1)
@@ -266,26 +302,31 @@ def validate_manifest(raw: object, where: str | os.PathLike) -> Manifest:
     fewer than ``rows_per_shard`` rows, more tokens than ``rows * max_length``. Row counts are
     checked against the shards themselves by the reader (:meth:`TeacherCache.check_row_counts`)."""
     where = str(where)
-    keys = {"format", "version", "settings", "shards", "complete"}
+    keys = {"format", "version", "settings", "shards", "complete", "blocks_done"}
     m = _dict(raw, where, "the manifest", keys | ({"head"} if isinstance(raw, dict) and "head" in raw else set()))
     _need(m["format"] == FORMAT, where, f"format {_show(m['format'])} is not {FORMAT!r}")
     if not (_is_int(m["version"]) and m["version"] == VERSION):
-        raise CacheError(f"{where}: format version {_show(m['version'])} is not supported (want {VERSION})")
+        raise CacheError(f"{where}: format version {_show(m['version'])} is not supported (want {VERSION}); "
+                         "build the cache again")
     _need(isinstance(m["complete"], bool), where, f"complete must be true or false, got {_show(m['complete'])}")
     settings = validate_settings(m["settings"], where)
     per_shard, L = settings["rows_per_shard"], settings["max_length"]
+    blocks_done = _int(m["blocks_done"], where, "blocks_done", 0)
     _need(isinstance(m["shards"], list), where, f"shards must be a list, got {type(m['shards']).__name__}")
     for i, sh in enumerate(m["shards"]):  # names first: a repeated shard is reported as such
-        sh = _dict(sh, where, f"shards[{i}]", {"file", "rows", "tokens", "sha256"})
+        sh = _dict(sh, where, f"shards[{i}]", {"file", "block", "rows", "tokens", "sha256"})
         _need(sh["file"] == shard_name(i), where,
               f"shards[{i}].file must be {shard_name(i)!r}, got {_show(sh['file'])}")
-    shards = []
+    shards: list[ShardInfo] = []
     for i, sh in enumerate(m["shards"]):
-        last = i == len(m["shards"]) - 1
-        rows = _int(sh["rows"], where, f"shards[{i}].rows", 1 if last else per_shard, per_shard)
+        block = _int(sh["block"], where, f"shards[{i}].block", shards[-1].block if shards else 0, blocks_done)
+        if shards and shards[-1].rows < per_shard:
+            _need(block > shards[-1].block, where, f"shards[{i - 1}] holds {shards[-1].rows} < rows_per_shard "
+                  f"{per_shard} rows but is not the last shard of its block")
+        rows = _int(sh["rows"], where, f"shards[{i}].rows", 1, per_shard)
         _int(sh["tokens"], where, f"shards[{i}].tokens", 0, rows * L)
         _str(sh["sha256"], where, f"shards[{i}].sha256", SHA256_RE)
-        shards.append(ShardInfo(file=sh["file"], rows=rows, tokens=sh["tokens"], sha256=sh["sha256"]))
+        shards.append(ShardInfo(file=sh["file"], rows=rows, tokens=sh["tokens"], sha256=sh["sha256"], block=block))
     head = m.get("head")
     if head is not None:
         _dict(head, where, "head", {"file", "sha256"})
@@ -293,7 +334,7 @@ def validate_manifest(raw: object, where: str | os.PathLike) -> Manifest:
         _str(head["sha256"], where, "head.sha256", SHA256_RE)
     _need(head is not None or settings["logits"]["mode"] != "head" or not shards, where,
           "logits mode 'head' with shards but no head entry")
-    return Manifest(settings=settings, shards=shards, complete=m["complete"], head=head)
+    return Manifest(settings=settings, shards=shards, complete=m["complete"], head=head, blocks_done=blocks_done)
 
 
 def shard_path(cache_dir: str | os.PathLike, name: str) -> Path:
@@ -309,45 +350,81 @@ def shard_path(cache_dir: str | os.PathLike, name: str) -> Path:
 
 def is_kdfast_leftover(path: Path, listed: set[str], recorded: set[str] = frozenset()) -> bool:
     """A plain file that only an interrupted write of kdfast's leaves in a cache directory: a
-    temporary of :func:`atomic_write_bytes`, a shard file neither in ``listed`` (the manifest's) nor
-    in ``recorded`` (shards with a valid ``.done`` record, :func:`read_records`), or a record of a
-    listed shard or one that :func:`read_records` does not accept."""
+    temporary of :func:`atomic_write_bytes`, a shard file not in ``listed`` (the manifest's), a part
+    not in ``recorded`` (:meth:`Records.names`), or a record of a part or block not in ``recorded``."""
     if path.is_symlink() or not path.is_file():
         return False
     if TEMP_RE.fullmatch(path.name) is not None:
         return True
     if SHARD_RE.fullmatch(path.name) is not None:
-        return path.name not in listed and path.name not in recorded
-    if RECORD_RE.fullmatch(path.name) is not None:
+        return path.name not in listed
+    if PART_RE.fullmatch(path.name) is not None:
+        return path.name not in recorded
+    if PART_RECORD_RE.fullmatch(path.name) is not None:
         return path.name.replace(".done", ".safetensors") not in recorded
+    if BLOCK_RECORD_RE.fullmatch(path.name) is not None:
+        return path.name not in recorded
     return False
 
 
-def read_records(cache_dir: str | os.PathLike, manifest: Manifest) -> dict[int, ShardInfo]:
-    """``{shard index: info}`` of the ``.done`` records of shards the manifest does not list yet,
-    whose record parses and whose shard file exists (its sha256 is checked where it is used)."""
-    out: dict[int, ShardInfo] = {}
+@dataclass
+class Records:
+    """What the processes of a running build finished and the manifest does not list yet:
+    ``parts[(block, index)]`` (``file`` is the part's name) and ``blocks[block]`` = its number of shards."""
+
+    parts: dict[tuple[int, int], ShardInfo] = field(default_factory=dict)
+    blocks: dict[int, int] = field(default_factory=dict)
+
+    def names(self) -> set[str]:
+        """The part files and block records these records keep (:func:`is_kdfast_leftover`)."""
+        return {i.file for i in self.parts.values()} | {block_record_name(b) for b in self.blocks}
+
+
+def _read_json_record(p: Path, keys: set[str]) -> dict | None:
+    if p.is_symlink() or not p.is_file():
+        return None
+    try:
+        return _dict(json.loads(p.read_bytes()[:4096].decode("utf-8")), str(p), "the record", keys)
+    except (UnicodeDecodeError, json.JSONDecodeError, CacheError):
+        return None
+
+
+def read_records(cache_dir: str | os.PathLike, manifest: Manifest) -> Records:
+    """The records of parts and blocks the manifest does not list yet: a part's record counts when it
+    parses and its part file exists (its sha256 is checked where it is used)."""
+    out = Records()
     per_shard, L = manifest.settings["rows_per_shard"], manifest.settings["max_length"]
     for p in Path(cache_dir).iterdir():
-        if RECORD_RE.fullmatch(p.name) is None or p.is_symlink() or not p.is_file():
-            continue
-        index = int(p.name[6:11])
-        name = shard_name(index)
-        if index < len(manifest.shards) or not (Path(cache_dir) / name).is_file():
-            continue
-        try:
-            raw = json.loads(p.read_bytes()[:4096].decode("utf-8"))
-            _dict(raw, str(p), "the record", {"rows", "tokens", "sha256"})
-            rows = _int(raw["rows"], str(p), "rows", 1, per_shard)
-            _int(raw["tokens"], str(p), "tokens", 0, rows * L)
-            _str(raw["sha256"], str(p), "sha256", SHA256_RE)
-        except (UnicodeDecodeError, json.JSONDecodeError, CacheError):
-            continue
-        out[index] = ShardInfo(file=name, rows=rows, tokens=raw["tokens"], sha256=raw["sha256"])
+        if PART_RECORD_RE.fullmatch(p.name) is not None:
+            block, index = int(p.name[5:11]), int(p.name[12:17])
+            listed = manifest.listed_parts(block)
+            if listed < 0 or index < listed or not (Path(cache_dir) / part_name(block, index)).is_file():
+                continue
+            raw = _read_json_record(p, {"rows", "tokens", "sha256"})
+            try:
+                rows = _int(raw["rows"], str(p), "rows", 1, per_shard) if raw else None
+                if raw:
+                    _int(raw["tokens"], str(p), "tokens", 0, rows * L)
+                    _str(raw["sha256"], str(p), "sha256", SHA256_RE)
+            except CacheError:
+                continue
+            if raw:
+                out.parts[(block, index)] = ShardInfo(file=part_name(block, index), rows=rows, tokens=raw["tokens"],
+                                                       sha256=raw["sha256"], block=block)
+        elif BLOCK_RECORD_RE.fullmatch(p.name) is not None:
+            block = int(p.name[6:12])
+            raw = _read_json_record(p, {"shards"})
+            if block >= manifest.blocks_done and raw and _is_int(raw["shards"]) and raw["shards"] >= 0:
+                out.blocks[block] = raw["shards"]
     return out
 
 
-def write_record(cache_dir: str | os.PathLike, index: int, info: ShardInfo) -> None:
-    """Atomically write shard ``index``'s ``.done`` record (after the shard itself is in place)."""
+def write_record(cache_dir: str | os.PathLike, info: ShardInfo, index: int) -> None:
+    """Atomically write the ``.done`` record of part ``index`` of ``info.block`` (after the part itself)."""
     data = json.dumps({"rows": info.rows, "tokens": info.tokens, "sha256": info.sha256}).encode()
-    atomic_write_bytes(Path(cache_dir) / record_name(index), data)
+    atomic_write_bytes(Path(cache_dir) / part_record_name(info.block, index), data)
+
+
+def write_block_record(cache_dir: str | os.PathLike, block: int, shards: int) -> None:
+    """Atomically write ``block``'s record: its ``shards`` parts are all written and recorded."""
+    atomic_write_bytes(Path(cache_dir) / block_record_name(block), json.dumps({"shards": shards}).encode())

@@ -268,8 +268,8 @@ class TeacherCache:
             except Exception as e:  # a header the checks above let through but safetensors cannot read
                 shard_problems = [f"{info.file}: unreadable ({' '.join(str(e).split())[:200]})"]
             problems += shard_problems
-        recorded = set() if self.manifest.complete else {
-            i.file for i in read_records(self.dir, self.manifest).values()}  # finished, not yet listed
+        # finished, not yet listed
+        recorded = set() if self.manifest.complete else read_records(self.dir, self.manifest).names()
         for p in sorted(self.dir.iterdir()):
             if is_kdfast_leftover(p, listed, recorded):
                 problems.append(f"{p.name}: not in the manifest (left by an interrupted write)")

@@ -19,6 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 from kdfast.cache.format import (
     HEAD_FILE,
     MANIFEST,
+    PART_RE,
     SHARD_RE,
     CacheError,
     Manifest,
@@ -27,24 +28,31 @@ from kdfast.cache.format import (
     _is_number,
     atomic_write_bytes,
     is_kdfast_leftover,
+    part_name,
     read_records,
     sha256_file,
-    shard_name,
     teacher_weights_sha256,
     tokenizer_sha256,
     validate_settings,
+    write_block_record,
     write_record,
 )
 from kdfast.cache.head import capture_head_input, head_projection
 from kdfast.cache.ranks import current_ranks, finish, fold_records
 from kdfast.capture import capture
 from kdfast.data import (
+    BINARY_BUILDERS,
+    DATASET_BUILDERS,
+    TEXT_BLOCK_BYTES,
+    CorpusBlock,
     check_max_length,
+    check_text_file,
+    corpus_blocks,
     expand_data_paths,
     files_sha256,
+    iter_block_texts,
     iter_packed_rows,
     iter_padded_rows,
-    iter_texts,
     mask_tokens,
 )
 from kdfast.models.teachers import check_teacher_architecture
@@ -59,14 +67,13 @@ def _stored_projection(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, length, heads * d_head).to(torch.float16)
 
 
-def write_shard(cache_dir: Path, index: int, tensors: dict[str, torch.Tensor]) -> ShardInfo:
-    """Write one shard atomically (temporary name, fsync, rename, fsync the directory)."""
+def write_shard(cache_dir: Path, name: str, tensors: dict[str, torch.Tensor], block: int = 0) -> ShardInfo:
+    """Write one shard (or part) atomically (temporary name, fsync, rename, fsync the directory)."""
     data = safetensors_bytes({k: v.contiguous() for k, v in tensors.items()})
-    name = shard_name(index)
     atomic_write_bytes(cache_dir / name, data)
     rows = int(tensors["input_ids"].shape[0])
     tokens = int(tensors["attention_mask"].sum())
-    return ShardInfo(file=name, rows=rows, tokens=tokens, sha256=hashlib.sha256(data).hexdigest())
+    return ShardInfo(file=name, rows=rows, tokens=tokens, sha256=hashlib.sha256(data).hexdigest(), block=block)
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,12 +109,11 @@ def parse_logits_option(text: str) -> tuple[str, int, str | None]:
 
 def _clean_orphans(cache_dir: Path, manifest: Manifest) -> list[str]:
     """Delete what an interrupted build left behind (and nothing else: ``.git/``, ``.env``,
-    ``shard-notes.md`` stay): temporaries, shards neither listed nor recorded, records of listed
-    shards, and records whose shard does not hash to what they say (with that shard)."""
-    recorded = set()
-    for info in read_records(cache_dir, manifest).values():
-        if sha256_file(cache_dir / info.file) == info.sha256:
-            recorded.add(info.file)
+    ``shard-notes.md`` stay): temporaries, shards not listed, parts not recorded, records of listed
+    parts and blocks, and records whose part does not hash to what they say (with that part)."""
+    records = read_records(cache_dir, manifest)
+    recorded = {info.file for info in records.parts.values() if sha256_file(cache_dir / info.file) == info.sha256}
+    recorded |= records.names() - {info.file for info in records.parts.values()}
     listed = {s.file for s in manifest.shards}
     removed = []
     for p in sorted(cache_dir.iterdir()):
@@ -129,7 +135,8 @@ def _existing_manifest(out: Path) -> Manifest | None:
     if (out / MANIFEST).exists() or (out / MANIFEST).is_symlink():
         return Manifest.load(out)
     # without a manifest (written before any shard) only temporaries can be kdfast's
-    foreign = sorted(p.name for p in out.iterdir() if SHARD_RE.fullmatch(p.name) or not is_kdfast_leftover(p, set()))
+    foreign = sorted(p.name for p in out.iterdir() if SHARD_RE.fullmatch(p.name) or PART_RE.fullmatch(p.name)
+                     or not is_kdfast_leftover(p, set()))
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise CacheError(f"out {out} is neither empty nor a kdfast cache (no {MANIFEST}; it holds {shown}); "
@@ -206,6 +213,7 @@ def build_cache(
     text_column: str = "text",
     progress: bool = True,
     packing: bool = False,
+    block_bytes: int = TEXT_BLOCK_BYTES,
 ) -> Manifest:
     """Run the teacher in ``teacher_dir`` (a local ``save_pretrained`` directory) over the texts of
     ``data_files`` and write a cache to ``out_dir``; resume a partial cache built with the same settings.
@@ -219,6 +227,12 @@ def build_cache(
     joined with [SEP] into full ``max_length`` rows (:func:`kdfast.data.pack_texts`) instead of one
     padded, truncated row per text, so shards hold almost no padding; a resume with the other value
     is refused.
+
+    The corpus is read block by block (:func:`kdfast.data.corpus_blocks`: Parquet row groups, byte
+    ranges of ``block_bytes`` of text and JSON-lines files, other files whole); each block's rows are
+    made from its own texts (packed rows do not cross blocks) and masked by a seed of the block and
+    row, so under ``torchrun`` each process reads only its own blocks (block ``b`` goes to rank
+    ``b mod world_size``) and the cache is the same file for file whatever the number of processes.
 
     ``out_dir`` must be absent, empty, or a kdfast cache; only files kdfast writes there (shards,
     their temporaries, the manifest) are ever replaced or deleted. Every argument and the teacher
@@ -251,6 +265,7 @@ def build_cache(
     if layers is not None and (not isinstance(layers, (list, tuple)) or not all(_is_int(l) for l in layers)):
         raise ValueError(f"layers must be a list of integers, got {layers!r}")
     paths = expand_data_paths([str(f) for f in data_files])  # hashed below, then streamed
+    blocks = corpus_blocks(paths, block_bytes)  # from sizes and Parquet footers: no text read
     teacher_path = Path(teacher_dir)
     if not (teacher_path / "config.json").is_file():
         raise ValueError(f"teacher {teacher_dir} is not a local model directory (no config.json)")
@@ -260,6 +275,7 @@ def build_cache(
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(teacher_path, local_files_only=True)
+    ranks = current_ranks()
     n_layers = config.num_hidden_layers
     layers = list(range(n_layers + 1)) if layers is None else sorted(set(layers))
     if any(not 0 <= l <= n_layers for l in layers):
@@ -270,8 +286,8 @@ def build_cache(
                     "hidden_size": config.hidden_size, "num_attention_heads": config.num_attention_heads,
                     "vocab_size": config.vocab_size},
         "tokenizer_sha256": tokenizer_sha256(teacher_path),
-        "data": {"files": [str(p.resolve()) for p in paths], "sha256": files_sha256([str(p) for p in paths]),
-                 "text_column": text_column},
+        "data": {"files": [str(p.resolve()) for p in paths], "sha256": ranks.share(lambda: _corpus_sha256(paths)),
+                 "text_column": text_column, "block_bytes": block_bytes},
         "max_length": max_length, "packing": packing, "batch_size": batch_size, "rows_per_shard": rows_per_shard,
         "logits": {"mode": mode, "k": k, "temperature": temperature, **({"dtype": head_dtype} if mode == "head" else {})},
         "mlm": {"probability": mlm_probability, "seed": seed} if mode != "none" else None,
@@ -285,7 +301,6 @@ def build_cache(
     # Everything that can refuse the build runs before the first write, so a refused build leaves
     # nothing behind; a partial cache of the same settings resumes.
     out = Path(out_dir)
-    ranks = current_ranks()
     manifest = existing = _existing_manifest(out)
     if manifest is not None and manifest.settings != settings:
         if manifest.shards or manifest.complete:
@@ -311,8 +326,12 @@ def build_cache(
         raise ValueError(f"teacher {teacher_dir}: its tokenizer has no [MASK] token, so the inputs cannot be "
                          "MLM-masked for logits; build with logits='none'")
     with _library_progress_bars(progress):
-        if next(iter_texts(paths, text_column), None) is None:  # reads up to the first text only
-            raise ValueError(f"data {', '.join(map(str, data_files))}: no text to cache")
+        def any_text() -> None:  # rank 0 reads up to the first text only (in its own block 0)
+            if next((t for b in blocks for t in iter_block_texts(b, text_column)), None) is None:
+                raise ValueError(f"data {', '.join(map(str, data_files))}: no text to cache")
+
+        if existing is None or not existing.shards:  # a cache with listed shards has text
+            ranks.share(any_text)
         teacher = _load_teacher(teacher_path, mode)
 
     # Q/K through kdfast.capture, the head input through a hook, entered before the first write: a
@@ -340,7 +359,7 @@ def build_cache(
         ranks.barrier()  # rank 0 has cleaned: every rank now sees the same finished shards
         if ranks.rank != 0:
             manifest = Manifest.load(out)
-        done = set(range(len(manifest.shards))) | set(read_records(out, manifest))
+        records = read_records(out, manifest)
         special = list(tokenizer.all_special_ids)
         if progress:
             from tqdm import tqdm
@@ -350,35 +369,27 @@ def build_cache(
         ctx = _BuildContext(teacher=teacher, tokenizer=tokenizer, config=config, mode=mode, k=k, hidden=hidden,
                             layers=layers, temperature=temperature, mlm_probability=mlm_probability, seed=seed,
                             special=special, captured=captured, head_in=head_in, head_dtype=head_dtype)
-
-        def want(row: int) -> bool:
-            shard = row // rows_per_shard
-            return ranks.owns(shard) and shard not in done
-
-        texts = iter_texts(paths, text_column)
-        rows = iter_packed_rows(tokenizer, texts, max_length) if packing else \
-            iter_padded_rows(tokenizer, texts, max_length, want=want)
-        total, pending, t0, tokens_done = 0, [], time.perf_counter(), 0
+        t0, tokens_done = time.perf_counter(), 0
         with torch.no_grad():
-            for row, ids, am in rows:
-                total = row + 1
-                if not want(row):
+            for b, block in enumerate(blocks):
+                if not ranks.owns(b) or b < manifest.blocks_done:
                     continue
-                pending.append((ids, am))
-                if len(pending) == rows_per_shard or (row + 1) % rows_per_shard == 0:
-                    tokens_done += _build_shard(out, row // rows_per_shard, row + 1 - len(pending), pending, ctx,
-                                                batch_size)
-                    pending = []
+                done = set(range(manifest.listed_parts(b))) | {j for (bb, j) in records.parts if bb == b}
+                if b in records.blocks and done >= set(range(records.blocks[b])):
+                    continue  # every part written and recorded: nothing of this block is read
+                for tokens in _build_block(out, b, block, done, ctx, text_column=text_column, max_length=max_length,
+                                           packing=packing, rows_per_shard=rows_per_shard, batch_size=batch_size):
+                    tokens_done += tokens
                     if ranks.rank == 0:
                         fold_records(out, manifest)
                     if bar is not None:
                         bar.update(rows_per_shard)
                         bar.set_postfix(tok_s=f"{tokens_done / (time.perf_counter() - t0):.0f}")
-            if pending:  # the corpus's last, short shard
-                _build_shard(out, (total - 1) // rows_per_shard, total - len(pending), pending, ctx, batch_size)
+                if ranks.rank == 0:
+                    fold_records(out, manifest)
         ranks.barrier()  # every rank has recorded its shards
         if ranks.rank == 0:
-            finish(out, manifest, -(-total // rows_per_shard))
+            finish(out, manifest, len(blocks))
         ranks.barrier()  # no rank returns before the cache is complete
         if ranks.rank != 0:
             manifest = Manifest.load(out)
@@ -419,15 +430,53 @@ def _stored(batch: dict, name: str, x: torch.Tensor, dtype: str) -> None:
         batch[name] = x.to(HIDDEN_DTYPES[dtype])
 
 
-def _teacher_batch(ids: torch.Tensor, am: torch.Tensor, b0: int, ctx: _BuildContext) -> dict[str, torch.Tensor]:
-    """The stored fields of the rows starting at global row ``b0``: masking and sampling are seeded
-    by ``b0`` and the seed alone, so any process building these rows writes the same values."""
+def _corpus_sha256(paths: list[Path]) -> str:
+    """The corpus's identity (one sha256 over its files), after checking that text files are UTF-8."""
+    if DATASET_BUILDERS[paths[0].suffix.lower()] not in BINARY_BUILDERS:
+        for p in paths:
+            check_text_file(p)
+    return files_sha256([str(p) for p in paths])
+
+
+def _build_block(out: Path, block: int, source: CorpusBlock, done: set[int], ctx: _BuildContext, *, text_column: str,
+                 max_length: int, packing: bool, rows_per_shard: int, batch_size: int) -> Iterator[int]:
+    """Read one corpus block's texts (that block's only), make its rows, and write each part not in
+    ``done`` with its record, then the block's record; yields the real tokens of each part written."""
+    texts = iter_block_texts(source, text_column)
+    if packing:
+        rows = iter_packed_rows(ctx.tokenizer, texts, max_length, allow_empty=True)
+    else:
+        rows = iter_padded_rows(ctx.tokenizer, texts, max_length, want=lambda r: r // rows_per_shard not in done)
+    pending, n_rows = [], 0
+    for row, ids, am in rows:
+        n_rows = row + 1
+        if row // rows_per_shard in done:
+            continue
+        pending.append((ids, am))
+        if n_rows % rows_per_shard == 0:
+            yield _build_shard(out, block, row // rows_per_shard, n_rows - len(pending), pending, ctx, batch_size)
+            pending = []
+    if pending:  # the block's last, short part
+        yield _build_shard(out, block, (n_rows - 1) // rows_per_shard, n_rows - len(pending), pending, ctx, batch_size)
+    write_block_record(out, block, -(-n_rows // rows_per_shard))
+
+
+def _row_seed(seed: int, block: int, row: int) -> int:
+    """The generator seed of the rows of ``block`` from its row ``row`` on (block 0: what format 1 used)."""
+    return (seed * 1_000_003 + block * (1 << 32) + row) % (1 << 64)
+
+
+def _teacher_batch(ids: torch.Tensor, am: torch.Tensor, block: int, b0: int,
+                   ctx: _BuildContext) -> dict[str, torch.Tensor]:
+    """The stored fields of the rows of corpus block ``block`` from its row ``b0`` on: masking and
+    sampling are seeded by the block, ``b0`` and the seed alone, so any process building these rows
+    writes the same values."""
     from kdfast.losses.sparse_kd import sparsify_teacher_logits
 
     batch: dict[str, torch.Tensor] = {}
     mode = ctx.mode
     if mode != "none":
-        gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + b0)  # per batch: resumable
+        gen = torch.Generator().manual_seed(_row_seed(ctx.seed, block, b0))  # per batch: resumable
         ids, labels = mask_tokens(ids, am, special_ids=ctx.special, mask_id=ctx.tokenizer.mask_token_id,
                                   vocab_size=ctx.config.vocab_size, probability=ctx.mlm_probability, generator=gen)
         batch["labels"] = labels.to(torch.int32)
@@ -442,7 +491,7 @@ def _teacher_batch(ids: torch.Tensor, am: torch.Tensor, b0: int, ctx: _BuildCont
             tid, tval, tlse = sparsify_teacher_logits(rows_logits, ctx.k, "topk", ctx.temperature)
             batch.update(topk_ids=tid, topk_values=tval, topk_lse=tlse)
         else:
-            g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + b0 + 1)
+            g = torch.Generator().manual_seed(_row_seed(ctx.seed, block, b0 + 1))
             sid, scount = sparsify_teacher_logits(rows_logits, ctx.k, "sampled", ctx.temperature, generator=g)
             batch.update(sampled_ids=sid, sampled_counts=scount)
     elif mode == "head":
@@ -456,22 +505,23 @@ def _teacher_batch(ids: torch.Tensor, am: torch.Tensor, b0: int, ctx: _BuildCont
     return batch
 
 
-def _build_shard(out: Path, index: int, first_row: int, rows: list, ctx: _BuildContext, batch_size: int) -> int:
-    """Run the teacher over one shard's rows (global rows ``first_row`` ..), write the shard and then
-    its ``.done`` record; the number of real tokens."""
+def _build_shard(out: Path, block: int, index: int, first_row: int, rows: list, ctx: _BuildContext,
+                 batch_size: int) -> int:
+    """Run the teacher over part ``index`` of ``block`` (the block's rows ``first_row`` ..), write
+    the part and then its ``.done`` record; the number of real tokens."""
     ids_all = torch.stack([r[0] for r in rows])
     am_all = torch.stack([r[1] for r in rows])
     parts: dict[str, list[torch.Tensor]] = {}
     for j in range(0, len(rows), batch_size):
-        batch = _teacher_batch(ids_all[j:j + batch_size], am_all[j:j + batch_size], first_row + j, ctx)
+        batch = _teacher_batch(ids_all[j:j + batch_size], am_all[j:j + batch_size], block, first_row + j, ctx)
         for name, v in batch.items():
             parts.setdefault(name, []).append(v)
     tensors = {name: torch.cat(v) for name, v in parts.items()}
     if "masked_per_row" in tensors:
         counts = tensors.pop("masked_per_row")
         tensors["logit_offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-    info = write_shard(out, index, tensors)
-    write_record(out, index, info)
+    info = write_shard(out, part_name(block, index), tensors, block)
+    write_record(out, info, index)
     return info.tokens
 
 

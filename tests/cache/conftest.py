@@ -3,22 +3,12 @@
 import pytest
 import torch
 
-WORDS = ("the cat sat on a mat while dogs ran far away from home under blue skies and green trees "
-         "every morning birds sing songs of light wind rain sun moon stars river stone").split()
+from kdfast.bench.synthetic import WORDS, save_tiny_bert_teacher
 
 
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory):
-    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
-
-    d = tmp_path_factory.mktemp("teacher")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(WORDS))]
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=64)
-    BertForMaskedLM(cfg).eval().save_pretrained(d)
-    return d
+    return save_tiny_bert_teacher(tmp_path_factory.mktemp("teacher"), sorted(set(WORDS)))
 
 
 @pytest.fixture(scope="session")
@@ -30,6 +20,19 @@ def text_file(tmp_path_factory):
         lines.append(" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (n,), generator=g)))
     p = tmp_path_factory.mktemp("data") / "corpus.txt"
     p.write_text("\n".join(lines) + "\n\n")
+    return p
+
+
+@pytest.fixture(scope="session")
+def parquet_file(text_file, tmp_path_factory):
+    """The texts of ``text_file`` in one Parquet file of row groups of 8 texts: 5 corpus blocks (8, 8, 8, 8, 5)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from kdfast.data import load_texts
+
+    p = tmp_path_factory.mktemp("data") / "corpus.parquet"
+    pq.write_table(pa.table({"text": load_texts([str(text_file)])}), str(p), row_group_size=8)
     return p
 
 

@@ -133,9 +133,10 @@ def test_torn_and_unlisted_files_are_reported_then_cleaned_on_resume(tiny_teache
     full = [(s.file, s.sha256) for s in m.shards]
     # simulate a run killed after writing shard 3 but before recording it, and one killed mid-write
     m.shards = m.shards[:2]
+    m.blocks_done = 0  # the corpus's one block is no longer listed whole
     m.complete = False
     m.save(out)
-    (out / ".shard-00002.safetensors.tmp-123").write_bytes(b"torn")
+    (out / ".part-000000-00002.safetensors.tmp-123").write_bytes(b"torn")
     problems = TeacherCache(str(out), allow_incomplete=True).verify()
     assert any("shard-00002.safetensors: not in the manifest" in p for p in problems)
     assert any(".tmp-123: not in the manifest" in p for p in problems)

@@ -98,14 +98,15 @@ def test_resume_keeps_foreign_files_and_removes_only_kdfast_leftovers(cache_dir,
     full = [(s.file, s.sha256) for s in Manifest.load(out).shards]
     m = Manifest.load(out)
     m.shards, m.complete = m.shards[:2], False  # killed after writing shard 2, before recording it
+    m.blocks_done = 0  # the corpus's one block is no longer listed whole
     m.save(out)
-    (out / ".shard-00003.safetensors.tmp-4242").write_bytes(b"torn")  # killed mid-write
+    (out / ".part-000000-00003.safetensors.tmp-4242").write_bytes(b"torn")  # killed mid-write
     put_foreign(out)
     (out / "shard-00042.safetensors").mkdir()  # a directory is never removed, whatever its name
     build_cache(str(tiny_teacher), [str(text_file)], str(out), logits="topk:3", hidden="int8", layers=[0, 2],
                 qk=True, **BUILD)
     assert [(s.file, s.sha256) for s in Manifest.load(out).shards] == full
-    assert not (out / ".shard-00003.safetensors.tmp-4242").exists()
+    assert not (out / ".part-000000-00003.safetensors.tmp-4242").exists()
     assert (out / "shard-00042.safetensors").is_dir()
     assert_foreign_intact(out)
     assert TeacherCache(str(out)).verify() == []  # foreign files are not problems of the cache
@@ -131,6 +132,7 @@ def test_a_build_stopped_before_its_first_shard_does_not_block_other_settings(ca
     out.mkdir()
     m = Manifest.load(cache_dir)
     m.shards, m.complete = [], False  # what a build killed (or failing) before its first shard leaves
+    m.blocks_done = 0  # the corpus's one block is no longer listed whole
     m.save(out)
     (out / ".manifest.json.tmp-77").write_text("{")
     build_cache(str(tiny_teacher), [str(text_file)], str(out), logits="none", hidden="fp16", **BUILD)
@@ -141,6 +143,7 @@ def test_a_build_stopped_before_its_first_shard_does_not_block_other_settings(ca
 def test_a_partial_cache_with_an_altered_shard_is_not_resumed(cache_copy, tiny_teacher, text_file, capsys):
     m = Manifest.load(cache_copy)
     m.shards, m.complete = m.shards[:3], False
+    m.blocks_done = 0  # the corpus's one block is no longer listed whole
     m.save(cache_copy)
     (cache_copy / "shard-00001.safetensors").write_bytes(b"flipped")
     code, _, err = run_cli(capsys, "cache", "build", "--teacher", str(tiny_teacher), "--data", str(text_file),
@@ -190,7 +193,8 @@ MANIFEST_MUTATIONS = {
     "rows negative": (_edit(["shards", 4, "rows"], -5), "shards[4].rows must be an integer"),
     "rows a bool": (_edit(["shards", 4, "rows"], True), "shards[4].rows must be an integer"),
     "rows a float": (_edit(["shards", 4, "rows"], 5.0), "shards[4].rows must be an integer"),
-    "short shard before the last": (_edit(["shards", 1, "rows"], 7), "shards[1].rows must be an integer in [8, 8]"),
+    "short shard before the last": (_edit(["shards", 1, "rows"], 7),
+                                    "shards[1] holds 7 < rows_per_shard 8 rows but is not the last shard of its block"),
     "shard listed twice": (lambda raw: {**raw, "shards": raw["shards"] + [raw["shards"][0]]},
                            "shards[5].file must be 'shard-00005.safetensors', got 'shard-00000.safetensors'"),
     "shard listed in place of another": (lambda raw: {**raw, "shards": [raw["shards"][0]] * 5},
@@ -201,8 +205,11 @@ MANIFEST_MUTATIONS = {
     "name not a string": (_edit(["shards", 0, "file"], ["shard-00000.safetensors"]), "shards[0].file must be"),
     "tokens beyond rows x max_length": (_edit(["shards", 0, "tokens"], 8 * 16 + 1), "shards[0].tokens must be"),
     "sha256 not hex": (_edit(["shards", 0, "sha256"], "z" * 64), "shards[0].sha256 must be a string matching"),
+    "blocks out of order": (_edit(["shards", 0, "block"], 1), "shards[1].block must be an integer in [1, 1]"),
+    "block beyond blocks_done": (_edit(["shards", 4, "block"], 2), "shards[4].block must be an integer in [0, 1]"),
+    "blocks_done a string": (_edit(["blocks_done"], "1"), "blocks_done must be an integer"),
     "version true": (_edit(["version"], True), "format version True is not supported"),
-    "version 2": (_edit(["version"], 2), "format version 2 is not supported"),
+    "version 1": (_edit(["version"], 1), "format version 1 is not supported"),
     "other format": (_edit(["format"], "safetensors"), "format 'safetensors' is not"),
     "unknown top-level field": (_edit(["extra"], 1), "the manifest has unknown field(s) ['extra']"),
     "settings a list": (_edit(["settings"], []), "settings must be an object"),
@@ -515,6 +522,7 @@ def test_a_second_build_into_a_directory_being_written_is_refused(cache_dir, tin
     shutil.copytree(cache_dir, out)
     m = Manifest.load(out)
     m.shards, m.complete = m.shards[:1], False
+    m.blocks_done = 0  # the corpus's one block is no longer listed whole
     m.save(out)
     fd = os.open(out, os.O_RDONLY)  # what a running build holds
     try:
