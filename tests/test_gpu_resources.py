@@ -6,6 +6,7 @@ reads the ptxas log Triton prints while it builds each cubin."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
@@ -272,3 +273,85 @@ def test_aot_refuses_an_unknown_arch_in_one_line():
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 2 and "--arch must be among" in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+def _compiled(configs) -> dict[str, list[tuple[dict, int, dict]]]:
+    """kernel name -> [(constexprs, num_warps, signature)] of an AOT_CONFIGS list."""
+    out: dict[str, list[tuple[dict, int, dict]]] = {}
+    for fn, sig, ce, nw in configs():
+        out.setdefault(fn.__name__, []).append((ce, nw, sig))
+    return out
+
+
+def _uncovered(compiled, kernel: str, pick: dict, blocks: tuple[str, ...], dtype: tuple[str, str]) -> bool:
+    """True unless a configuration of ``kernel`` compiled ahead of time has ``pick``'s constexprs and the
+    element type ``dtype`` = (argument, Triton type) in its signature, except for the block sizes ``blocks``:
+    with ``pick``'s warps, each of those as large or larger; with more warps (fewer registers available per
+    thread), at least as many block elements per thread. Either way the same program holds at least as
+    many values per thread with no more registers each, so it spills if ``pick`` does."""
+    pick = dict(pick)
+    warps = pick.pop("num_warps")
+    arg, ty = dtype
+
+    def per_thread(ce, nw):
+        return math.prod(ce[k] for k in blocks) / nw
+
+    return not any(sig[arg] == f"*{ty}" and all(ce.get(k) == v for k, v in pick.items() if k not in blocks)
+                   and (all(ce[k] >= pick[k] for k in blocks) if nw == warps else
+                        nw > warps and per_thread(ce, nw) >= per_thread(pick, warps))
+                   for ce, nw, sig in compiled[kernel])
+
+
+def test_gpu_launch_constants_of_every_shape_are_compiled_ahead_of_time():
+    """The GPU launch constants each Triton launcher picks over a sweep of shapes and dtypes are those of a
+    configuration the report covers (or of a smaller block at the same warps), so that no spill hides in a
+    configuration only a GPU run would build."""
+    import torch
+
+    from kdfast.ops.attention_transfer import triton as at
+    from kdfast.ops.hidden_rows import MAX_COSINE_WIDTH
+    from kdfast.ops.hidden_rows import triton as hr
+    from kdfast.ops.logit_kd import triton as lk
+    from kdfast.ops.mobilebert_blocks import triton as mb
+    from kdfast.ops.score_mse import triton as sm
+    from kdfast.ops.sparse_kd import triton as sk
+
+    bad = []
+    kd, sparse, attn = _compiled(lk.AOT_CONFIGS), _compiled(sk.AOT_CONFIGS), _compiled(at.AOT_CONFIGS)
+    hidden, score, blocks = _compiled(hr.AOT_CONFIGS), _compiled(sm.AOT_CONFIGS), _compiled(mb.AOT_CONFIGS)
+    for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        for V in (1, 5, 100, 1000, 1024, 1025, 2048, 3000, 4096, 5000, 8192, 8193, 16384, 30522, 50257, 128256):
+            pick = lk.row_block_meta(V, cuda=True)
+            assert pick["BLOCK_V"] <= lk.MAX_BLOCK_V_GPU and pick["SINGLE_BLOCK"] == (V <= pick["BLOCK_V"])
+            bad += [("kd", ty, V)] * _uncovered(kd, "kd_fwd_bwd_kernel", pick, ("BLOCK_V",), ("s_ptr", ty))
+            bad += [("sparse_kd", ty, V)] * _uncovered(sparse, "sparse_kd_fwd_bwd_kernel", pick, ("BLOCK_V",),
+                                                        ("s_ptr", ty))
+        for ds in (8, 16, 24, 32, 48, 64, 96, 128):
+            for dt in (8, 16, 32, 64, 96, 128, 192, 256):
+                pick = at.tile_meta(ds, dt, dtype, cuda=True)
+                for kernel in ("_at_fwd_kernel", "_at_dq_kernel", "_at_dk_kernel"):
+                    bad += [(kernel, ty, ds, dt)] * _uncovered(attn, kernel, pick, ("BLOCK_DS", "BLOCK_DT"),
+                                                               ("qs_ptr", ty))
+        for D in (1, 100, 312, 768, 1024, 1025, 2048, 4096, 4097, 8192, 16384):
+            bad += [("mse_epilogue", ty, D)] * _uncovered(hidden, "_mse_epilogue_kernel",
+                                                          hr.block_meta(D, hr.MAX_BLOCK_GPU), ("BLOCK_D",), ("t_ptr", ty))
+            if D <= MAX_COSINE_WIDTH:
+                bad += [("cosine", ty, D)] * _uncovered(hidden, "_cosine_kernel", hr.block_meta(D, MAX_COSINE_WIDTH),
+                                                        ("BLOCK_D",), ("s_ptr", ty))
+            for kernel in ("_score_mse_fwd_kernel", "_score_mse_bwd_kernel"):
+                for has_mask in (False, True):
+                    bad += [(kernel, ty, D)] * _uncovered(score, kernel, sm._launch_meta(D, True, has_mask),
+                                                          ("BLOCK_L",), ("s_ptr", ty))
+        for D in (128, 512):  # MobileBERT's widths: compiled as picked
+            block_d, block_n, rows, warps = mb._blocks(D, torch.device("cuda"))
+            tile = dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+            for has_b in (False, True):
+                for has_r in (False, True):
+                    bad += [("nonorm", ty, D)] * _uncovered(blocks, "nonorm_fwd_kernel",
+                                                            {**tile, "HAS_B": has_b, "HAS_R": has_r}, (), ("x_ptr", ty))
+                    bad += [("nonorm_bwd", ty, D)] * _uncovered(
+                        blocks, "nonorm_bwd_kernel", {**tile, "HAS_B": has_b, "HAS_R": has_r, "ROWS_PER_PROG": rows},
+                        (), ("x_ptr", ty))
+            bad += [("relu_bwd_colsum", ty, D)] * _uncovered(blocks, "relu_bwd_colsum_kernel",
+                                                             {**tile, "ROWS_PER_PROG": rows}, (), ("dh_ptr", ty))
+    assert bad == [], bad

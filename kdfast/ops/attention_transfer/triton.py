@@ -226,10 +226,15 @@ def _at_dk_kernel(
              mask=col_in[:, None] & (offs_ds[None, :] < DS))
 
 
-# GPU tiles: 64 x 64 fp32 score tiles (two of them live) fit the register file with 4 warps for
-# head dims up to 64, 8 warps above. The interpreter (CPU tensors) is fastest with big tiles.
+# GPU tiles: BLOCK_M = BLOCK_N query / key rows, NUM_WARPS_GPU warps. ptxas -v (kdfast.ops.aot --report)
+# on sm_80 / sm_90: at 4 warps the fp32 'ieee' dq kernel with 64-row tiles was squeezed to 32 registers and
+# moved 30-47 KB per thread through local memory; 8 warps keep every configuration at up to 255
+# registers and under 1.7 KB of spill per thread. 64-row tiles stay spill-free only for the half-precision
+# heads up to 32 + 64; fp32 (its 'ieee' products take more registers) and wider heads take 32 rows.
+# The interpreter (CPU tensors) is fastest with big tiles.
 BLOCK_GPU = 64
 BLOCK_INTERPRETER = 128
+NUM_WARPS_GPU = 8
 TL_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -237,20 +242,19 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def _block_m(block_ds: int, block_dt: int, dtype: torch.dtype) -> int:
-    """Query/key tile: BLOCK_GPU, halved for wide fp32 heads. The four Q/K tiles are staged in
-    shared memory; at 64 rows, fp32 with dh 128 (or a grouped teacher head of 192-256) needs
-    197-237 KB, over sm_80's 163 KB (and sm_90's 227 KB), found by kdfast.ops.aot."""
-    elem = 4 if dtype in (torch.float32, torch.float64) else 2
-    return BLOCK_GPU if BLOCK_GPU * (block_ds + block_dt) * elem <= 40960 else BLOCK_GPU // 2
-
-
-def _num_warps(block_ds: int, block_dt: int) -> int:
-    return 8 if max(block_ds, block_dt) >= 128 else 4
-
-
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def tile_meta(ds: int, dt: int, dtype: torch.dtype, cuda: bool, block: int | None = None) -> dict:
+    """The launch constants of the three kernels for student / teacher head dims ``ds`` / ``dt``:
+    ``BLOCK_M`` = ``BLOCK_N`` (``block`` overrides it; on a GPU BLOCK_GPU rows, half of it for fp32 or
+    heads wider than 32 (student) and 64 (teacher)), ``BLOCK_DS``, ``BLOCK_DT``, ``PRECISION`` and ``num_warps``."""
+    bds, bdt = _block_d(ds), _block_d(dt)
+    narrow = bds <= 32 and bdt <= 64 and _precision(dtype) == "tf32"
+    bm = block or ((BLOCK_GPU if narrow else BLOCK_GPU // 2) if cuda else BLOCK_INTERPRETER)
+    return dict(BLOCK_M=bm, BLOCK_N=bm, BLOCK_DS=bds, BLOCK_DT=bdt, PRECISION=_precision(dtype),
+                num_warps=NUM_WARPS_GPU)
 
 
 def attention_transfer_fwd_bwd_triton(
@@ -275,12 +279,9 @@ def attention_transfer_fwd_bwd_triton(
     loss_rows = torch.empty(B, H, L, dtype=torch.float32, device=dev)
     lse_s = torch.empty(B, H, L, dtype=torch.float32, device=dev)
     lse_t = torch.empty(B, H, L, dtype=torch.float32, device=dev)
-    bds, bdt = _block_d(DS), _block_d(DT)
-    bm = block or (_block_m(bds, bdt, q_s.dtype) if q_s.is_cuda else BLOCK_INTERPRETER)
     has_window = 0 <= window < L - 1
-    meta = dict(IS_MSE=bool(mse), HAS_WINDOW=has_window, BLOCK_M=bm, BLOCK_N=bm, BLOCK_DS=bds, BLOCK_DT=bdt,
-                PRECISION=_precision(q_s.dtype), num_warps=_num_warps(bds, bdt))
-    grid = (triton.cdiv(L, bm), B * H)
+    meta = dict(IS_MSE=bool(mse), HAS_WINDOW=has_window, **tile_meta(DS, DT, q_s.dtype, q_s.is_cuda, block))
+    grid = (triton.cdiv(L, meta["BLOCK_M"]), B * H)
     args = (q_s, k_s, q_t, k_t, kv, w, lse_s, lse_t)
     sizes = (L, H, DS, DT, float(scale_s), float(scale_t), int(window) if has_window else -1)
     _at_fwd_kernel[grid](*args, loss_rows, *sizes, **meta)
@@ -293,20 +294,14 @@ def attention_transfer_fwd_bwd_triton(
     return loss_rows, dq, dk
 
 
-# Compiled ahead of time (CI, no GPU): a representative set, not the whole product (each
-# configuration costs about a second per arch). Every kernel x dtype x loss at the usual
-# distillation pair, student dh 32 (MobileBERT, TinyBERT) under a BERT-base teacher (dh 64);
-# then the extremes of the head-dim range in bf16, and the largest tiles (dh 128) in fp32, which
-# use the most registers and shared memory, and the widest grouped teacher heads.
+# Compiled ahead of time (CI, no GPU): per dtype, the usual distillation pair (student dh 32 under a
+# BERT-base teacher, dh 64), dh 64 for both, and the widest heads kdfast tiles, a student dh of 128
+# under a grouped teacher head of 256 (a smaller head at the same tile holds fewer values per thread, so
+# it needs no more registers or shared memory).
 def _aot_points():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        yield dtype, (32, 64)
-    for dims in ((16, 16), (64, 64), (128, 128)):
-        yield torch.bfloat16, dims
-    yield torch.float32, (128, 128)
-    # a 4-head student under a 12-head BERT-base teacher: teacher groups of 3 heads, dt = 192
-    yield torch.bfloat16, (32, 192)
-    yield torch.float32, (32, 192)
+        for dims in ((32, 64), (64, 64), (128, 256)):
+            yield dtype, dims
 
 
 def aot_configs():
@@ -315,7 +310,6 @@ def aot_configs():
     for (dtype, (ds, dt)), fn, mse, has_window in itertools.product(
         _aot_points(), (_at_fwd_kernel, _at_dq_kernel, _at_dk_kernel), (False, True), (False, True),
     ):
-        bds, bdt = _block_d(ds), _block_d(dt)
         tdt = TL_DTYPES[dtype]
         last = "loss_ptr" if fn is _at_fwd_kernel else ("dq_ptr" if fn is _at_dq_kernel else "dk_ptr")
         signature = {
@@ -324,10 +318,9 @@ def aot_configs():
             last: "*fp32" if fn is _at_fwd_kernel else f"*{tdt}",
             "L": "i32", "H": "i32", "DS": "i32", "DT": "i32", "scale_s": "fp32", "scale_t": "fp32", "window": "i32",
         }
-        bm = _block_m(bds, bdt, dtype)
-        constexprs = {"IS_MSE": mse, "HAS_WINDOW": has_window, "BLOCK_M": bm, "BLOCK_N": bm, "BLOCK_DS": bds, "BLOCK_DT": bdt,
-                      "PRECISION": _precision(dtype)}
-        yield fn, signature, constexprs, _num_warps(bds, bdt)
+        meta = tile_meta(ds, dt, dtype, cuda=True)
+        num_warps = meta.pop("num_warps")
+        yield fn, signature, {"IS_MSE": mse, "HAS_WINDOW": has_window, **meta}, num_warps
 
 
 AOT_CONFIGS = aot_configs

@@ -83,7 +83,15 @@ MAX_BLOCK_INTERPRETER = 16384
 
 
 def _num_warps(block: int) -> int:
-    return 8 if block >= 2048 else 4
+    """16 values of a row per thread at most: the cosine kernel holds s and t whole (8,192 wide at 8 warps
+    made ptxas keep it in 64 registers and spill on sm_90)."""
+    return 16 if block >= 8192 else 8 if block >= 2048 else 4
+
+
+def block_meta(D: int, cap: int) -> dict:
+    """``BLOCK_D`` (the row's next power of two, at most ``cap``) and ``num_warps`` of a row kernel."""
+    block = min(triton.next_power_of_2(D), cap)
+    return dict(BLOCK_D=block, num_warps=_num_warps(block))
 
 
 def mse_epilogue_triton(y: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -91,8 +99,7 @@ def mse_epilogue_triton(y: torch.Tensor, t: torch.Tensor, w: torch.Tensor) -> to
     w sum (y - t)^2, [C]. ``t`` contiguous [C, D] (any float dtype), ``w`` fp32 [C]."""
     C, D = y.shape
     loss = torch.empty(C, dtype=torch.float32, device=y.device)
-    block = min(triton.next_power_of_2(D), MAX_BLOCK_GPU if y.is_cuda else MAX_BLOCK_INTERPRETER)
-    _mse_epilogue_kernel[(C,)](y, t, w, loss, D, BLOCK_D=block, num_warps=_num_warps(block))
+    _mse_epilogue_kernel[(C,)](y, t, w, loss, D, **block_meta(D, MAX_BLOCK_GPU if y.is_cuda else MAX_BLOCK_INTERPRETER))
     return loss
 
 
@@ -104,18 +111,18 @@ def cosine_triton(s: torch.Tensor, t: torch.Tensor, w: torch.Tensor, eps: float,
     N, D = s.shape
     loss = torch.empty(N, dtype=torch.float32, device=s.device)
     g = torch.empty_like(s) if need_grad else s.new_empty(0)
-    block = triton.next_power_of_2(D)
     _cosine_kernel[(N,)](s, t, w, loss, g if need_grad else loss, D, float(eps), NEED_GRAD=need_grad,
-                         BLOCK_D=block, num_warps=_num_warps(block))
+                         **block_meta(D, MAX_COSINE_WIDTH))
     return loss, g
 
 
 def aot_configs():
-    """Both kernels x dtype at the widths of BERT-base / large and the largest block (for kdfast.ops.aot)."""
+    """Both kernels x dtype at the largest block of each ``num_warps`` the launchers pick (for kdfast.ops.aot)."""
     for dtype, block in itertools.product(("fp32", "fp16", "bf16"), (1024, MAX_BLOCK_GPU)):
         signature = {"y_ptr": "*fp32", "t_ptr": f"*{dtype}", "w_ptr": "*fp32", "loss_ptr": "*fp32", "D": "i32"}
         yield _mse_epilogue_kernel, signature, {"BLOCK_D": block}, _num_warps(block)
-    for dtype, need_grad, block in itertools.product(("fp32", "fp16", "bf16"), (False, True), (1024, MAX_COSINE_WIDTH)):
+    for dtype, need_grad, block in itertools.product(("fp32", "fp16", "bf16"), (False, True),
+                                                     (1024, 4096, MAX_COSINE_WIDTH)):
         signature = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "w_ptr": "*fp32", "loss_ptr": "*fp32",
                      "g_ptr": f"*{dtype}" if need_grad else "*fp32", "D": "i32", "eps": "fp32"}
         yield _cosine_kernel, signature, {"NEED_GRAD": need_grad, "BLOCK_D": block}, _num_warps(block)

@@ -253,14 +253,26 @@ def kd_fwd_bwd_kernel(
                 tl.store(g_row + start + offs, g.to(g_ptr.dtype.element_ty), mask=valid)
 
 
-# Largest block kept whole in registers: on the GPU a 16384-wide fp32 row pair is what 32 warps
-# hold without spilling; the interpreter (CPU tensors) is fastest with the whole row in one block.
-MAX_BLOCK_V_GPU = 16384
+# Largest block kept whole in registers, and the chunk of a longer row, on the GPU: 16 fp32 values of
+# the student row and 16 of the teacher row per thread at 16 warps (512 threads, so up to 128 registers
+# each). At 16,384 the block needs 32 warps (1,024 threads, 64 registers each), and ptxas -v
+# (kdfast.ops.aot --report) shows every variant of it spilling 88-650 B per thread; rows longer than
+# the block (BERT's 30,522) take the chunked path. The interpreter (CPU tensors) is fastest with the
+# whole row in one block.
+MAX_BLOCK_V_GPU = 8192
 MAX_BLOCK_V_INTERPRETER = 32768
 
 
 def _num_warps(block_v: int) -> int:
-    return 32 if block_v >= 16384 else 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
+    return 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
+
+
+def row_block_meta(V: int, cuda: bool, block_v: int | None = None) -> dict:
+    """``BLOCK_V``, ``SINGLE_BLOCK`` and ``num_warps`` of a one-program-per-row kernel over rows of ``V``:
+    the whole row in one block up to the cap (MAX_BLOCK_V_GPU on a GPU), else chunks of the cap;
+    ``block_v`` overrides the block (tests use it to exercise the chunked path)."""
+    bv = block_v or min(triton.next_power_of_2(V), MAX_BLOCK_V_GPU if cuda else MAX_BLOCK_V_INTERPRETER)
+    return dict(BLOCK_V=bv, SINGLE_BLOCK=bv >= V, num_warps=_num_warps(bv))
 
 
 def kd_fwd_bwd_triton(
@@ -286,27 +298,26 @@ def kd_fwd_bwd_triton(
     loss_rows = torch.empty(N, dtype=torch.float32, device=student.device)
     if N == 0:
         return loss_rows
-    cap = MAX_BLOCK_V_GPU if student.is_cuda else MAX_BLOCK_V_INTERPRETER
-    bv = block_v or min(triton.next_power_of_2(V), cap)
     kd_fwd_bwd_kernel[(N,)](
         student, student.stride(0), teacher, teacher.stride(0), grad, grad.stride(0), labels, row_weight, loss_rows,
         row_weight if mlm_weight is None else mlm_weight,
         V, float(temperature), float(alpha_kd), float(alpha_mlm),
         SOFT_CE=bool(soft_ce), HAS_MLM=alpha_mlm != 0, NEED_T1=alpha_mlm != 0 and temperature != 1,
-        BLOCK_V=bv, SINGLE_BLOCK=bv >= V, MLM_WEIGHT=mlm_weight is not None and alpha_mlm != 0,
-        num_warps=_num_warps(bv),
+        MLM_WEIGHT=mlm_weight is not None and alpha_mlm != 0, **row_block_meta(V, student.is_cuda, block_v),
     )
     return loss_rows
 
 
 def aot_configs():
-    """Every constexpr combination the launcher can pick, per logit dtype (for kdfast.ops.aot)."""
+    """Every constexpr combination the launcher can pick, per logit dtype, at the largest block, whole and
+    chunked (for kdfast.ops.aot). A smaller block (:func:`row_block_meta`) holds no more values per thread
+    with no fewer registers available to each (as many warps or fewer), so it needs no more registers."""
     for dtype, soft_ce, (has_mlm, need_t1, mlm_weight), single in itertools.product(
         ("fp32", "fp16", "bf16"), (False, True),
         ((False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True)),
-        (True, False)
+        (True, False),
     ):
-        bv = MAX_BLOCK_V_GPU if single else 4096
+        bv = MAX_BLOCK_V_GPU
         signature = {
             "s_ptr": f"*{dtype}", "s_stride": "i64", "t_ptr": f"*{dtype}", "t_stride": "i64",
             "g_ptr": f"*{dtype}", "g_stride": "i64", "labels_ptr": "*i64", "w_ptr": "*fp32", "loss_ptr": "*fp32",

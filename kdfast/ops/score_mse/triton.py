@@ -128,9 +128,11 @@ def score_mse_bwd_triton(s: torch.Tensor, t: torch.Tensor, mask: torch.Tensor, c
 
 
 def aot_configs():
-    """Both kernels x dtype x mask, at the block of L = 512 and the chunked block (for kdfast.ops.aot)."""
+    """Both kernels x dtype x mask, at the block of L = 512, the largest block at 4 warps and the chunked
+    block (for kdfast.ops.aot)."""
     for fn, dtype, has_mask, block in itertools.product(
-        (_score_mse_fwd_kernel, _score_mse_bwd_kernel), ("fp32", "fp16", "bf16"), (False, True), (512, MAX_BLOCK_GPU)
+        (_score_mse_fwd_kernel, _score_mse_bwd_kernel), ("fp32", "fp16", "bf16"), (False, True),
+        (512, 1024, MAX_BLOCK_GPU)
     ):
         signature = {"s_ptr": f"*{dtype}", "t_ptr": f"*{dtype}", "mask_ptr": "*i8"}
         if fn is _score_mse_fwd_kernel:

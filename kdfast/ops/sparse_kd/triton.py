@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast.ops.logit_kd.triton import row_mlm, zero_row
+from kdfast.ops.logit_kd.triton import MAX_BLOCK_V_GPU, row_block_meta, row_mlm, zero_row
 
 
 @triton.jit
@@ -191,16 +191,6 @@ def sparse_kd_fwd_bwd_kernel(
         tl.store(g_row + ids, g_k.to(g_ptr.dtype.element_ty), mask=kvalid)
 
 
-# Same block policy as kd_loss: 16384 fp32 elements per program on the GPU, the whole BERT row
-# (32768) in the interpreter.
-MAX_BLOCK_V_GPU = 16384
-MAX_BLOCK_V_INTERPRETER = 32768
-
-
-def _num_warps(block_v: int) -> int:
-    return 32 if block_v >= 16384 else 16 if block_v >= 8192 else 8 if block_v >= 2048 else 4
-
-
 def _block_k(K: int) -> int:
     return max(16, triton.next_power_of_2(K))
 
@@ -231,27 +221,26 @@ def sparse_kd_fwd_bwd_triton(
     loss_rows = torch.empty(N, dtype=torch.float32, device=student.device)
     if N == 0:
         return loss_rows
-    cap = MAX_BLOCK_V_GPU if student.is_cuda else MAX_BLOCK_V_INTERPRETER
-    bv = block_v or min(triton.next_power_of_2(V), cap)
     has_rest = (not sampled) and teacher_lse is not None and K < V
     sparse_kd_fwd_bwd_kernel[(N,)](
         student, student.stride(0), ids, ids.stride(0), values, values.stride(0),
         teacher_lse if has_rest else row_weight, grad, grad.stride(0), labels, row_weight, loss_rows,
         row_weight if mlm_weight is None else mlm_weight, V, K, float(temperature), float(alpha_kd), float(alpha_mlm),
         SAMPLED=bool(sampled), HAS_REST=has_rest, HAS_MLM=alpha_mlm != 0,
-        NEED_T1=alpha_mlm != 0 and temperature != 1, BLOCK_V=bv, BLOCK_K=_block_k(K), SINGLE_BLOCK=bv >= V,
-        MLM_WEIGHT=mlm_weight is not None and alpha_mlm != 0, num_warps=_num_warps(bv),
+        NEED_T1=alpha_mlm != 0 and temperature != 1, BLOCK_K=_block_k(K),
+        MLM_WEIGHT=mlm_weight is not None and alpha_mlm != 0, **row_block_meta(V, student.is_cuda, block_v),
     )
     return loss_rows
 
 
 def aot_configs():
-    """The constexpr combinations the launcher picks, per student dtype, fp16 teacher values (the cache's)."""
+    """The constexpr combinations the launcher picks, per student dtype, fp16 teacher values (the cache's),
+    at logit KD's largest block (:func:`kdfast.ops.logit_kd.triton.row_block_meta`), whole and chunked."""
     for dtype, (sampled, has_rest), (has_mlm, need_t1, mlm_weight), single in itertools.product(
         ("fp32", "fp16", "bf16"), ((False, False), (False, True), (True, False)),
         ((False, False, False), (True, True, False), (True, True, True)), (True, False),
     ):
-        bv = MAX_BLOCK_V_GPU if single else 4096
+        bv = MAX_BLOCK_V_GPU
         signature = {
             "s_ptr": f"*{dtype}", "s_stride": "i64", "ids_ptr": "*i64", "ids_stride": "i64", "v_ptr": "*fp16",
             "v_stride": "i64", "lse_ptr": "*fp32", "g_ptr": f"*{dtype}", "g_stride": "i64", "labels_ptr": "*i64",
@@ -260,7 +249,7 @@ def aot_configs():
         }
         constexprs = {"SAMPLED": sampled, "HAS_REST": has_rest, "HAS_MLM": has_mlm, "NEED_T1": need_t1,
                       "BLOCK_V": bv, "BLOCK_K": 64, "SINGLE_BLOCK": single, "MLM_WEIGHT": mlm_weight}
-        yield sparse_kd_fwd_bwd_kernel, signature, constexprs, _num_warps(bv)
+        yield sparse_kd_fwd_bwd_kernel, signature, constexprs, row_block_meta(bv, True)["num_warps"]
 
 
 AOT_CONFIGS = aot_configs
