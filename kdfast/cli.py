@@ -312,7 +312,8 @@ def _demo(args: argparse.Namespace) -> int:
         return _fail("demo", e)
     print()
     print(format_report(report))
-    print(f"wrote {args.out}/report.json, {args.out}/loss.png, {args.out}/metrics.jsonl, {args.out}/student/")
+    print(f"wrote {args.out}/report.json, {args.out}/loss.png, {args.out}/metrics.jsonl, {args.out}/student/, "
+          f"{args.out}/compressed/")
     return 0
 
 
@@ -493,9 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "info":
             cp.add_argument("--json", action="store_true", help="print the description as JSON")
     c.set_defaults(func=cmd_cache)
-    d = sub.add_parser("demo", help="distil the embedded MiniLM teacher into 3 layers on Python's own docs", **fmt)
+    d = sub.add_parser("demo", help="distil the embedded MiniLM teacher into 3 layers and into a compressed "
+                                       "student on Python's own docs", **fmt)
     d.add_argument("--out", default="runs/demo", help="output directory (cache, checkpoints, student, report)")
-    d.add_argument("--steps", type=steps, default=150, help="optimizer steps")
+    d.add_argument("--steps", type=steps, default=150, help="optimizer steps of each of the two students")
     d.add_argument("--batch-size", type=count, default=16, help="paragraphs per step")
     d.add_argument("--max-length", type=_int_at_least(8), default=128, help="tokens per paragraph")
     d.add_argument("--lr", type=positive, default=1e-4, help="peak learning rate (AdamW, linear warm-up and decay)")

@@ -14,7 +14,7 @@ from .mobilebert import (
     set_kernel_backend,
     stacked_ffn,
 )
-from .students import distilbert_from_teacher, tinybert, tinybert_config, tinybert_student
+from .students import distilbert_from_teacher, tinybert, tinybert_config, tinybert_student, trim_vocabulary
 
 __all__ = [
     "KDMobileBert",
@@ -32,5 +32,6 @@ __all__ = [
     "tinybert",
     "tinybert_config",
     "tinybert_student",
+    "trim_vocabulary",
     "uniform_layer_map",
 ]

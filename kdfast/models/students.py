@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["DISTILBERT_LAYERS", "distilbert_from_teacher", "tinybert", "tinybert_config", "tinybert_student",
-           "TINYBERT_PRESETS"]
+           "TINYBERT_PRESETS", "trim_vocabulary"]
 
 #: DistilBERT's choice for a 12-layer teacher: every other layer, keeping the first and the last.
 DISTILBERT_LAYERS = (0, 2, 4, 7, 9, 11)
@@ -233,3 +233,82 @@ def tinybert_student(teacher_config, name: str = "tinybert-4", **overrides):
     config = {k: getattr(teacher_config, k) for k in _MODERNBERT_INHERITED if hasattr(teacher_config, k)}
     config.update(shape, layer_types=[types[(m + 1) * step - 1] for m in range(n_s)])
     return ModernBertForMaskedLM(ModernBertConfig(**config))
+
+
+def trim_vocabulary(model, tokenizer, keep):
+    """A copy of ``model`` and ``tokenizer`` that know only the token ids ``keep`` (and the
+    tokenizer's special tokens): a deployment choice for a model that will only see text like the
+    text ``keep`` was collected from.
+
+    ``model``: a ``transformers`` BERT-family model (base or with a head) whose input embedding rows
+    are the tokenizer's ids; ``tokenizer``: its BERT WordPiece tokenizer; ``keep``: token ids.
+    The kept ids, sorted, are renumbered 0, 1, ... (so ``[PAD]`` = 0 stays 0): the new word
+    embedding is ``E[kept]`` (an output embedding and its bias, when the model has a head, are
+    trimmed alike and stay tied where they were). The new tokenizer is a ``BertTokenizer`` with the
+    kept tokens and the old one's lower-casing, accent and Chinese-character settings: for a word
+    whose WordPiece pieces are all kept it gives exactly the old pieces (greedy longest match on a
+    subset that holds them); a word with a piece not kept becomes other kept pieces or ``[UNK]``.
+
+    Returns ``(model, tokenizer, id_map)``: ``id_map[old_id]`` is the new id (the new ``[UNK]`` for
+    an id not kept), a ``LongTensor`` of the old vocabulary's size, which turns ids of the old
+    tokenizer (e.g. a teacher cache's) into the new model's. ``save_pretrained`` /
+    ``AutoModel.from_pretrained`` and ``AutoTokenizer`` work on both unchanged. Raises ValueError
+    naming ``tokenizer`` for a tokenizer that is not BERT WordPiece, ``keep`` for an id outside the
+    vocabulary, ``model`` when its embedding does not match the tokenizer.
+    """
+    import copy
+
+    from torch import nn
+    from transformers import BertTokenizer
+
+    if not isinstance(tokenizer, BertTokenizer):
+        raise ValueError(f"tokenizer must be a BERT WordPiece tokenizer (BertTokenizer), got {type(tokenizer).__name__}")
+    vocab = tokenizer.get_vocab()
+    size = max(vocab.values()) + 1
+    old = model.get_input_embeddings()
+    if old is None or old.num_embeddings != size:
+        raise ValueError(f"model: its input embedding has {getattr(old, 'num_embeddings', None)} rows, the "
+                         f"tokenizer {size} ids")
+    ids = set()
+    for i in keep:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < size:
+            raise ValueError(f"keep must hold token ids in [0, {size}), got {i!r}")
+        ids.add(i)
+    ids |= set(tokenizer.all_special_ids)
+    kept = torch.tensor(sorted(ids), dtype=torch.long)
+    token_of = {i: t for t, i in vocab.items()}
+    new_vocab = {token_of[int(i)]: n for n, i in enumerate(kept)}
+    id_map = torch.full((size,), new_vocab[tokenizer.unk_token], dtype=torch.long)
+    id_map[kept] = torch.arange(len(kept))
+
+    trimmed = copy.deepcopy(model)
+    out_emb = trimmed.get_output_embeddings()
+    tied = out_emb is not None and out_emb.weight is trimmed.get_input_embeddings().weight
+    pad = tokenizer.pad_token_id
+    new_pad = int(id_map[pad]) if pad is not None else None
+    emb = nn.Embedding(len(kept), old.embedding_dim, padding_idx=new_pad, device=old.weight.device,
+                       dtype=old.weight.dtype)
+    with torch.no_grad():
+        emb.weight.copy_(old.weight[kept.to(old.weight.device)])
+    trimmed.set_input_embeddings(emb)
+    if out_emb is not None:  # the head's rows, everywhere the model shares them (BERT: the decoder's bias)
+        rows = kept.to(out_emb.weight.device)
+        swap = {id(out_emb.weight): emb.weight if tied else nn.Parameter(out_emb.weight.detach()[rows].clone())}
+        if getattr(out_emb, "bias", None) is not None:
+            swap[id(out_emb.bias)] = nn.Parameter(out_emb.bias.detach()[rows].clone())
+        for module in trimmed.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and id(p) in swap:
+                    module._parameters[name] = swap[id(p)]
+        out_emb.out_features = len(kept)
+    trimmed.config.vocab_size = len(kept)
+    if new_pad is not None:
+        trimmed.config.pad_token_id = new_pad
+
+    settings = {k: tokenizer.init_kwargs[k] for k in ("do_lower_case", "tokenize_chinese_chars", "strip_accents")
+                if k in tokenizer.init_kwargs}
+    specials = {k: getattr(tokenizer, k) for k in ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+                if getattr(tokenizer, k, None) is not None}
+    new_tokenizer = BertTokenizer(vocab=new_vocab, model_max_length=tokenizer.model_max_length, **settings,
+                                  **specials)
+    return trimmed, new_tokenizer, id_map

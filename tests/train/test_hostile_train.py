@@ -431,7 +431,7 @@ def test_two_fresh_demo_runs_give_the_same_student(tmp_path, monkeypatch):
     from kdfast.train import demo
 
     # the evaluation is not what is compared here: the student is
-    monkeypatch.setattr(demo, "latency_ms", lambda model: 1.0)
+    monkeypatch.setattr(demo, "latency_ms", lambda runs: {name: {"best": 1.0, "median": 1.0} for name in runs})
     monkeypatch.setattr(demo, "retrieval_accuracy", lambda model, tokenizer, paragraphs: 0.5)
     monkeypatch.setattr(demo, "mean_pooled", lambda model, tokenizer, texts: torch.ones(len(texts), 4) / 2)
     outs = []
@@ -439,10 +439,13 @@ def test_two_fresh_demo_runs_give_the_same_student(tmp_path, monkeypatch):
         torch.manual_seed(2000 + i)
         demo.run_demo(str(tmp_path / f"demo{i}"), steps=2, batch_size=4, max_length=16, max_paragraphs=15,
                       seed=seed, progress=False)
-        outs.append(student_weights(tmp_path / f"demo{i}"))
+        out = tmp_path / f"demo{i}"
+        outs.append({**student_weights(out),  # the 3-layer student and the compressed one
+                     **{f"compressed.{k}": v for k, v in load_file(str(out / "compressed" / "model.safetensors")).items()}})
     a, b, c = outs
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert any(not torch.equal(a[k], c[k]) for k in a)
+    assert any(k.startswith("compressed.") for k in a) and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("compressed."))
+    assert any(not torch.equal(a[k], c[k]) for k in a if not k.startswith("compressed."))
 
 
 # ---- the command line ----------------------------------------------------------------------------

@@ -98,15 +98,17 @@ def test_recipes_run_every_stage_through_the_runner(tiny, tmp_path, stages, reci
 def test_demo_runs_through_the_runner(tmp_path, stages, monkeypatch):
     from kdfast.train import demo
 
-    monkeypatch.setattr(demo, "latency_ms", lambda model: 1.0)  # the training is what is checked here
+    # the training is what is checked here
+    monkeypatch.setattr(demo, "latency_ms", lambda runs: {name: {"best": 1.0, "median": 1.0} for name in runs})
     monkeypatch.setattr(demo, "retrieval_accuracy", lambda model, tokenizer, paragraphs: 0.5)
     monkeypatch.setattr(demo, "mean_pooled", lambda model, tokenizer, texts: torch.ones(len(texts), 4) / 2)
     report = demo.run_demo(str(tmp_path / "demo"), steps=2, batch_size=4, max_length=16, max_paragraphs=15,
                            progress=False)
-    assert [(name, steps) for name, steps, _ in stages] == [("distil", 2)] and stages.plans == [["distil"]]
-    entry = stages[0][2]
-    assert report["loss"] == {"first": entry["first"], "last": entry["last"]} and entry["last"]["step"] == 2
-    assert {"hidden_mse", "cos"} <= set(entry["last"])
+    assert [(name, steps) for name, steps, _ in stages] == [("distil", 2), ("compress", 2)]
+    assert stages.plans == [["distil", "compress"]]
+    for name, _, entry in stages:
+        assert report["loss"][name] == {"first": entry["first"], "last": entry["last"]} and entry["last"]["step"] == 2
+        assert {"hidden_mse", "cos"} <= set(entry["last"])
 
 
 def test_finetuning_and_task_distillation_run_through_the_runner_on_captured_teacher_qk(tmp_path, stages,
