@@ -14,7 +14,7 @@ transformers), in the repository root:
 6. ``bench-*``: the GPU benchmark suites at the bars' shapes, each against eager and ``torch.compile``
    (and Liger-Kernel / TextBrewer where installed) in the same process; every row beside its roofline
    floor on an H100 and an H200 (:mod:`kdfast.bench.roofline`) and, on either, measured / floor;
-7. ``bars``: every bar of issue 11 read off the measured rows (met / missed / not measured).
+7. ``bars``: every bar read off the measured rows (met / missed / not measured).
 
 Each step runs in its own process with its own time limit, carved out of one budget (480 s by
 default: the whole run ends within 8 minutes); a failing or timed-out step is recorded and the next
@@ -53,7 +53,7 @@ STEPS = [("environment", 15, 60), ("wheels", 20, 30), ("build", 125, 30), ("back
          ("tests", 90, 150), ("bench-kd_loss", 50, 60), ("bench-attention", 50, 60), ("bench-hidden", 35, 60),
          ("bench-fused_linear_kd", 50, 60), ("bench-e2e", 25, 90)]
 BENCH_SUITES = ("kd_loss", "attention", "hidden", "fused_linear_kd", "e2e")
-# Issue 13's GPU row: whole recipe steps at batch 32 x 512 in bf16 autocast (no torch.compile row: its
+# The whole-step GPU rows: whole recipe steps at batch 32 x 512 in bf16 autocast (no torch.compile row: its
 # compile alone would take the step's time), DistilBERT first; tiny shapes in the dry run.
 E2E_STEPS = ("distilbert", "tinybert")
 # The bars' shapes on a GPU; tiny ones for the dry run (same code paths, bars read off them too).
@@ -225,7 +225,7 @@ def _rows(rows, suite, case_has, impl_prefix):
 
 
 def evaluate_bars(rows: list[dict], shapes: dict) -> list[dict]:
-    """Each bar of issue 11 at ``shapes`` (``SHAPES[dry]``): the measured value, the bar, and met
+    """Each bar at ``shapes`` (``SHAPES[dry]``): the measured value, the bar, and met
     (True / False) or None (not measured)."""
     bars = []
 
@@ -467,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     run.say("\n=== floors " + "=" * 54 + "\n" + floors)
     bench_txt.write_text(f"kdfast gpu-check on {gpu_name or 'the CPU (dry run: tiny shapes, not a measurement)'}; "
                          "ratios against eager in the same process\n\n" + render_tables(rows)
-                         + "\n\n" + floors + "\n\nbars (issue 11):\n" + format_bars(bars) + "\n")
+                         + "\n\n" + floors + "\n\nbars:\n" + format_bars(bars) + "\n")
     failed = [s["step"] for s in run.steps
               if s["status"] in ("failed", "timed out") or s.get("reason", "").startswith("out of time")]
     summary = {"device": gpu_name or "cpu (dry run)", "dry_run": dry, "versions": versions, "budget_s": args.budget,

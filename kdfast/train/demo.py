@@ -340,7 +340,7 @@ def format_report(r: dict) -> str:
     """The demo's table, in the layout of the seed's model tables (one row per model: #params,
     #FLOPs, latency, the task's score), and the lines that qualify it."""
     t, s, c = r["teacher"], r["student"], r["compressed"]
-    header = (f"{'model':<30} {'#params (emb + body)':<22} {'smaller':>7} {'FLOPs/tok':>9} "
+    header = (f"{'model':<34} {'#params (emb + body)':<22} {'smaller':>7} {'FLOPs/tok':>9} "
               f"{'ms b=1 best/med':>16} {'faster':>6} {'retrieval':>9} {'retained':>8} {'cosine':>6}")
     lines = [header, "-" * len(header)]
     names = {"teacher": f"all-MiniLM-L6-v2 ({t['layers']} layers)",
@@ -352,7 +352,7 @@ def format_report(r: dict) -> str:
         smaller = f"{m['smaller']:.2f}x" if key != "teacher" else "1x"
         faster = f"{m['faster']['median']:.2f}x" if key != "teacher" else "1x"
         retained = f"{100 * m['retention']:.1f}%" if key != "teacher" else "100%"
-        lines.append(f"{names[key]:<30} {params:<22} {smaller:>7} {_m(m['flops_per_token']):>9} "
+        lines.append(f"{names[key]:<34} {params:<22} {smaller:>7} {_m(m['flops_per_token']):>9} "
                      f"{lat['best']:>7.2f} / {lat['median']:<6.2f} {faster:>6} {m['retrieval_accuracy']:>9.3f} "
                      f"{retained:>8} {m['embedding_cosine_to_teacher']:>6.3f}")
     v = c["vocabulary"]
