@@ -28,7 +28,8 @@ stage of one plan (:func:`demo_plan`):
    Together ~4.6M parameters (~5x smaller) and ~2.7x faster. It needs no new module: the
    student is a plain ``BertModel``, whose layers start as the teacher's own, so that a short
    distillation suffices (narrower layers or a MobileBERT-style factorised embedding would
-   need more training for no bar they are needed for).
+   need more training for no bar they are needed for). It trains at 10x the plain student's
+   learning rate (``COMPRESS_LR_FACTOR``): its two layers must move further than three.
 
 Both stages train the same loss: hidden-state MSE on the uniform layer map (embeddings 0 -> 0 and
 student layer l -> its teacher layer) + DistilBERT's cosine loss on the last layer, over real
@@ -66,6 +67,9 @@ from kdfast.train.teacher import CachedTeacher, capture_outputs, model_inputs
 
 STUDENT_LAYERS = (1, 3, 5)  # teacher layers copied into the plain student (0-based)
 COMPRESSED_LAYERS = (2, 5)  # teacher layers copied into the compressed student (0-based)
+# the compressed student's learning rate over the plain one's: two layers standing in for six move
+# further from their initialisation (lr x 1, 3, 10, 20 kept 84%, 86%, 89%, 88% of the retrieval)
+COMPRESS_LR_FACTOR = 10
 TEACHER_LAYERS = 6  # all-MiniLM-L6-v2's
 LATENCY_ROUNDS = 5  # timed passes over the held-out paragraphs per model
 FLOPS_SEQ = 128  # FLOPs per token are counted for sequences of this length
@@ -250,7 +254,8 @@ def demo_plan(out_dir: str = "runs/demo", *, steps: int = 150, batch_size: int =
 
     stages = [_distil_stage("distil", student, layer_map, cache, batch_size, cfg, settings),
               _distil_stage("compress", compressed, compressed_map, cache, batch_size,
-                            dataclasses.replace(cfg, out_dir=str(out / "compress")), settings, id_map=id_map)]
+                            dataclasses.replace(cfg, out_dir=str(out / "compress"), lr=COMPRESS_LR_FACTOR * cfg.lr), settings,
+                            id_map=id_map)]
 
     def finish(entries: list[dict]) -> dict:
         return _evaluate_and_report(
