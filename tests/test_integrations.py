@@ -291,6 +291,9 @@ def _ddp_worker(out: str, world: int) -> None:
     rank = trainer.args.process_index
     torch.save({"student": student.state_dict(), "projections": criterion.state_dict()},
                f"{out}/w{world}-rank{rank}.pt")
+    if torch.distributed.is_initialized():  # a process group left up can abort at interpreter exit
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def test_two_torchrun_ranks_train_student_and_projections_like_one_process(tmp_path):
