@@ -22,7 +22,7 @@
 //   1. S = scale_s Qs Ks^T, T = scale_t Qt Kt^T                      (two BLAS GEMMs)
 //   2. per row, passes over the strip in cache: loss and dS written over S (kl: rows_cpu.h's
 //      attention_kl_row, three passes: the maxima, the exponentials and sums, then dS with the
-//      small-KL form of a row whose KL is below 1 in the same pass; mse: the squared-error row)
+//      small-KL form of a row whose KL is below 1/16 in the same pass; mse: the squared-error row)
 //   3. dQ = scale_s dS Ks (written out), dK += scale_s dS^T Qs (packed accumulator), dS being 0
 //      outside each row's band.
 // Keeping the strip instead of re-forming it (the Triton kernel recomputes its register tiles
