@@ -182,8 +182,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _check_output_file("--json", args.json)
         except ValueError as e:
             return _fail("bench", e)
-    if "e2e" in suites and args.dtype and (len(args.dtype) != 1 or args.dtype[0] not in ("fp32", "bf16")):
-        return _fail("bench", ValueError("--dtype: the e2e suite runs one of fp32 or bf16 (autocast)"))
+    for name in ("e2e", "e2e_modernbert"):
+        if name in suites and args.dtype and (len(args.dtype) != 1 or args.dtype[0] not in ("fp32", "bf16")):
+            return _fail("bench", ValueError(f"--dtype: the {name} suite runs one of fp32 or bf16 (autocast)"))
     if args.e2e_steps and "e2e" not in suites:
         return _fail("bench", ValueError("--e2e-steps: only the e2e suite runs recipe steps; add --suites e2e"))
     device = torch.device(args.device)
@@ -444,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=count, default=5, help="timed repetitions (median reported)")
     b.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     b.add_argument("--tokens", type=_parse_tokens, default=None,
-                   help="fused_linear_kd suite: BATCHxLENGTH tokens (default 32x128 on a GPU, 8x128 on a CPU)")
+                   help="fused_linear_kd suite: BATCHxLENGTH tokens (default 32x128 on a GPU, 8x128 on a CPU); "
+                        "e2e_modernbert suite: its batch and length (default 1x2048)")
     b.add_argument("--json", help="also write the results to this JSON file (default: none)")
     b.add_argument("--suites", nargs="+", choices=tuple(SUITES), default=None,
                    help=f"which suites to run (default: all; --quick: kd_loss); choices {tuple(SUITES)}")

@@ -18,7 +18,7 @@ from kdfast.cli import main
 
 def test_every_suite_has_the_one_signature():
     assert list(bench.SUITES) == ["kd_loss", "attention", "long_context", "models", "cache", "fused_linear_kd", "optim",
-                                  "e2e"]
+                                  "e2e", "e2e_modernbert"]
     for name in bench.SUITES:
         run_suite = importlib.import_module(f"kdfast.bench.{name}").run_suite
         params = list(inspect.signature(run_suite).parameters.values())

@@ -66,5 +66,5 @@ def _lazy(module: str) -> Callable[[BenchOptions], Table]:
 # In the order ``kdfast bench`` runs them (the kernels first, the whole recipe steps last).
 SUITES: dict[str, Callable[[BenchOptions], Table]] = {
     name: _lazy(name) for name in ("kd_loss", "attention", "long_context", "models", "cache", "fused_linear_kd",
-                                   "optim", "e2e")
+                                   "optim", "e2e", "e2e_modernbert")
 }

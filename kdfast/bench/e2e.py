@@ -150,11 +150,17 @@ def _teacher_dir(out: Path, shape: dict) -> Path:
     """A random BERT masked-LM teacher of ``shape`` with the embedded MiniLM's uncased tokenizer."""
     from transformers import BertConfig, BertForMaskedLM
 
+    torch.manual_seed(0)
+    return save_with_minilm_tokenizer(BertForMaskedLM(BertConfig(vocab_size=30522, **shape)), out)
+
+
+def save_with_minilm_tokenizer(model, out: Path) -> Path:
+    """``model.save_pretrained(out)`` with the embedded MiniLM's uncased WordPiece tokenizer (30,522
+    tokens) saved beside it: a teacher directory the recipes read. Returns ``out``."""
     from kdfast.defaults import minilm_teacher_dir
 
     tok = minilm_teacher_dir()
-    torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=30522, **shape)).save_pretrained(out)
+    model.save_pretrained(out)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (tok / name).exists():
             shutil.copy(tok / name, out / name)

@@ -110,8 +110,75 @@ class ScoresBert(nn.Module):
         return {"hidden_states": out.hidden_states, "scores": scores, "inputs_mask": attention_mask}
 
 
-def tinybert_loss(student: ScoresBert, teacher: ScoresBert, projections: nn.ModuleDict, layer_map: dict,
-                   batch: dict, cfg) -> Callable[[], torch.Tensor]:
+#: the name :func:`register_scores_attention` gives transformers' eager attention that returns its scores
+SCORES_ATTENTION = "eager_scores"
+
+
+def eager_scores_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                           attention_mask: torch.Tensor | None, scaling: float, dropout: float = 0.0,
+                           **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' ``eager_attention_forward`` (softmax in fp32, or in fp64 for fp64 inputs; dropout,
+    probabilities x values) returning the pre-softmax scores s = q k^T * scaling + mask as its
+    attention weights."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), scores
+
+
+def register_scores_attention() -> None:
+    """Register :func:`eager_scores_attention` with transformers' attention and mask interfaces as
+    :data:`SCORES_ATTENTION` (its mask: the eager attention's additive one)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(SCORES_ATTENTION, eager_scores_attention)
+    AttentionMaskInterface.register(SCORES_ATTENTION, eager_mask)
+
+
+class ScoresModernBert(nn.Module):
+    """A ``transformers`` ModernBERT run eagerly with ``output_attentions=True``, whose attention maps
+    are every layer's pre-softmax scores q k^T / sqrt(dh) + the additive mask, [B, H, L, L] (what
+    TinyBERT's modified BERT returns; transformers' eager attention returns the probabilities): the
+    model's attention is set to :data:`SCORES_ATTENTION`, transformers' eager attention function
+    returning its scores instead of its probabilities, so a local layer's map holds
+    ``finfo.min`` outside its band, as the eager mask adds it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        register_scores_attention()
+        self.model = model
+        model.set_attn_implementation(SCORES_ATTENTION)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                         output_attentions=True)
+        return {"hidden_states": out.hidden_states, "scores": out.attentions, "inputs_mask": attention_mask}
+
+
+def tinybert_attention_mse(s_att: torch.Tensor, t_att: torch.Tensor, mean_over: str = "all") -> torch.Tensor:
+    """TinyBERT's attention MSE on score maps: masked scores (<= -1e2) set to 0 on both sides, then
+    the mean over every entry (``"all"``: TinyBERT's ``MSELoss``) or over the teacher's unmasked
+    entries (``"kept"``: a local layer's band, as kdfast's windowed loss defines it; the same as
+    ``"all"`` for a global layer without padding)."""
+    if mean_over not in ("all", "kept"):
+        raise ValueError(f"mean_over must be 'all' or 'kept', got {mean_over!r}")
+    kept = t_att > -1e2
+    s_att = torch.where(s_att <= -1e2, torch.zeros_like(s_att), s_att)
+    t_att = torch.where(kept, t_att, torch.zeros_like(t_att))
+    if mean_over == "all":
+        return F.mse_loss(s_att, t_att)
+    return F.mse_loss(s_att, t_att, reduction="sum") / kept.sum()
+
+
+def tinybert_loss(student: nn.Module, teacher: nn.Module, projections: nn.ModuleDict, layer_map: dict,
+                  batch: dict, cfg, mean_over: str = "all") -> Callable[[], torch.Tensor]:
+    """TinyBERT's general-distillation loss on :class:`ScoresBert` / :class:`ScoresModernBert`
+    outputs: hidden states through the projections with ``MSELoss``, plus
+    :func:`tinybert_attention_mse` (``mean_over``) on every mapped layer's score maps, each term
+    summed over the layer map and weighted by ``cfg.alpha_hidden`` / ``cfg.alpha_attention``."""
     ids, am = batch["input_ids"], batch["attention_mask"]
     mse = nn.MSELoss()
 
@@ -121,12 +188,12 @@ def tinybert_loss(student: ScoresBert, teacher: ScoresBert, projections: nn.Modu
             t = teacher(ids, am)
         loss = 0.0
         for m, g in layer_map.items():
-            loss = loss + cfg.alpha_hidden * mse(projections[str(m)](s["hidden_states"][m]), t["hidden_states"][g])
-            if m >= 1:  # TinyBERT's code: masked scores (<= -1e2) set to 0 on both sides
-                s_att, t_att = s["scores"][m - 1], t["scores"][g - 1]
-                s_att = torch.where(s_att <= -1e2, torch.zeros_like(s_att), s_att)
-                t_att = torch.where(t_att <= -1e2, torch.zeros_like(t_att), t_att)
-                loss = loss + cfg.alpha_attention * mse(s_att, t_att)
+            if cfg.alpha_hidden:
+                loss = loss + cfg.alpha_hidden * mse(projections[str(m)](s["hidden_states"][m]),
+                                                     t["hidden_states"][g])
+            if m >= 1 and cfg.alpha_attention:
+                loss = loss + cfg.alpha_attention * tinybert_attention_mse(s["scores"][m - 1], t["scores"][g - 1],
+                                                                           mean_over)
         return loss
 
     return loss_fn

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 import kdfast
 from kdfast.bench import BenchOptions, Progress, Table, no_progress
-from kdfast.bench.timing import Result, peak_memory_bytes
+from kdfast.bench.timing import Result, by_case, peak_memory_bytes
 
 SUITE = "long_context"
 LENGTHS = (1024, 2048, 4096, 8192)
@@ -220,10 +220,8 @@ def report(results: list[Result], *, cap_bytes: int = CAP_BYTES) -> str:
     head = (f"{'case':<24} {'impl':<13} {'best ms':>10} {'median ms':>10} {'x eager':>8} {'(best)':>8} "
             f"{'peak MiB':>9} {'mem x':>8}  note")
     lines = [head, "-" * len(head)]
-    by_case: dict[str, list[Result]] = {}
-    for r in results:
-        by_case.setdefault(r.case, []).append(r)
-    for case, rows in by_case.items():
+    cases = by_case(results)
+    for case, rows in cases.items():
         base = next((r for r in rows if r.impl == "eager"), None)
         for r in rows:
             best = r.extra.get("best_ms")

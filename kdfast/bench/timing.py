@@ -179,6 +179,14 @@ def measure_all(entries: list[Entry], device: torch.device, *, repeat: int = 5, 
     return results
 
 
+def by_case(results: list[Result]) -> dict[str, list[Result]]:
+    """``results`` grouped by their ``case``, cases and rows in the order they first appear."""
+    groups: dict[str, list[Result]] = {}
+    for r in results:
+        groups.setdefault(r.case, []).append(r)
+    return groups
+
+
 def format_table(results: list[Result], baseline: str = "eager") -> str:
     """Rows grouped by case, with speed-up and memory ratio against ``baseline`` of the same case."""
     header = f"{'suite':<10} {'case':<28} {'impl':<22} {'ms':>9} {'speed-up':>9} {'peak MB':>9} {'mem ratio':>9}  note"
