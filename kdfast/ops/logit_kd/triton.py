@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kdfast.ops.gpu_resources import register_cap
+
 
 @triton.jit
 def zero_row(g_row, V, BLOCK_V: tl.constexpr):
@@ -257,8 +259,11 @@ def kd_fwd_bwd_kernel(
 # the student row and 16 of the teacher row per thread at 16 warps (512 threads, so up to 128 registers
 # each). At 16,384 the block needs 32 warps (1,024 threads, 64 registers each), and ptxas -v
 # (kdfast.ops.aot --report) shows every variant of it spilling 88-650 B per thread; rows longer than
-# the block (BERT's 30,522) take the chunked path. The interpreter (CPU tensors) is fastest with the
-# whole row in one block.
+# the block (BERT's 30,522) take the chunked path. On the GPU the kernels launch with
+# maxnreg = register_cap(num_warps) (128 at 16 warps): without it ptxas held the 16-warp block to 64
+# registers, two blocks per SM, and spilled 8-32 B per thread in the chunked variants; with it they
+# take 72-128 registers and one block of 16 warps per SM, spilling nothing.
+# The interpreter (CPU tensors) is fastest with the whole row in one block.
 MAX_BLOCK_V_GPU = 8192
 MAX_BLOCK_V_INTERPRETER = 32768
 
@@ -268,11 +273,19 @@ def _num_warps(block_v: int) -> int:
 
 
 def row_block_meta(V: int, cuda: bool, block_v: int | None = None) -> dict:
-    """``BLOCK_V``, ``SINGLE_BLOCK`` and ``num_warps`` of a one-program-per-row kernel over rows of ``V``:
-    the whole row in one block up to the cap (MAX_BLOCK_V_GPU on a GPU), else chunks of the cap;
-    ``block_v`` overrides the block (tests use it to exercise the chunked path)."""
+    """``BLOCK_V``, ``SINGLE_BLOCK``, ``num_warps`` and ``maxnreg`` of a one-program-per-row kernel over rows
+    of ``V``: the whole row in one block up to the cap (MAX_BLOCK_V_GPU on a GPU), else chunks of the cap;
+    ``block_v`` overrides the block (tests use it to exercise the chunked path). ``maxnreg`` is
+    :func:`~kdfast.ops.gpu_resources.register_cap` of the warps (the interpreter ignores it)."""
     bv = block_v or min(triton.next_power_of_2(V), MAX_BLOCK_V_GPU if cuda else MAX_BLOCK_V_INTERPRETER)
-    return dict(BLOCK_V=bv, SINGLE_BLOCK=bv >= V, num_warps=_num_warps(bv))
+    warps = _num_warps(bv)
+    return dict(BLOCK_V=bv, SINGLE_BLOCK=bv >= V, num_warps=warps, maxnreg=register_cap(warps))
+
+
+def launch_options(meta: dict) -> dict:
+    """The Triton launch options (``num_warps``, ``maxnreg``) of a :func:`row_block_meta` result, as an
+    ``AOT_CONFIGS`` entry names them."""
+    return {k: meta[k] for k in ("num_warps", "maxnreg")}
 
 
 def kd_fwd_bwd_triton(
@@ -325,7 +338,7 @@ def aot_configs():
         }
         constexprs = {"SOFT_CE": soft_ce, "HAS_MLM": has_mlm, "NEED_T1": need_t1, "BLOCK_V": bv,
                       "SINGLE_BLOCK": single, "MLM_WEIGHT": mlm_weight}
-        yield kd_fwd_bwd_kernel, signature, constexprs, _num_warps(bv)
+        yield kd_fwd_bwd_kernel, signature, constexprs, launch_options(row_block_meta(bv, cuda=True))
 
 
 AOT_CONFIGS = aot_configs

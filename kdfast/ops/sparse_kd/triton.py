@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast.ops.logit_kd.triton import MAX_BLOCK_V_GPU, row_block_meta, row_mlm, zero_row
+from kdfast.ops.logit_kd.triton import MAX_BLOCK_V_GPU, launch_options, row_block_meta, row_mlm, zero_row
 
 
 @triton.jit
@@ -249,7 +249,7 @@ def aot_configs():
         }
         constexprs = {"SAMPLED": sampled, "HAS_REST": has_rest, "HAS_MLM": has_mlm, "NEED_T1": need_t1,
                       "BLOCK_V": bv, "BLOCK_K": 64, "SINGLE_BLOCK": single, "MLM_WEIGHT": mlm_weight}
-        yield sparse_kd_fwd_bwd_kernel, signature, constexprs, row_block_meta(bv, True)["num_warps"]
+        yield sparse_kd_fwd_bwd_kernel, signature, constexprs, launch_options(row_block_meta(bv, cuda=True))
 
 
 AOT_CONFIGS = aot_configs
