@@ -338,7 +338,8 @@ def test_gpu_launch_constants_of_every_shape_are_compiled_ahead_of_time():
     for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         for V in (1, 5, 100, 1000, 1024, 1025, 2048, 3000, 4096, 5000, 8192, 8193, 16384, 30522, 50257, 128256):
             pick = lk.row_block_meta(V, cuda=True)
-            assert pick["BLOCK_V"] <= lk.MAX_BLOCK_V_GPU and pick["SINGLE_BLOCK"] == (V <= pick["BLOCK_V"])
+            assert pick["BLOCK_V"] <= lk.MAX_BLOCK_V_GPU and pick["SINGLE_BLOCK"] == (V <= lk.MAX_SINGLE_BLOCK_V_GPU)
+            assert V <= pick["BLOCK_V"] or not pick["SINGLE_BLOCK"]
             bad += [("kd", ty, V)] * _uncovered(kd, "kd_fwd_bwd_kernel", pick, ("BLOCK_V",), ("s_ptr", ty))
             bad += [("sparse_kd", ty, V)] * _uncovered(sparse, "sparse_kd_fwd_bwd_kernel", pick, ("BLOCK_V",),
                                                         ("s_ptr", ty))
