@@ -238,8 +238,9 @@ def _at_dk_kernel(
 # products take more registers) and wider heads take 32 rows, up to a student head of 64 and a teacher
 # head of 128 (MAX_TRITON_HEAD_DIMS: every kernel, loss and dtype at 64 + 128 fits in 255 registers).
 # Wider heads have no spill-free tile: at a student head of 128 under a teacher's 256 the three kernels
-# spilled 8-1,460 B per thread at 32 rows and 160-4,200 B at 16 rows, so the Triton backend does not take
-# them (the registry runs the torch backend instead, kdfast.ops.attention_transfer.flash_cols).
+# spilled 8-1,460 B per thread at 32 rows, and 160-4,164 B at 16 rows (1 warp) in all but the
+# half-precision forward, so the Triton backend does not take them (the registry runs the torch
+# backend instead, kdfast.ops.attention_transfer.flash_cols).
 # The interpreter (CPU tensors) is fastest with big tiles.
 BLOCK_GPU = 64
 BLOCK_INTERPRETER = 128
@@ -308,13 +309,14 @@ def attention_transfer_fwd_bwd_triton(
     return loss_rows, dq, dk
 
 
-# Compiled ahead of time (CI, no GPU): per dtype, the usual distillation pair (student dh 32 under a
-# BERT-base teacher, dh 64), dh 64 for both, and the widest heads the GPU tiles take, a student dh of 64
-# under a teacher head (or grouped teacher heads) of 128 (a smaller head at the same tile holds fewer values
-# per thread, so it needs no more registers or shared memory). Wider heads run on the torch backend.
+# Compiled ahead of time (CI, no GPU): per dtype, the largest heads of each GPU tile: the usual
+# distillation pair (student dh 32 under a BERT-base teacher, dh 64) at 64 rows, and the widest heads the
+# 32-row tile takes, a student dh of 64 under a teacher head (or grouped teacher heads) of 128. A smaller
+# head at the same tile (64 / 64, say) holds fewer values per thread, so it needs no more registers or
+# shared memory. Wider heads run on the torch backend.
 def _aot_points():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for dims in ((32, 64), (64, 64), MAX_TRITON_HEAD_DIMS):
+        for dims in ((32, 64), MAX_TRITON_HEAD_DIMS):
             yield dtype, dims
 
 
