@@ -482,9 +482,9 @@ def flash_attention_transfer(
             of a local (sliding-window) layer, e.g. 64 for ModernBERT's ``local_attention=128``.
         backend: ``auto`` (Triton on CUDA tensors when it works, the C++ kernel on CPU tensors
             when ``kdfast._C`` is built, else torch), ``triton``, ``cpu`` or ``torch``; ``cuda``
-            has no kernel for this loss and raises. Triton takes a student head up to 64 under a
-            teacher head (grouped heads concatenated) up to 128, where its GPU tiles fit in registers;
-            wider heads run on ``torch``, also under ``backend="triton"``.
+            has no kernel for this loss and raises. Triton takes student and teacher heads (grouped
+            teacher heads concatenated) up to 64, where its GPU tiles fit in registers; wider heads
+            run on ``torch``, also under ``backend="triton"``.
 
     Returns:
         Scalar loss, float32 (float64 for float64 input). 0 (and zero gradients) when every

@@ -118,12 +118,11 @@ def _(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse, window, 
         torch.empty_like(k_s, memory_format=torch.contiguous_format)
 
 
-# The widest heads the Triton kernels tile on a GPU without spilling registers: a student head of 64 under a
-# teacher head (grouped heads concatenated) of 128 (ptxas -v, kdfast.ops.aot --report; the reasons beside
-# the tiles in .triton). The registry sees the flash op's width as flash_cols(ds, dt): max(ds, ceil(dt / 2)),
-# at most 64 exactly when both heads fit; wider heads run on the torch backend (also under
-# backend="triton": its fallback).
-MAX_TRITON_HEAD_DIMS = (64, 128)
+# The widest heads the Triton kernels tile on a GPU without spilling registers: student and teacher heads
+# (grouped teacher heads concatenated) up to 64 (ptxas -v, kdfast.ops.aot --report; the reasons beside the
+# tiles in .triton). The registry sees the flash op's width as flash_cols(ds, dt) = max(ds, dt); wider
+# heads run on the torch backend (also under backend="triton": its fallback).
+MAX_TRITON_HEAD_DIMS = (64, 64)
 
 
 def triton_takes_heads(ds: int, dt: int) -> bool:
@@ -132,9 +131,9 @@ def triton_takes_heads(ds: int, dt: int) -> bool:
 
 
 def flash_cols(ds: int, dt: int) -> int:
-    """The width the registry holds the ``attention_transfer`` implementations' ``max_cols`` to:
-    ``max(ds, ceil(dt / 2))``, at most ``MAX_TRITON_HEAD_DIMS[0]`` exactly when :func:`triton_takes_heads`."""
-    return max(ds, -(-dt // 2))
+    """The width the registry holds the ``attention_transfer`` implementations' ``max_cols`` to: the wider
+    head, ``max(ds, dt)``, at most ``MAX_TRITON_HEAD_DIMS[0]`` exactly when :func:`triton_takes_heads`."""
+    return max(ds, dt)
 
 
 register(FLASH_OP, "torch", attention_transfer_fwd_bwd_torch)

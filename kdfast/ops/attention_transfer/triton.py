@@ -235,12 +235,12 @@ def _at_dk_kernel(
 # without maxnreg ptxas still held some configurations to 80-128 registers and spilled 8-56 B (fp32 dq
 # at heads 32 / 64 on sm_90, a windowed half-precision MSE at 64 / 64 on sm_80); with maxnreg none
 # spills. 64-row tiles stay spill-free only for the half-precision heads up to 32 + 64; fp32 (its 'ieee'
-# products take more registers) and wider heads take 32 rows, up to a student head of 64 and a teacher
-# head of 128 (MAX_TRITON_HEAD_DIMS: every kernel, loss and dtype at 64 + 128 fits in 255 registers).
-# Wider heads have no spill-free tile: at a student head of 128 under a teacher's 256 the three kernels
-# spilled 8-1,460 B per thread at 32 rows, and 160-4,164 B at 16 rows (1 warp) in all but the
-# half-precision forward, so the Triton backend does not take them (the registry runs the torch
-# backend instead, kdfast.ops.attention_transfer.flash_cols).
+# products take more registers) and wider heads take 32 rows, up to heads of 64 (MAX_TRITON_HEAD_DIMS).
+# Wider heads have no spill-free tile: at a student head of 64 under a teacher's 128 the fp32 KL dk kernel
+# spilled 8 B per thread on sm_90 (every other kernel, loss and dtype fitted in 255 registers); at 128
+# under 256 the three kernels spilled 8-1,460 B per thread at 32 rows, and 160-4,164 B at 16 rows
+# (1 warp) in all but the half-precision forward. So the Triton backend does not take them (the registry
+# runs the torch backend instead, kdfast.ops.attention_transfer.flash_cols).
 # The interpreter (CPU tensors) is fastest with big tiles.
 BLOCK_GPU = 64
 BLOCK_INTERPRETER = 128
@@ -311,9 +311,8 @@ def attention_transfer_fwd_bwd_triton(
 
 # Compiled ahead of time (CI, no GPU): per dtype, the largest heads of each GPU tile: the usual
 # distillation pair (student dh 32 under a BERT-base teacher, dh 64) at 64 rows, and the widest heads the
-# 32-row tile takes, a student dh of 64 under a teacher head (or grouped teacher heads) of 128. A smaller
-# head at the same tile (64 / 64, say) holds fewer values per thread, so it needs no more registers or
-# shared memory. Wider heads run on the torch backend.
+# 32-row tile takes, 64 for both (a smaller head at the same tile holds fewer values per thread, so it
+# needs no more registers or shared memory). Wider heads run on the torch backend.
 def _aot_points():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for dims in ((32, 64), MAX_TRITON_HEAD_DIMS):
