@@ -352,8 +352,9 @@ def test_gpu_launch_constants_of_every_shape_are_compiled_ahead_of_time():
                     with pytest.raises(ValueError, match="head dims must be at most"):
                         at.tile_meta(ds, dt, dtype, cuda=True)
                     continue
-                pick = at.tile_meta(ds, dt, dtype, cuda=True)
+                tile = at.tile_meta(ds, dt, dtype, cuda=True)
                 for kernel in ("_at_fwd_kernel", "_at_dq_kernel", "_at_dk_kernel"):
+                    pick = at.launch_meta(tile, getattr(at, kernel))
                     bad += [(kernel, ty, ds, dt)] * _uncovered(attn, kernel, pick, ("BLOCK_DS", "BLOCK_DT"),
                                                                ("qs_ptr", ty))
         for D in (1, 100, 312, 768, 1024, 1025, 2048, 4096, 4097, 8192, 16384):

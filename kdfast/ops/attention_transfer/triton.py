@@ -229,7 +229,8 @@ def _at_dk_kernel(
              mask=col_in[:, None] & (offs_ds[None, :] < DS))
 
 
-# GPU tiles: BLOCK_M = BLOCK_N query / key rows, NUM_WARPS_GPU warps, maxnreg = register_cap(8) = 255.
+# GPU tiles: BLOCK_M = BLOCK_N query / key rows, NUM_WARPS_GPU warps, maxnreg = register_cap(8) = 255
+# (not for the fp32 forward: launch_meta).
 # ptxas -v (kdfast.ops.aot --report) on sm_80 / sm_90: at 4 warps the fp32 'ieee' dq kernel with 64-row
 # tiles was squeezed to 32 registers and moved 30-47 KB per thread through local memory; at 8 warps
 # without maxnreg ptxas still held some configurations to 80-128 registers and spilled 8-56 B (fp32 dq
@@ -272,6 +273,15 @@ def tile_meta(ds: int, dt: int, dtype: torch.dtype, cuda: bool, block: int | Non
                 num_warps=NUM_WARPS_GPU, maxnreg=register_cap(NUM_WARPS_GPU))
 
 
+def launch_meta(meta: dict, kernel) -> dict:
+    """:func:`tile_meta`'s constants as ``kernel`` launches with them: the fp32 forward without maxnreg
+    (ptxas -v on sm_90 at heads 64 / 64: 171 registers and no spill left to itself, 255 registers and
+    56 + 48 B spilled with maxnreg 255), every other kernel as given."""
+    if kernel is _at_fwd_kernel and meta.get("PRECISION") == "ieee":
+        return {k: v for k, v in meta.items() if k != "maxnreg"}
+    return meta
+
+
 def attention_transfer_fwd_bwd_triton(
     q_s: torch.Tensor, k_s: torch.Tensor, q_t: torch.Tensor, k_t: torch.Tensor, key_valid: torch.Tensor,
     row_weight: torch.Tensor, scale_s: float, scale_t: float, mse: bool, need_grad: bool,
@@ -299,13 +309,13 @@ def attention_transfer_fwd_bwd_triton(
     grid = (triton.cdiv(L, meta["BLOCK_M"]), B * H)
     args = (q_s, k_s, q_t, k_t, kv, w, lse_s, lse_t)
     sizes = (L, H, DS, DT, float(scale_s), float(scale_t), int(window) if has_window else -1)
-    _at_fwd_kernel[grid](*args, loss_rows, *sizes, **meta)
+    _at_fwd_kernel[grid](*args, loss_rows, *sizes, **launch_meta(meta, _at_fwd_kernel))
     if not need_grad:
         return loss_rows, q_s.new_empty(0), k_s.new_empty(0)
     dq = torch.empty_like(q_s)
     dk = torch.empty_like(k_s)
-    _at_dq_kernel[grid](*args, dq, *sizes, **meta)
-    _at_dk_kernel[grid](*args, dk, *sizes, **meta)
+    _at_dq_kernel[grid](*args, dq, *sizes, **launch_meta(meta, _at_dq_kernel))
+    _at_dk_kernel[grid](*args, dk, *sizes, **launch_meta(meta, _at_dk_kernel))
     return loss_rows, dq, dk
 
 
@@ -333,8 +343,8 @@ def aot_configs():
             last: "*fp32" if fn is _at_fwd_kernel else f"*{tdt}",
             "L": "i32", "H": "i32", "DS": "i32", "DT": "i32", "scale_s": "fp32", "scale_t": "fp32", "window": "i32",
         }
-        meta = tile_meta(ds, dt, dtype, cuda=True)
-        options = {k: meta.pop(k) for k in ("num_warps", "maxnreg")}
+        meta = launch_meta(tile_meta(ds, dt, dtype, cuda=True), fn)
+        options = {k: meta.pop(k) for k in ("num_warps", "maxnreg") if k in meta}
         yield fn, signature, {"IS_MSE": mse, "HAS_WINDOW": has_window, **meta}, options
 
 
