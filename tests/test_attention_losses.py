@@ -385,6 +385,33 @@ def test_triton_several_tiles_and_online_rescaling():
         check_flash((rows.sum(), dq, dk), (ref_loss, ref_dq, ref_dk), torch.float32)
 
 
+def test_flash_heads_wider_than_the_triton_tiles_run_on_torch():
+    """The Triton kernels take a student head up to MAX_TRITON_HEAD_DIMS[0] under a teacher head (grouped
+    heads concatenated) up to MAX_TRITON_HEAD_DIMS[1]; wider heads, whose GPU tiles spill registers, run on
+    the torch backend, also under backend='triton', with the same loss and gradients as the reference."""
+    if "triton" not in FLASH_BACKENDS:
+        pytest.skip("triton backend not available here")
+    from kdfast.ops import registry
+    from kdfast.ops.attention_transfer import MAX_TRITON_HEAD_DIMS
+
+    ds_max, dt_max = MAX_TRITON_HEAD_DIMS
+    B, H, L = 2, 2, 11
+    for ds, dt, runs in ((ds_max, dt_max, "triton"), (ds_max + 1, 8, "torch"), (8, dt_max + 1, "torch"),
+                         (ds_max - 1, dt_max - 1, "triton")):
+        q_s, k_s, q_t, k_t = make_qk(B, H, L, ds, dt)
+        mask = make_mask(B, L)
+        with registry.record() as ran:
+            got = run_flash(q_s, k_s, q_t, k_t, mask, loss="kl", backend="triton")
+        assert ran["attention_transfer"] == {runs}, (ds, dt, ran)
+        check_flash(got, flash_reference(q_s, k_s, q_t, k_t, mask, "kl"), torch.float32)
+    # grouped teacher heads count concatenated: 4 student heads under 8 teacher heads of dt_max / 2 + 1
+    q_s, k_s, _, _ = make_qk(B, 4, L, 8, 8)
+    q_t, k_t = torch.randn(B, 8, L, dt_max // 2 + 1), torch.randn(B, 8, L, dt_max // 2 + 1)
+    with registry.record() as ran:
+        kdfast.flash_attention_transfer(q_s, k_s, q_t, k_t, backend="triton")
+    assert ran["attention_transfer"] == {"torch"}, ran
+
+
 @pytest.mark.parametrize("backend", FLASH_BACKENDS)
 def test_flash_scales_upstream_gradient_and_no_grad(backend):
     B, H, L = 2, 3, 19

@@ -276,19 +276,31 @@ def test_aot_refuses_an_unknown_arch_in_one_line():
 
 
 def _compiled(configs) -> dict[str, list[tuple[dict, int, dict]]]:
-    """kernel name -> [(constexprs, num_warps, signature)] of an AOT_CONFIGS list."""
+    """kernel name -> [(constexprs and launch options but num_warps, num_warps, signature)] of an
+    AOT_CONFIGS list."""
+    from kdfast.ops.aot import launch_options
+
     out: dict[str, list[tuple[dict, int, dict]]] = {}
-    for fn, sig, ce, nw in configs():
-        out.setdefault(fn.__name__, []).append((ce, nw, sig))
+    for fn, sig, ce, options in configs():
+        opts = launch_options(options)
+        nw = opts.pop("num_warps")
+        out.setdefault(fn.__name__, []).append(({**ce, **opts}, nw, sig))
     return out
+
+
+def _registers(meta: dict, num_warps: int) -> int:
+    """The registers per thread ptxas may take for a launch: its ``maxnreg``, else the block's cap."""
+    return meta.get("maxnreg") or gr.register_cap(num_warps)
 
 
 def _uncovered(compiled, kernel: str, pick: dict, blocks: tuple[str, ...], dtype: tuple[str, str]) -> bool:
     """True unless a configuration of ``kernel`` compiled ahead of time has ``pick``'s constexprs and the
-    element type ``dtype`` = (argument, Triton type) in its signature, except for the block sizes ``blocks``:
-    with ``pick``'s warps, each of those as large or larger; with more warps (fewer registers available per
-    thread), at least as many block elements per thread. Either way the same program holds at least as
-    many values per thread with no more registers each, so it spills if ``pick`` does."""
+    element type ``dtype`` = (argument, Triton type) in its signature, except for the block sizes ``blocks``
+    and ``maxnreg``: with ``pick``'s warps, each of those as large or larger; with more warps (fewer
+    registers available per thread), at least as many block elements per thread; and no more registers
+    per thread (``maxnreg``, or the block's cap without one) than ``pick`` lets ptxas take. Either way the
+    same program holds at least as many values per thread with no more registers each, so it spills if
+    ``pick`` does."""
     pick = dict(pick)
     warps = pick.pop("num_warps")
     arg, ty = dtype
@@ -296,7 +308,9 @@ def _uncovered(compiled, kernel: str, pick: dict, blocks: tuple[str, ...], dtype
     def per_thread(ce, nw):
         return math.prod(ce[k] for k in blocks) / nw
 
-    return not any(sig[arg] == f"*{ty}" and all(ce.get(k) == v for k, v in pick.items() if k not in blocks)
+    return not any(sig[arg] == f"*{ty}"
+                   and all(ce.get(k) == v for k, v in pick.items() if k not in (*blocks, "maxnreg"))
+                   and _registers(ce, nw) <= _registers(pick, warps)
                    and (all(ce[k] >= pick[k] for k in blocks) if nw == warps else
                         nw > warps and per_thread(ce, nw) >= per_thread(pick, warps))
                    for ce, nw, sig in compiled[kernel])
@@ -308,6 +322,8 @@ def test_gpu_launch_constants_of_every_shape_are_compiled_ahead_of_time():
     configuration only a GPU run would build."""
     import torch
 
+    from kdfast.ops import registry
+    from kdfast.ops.attention_transfer import FLASH_OP, flash_cols
     from kdfast.ops.attention_transfer import triton as at
     from kdfast.ops.hidden_rows import MAX_COSINE_WIDTH
     from kdfast.ops.hidden_rows import triton as hr
@@ -322,14 +338,23 @@ def test_gpu_launch_constants_of_every_shape_are_compiled_ahead_of_time():
     for dtype, ty in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         for V in (1, 5, 100, 1000, 1024, 1025, 2048, 3000, 4096, 5000, 8192, 8193, 16384, 30522, 50257, 128256):
             pick = lk.row_block_meta(V, cuda=True)
-            assert pick["BLOCK_V"] <= lk.MAX_BLOCK_V_GPU and pick["SINGLE_BLOCK"] == (V <= pick["BLOCK_V"])
+            assert pick["BLOCK_V"] <= lk.MAX_BLOCK_V_GPU and pick["SINGLE_BLOCK"] == (V <= lk.MAX_SINGLE_BLOCK_V_GPU)
+            assert V <= pick["BLOCK_V"] or not pick["SINGLE_BLOCK"]
             bad += [("kd", ty, V)] * _uncovered(kd, "kd_fwd_bwd_kernel", pick, ("BLOCK_V",), ("s_ptr", ty))
             bad += [("sparse_kd", ty, V)] * _uncovered(sparse, "sparse_kd_fwd_bwd_kernel", pick, ("BLOCK_V",),
                                                         ("s_ptr", ty))
         for ds in (8, 16, 24, 32, 48, 64, 96, 128):
             for dt in (8, 16, 32, 64, 96, 128, 192, 256):
-                pick = at.tile_meta(ds, dt, dtype, cuda=True)
+                # the registry runs heads the GPU tiles do not take on the torch backend, and tile_meta refuses them
+                takes = at.triton_takes_heads(ds, dt)
+                assert takes == (flash_cols(ds, dt) <= registry.impls(FLASH_OP)["triton"].max_cols)
+                if not takes:
+                    with pytest.raises(ValueError, match="head dims must be at most"):
+                        at.tile_meta(ds, dt, dtype, cuda=True)
+                    continue
+                tile = at.tile_meta(ds, dt, dtype, cuda=True)
                 for kernel in ("_at_fwd_kernel", "_at_dq_kernel", "_at_dk_kernel"):
+                    pick = at.launch_meta(tile, getattr(at, kernel))
                     bad += [(kernel, ty, ds, dt)] * _uncovered(attn, kernel, pick, ("BLOCK_DS", "BLOCK_DT"),
                                                                ("qs_ptr", ty))
         for D in (1, 100, 312, 768, 1024, 1025, 2048, 4096, 4097, 8192, 16384):
@@ -345,12 +370,13 @@ def test_gpu_launch_constants_of_every_shape_are_compiled_ahead_of_time():
         for D in (128, 512):  # MobileBERT's widths: compiled as picked
             block_d, block_n, rows, warps = mb._blocks(D, torch.device("cuda"))
             tile = dict(BLOCK_N=block_n, BLOCK_D=block_d, num_warps=warps)
+            bwd_tile = {**tile, "maxnreg": gr.register_cap(warps)}  # what nonorm_bwd_triton launches with
             for has_b in (False, True):
                 for has_r in (False, True):
                     bad += [("nonorm", ty, D)] * _uncovered(blocks, "nonorm_fwd_kernel",
                                                             {**tile, "HAS_B": has_b, "HAS_R": has_r}, (), ("x_ptr", ty))
                     bad += [("nonorm_bwd", ty, D)] * _uncovered(
-                        blocks, "nonorm_bwd_kernel", {**tile, "HAS_B": has_b, "HAS_R": has_r, "ROWS_PER_PROG": rows},
+                        blocks, "nonorm_bwd_kernel", {**bwd_tile, "HAS_B": has_b, "HAS_R": has_r, "ROWS_PER_PROG": rows},
                         (), ("x_ptr", ty))
             bad += [("relu_bwd_colsum", ty, D)] * _uncovered(blocks, "relu_bwd_colsum_kernel",
                                                              {**tile, "ROWS_PER_PROG": rows}, (), ("dh_ptr", ty))

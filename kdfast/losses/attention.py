@@ -67,7 +67,7 @@ from kdfast.losses._checks import (
     value_checks_enabled,
 )
 from kdfast.ops import registry
-from kdfast.ops.attention_transfer import FLASH_OP, MAPS_KL_OP, band_mask
+from kdfast.ops.attention_transfer import FLASH_OP, MAPS_KL_OP, band_mask, flash_cols
 from kdfast.ops.score_mse import BWD_OP as SCORE_MSE_BWD_OP
 from kdfast.ops.score_mse import FWD_OP as SCORE_MSE_FWD_OP
 
@@ -482,7 +482,9 @@ def flash_attention_transfer(
             of a local (sliding-window) layer, e.g. 64 for ModernBERT's ``local_attention=128``.
         backend: ``auto`` (Triton on CUDA tensors when it works, the C++ kernel on CPU tensors
             when ``kdfast._C`` is built, else torch), ``triton``, ``cpu`` or ``torch``; ``cuda``
-            has no kernel for this loss and raises.
+            has no kernel for this loss and raises. Triton takes student and teacher heads (grouped
+            teacher heads concatenated) up to 64, where its GPU tiles fit in registers; wider heads
+            run on ``torch``, also under ``backend="triton"``.
 
     Returns:
         Scalar loss, float32 (float64 for float64 input). 0 (and zero gradients) when every
@@ -504,7 +506,8 @@ def flash_attention_transfer(
     k_t, _ = map_teacher_heads(k_t.detach(), H, kind="qk", name="k_t")
     scale_t /= group  # concatenated group heads sum the group's scores; 1/g makes it their mean
     m = _check_token_mask("key_mask", key_mask, B, L, q_s.device)
-    name = registry.select(FLASH_OP, backend, q_s, what="flash_attention_transfer").backend
+    name = registry.select(FLASH_OP, backend, q_s, cols=flash_cols(ds, q_t.shape[-1]),
+                           what="flash_attention_transfer").backend
     key_valid = torch.ones(B, L, dtype=torch.bool, device=q_s.device) if m is None else m
     acc = acc_dtype(q_s.dtype)
     if loss == "mse":  # counted (i, j) pairs: H sum_b n_b^2 for a global layer

@@ -2,8 +2,9 @@
 
 ``python -m kdfast.ops.aot [--arch 90 80] [--jobs N]`` runs ``triton.compile`` on each entry of the
 ``AOT_CONFIGS`` that every Triton implementation in the op registry names for ``GPUTarget("cuda", arch,
-32)``: type errors, bad layouts, shared-memory overflow and other failures that the interpreter lets
-pass show up here.
+32)``; an entry is ``(kernel, signature, constexprs, options)``, ``options`` the launch's ``num_warps`` or
+the dict of Triton options its launcher passes (``num_warps`` and, where set, ``maxnreg``). Type errors,
+bad layouts, shared-memory overflow and other failures that the interpreter lets pass show up here.
 ``--report [PATH]`` also runs ``ptxas -v`` on each compiled configuration's PTX and ``nvcc -Xptxas -v``
 on the CUDA C++ kernels, prints registers, spills, shared memory and occupancy per kernel and
 architecture (:mod:`kdfast.ops.gpu_resources`) and writes the table to PATH (default
@@ -56,16 +57,33 @@ def kernel_config_lists() -> list:
     return out
 
 
-def describe(signature: dict, constexprs: dict, num_warps: int) -> str:
-    """A configuration's label: its pointer element types (index types left out), constexprs, warps."""
+# Triton launch options an AOT_CONFIGS entry may carry besides num_warps, and their letter in a label.
+LAUNCH_OPTIONS = {"maxnreg": "r", "num_stages": "s"}
+
+
+def launch_options(options: int | dict) -> dict:
+    """An ``AOT_CONFIGS`` entry's options as the dict ``triton.compile`` takes: ``{"num_warps": n}`` for
+    a bare ``n``, else the dict itself (``num_warps`` required, others among :data:`LAUNCH_OPTIONS`)."""
+    opts = {"num_warps": options} if isinstance(options, int) else dict(options)
+    unknown = set(opts) - {"num_warps", *LAUNCH_OPTIONS}
+    if "num_warps" not in opts or unknown:
+        raise ValueError(f"options must hold num_warps and only {sorted(LAUNCH_OPTIONS)} besides, got {options!r}")
+    return opts
+
+
+def describe(signature: dict, constexprs: dict, options: int | dict) -> str:
+    """A configuration's label: its pointer element types (index types left out), constexprs, warps
+    (``w8``), then any other launch option (``r128``: ``maxnreg=128``; ``s2``: ``num_stages=2``)."""
+    opts = launch_options(options)
     kinds = dict.fromkeys(t.lstrip("*") for t in signature.values() if t.startswith("*"))
     dtypes = ",".join(k for k in kinds if k not in ("i64", "i32", "i8")) or "-"
     consts = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items())
-    return f"{dtypes} {consts} w{num_warps}"
+    extra = "".join(f" {letter}{opts[k]}" for k, letter in LAUNCH_OPTIONS.items() if opts.get(k) is not None)
+    return f"{dtypes} {consts} w{opts['num_warps']}{extra}"
 
 
 def all_configs() -> list[tuple]:
-    """Every (kernel, signature, constexprs, num_warps) of :func:`kernel_config_lists`, in order."""
+    """Every (kernel, signature, constexprs, options) of :func:`kernel_config_lists`, in order."""
     return [cfg for configs in kernel_config_lists() for cfg in configs()]
 
 
@@ -86,14 +104,14 @@ def compile_one(index: int, arch: int, report: bool = False) -> tuple[str, str, 
 
     if _CONFIGS is None:
         _CONFIGS = all_configs()
-    fn, signature, constexprs, num_warps = _CONFIGS[index]
-    label = describe(signature, constexprs, num_warps)
+    fn, signature, constexprs, options = _CONFIGS[index]
+    label = describe(signature, constexprs, options)
     t0 = time.perf_counter()
     src = ASTSource(fn=fn, signature={**signature, **{k: "constexpr" for k in constexprs}}, constexprs=constexprs)
     log = io.StringIO()
     with triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log if report else sys.stdout):
         triton.knobs.nvidia.dump_ptxas_log = report
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=launch_options(options))
     if not compiled.asm.get("cubin"):
         raise RuntimeError(f"{fn.__name__} [{label}] sm_{arch}: no cubin produced")
     shared, limit = compiled.metadata.shared, MAX_SHARED_BYTES.get(arch)

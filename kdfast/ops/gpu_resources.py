@@ -69,22 +69,26 @@ ARCH_LIMITS: dict[int, ArchLimits] = {
 # from its own warps: below 4 resident warps a scheduler has nothing to issue at all, every cycle.
 MIN_WARPS_PER_SM = 4
 
-# Configurations that spill today, each group with the most bytes (stores + loads per thread, on either
+
+def register_cap(num_warps: int) -> int:
+    """``maxnreg`` for a block of ``num_warps`` warps: the most registers per thread with which one block
+    still launches on every architecture of :data:`ARCH_LIMITS`, ``min(255, 65536 // (32 num_warps))``.
+
+    Left to itself (no ``.maxnreg`` in the PTX), ptxas picks a register target for a 256- or 512-thread
+    block that would fit more blocks per SM (48 or 64 registers) and spills to meet it; with this cap it
+    takes the registers the kernel needs, up to the cap, and spills only beyond it. The launchers whose
+    kernels ptxas squeezed so pass ``maxnreg=register_cap(num_warps)``, and so do their ``AOT_CONFIGS``."""
+    threads = 32 * num_warps
+    return min(min(a.max_regs_per_thread for a in ARCH_LIMITS.values()),
+               min(a.regs_per_block for a in ARCH_LIMITS.values()) // threads)
+
+
+# Configurations allowed to spill, each group with the most bytes (stores + loads per thread, on either
 # architecture) it may spill and why it stays: a regular expression over "kernel[config]" -> (bytes,
-# reason). A spill outside these, or above its bound, fails tests/test_gpu_resources.py; an entry that no
+# reason). None today: every configuration a launcher can pick compiles without a spill on sm_80 and
+# sm_90. A spill outside these, or above its bound, fails tests/test_gpu_resources.py; an entry that no
 # longer matches a spilling configuration fails it too, so the list only shrinks as the kernels are fixed.
-SPILL_ALLOWED: dict[str, tuple[int, str]] = {
-    r"^_at_(fwd|dq|dk)_kernel\[": (
-        1500, "attention transfer from Q/K at 8 warps: the widest heads tiled (student 128 under a grouped "
-              "teacher head of 256, 32-row tiles) keep 255 registers and spill up to 1,460 B stored + loaded "
-              "per thread (fp32 dk on sm_90); of the smaller heads only the fp32 dq kernel at 32 / 64 on sm_90 "
-              "(56 B, down from 31-47 KB at 4 warps) and the windowed half-precision MSE at 64 / 64 on sm_80 "
-              "(8 B). Stays until the widest heads take 16-row tiles or fewer pipeline stages."),
-    r"^(kd_fwd_bwd_kernel|sparse_kd_fwd_bwd_kernel|nonorm_bwd_kernel)\[": (
-        32, "8-32 B stored + loaded at 48-128 registers, under each thread's cap: ptxas's own choice of a "
-            "word or two around a reduction (logit and sparse KD's 8,192-wide blocks at 16 warps, NoNorm "
-            "backward in fp16); retune with the kernel's next change."),
-}
+SPILL_ALLOWED: dict[str, tuple[int, str]] = {}
 
 
 @dataclass

@@ -118,8 +118,27 @@ def _(q_s, k_s, q_t, k_t, key_valid, row_weight, scale_s, scale_t, mse, window, 
         torch.empty_like(k_s, memory_format=torch.contiguous_format)
 
 
+# The widest heads the Triton kernels tile on a GPU without spilling registers: student and teacher heads
+# (grouped teacher heads concatenated) up to 64 (ptxas -v, kdfast.ops.aot --report; the reasons beside the
+# tiles in .triton). The registry sees the flash op's width as flash_cols(ds, dt) = max(ds, dt); wider
+# heads run on the torch backend (also under backend="triton": its fallback).
+MAX_TRITON_HEAD_DIMS = (64, 64)
+
+
+def triton_takes_heads(ds: int, dt: int) -> bool:
+    """Whether the Triton kernels' GPU tiles take a student head of ``ds`` and a teacher head of ``dt``."""
+    return ds <= MAX_TRITON_HEAD_DIMS[0] and dt <= MAX_TRITON_HEAD_DIMS[1]
+
+
+def flash_cols(ds: int, dt: int) -> int:
+    """The width the registry holds the ``attention_transfer`` implementations' ``max_cols`` to: the wider
+    head, ``max(ds, dt)``, at most ``MAX_TRITON_HEAD_DIMS[0]`` exactly when :func:`triton_takes_heads`."""
+    return max(ds, dt)
+
+
 register(FLASH_OP, "torch", attention_transfer_fwd_bwd_torch)
-register(FLASH_OP, "triton", attention_transfer_triton, aot_configs=_TRITON_CONFIGS)
+register(FLASH_OP, "triton", attention_transfer_triton, aot_configs=_TRITON_CONFIGS,
+         max_cols=MAX_TRITON_HEAD_DIMS[0], fallback="torch")
 
 
 # --- attention KL on maps --------------------------------------------------------------------------

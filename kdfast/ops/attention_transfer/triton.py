@@ -46,6 +46,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kdfast.ops.attention_transfer import MAX_TRITON_HEAD_DIMS, triton_takes_heads
+from kdfast.ops.gpu_resources import register_cap
+
 
 @triton.jit
 def _load_rows(ptr, offs, rows_on, offs_d, D):
@@ -226,11 +229,19 @@ def _at_dk_kernel(
              mask=col_in[:, None] & (offs_ds[None, :] < DS))
 
 
-# GPU tiles: BLOCK_M = BLOCK_N query / key rows, NUM_WARPS_GPU warps. ptxas -v (kdfast.ops.aot --report)
-# on sm_80 / sm_90: at 4 warps the fp32 'ieee' dq kernel with 64-row tiles was squeezed to 32 registers and
-# moved 30-47 KB per thread through local memory; 8 warps keep every configuration at up to 255
-# registers and under 1.7 KB of spill per thread. 64-row tiles stay spill-free only for the half-precision
-# heads up to 32 + 64; fp32 (its 'ieee' products take more registers) and wider heads take 32 rows.
+# GPU tiles: BLOCK_M = BLOCK_N query / key rows, NUM_WARPS_GPU warps, maxnreg = register_cap(8) = 255
+# (not for the fp32 forward: launch_meta).
+# ptxas -v (kdfast.ops.aot --report) on sm_80 / sm_90: at 4 warps the fp32 'ieee' dq kernel with 64-row
+# tiles was squeezed to 32 registers and moved 30-47 KB per thread through local memory; at 8 warps
+# without maxnreg ptxas still held some configurations to 80-128 registers and spilled 8-56 B (fp32 dq
+# at heads 32 / 64 on sm_90, a windowed half-precision MSE at 64 / 64 on sm_80); with maxnreg none
+# spills. 64-row tiles stay spill-free only for the half-precision heads up to 32 + 64; fp32 (its 'ieee'
+# products take more registers) and wider heads take 32 rows, up to heads of 64 (MAX_TRITON_HEAD_DIMS).
+# Wider heads have no spill-free tile: at a student head of 64 under a teacher's 128 the fp32 KL dk kernel
+# spilled 8 B per thread on sm_90 (every other kernel, loss and dtype fitted in 255 registers); at 128
+# under 256 the three kernels spilled 8-1,460 B per thread at 32 rows, and 160-4,164 B at 16 rows
+# (1 warp) in all but the half-precision forward. So the Triton backend does not take them (the registry
+# runs the torch backend instead, kdfast.ops.attention_transfer.flash_cols).
 # The interpreter (CPU tensors) is fastest with big tiles.
 BLOCK_GPU = 64
 BLOCK_INTERPRETER = 128
@@ -249,12 +260,26 @@ def _precision(dtype: torch.dtype) -> str:
 def tile_meta(ds: int, dt: int, dtype: torch.dtype, cuda: bool, block: int | None = None) -> dict:
     """The launch constants of the three kernels for student / teacher head dims ``ds`` / ``dt``:
     ``BLOCK_M`` = ``BLOCK_N`` (``block`` overrides it; on a GPU BLOCK_GPU rows, half of it for fp32 or
-    heads wider than 32 (student) and 64 (teacher)), ``BLOCK_DS``, ``BLOCK_DT``, ``PRECISION`` and ``num_warps``."""
+    heads wider than 32 (student) and 64 (teacher)), ``BLOCK_DS``, ``BLOCK_DT``, ``PRECISION``, ``num_warps``
+    and ``maxnreg``. On a GPU the heads must be within MAX_TRITON_HEAD_DIMS (``ValueError`` otherwise:
+    no tile of theirs compiles without spilling registers)."""
+    if cuda and not triton_takes_heads(ds, dt):
+        raise ValueError(f"head dims must be at most {MAX_TRITON_HEAD_DIMS} (student, teacher) on a GPU, got "
+                         f"({ds}, {dt}): the torch backend takes wider heads")
     bds, bdt = _block_d(ds), _block_d(dt)
     narrow = bds <= 32 and bdt <= 64 and _precision(dtype) == "tf32"
     bm = block or ((BLOCK_GPU if narrow else BLOCK_GPU // 2) if cuda else BLOCK_INTERPRETER)
     return dict(BLOCK_M=bm, BLOCK_N=bm, BLOCK_DS=bds, BLOCK_DT=bdt, PRECISION=_precision(dtype),
-                num_warps=NUM_WARPS_GPU)
+                num_warps=NUM_WARPS_GPU, maxnreg=register_cap(NUM_WARPS_GPU))
+
+
+def launch_meta(meta: dict, kernel) -> dict:
+    """:func:`tile_meta`'s constants as ``kernel`` launches with them: the fp32 forward without maxnreg
+    (ptxas -v on sm_90 at heads 64 / 64: 171 registers and no spill left to itself, 255 registers and
+    56 + 48 B spilled with maxnreg 255), every other kernel as given."""
+    if kernel is _at_fwd_kernel and meta.get("PRECISION") == "ieee":
+        return {k: v for k, v in meta.items() if k != "maxnreg"}
+    return meta
 
 
 def attention_transfer_fwd_bwd_triton(
@@ -284,29 +309,29 @@ def attention_transfer_fwd_bwd_triton(
     grid = (triton.cdiv(L, meta["BLOCK_M"]), B * H)
     args = (q_s, k_s, q_t, k_t, kv, w, lse_s, lse_t)
     sizes = (L, H, DS, DT, float(scale_s), float(scale_t), int(window) if has_window else -1)
-    _at_fwd_kernel[grid](*args, loss_rows, *sizes, **meta)
+    _at_fwd_kernel[grid](*args, loss_rows, *sizes, **launch_meta(meta, _at_fwd_kernel))
     if not need_grad:
         return loss_rows, q_s.new_empty(0), k_s.new_empty(0)
     dq = torch.empty_like(q_s)
     dk = torch.empty_like(k_s)
-    _at_dq_kernel[grid](*args, dq, *sizes, **meta)
-    _at_dk_kernel[grid](*args, dk, *sizes, **meta)
+    _at_dq_kernel[grid](*args, dq, *sizes, **launch_meta(meta, _at_dq_kernel))
+    _at_dk_kernel[grid](*args, dk, *sizes, **launch_meta(meta, _at_dk_kernel))
     return loss_rows, dq, dk
 
 
-# Compiled ahead of time (CI, no GPU): per dtype, the usual distillation pair (student dh 32 under a
-# BERT-base teacher, dh 64), dh 64 for both, and the widest heads kdfast tiles, a student dh of 128
-# under a grouped teacher head of 256 (a smaller head at the same tile holds fewer values per thread, so
-# it needs no more registers or shared memory).
+# Compiled ahead of time (CI, no GPU): per dtype, the largest heads of each GPU tile: the usual
+# distillation pair (student dh 32 under a BERT-base teacher, dh 64) at 64 rows, and the widest heads the
+# 32-row tile takes, 64 for both (a smaller head at the same tile holds fewer values per thread, so it
+# needs no more registers or shared memory). Wider heads run on the torch backend.
 def _aot_points():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for dims in ((32, 64), (64, 64), (128, 256)):
+        for dims in ((32, 64), MAX_TRITON_HEAD_DIMS):
             yield dtype, dims
 
 
 def aot_configs():
-    """(kernel, signature, constexprs, num_warps) for kdfast.ops.aot: each point above x 3 kernels x 2 losses
-    x global / local."""
+    """(kernel, signature, constexprs, launch options) for kdfast.ops.aot: each point above x 3 kernels x 2
+    losses x global / local."""
     for (dtype, (ds, dt)), fn, mse, has_window in itertools.product(
         _aot_points(), (_at_fwd_kernel, _at_dq_kernel, _at_dk_kernel), (False, True), (False, True),
     ):
@@ -318,9 +343,9 @@ def aot_configs():
             last: "*fp32" if fn is _at_fwd_kernel else f"*{tdt}",
             "L": "i32", "H": "i32", "DS": "i32", "DT": "i32", "scale_s": "fp32", "scale_t": "fp32", "window": "i32",
         }
-        meta = tile_meta(ds, dt, dtype, cuda=True)
-        num_warps = meta.pop("num_warps")
-        yield fn, signature, {"IS_MSE": mse, "HAS_WINDOW": has_window, **meta}, num_warps
+        meta = launch_meta(tile_meta(ds, dt, dtype, cuda=True), fn)
+        options = {k: meta.pop(k) for k in ("num_warps", "maxnreg") if k in meta}
+        yield fn, signature, {"IS_MSE": mse, "HAS_WINDOW": has_window, **meta}, options
 
 
 AOT_CONFIGS = aot_configs

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kdfast.ops.gpu_resources import register_cap
+
 
 @triton.jit
 def zero_row(g_row, V, BLOCK_V: tl.constexpr):
@@ -253,13 +255,20 @@ def kd_fwd_bwd_kernel(
                 tl.store(g_row + start + offs, g.to(g_ptr.dtype.element_ty), mask=valid)
 
 
-# Largest block kept whole in registers, and the chunk of a longer row, on the GPU: 16 fp32 values of
-# the student row and 16 of the teacher row per thread at 16 warps (512 threads, so up to 128 registers
-# each). At 16,384 the block needs 32 warps (1,024 threads, 64 registers each), and ptxas -v
-# (kdfast.ops.aot --report) shows every variant of it spilling 88-650 B per thread; rows longer than
-# the block (BERT's 30,522) take the chunked path. The interpreter (CPU tensors) is fastest with the
-# whole row in one block.
+# The chunk of a row on the GPU, and the largest row kept whole in registers. A chunk of 8,192 is 16 fp32
+# values of the student row and 16 of the teacher row per thread at 16 warps (512 threads, so up to 128
+# registers each); at 16,384 it needs 32 warps (1,024 threads, 64 registers each), and ptxas -v
+# (kdfast.ops.aot --report) showed every variant spilling 88-650 B per thread. The kernels launch with
+# maxnreg = register_cap(num_warps): without it ptxas held the 16-warp block to 64 registers, two blocks
+# per SM, and spilled 8-32 B per thread in the chunked variants; with it they take 72-128 registers and
+# one block of 16 warps per SM, spilling nothing. A row kept whole holds its values through the loss
+# and the gradient: at 8,192 (16 warps, 128 registers) the half-precision KL variant still spilled 4 B
+# per thread on sm_90, and at 32 warps (64 registers) five fp32 variants did; at 4,096 (8 warps, up to
+# 255 registers) none does. So on the GPU a row up to 4,096 is kept whole and a longer one (BERT's
+# 30,522) is folded in chunks of 8,192, one chunk for rows of 4,097-8,192 (read once more for the
+# gradient). The interpreter (CPU tensors) is fastest with the whole row in one block.
 MAX_BLOCK_V_GPU = 8192
+MAX_SINGLE_BLOCK_V_GPU = 4096
 MAX_BLOCK_V_INTERPRETER = 32768
 
 
@@ -268,11 +277,26 @@ def _num_warps(block_v: int) -> int:
 
 
 def row_block_meta(V: int, cuda: bool, block_v: int | None = None) -> dict:
-    """``BLOCK_V``, ``SINGLE_BLOCK`` and ``num_warps`` of a one-program-per-row kernel over rows of ``V``:
-    the whole row in one block up to the cap (MAX_BLOCK_V_GPU on a GPU), else chunks of the cap;
-    ``block_v`` overrides the block (tests use it to exercise the chunked path)."""
-    bv = block_v or min(triton.next_power_of_2(V), MAX_BLOCK_V_GPU if cuda else MAX_BLOCK_V_INTERPRETER)
-    return dict(BLOCK_V=bv, SINGLE_BLOCK=bv >= V, num_warps=_num_warps(bv))
+    """``BLOCK_V``, ``SINGLE_BLOCK``, ``num_warps`` and ``maxnreg`` of a one-program-per-row kernel over rows
+    of ``V``: on a GPU the whole row in one block up to MAX_SINGLE_BLOCK_V_GPU, else chunks of
+    MAX_BLOCK_V_GPU; on the interpreter the whole row up to MAX_BLOCK_V_INTERPRETER, else chunks of it.
+    ``block_v`` overrides the block (tests use it to exercise the chunked path). ``maxnreg`` is
+    :func:`~kdfast.ops.gpu_resources.register_cap` of the warps (the interpreter ignores it)."""
+    if block_v:
+        bv = block_v
+    elif not cuda:
+        bv = min(triton.next_power_of_2(V), MAX_BLOCK_V_INTERPRETER)
+    else:
+        bv = triton.next_power_of_2(V) if V <= MAX_SINGLE_BLOCK_V_GPU else MAX_BLOCK_V_GPU
+    warps = _num_warps(bv)
+    return dict(BLOCK_V=bv, SINGLE_BLOCK=bv >= V and (not cuda or block_v is not None or bv <= MAX_SINGLE_BLOCK_V_GPU),
+                num_warps=warps, maxnreg=register_cap(warps))
+
+
+def launch_options(meta: dict) -> dict:
+    """The Triton launch options (``num_warps``, ``maxnreg``) of a :func:`row_block_meta` result, as an
+    ``AOT_CONFIGS`` entry names them."""
+    return {k: meta[k] for k in ("num_warps", "maxnreg")}
 
 
 def kd_fwd_bwd_triton(
@@ -309,15 +333,16 @@ def kd_fwd_bwd_triton(
 
 
 def aot_configs():
-    """Every constexpr combination the launcher can pick, per logit dtype, at the largest block, whole and
-    chunked (for kdfast.ops.aot). A smaller block (:func:`row_block_meta`) holds no more values per thread
-    with no fewer registers available to each (as many warps or fewer), so it needs no more registers."""
+    """Every constexpr combination the launcher can pick, per logit dtype, at the largest block of each
+    path, whole (MAX_SINGLE_BLOCK_V_GPU) and chunked (MAX_BLOCK_V_GPU) (for kdfast.ops.aot). A smaller block
+    (:func:`row_block_meta`) holds no more values per thread with no fewer registers available to each (as
+    many warps or fewer), so it needs no more registers."""
     for dtype, soft_ce, (has_mlm, need_t1, mlm_weight), single in itertools.product(
         ("fp32", "fp16", "bf16"), (False, True),
         ((False, False, False), (True, False, False), (True, True, False), (True, False, True), (True, True, True)),
         (True, False),
     ):
-        bv = MAX_BLOCK_V_GPU
+        bv = MAX_SINGLE_BLOCK_V_GPU if single else MAX_BLOCK_V_GPU
         signature = {
             "s_ptr": f"*{dtype}", "s_stride": "i64", "t_ptr": f"*{dtype}", "t_stride": "i64",
             "g_ptr": f"*{dtype}", "g_stride": "i64", "labels_ptr": "*i64", "w_ptr": "*fp32", "loss_ptr": "*fp32",
@@ -325,7 +350,7 @@ def aot_configs():
         }
         constexprs = {"SOFT_CE": soft_ce, "HAS_MLM": has_mlm, "NEED_T1": need_t1, "BLOCK_V": bv,
                       "SINGLE_BLOCK": single, "MLM_WEIGHT": mlm_weight}
-        yield kd_fwd_bwd_kernel, signature, constexprs, _num_warps(bv)
+        yield kd_fwd_bwd_kernel, signature, constexprs, launch_options(row_block_meta(bv, cuda=True))
 
 
 AOT_CONFIGS = aot_configs

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kdfast.ops.gpu_resources import register_cap
+
 
 @triton.jit
 def _tile_sum(x_ptr, x_stride, b_ptr, r_ptr, r_stride, rows, cols, mask, D, HAS_B: tl.constexpr,
@@ -93,8 +95,10 @@ def relu_bwd_colsum_kernel(dh_ptr, dh_stride, h_ptr, h_stride, part_ptr, N, D, B
 # Tiles: the whole width (MobileBERT: 128 or 512) by BLOCK_N rows; column sums over ROWS_PER_PROG rows
 # per program. On a GPU, 8 elements of the tile per thread: each carries its own 64-bit addresses into
 # two or three rows, and at 16 per thread ptxas kept the NoNorm forward (2,048-element tile, 4 warps) and
-# the ReLU column sum (4,096, 8 warps) in 64-80 registers with a few bytes spilled. Larger row blocks on
-# the interpreter (fewer Python-level programs).
+# the ReLU column sum (4,096, 8 warps) in 64-80 registers with a few bytes spilled. The NoNorm backward
+# launches with maxnreg = register_cap(num_warps): left to itself ptxas held its fp16 variant at width
+# 128 to 48 registers and spilled 16 B per thread. Larger row blocks on the interpreter (fewer
+# Python-level programs).
 def _blocks(D: int, device: torch.device) -> tuple[int, int, int, int]:
     block_d = triton.next_power_of_2(max(D, 1))
     if device.type == "cpu":  # interpreter
@@ -136,7 +140,7 @@ def nonorm_bwd_triton(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | No
         nonorm_bwd_kernel[(progs,)](
             dy, dy.stride(0), x, x.stride(0), bias if bias is not None else _dummy(x), r, r.stride(0), gamma,
             dx, dx.stride(0), part, N, D, HAS_B=bias is not None, HAS_R=residual is not None, BLOCK_N=block_n,
-            BLOCK_D=block_d, ROWS_PER_PROG=rows_per_prog, num_warps=warps)
+            BLOCK_D=block_d, ROWS_PER_PROG=rows_per_prog, num_warps=warps, maxnreg=register_cap(warps))
     sums = part.sum(0)
     dgamma, dbeta = sums[0].to(x.dtype), sums[1]
     return dx, (gamma.float() * dbeta).to(x.dtype), dgamma, dbeta.to(x.dtype)
@@ -170,7 +174,8 @@ def aot_configs():
                    "b_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "r_stride": "i64", "g_ptr": f"*{dtype}",
                    "dx_ptr": f"*{dtype}", "dx_stride": "i64", "part_ptr": "*fp32", "N": "i32", "D": "i32"}
         yield nonorm_bwd_kernel, bwd_sig, {"HAS_B": has_b, "HAS_R": has_r, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                                           "ROWS_PER_PROG": rows_per_prog}, warps
+                                           "ROWS_PER_PROG": rows_per_prog}, {"num_warps": warps,
+                                                                             "maxnreg": register_cap(warps)}
         if has_b and has_r:
             relu_sig = {"dh_ptr": f"*{dtype}", "dh_stride": "i64", "h_ptr": f"*{dtype}", "h_stride": "i64",
                         "part_ptr": "*fp32", "N": "i32", "D": "i32"}

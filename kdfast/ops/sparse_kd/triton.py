@@ -28,7 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast.ops.logit_kd.triton import MAX_BLOCK_V_GPU, row_block_meta, row_mlm, zero_row
+from kdfast.ops.logit_kd.triton import (MAX_BLOCK_V_GPU, MAX_SINGLE_BLOCK_V_GPU, launch_options, row_block_meta, row_mlm,
+                                        zero_row)
 
 
 @triton.jit
@@ -235,12 +236,12 @@ def sparse_kd_fwd_bwd_triton(
 
 def aot_configs():
     """The constexpr combinations the launcher picks, per student dtype, fp16 teacher values (the cache's),
-    at logit KD's largest block (:func:`kdfast.ops.logit_kd.triton.row_block_meta`), whole and chunked."""
+    at logit KD's largest blocks (:func:`kdfast.ops.logit_kd.triton.row_block_meta`), whole and chunked."""
     for dtype, (sampled, has_rest), (has_mlm, need_t1, mlm_weight), single in itertools.product(
         ("fp32", "fp16", "bf16"), ((False, False), (False, True), (True, False)),
         ((False, False, False), (True, True, False), (True, True, True)), (True, False),
     ):
-        bv = MAX_BLOCK_V_GPU
+        bv = MAX_SINGLE_BLOCK_V_GPU if single else MAX_BLOCK_V_GPU
         signature = {
             "s_ptr": f"*{dtype}", "s_stride": "i64", "ids_ptr": "*i64", "ids_stride": "i64", "v_ptr": "*fp16",
             "v_stride": "i64", "lse_ptr": "*fp32", "g_ptr": f"*{dtype}", "g_stride": "i64", "labels_ptr": "*i64",
@@ -249,7 +250,7 @@ def aot_configs():
         }
         constexprs = {"SAMPLED": sampled, "HAS_REST": has_rest, "HAS_MLM": has_mlm, "NEED_T1": need_t1,
                       "BLOCK_V": bv, "BLOCK_K": 64, "SINGLE_BLOCK": single, "MLM_WEIGHT": mlm_weight}
-        yield sparse_kd_fwd_bwd_kernel, signature, constexprs, row_block_meta(bv, True)["num_warps"]
+        yield sparse_kd_fwd_bwd_kernel, signature, constexprs, launch_options(row_block_meta(bv, cuda=True))
 
 
 AOT_CONFIGS = aot_configs
