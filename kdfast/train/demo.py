@@ -15,18 +15,20 @@ stage of one plan (:func:`demo_plan`):
    of width 384 is 1.77M, so 3 layers (5.3M) leave ~2M for the embedding, and batch-1 latency
    follows the layers' FLOPs, which 3 of 6 layers only halve before the per-layer overheads. So:
 
-   * **2 layers**, copies of teacher layers 2 and 5 (the last of each group of three, as the
-     uniform layer map pairs them: student hidden state 1 -> teacher 3, 2 -> 6): 3.5M
-     parameters, a third of the teacher's body FLOPs;
+   * **2 layers**, started from the *trained* plain student's first and last layers (teacher
+     layers 1 and 5 after the distil stage: DistilBERT's initialisation applied once more, from
+     the larger student; copies of teacher layers 2 and 5 kept only 89% of the retrieval after
+     the same training, these 96%) and trained on the uniform layer map (student hidden state
+     1 -> teacher 3, 2 -> 6): 3.5M parameters, a third of the teacher's body FLOPs;
    * **the vocabulary trimmed to the WordPiece tokens the training paragraphs use**
-     (:func:`kdfast.models.trim_vocabulary`; ~2.2k of 30522 tokens, their rows of the teacher's
-     embedding): 0.8M instead of 11.7M. This is a deployment choice, for a model that will read
+     (:func:`kdfast.models.trim_vocabulary`; ~2.2k of 30522 tokens, their rows of the trained
+     student's embedding): 0.8M instead of 11.7M. This is a deployment choice, for a model that will read
      text like its corpus: the report prints how many of the held-out tokens the kept
      vocabulary covers; a held-out word with a token outside it is split into kept pieces or
      becomes ``[UNK]`` (standard WordPiece).
 
    Together ~4.6M parameters (~5x smaller) and ~2.7x faster. It needs no new module: the
-   student is a plain ``BertModel``, whose layers start as the teacher's own, so that a short
+   student is a plain ``BertModel``, whose layers start as distilled ones, so that a short
    distillation suffices (narrower layers or a MobileBERT-style factorised embedding would
    need more training for no bar they are needed for). It trains at 10x the plain student's
    learning rate (``COMPRESS_LR_FACTOR``): its two layers must move further than three.
@@ -38,7 +40,7 @@ paragraphs, the teacher, the 3-layer and the compressed student: parameters (emb
 FLOPs per token, batch-1 latency over every held-out paragraph (models alternated, best and
 median of rounds), paragraph retrieval (match each paragraph's first half to its second half by
 mean-pooled, normalised embeddings), its retention, and each student's embedding cosine to the
-teacher, before and after distillation.
+teacher, before and after its stage.
 
 Writes ``report.json``, ``metrics.jsonl`` and ``compress/metrics.jsonl``, ``loss.png`` (both
 stages), the 3-layer student under ``student/`` and the compressed one under ``compressed/``
