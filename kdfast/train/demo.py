@@ -17,13 +17,14 @@ stage of one plan (:func:`demo_plan`):
 
    * **2 layers**, started from the *trained* plain student's first and last layers (teacher
      layers 1 and 5 after the distil stage: DistilBERT's initialisation applied once more, from
-     the larger student; copies of teacher layers 2 and 5 kept only 89% of the retrieval after
-     the same training, these 96%) and trained on the uniform layer map (student hidden state
-     1 -> teacher 3, 2 -> 6): 3.5M parameters, a third of the teacher's body FLOPs;
+     the larger student; copies of teacher layers 2 and 5 kept 89.3% of the retrieval after the
+     same training, these 94.6%, already before it) and trained on the uniform layer map
+     (student hidden state 1 -> teacher 3, 2 -> 6): 3.5M parameters, a third of the teacher's
+     body FLOPs;
    * **the vocabulary trimmed to the WordPiece tokens the training paragraphs use**
      (:func:`kdfast.models.trim_vocabulary`; ~2.2k of 30522 tokens, their rows of the trained
-     student's embedding): 0.8M instead of 11.7M. This is a deployment choice, for a model that will read
-     text like its corpus: the report prints how many of the held-out tokens the kept
+     student's embedding): 0.8M instead of 11.7M. This is a deployment choice, for a model
+     that will read text like its corpus: the report prints how many of the held-out tokens the kept
      vocabulary covers; a held-out word with a token outside it is split into kept pieces or
      becomes ``[UNK]`` (standard WordPiece).
 
@@ -70,7 +71,7 @@ from kdfast.train.teacher import CachedTeacher, capture_outputs, model_inputs
 STUDENT_LAYERS = (1, 3, 5)  # teacher layers copied into the plain student (0-based)
 # the trained plain student's layers the compressed student starts from (0-based: its first and last,
 # i.e. teacher layers 1 and 5 after the distil stage); started from teacher layers 2 and 5 instead, it
-# kept 89% of the retrieval, from these 96% (94.6% before its own stage)
+# kept 89.3% of the teacher's retrieval after its stage, from these 94.6% (already before its stage)
 COMPRESSED_LAYERS = (0, 2)
 COMPRESSED_MAP = {0: 0, 1: 3, 2: 6}  # its hidden states -> the teacher's (the uniform map of 2 layers in 6)
 # the compressed student's learning rate over the plain one's: two layers standing in for six move
