@@ -62,3 +62,18 @@ def test_demo_small_run(tmp_path):
         cos = float((mean_pooled(model, tok, held_out) * teacher_emb).sum(-1).mean())
         assert cos == pytest.approx(m["embedding_cosine_to_teacher"], abs=1e-5)
         assert retrieval_accuracy(model, tok, held_out) == m["retrieval_accuracy"]
+    # the compressed student started from the trained plain student: its kept layers and trained embeddings,
+    # trimmed to the compressed vocabulary, encode as the report's "before" says
+    from kdfast.models import distilbert_from_teacher, trim_vocabulary
+    from kdfast.train.demo import COMPRESSED_LAYERS, STUDENT_LAYERS
+
+    assert c["init_from_student_layers"] == list(COMPRESSED_LAYERS)
+    assert c["init_from_teacher_layers"] == [STUDENT_LAYERS[i] for i in COMPRESSED_LAYERS]
+    teacher_tok = AutoTokenizer.from_pretrained(teacher_dir)
+    kept = [teacher_tok.convert_tokens_to_ids(t) for t in AutoTokenizer.from_pretrained(out / "compressed").get_vocab()]
+    start, start_tok, _ = trim_vocabulary(
+        distilbert_from_teacher(AutoModel.from_pretrained(out / "student"), layers=COMPRESSED_LAYERS).bert,
+        teacher_tok, kept)
+    cos = float((mean_pooled(start, start_tok, held_out) * teacher_emb).sum(-1).mean())
+    assert cos == pytest.approx(c["embedding_cosine_to_teacher_before"], abs=1e-5)
+    assert retrieval_accuracy(start, start_tok, held_out) == c["retrieval_accuracy_before"]
