@@ -28,8 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kdfast.ops.logit_kd.triton import (MAX_BLOCK_V_GPU, MAX_SINGLE_BLOCK_V_GPU, launch_options, row_block_meta, row_mlm,
-                                        zero_row)
+from kdfast.ops.logit_kd.triton import MAX_BLOCK_V_GPU, MAX_SINGLE_BLOCK_V_GPU, launch_options, row_block_meta, row_mlm, zero_row
 
 
 @triton.jit
