@@ -19,8 +19,9 @@ one place:
   never go there) or its ``max_cols`` (the widest row it takes).
 - an explicit backend that is missing, not usable here or on the wrong device raises a one-line
   ``ValueError`` saying why; one that does not support the input runs its registered
-  ``fallback`` instead (the Triton hidden-MSE epilogue and cosine run torch for float64 and, for
-  the cosine, rows wider than 8,192), else raises.
+  ``fallback`` instead (the Triton hidden-MSE epilogue, cosine and flash attention transfer run
+  torch for float64 and, for the cosine, rows wider than 8,192, for the attention transfer heads
+  wider than 64), else raises.
 
 What ran is what :func:`select` returned: inside :func:`record`, every selection is noted, which
 is how a run's report names the backend each term actually ran on. Resolution reads only dicts
