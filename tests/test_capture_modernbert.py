@@ -163,7 +163,9 @@ def test_capture_under_eager_equals_output_attentions_on_every_row(draw, monkeyp
     for g, r in zip(grads(cap.scores), grads(pre_softmax)):
         assert (g is None) == (r is None)
         if g is not None:
-            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4)
+            # fp32 sums over every score: the absolute error scales with the gradient's size
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-4 * max(1.0, float(r.abs().max())),
+                                       msg=lambda m: f"gradient (KDFAST_TEST_SEED={SEED}): {m}")
             trained += bool(g.abs().max() > 0)
     assert trained >= cap.num_layers  # every layer's Wqkv at least
 
